@@ -1,0 +1,173 @@
+//! Tube: a tunnel over a WebRTC data channel into the cluster, signalled
+//! through this resource (base64 SDP offer in the spec, answer in the status).
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Conditions, conditions};
+
+/// A WebRTC tunnel: the client puts its SDP offer here, the session pod that
+/// terminates the tube answers through the status.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "tidepool.dev",
+    version = "v1alpha1",
+    kind = "Tube",
+    namespaced,
+    category = "tidepool",
+    status = "TubeStatus",
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.conversationType"),
+    printcolumn(name = "Session", type_ = "string", json_path = ".spec.session"),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "RTT(ms)", type_ = "number", json_path = ".status.rttMs"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    doc = "A TCP or SOCKS5 tunnel over a WebRTC data channel"
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.session) != has(self.pool)",
+        "message": "exactly one of spec.session and spec.pool must be set"
+    },
+    {
+        "rule": "self.conversationType != 'tunnel' || has(self.target)",
+        "message": "spec.target is required for a tunnel",
+        "fieldPath": ".target"
+    },
+    {
+        "rule": "self.offer == oldSelf.offer",
+        "message": "spec.offer is immutable; create a new Tube to renegotiate",
+        "fieldPath": ".offer"
+    }
+]))]
+pub struct TubeSpec {
+    /// The TestSession whose pod terminates the tube.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::common::NAME_PATTERN))]
+    pub session: Option<String>,
+    /// A WarmPool whose next free pod terminates the tube.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::common::NAME_PATTERN))]
+    pub pool: Option<String>,
+    /// `tunnel` forwards to one target; `socks5` lets the client pick targets.
+    pub conversation_type: ConversationType,
+    /// Where a tunnel forwards to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
+    /// The client's SDP offer, base64.
+    #[schemars(length(min = 4, max = 65536), regex(pattern = crate::common::BASE64_PATTERN))]
+    pub offer: String,
+    /// STUN and TURN servers for ICE.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub ice_servers: Vec<IceServer>,
+    /// Trickle ICE candidates (needed for ICE restarts).
+    #[serde(default)]
+    pub trickle: bool,
+}
+
+/// Kinds of tube.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ConversationType {
+    Tunnel,
+    Socks5,
+}
+
+/// A host and port.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    /// Host name or IP.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9.:-]+$"))]
+    pub host: String,
+    /// Port, 1 to 65535.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+/// One ICE server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.username) == has(self.credential)",
+        "message": "iceServers[].username and iceServers[].credential must be given together",
+        "fieldPath": ".username"
+    }
+]))]
+pub struct IceServer {
+    /// `stun:`, `turn:` or `turns:` URLs.
+    #[schemars(length(min = 1, max = 8))]
+    pub urls: Vec<IceUrl>,
+    /// TURN user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub username: Option<String>,
+    /// TURN credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub credential: Option<String>,
+}
+
+/// A STUN or TURN URL.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(transparent)]
+#[schemars(transparent)]
+pub struct IceUrl(
+    #[schemars(length(min = 6, max = 512), regex(pattern = r"^(stun|stuns|turn|turns):[^\s]+$"))] pub String,
+);
+
+/// Where a tube is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TubeState {
+    /// Waiting for a pod to answer.
+    #[default]
+    Pending,
+    /// The answer is in the status; the peers are connecting.
+    Answered,
+    /// The data channel is open.
+    Connected,
+    /// Lost; ICE restarts are being tried.
+    Disconnected,
+    /// Gave up; the conditions say why.
+    Failed,
+    /// Closed normally.
+    Closed,
+}
+
+/// The tube as the terminating pod last reported it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TubeStatus {
+    /// The pod's SDP answer, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536), regex(pattern = crate::common::BASE64_PATTERN))]
+    pub answer: Option<String>,
+    /// Where the tube is in its life.
+    #[serde(default)]
+    pub state: TubeState,
+    /// The pod terminating the tube.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Bytes sent from the cluster side to the client.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub bytes_sent: i64,
+    /// Bytes received from the client.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub bytes_received: i64,
+    /// Round-trip time over the data channel, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub rtt_ms: Option<f64>,
+    /// Ready and the reasons for failing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions")]
+    pub conditions: Conditions,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

@@ -1,0 +1,193 @@
+//! WarmPool: pre-started session pods, kept ready from a template and a tier.
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use kube::CustomResource;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Conditions, conditions};
+
+/// A pool of warm session pods. `size` of them are kept ready and unassigned;
+/// each TestSession takes one, and the pool refills.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "tidepool.dev",
+    version = "v1alpha1",
+    kind = "WarmPool",
+    namespaced,
+    shortname = "wp",
+    category = "tidepool",
+    status = "WarmPoolStatus",
+    scale(
+        spec_replicas_path = ".spec.size",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Size", type_ = "integer", json_path = ".spec.size"),
+    printcolumn(name = "Warm", type_ = "integer", json_path = ".status.warm"),
+    printcolumn(name = "Assigned", type_ = "integer", json_path = ".status.assigned"),
+    printcolumn(name = "Pending", type_ = "integer", json_path = ".status.pending"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    doc = "A pool of pre-started session pods"
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.maxSize) || self.maxSize >= self.size",
+        "message": "spec.maxSize must be at least spec.size",
+        "fieldPath": ".maxSize"
+    }
+]))]
+pub struct WarmPoolSpec {
+    /// The pod every warm session pod is made from. It must name at least one container.
+    #[schemars(schema_with = "pod_template")]
+    pub template: PodTemplateSpec,
+    /// What one session on this pool reserves on its backend.
+    pub tier: Tier,
+    /// How many unassigned pods to keep ready. `kubectl scale` sets this.
+    #[schemars(range(min = 0, max = 10000))]
+    pub size: i32,
+    /// The most pods (warm and assigned together) the pool may own; unbounded when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub max_size: Option<i32>,
+    /// How long a session on this pool lives unless it asks for its own TTL.
+    #[serde(default = "default_session_ttl", rename = "sessionTTLSeconds")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub session_ttl_seconds: i64,
+    /// How placement weighs the parts of a backend's score (lower score wins).
+    #[serde(default)]
+    pub placement: PlacementWeights,
+}
+
+fn default_session_ttl() -> i64 {
+    300
+}
+
+/// The resources one session reserves: what placement checks a backend has free.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.gpuMemoryMiB == 0 || self.gpus > 0",
+        "message": "tier.gpuMemoryMiB needs tier.gpus of at least 1",
+        "fieldPath": ".gpuMemoryMiB"
+    }
+]))]
+pub struct Tier {
+    /// Whole virtual CPUs.
+    #[schemars(range(min = 1, max = 512))]
+    pub vcpu: i32,
+    /// Memory in MiB.
+    #[schemars(range(min = 16, max = 4194304))]
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: i64,
+    /// Local disk in GiB.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 65536))]
+    #[serde(rename = "diskGiB")]
+    pub disk_gib: i64,
+    /// NVIDIA GPUs.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 16))]
+    pub gpus: i32,
+    /// Free GPU memory needed, in MiB, across the tier's GPUs.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 4194304))]
+    #[serde(rename = "gpuMemoryMiB")]
+    pub gpu_memory_mib: i64,
+}
+
+/// Weights for the parts of a backend's placement score. Each part is
+/// multiplied by its weight; 0 turns a part off.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementWeights {
+    /// Per kilometre between the client and the backend.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1000.0))]
+    pub distance: f64,
+    /// Per percent of mean use of the least-loaded cores.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1000.0))]
+    pub cpu: f64,
+    /// Per percent of memory used.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1000.0))]
+    pub memory: f64,
+    /// Per percent of mean GPU use (GPU tiers only).
+    #[serde(default = "one_and_a_half")]
+    #[schemars(range(min = 0.0, max = 1000.0))]
+    pub gpu: f64,
+    /// Per millisecond of the backend's probe latency (EWMA).
+    #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1000.0))]
+    pub latency: f64,
+}
+
+impl Default for PlacementWeights {
+    fn default() -> Self {
+        Self { distance: 1.0, cpu: 1.0, memory: 1.0, gpu: 1.5, latency: 1.0 }
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn one_and_a_half() -> f64 {
+    1.5
+}
+
+/// What the pool has now, as its controller last saw it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPoolStatus {
+    /// All pods the pool owns that are not being deleted (the scale subresource's replicas).
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// Pods that are ready and not assigned to a session.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub warm: i32,
+    /// Pods bound to a session.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub assigned: i32,
+    /// Pods created but not ready yet.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub pending: i32,
+    /// The label selector of the pool's pods, in string form, for the scale subresource and HPAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Ready, Progressing and Degraded, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions")]
+    pub conditions: Conditions,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A pod template is stored as Kubernetes sends it; the API server checks the
+/// pods made from it. Embedding the full PodSpec schema would make this CRD
+/// ~10,000 lines for no extra safety at pod creation.
+fn pod_template(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+        "x-kubernetes-validations": [
+            {
+                "rule": "has(self.spec) && has(self.spec.containers) && size(self.spec.containers) > 0",
+                "message": "spec.template.spec.containers must name at least one container"
+            }
+        ]
+    })
+}

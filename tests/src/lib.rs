@@ -1,0 +1,23 @@
+//! The Tidepool test harness: a real Kubernetes control plane on loopback.
+//!
+//! [`ControlPlane::start`] runs etcd, kube-apiserver (TLS, RBAC, service-account
+//! tokens), kube-controller-manager, kube-scheduler and kwok from the binaries
+//! that `tests/control-plane/build.sh` builds and caches. kwok manages fake
+//! nodes whose capacity the test chooses, and gives pods loopback addresses so
+//! that later tests can run our own binaries as the processes behind them.
+//! Dropping the [`ControlPlane`] stops every process and removes its directory,
+//! also when the test panics; children also die with the test process.
+
+mod error;
+mod nodes;
+mod pki;
+mod process;
+
+pub mod control_plane;
+
+pub use control_plane::{ControlPlane, Options};
+pub use error::HarnessError;
+pub use nodes::FakeNode;
+
+/// A result whose error is a [`HarnessError`].
+pub type Result<T, E = HarnessError> = std::result::Result<T, E>;

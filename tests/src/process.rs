@@ -1,0 +1,91 @@
+//! Child processes that log to a file and never outlive their owner.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{HarnessError, Result};
+
+/// A running child process. Dropping it kills it.
+pub struct Managed {
+    pub name: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Managed {
+    /// Starts `program` with `args`, its output going to `<dir>/<name>.log`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log).map_err(HarnessError::io(format!("creating {}", log.display())))?;
+        let err = out.try_clone().map_err(HarnessError::io("cloning a log handle"))?;
+        let mut command = Command::new(program);
+        command.args(args).stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
+        // SAFETY: prctl is async-signal-safe; it makes the kernel kill the child
+        // when the thread that started it dies, so a killed test leaks nothing.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(HarnessError::io(format!("starting {}", program.display())))?;
+        Ok(Self { name: name.to_string(), log, child })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails with the end of the log if the process has already exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Err(HarnessError::Exited {
+                name: self.name.clone(),
+                status,
+                log: self.log.clone(),
+                tail: tail(&self.log, 30),
+            }),
+            Ok(None) => Ok(()),
+            Err(e) => Err(HarnessError::io(format!("waiting on {}", self.name))(e)),
+        }
+    }
+
+    /// Asks the process to stop, and kills it if it has not within `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: sending a signal to our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(2));
+    }
+}
+
+/// The last `lines` lines of a log file.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
