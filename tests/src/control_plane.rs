@@ -105,7 +105,9 @@ impl ControlPlane {
         write(&path("ca.key"), &ca.pem.key)?;
         write(&path("apiserver.crt"), &serving.cert)?;
         write(&path("apiserver.key"), &serving.key)?;
-        write(&path("service-account.key"), &pki::signing_key()?)?;
+        let signing = pki::signing_key()?;
+        write(&path("service-account.key"), &signing.key)?;
+        write(&path("service-account.pub"), &signing.cert)?;
 
         let etcd_port = free_port()?;
         let mut etcd_args = vec![
@@ -133,7 +135,7 @@ impl ControlPlane {
             format!("--tls-cert-file={}", path("apiserver.crt").display()),
             format!("--tls-private-key-file={}", path("apiserver.key").display()),
             format!("--client-ca-file={}", path("ca.crt").display()),
-            format!("--service-account-key-file={}", path("service-account.key").display()),
+            format!("--service-account-key-file={}", path("service-account.pub").display()),
             format!("--service-account-signing-key-file={}", path("service-account.key").display()),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_string(),
             "--api-audiences=https://kubernetes.default.svc.cluster.local".to_string(),
@@ -184,9 +186,9 @@ impl ControlPlane {
             self.spawn("kube-scheduler", &args)?;
         }
         if options.kwok {
+            write(&path("kwok.yaml"), include_str!("kwok-stages.yaml"))?;
             let args = vec![
                 format!("--kubeconfig={}", self.admin_kubeconfig.display()),
-                // An empty config: kwok's built-in stages, not ~/.kwok.
                 format!("--config={}", path("kwok.yaml").display()),
                 "--manage-all-nodes=true".to_string(),
                 format!("--cidr={}", self.pod_cidr),

@@ -21,3 +21,21 @@ pub use nodes::FakeNode;
 
 /// A result whose error is a [`HarnessError`].
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
+
+/// Polls `probe` every 100 ms until it yields a value, or fails after `limit`.
+pub async fn eventually<T, F, Fut>(limit: std::time::Duration, what: &str, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            return Ok(value);
+        }
+        if start.elapsed() > limit {
+            return Err(HarnessError::Timeout { what: what.to_string(), seconds: limit.as_secs() });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

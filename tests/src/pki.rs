@@ -8,7 +8,7 @@ use rcgen::{
 
 use crate::Result;
 
-/// A certificate and its private key, PEM encoded.
+/// A certificate (or public key) and its private key, PEM encoded.
 pub struct Pem {
     pub cert: String,
     pub key: String,
@@ -60,7 +60,9 @@ impl Authority {
     }
 }
 
-/// An ECDSA P-256 key for signing service-account tokens (ES256).
-pub fn signing_key() -> Result<String> {
-    Ok(KeyPair::generate()?.serialize_pem())
+/// An ECDSA P-256 key for signing service-account tokens (ES256), as the
+/// private key and the public key that verifies its tokens.
+pub fn signing_key() -> Result<Pem> {
+    let key = KeyPair::generate()?;
+    Ok(Pem { cert: key.public_key_pem(), key: key.serialize_pem() })
 }
