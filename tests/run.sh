@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Tidepool test: builds (or reuses from its cache) the real control
-# plane the tests run against, then the whole Cargo workspace's tests.
+# plane the tests run against, then the whole Cargo workspace's tests, and
+# ends with one line that adds up every suite.
 # Extra arguments go to `cargo test` (for example a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,4 +9,12 @@ cd "$(dirname "$0")/.."
 TIDEPOOL_CONTROL_PLANE_BIN=$(tests/control-plane/build.sh)
 export TIDEPOOL_CONTROL_PLANE_BIN
 
-cargo test --workspace --locked --no-fail-fast "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked --no-fail-fast --lib --bins --tests "$@" 2>&1 | tee "$log" || status=$?
+
+# cargo prints one "test result" line per suite; add them up.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "tidepool: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"

@@ -153,15 +153,8 @@ impl ControlPlane {
         self.wait_until_ready().await?;
 
         if options.controller_manager {
-            let cm = ca.client("system:kube-controller-manager", &[])?;
-            let kubeconfig = self.write_cert_kubeconfig("controller-manager", &cm)?;
-            let args = vec![
-                format!("--kubeconfig={}", kubeconfig.display()),
-                format!("--authentication-kubeconfig={}", kubeconfig.display()),
-                format!("--authorization-kubeconfig={}", kubeconfig.display()),
-                "--bind-address=127.0.0.1".to_string(),
-                format!("--secure-port={}", free_port()?),
-                "--leader-elect=false".to_string(),
+            let mut args = self.component_args(&ca, "system:kube-controller-manager", "controller-manager")?;
+            args.extend([
                 format!("--root-ca-file={}", path("ca.crt").display()),
                 format!("--service-account-private-key-file={}", path("service-account.key").display()),
                 format!("--cluster-signing-cert-file={}", path("ca.crt").display()),
@@ -169,20 +162,11 @@ impl ControlPlane {
                 "--use-service-account-credentials=true".to_string(),
                 // Fake nodes come and go in tests; don't wait minutes to evict.
                 "--node-monitor-grace-period=20s".to_string(),
-            ];
+            ]);
             self.spawn("kube-controller-manager", &args)?;
         }
         if options.scheduler {
-            let scheduler = ca.client("system:kube-scheduler", &[])?;
-            let kubeconfig = self.write_cert_kubeconfig("scheduler", &scheduler)?;
-            let args = vec![
-                format!("--kubeconfig={}", kubeconfig.display()),
-                format!("--authentication-kubeconfig={}", kubeconfig.display()),
-                format!("--authorization-kubeconfig={}", kubeconfig.display()),
-                "--bind-address=127.0.0.1".to_string(),
-                format!("--secure-port={}", free_port()?),
-                "--leader-elect=false".to_string(),
-            ];
+            let args = self.component_args(&ca, "system:kube-scheduler", "scheduler")?;
             self.spawn("kube-scheduler", &args)?;
         }
         if options.kwok {
@@ -333,6 +317,20 @@ impl ControlPlane {
     /// The process ids of the running components, by name.
     pub fn pids(&self) -> Vec<(String, u32)> {
         self.processes.iter().map(|p| (p.name.clone(), p.pid())).collect()
+    }
+
+    /// The flags the controller-manager and the scheduler share: their own
+    /// client certificate, serving on a free loopback port, no leader election.
+    fn component_args(&self, ca: &Authority, user: &str, name: &str) -> Result<Vec<String>> {
+        let kubeconfig = self.write_cert_kubeconfig(name, &ca.client(user, &[])?)?;
+        Ok(vec![
+            format!("--kubeconfig={}", kubeconfig.display()),
+            format!("--authentication-kubeconfig={}", kubeconfig.display()),
+            format!("--authorization-kubeconfig={}", kubeconfig.display()),
+            "--bind-address=127.0.0.1".to_string(),
+            format!("--secure-port={}", free_port()?),
+            "--leader-elect=false".to_string(),
+        ])
     }
 
     fn spawn(&mut self, name: &str, args: &[String]) -> Result<()> {
