@@ -1,7 +1,7 @@
 //! Pieces shared by several resources: conditions, timestamps, coordinates,
 //! and the schema helpers for types whose schema we write by hand.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
@@ -23,12 +23,7 @@ pub struct Coordinates {
     pub longitude: f64,
 }
 
-/// Schema of an RFC 3339 timestamp (`metav1.Time`).
-pub fn date_time(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({ "type": "string", "format": "date-time" })
-}
-
-/// Same as [`date_time`], for optional fields.
+/// Schema of an optional RFC 3339 timestamp (`Option<metav1.Time>`).
 pub fn optional_date_time(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "type": "string", "format": "date-time", "nullable": true })
 }
@@ -64,6 +59,3 @@ pub fn conditions(_: &mut SchemaGenerator) -> Schema {
 
 /// Conditions with their standard type, re-exported for the controllers.
 pub type Conditions = Vec<Condition>;
-
-/// A timestamp with its standard type, re-exported for the controllers.
-pub type Timestamp = Time;

@@ -5,7 +5,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Conditions, Coordinates, conditions, optional_date_time};
+use crate::common::{Conditions, conditions, optional_date_time};
 
 /// One user's network session: a warm pod bound to it, the tests it runs, and
 /// their results. A TTL ends it. The spec is fixed once created.
@@ -97,13 +97,6 @@ pub struct ClientHints {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = -180.0, max = 180.0))]
     pub longitude: Option<f64>,
-}
-
-impl ClientHints {
-    /// Both coordinates, when the client gave them.
-    pub fn coordinates(&self) -> Option<Coordinates> {
-        Some(Coordinates { latitude: self.latitude?, longitude: self.longitude? })
-    }
 }
 
 /// One outbound probe target.
