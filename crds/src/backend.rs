@@ -25,11 +25,7 @@ use crate::common::{Conditions, Coordinates, conditions, optional_date_time};
     printcolumn(name = "Mem%", type_ = "number", json_path = ".status.usage.memoryPercent"),
     printcolumn(name = "GPU%", type_ = "number", json_path = ".status.usage.gpuPercent"),
     printcolumn(name = "Health", type_ = "string", json_path = ".status.health"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     doc = "A node or external server that hosts sessions"
 )]

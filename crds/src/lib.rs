@@ -5,6 +5,9 @@
 //! Schema rules validate single fields; CEL rules (`x-kubernetes-validations`)
 //! validate what spans fields, each with a message that names the field.
 
+// clippy reads kube's repeated `printcolumn(type_ = ...)` arguments as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod backend;
 pub mod common;
 pub mod generate;

@@ -27,11 +27,7 @@ use crate::common::{Conditions, conditions};
     printcolumn(name = "Warm", type_ = "integer", json_path = ".status.warm"),
     printcolumn(name = "Assigned", type_ = "integer", json_path = ".status.assigned"),
     printcolumn(name = "Pending", type_ = "integer", json_path = ".status.pending"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     doc = "A pool of pre-started session pods"
 )]

@@ -293,9 +293,13 @@ impl ControlPlane {
         let object = node.to_node();
         api.create(&PostParams::default(), &object).await?;
         // The status on create is dropped by the API server; set capacity through the status subresource.
-        api.patch_status(&node.name, &PatchParams::default(), &Patch::Merge(&serde_json::json!({
-            "status": object.status
-        })))
+        api.patch_status(
+            &node.name,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({
+                "status": object.status
+            })),
+        )
         .await?;
         let ready = await_condition(api, &node.name, |n: Option<&Node>| {
             n.and_then(|n| n.status.as_ref())
@@ -360,7 +364,8 @@ impl ControlPlane {
         loop {
             self.check_running()?;
             if let Ok(client) = self.client().await {
-                let request = http::Request::get("/readyz").body(Vec::new()).map_err(|e| HarnessError::Other(e.to_string()))?;
+                let request =
+                    http::Request::get("/readyz").body(Vec::new()).map_err(|e| HarnessError::Other(e.to_string()))?;
                 match client.request_text(request).await {
                     Ok(body) if body.trim() == "ok" => return Ok(()),
                     Ok(body) => last = body,

@@ -6,7 +6,14 @@ use std::time::Duration;
 use tidepool_tests::{ControlPlane, Options};
 
 fn bare() -> Options {
-    Options { controller_manager: false, scheduler: false, kwok: false, crds: false, nodes: vec![], ..Options::default() }
+    Options {
+        controller_manager: false,
+        scheduler: false,
+        kwok: false,
+        crds: false,
+        nodes: vec![],
+        ..Options::default()
+    }
 }
 
 fn alive(pid: u32) -> bool {

@@ -115,10 +115,14 @@ async fn crds_install_and_kubectl_shows_their_columns() {
         assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
-    let header = |text: &str| text.lines().next().unwrap_or_default().split_whitespace().map(String::from).collect::<Vec<_>>();
+    let header =
+        |text: &str| text.lines().next().unwrap_or_default().split_whitespace().map(String::from).collect::<Vec<_>>();
     assert_eq!(header(&get(&["get", "wp"])), ["NAME", "SIZE", "WARM", "ASSIGNED", "PENDING", "READY", "AGE"]);
     assert_eq!(header(&get(&["get", "ts"])), ["NAME", "PHASE", "POOL", "POD", "NODE", "GRADE", "AGE"]);
-    assert_eq!(header(&get(&["get", "be"])), ["NAME", "KIND", "REGION", "CPU%", "MEM%", "GPU%", "HEALTH", "READY", "AGE"]);
+    assert_eq!(
+        header(&get(&["get", "be"])),
+        ["NAME", "KIND", "REGION", "CPU%", "MEM%", "GPU%", "HEALTH", "READY", "AGE"]
+    );
     assert_eq!(header(&get(&["get", "tubes"])), ["NAME", "TYPE", "SESSION", "STATE", "RTT(MS)", "AGE"]);
     assert!(get(&["get", "ts", "alice"]).contains("edge"));
     assert!(get(&["get", "tidepool"]).contains("warmpool.tidepool.dev/edge"), "the tidepool category lists our kinds");
@@ -142,26 +146,66 @@ async fn the_api_server_refuses_bad_objects_and_names_the_field() {
         ("negative size", with(warm_pool(), "/spec/size", json!(-1)), "spec.size"),
         ("no tier", with(warm_pool(), "/spec/tier", Value::Null), "spec.tier"),
         ("zero vCPU", with(warm_pool(), "/spec/tier/vcpu", json!(0)), "spec.tier.vcpu"),
-        ("GPU memory without GPUs", with(warm_pool(), "/spec/tier/gpuMemoryMiB", json!(8192)), "spec.tier.gpuMemoryMiB"),
+        (
+            "GPU memory without GPUs",
+            with(warm_pool(), "/spec/tier/gpuMemoryMiB", json!(8192)),
+            "spec.tier.gpuMemoryMiB",
+        ),
         ("max below size", with(warm_pool(), "/spec/maxSize", json!(1)), "spec.maxSize"),
-        ("template with an empty container list", with(warm_pool(), "/spec/template/spec/containers", json!([])), "spec.template.spec.containers"),
-        ("template without containers", with(warm_pool(), "/spec/template/spec", json!({})), "spec.template.spec.containers"),
+        (
+            "template with an empty container list",
+            with(warm_pool(), "/spec/template/spec/containers", json!([])),
+            "spec.template.spec.containers",
+        ),
+        (
+            "template without containers",
+            with(warm_pool(), "/spec/template/spec", json!({})),
+            "spec.template.spec.containers",
+        ),
         ("unknown profile", with(test_session(), "/spec/profile", json!("speedy")), "spec.profile"),
         ("zero TTL", with(test_session(), "/spec/ttlSeconds", json!(0)), "spec.ttlSeconds"),
         ("pool name not a DNS name", with(test_session(), "/spec/pool", json!("Edge_Pool")), "spec.pool"),
-        ("latitude without longitude", with(test_session(), "/spec/client/longitude", Value::Null), "spec.client.latitude"),
-        ("client address not an IP", with(test_session(), "/spec/client/address", json!("my-laptop")), "spec.client.address"),
+        (
+            "latitude without longitude",
+            with(test_session(), "/spec/client/longitude", Value::Null),
+            "spec.client.latitude",
+        ),
+        (
+            "client address not an IP",
+            with(test_session(), "/spec/client/address", json!("my-laptop")),
+            "spec.client.address",
+        ),
         ("probe port out of range", with(test_session(), "/spec/probes/1/port", json!(70000)), "spec.probes[1].port"),
-        ("http probe without url", with(test_session(), "/spec/probes/0", json!({ "type": "http", "host": "example.com" })), "spec.probes[0].url"),
+        (
+            "http probe without url",
+            with(test_session(), "/spec/probes/0", json!({ "type": "http", "host": "example.com" })),
+            "spec.probes[0].url",
+        ),
         ("unknown probe type", with(test_session(), "/spec/probes/2/type", json!("smtp")), "spec.probes[2].type"),
-        ("node backend without nodeName", with(with(backend(), "/spec/kind", json!("node")), "/spec/address", Value::Null), "spec.nodeName"),
-        ("latitude beyond the pole", with(backend(), "/spec/coordinates/latitude", json!(123.0)), "spec.coordinates.latitude"),
-        ("health timeout not below interval", with(backend(), "/spec/healthCheck/timeoutSeconds", json!(10)), "spec.healthCheck.timeoutSeconds"),
+        (
+            "node backend without nodeName",
+            with(with(backend(), "/spec/kind", json!("node")), "/spec/address", Value::Null),
+            "spec.nodeName",
+        ),
+        (
+            "latitude beyond the pole",
+            with(backend(), "/spec/coordinates/latitude", json!(123.0)),
+            "spec.coordinates.latitude",
+        ),
+        (
+            "health timeout not below interval",
+            with(backend(), "/spec/healthCheck/timeoutSeconds", json!(10)),
+            "spec.healthCheck.timeoutSeconds",
+        ),
         ("offer not base64", with(tube(), "/spec/offer", json!("v=0 o=- not base64!")), "spec.offer"),
         ("tunnel without target", with(tube(), "/spec/target", Value::Null), "spec.target"),
         ("target port zero", with(tube(), "/spec/target/port", json!(0)), "spec.target.port"),
         ("both session and pool", with(tube(), "/spec/pool", json!("edge")), "spec.session"),
-        ("ICE URL not stun or turn", with(tube(), "/spec/iceServers/0/urls/0", json!("http://stun.example.org")), "spec.iceServers[0].urls[0]"),
+        (
+            "ICE URL not stun or turn",
+            with(tube(), "/spec/iceServers/0/urls/0", json!("http://stun.example.org")),
+            "spec.iceServers[0].urls[0]",
+        ),
         ("unknown conversation type", with(tube(), "/spec/conversationType", json!("rdp")), "spec.conversationType"),
     ];
     let mut failures = Vec::new();
@@ -174,7 +218,8 @@ async fn the_api_server_refuses_bad_objects_and_names_the_field() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // A session's spec cannot change once created.
-    let sessions: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &resource("TestSession", "testsessions"));
+    let sessions: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &resource("TestSession", "testsessions"));
     sessions.create(&PostParams::default(), &serde_json::from_value(test_session()).unwrap()).await.unwrap();
     let change = json!({ "spec": { "pool": "other" } });
     match sessions.patch("alice", &PatchParams::default(), &Patch::Merge(&change)).await {

@@ -2,10 +2,7 @@
 
 #[test]
 fn tidepool_dev_brings_up_the_cluster_and_says_what_next() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidepool-dev"))
-        .arg("--check")
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidepool-dev")).arg("--check").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "tidepool-dev failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("warmpool.tidepool.dev/edge created"), "{stdout}");

@@ -83,9 +83,8 @@ async fn a_deployment_is_scheduled_onto_kwok_nodes_and_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_owner_garbage_collects_what_it_owns() {
-    let plane = ControlPlane::start_with(Options { nodes: vec![FakeNode::new("n0")], ..Options::default() })
-        .await
-        .unwrap();
+    let plane =
+        ControlPlane::start_with(Options { nodes: vec![FakeNode::new("n0")], ..Options::default() }).await.unwrap();
     let client = plane.client().await.unwrap();
     let pools: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),

@@ -53,11 +53,7 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
 
 fn kubectl(plane: &ControlPlane, args: &[&str]) -> tidepool_tests::Result<()> {
     println!("$ kubectl {}", args.join(" "));
-    let status = plane
-        .kubectl()
-        .args(args)
-        .status()
-        .map_err(tidepool_tests::HarnessError::io("running kubectl"))?;
+    let status = plane.kubectl().args(args).status().map_err(tidepool_tests::HarnessError::io("running kubectl"))?;
     if status.success() {
         Ok(())
     } else {
