@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Runs every Tidepool test: builds (or reuses from its cache) the real control
-# plane the tests run against, then the whole Cargo workspace's tests, and
-# ends with one line that adds up every suite.
+# Runs every Tidepool check: rustfmt and clippy, then builds (or reuses from
+# its cache) the real control plane the tests run against, runs the whole
+# Cargo workspace's tests, and ends with one line that adds up every suite.
 # Extra arguments go to `cargo test` (for example a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Formatting and lints first: they are cheap and fail fast.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
 
 TIDEPOOL_CONTROL_PLANE_BIN=$(tests/control-plane/build.sh)
 export TIDEPOOL_CONTROL_PLANE_BIN
