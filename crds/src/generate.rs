@@ -57,13 +57,4 @@ mod tests {
             assert_eq!(crd.spec.group, crate::GROUP);
         }
     }
-
-    #[test]
-    fn warm_pool_scales_through_its_size() {
-        let crd = WarmPool::crd();
-        let scale = crd.spec.versions[0].subresources.as_ref().unwrap().scale.as_ref().unwrap();
-        assert_eq!(scale.spec_replicas_path, ".spec.size");
-        assert_eq!(scale.status_replicas_path, ".status.replicas");
-        assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
-    }
 }

@@ -27,8 +27,14 @@ use crate::common::{Conditions, conditions};
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "has(self.session) != has(self.pool)",
-        "message": "exactly one of spec.session and spec.pool must be set"
+        "rule": "has(self.session) || has(self.pool)",
+        "message": "one of spec.session and spec.pool is required",
+        "fieldPath": ".session"
+    },
+    {
+        "rule": "!(has(self.session) && has(self.pool))",
+        "message": "spec.pool cannot be set together with spec.session",
+        "fieldPath": ".pool"
     },
     {
         "rule": "self.conversationType != 'tunnel' || has(self.target)",

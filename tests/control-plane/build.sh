@@ -32,6 +32,14 @@ if have_all; then
   exit 0
 fi
 mkdir -p "$BIN"
+# Test binaries may call this script at the same time: one builds, the others wait.
+exec 9>"$BIN/../.build.lock"
+flock 9
+if have_all; then
+  log "cached in $BIN"
+  echo "$BIN"
+  exit 0
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

@@ -71,7 +71,22 @@ impl ControlPlane {
     }
 
     /// Starts a control plane, waits until it is ready, and applies `options`.
+    ///
+    /// Ports are picked free just before each component starts, so another
+    /// process can take one in between; then the whole start is tried again.
     pub async fn start_with(options: Options) -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(&options).await {
+                Err(HarnessError::Exited { tail, .. }) if attempt < 3 && tail.contains("address already in use") => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(options: &Options) -> Result<Self> {
         let bin = bin_dir()?;
         let dir = new_run_dir()?;
         let pod_cidr = pod_cidr_for(&dir);
@@ -84,7 +99,7 @@ impl ControlPlane {
             processes: Vec::new(),
             keep_dir: std::env::var_os("TIDEPOOL_KEEP_HARNESS").is_some(),
         };
-        plane.boot(&options).await?;
+        plane.boot(options).await?;
         Ok(plane)
     }
 
@@ -430,7 +445,9 @@ impl Drop for ControlPlane {
         while let Some(mut process) = self.processes.pop() {
             process.stop(Duration::from_secs(3));
         }
-        if !self.keep_dir {
+        if self.keep_dir {
+            let _ = std::fs::write(self.dir.join(KEEP_MARKER), "");
+        } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
@@ -446,6 +463,15 @@ pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
 /// The control-plane binaries: `$TIDEPOOL_CONTROL_PLANE_BIN`, or what the
 /// build script reports (it builds on first use and answers from its cache after).
 pub fn bin_dir() -> Result<PathBuf> {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(dir) = BIN.get() {
+        return Ok(dir.clone());
+    }
+    let dir = find_bin_dir()?;
+    Ok(BIN.get_or_init(|| dir).clone())
+}
+
+fn find_bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("TIDEPOOL_CONTROL_PLANE_BIN") {
         return Ok(PathBuf::from(dir));
     }
@@ -478,7 +504,10 @@ fn new_run_dir() -> Result<PathBuf> {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
             let owner = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            let path = entry.path();
+            let ours = path.join(RUN_MARKER).exists() && !path.join(KEEP_MARKER).exists();
             if let Some(pid) = owner
+                && ours
                 && !Path::new(&format!("/proc/{pid}")).exists()
             {
                 let _ = std::fs::remove_dir_all(entry.path());
@@ -489,8 +518,14 @@ fn new_run_dir() -> Result<PathBuf> {
     let dir = root.join(format!("{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(HarnessError::io(format!("creating {}", dir.display())))?;
+    write(&dir.join(RUN_MARKER), "a tidepool-harness run directory; removed when its process is gone\n")?;
     Ok(dir)
 }
+
+/// Marks a directory as a harness run's, so cleanup never touches anything else.
+const RUN_MARKER: &str = ".tidepool-harness-run";
+/// Marks a run directory kept with `TIDEPOOL_KEEP_HARNESS` (for its logs).
+const KEEP_MARKER: &str = ".tidepool-harness-keep";
 
 /// A loopback /16 for this run's pods, distinct for concurrent runs.
 fn pod_cidr_for(dir: &Path) -> String {

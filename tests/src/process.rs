@@ -23,12 +23,20 @@ impl Managed {
         let err = out.try_clone().map_err(HarnessError::io("cloning a log handle"))?;
         let mut command = Command::new(program);
         command.args(args).stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
-        // SAFETY: prctl is async-signal-safe; it makes the kernel kill the child
-        // when the thread that started it dies, so a killed test leaks nothing.
+        // The kernel kills the child when the thread that started it exits, so a
+        // killed test leaks nothing. Start planes from a thread that lives as
+        // long as they do (the test's own, or a runtime worker), not a
+        // short-lived blocking thread.
+        // SAFETY: prctl and getppid are async-signal-safe.
+        let parent = std::process::id() as libc::pid_t;
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before prctl took effect.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("the harness exited while starting a child"));
                 }
                 Ok(())
             });

@@ -63,8 +63,9 @@ fn tube() -> Value {
     })
 }
 
-/// Creates `object` and returns the API server's refusal message, or panics if it was accepted.
-async fn refusal(client: &kube::Client, object: &Value) -> String {
+/// Creates `object` and returns the API server's refusal: its message and the
+/// fields its causes name. Panics if the object was accepted.
+async fn refusal(client: &kube::Client, object: &Value) -> (String, Vec<String>) {
     let kind = object["kind"].as_str().unwrap();
     let plural = format!("{}s", kind.to_lowercase());
     let ar = resource(kind, &plural);
@@ -78,7 +79,8 @@ async fn refusal(client: &kube::Client, object: &Value) -> String {
         Ok(_) => panic!("the API server accepted an invalid {kind}: {object:?}"),
         Err(kube::Error::Api(status)) => {
             assert_eq!(status.code, 422, "{kind}: expected 422 Unprocessable, got {status:?}");
-            status.message
+            let fields = status.details.iter().flat_map(|d| d.causes.iter().map(|c| c.field.clone())).collect();
+            (status.message, fields)
         }
         Err(e) => panic!("unexpected error creating {kind}: {e}"),
     }
@@ -200,7 +202,8 @@ async fn the_api_server_refuses_bad_objects_and_names_the_field() {
         ("offer not base64", with(tube(), "/spec/offer", json!("v=0 o=- not base64!")), "spec.offer"),
         ("tunnel without target", with(tube(), "/spec/target", Value::Null), "spec.target"),
         ("target port zero", with(tube(), "/spec/target/port", json!(0)), "spec.target.port"),
-        ("both session and pool", with(tube(), "/spec/pool", json!("edge")), "spec.session"),
+        ("both session and pool", with(tube(), "/spec/pool", json!("edge")), "spec.pool"),
+        ("neither session nor pool", with(tube(), "/spec/session", Value::Null), "spec.session"),
         (
             "ICE URL not stun or turn",
             with(tube(), "/spec/iceServers/0/urls/0", json!("http://stun.example.org")),
@@ -210,9 +213,11 @@ async fn the_api_server_refuses_bad_objects_and_names_the_field() {
     ];
     let mut failures = Vec::new();
     for (name, object, field) in &cases {
-        let message = refusal(&client, object).await;
-        if !message.contains(field) {
-            failures.push(format!("{name}: message does not name {field}: {message}"));
+        // The cause's field (from the schema path or the rule's fieldPath) must
+        // be exactly the offending field, not just appear in our own message.
+        let (message, fields) = refusal(&client, object).await;
+        if !fields.iter().any(|f| f == field) || !message.contains(field) {
+            failures.push(format!("{name}: expected the field {field}, got causes {fields:?}: {message}"));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
