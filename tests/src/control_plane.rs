@@ -136,7 +136,7 @@ impl ControlPlane {
         if !options.fsync {
             etcd_args.push("--unsafe-no-fsync=true".to_string());
         }
-        self.spawn("etcd", &etcd_args)?;
+        self.spawn_component("etcd", &etcd_args)?;
         self.wait_for_port("etcd", etcd_port, Duration::from_secs(30)).await?;
 
         let api_port = free_port()?;
@@ -161,7 +161,7 @@ impl ControlPlane {
             "--allow-privileged=true".to_string(),
             "--profiling=false".to_string(),
         ];
-        self.spawn("kube-apiserver", &api_args)?;
+        self.spawn_component("kube-apiserver", &api_args)?;
 
         let admin = ca.client("tidepool-admin", &["system:masters"])?;
         self.admin_kubeconfig = self.write_cert_kubeconfig("admin", &admin)?;
@@ -178,11 +178,11 @@ impl ControlPlane {
                 // Fake nodes come and go in tests; don't wait minutes to evict.
                 "--node-monitor-grace-period=20s".to_string(),
             ]);
-            self.spawn("kube-controller-manager", &args)?;
+            self.spawn_component("kube-controller-manager", &args)?;
         }
         if options.scheduler {
             let args = self.component_args(&ca, "system:kube-scheduler", "scheduler")?;
-            self.spawn("kube-scheduler", &args)?;
+            self.spawn_component("kube-scheduler", &args)?;
         }
         if options.kwok {
             write(&path("kwok.yaml"), include_str!("kwok-stages.yaml"))?;
@@ -194,7 +194,7 @@ impl ControlPlane {
                 "--node-ip=127.0.0.1".to_string(),
                 format!("--server-address=127.0.0.1:{}", free_port()?),
             ];
-            self.spawn("kwok", &args)?;
+            self.spawn_component("kwok", &args)?;
         }
 
         let client = self.client().await?;
@@ -328,6 +328,15 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Starts one of our own programs as a local process against this control
+    /// plane: `KUBECONFIG` points at the admin kubeconfig, and its log goes
+    /// to `<run dir>/<name>.log`. It stops when the handle is dropped.
+    pub fn spawn(&self, name: &str, program: &Path, args: &[String], env: &[(&str, &str)]) -> Result<Managed> {
+        let mut vars = vec![("KUBECONFIG".to_string(), self.admin_kubeconfig.display().to_string())];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Managed::spawn_with_env(name, program, args, &vars, &self.dir)
+    }
+
     /// Fails with the end of its log if any control-plane process has exited.
     pub fn check_running(&mut self) -> Result<()> {
         self.processes.iter_mut().try_for_each(Managed::check_running)
@@ -352,7 +361,7 @@ impl ControlPlane {
         ])
     }
 
-    fn spawn(&mut self, name: &str, args: &[String]) -> Result<()> {
+    fn spawn_component(&mut self, name: &str, args: &[String]) -> Result<()> {
         let process = Managed::spawn(name, &self.bin.join(name), args, &self.dir)?;
         self.processes.push(process);
         Ok(())
@@ -535,7 +544,8 @@ fn pod_cidr_for(dir: &Path) -> String {
     format!("127.{}.0.0/16", 16 + hash % 224)
 }
 
-fn free_port() -> Result<u16> {
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(HarnessError::io("finding a free port"))?;
     listener.local_addr().map(|a| a.port()).map_err(HarnessError::io("reading a port"))
 }

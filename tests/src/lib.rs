@@ -13,9 +13,11 @@ mod nodes;
 mod pki;
 mod process;
 
+pub use process::Managed as Process;
+
 pub mod control_plane;
 
-pub use control_plane::{ControlPlane, Options};
+pub use control_plane::{ControlPlane, Options, free_port};
 pub use error::HarnessError;
 pub use nodes::FakeNode;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::{HarnessError, Result};
 
-/// A running child process. Dropping it kills it.
+/// A running child process whose output goes to a log file. Dropping it stops it.
 pub struct Managed {
     pub name: String,
     pub log: PathBuf,
@@ -18,11 +18,22 @@ pub struct Managed {
 impl Managed {
     /// Starts `program` with `args`, its output going to `<dir>/<name>.log`.
     pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Result<Self> {
+        Self::spawn_with_env(name, program, args, &[], dir)
+    }
+
+    /// Like [`Managed::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        dir: &Path,
+    ) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).map_err(HarnessError::io(format!("creating {}", log.display())))?;
         let err = out.try_clone().map_err(HarnessError::io("cloning a log handle"))?;
         let mut command = Command::new(program);
-        command.args(args).stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
+        command.args(args).envs(env.iter().cloned()).stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
         // The kernel kills the child when the thread that started it exits, so a
         // killed test leaks nothing. Start planes from a thread that lives as
         // long as they do (the test's own, or a runtime worker), not a
@@ -62,6 +73,17 @@ impl Managed {
             Ok(None) => Ok(()),
             Err(e) => Err(HarnessError::io(format!("waiting on {}", self.name))(e)),
         }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The end of the process's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
     }
 
     /// Asks the process to stop, and kills it if it has not within `grace`.

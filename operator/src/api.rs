@@ -1,0 +1,328 @@
+//! The operator's HTTP API: sessions for clients, health and /metrics for
+//! Kubernetes and Prometheus. Every replica serves it; writes go to the API
+//! server, which the leader's controllers act on.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, DeleteParams, PostParams, WatchEvent, WatchParams};
+use kube::{Client, ResourceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tidepool_crds::TestSession;
+use tidepool_crds::test_session::Phase;
+use tidepool_wire::token::SessionClaims;
+
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+
+/// Request bodies larger than this are refused with 413.
+pub const BODY_LIMIT: usize = 16 * 1024;
+
+/// What the API handlers share.
+pub struct ApiState {
+    pub client: Client,
+    pub keys: Arc<Keys>,
+    pub metrics: Arc<Metrics>,
+    /// The bearer token every /api request must carry.
+    pub token: String,
+    /// Where sessions go when a request names no namespace.
+    pub namespace: String,
+    /// How long POST waits for a session to turn Ready before answering 504.
+    pub ready_deadline: Duration,
+    /// Set once the API server has answered.
+    pub ready: AtomicBool,
+}
+
+/// The router: /api/v1 behind the bearer token, the rest open.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/sessions", axum::routing::post(create_session))
+        .route("/api/v1/sessions/{name}", get(get_session).delete(delete_session))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .with_state(state)
+}
+
+/// A JSON error body: `{"error": "...", "code": N}`.
+fn error(code: StatusCode, message: impl Into<String>) -> Response {
+    (code, Json(json!({ "error": message.into(), "code": code.as_u16() }))).into_response()
+}
+
+async fn authorize(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    let route = if request.method() == axum::http::Method::POST { "create" } else { "session" };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let response = match presented {
+        None => error(StatusCode::UNAUTHORIZED, "missing bearer token"),
+        Some(token) if !constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
+            error(StatusCode::FORBIDDEN, "wrong bearer token")
+        }
+        Some(_) => next.run(request).await,
+    };
+    state.metrics.api_requests.with_label_values(&[route, response.status().as_str()]).inc();
+    response
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        "ok".into_response()
+    } else {
+        error(StatusCode::SERVICE_UNAVAILABLE, "the Kubernetes API has not answered yet")
+    }
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+/// POST /api/v1/sessions.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateRequest {
+    pub pool: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub profile: Option<String>,
+    #[serde(default)]
+    pub ttl_seconds: Option<i64>,
+    #[serde(default)]
+    pub sticky_key: Option<String>,
+    #[serde(default)]
+    pub client: Option<serde_json::Value>,
+    #[serde(default)]
+    pub probes: Option<serde_json::Value>,
+}
+
+/// What the API answers about a session.
+#[derive(Serialize, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionView {
+    pub name: String,
+    pub namespace: String,
+    pub pool: String,
+    pub phase: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The session token: the same for the session's whole life.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The binding ticket for the current pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binding: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Why the session is not Ready, when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct NamespaceQuery {
+    namespace: Option<String>,
+}
+
+async fn create_session(State(state): State<Arc<ApiState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    let request: CreateRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
+    };
+    let namespace = request.namespace.clone().unwrap_or_else(|| state.namespace.clone());
+    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(state.client.clone(), &namespace);
+    match pools.get_metadata_opt(&request.pool).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no WarmPool {namespace}/{}", request.pool)),
+        Err(e) => return kube_error(e),
+    }
+    let mut spec = json!({ "pool": request.pool });
+    for (key, value) in [
+        ("profile", request.profile.map(serde_json::Value::from)),
+        ("ttlSeconds", request.ttl_seconds.map(serde_json::Value::from)),
+        ("stickyKey", request.sticky_key.map(serde_json::Value::from)),
+        ("client", request.client),
+        ("probes", request.probes),
+    ] {
+        if let Some(value) = value {
+            spec[key] = value;
+        }
+    }
+    let object = json!({
+        "apiVersion": "tidepool.dev/v1alpha1",
+        "kind": "TestSession",
+        "metadata": { "generateName": "session-", "namespace": namespace },
+        "spec": spec,
+    });
+    let session: TestSession = match serde_json::from_value(object) {
+        Ok(session) => session,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid session: {e}")),
+    };
+    let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
+    let created = match api.create(&PostParams::default(), &session).await {
+        Ok(created) => created,
+        Err(e) => return kube_error(e),
+    };
+    let name = created.name_any();
+    let ready = tokio::time::timeout(state.ready_deadline, wait_ready(&api, &created)).await;
+    match ready {
+        Ok(Ok(session)) => (StatusCode::CREATED, Json(view(&state, &session).await)).into_response(),
+        Ok(Err(e)) => kube_error(e),
+        Err(_) => {
+            let latest = api.get_opt(&name).await.ok().flatten().unwrap_or(created);
+            let view = view(&state, &latest).await;
+            let reason = view.reason.clone().unwrap_or_else(|| "no pod became ready in time".into());
+            let body = json!({
+                "error": format!("session {name} was not ready within {:?}: {reason}", state.ready_deadline),
+                "code": 504,
+                "session": view,
+            });
+            (StatusCode::GATEWAY_TIMEOUT, Json(body)).into_response()
+        }
+    }
+}
+
+/// Watches one session from the version the create returned until it is Ready.
+async fn wait_ready(api: &Api<TestSession>, created: &TestSession) -> Result<TestSession, kube::Error> {
+    let params = WatchParams::default().fields(&format!("metadata.name={}", created.name_any()));
+    let version = created.resource_version().unwrap_or_else(|| "0".into());
+    loop {
+        let mut events = api.watch(&params, &version).await?.boxed();
+        while let Some(event) = events.try_next().await? {
+            if let WatchEvent::Added(s) | WatchEvent::Modified(s) = event
+                && s.status.as_ref().is_some_and(|st| st.phase == Phase::Ready)
+            {
+                return Ok(s);
+            }
+        }
+        // The watch ended early (a server timeout): look once, then watch again.
+        let now = api.get(&created.name_any()).await?;
+        if now.status.as_ref().is_some_and(|st| st.phase == Phase::Ready) {
+            return Ok(now);
+        }
+    }
+}
+
+async fn get_session(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Query(query): Query<NamespaceQuery>,
+) -> Response {
+    let namespace = query.namespace.unwrap_or_else(|| state.namespace.clone());
+    let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
+    match api.get_opt(&name).await {
+        Ok(Some(session)) => Json(view(&state, &session).await).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no session {namespace}/{name}")),
+        Err(e) => kube_error(e),
+    }
+}
+
+async fn delete_session(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Query(query): Query<NamespaceQuery>,
+) -> Response {
+    let namespace = query.namespace.unwrap_or_else(|| state.namespace.clone());
+    let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
+    match api.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            error(StatusCode::NOT_FOUND, format!("no session {namespace}/{name}"))
+        }
+        Err(e) => kube_error(e),
+    }
+}
+
+/// The API server's refusals pass through with their code and message;
+/// anything else is a 502.
+fn kube_error(e: kube::Error) -> Response {
+    match e {
+        kube::Error::Api(status) => {
+            let code = StatusCode::from_u16(status.code).unwrap_or(StatusCode::BAD_GATEWAY);
+            error(code, status.message)
+        }
+        other => error(StatusCode::BAD_GATEWAY, format!("Kubernetes API: {other}")),
+    }
+}
+
+async fn view(state: &ApiState, session: &TestSession) -> SessionView {
+    let namespace = session.namespace().unwrap_or_default();
+    let status = session.status.clone().unwrap_or_default();
+    let mut view = SessionView {
+        name: session.name_any(),
+        namespace: namespace.clone(),
+        pool: session.spec.pool.clone(),
+        phase: format!("{:?}", status.phase),
+        pod: status.pod.clone(),
+        node: status.node.clone(),
+        endpoint: status.endpoint.clone(),
+        expires_at: status.expires_at.as_ref().map(|t| t.0.to_string()),
+        ..SessionView::default()
+    };
+    if status.phase != Phase::Ready {
+        view.reason =
+            status.conditions.iter().find(|c| c.type_ == "Bound" || c.type_ == "Ready").map(|c| c.message.clone());
+        return view;
+    }
+    let (Some(pod), Some(expires), Some(uid)) = (&status.pod, &status.expires_at, session.uid()) else {
+        return view;
+    };
+    let Some(pool_uid) = pool_uid(state, &namespace, &session.spec.pool).await else { return view };
+    if let Ok(Some(key)) = state.keys.load(&state.client, &namespace, &session.spec.pool, &pool_uid).await {
+        let claims = SessionClaims {
+            sid: uid.clone(),
+            ns: namespace,
+            name: session.name_any(),
+            pool: session.spec.pool.clone(),
+            profile: serde_json::to_value(session.spec.profile)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            exp: u64::try_from(expires.0.as_second()).unwrap_or(0),
+        };
+        view.token = Some(key.sign_session(&claims));
+        view.binding = Some(key.sign_binding(&uid, pod));
+    }
+    view
+}
+
+async fn pool_uid(state: &ApiState, namespace: &str, pool: &str) -> Option<String> {
+    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(state.client.clone(), namespace);
+    pools.get_metadata_opt(pool).await.ok().flatten().and_then(|p| p.uid())
+}
+
+/// Serves the router on `addr` until the future completes.
+pub async fn serve(addr: std::net::SocketAddr, router: Router) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, router).await
+}

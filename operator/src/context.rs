@@ -1,0 +1,76 @@
+//! What every controller and the API share.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+use tidepool_crds::{TestSession, WarmPool};
+
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+use crate::placement::Placement;
+
+/// Settings the controllers act on.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Pods a pool creates in one pass at most.
+    pub create_batch: u32,
+    /// How long a finished session keeps its results before it is deleted.
+    pub result_retention: Duration,
+    /// The port a session pod serves on when its template names none.
+    pub session_port: u16,
+}
+
+/// State shared by the controllers of the leading replica.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub metrics: std::sync::Arc<Metrics>,
+    pub recorder: Recorder,
+    pub keys: std::sync::Arc<Keys>,
+    pub pods: Store<Pod>,
+    pub sessions: Store<TestSession>,
+    pub pools: Store<WarmPool>,
+    pub placement: Box<dyn Placement>,
+    /// Pods a binding in progress has chosen, so two sessions never pick the
+    /// same pod from the cache. Held only between choosing and claiming.
+    pub reserved: Mutex<HashSet<String>>,
+    /// Pods each pool created that the cache has not shown yet, by pool UID,
+    /// so a pool never creates twice for the same gap.
+    pub expected: Mutex<HashMap<String, HashSet<String>>>,
+    /// API writes made for each session still binding, by session UID.
+    pub writes: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// Reserves `pod` (namespace/name) for a binding; false if it already is.
+    pub fn reserve(&self, pod: &str) -> bool {
+        self.reserved.lock().map(|mut r| r.insert(pod.to_string())).unwrap_or(false)
+    }
+
+    pub fn release(&self, pod: &str) {
+        if let Ok(mut r) = self.reserved.lock() {
+            r.remove(pod);
+        }
+    }
+
+    pub fn is_reserved(&self, pod: &str) -> bool {
+        self.reserved.lock().map(|r| r.contains(pod)).unwrap_or(true)
+    }
+
+    /// Counts one API write for a session.
+    pub fn count_write(&self, session_uid: &str) {
+        if let Ok(mut w) = self.writes.lock() {
+            *w.entry(session_uid.to_string()).or_default() += 1;
+        }
+    }
+
+    /// The writes counted for a session, forgetting them.
+    pub fn take_writes(&self, session_uid: &str) -> u32 {
+        self.writes.lock().ok().and_then(|mut w| w.remove(session_uid)).unwrap_or(0)
+    }
+}

@@ -1,0 +1,16 @@
+//! The labels and annotations Tidepool puts on the objects it manages.
+
+/// On every pod of a pool: the pool's name.
+pub const POOL: &str = "tidepool.dev/pool";
+/// On every pod of a pool: `warm` or `assigned`.
+pub const STATE: &str = "tidepool.dev/state";
+pub const STATE_WARM: &str = "warm";
+pub const STATE_ASSIGNED: &str = "assigned";
+/// On an assigned pod: the session's name (a label, so it can be selected).
+pub const SESSION: &str = "tidepool.dev/session";
+/// On an assigned pod: the session's UID. This is the binding's durable record.
+pub const SESSION_UID: &str = "tidepool.dev/session-uid";
+/// On every pod of a pool: the hash of the template it was made from.
+pub const TEMPLATE_HASH: &str = "tidepool.dev/template-hash";
+/// The field manager of every write the operator makes.
+pub const MANAGER: &str = "tidepool-operator";

@@ -1,0 +1,17 @@
+//! Tidepool's operator: the WarmPool and TestSession controllers, leader
+//! election, the HTTP API and /metrics. Logic that needs no I/O (pool
+//! planning, placement, conditions) lives in its own modules with plain unit
+//! tests.
+
+pub mod api;
+pub mod conditions;
+pub mod context;
+pub mod error;
+pub mod keys;
+pub mod labels;
+pub mod leader;
+pub mod metrics;
+pub mod placement;
+pub mod pool;
+pub mod run;
+pub mod session;

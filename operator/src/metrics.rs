@@ -1,0 +1,99 @@
+//! The operator's Prometheus metrics. Label sets are bounded: controllers,
+//! error kinds, routes, and the pools people create.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the operator serves on /metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: IntCounterVec,
+    pub reconcile_errors: IntCounterVec,
+    pub reconcile_duration: HistogramVec,
+    pub session_ready: Histogram,
+    pub binding_writes: Histogram,
+    pub binding_conflicts: IntCounter,
+    pub pool_pods: IntGaugeVec,
+    pub api_requests: IntCounterVec,
+    pub leader: IntGauge,
+}
+
+impl Metrics {
+    /// Registers every metric. Names are fixed, so this only fails on a bug.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let reconciles = IntCounterVec::new(
+            Opts::new("tidepool_reconciles_total", "Reconciles run, by controller"),
+            &["controller"],
+        )?;
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new("tidepool_reconcile_errors_total", "Reconciles that failed, by controller and error kind"),
+            &["controller", "kind"],
+        )?;
+        let reconcile_duration = HistogramVec::new(
+            HistogramOpts::new("tidepool_reconcile_duration_seconds", "Time spent in one reconcile")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            &["controller"],
+        )?;
+        let session_ready = Histogram::with_opts(
+            HistogramOpts::new(
+                "tidepool_session_create_to_ready_seconds",
+                "From a TestSession's creation to its Ready status, as the operator measures it",
+            )
+            .buckets(vec![
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+            ]),
+        )?;
+        let binding_writes = Histogram::with_opts(
+            HistogramOpts::new(
+                "tidepool_session_binding_api_writes",
+                "API server writes the operator made to bind one session, counted when it turns Ready",
+            )
+            .buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 10.0]),
+        )?;
+        let binding_conflicts = IntCounter::new(
+            "tidepool_binding_conflicts_total",
+            "Pod claims refused with 409 Conflict and settled by reading the pod",
+        )?;
+        let pool_pods = IntGaugeVec::new(
+            Opts::new("tidepool_pool_pods", "Pods of each pool, by state (warm, assigned, pending)"),
+            &["namespace", "pool", "state"],
+        )?;
+        let api_requests = IntCounterVec::new(
+            Opts::new("tidepool_api_requests_total", "HTTP API requests, by route and status code"),
+            &["route", "code"],
+        )?;
+        let leader = IntGauge::new("tidepool_leader", "1 while this replica holds the leader lease")?;
+        registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(reconcile_errors.clone()))?;
+        registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(session_ready.clone()))?;
+        registry.register(Box::new(binding_writes.clone()))?;
+        registry.register(Box::new(binding_conflicts.clone()))?;
+        registry.register(Box::new(pool_pods.clone()))?;
+        registry.register(Box::new(api_requests.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        Ok(Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            session_ready,
+            binding_writes,
+            binding_conflicts,
+            pool_pods,
+            api_requests,
+            leader,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding gathered families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}

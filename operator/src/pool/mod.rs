@@ -1,0 +1,331 @@
+//! The WarmPool controller: keeps `size` warm pods, refills after every
+//! assignment, rolls unassigned pods onto a new template, and cleans up pods
+//! whose session is gone. Each pass: read (caches), plan (pure), act (API),
+//! report (status).
+
+pub mod plan;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, Pod, PodSpec};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use tidepool_crds::warm_pool::WarmPoolStatus;
+use tidepool_crds::{TestSession, WarmPool};
+
+use crate::conditions;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::labels;
+use plan::{DeleteReason, PodView, Target};
+
+/// A stable hash of a pod template: FNV-1a over its JSON, which serialises
+/// fields in a fixed order.
+pub fn template_hash(pool: &WarmPool) -> String {
+    let json = serde_json::to_vec(&pool.spec.template).unwrap_or_default();
+    let hash = json.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{hash:016x}")
+}
+
+/// Whether a pod is Ready by its conditions.
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Whether a pod has stopped for good.
+pub fn is_finished(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"))
+}
+
+/// The pool's pods in the cache, owned by this very pool (by UID).
+pub fn pods_of(ctx: &Context, pool: &WarmPool) -> Vec<Arc<Pod>> {
+    let namespace = pool.namespace();
+    let uid = pool.uid();
+    ctx.pods
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace() == namespace && p.labels().get(labels::POOL) == Some(&pool.name_any()))
+        .filter(|p| p.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()))
+        .collect()
+}
+
+pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action> {
+    let namespace = pool.namespace().ok_or(Error::Missing("WarmPool", "namespace"))?;
+    let uid = pool.uid().ok_or(Error::Missing("WarmPool", "uid"))?;
+    let name = pool.name_any();
+    if pool.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let key = ctx.keys.ensure(&ctx.client, &pool).await?;
+    let hash = template_hash(&pool);
+    let pods = pods_of(&ctx, &pool);
+    let in_flight = in_flight(&ctx, &uid, &pods);
+    let waiting = waiting_sessions(&ctx, &namespace, &name);
+    let views: Vec<PodView> = pods.iter().map(|p| view(p, &hash)).collect();
+    let target = Target {
+        size: u32::try_from(pool.spec.size).unwrap_or(0),
+        max_size: pool.spec.max_size.map(|m| u32::try_from(m).unwrap_or(0)),
+        waiting_sessions: waiting,
+        batch: ctx.settings.create_batch,
+        in_flight,
+    };
+    let plan = plan::plan(&views, target);
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    // Create, all of this pass's batch at once.
+    let template = pod_for(&pool, &hash, &key.public().to_base64())?;
+    let post = PostParams::default();
+    let created = join_all((0..plan.create).map(|_| pods_api.create(&post, &template))).await;
+    let mut create_error = None;
+    for result in created {
+        match result {
+            Ok(pod) => expect(&ctx, &uid, pod.name_any()),
+            Err(e) => create_error = Some(e.to_string()),
+        }
+    }
+
+    // Delete what the plan says, and assigned pods whose session is gone.
+    let mut doomed: Vec<(String, Option<String>, &'static str)> = plan
+        .delete
+        .iter()
+        .map(|(n, why)| {
+            let uid = pods.iter().find(|p| &p.name_any() == n).and_then(|p| p.uid());
+            let reason = match why {
+                DeleteReason::Finished => "Finished",
+                DeleteReason::Outdated => "Outdated",
+                DeleteReason::ScaleDown => "ScaleDown",
+            };
+            (n.clone(), uid, reason)
+        })
+        .collect();
+    for orphan in orphans(&ctx, &namespace, &pods).await? {
+        doomed.push((orphan.name_any(), orphan.uid(), "SessionGone"));
+    }
+    let deletions = doomed.iter().map(|(pod, pod_uid, _)| {
+        let params = DeleteParams {
+            preconditions: Some(Preconditions { uid: pod_uid.clone(), resource_version: None }),
+            ..DeleteParams::default()
+        };
+        let api = pods_api.clone();
+        async move { api.delete(pod, &params).await }
+    });
+    for result in join_all(deletions).await {
+        match result {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if plan.rolling && plan.delete.iter().any(|(_, why)| *why == DeleteReason::Outdated) {
+        publish(&ctx, &pool, EventType::Normal, "RollingTemplate", "Replacing warm pods made from an older template")
+            .await;
+    }
+    if let Some(message) = &create_error {
+        publish(&ctx, &pool, EventType::Warning, "CreateFailed", message).await;
+    }
+
+    update_status(&ctx, &pool, &plan, create_error.as_deref()).await?;
+    let busy = plan.create > 0 || !doomed.is_empty() || in_flight > 0 || create_error.is_some();
+    Ok(if busy { Action::requeue(Duration::from_secs(2)) } else { Action::requeue(Duration::from_secs(300)) })
+}
+
+pub fn error_policy(_pool: Arc<WarmPool>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if error.is_transient() {
+        Action::requeue(Duration::from_secs(1))
+    } else {
+        Action::requeue(Duration::from_secs(60))
+    }
+}
+
+fn view(pod: &Pod, hash: &str) -> PodView {
+    PodView {
+        name: pod.name_any(),
+        assigned: pod.labels().get(labels::STATE).map(String::as_str) == Some(labels::STATE_ASSIGNED),
+        ready: is_ready(pod),
+        terminating: pod.meta().deletion_timestamp.is_some(),
+        finished: is_finished(pod),
+        current: pod.labels().get(labels::TEMPLATE_HASH).map(String::as_str) == Some(hash),
+        created: pod.meta().creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
+    }
+}
+
+/// Pods created but not in the cache yet; forgets those the cache now has.
+fn in_flight(ctx: &Context, pool_uid: &str, pods: &[Arc<Pod>]) -> u32 {
+    let Ok(mut expected) = ctx.expected.lock() else { return 0 };
+    let Some(names) = expected.get_mut(pool_uid) else { return 0 };
+    let seen: HashSet<String> = pods.iter().map(|p| p.name_any()).collect();
+    names.retain(|n| !seen.contains(n));
+    names.len() as u32
+}
+
+fn expect(ctx: &Context, pool_uid: &str, pod: String) {
+    if let Ok(mut expected) = ctx.expected.lock() {
+        expected.entry(pool_uid.to_string()).or_default().insert(pod);
+    }
+}
+
+/// Sessions of this pool that found no warm pod: each is owed an on-demand pod.
+fn waiting_sessions(ctx: &Context, namespace: &str, pool: &str) -> u32 {
+    ctx.sessions
+        .state()
+        .iter()
+        .filter(|s| s.namespace().as_deref() == Some(namespace) && s.spec.pool == pool)
+        .filter(|s| s.meta().deletion_timestamp.is_none())
+        .filter(|s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.pod.is_none() && conditions::reason(&st.conditions, "Bound") == Some(crate::session::POOL_EMPTY)
+            })
+        })
+        .count() as u32
+}
+
+/// Assigned pods whose session no longer exists. The session cache can lag a
+/// new session by a moment, so absence there is confirmed with the API server.
+async fn orphans(ctx: &Context, namespace: &str, pods: &[Arc<Pod>]) -> Result<Vec<Arc<Pod>>> {
+    let known: HashSet<String> = ctx.sessions.state().iter().filter_map(|s| s.uid()).collect();
+    let sessions: Api<TestSession> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut gone = Vec::new();
+    for pod in pods {
+        if pod.meta().deletion_timestamp.is_some() {
+            continue;
+        }
+        let Some(session_uid) = pod.annotations().get(labels::SESSION_UID) else { continue };
+        if known.contains(session_uid) {
+            continue;
+        }
+        let session_name = pod.labels().get(labels::SESSION).cloned().unwrap_or_default();
+        let live = sessions.get_opt(&session_name).await?;
+        if live.and_then(|s| s.uid()).as_deref() != Some(session_uid.as_str()) {
+            gone.push(pod.clone());
+        }
+    }
+    Ok(gone)
+}
+
+/// The pod the pool creates: its template, labelled and owned by the pool,
+/// told its pool, its name and the pool's public key.
+fn pod_for(pool: &WarmPool, hash: &str, public_key: &str) -> Result<Pod> {
+    let template = &pool.spec.template;
+    let mut metadata: ObjectMeta = template.metadata.clone().unwrap_or_default();
+    metadata.name = None;
+    metadata.generate_name = Some(format!("{}-", pool.name_any()));
+    metadata.namespace = pool.namespace();
+    let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert(labels::POOL.into(), pool.name_any());
+    labels.insert(labels::STATE.into(), labels::STATE_WARM.into());
+    labels.insert(labels::TEMPLATE_HASH.into(), hash.into());
+    metadata.owner_references = pool.controller_owner_ref(&()).map(|r| vec![r]);
+    let mut spec: PodSpec = template.spec.clone().ok_or_else(|| Error::Invalid {
+        kind: "WarmPool",
+        name: pool.name_any(),
+        reason: "spec.template.spec is missing".into(),
+    })?;
+    // A session pod is not restarted in place: a failed one is replaced.
+    spec.restart_policy.get_or_insert_with(|| "Never".into());
+    let field = |path: &str| EnvVarSource {
+        field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+        ..Default::default()
+    };
+    for container in &mut spec.containers {
+        let env = container.env.get_or_insert_with(Vec::new);
+        env.retain(|e| !e.name.starts_with("TIDEPOOL_"));
+        env.push(EnvVar { name: "TIDEPOOL_POOL".into(), value: Some(pool.name_any()), ..Default::default() });
+        env.push(EnvVar {
+            name: "TIDEPOOL_POOL_PUBLIC_KEY".into(),
+            value: Some(public_key.into()),
+            ..Default::default()
+        });
+        env.push(EnvVar {
+            name: "TIDEPOOL_POD_NAME".into(),
+            value_from: Some(field("metadata.name")),
+            ..Default::default()
+        });
+        env.push(EnvVar {
+            name: "TIDEPOOL_POD_NAMESPACE".into(),
+            value_from: Some(field("metadata.namespace")),
+            ..Default::default()
+        });
+    }
+    Ok(Pod { metadata, spec: Some(spec), status: None })
+}
+
+async fn update_status(ctx: &Context, pool: &WarmPool, plan: &plan::Plan, create_error: Option<&str>) -> Result<()> {
+    let now = Timestamp::now();
+    let generation = pool.meta().generation;
+    let size = u32::try_from(pool.spec.size).unwrap_or(0);
+    let old = pool.status.clone().unwrap_or_default();
+    let mut conditions = old.conditions.clone();
+    let counts = plan.counts;
+    let filled = counts.warm >= size;
+    conditions::set(
+        &mut conditions,
+        "Ready",
+        filled,
+        if filled { "Filled" } else { "Filling" },
+        format!("{}/{} warm", counts.warm, size),
+        generation,
+        now,
+    );
+    let progressing = plan.create > 0 || !plan.delete.is_empty() || plan.rolling || counts.pending > 0;
+    let (reason, message) = if plan.rolling {
+        ("RollingTemplate", "replacing warm pods made from an older template".to_string())
+    } else if progressing {
+        ("Scaling", format!("{} pending, creating {}", counts.pending, plan.create))
+    } else {
+        ("Stable", "nothing to do".to_string())
+    };
+    conditions::set(&mut conditions, "Progressing", progressing, reason, message, generation, now);
+    let (degraded, reason, message) = match (create_error, plan.capped) {
+        (Some(e), _) => (true, "CreateFailed", e.to_string()),
+        (None, true) => (true, "MaxSizeReached", format!("maxSize {} reached", pool.spec.max_size.unwrap_or(0))),
+        (None, false) => (false, "Healthy", String::new()),
+    };
+    conditions::set(&mut conditions, "Degraded", degraded, reason, message, generation, now);
+
+    let status = WarmPoolStatus {
+        replicas: counts.replicas as i32,
+        warm: counts.warm as i32,
+        assigned: counts.assigned as i32,
+        pending: counts.pending as i32,
+        selector: Some(format!("{}={}", labels::POOL, pool.name_any())),
+        conditions,
+        observed_generation: generation,
+    };
+    let namespace = pool.namespace().unwrap_or_default();
+    for (state, value) in [("warm", counts.warm), ("assigned", counts.assigned), ("pending", counts.pending)] {
+        ctx.metrics.pool_pods.with_label_values(&[namespace.as_str(), &pool.name_any(), state]).set(i64::from(value));
+    }
+    if old == status {
+        return Ok(());
+    }
+    let api: Api<WarmPool> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = serde_json::json!({
+        "apiVersion": "tidepool.dev/v1alpha1",
+        "kind": "WarmPool",
+        "status": status,
+    });
+    api.patch_status(&pool.name_any(), &PatchParams::apply(labels::MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+async fn publish(ctx: &Context, pool: &WarmPool, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+        tracing::warn!(pool = %pool.name_any(), error = %e, "could not publish an event");
+    }
+}

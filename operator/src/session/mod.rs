@@ -1,0 +1,348 @@
+//! The TestSession controller: binds each session to exactly one warm pod,
+//! rebinds it when its pod dies, and ends it when its TTL runs out.
+//!
+//! Binding takes two API writes. First the pod is claimed: its labels say
+//! `assigned` and its annotation names the session's UID, written with the
+//! pod's resourceVersion as a precondition. That claim is the durable record
+//! of the binding. Then the session's status turns Ready. Every step is
+//! idempotent: a pass that finds a pod already claimed for its session just
+//! finishes the status. A claim refused with 409 or 404 is settled by reading
+//! the pod from the API server, never by grabbing another pod blindly.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use tidepool_crds::test_session::{Phase, TestSessionStatus};
+use tidepool_crds::{TestSession, WarmPool};
+
+use crate::conditions;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::labels;
+use crate::placement::Candidate;
+use crate::pool::{is_finished, is_ready, template_hash};
+
+/// The Bound condition's reason while a session waits for a pod.
+pub const POOL_EMPTY: &str = "PoolEmpty";
+
+pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<Action> {
+    let namespace = session.namespace().ok_or(Error::Missing("TestSession", "namespace"))?;
+    let uid = session.uid().ok_or(Error::Missing("TestSession", "uid"))?;
+    if session.meta().deletion_timestamp.is_some() {
+        // Its pod is deleted by the pool controller once the session is gone.
+        return Ok(Action::await_change());
+    }
+    let now = Timestamp::now();
+    let status = session.status.clone().unwrap_or_default();
+    if matches!(status.phase, Phase::Completed | Phase::Expired | Phase::Failed) {
+        return retire(&session, &ctx, &status, now).await;
+    }
+    let Some(pool) = ctx.pools.get(&kube::runtime::reflector::ObjectRef::new(&session.spec.pool).within(&namespace))
+    else {
+        return wait(&session, &ctx, status, "PoolNotFound", format!("WarmPool {} does not exist", session.spec.pool))
+            .await;
+    };
+    let created = session.meta().creation_timestamp.as_ref().map_or(now, |t| t.0);
+    let ttl = session.spec.ttl_seconds.unwrap_or(pool.spec.session_ttl_seconds);
+    let expires = created + SignedDuration::from_secs(ttl);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    let bound = bound_pod(&ctx, &namespace, &uid);
+    if now >= expires {
+        if let Some(pod) = &bound {
+            delete_pod(&pods, pod).await?;
+        }
+        let mut next = status.clone();
+        next.phase = Phase::Expired;
+        let generation = session.meta().generation;
+        conditions::set(&mut next.conditions, "Ready", false, "Expired", "the session's TTL ran out", generation, now);
+        write_status(&ctx, &session, &next).await?;
+        return Ok(Action::requeue(ctx.settings.result_retention));
+    }
+
+    let pod = match bound {
+        Some(pod) if !is_finished(&pod) && pod.meta().deletion_timestamp.is_none() => pod,
+        dead => {
+            // A pod that died under a live session is replaced: the session heals.
+            if let Some(pod) = &dead {
+                delete_pod(&pods, pod).await?;
+            }
+            match claim(&ctx, &session, &pool, &pods).await? {
+                Claim::Won(pod) => pod,
+                Claim::NoneFree => {
+                    let message = format!("WarmPool {} has no warm pod free; one is being made", pool.name_any());
+                    return wait(&session, &ctx, status, POOL_EMPTY, message).await;
+                }
+                Claim::Lost => return Ok(Action::requeue(Duration::from_millis(10))),
+            }
+        }
+    };
+
+    let until_expiry = expires.duration_since(now).unsigned_abs().min(Duration::from_secs(3600));
+    if status.phase == Phase::Ready && status.pod.as_deref() == Some(&pod.name_any()) {
+        return Ok(Action::requeue(until_expiry));
+    }
+    let rebound = status.pod.is_some();
+    let next = ready_status(&session, &ctx, &pod, status, created, expires, now, rebound);
+    write_status(&ctx, &session, &next).await?;
+    let writes = ctx.take_writes(&uid);
+    if !rebound {
+        let seconds = now.duration_since(created).as_secs_f64().max(0.0);
+        ctx.metrics.session_ready.observe(seconds);
+        ctx.metrics.binding_writes.observe(f64::from(writes));
+    }
+    Ok(Action::requeue(until_expiry))
+}
+
+pub fn error_policy(_session: Arc<TestSession>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if error.is_transient() {
+        Action::requeue(Duration::from_millis(500))
+    } else {
+        Action::requeue(Duration::from_secs(60))
+    }
+}
+
+/// The live pod claimed for session `uid`, if the cache has one.
+fn bound_pod(ctx: &Context, namespace: &str, uid: &str) -> Option<Arc<Pod>> {
+    ctx.pods.state().into_iter().find(|p| {
+        p.namespace().as_deref() == Some(namespace)
+            && p.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid)
+    })
+}
+
+enum Claim {
+    Won(Arc<Pod>),
+    NoneFree,
+    /// Another binding got the pod first; try again from fresh caches.
+    Lost,
+}
+
+/// Chooses a warm pod through placement and claims it for the session.
+async fn claim(ctx: &Context, session: &TestSession, pool: &WarmPool, pods: &Api<Pod>) -> Result<Claim> {
+    let namespace = session.namespace().unwrap_or_default();
+    let hash = template_hash(pool);
+    let all = crate::pool::pods_of(ctx, pool);
+    let mut per_node: HashMap<&str, u32> = HashMap::new();
+    for pod in &all {
+        if pod.labels().get(labels::STATE).map(String::as_str) == Some(labels::STATE_ASSIGNED)
+            && let Some(node) = node_of(pod)
+        {
+            *per_node.entry(node).or_default() += 1;
+        }
+    }
+    let warm: Vec<&Arc<Pod>> = all
+        .iter()
+        .filter(|p| p.labels().get(labels::STATE).map(String::as_str) == Some(labels::STATE_WARM))
+        .filter(|p| is_ready(p) && !is_finished(p) && p.meta().deletion_timestamp.is_none())
+        .filter(|p| !ctx.is_reserved(&format!("{namespace}/{}", p.name_any())))
+        .collect();
+    // Pods on the current template first; outdated ones still serve.
+    let (current, outdated): (Vec<&Arc<Pod>>, Vec<&Arc<Pod>>) =
+        warm.into_iter().partition(|p| p.labels().get(labels::TEMPLATE_HASH) == Some(&hash));
+    let choices = if current.is_empty() { outdated } else { current };
+    let candidates: Vec<Candidate> = choices
+        .iter()
+        .map(|p| Candidate { pod: p.meta().name.as_deref().unwrap_or(""), node: node_of(p).unwrap_or("") })
+        .collect();
+    let Some(index) = ctx.placement.choose(&candidates, &per_node) else {
+        return Ok(Claim::NoneFree);
+    };
+    let chosen = choices[index].clone();
+    let key = format!("{namespace}/{}", chosen.name_any());
+    if !ctx.reserve(&key) {
+        return Ok(Claim::Lost);
+    }
+    let outcome = claim_pod(ctx, session, pods, &chosen).await;
+    ctx.release(&key);
+    outcome
+}
+
+async fn claim_pod(ctx: &Context, session: &TestSession, pods: &Api<Pod>, pod: &Arc<Pod>) -> Result<Claim> {
+    let uid = session.uid().unwrap_or_default();
+    let name = pod.name_any();
+    let patch = |resource_version: Option<String>| {
+        serde_json::json!({
+            "metadata": {
+                "resourceVersion": resource_version,
+                "labels": { labels::STATE: labels::STATE_ASSIGNED, labels::SESSION: session.name_any() },
+                "annotations": { labels::SESSION_UID: uid },
+            }
+        })
+    };
+    ctx.count_write(&uid);
+    match pods.patch(&name, &PatchParams::default(), &Patch::Merge(patch(pod.resource_version()))).await {
+        Ok(claimed) => return Ok(Claim::Won(Arc::new(claimed))),
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Claim::Lost),
+        Err(kube::Error::Api(s)) if s.code == 409 => ctx.metrics.binding_conflicts.inc(),
+        Err(e) => return Err(e.into()),
+    }
+    // 409: the cache was behind. Read the pod and settle by what it says.
+    let Some(fresh) = pods.get_opt(&name).await? else { return Ok(Claim::Lost) };
+    let claimed_by = fresh.annotations().get(labels::SESSION_UID).cloned();
+    if claimed_by.as_deref() == Some(uid.as_str()) {
+        return Ok(Claim::Won(Arc::new(fresh)));
+    }
+    let still_warm = claimed_by.is_none()
+        && fresh.labels().get(labels::STATE).map(String::as_str) == Some(labels::STATE_WARM)
+        && fresh.meta().deletion_timestamp.is_none();
+    if !still_warm {
+        return Ok(Claim::Lost);
+    }
+    ctx.count_write(&uid);
+    match pods.patch(&name, &PatchParams::default(), &Patch::Merge(patch(fresh.resource_version()))).await {
+        Ok(claimed) => Ok(Claim::Won(Arc::new(claimed))),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {
+            ctx.metrics.binding_conflicts.inc();
+            Ok(Claim::Lost)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn node_of(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+}
+
+/// `http://<pod IP>:<port>`, the port being the first one the pod's first
+/// container names, or the operator's default.
+pub fn endpoint(pod: &Pod, default_port: u16) -> Option<String> {
+    let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
+    let port = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.ports.as_ref())
+        .and_then(|p| p.first())
+        .map_or(i32::from(default_port), |p| p.container_port);
+    Some(if ip.contains(':') { format!("http://[{ip}]:{port}") } else { format!("http://{ip}:{port}") })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ready_status(
+    session: &TestSession,
+    ctx: &Context,
+    pod: &Pod,
+    mut status: TestSessionStatus,
+    created: Timestamp,
+    expires: Timestamp,
+    now: Timestamp,
+    rebound: bool,
+) -> TestSessionStatus {
+    let generation = session.meta().generation;
+    status.phase = Phase::Ready;
+    status.pod = Some(pod.name_any());
+    status.node = node_of(pod).map(String::from);
+    status.endpoint = endpoint(pod, ctx.settings.session_port);
+    status.created_at = Some(Time(created));
+    status.assigned_at = Some(Time(now));
+    status.ready_at = Some(Time(now));
+    status.expires_at = Some(Time(expires));
+    status.observed_generation = generation;
+    let reason = if rebound { "Rebound" } else { "Bound" };
+    let message = format!("bound to pod {}", pod.name_any());
+    conditions::set(&mut status.conditions, "Bound", true, reason, message, generation, now);
+    conditions::set(&mut status.conditions, "Ready", true, "PodServing", "the client may connect", generation, now);
+    status
+}
+
+/// Marks the session as waiting (once; later passes change nothing).
+async fn wait(
+    session: &TestSession,
+    ctx: &Context,
+    mut status: TestSessionStatus,
+    reason: &str,
+    message: String,
+) -> Result<Action> {
+    let already = status.phase == Phase::Pending
+        && status.pod.is_none()
+        && conditions::reason(&status.conditions, "Bound") == Some(reason);
+    if !already {
+        let generation = session.meta().generation;
+        let now = Timestamp::now();
+        status.phase = Phase::Pending;
+        status.pod = None;
+        status.node = None;
+        status.endpoint = None;
+        status.observed_generation = generation;
+        status.created_at = session.meta().creation_timestamp.clone();
+        conditions::set(&mut status.conditions, "Bound", false, reason, message, generation, now);
+        conditions::set(&mut status.conditions, "Ready", false, reason, "waiting for a pod", generation, now);
+        write_status(ctx, session, &status).await?;
+    }
+    // A pod turning warm wakes this session up sooner through the pod watch.
+    Ok(Action::requeue(Duration::from_secs(5)))
+}
+
+/// A finished session keeps its results for the retention time, then goes.
+async fn retire(session: &TestSession, ctx: &Context, status: &TestSessionStatus, now: Timestamp) -> Result<Action> {
+    let ended = status.conditions.iter().find(|c| c.type_ == "Ready").map_or(now, |c| c.last_transition_time.0);
+    let retention = SignedDuration::try_from(ctx.settings.result_retention).unwrap_or(SignedDuration::ZERO);
+    if now >= ended + retention {
+        let api: Api<TestSession> = Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+        let params = DeleteParams {
+            preconditions: Some(Preconditions { uid: session.uid(), resource_version: None }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&session.name_any(), &params).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue((ended + retention).duration_since(now).unsigned_abs()))
+}
+
+async fn delete_pod(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions { uid: pod.uid(), resource_version: None }),
+        ..DeleteParams::default()
+    };
+    match pods.delete(&pod.name_any(), &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn write_status(ctx: &Context, session: &TestSession, status: &TestSessionStatus) -> Result<()> {
+    let api: Api<TestSession> = Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": "tidepool.dev/v1alpha1",
+        "kind": "TestSession",
+        "status": status,
+    });
+    ctx.count_write(&session.uid().unwrap_or_default());
+    api.patch_status(&session.name_any(), &PatchParams::apply(labels::MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+/// The sessions a pod event concerns: the one it is bound to, or, when it is
+/// a warm pod, the sessions of its pool waiting for one.
+pub fn sessions_for_pod(
+    pod: &Pod,
+    sessions: &kube::runtime::reflector::Store<TestSession>,
+) -> Vec<kube::runtime::reflector::ObjectRef<TestSession>> {
+    let namespace = pod.namespace().unwrap_or_default();
+    if let Some(session) = pod.labels().get(labels::SESSION) {
+        return vec![kube::runtime::reflector::ObjectRef::new(session).within(&namespace)];
+    }
+    let Some(pool) = pod.labels().get(labels::POOL) else { return vec![] };
+    if !is_ready(pod) {
+        return vec![];
+    }
+    sessions
+        .state()
+        .iter()
+        .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()) && &s.spec.pool == pool)
+        .filter(|s| s.status.as_ref().is_some_and(|st| st.pod.is_none() && st.phase == Phase::Pending))
+        .map(|s| kube::runtime::reflector::ObjectRef::from(s.as_ref()))
+        .collect()
+}

@@ -1,0 +1,103 @@
+//! Shared by the operator's tests: a control plane with the operator running
+//! as a local process against it, and a small client for its HTTP API.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::{Value, json};
+use tidepool_crds::WarmPool;
+use tidepool_tests::{ControlPlane, FakeNode, Options, Process, eventually, free_port};
+
+pub const TOKEN: &str = "test-api-token";
+
+pub struct Cluster {
+    pub plane: ControlPlane,
+    pub client: kube::Client,
+    token_file: PathBuf,
+}
+
+/// One running operator replica.
+pub struct Operator {
+    pub process: Process,
+    pub url: String,
+}
+
+impl Cluster {
+    pub async fn start(nodes: usize) -> Self {
+        let nodes = (0..nodes).map(|i| FakeNode::new(&format!("node-{i}"))).collect();
+        let plane = ControlPlane::start_with(Options { nodes, ..Options::default() }).await.unwrap();
+        let client = plane.client().await.unwrap();
+        let token_file = plane.dir().join("api-token");
+        std::fs::write(&token_file, TOKEN).unwrap();
+        Self { plane, client, token_file }
+    }
+
+    /// Starts an operator replica and waits until its API answers.
+    pub async fn operator(&self, name: &str, extra: &[&str]) -> Operator {
+        let port = free_port().unwrap();
+        let mut args = vec![
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--api-token-file={}", self.token_file.display()),
+            format!("--identity={name}"),
+            "--lease-seconds=3".to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let process =
+            self.plane.spawn(name, std::path::Path::new(env!("CARGO_BIN_EXE_tidepool-operator")), &args, &[]).unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        eventually(Duration::from_secs(30), "the operator's /readyz", || async {
+            let r = http.get(format!("{url}/readyz")).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", process.log_tail(40)));
+        Operator { process, url }
+    }
+
+    /// Creates (or updates) WarmPool `name` with `size` warm pods.
+    pub async fn pool(&self, name: &str, size: i32) {
+        let pools: Api<WarmPool> = Api::namespaced(self.client.clone(), "default");
+        let pool = json!({
+            "apiVersion": "tidepool.dev/v1alpha1", "kind": "WarmPool",
+            "metadata": { "name": name },
+            "spec": {
+                "size": size,
+                "tier": { "vcpu": 1, "memoryMiB": 64 },
+                "template": { "spec": { "containers": [{
+                    "name": "session", "image": "tidepool/session:test",
+                    "ports": [{ "containerPort": 9000 }],
+                    "resources": { "requests": { "cpu": "10m", "memory": "16Mi" } }
+                }] } }
+            }
+        });
+        pools.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&pool)).await.unwrap();
+    }
+
+    /// Waits until the pool reports `warm` warm pods.
+    pub async fn wait_warm(&self, name: &str, warm: i32, limit: Duration) -> WarmPool {
+        let pools: Api<WarmPool> = Api::namespaced(self.client.clone(), "default");
+        eventually(limit, &format!("pool {name} to have {warm} warm pods"), || async {
+            let pool = pools.get(name).await.ok()?;
+            (pool.status.as_ref()?.warm == warm).then_some(pool)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+/// POSTs `body` to `/api/v1/sessions` and returns the status and JSON.
+pub async fn post_session(operator: &Operator, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/sessions", operator.url))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let code = response.status().as_u16();
+    (code, response.json().await.unwrap_or(Value::Null))
+}

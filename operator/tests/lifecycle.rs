@@ -1,0 +1,152 @@
+//! The operator's core job on a real control plane: pools fill and refill,
+//! sessions bind to one warm pod each, expire, heal, and go.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{Cluster, TOKEN, post_session};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+use tidepool_crds::TestSession;
+use tidepool_crds::test_session::Phase;
+use tidepool_tests::eventually;
+use tidepool_wire::token::PoolPublicKey;
+
+fn env_of(pod: &Pod, name: &str) -> Option<String> {
+    pod.spec.as_ref()?.containers[0].env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
+}
+
+async fn pool_pods(client: &kube::Client, pool: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let listed = pods.list(&ListParams::default().labels(&format!("tidepool.dev/pool={pool}"))).await.unwrap();
+    listed.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_fills_binds_refills_expires_heals_rolls_and_scales() {
+    let cluster = Cluster::start(2).await;
+    let operator = cluster.operator("operator-0", &[]).await;
+    cluster.pool("edge", 3).await;
+    let pool = cluster.wait_warm("edge", 3, Duration::from_secs(60)).await;
+    let status = pool.status.unwrap();
+    assert_eq!(status.selector.as_deref(), Some("tidepool.dev/pool=edge"));
+    assert!(status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    assert_eq!(pool_pods(&cluster.client, "edge").await.len(), 3);
+
+    // A session is bound to one warm pod and gets its endpoint and credentials.
+    let (code, body) = post_session(&operator, json!({ "pool": "edge", "profile": "latency" })).await;
+    assert_eq!(code, 201, "{body}");
+    let pod_name = body["pod"].as_str().unwrap().to_string();
+    let session_name = body["name"].as_str().unwrap().to_string();
+    assert!(body["endpoint"].as_str().unwrap().starts_with("http://127."), "{body}");
+    assert!(body["endpoint"].as_str().unwrap().ends_with(":9000"), "{body}");
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let pod = pods.get(&pod_name).await.unwrap();
+    assert_eq!(pod.labels()["tidepool.dev/state"], "assigned");
+    assert_eq!(pod.labels()["tidepool.dev/session"], session_name);
+    // The pod can check the client's credentials with the key it was given.
+    let public = PoolPublicKey::from_base64(&env_of(&pod, "TIDEPOOL_POOL_PUBLIC_KEY").unwrap()).unwrap();
+    let claims = public.verify_session(body["token"].as_str().unwrap(), 0).unwrap();
+    assert_eq!(claims.name, session_name);
+    assert_eq!(claims.profile, "latency");
+    public.verify_binding(body["binding"].as_str().unwrap(), &claims.sid, &pod_name).unwrap();
+
+    // The pool refills behind the assignment.
+    let pool = cluster.wait_warm("edge", 3, Duration::from_secs(30)).await;
+    assert_eq!(pool.status.unwrap().assigned, 1);
+
+    // The session heals: its pod dies, it is rebound to a fresh pod, and the
+    // same token still verifies there.
+    pods.delete(&pod_name, &DeleteParams::default()).await.unwrap();
+    let sessions: Api<TestSession> = Api::namespaced(cluster.client.clone(), "default");
+    let healed = eventually(Duration::from_secs(30), "the session to be rebound", || async {
+        let s = sessions.get(&session_name).await.ok()?;
+        let st = s.status?;
+        (st.phase == Phase::Ready && st.pod.as_deref() != Some(pod_name.as_str())).then_some(st)
+    })
+    .await
+    .unwrap();
+    let new_pod = pods.get(healed.pod.as_deref().unwrap()).await.unwrap();
+    assert_eq!(new_pod.labels()["tidepool.dev/session"], session_name);
+    assert!(healed.conditions.iter().any(|c| c.type_ == "Bound" && c.reason == "Rebound"));
+    let http = reqwest::Client::new();
+    let again: serde_json::Value = http
+        .get(format!("{}/api/v1/sessions/{session_name}", operator.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["token"], body["token"], "the session token survives a rebind");
+    public.verify_binding(again["binding"].as_str().unwrap(), &claims.sid, &new_pod.name_any()).unwrap();
+
+    // Deleting the session releases (deletes) its pod, and the pool refills.
+    let response = http
+        .delete(format!("{}/api/v1/sessions/{session_name}", operator.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 204);
+    let released = new_pod.name_any();
+    eventually(Duration::from_secs(30), "the released pod to go", || async {
+        pods.get_opt(&released).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    let pool = cluster.wait_warm("edge", 3, Duration::from_secs(30)).await;
+    assert_eq!(pool.status.unwrap().assigned, 0);
+
+    // A TTL ends a session: Expired, its pod deleted.
+    let (code, body) = post_session(&operator, json!({ "pool": "edge", "ttlSeconds": 2 })).await;
+    assert_eq!(code, 201, "{body}");
+    let short = body["name"].as_str().unwrap().to_string();
+    let short_pod = body["pod"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(20), "the session to expire", || async {
+        let s = sessions.get(&short).await.ok()?;
+        (s.status?.phase == Phase::Expired).then_some(())
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(20), "the expired session's pod to go", || async {
+        pods.get_opt(&short_pod).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+
+    // A template change rolls the warm pods and leaves an assigned one alone.
+    let (code, body) = post_session(&operator, json!({ "pool": "edge" })).await;
+    assert_eq!(code, 201, "{body}");
+    let kept = body["pod"].as_str().unwrap().to_string();
+    let old_hash = pods.get(&kept).await.unwrap().labels()["tidepool.dev/template-hash"].clone();
+    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
+    let change = json!({ "spec": { "template": { "metadata": { "labels": { "release": "2" } } } } });
+    pools.patch("edge", &PatchParams::default(), &Patch::Merge(&change)).await.unwrap();
+    eventually(Duration::from_secs(60), "the warm pods to be on the new template", || async {
+        let pods = pool_pods(&cluster.client, "edge").await;
+        let warm: Vec<&Pod> = pods.iter().filter(|p| p.labels()["tidepool.dev/state"] == "warm").collect();
+        (warm.len() == 3 && warm.iter().all(|p| p.labels().get("release").map(String::as_str) == Some("2")))
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    let still = pods.get(&kept).await.unwrap();
+    assert_eq!(still.labels()["tidepool.dev/template-hash"], old_hash, "the assigned pod was left alone");
+
+    // kubectl scale sets the size, and the pool follows.
+    let out = cluster.plane.kubectl().args(["scale", "wp/edge", "--replicas=5"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    cluster.wait_warm("edge", 5, Duration::from_secs(30)).await;
+    let out = cluster.plane.kubectl().args(["scale", "wp/edge", "--replicas=1"]).output().unwrap();
+    assert!(out.status.success());
+    cluster.wait_warm("edge", 1, Duration::from_secs(30)).await;
+    let names: HashSet<String> = pool_pods(&cluster.client, "edge").await.iter().map(|p| p.name_any()).collect();
+    assert!(names.contains(&kept), "scaling down kept the assigned pod");
+    drop(operator);
+}
