@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::{StreamExt, TryStreamExt};
-use kube::api::{Api, DeleteParams, PostParams, WatchEvent, WatchParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams, WatchEvent, WatchParams};
 use kube::{Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -184,15 +184,21 @@ async fn create_session(State(state): State<Arc<ApiState>>, body: Result<Bytes, 
         "metadata": { "generateName": "session-", "namespace": namespace },
         "spec": spec,
     });
-    let session: TestSession = match serde_json::from_value(object) {
-        Ok(session) => session,
-        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid session: {e}")),
+    // Sent untyped, so the API server's schema and CEL rules judge it and
+    // their messages (which name the field) reach the client.
+    let object: DynamicObject = match serde_json::from_value(object) {
+        Ok(object) => object,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid session: {e}")),
     };
-    let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
-    let created = match api.create(&PostParams::default(), &session).await {
-        Ok(created) => created,
+    let dynamic: Api<DynamicObject> = Api::namespaced_with(state.client.clone(), &namespace, &session_resource());
+    let created: TestSession = match dynamic.create(&PostParams::default(), &object).await {
+        Ok(created) => match serde_json::to_value(created).and_then(serde_json::from_value) {
+            Ok(session) => session,
+            Err(e) => return error(StatusCode::BAD_GATEWAY, format!("unreadable session: {e}")),
+        },
         Err(e) => return kube_error(e),
     };
+    let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
     let name = created.name_any();
     let ready = tokio::time::timeout(state.ready_deadline, wait_ready(&api, &created)).await;
     match ready {
@@ -314,6 +320,10 @@ async fn view(state: &ApiState, session: &TestSession) -> SessionView {
         view.binding = Some(key.sign_binding(&uid, pod));
     }
     view
+}
+
+fn session_resource() -> ApiResource {
+    ApiResource::erase::<TestSession>(&())
 }
 
 async fn pool_uid(state: &ApiState, namespace: &str, pool: &str) -> Option<String> {
