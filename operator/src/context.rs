@@ -23,6 +23,9 @@ pub struct Settings {
     pub result_retention: Duration,
     /// The port a session pod serves on when its template names none.
     pub session_port: u16,
+    /// Fault injection for the restart tests: a pause between claiming a pod
+    /// and writing the session's status, so a crash can land in between.
+    pub fault_claim_delay: Option<Duration>,
 }
 
 /// State shared by the controllers of the leading replica.
@@ -42,6 +45,9 @@ pub struct Context {
     /// Pods each pool created that the cache has not shown yet, by pool UID,
     /// so a pool never creates twice for the same gap.
     pub expected: Mutex<HashMap<String, HashSet<String>>>,
+    /// Pods this process claimed that the pod cache may not show yet, by
+    /// session UID, so a quick second pass never claims a second pod.
+    pub claims: Mutex<HashMap<String, String>>,
     /// API writes made for each session still binding, by session UID.
     pub writes: Mutex<HashMap<String, u32>>,
 }
@@ -60,6 +66,19 @@ impl Context {
 
     pub fn is_reserved(&self, pod: &str) -> bool {
         self.reserved.lock().map(|r| r.contains(pod)).unwrap_or(true)
+    }
+
+    /// Remembers that this process claimed `pod` for session `uid`.
+    pub fn remember_claim(&self, uid: &str, pod: &str) {
+        if let Ok(mut c) = self.claims.lock() {
+            c.insert(uid.to_string(), pod.to_string());
+        }
+    }
+
+    pub fn forget_claim(&self, uid: &str) {
+        if let Ok(mut c) = self.claims.lock() {
+            c.remove(uid);
+        }
     }
 
     /// Counts one API write for a session.

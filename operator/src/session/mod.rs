@@ -54,7 +54,7 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
     let expires = created + SignedDuration::from_secs(ttl);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    let bound = bound_pod(&ctx, &namespace, &uid);
+    let bound = bound_pod(&ctx, &pods, &namespace, &uid).await?;
     if now >= expires {
         if let Some(pod) = &bound {
             delete_pod(&pods, pod).await?;
@@ -68,14 +68,27 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
     }
 
     let pod = match bound {
-        Some(pod) if !is_finished(&pod) && pod.meta().deletion_timestamp.is_none() => pod,
+        Some(pod) if !is_finished(&pod) && pod.meta().deletion_timestamp.is_none() => {
+            if status.pod.as_deref() != Some(&pod.name_any()) {
+                // Claimed by an earlier pass that stopped before the status write.
+                tracing::info!(session = %session.name_any(), pod = %pod.name_any(), "adopting a pod claimed earlier");
+            }
+            pod
+        }
         dead => {
             // A pod that died under a live session is replaced: the session heals.
             if let Some(pod) = &dead {
                 delete_pod(&pods, pod).await?;
             }
             match claim(&ctx, &session, &pool, &pods).await? {
-                Claim::Won(pod) => pod,
+                Claim::Won(pod) => {
+                    ctx.remember_claim(&uid, &pod.name_any());
+                    tracing::debug!(session = %session.name_any(), pod = %pod.name_any(), "claimed");
+                    if let Some(delay) = ctx.settings.fault_claim_delay {
+                        tokio::time::sleep(delay).await;
+                    }
+                    pod
+                }
                 Claim::NoneFree => {
                     let message = format!("WarmPool {} has no warm pod free; one is being made", pool.name_any());
                     return wait(&session, &ctx, status, POOL_EMPTY, message).await;
@@ -109,12 +122,30 @@ pub fn error_policy(_session: Arc<TestSession>, error: &Error, _ctx: Arc<Context
     }
 }
 
-/// The live pod claimed for session `uid`, if the cache has one.
-fn bound_pod(ctx: &Context, namespace: &str, uid: &str) -> Option<Arc<Pod>> {
-    ctx.pods.state().into_iter().find(|p| {
+/// The pod claimed for session `uid`: from the cache, or, while the cache
+/// has not caught up with a claim this process made, from the API server.
+async fn bound_pod(ctx: &Context, pods: &Api<Pod>, namespace: &str, uid: &str) -> Result<Option<Arc<Pod>>> {
+    let cached = ctx.pods.state().into_iter().find(|p| {
         p.namespace().as_deref() == Some(namespace)
             && p.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid)
-    })
+    });
+    let remembered = ctx.claims.lock().ok().and_then(|c| c.get(uid).cloned());
+    if let Some(pod) = cached {
+        if remembered.as_deref() == Some(&pod.name_any()) {
+            ctx.forget_claim(uid);
+        }
+        return Ok(Some(pod));
+    }
+    let Some(name) = remembered else { return Ok(None) };
+    match pods.get_opt(&name).await? {
+        Some(pod) if pod.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid) => {
+            Ok(Some(Arc::new(pod)))
+        }
+        _ => {
+            ctx.forget_claim(uid);
+            Ok(None)
+        }
+    }
 }
 
 enum Claim {
