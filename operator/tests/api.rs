@@ -21,7 +21,9 @@ async fn malformed_unauthorised_or_oversized_requests_are_refused_and_change_not
         }
         request.send()
     };
-    let cases: Vec<(&str, Option<&'static str>, Vec<u8>, u16, &str)> = vec![
+    // (what, bearer token, body, expected status, expected words in the error)
+    type Case = (&'static str, Option<&'static str>, Vec<u8>, u16, &'static str);
+    let cases: Vec<Case> = vec![
         ("no token", None, br#"{"pool":"edge"}"#.to_vec(), 401, "missing bearer token"),
         ("wrong token", Some("nope"), br#"{"pool":"edge"}"#.to_vec(), 403, "wrong bearer token"),
         ("not JSON", Some(TOKEN), b"pool=edge".to_vec(), 400, "invalid request body"),
