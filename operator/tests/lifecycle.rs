@@ -29,7 +29,7 @@ async fn pool_pods(client: &kube::Client, pool: &str) -> Vec<Pod> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_fills_binds_refills_expires_heals_rolls_and_scales() {
     let cluster = Cluster::start(2).await;
-    let operator = cluster.operator("operator-0", &[]).await;
+    let operator = cluster.operator("operator-0", &["--result-retention-seconds=3"]).await;
     cluster.pool("edge", 3).await;
     let pool = cluster.wait_warm("edge", 3, Duration::from_secs(60)).await;
     let status = pool.status.unwrap();
@@ -116,6 +116,13 @@ async fn a_pool_fills_binds_refills_expires_heals_rolls_and_scales() {
     .unwrap();
     eventually(Duration::from_secs(20), "the expired session's pod to go", || async {
         pods.get_opt(&short_pod).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    // Its results stay readable for the retention time, then the session goes.
+    assert!(sessions.get_opt(&short).await.unwrap().is_some());
+    eventually(Duration::from_secs(20), "the finished session to be retired", || async {
+        sessions.get_opt(&short).await.ok()?.is_none().then_some(())
     })
     .await
     .unwrap();
