@@ -28,6 +28,14 @@ pub struct Settings {
     pub fault_claim_delay: Option<Duration>,
 }
 
+/// A binding this process made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub pod: String,
+    /// The session's Ready status naming this pod is written.
+    pub ready: bool,
+}
+
 /// State shared by the controllers of the leading replica.
 pub struct Context {
     pub client: Client,
@@ -45,9 +53,11 @@ pub struct Context {
     /// Pods each pool created that the cache has not shown yet, by pool UID,
     /// so a pool never creates twice for the same gap.
     pub expected: Mutex<HashMap<String, HashSet<String>>>,
-    /// Pods this process claimed that the pod cache may not show yet, by
-    /// session UID, so a quick second pass never claims a second pod.
-    pub claims: Mutex<HashMap<String, String>>,
+    /// Bindings this process made, by session UID: the pod, and whether the
+    /// session's Ready status is written. The caches can lag our own writes;
+    /// this keeps a quick second pass from claiming a second pod or writing
+    /// the same status twice.
+    pub bindings: Mutex<HashMap<String, Binding>>,
     /// API writes made for each session still binding, by session UID.
     pub writes: Mutex<HashMap<String, u32>>,
 }
@@ -68,16 +78,26 @@ impl Context {
         self.reserved.lock().map(|r| r.contains(pod)).unwrap_or(true)
     }
 
-    /// Remembers that this process claimed `pod` for session `uid`.
-    pub fn remember_claim(&self, uid: &str, pod: &str) {
-        if let Ok(mut c) = self.claims.lock() {
-            c.insert(uid.to_string(), pod.to_string());
-        }
+    /// The binding this process made for session `uid`, if it remembers one.
+    pub fn binding(&self, uid: &str) -> Option<Binding> {
+        self.bindings.lock().ok().and_then(|b| b.get(uid).cloned())
     }
 
-    pub fn forget_claim(&self, uid: &str) {
-        if let Ok(mut c) = self.claims.lock() {
-            c.remove(uid);
+    /// Remembers a binding; forgets those of sessions that are gone once
+    /// the memory grows large.
+    pub fn remember(&self, uid: &str, binding: Binding) {
+        let Ok(mut bindings) = self.bindings.lock() else { return };
+        if bindings.len() >= 10_000 {
+            let live: std::collections::HashSet<String> =
+                self.sessions.state().iter().filter_map(|s| kube::ResourceExt::uid(s.as_ref())).collect();
+            bindings.retain(|uid, _| live.contains(uid));
+        }
+        bindings.insert(uid.to_string(), binding);
+    }
+
+    pub fn forget(&self, uid: &str) {
+        if let Ok(mut bindings) = self.bindings.lock() {
+            bindings.remove(uid);
         }
     }
 

@@ -69,7 +69,7 @@ pub async fn controllers(client: Client, settings: Settings, metrics: Arc<Metric
         placement: Box::new(Spread),
         reserved: Mutex::new(HashSet::new()),
         expected: Mutex::new(HashMap::new()),
-        claims: Mutex::new(HashMap::new()),
+        bindings: Mutex::new(HashMap::new()),
         writes: Mutex::new(HashMap::new()),
     });
 

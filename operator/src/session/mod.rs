@@ -23,7 +23,7 @@ use tidepool_crds::test_session::{Phase, TestSessionStatus};
 use tidepool_crds::{TestSession, WarmPool};
 
 use crate::conditions;
-use crate::context::Context;
+use crate::context::{Binding, Context};
 use crate::error::{Error, Result};
 use crate::labels;
 use crate::placement::Candidate;
@@ -59,6 +59,7 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
         if let Some(pod) = &bound {
             delete_pod(&pods, pod).await?;
         }
+        ctx.forget(&uid);
         let mut next = status.clone();
         next.phase = Phase::Expired;
         let generation = session.meta().generation;
@@ -82,7 +83,7 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
             }
             match claim(&ctx, &session, &pool, &pods).await? {
                 Claim::Won(pod) => {
-                    ctx.remember_claim(&uid, &pod.name_any());
+                    ctx.remember(&uid, Binding { pod: pod.name_any(), ready: false });
                     tracing::debug!(session = %session.name_any(), pod = %pod.name_any(), "claimed");
                     if let Some(delay) = ctx.settings.fault_claim_delay {
                         tokio::time::sleep(delay).await;
@@ -99,12 +100,20 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
     };
 
     let until_expiry = expires.duration_since(now).unsigned_abs().min(Duration::from_secs(3600));
+    let written = Binding { pod: pod.name_any(), ready: true };
     if status.phase == Phase::Ready && status.pod.as_deref() == Some(&pod.name_any()) {
+        // Both caches have caught up with this binding: no need to remember it.
+        ctx.forget(&uid);
+        return Ok(Action::requeue(until_expiry));
+    }
+    if ctx.binding(&uid).as_ref() == Some(&written) {
+        // This pass saw a session older than our own status write.
         return Ok(Action::requeue(until_expiry));
     }
     let rebound = status.pod.is_some();
     let next = ready_status(&session, &ctx, &pod, status, created, expires, now, rebound);
     write_status(&ctx, &session, &next).await?;
+    ctx.remember(&uid, written);
     let writes = ctx.take_writes(&uid);
     if !rebound {
         let seconds = now.duration_since(created).as_secs_f64().max(0.0);
@@ -129,20 +138,16 @@ async fn bound_pod(ctx: &Context, pods: &Api<Pod>, namespace: &str, uid: &str) -
         p.namespace().as_deref() == Some(namespace)
             && p.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid)
     });
-    let remembered = ctx.claims.lock().ok().and_then(|c| c.get(uid).cloned());
     if let Some(pod) = cached {
-        if remembered.as_deref() == Some(&pod.name_any()) {
-            ctx.forget_claim(uid);
-        }
         return Ok(Some(pod));
     }
-    let Some(name) = remembered else { return Ok(None) };
-    match pods.get_opt(&name).await? {
+    let Some(binding) = ctx.binding(uid) else { return Ok(None) };
+    match pods.get_opt(&binding.pod).await? {
         Some(pod) if pod.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid) => {
             Ok(Some(Arc::new(pod)))
         }
         _ => {
-            ctx.forget_claim(uid);
+            ctx.forget(uid);
             Ok(None)
         }
     }
