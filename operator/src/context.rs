@@ -1,8 +1,9 @@
 //! What every controller and the API share.
 
 use std::collections::{HashMap, HashSet};
+
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
@@ -28,6 +29,9 @@ pub struct Settings {
     pub fault_claim_delay: Option<Duration>,
 }
 
+/// How long a claimed pod stays reserved: far longer than the cache lags.
+const RESERVATION: Duration = Duration::from_secs(30);
+
 /// A binding this process made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Binding {
@@ -47,9 +51,12 @@ pub struct Context {
     pub sessions: Store<TestSession>,
     pub pools: Store<WarmPool>,
     pub placement: Box<dyn Placement>,
-    /// Pods a binding in progress has chosen, so two sessions never pick the
-    /// same pod from the cache. Held only between choosing and claiming.
-    pub reserved: Mutex<HashSet<String>>,
+    /// Pods a binding has chosen, so two sessions never pick the same pod
+    /// from the cache. A failed claim frees its pod at once; a claimed pod
+    /// stays reserved until the cache has surely caught up.
+    pub reserved: Mutex<HashMap<String, Instant>>,
+    /// When each pool's status was last written, by pool UID.
+    pub status_written: Mutex<HashMap<String, Instant>>,
     /// Pods each pool created that the cache has not shown yet, by pool UID,
     /// so a pool never creates twice for the same gap.
     pub expected: Mutex<HashMap<String, HashSet<String>>>,
@@ -65,9 +72,20 @@ pub struct Context {
 impl Context {
     /// Reserves `pod` (namespace/name) for a binding; false if it already is.
     pub fn reserve(&self, pod: &str) -> bool {
-        self.reserved.lock().map(|mut r| r.insert(pod.to_string())).unwrap_or(false)
+        let Ok(mut reserved) = self.reserved.lock() else { return false };
+        if reserved.len() >= 10_000 {
+            reserved.retain(|_, at| at.elapsed() < RESERVATION);
+        }
+        match reserved.get(pod) {
+            Some(at) if at.elapsed() < RESERVATION => false,
+            _ => {
+                reserved.insert(pod.to_string(), Instant::now());
+                true
+            }
+        }
     }
 
+    /// Frees a pod whose claim failed.
     pub fn release(&self, pod: &str) {
         if let Ok(mut r) = self.reserved.lock() {
             r.remove(pod);
@@ -75,7 +93,7 @@ impl Context {
     }
 
     pub fn is_reserved(&self, pod: &str) -> bool {
-        self.reserved.lock().map(|r| r.contains(pod)).unwrap_or(true)
+        self.reserved.lock().map(|r| r.get(pod).is_some_and(|at| at.elapsed() < RESERVATION)).unwrap_or(true)
     }
 
     /// The binding this process made for session `uid`, if it remembers one.

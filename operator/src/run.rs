@@ -1,6 +1,6 @@
 //! Wiring: caches, the two controllers, and the lease that decides who runs them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -67,7 +67,8 @@ pub async fn controllers(client: Client, settings: Settings, metrics: Arc<Metric
         sessions: sessions.clone(),
         pools,
         placement: Box::new(Spread),
-        reserved: Mutex::new(HashSet::new()),
+        reserved: Mutex::new(HashMap::new()),
+        status_written: Mutex::new(HashMap::new()),
         expected: Mutex::new(HashMap::new()),
         bindings: Mutex::new(HashMap::new()),
         writes: Mutex::new(HashMap::new()),

@@ -100,8 +100,13 @@ async fn a_pool_fills_binds_refills_expires_heals_rolls_and_scales() {
     })
     .await
     .unwrap();
-    let pool = cluster.wait_warm("edge", 3, Duration::from_secs(30)).await;
-    assert_eq!(pool.status.unwrap().assigned, 0);
+    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
+    eventually(Duration::from_secs(30), "3 warm and none assigned", || async {
+        let status = pools.get("edge").await.ok()?.status?;
+        (status.warm == 3 && status.assigned == 0).then_some(())
+    })
+    .await
+    .unwrap();
 
     // A TTL ends a session: Expired, its pod deleted.
     let (code, body) = post_session(&operator, json!({ "pool": "edge", "ttlSeconds": 2 })).await;
@@ -132,7 +137,6 @@ async fn a_pool_fills_binds_refills_expires_heals_rolls_and_scales() {
     assert_eq!(code, 201, "{body}");
     let kept = body["pod"].as_str().unwrap().to_string();
     let old_hash = pods.get(&kept).await.unwrap().labels()["tidepool.dev/template-hash"].clone();
-    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
     let change = json!({ "spec": { "template": { "metadata": { "labels": { "release": "2" } } } } });
     pools.patch("edge", &PatchParams::default(), &Patch::Merge(&change)).await.unwrap();
     eventually(Duration::from_secs(60), "the warm pods to be on the new template", || async {

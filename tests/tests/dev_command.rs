@@ -8,4 +8,7 @@ fn tidepool_dev_brings_up_the_cluster_and_says_what_next() {
     assert!(stdout.contains("warmpool.tidepool.dev/edge created"), "{stdout}");
     assert!(stdout.contains("kwok-gpu-0"), "{stdout}");
     assert!(stdout.contains("export KUBECONFIG="), "{stdout}");
+    // The operator answered a session request with a bound pod and its credentials.
+    assert!(stdout.contains("\"endpoint\":\"http://127."), "{stdout}");
+    assert!(stdout.contains("\"token\":"), "{stdout}");
 }

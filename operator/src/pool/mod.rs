@@ -133,8 +133,8 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
         publish(&ctx, &pool, EventType::Warning, "CreateFailed", message).await;
     }
 
-    update_status(&ctx, &pool, &plan, create_error.as_deref()).await?;
-    let busy = plan.create > 0 || !doomed.is_empty() || in_flight > 0 || create_error.is_some();
+    let deferred = !update_status(&ctx, &pool, &plan, create_error.as_deref()).await?;
+    let busy = plan.create > 0 || !doomed.is_empty() || in_flight > 0 || create_error.is_some() || deferred;
     Ok(if busy { Action::requeue(Duration::from_secs(2)) } else { Action::requeue(Duration::from_secs(300)) })
 }
 
@@ -258,7 +258,10 @@ fn pod_for(pool: &WarmPool, hash: &str, public_key: &str) -> Result<Pod> {
     Ok(Pod { metadata, spec: Some(spec), status: None })
 }
 
-async fn update_status(ctx: &Context, pool: &WarmPool, plan: &plan::Plan, create_error: Option<&str>) -> Result<()> {
+/// Writes the pool's status. Under load the counts change all the time, so a
+/// change of counts alone is written at most once a second; a change of any
+/// condition is written at once. Returns false when a write was put off.
+async fn update_status(ctx: &Context, pool: &WarmPool, plan: &plan::Plan, create_error: Option<&str>) -> Result<bool> {
     let now = Timestamp::now();
     let generation = pool.meta().generation;
     let size = u32::try_from(pool.spec.size).unwrap_or(0);
@@ -305,7 +308,17 @@ async fn update_status(ctx: &Context, pool: &WarmPool, plan: &plan::Plan, create
         ctx.metrics.pool_pods.with_label_values(&[namespace.as_str(), &pool.name_any(), state]).set(i64::from(value));
     }
     if old == status {
-        return Ok(());
+        return Ok(true);
+    }
+    let uid = pool.uid().unwrap_or_default();
+    let conditions_changed = old
+        .conditions
+        .iter()
+        .map(|c| (&c.type_, &c.status))
+        .ne(status.conditions.iter().map(|c| (&c.type_, &c.status)));
+    let recently = ctx.status_written.lock().ok().and_then(|w| w.get(&uid).map(|at| at.elapsed() < STATUS_INTERVAL));
+    if recently == Some(true) && !conditions_changed && old.observed_generation == status.observed_generation {
+        return Ok(false);
     }
     let api: Api<WarmPool> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = serde_json::json!({
@@ -314,8 +327,14 @@ async fn update_status(ctx: &Context, pool: &WarmPool, plan: &plan::Plan, create
         "status": status,
     });
     api.patch_status(&pool.name_any(), &PatchParams::apply(labels::MANAGER).force(), &Patch::Apply(&patch)).await?;
-    Ok(())
+    if let Ok(mut written) = ctx.status_written.lock() {
+        written.insert(uid, std::time::Instant::now());
+    }
+    Ok(true)
 }
+
+/// The least time between two status writes that only change counts.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 async fn publish(ctx: &Context, pool: &WarmPool, type_: EventType, reason: &str, note: &str) {
     let event = Event {

@@ -196,7 +196,10 @@ async fn claim(ctx: &Context, session: &TestSession, pool: &WarmPool, pods: &Api
         return Ok(Claim::Lost);
     }
     let outcome = claim_pod(ctx, session, pods, &chosen).await;
-    ctx.release(&key);
+    // A claimed pod stays reserved: the cache may still show it warm.
+    if !matches!(outcome, Ok(Claim::Won(_))) {
+        ctx.release(&key);
+    }
     outcome
 }
 
@@ -361,7 +364,8 @@ async fn write_status(ctx: &Context, session: &TestSession, status: &TestSession
 }
 
 /// The sessions a pod event concerns: the one it is bound to, or, when it is
-/// a warm pod, the sessions of its pool waiting for one.
+/// a ready warm pod, the longest-waiting session of its pool. One pod wakes
+/// one waiter, so a busy pool is not woken in a herd.
 pub fn sessions_for_pod(
     pod: &Pod,
     sessions: &kube::runtime::reflector::Store<TestSession>,
@@ -379,6 +383,8 @@ pub fn sessions_for_pod(
         .iter()
         .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()) && &s.spec.pool == pool)
         .filter(|s| s.status.as_ref().is_some_and(|st| st.pod.is_none() && st.phase == Phase::Pending))
+        .min_by_key(|s| s.meta().creation_timestamp.as_ref().map(|t| t.0))
         .map(|s| kube::runtime::reflector::ObjectRef::from(s.as_ref()))
+        .into_iter()
         .collect()
 }

@@ -1,12 +1,16 @@
 //! `tidepool-dev`: brings up Tidepool's local cluster for a person to use.
 //!
 //! Starts the harness's real control plane with three kwok nodes (one with
-//! GPUs), installs the CRDs, applies an example WarmPool, shows what is there,
-//! and keeps running until Ctrl-C. `--check` stops after showing (for CI).
+//! GPUs), installs the CRDs, builds and starts the operator as a local
+//! process, applies an example WarmPool, asks the operator's API for a
+//! session, shows what is there, and keeps running until Ctrl-C. `--check`
+//! stops after showing (for CI).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use tidepool_tests::{ControlPlane, FakeNode, Options};
+use tidepool_tests::{ControlPlane, FakeNode, HarnessError, Options, eventually, free_port};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
@@ -28,11 +32,29 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
         FakeNode::new("kwok-gpu-0").cpu("32").memory("128Gi").gpus(4),
     ];
     let plane = ControlPlane::start_with(Options { nodes, ..Options::default() }).await?;
+
+    eprintln!("Building and starting tidepool-operator...");
+    let operator_bin = build_operator()?;
+    let token = "tidepool-dev-token";
+    let token_file = plane.dir().join("api-token");
+    std::fs::write(&token_file, token).map_err(HarnessError::io("writing the API token"))?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let args = [format!("--listen=127.0.0.1:{port}"), format!("--api-token-file={}", token_file.display())];
+    let _operator = plane.spawn("tidepool-operator", &operator_bin, &args, &[])?;
+
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/warm-pool.yaml");
     kubectl(&plane, &["apply", "-f", example])?;
     kubectl(&plane, &["get", "nodes", "-o", "wide"])?;
     kubectl(&plane, &["get", "crds"])?;
-    kubectl(&plane, &["get", "warmpools"])?;
+    kubectl(&plane, &["wait", "wp/edge", "--for=condition=Ready", "--timeout=60s"])?;
+    kubectl(&plane, &["get", "warmpools", "-o", "wide"])?;
+    kubectl(&plane, &["get", "pods", "-o", "wide"])?;
+
+    println!("$ curl -s -X POST {url}/api/v1/sessions -H 'Authorization: Bearer {token}' -d '{{\"pool\":\"edge\"}}'");
+    let session = post_session(&url, token).await?;
+    println!("{session}");
+    kubectl(&plane, &["get", "testsessions"])?;
     let kubeconfig = plane.kubeconfig().display();
     println!();
     println!("Tidepool's local cluster is up ({}).", plane.server());
@@ -42,6 +64,8 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     println!("  export PATH={}:$PATH", plane.bin().display());
     println!("  kubectl get warmpools,testsessions,backends,tubes -A");
     println!("  kubectl explain warmpool.spec.tier");
+    println!("  curl -s -X POST {url}/api/v1/sessions -H 'Authorization: Bearer {token}' -d '{{\"pool\":\"edge\"}}'");
+    println!("  curl -s {url}/metrics | grep tidepool_");
     if check_only {
         return Ok(());
     }
@@ -59,4 +83,44 @@ fn kubectl(plane: &ControlPlane, args: &[&str]) -> tidepool_tests::Result<()> {
     } else {
         Err(tidepool_tests::HarnessError::Other(format!("kubectl {} failed: {status}", args.join(" "))))
     }
+}
+
+/// Builds the operator with the cargo that runs us (a no-op when it is up to
+/// date) and returns its path, beside our own binary.
+fn build_operator() -> tidepool_tests::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "--quiet", "-p", "tidepool-operator", "--bin", "tidepool-operator"]);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    let status = build.status().map_err(HarnessError::io("running cargo build"))?;
+    if !status.success() {
+        return Err(HarnessError::Other(format!("building tidepool-operator failed: {status}")));
+    }
+    let here = std::env::current_exe().map_err(HarnessError::io("finding tidepool-dev"))?;
+    let dir = here.parent().ok_or_else(|| HarnessError::Other("tidepool-dev has no directory".into()))?;
+    // Test binaries live in target/<profile>/deps; programs one level up.
+    let dir = if dir.ends_with("deps") { dir.parent().unwrap_or(dir) } else { dir };
+    Ok(dir.join("tidepool-operator"))
+}
+
+/// Asks the operator's API for a session on the example pool, once it answers.
+async fn post_session(url: &str, token: &str) -> tidepool_tests::Result<String> {
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), "the operator's API to answer with a session", || async {
+        let response = http
+            .post(format!("{url}/api/v1/sessions"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(r#"{"pool":"edge"}"#)
+            .send()
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.text().await.ok()
+    })
+    .await
 }
