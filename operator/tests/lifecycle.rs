@@ -161,3 +161,39 @@ async fn a_pool_fills_binds_refills_expires_heals_rolls_and_scales() {
     assert!(names.contains(&kept), "scaling down kept the assigned pod");
     drop(operator);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_cannot_make_pods_says_why() {
+    let cluster = Cluster::start(1).await;
+    let _operator = cluster.operator("operator-0", &[]).await;
+    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
+    // The CRD accepts any container; the API server refuses pods with this name.
+    let pool = json!({
+        "apiVersion": "tidepool.dev/v1alpha1", "kind": "WarmPool",
+        "metadata": { "name": "broken" },
+        "spec": {
+            "size": 2, "tier": { "vcpu": 1, "memoryMiB": 64 },
+            "template": { "spec": { "containers": [{ "name": "Not_A_DNS_Label", "image": "x" }] } }
+        }
+    });
+    pools.patch("broken", &PatchParams::apply("test").force(), &Patch::Apply(&pool)).await.unwrap();
+    let degraded = eventually(Duration::from_secs(30), "the pool to be Degraded", || async {
+        let status = pools.get("broken").await.ok()?.status?;
+        status.conditions.into_iter().find(|c| c.type_ == "Degraded" && c.status == "True")
+    })
+    .await
+    .unwrap();
+    assert_eq!(degraded.reason, "CreateFailed");
+    assert!(degraded.message.contains("Not_A_DNS_Label"), "{}", degraded.message);
+    let events = cluster
+        .plane
+        .kubectl()
+        .args(["get", "events", "--field-selector", "involvedObject.name=broken"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&events.stdout).contains("CreateFailed"),
+        "{}",
+        String::from_utf8_lossy(&events.stdout)
+    );
+}

@@ -181,7 +181,10 @@ impl ControlPlane {
             self.spawn_component("kube-controller-manager", &args)?;
         }
         if options.scheduler {
-            let args = self.component_args(&ca, "system:kube-scheduler", "scheduler")?;
+            let mut args = self.component_args(&ca, "system:kube-scheduler", "scheduler")?;
+            // The default client limit (50 requests/s) would cap pod binding
+            // at 50 pods/s, below what the session benchmarks ask for.
+            args.extend(["--kube-api-qps=1000".to_string(), "--kube-api-burst=2000".to_string()]);
             self.spawn_component("kube-scheduler", &args)?;
         }
         if options.kwok {

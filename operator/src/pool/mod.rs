@@ -126,11 +126,22 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
         }
     }
     if plan.rolling && plan.delete.iter().any(|(_, why)| *why == DeleteReason::Outdated) {
-        publish(&ctx, &pool, EventType::Normal, "RollingTemplate", "Replacing warm pods made from an older template")
-            .await;
+        publish(
+            &ctx,
+            pool.as_ref(),
+            EventType::Normal,
+            "RollingTemplate",
+            "Replacing warm pods made from an older template",
+        )
+        .await;
     }
     if let Some(message) = &create_error {
-        publish(&ctx, &pool, EventType::Warning, "CreateFailed", message).await;
+        publish(&ctx, pool.as_ref(), EventType::Warning, "CreateFailed", message).await;
+    }
+    let failed = plan.delete.iter().filter(|(_, why)| *why == DeleteReason::Finished).count();
+    if failed > 0 {
+        let note = format!("replacing {failed} pods that failed or exited");
+        publish(&ctx, pool.as_ref(), EventType::Warning, "PodsFailing", &note).await;
     }
 
     let deferred = !update_status(&ctx, &pool, &plan, create_error.as_deref()).await?;
@@ -287,10 +298,12 @@ async fn update_status(ctx: &Context, pool: &WarmPool, plan: &plan::Plan, create
         ("Stable", "nothing to do".to_string())
     };
     conditions::set(&mut conditions, "Progressing", progressing, reason, message, generation, now);
-    let (degraded, reason, message) = match (create_error, plan.capped) {
-        (Some(e), _) => (true, "CreateFailed", e.to_string()),
-        (None, true) => (true, "MaxSizeReached", format!("maxSize {} reached", pool.spec.max_size.unwrap_or(0))),
-        (None, false) => (false, "Healthy", String::new()),
+    let failed = plan.delete.iter().filter(|(_, why)| *why == DeleteReason::Finished).count();
+    let (degraded, reason, message) = match (create_error, failed, plan.capped) {
+        (Some(e), _, _) => (true, "CreateFailed", e.to_string()),
+        (None, 1.., _) => (true, "PodsFailing", format!("{failed} pods failed or exited and are being replaced")),
+        (None, 0, true) => (true, "MaxSizeReached", format!("maxSize {} reached", pool.spec.max_size.unwrap_or(0))),
+        (None, 0, false) => (false, "Healthy", String::new()),
     };
     conditions::set(&mut conditions, "Degraded", degraded, reason, message, generation, now);
 
@@ -336,7 +349,11 @@ async fn update_status(ctx: &Context, pool: &WarmPool, plan: &plan::Plan, create
 /// The least time between two status writes that only change counts.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
-async fn publish(ctx: &Context, pool: &WarmPool, type_: EventType, reason: &str, note: &str) {
+/// Publishes a Kubernetes Event about `object`; a failure is only logged.
+pub async fn publish<K>(ctx: &Context, object: &K, type_: EventType, reason: &str, note: &str)
+where
+    K: Resource<DynamicType = ()>,
+{
     let event = Event {
         type_,
         reason: reason.into(),
@@ -344,7 +361,7 @@ async fn publish(ctx: &Context, pool: &WarmPool, type_: EventType, reason: &str,
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
-        tracing::warn!(pool = %pool.name_any(), error = %e, "could not publish an event");
+    if let Err(e) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(reason, error = %e, "could not publish an event");
     }
 }

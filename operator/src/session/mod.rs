@@ -18,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use tidepool_crds::test_session::{Phase, TestSessionStatus};
 use tidepool_crds::{TestSession, WarmPool};
@@ -111,8 +112,13 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
         return Ok(Action::requeue(until_expiry));
     }
     let rebound = status.pod.is_some();
+    let previous = status.pod.clone();
     let next = ready_status(&session, &ctx, &pod, status, created, expires, now, rebound);
     write_status(&ctx, &session, &next).await?;
+    if let Some(previous) = previous {
+        let note = format!("pod {previous} went away; rebound to pod {}", pod.name_any());
+        crate::pool::publish(&ctx, session.as_ref(), EventType::Normal, "Rebound", &note).await;
+    }
     ctx.remember(&uid, written);
     let writes = ctx.take_writes(&uid);
     if !rebound {
