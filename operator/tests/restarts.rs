@@ -64,6 +64,10 @@ async fn twenty_kill_nines_under_load_leave_every_binding_sound() {
         operator.process.kill();
         let problems = common::invariants::violations(&cluster.client, "default", false).await;
         assert!(problems.is_empty(), "after kill {kill}: {problems:#?}");
+        // Creation never overshoots by more than one batch, also across restarts:
+        // unassigned pods stay within size + waiting sessions + one batch.
+        let (unassigned, waiting) = unassigned_and_waiting(&cluster.client).await;
+        assert!(unassigned <= 10 + waiting + 20, "after kill {kill}: {unassigned} unassigned pods, {waiting} waiting");
         // The same identity: a restarted pod takes its own lease back at once.
         operator = cluster.operator("operator-0", &flags).await;
     }
@@ -93,6 +97,23 @@ async fn twenty_kill_nines_under_load_leave_every_binding_sound() {
     }
     adopted += operator.process.log_tail(10_000).matches("adopting a pod claimed earlier").count();
     assert!(adopted > 0, "no kill landed between a claim and its status write; the test did not test that");
+}
+
+/// Live unassigned pods of the pool, and sessions waiting for a pod.
+async fn unassigned_and_waiting(client: &kube::Client) -> (usize, usize) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "default");
+    let pods = pods.list(&ListParams::default().labels("tidepool.dev/pool=churn,tidepool.dev/state=warm")).await.unwrap();
+    let unassigned = pods.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).count();
+    let sessions: Api<TestSession> = Api::namespaced(client.clone(), "default");
+    let waiting = sessions
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|s| s.status.as_ref().is_none_or(|st| st.phase == Phase::Pending))
+        .count();
+    (unassigned, waiting)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
