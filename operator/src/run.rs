@@ -26,27 +26,25 @@ pub async fn controllers(client: Client, settings: Settings, metrics: Arc<Metric
     let pools_api: Api<WarmPool> = Api::all(client.clone());
     let pod_selector = watcher::Config::default().labels(labels::POOL);
 
-    // One watch per kind. Each feeds a cache (read by both controllers) and
-    // fans its events out to the controllers that subscribe to it.
-    let (pods, pods_writer) = reflector::store_shared(FAN_OUT_BUFFER);
-    let (sessions, sessions_writer) = reflector::store_shared(FAN_OUT_BUFFER);
-    let (pools, pools_writer) = reflector::store_shared(FAN_OUT_BUFFER);
-    let subscribe = "a shared store can always be subscribed to";
-    let (pods_for_pools, pods_for_sessions) =
-        (pods_writer.subscribe().expect(subscribe), pods_writer.subscribe().expect(subscribe));
-    let (sessions_for_pools, sessions_trigger) =
-        (sessions_writer.subscribe().expect(subscribe), sessions_writer.subscribe().expect(subscribe));
-    let pools_trigger = pools_writer.subscribe().expect(subscribe);
-    tokio::spawn(watcher(pods_api, pod_selector).default_backoff().reflect_shared(pods_writer).for_each(|_| async {}));
-    tokio::spawn(
-        watcher(sessions_api, Default::default())
-            .default_backoff()
-            .reflect_shared(sessions_writer)
-            .for_each(|_| async {}),
-    );
-    tokio::spawn(
-        watcher(pools_api, Default::default()).default_backoff().reflect_shared(pools_writer).for_each(|_| async {}),
-    );
+    // One cache of each kind, read by both controllers.
+    let (pods, pods_writer) = reflector::store();
+    let (sessions, sessions_writer) = reflector::store();
+    let (pools, pools_writer) = reflector::store();
+    let pod_cache = reflector::reflector(pods_writer, watcher(pods_api.clone(), pod_selector.clone()))
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| async {});
+    let session_cache = reflector::reflector(sessions_writer, watcher(sessions_api.clone(), Default::default()))
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| async {});
+    let pool_cache = reflector::reflector(pools_writer, watcher(pools_api.clone(), Default::default()))
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| async {});
+    tokio::spawn(pod_cache);
+    tokio::spawn(session_cache);
+    tokio::spawn(pool_cache);
     for (name, ready) in [
         ("pods", pods.wait_until_ready().await.is_ok()),
         ("sessions", sessions.wait_until_ready().await.is_ok()),
@@ -65,9 +63,9 @@ pub async fn controllers(client: Client, settings: Settings, metrics: Arc<Metric
         metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         keys,
-        pods,
+        pods: pods.clone(),
         sessions: sessions.clone(),
-        pools: pools.clone(),
+        pools,
         placement: Box::new(Spread),
         reserved: Mutex::new(HashMap::new()),
         status_written: Mutex::new(HashMap::new()),
@@ -76,25 +74,22 @@ pub async fn controllers(client: Client, settings: Settings, metrics: Arc<Metric
         writes: Mutex::new(HashMap::new()),
     });
 
-    let pool_controller = Controller::for_shared_stream(pools_trigger, pools.clone())
-        .owns_shared_stream(pods_for_pools)
-        .watches_shared_stream(sessions_for_pools, |s: Arc<TestSession>| {
+    let pool_controller = Controller::new(pools_api, Default::default())
+        .owns(pods_api.clone(), pod_selector.clone())
+        .watches(sessions_api.clone(), Default::default(), |s: TestSession| {
             Some(ObjectRef::<WarmPool>::new(&s.spec.pool).within(&s.namespace().unwrap_or_default()))
         })
         .shutdown_on_signal()
         .run(timed("warmpool", pool::reconcile, metrics.clone()), pool::error_policy, ctx.clone())
         .for_each(|_| async {});
-    let waiting = sessions.clone();
-    let session_controller = Controller::for_shared_stream(sessions_trigger, sessions)
-        .watches_shared_stream(pods_for_sessions, move |pod: Arc<Pod>| session::sessions_for_pod(&pod, &waiting))
+    let sessions_for_pods = sessions.clone();
+    let session_controller = Controller::new(sessions_api, Default::default())
+        .watches(pods_api, pod_selector, move |pod: Pod| session::sessions_for_pod(&pod, &sessions_for_pods))
         .shutdown_on_signal()
         .run(timed("testsession", session::reconcile, metrics.clone()), session::error_policy, ctx)
         .for_each(|_| async {});
     tokio::join!(pool_controller, session_controller);
 }
-
-/// Events a slow controller may fall behind its watch by before the watch waits.
-const FAN_OUT_BUFFER: usize = 4096;
 
 /// What a wrapped reconcile returns.
 type ReconcileFuture = std::pin::Pin<Box<dyn Future<Output = Result<kube::runtime::controller::Action, Error>> + Send>>;
