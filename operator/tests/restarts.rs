@@ -102,7 +102,8 @@ async fn twenty_kill_nines_under_load_leave_every_binding_sound() {
 /// Live unassigned pods of the pool, and sessions waiting for a pod.
 async fn unassigned_and_waiting(client: &kube::Client) -> (usize, usize) {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "default");
-    let pods = pods.list(&ListParams::default().labels("tidepool.dev/pool=churn,tidepool.dev/state=warm")).await.unwrap();
+    let pods =
+        pods.list(&ListParams::default().labels("tidepool.dev/pool=churn,tidepool.dev/state=warm")).await.unwrap();
     let unassigned = pods.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).count();
     let sessions: Api<TestSession> = Api::namespaced(client.clone(), "default");
     let waiting = sessions
