@@ -55,7 +55,10 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
     let expires = created + SignedDuration::from_secs(ttl);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    let bound = bound_pod(&ctx, &pods, &namespace, &uid).await?;
+    let (bound, cache_has_claim) = match bound_pod(&ctx, &pods, &namespace, &uid).await? {
+        Some((pod, cached)) => (Some(pod), cached),
+        None => (None, false),
+    };
     if now >= expires {
         if let Some(pod) = &bound {
             delete_pod(&pods, pod).await?;
@@ -103,8 +106,10 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
     let until_expiry = expires.duration_since(now).unsigned_abs().min(Duration::from_secs(3600));
     let written = Binding { pod: pod.name_any(), ready: true };
     if status.phase == Phase::Ready && status.pod.as_deref() == Some(&pod.name_any()) {
-        // Both caches have caught up with this binding: no need to remember it.
-        ctx.forget(&uid);
+        if cache_has_claim {
+            // Both caches have caught up with this binding: no need to remember it.
+            ctx.forget(&uid);
+        }
         return Ok(Action::requeue(until_expiry));
     }
     if ctx.binding(&uid).as_ref() == Some(&written) {
@@ -139,18 +144,19 @@ pub fn error_policy(_session: Arc<TestSession>, error: &Error, _ctx: Arc<Context
 
 /// The pod claimed for session `uid`: from the cache, or, while the cache
 /// has not caught up with a claim this process made, from the API server.
-async fn bound_pod(ctx: &Context, pods: &Api<Pod>, namespace: &str, uid: &str) -> Result<Option<Arc<Pod>>> {
+/// The flag says whether the cache already shows the claim.
+async fn bound_pod(ctx: &Context, pods: &Api<Pod>, namespace: &str, uid: &str) -> Result<Option<(Arc<Pod>, bool)>> {
     let cached = ctx.pods.state().into_iter().find(|p| {
         p.namespace().as_deref() == Some(namespace)
             && p.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid)
     });
     if let Some(pod) = cached {
-        return Ok(Some(pod));
+        return Ok(Some((pod, true)));
     }
     let Some(binding) = ctx.binding(uid) else { return Ok(None) };
     match pods.get_opt(&binding.pod).await? {
         Some(pod) if pod.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid) => {
-            Ok(Some(Arc::new(pod)))
+            Ok(Some((Arc::new(pod), false)))
         }
         _ => {
             ctx.forget(uid);
