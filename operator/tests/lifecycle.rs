@@ -197,3 +197,40 @@ async fn a_pool_that_cannot_make_pods_says_why() {
         String::from_utf8_lossy(&events.stdout)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_pod_claimed_for_one_session_is_let_go() {
+    let cluster = Cluster::start(1).await;
+    let operator = cluster.operator("operator-0", &[]).await;
+    cluster.pool("edge", 3).await;
+    cluster.wait_warm("edge", 3, Duration::from_secs(60)).await;
+    let (code, body) = post_session(&operator, json!({ "pool": "edge" })).await;
+    assert_eq!(code, 201, "{body}");
+    let name = body["name"].as_str().unwrap().to_string();
+    let kept = body["pod"].as_str().unwrap().to_string();
+    let sessions: Api<TestSession> = Api::namespaced(cluster.client.clone(), "default");
+    let uid = sessions.get(&name).await.unwrap().uid().unwrap();
+
+    // As if a claim had been applied but its answer lost: a second warm pod
+    // carries the same session's claim.
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let spare = pool_pods(&cluster.client, "edge")
+        .await
+        .into_iter()
+        .find(|p| p.labels()["tidepool.dev/state"] == "warm")
+        .unwrap()
+        .name_any();
+    let claim = json!({ "metadata": {
+        "labels": { "tidepool.dev/state": "assigned", "tidepool.dev/session": name },
+        "annotations": { "tidepool.dev/session-uid": uid },
+    } });
+    pods.patch(&spare, &PatchParams::default(), &Patch::Merge(&claim)).await.unwrap();
+    eventually(Duration::from_secs(30), "the second claimed pod to go", || async {
+        pods.get_opt(&spare).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    let session = sessions.get(&name).await.unwrap();
+    assert_eq!(session.status.unwrap().pod.as_deref(), Some(kept.as_str()), "the session kept its pod");
+    assert!(pods.get_opt(&kept).await.unwrap().is_some());
+}

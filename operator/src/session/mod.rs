@@ -103,6 +103,12 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
         }
     };
 
+    // A claim whose answer was lost (a timeout after the API server applied
+    // it) can leave a second pod claimed for this session: let it go.
+    for extra in claimed_pods(&ctx, &namespace, &uid).into_iter().filter(|p| p.name_any() != pod.name_any()) {
+        tracing::warn!(session = %session.name_any(), pod = %extra.name_any(), "deleting a second pod claimed for one session");
+        delete_pod(&pods, &extra).await?;
+    }
     let until_expiry = expires.duration_since(now).unsigned_abs().min(Duration::from_secs(3600));
     let written = Binding { pod: pod.name_any(), ready: true };
     if status.phase == Phase::Ready && status.pod.as_deref() == Some(&pod.name_any()) {
@@ -146,10 +152,7 @@ pub fn error_policy(_session: Arc<TestSession>, error: &Error, _ctx: Arc<Context
 /// has not caught up with a claim this process made, from the API server.
 /// The flag says whether the cache already shows the claim.
 async fn bound_pod(ctx: &Context, pods: &Api<Pod>, namespace: &str, uid: &str) -> Result<Option<(Arc<Pod>, bool)>> {
-    let cached = ctx.pods.state().into_iter().find(|p| {
-        p.namespace().as_deref() == Some(namespace)
-            && p.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid)
-    });
+    let cached = claimed_pods(ctx, namespace, uid).into_iter().next();
     if let Some(pod) = cached {
         return Ok(Some((pod, true)));
     }
@@ -163,6 +166,19 @@ async fn bound_pod(ctx: &Context, pods: &Api<Pod>, namespace: &str, uid: &str) -
             Ok(None)
         }
     }
+}
+
+/// Live pods the cache shows claimed for session `uid`.
+fn claimed_pods(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<Pod>> {
+    ctx.pods
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(namespace)
+                && p.meta().deletion_timestamp.is_none()
+                && p.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid)
+        })
+        .collect()
 }
 
 enum Claim {
