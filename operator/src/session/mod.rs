@@ -55,7 +55,7 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
     let expires = created + SignedDuration::from_secs(ttl);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    let (bound, cache_has_claim) = match bound_pod(&ctx, &pods, &namespace, &uid).await? {
+    let (bound, cache_has_claim) = match bound_pod(&ctx, &pods, &namespace, &uid, status.pod.as_deref()).await? {
         Some((pod, cached)) => (Some(pod), cached),
         None => (None, false),
     };
@@ -150,14 +150,29 @@ pub fn error_policy(_session: Arc<TestSession>, error: &Error, _ctx: Arc<Context
 
 /// The pod claimed for session `uid`: from the cache, or, while the cache
 /// has not caught up with a claim this process made, from the API server.
-/// The flag says whether the cache already shows the claim.
-async fn bound_pod(ctx: &Context, pods: &Api<Pod>, namespace: &str, uid: &str) -> Result<Option<(Arc<Pod>, bool)>> {
-    let cached = claimed_pods(ctx, namespace, uid).into_iter().next();
+/// The flag says whether the cache already shows the claim. With more than
+/// one pod claimed, the one the session's status names wins, then the one
+/// this process remembers binding.
+async fn bound_pod(
+    ctx: &Context,
+    pods: &Api<Pod>,
+    namespace: &str,
+    uid: &str,
+    in_status: Option<&str>,
+) -> Result<Option<(Arc<Pod>, bool)>> {
+    let remembered = ctx.binding(uid).map(|b| b.pod);
+    let claimed = claimed_pods(ctx, namespace, uid);
+    let cached = claimed
+        .iter()
+        .find(|p| Some(p.name_any().as_str()) == in_status)
+        .or_else(|| claimed.iter().find(|p| Some(p.name_any()) == remembered))
+        .or_else(|| claimed.first())
+        .cloned();
     if let Some(pod) = cached {
         return Ok(Some((pod, true)));
     }
-    let Some(binding) = ctx.binding(uid) else { return Ok(None) };
-    match pods.get_opt(&binding.pod).await? {
+    let Some(remembered) = remembered else { return Ok(None) };
+    match pods.get_opt(&remembered).await? {
         Some(pod) if pod.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid) => {
             Ok(Some((Arc::new(pod), false)))
         }
