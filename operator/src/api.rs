@@ -161,11 +161,11 @@ async fn create_session(State(state): State<Arc<ApiState>>, body: Result<Bytes, 
     };
     let namespace = request.namespace.clone().unwrap_or_else(|| state.namespace.clone());
     let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(state.client.clone(), &namespace);
-    match pools.get_metadata_opt(&request.pool).await {
-        Ok(Some(_)) => {}
+    let pool_uid = match pools.get_metadata_opt(&request.pool).await {
+        Ok(Some(pool)) => pool.uid(),
         Ok(None) => return error(StatusCode::NOT_FOUND, format!("no WarmPool {namespace}/{}", request.pool)),
         Err(e) => return kube_error(e),
-    }
+    };
     let mut spec = json!({ "pool": request.pool });
     for (key, value) in [
         ("profile", request.profile.map(serde_json::Value::from)),
@@ -202,11 +202,11 @@ async fn create_session(State(state): State<Arc<ApiState>>, body: Result<Bytes, 
     let name = created.name_any();
     let ready = tokio::time::timeout(state.ready_deadline, wait_ready(&api, &created)).await;
     match ready {
-        Ok(Ok(session)) => (StatusCode::CREATED, Json(view(&state, &session).await)).into_response(),
+        Ok(Ok(session)) => (StatusCode::CREATED, Json(view(&state, &session, pool_uid).await)).into_response(),
         Ok(Err(e)) => kube_error(e),
         Err(_) => {
             let latest = api.get_opt(&name).await.ok().flatten().unwrap_or(created);
-            let view = view(&state, &latest).await;
+            let view = view(&state, &latest, pool_uid).await;
             let reason = view.reason.clone().unwrap_or_else(|| "no pod became ready in time".into());
             let body = json!({
                 "error": format!("session {name} was not ready within {:?}: {reason}", state.ready_deadline),
@@ -247,7 +247,7 @@ async fn get_session(
     let namespace = query.namespace.unwrap_or_else(|| state.namespace.clone());
     let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
     match api.get_opt(&name).await {
-        Ok(Some(session)) => Json(view(&state, &session).await).into_response(),
+        Ok(Some(session)) => Json(view(&state, &session, None).await).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no session {namespace}/{name}")),
         Err(e) => kube_error(e),
     }
@@ -281,7 +281,9 @@ fn kube_error(e: kube::Error) -> Response {
     }
 }
 
-async fn view(state: &ApiState, session: &TestSession) -> SessionView {
+/// What the API shows of a session. `pool_uid` is the pool's UID when the
+/// caller has already read it; otherwise it is looked up once a token is due.
+async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>) -> SessionView {
     let namespace = session.namespace().unwrap_or_default();
     let status = session.status.clone().unwrap_or_default();
     let mut view = SessionView {
@@ -303,7 +305,13 @@ async fn view(state: &ApiState, session: &TestSession) -> SessionView {
     let (Some(pod), Some(expires), Some(uid)) = (&status.pod, &status.expires_at, session.uid()) else {
         return view;
     };
-    let Some(pool_uid) = pool_uid(state, &namespace, &session.spec.pool).await else { return view };
+    let pool_uid = match pool_uid {
+        Some(uid) => uid,
+        None => match lookup_pool_uid(state, &namespace, &session.spec.pool).await {
+            Some(uid) => uid,
+            None => return view,
+        },
+    };
     if let Ok(Some(key)) = state.keys.load(&state.client, &namespace, &session.spec.pool, &pool_uid).await {
         let claims = SessionClaims {
             sid: uid.clone(),
@@ -326,7 +334,7 @@ fn session_resource() -> ApiResource {
     ApiResource::erase::<TestSession>(&())
 }
 
-async fn pool_uid(state: &ApiState, namespace: &str, pool: &str) -> Option<String> {
+async fn lookup_pool_uid(state: &ApiState, namespace: &str, pool: &str) -> Option<String> {
     let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(state.client.clone(), namespace);
     pools.get_metadata_opt(pool).await.ok().flatten().and_then(|p| p.uid())
 }

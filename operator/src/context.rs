@@ -29,8 +29,9 @@ pub struct Settings {
     pub fault_claim_delay: Option<Duration>,
 }
 
-/// How long a claimed pod stays reserved: far longer than the cache lags.
-const RESERVATION: Duration = Duration::from_secs(30);
+/// How long a claimed pod stays reserved, and a created pod counts as in
+/// flight: far longer than the cache lags.
+pub const CACHE_LAG_LIMIT: Duration = Duration::from_secs(30);
 
 /// A binding this process made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,9 +58,9 @@ pub struct Context {
     pub reserved: Mutex<HashMap<String, Instant>>,
     /// When each pool's status was last written, by pool UID.
     pub status_written: Mutex<HashMap<String, Instant>>,
-    /// Pods each pool created that the cache has not shown yet, by pool UID,
-    /// so a pool never creates twice for the same gap.
-    pub expected: Mutex<HashMap<String, HashSet<String>>>,
+    /// Pods each pool created that the cache has not shown yet, with when,
+    /// by pool UID, so a pool never creates twice for the same gap.
+    pub expected: Mutex<HashMap<String, HashMap<String, Instant>>>,
     /// Bindings this process made, by session UID: the pod, and whether the
     /// session's Ready status is written. The caches can lag our own writes;
     /// this keeps a quick second pass from claiming a second pod or writing
@@ -74,10 +75,10 @@ impl Context {
     pub fn reserve(&self, pod: &str) -> bool {
         let Ok(mut reserved) = self.reserved.lock() else { return false };
         if reserved.len() >= 10_000 {
-            reserved.retain(|_, at| at.elapsed() < RESERVATION);
+            reserved.retain(|_, at| at.elapsed() < CACHE_LAG_LIMIT);
         }
         match reserved.get(pod) {
-            Some(at) if at.elapsed() < RESERVATION => false,
+            Some(at) if at.elapsed() < CACHE_LAG_LIMIT => false,
             _ => {
                 reserved.insert(pod.to_string(), Instant::now());
                 true
@@ -93,7 +94,7 @@ impl Context {
     }
 
     pub fn is_reserved(&self, pod: &str) -> bool {
-        self.reserved.lock().map(|r| r.get(pod).is_some_and(|at| at.elapsed() < RESERVATION)).unwrap_or(true)
+        self.reserved.lock().map(|r| r.get(pod).is_some_and(|at| at.elapsed() < CACHE_LAG_LIMIT)).unwrap_or(true)
     }
 
     /// The binding this process made for session `uid`, if it remembers one.
@@ -119,11 +120,16 @@ impl Context {
         }
     }
 
-    /// Counts one API write for a session.
+    /// Counts one API write for a session. Sessions that end before they are
+    /// Ready never take their count, so a large map drops the gone ones.
     pub fn count_write(&self, session_uid: &str) {
-        if let Ok(mut w) = self.writes.lock() {
-            *w.entry(session_uid.to_string()).or_default() += 1;
+        let Ok(mut writes) = self.writes.lock() else { return };
+        if writes.len() >= 10_000 {
+            let live: HashSet<String> =
+                self.sessions.state().iter().filter_map(|s| kube::ResourceExt::uid(s.as_ref())).collect();
+            writes.retain(|uid, _| live.contains(uid));
         }
+        *writes.entry(session_uid.to_string()).or_default() += 1;
     }
 
     /// The writes counted for a session, forgetting them.

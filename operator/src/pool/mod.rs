@@ -20,7 +20,7 @@ use tidepool_crds::warm_pool::WarmPoolStatus;
 use tidepool_crds::{TestSession, WarmPool};
 
 use crate::conditions;
-use crate::context::Context;
+use crate::context::{CACHE_LAG_LIMIT, Context};
 use crate::error::{Error, Result};
 use crate::labels;
 use plan::{DeleteReason, PodView, Target};
@@ -169,18 +169,29 @@ fn view(pod: &Pod, hash: &str) -> PodView {
     }
 }
 
-/// Pods created but not in the cache yet; forgets those the cache now has.
+/// Pods created but not in the cache yet. Forgets those the cache now has,
+/// and those it never showed in time (deleted before it saw them), so a lost
+/// pod cannot hold the pool below its size.
 fn in_flight(ctx: &Context, pool_uid: &str, pods: &[Arc<Pod>]) -> u32 {
     let Ok(mut expected) = ctx.expected.lock() else { return 0 };
     let Some(names) = expected.get_mut(pool_uid) else { return 0 };
     let seen: HashSet<String> = pods.iter().map(|p| p.name_any()).collect();
-    names.retain(|n| !seen.contains(n));
-    names.len() as u32
+    still_in_flight(names, &seen, std::time::Instant::now())
+}
+
+/// Keeps the expected pods the cache has not shown, up to the lag limit.
+fn still_in_flight(
+    expected: &mut std::collections::HashMap<String, std::time::Instant>,
+    seen: &HashSet<String>,
+    now: std::time::Instant,
+) -> u32 {
+    expected.retain(|name, at| !seen.contains(name) && now.duration_since(*at) < CACHE_LAG_LIMIT);
+    expected.len() as u32
 }
 
 fn expect(ctx: &Context, pool_uid: &str, pod: String) {
     if let Ok(mut expected) = ctx.expected.lock() {
-        expected.entry(pool_uid.to_string()).or_default().insert(pod);
+        expected.entry(pool_uid.to_string()).or_default().insert(pod, std::time::Instant::now());
     }
 }
 
@@ -363,5 +374,22 @@ where
     };
     if let Err(e) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
         tracing::warn!(reason, error = %e, "could not publish an event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::time::Instant;
+
+    #[test]
+    fn a_pod_counts_as_in_flight_until_seen_or_too_late() {
+        let start = Instant::now();
+        let mut expected = HashMap::from([("seen".to_string(), start), ("lost".to_string(), start)]);
+        let seen = HashSet::from(["seen".to_string()]);
+        assert_eq!(still_in_flight(&mut expected, &seen, start), 1);
+        // "lost" was deleted before the cache saw it: it stops holding the pool back.
+        assert_eq!(still_in_flight(&mut expected, &seen, start + CACHE_LAG_LIMIT), 0);
     }
 }
