@@ -1,5 +1,5 @@
-//! Which warm pod a session gets. This is the seam resource-aware placement
-//! plugs into; for now it spreads sessions over nodes.
+//! The fallback choice of warm pod when no agent reports for the pool's
+//! nodes: spread sessions over nodes.
 
 use std::collections::HashMap;
 
