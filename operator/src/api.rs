@@ -21,8 +21,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tidepool_crds::TestSession;
 use tidepool_crds::test_session::Phase;
+use tidepool_wire::report::{MAX_REPORT_BYTES, REPORT_PATH};
 use tidepool_wire::token::SessionClaims;
 
+use crate::fleet::{Fleet, ingest, route};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 
@@ -42,6 +44,8 @@ pub struct ApiState {
     pub ready_deadline: Duration,
     /// Set once the API server has answered.
     pub ready: AtomicBool,
+    /// Agents' reports and the router.
+    pub fleet: Arc<Fleet>,
 }
 
 /// The router: /api/v1 behind the bearer token, the rest open.
@@ -49,24 +53,34 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
         .route("/api/v1/sessions", axum::routing::post(create_session))
         .route("/api/v1/sessions/{name}", get(get_session).delete(delete_session))
+        .route("/api/v1/route", axum::routing::post(route::route))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
+    // Agents authenticate with their ServiceAccount tokens, not the API token.
+    let agents = Router::new()
+        .route(REPORT_PATH, axum::routing::post(ingest::report))
+        .layer(DefaultBodyLimit::max(MAX_REPORT_BYTES));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(api)
+        .merge(agents)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
 }
 
 /// A JSON error body: `{"error": "...", "code": N}`.
-fn error(code: StatusCode, message: impl Into<String>) -> Response {
+pub fn error(code: StatusCode, message: impl Into<String>) -> Response {
     (code, Json(json!({ "error": message.into(), "code": code.as_u16() }))).into_response()
 }
 
 async fn authorize(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
-    let route = if request.method() == axum::http::Method::POST { "create" } else { "session" };
+    let route = match (request.method() == axum::http::Method::POST, request.uri().path()) {
+        (true, "/api/v1/route") => "route",
+        (true, _) => "create",
+        (false, _) => "session",
+    };
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)

@@ -51,7 +51,10 @@ pub struct Context {
     pub pods: Store<Pod>,
     pub sessions: Store<TestSession>,
     pub pools: Store<WarmPool>,
+    /// The fallback when no agent reports for a pool's nodes.
     pub placement: Box<dyn Placement>,
+    /// The live view of the backends, and the router.
+    pub fleet: std::sync::Arc<crate::fleet::Fleet>,
     /// Pods a binding has chosen, so two sessions never pick the same pod
     /// from the cache. A failed claim frees its pod at once; a claimed pod
     /// stays reserved until the cache has surely caught up.

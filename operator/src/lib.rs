@@ -1,5 +1,6 @@
-//! Tidepool's operator: the WarmPool and TestSession controllers, leader
-//! election, the HTTP API and /metrics. Logic that needs no I/O (pool
+//! Tidepool's operator: the WarmPool and TestSession controllers, the
+//! fleet of node agents and Backends, placement, leader election, the HTTP
+//! API and /metrics. Logic that needs no I/O (pool
 //! planning, placement, conditions) lives in its own modules with plain unit
 //! tests.
 
@@ -7,6 +8,7 @@ pub mod api;
 pub mod conditions;
 pub mod context;
 pub mod error;
+pub mod fleet;
 pub mod keys;
 pub mod labels;
 pub mod leader;

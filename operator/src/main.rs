@@ -10,12 +10,19 @@ use std::time::Duration;
 use clap::Parser;
 use tidepool_operator::api::{self, ApiState};
 use tidepool_operator::context::Settings;
+use tidepool_operator::fleet::daemonset::AgentSettings;
+use tidepool_operator::fleet::{self, Fleet, FleetSettings};
 use tidepool_operator::keys::Keys;
 use tidepool_operator::leader::{Elector, LeaseSettings};
 use tidepool_operator::metrics::Metrics;
+use tidepool_operator::placement::RouterSettings;
 
 #[derive(Parser, Debug)]
-#[command(name = "tidepool-operator", version, about = "Tidepool's operator: warm pools, sessions, the HTTP API")]
+#[command(
+    name = "tidepool-operator",
+    version,
+    about = "Tidepool's operator: warm pools, sessions, agents and placement, the HTTP API"
+)]
 struct Args {
     /// Address of the HTTP API, /healthz, /readyz and /metrics.
     #[arg(long, env = "TIDEPOOL_LISTEN", default_value = "0.0.0.0:8080")]
@@ -54,6 +61,77 @@ struct Args {
     /// pod and writing the session's status.
     #[arg(long, hide = true)]
     fault_claim_delay_ms: Option<u64>,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+/// The node agents, their Backends, and placement.
+#[derive(clap::Args, Debug)]
+struct FleetArgs {
+    /// Leave the agent DaemonSet alone (for clusters that deploy agents another way).
+    #[arg(long, env = "TIDEPOOL_NO_AGENT_DAEMONSET")]
+    no_agent_daemonset: bool,
+    /// The agent image the DaemonSet runs.
+    #[arg(long, env = "TIDEPOOL_AGENT_IMAGE", default_value = concat!("tidepool-agent:", env!("CARGO_PKG_VERSION")))]
+    agent_image: String,
+    /// The agent DaemonSet's name.
+    #[arg(long, env = "TIDEPOOL_AGENT_DAEMONSET", default_value = "tidepool-agent")]
+    agent_daemonset: String,
+    /// The agents' namespace; the lease namespace when unset.
+    #[arg(long, env = "TIDEPOOL_AGENT_NAMESPACE")]
+    agent_namespace: Option<String>,
+    /// The ServiceAccount agents run as and authenticate with.
+    #[arg(long, env = "TIDEPOOL_AGENT_SERVICE_ACCOUNT", default_value = "tidepool-agent")]
+    agent_service_account: String,
+    /// Where agents send reports; the operator's Service in the agent namespace when unset.
+    #[arg(long, env = "TIDEPOOL_AGENT_OPERATOR_URL")]
+    agent_operator_url: Option<String>,
+    /// The audience agent tokens carry, checked by TokenReview.
+    #[arg(long, env = "TIDEPOOL_AGENT_TOKEN_AUDIENCE", default_value = "tidepool")]
+    agent_token_audience: String,
+    /// Milliseconds between an agent's reports.
+    #[arg(long, env = "TIDEPOOL_AGENT_REPORT_INTERVAL_MS", default_value_t = 1000)]
+    agent_report_interval_ms: u32,
+    /// The agents' averaging windows, shortest first (placement reads the shortest).
+    #[arg(long, env = "TIDEPOOL_AGENT_WINDOWS", default_value = "10s,60s,15m")]
+    agent_windows: String,
+    /// The port agents serve /metrics and /healthz on (host network).
+    #[arg(long, env = "TIDEPOOL_AGENT_PORT", default_value_t = 9101)]
+    agent_port: u16,
+    /// Run agents only on nodes with these labels (KEY=VALUE, repeatable).
+    #[arg(long = "agent-node-selector", value_parser = parse_label)]
+    agent_node_selector: Vec<(String, String)>,
+    /// A RuntimeClass for the agent pods (for NVML on GPU nodes, where needed).
+    #[arg(long, env = "TIDEPOOL_AGENT_RUNTIME_CLASS")]
+    agent_runtime_class: Option<String>,
+    /// A backend whose agent missed this many reports is Stale and leaves placement.
+    #[arg(long, env = "TIDEPOOL_BACKEND_STALE_AFTER_REPORTS", default_value_t = 3)]
+    backend_stale_after_reports: u32,
+    /// Seconds between refreshes of a Backend's status when nothing significant changed.
+    #[arg(long, env = "TIDEPOOL_BACKEND_STATUS_REFRESH", default_value_t = 60)]
+    backend_status_refresh_seconds: u64,
+    /// Backend writes per second at most, over all Backends.
+    #[arg(long, env = "TIDEPOOL_BACKEND_WRITES_PER_SECOND", default_value_t = 10)]
+    backend_writes_per_second: u32,
+    /// Seconds between health probes of a backend.
+    #[arg(long, env = "TIDEPOOL_HEALTH_PROBE_INTERVAL", default_value_t = 10)]
+    health_probe_interval_seconds: u64,
+    /// Seconds before a health probe counts as failed.
+    #[arg(long, env = "TIDEPOOL_HEALTH_PROBE_TIMEOUT", default_value_t = 2)]
+    health_probe_timeout_seconds: u64,
+    /// Seconds a placement's reservation lasts when no report shows it.
+    #[arg(long, env = "TIDEPOOL_PENDING_TIMEOUT", default_value_t = 120)]
+    pending_timeout_seconds: u64,
+    /// With more backends than this, placement samples two instead of scanning all.
+    #[arg(long, env = "TIDEPOOL_TWO_CHOICES_ABOVE", default_value_t = 64)]
+    two_choices_above: usize,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
 }
 
 #[tokio::main]
@@ -78,6 +156,38 @@ async fn main() -> ExitCode {
         Err(e) => return fail(format!("metrics: {e}")),
     };
     let keys = Arc::new(Keys::default());
+    let agent_namespace = args.fleet.agent_namespace.clone().unwrap_or_else(|| args.lease_namespace.clone());
+    let fleet = Arc::new(Fleet::new(FleetSettings {
+        agent_namespace: agent_namespace.clone(),
+        agent_service_account: args.fleet.agent_service_account.clone(),
+        token_audience: args.fleet.agent_token_audience.clone(),
+        status_refresh: Duration::from_secs(args.fleet.backend_status_refresh_seconds.max(1)),
+        writes_per_second: args.fleet.backend_writes_per_second.max(1),
+        probe_interval: Duration::from_secs(args.fleet.health_probe_interval_seconds.max(1)),
+        probe_timeout: Duration::from_secs(args.fleet.health_probe_timeout_seconds.max(1)),
+        router: RouterSettings {
+            stale_after_reports: args.fleet.backend_stale_after_reports.max(1),
+            pending_timeout: Duration::from_secs(args.fleet.pending_timeout_seconds),
+            two_choices_above: args.fleet.two_choices_above,
+        },
+    }));
+    let agents = (!args.fleet.no_agent_daemonset).then(|| AgentSettings {
+        name: args.fleet.agent_daemonset.clone(),
+        namespace: agent_namespace.clone(),
+        image: args.fleet.agent_image.clone(),
+        service_account: args.fleet.agent_service_account.clone(),
+        operator_url: args
+            .fleet
+            .agent_operator_url
+            .clone()
+            .unwrap_or_else(|| format!("http://tidepool-operator.{agent_namespace}.svc:{}", args.listen.port())),
+        token_audience: args.fleet.agent_token_audience.clone(),
+        report_interval_ms: args.fleet.agent_report_interval_ms,
+        windows: args.fleet.agent_windows.clone(),
+        port: args.fleet.agent_port,
+        node_selector: args.fleet.agent_node_selector.iter().cloned().collect(),
+        runtime_class: args.fleet.agent_runtime_class.clone(),
+    });
     let identity = args.identity.clone().unwrap_or_else(|| format!("tidepool-operator-{}", std::process::id()));
 
     let state = Arc::new(ApiState {
@@ -88,6 +198,7 @@ async fn main() -> ExitCode {
         namespace: args.session_namespace.clone(),
         ready_deadline: Duration::from_secs_f64(args.ready_deadline_seconds.max(0.1)),
         ready: Default::default(),
+        fleet: fleet.clone(),
     });
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
@@ -120,13 +231,21 @@ async fn main() -> ExitCode {
     }
     tracing::info!(identity, "leading");
     metrics.leader.set(1);
+    // The fleet's tasks run for as long as this process leads: losing the
+    // lease ends the process.
+    fleet.set_leading(true);
+    tokio::spawn(fleet::status::run(client.clone(), fleet.clone(), metrics.clone()));
+    tokio::spawn(fleet::probe::run(fleet.clone()));
+    if let Some(agents) = agents {
+        tokio::spawn(fleet::daemonset::keep(client.clone(), agents));
+    }
     let settings = Settings {
         create_batch: args.create_batch.max(1),
         result_retention: Duration::from_secs(args.result_retention_seconds),
         session_port: args.session_port,
         fault_claim_delay: args.fault_claim_delay_ms.map(Duration::from_millis),
     };
-    let controllers = tidepool_operator::run::controllers(client, settings, metrics.clone(), keys, &identity);
+    let controllers = tidepool_operator::run::controllers(client, settings, metrics.clone(), keys, fleet, &identity);
     tokio::select! {
         _ = controllers => {
             // The controllers stop on SIGTERM or Ctrl-C: hand the lease over at once.

@@ -18,6 +18,11 @@ pub struct Metrics {
     pub pool_pods: IntGaugeVec,
     pub api_requests: IntCounterVec,
     pub leader: IntGauge,
+    pub agent_reports: IntCounterVec,
+    pub backends: IntGaugeVec,
+    pub backend_writes: IntCounter,
+    pub placements: IntCounterVec,
+    pub placement_view_age: Histogram,
 }
 
 impl Metrics {
@@ -66,6 +71,27 @@ impl Metrics {
             &["route", "code"],
         )?;
         let leader = IntGauge::new("tidepool_leader", "1 while this replica holds the leader lease")?;
+        let agent_reports = IntCounterVec::new(
+            Opts::new("tidepool_agent_reports_total", "Agent reports, by result (accepted, or why refused)"),
+            &["result"],
+        )?;
+        let backends = IntGaugeVec::new(
+            Opts::new("tidepool_backends", "Backends in the live view, by state (ready, stale, unhealthy)"),
+            &["state"],
+        )?;
+        let backend_writes =
+            IntCounter::new("tidepool_backend_writes_total", "Backend spec and status writes to the API server")?;
+        let placements = IntCounterVec::new(
+            Opts::new("tidepool_placements_total", "Placement decisions, by caller and result (placed, no_fit)"),
+            &["caller", "result"],
+        )?;
+        let placement_view_age = Histogram::with_opts(
+            HistogramOpts::new(
+                "tidepool_placement_view_age_seconds",
+                "How old the chosen backend's report was when placement chose it",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0]),
+        )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -75,6 +101,11 @@ impl Metrics {
         registry.register(Box::new(pool_pods.clone()))?;
         registry.register(Box::new(api_requests.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(agent_reports.clone()))?;
+        registry.register(Box::new(backends.clone()))?;
+        registry.register(Box::new(backend_writes.clone()))?;
+        registry.register(Box::new(placements.clone()))?;
+        registry.register(Box::new(placement_view_age.clone()))?;
         Ok(Self {
             registry,
             reconciles,
@@ -86,6 +117,11 @@ impl Metrics {
             pool_pods,
             api_requests,
             leader,
+            agent_reports,
+            backends,
+            backend_writes,
+            placements,
+            placement_view_age,
         })
     }
 

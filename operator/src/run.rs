@@ -14,13 +14,21 @@ use tidepool_crds::{TestSession, WarmPool};
 
 use crate::context::{Context, Settings};
 use crate::error::Error;
+use crate::fleet::Fleet;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::placement::Spread;
 use crate::{labels, pool, session};
 
 /// Runs both controllers until one of them stops (they stop on a shutdown signal).
-pub async fn controllers(client: Client, settings: Settings, metrics: Arc<Metrics>, keys: Arc<Keys>, identity: &str) {
+pub async fn controllers(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    keys: Arc<Keys>,
+    fleet: Arc<Fleet>,
+    identity: &str,
+) {
     let pods_api: Api<Pod> = Api::all(client.clone());
     let sessions_api: Api<TestSession> = Api::all(client.clone());
     let pools_api: Api<WarmPool> = Api::all(client.clone());
@@ -67,6 +75,7 @@ pub async fn controllers(client: Client, settings: Settings, metrics: Arc<Metric
         sessions: sessions.clone(),
         pools,
         placement: Box::new(Spread),
+        fleet,
         reserved: Mutex::new(HashMap::new()),
         status_written: Mutex::new(HashMap::new()),
         expected: Mutex::new(HashMap::new()),

@@ -296,7 +296,7 @@ impl Router {
         &mut self,
         request: &Request<'_>,
         now: Instant,
-        allowed: impl Fn(&str) -> bool,
+        allowed: impl Fn(&BackendView) -> bool,
     ) -> Result<Pick, NoFit> {
         if let Some(pick) = self.sticky_pick(request, now, &allowed) {
             return Ok(pick);
@@ -330,16 +330,21 @@ impl Router {
         Pick { backend, score, sticky, view_age }
     }
 
-    fn sticky_pick(&mut self, request: &Request<'_>, now: Instant, allowed: &impl Fn(&str) -> bool) -> Option<Pick> {
+    fn sticky_pick(
+        &mut self,
+        request: &Request<'_>,
+        now: Instant,
+        allowed: &impl Fn(&BackendView) -> bool,
+    ) -> Option<Pick> {
         let key = request.sticky?;
         let remembered = self.sticky.get(key)?;
         let same_need = remembered.per_need.iter().find(|(need, _)| *need == request.need).map(|(_, b)| b.clone());
         let mut tried = Vec::with_capacity(2);
         for name in same_need.into_iter().chain([remembered.latest.clone()]) {
-            if tried.contains(&name) || !allowed(&name) {
+            let Some(&i) = self.by_name.get(&name) else { continue };
+            if tried.contains(&name) || !allowed(&self.entries[i].view) {
                 continue;
             }
-            let Some(&i) = self.by_name.get(&name) else { continue };
             tried.push(name);
             // Its own earlier reservation must not keep it out.
             let own = Totals::of(
@@ -420,13 +425,13 @@ impl Router {
         &mut self,
         request: &Request<'_>,
         now: Instant,
-        allowed: &impl Fn(&str) -> bool,
+        allowed: &impl Fn(&BackendView) -> bool,
     ) -> Result<(usize, f64), NoFit> {
         let mut best: Option<(usize, f64)> = None;
         let mut ties = 0u64;
         let mut no_fit = NoFit::default();
         for (i, entry) in self.entries.iter().enumerate() {
-            if !allowed(&entry.view.name) {
+            if !allowed(&entry.view) {
                 continue;
             }
             no_fit.considered += 1;
@@ -440,7 +445,7 @@ impl Router {
                 Some((_, b)) if s == b => {
                     ties += 1;
                     // Reservoir sampling: each of the tied keeps an equal chance.
-                    if next(&mut self.rng) % (ties + 1) == 0 {
+                    if next(&mut self.rng).is_multiple_of(ties + 1) {
                         best = Some((i, s));
                     }
                 }
@@ -459,14 +464,14 @@ impl Router {
         &mut self,
         request: &Request<'_>,
         now: Instant,
-        allowed: &impl Fn(&str) -> bool,
+        allowed: &impl Fn(&BackendView) -> bool,
     ) -> Option<(usize, f64)> {
         let mut found: [Option<(usize, f64)>; 2] = [None, None];
         let mut got = 0;
         for _ in 0..16 {
             let i = (next(&mut self.rng) % self.entries.len() as u64) as usize;
             let entry = &self.entries[i];
-            if found[0].is_some_and(|(j, _)| j == i) || !allowed(&entry.view.name) {
+            if found[0].is_some_and(|(j, _)| j == i) || !allowed(&entry.view) {
                 continue;
             }
             if self.check(entry, &entry.totals, request.need, now).is_err() {
@@ -774,7 +779,7 @@ mod tests {
         router.ingest(report("a", 8, 10.0, 10), now);
         router.ingest(report("b", 8, 50.0, 50), now);
         let weights = PlacementWeights::default();
-        let pick = router.route_within(&request(SMALL, &weights), now, |n| n == "b").unwrap();
+        let pick = router.route_within(&request(SMALL, &weights), now, |v| v.name == "b").unwrap();
         assert_eq!(pick.backend, "b");
         router.remove("a");
         assert_eq!(router.len(), 1);

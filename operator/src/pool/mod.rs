@@ -7,10 +7,13 @@ pub mod plan;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{
+    EnvVar, EnvVarSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    Pod, PodSpec,
+};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
@@ -18,11 +21,13 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use tidepool_crds::warm_pool::WarmPoolStatus;
 use tidepool_crds::{TestSession, WarmPool};
+use tidepool_wire::report::ReportKind;
 
 use crate::conditions;
 use crate::context::{CACHE_LAG_LIMIT, Context};
 use crate::error::{Error, Result};
 use crate::labels;
+use crate::placement::{Need, Request};
 use plan::{DeleteReason, PodView, Target};
 
 /// A stable hash of a pod template: FNV-1a over its JSON, which serialises
@@ -84,7 +89,17 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     // Create, all of this pass's batch at once.
     let template = pod_for(&pool, &hash, &key.public().to_base64())?;
     let post = PostParams::default();
-    let created = join_all((0..plan.create).map(|_| pods_api.create(&post, &template))).await;
+    let pinned = place_on_demand(&ctx, &pool, plan.create.min(waiting));
+    let created = join_all((0..plan.create as usize).map(|i| {
+        let pod = match pinned.get(i) {
+            Some(node) => pin(&template, node),
+            None => template.clone(),
+        };
+        let pods_api = &pods_api;
+        let post = &post;
+        async move { pods_api.create(post, &pod).await }
+    }))
+    .await;
     let mut create_error = None;
     for result in created {
         match result {
@@ -195,6 +210,42 @@ fn expect(ctx: &Context, pool_uid: &str, pod: String) {
     }
 }
 
+/// Nodes for on-demand pods (made for waiting sessions): the router's best
+/// backends, each pick reserving the pool's tier. Empty when no agent
+/// reports; then the scheduler alone decides.
+fn place_on_demand(ctx: &Context, pool: &WarmPool, count: u32) -> Vec<String> {
+    let request =
+        Request { need: Need::from(&pool.spec.tier), weights: &pool.spec.placement, client: None, sticky: None };
+    let now = Instant::now();
+    ctx.fleet.with_router(|router| {
+        (0..count)
+            .map_while(|_| router.route_within(&request, now, |v| v.kind == ReportKind::Node).ok())
+            .map(|pick| pick.backend)
+            .collect()
+    })
+}
+
+/// The pod, required to run on `node` (the scheduler still checks it fits).
+fn pin(template: &Pod, node: &str) -> Pod {
+    let mut pod = template.clone();
+    if let Some(spec) = pod.spec.as_mut() {
+        let term = NodeSelectorTerm {
+            match_fields: Some(vec![NodeSelectorRequirement {
+                key: "metadata.name".into(),
+                operator: "In".into(),
+                values: Some(vec![node.to_string()]),
+            }]),
+            ..Default::default()
+        };
+        let affinity = spec.affinity.get_or_insert_with(Default::default);
+        affinity.node_affinity = Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector { node_selector_terms: vec![term] }),
+            ..Default::default()
+        });
+    }
+    pod
+}
+
 /// Sessions of this pool that found no warm pod: each is owed an on-demand pod.
 fn waiting_sessions(ctx: &Context, namespace: &str, pool: &str) -> u32 {
     ctx.sessions
@@ -204,7 +255,9 @@ fn waiting_sessions(ctx: &Context, namespace: &str, pool: &str) -> u32 {
         .filter(|s| s.meta().deletion_timestamp.is_none())
         .filter(|s| {
             s.status.as_ref().is_some_and(|st| {
-                st.pod.is_none() && conditions::reason(&st.conditions, "Bound") == Some(crate::session::POOL_EMPTY)
+                let reason = conditions::reason(&st.conditions, "Bound");
+                st.pod.is_none()
+                    && (reason == Some(crate::session::POOL_EMPTY) || reason == Some(crate::session::NO_BACKEND_FITS))
             })
         })
         .count() as u32

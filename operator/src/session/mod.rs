@@ -9,9 +9,9 @@
 //! finishes the status. A claim refused with 409 or 404 is settled by reading
 //! the pod from the API server, never by grabbing another pod blindly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -27,11 +27,15 @@ use crate::conditions;
 use crate::context::{Binding, Context};
 use crate::error::{Error, Result};
 use crate::labels;
-use crate::placement::Candidate;
+use crate::placement::{Candidate, Need, Request};
 use crate::pool::{is_finished, is_ready, template_hash};
+use tidepool_wire::report::Coordinates;
 
 /// The Bound condition's reason while a session waits for a pod.
 pub const POOL_EMPTY: &str = "PoolEmpty";
+/// The Bound condition's reason while warm pods exist but no backend
+/// holding one has room for the pool's tier.
+pub const NO_BACKEND_FITS: &str = "NoBackendFits";
 
 pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = session.namespace().ok_or(Error::Missing("TestSession", "namespace"))?;
@@ -98,6 +102,7 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
                     let message = format!("WarmPool {} has no warm pod free; one is being made", pool.name_any());
                     return wait(&session, &ctx, status, POOL_EMPTY, message).await;
                 }
+                Claim::NoFit(message) => return wait(&session, &ctx, status, NO_BACKEND_FITS, message).await,
                 Claim::Lost => return Ok(Action::requeue(Duration::from_millis(10))),
             }
         }
@@ -199,8 +204,61 @@ fn claimed_pods(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<Pod>> {
 enum Claim {
     Won(Arc<Pod>),
     NoneFree,
+    /// Warm pods exist, but no backend holding one fits the tier now.
+    NoFit(String),
     /// Another binding got the pod first; try again from fresh caches.
     Lost,
+}
+
+/// What resource-aware placement made of a session's warm pods.
+enum Placed {
+    /// The warm pod at this index is on the best backend.
+    On(usize),
+    /// The pool's nodes have agents, but none fits the tier now.
+    NoFit(String),
+    /// No agent reports for any of these pods' nodes.
+    NoAgents,
+}
+
+/// Asks the router for the best backend among the nodes holding warm pods,
+/// reserving the pool's tier there. Pods on nodes without a reporting agent
+/// are left out once any of the nodes has one.
+fn place(ctx: &Context, session: &TestSession, pool: &WarmPool, choices: &[&Arc<Pod>]) -> Placed {
+    if choices.is_empty() {
+        return Placed::NoAgents;
+    }
+    let nodes: HashSet<&str> = choices.iter().filter_map(|p| node_of(p)).collect();
+    let client = session.spec.client.as_ref().and_then(|c| match (c.latitude, c.longitude) {
+        (Some(latitude), Some(longitude)) => Some(Coordinates { latitude, longitude }),
+        _ => None,
+    });
+    let request = Request {
+        need: Need::from(&pool.spec.tier),
+        weights: &pool.spec.placement,
+        client,
+        sticky: session.spec.sticky_key.as_deref(),
+    };
+    let picked = ctx.fleet.with_router(|router| {
+        if !nodes.iter().any(|n| router.view(n).is_some()) {
+            return None;
+        }
+        Some(router.route_within(&request, Instant::now(), |v| nodes.contains(v.name.as_str())))
+    });
+    match picked {
+        None => Placed::NoAgents,
+        Some(Ok(pick)) => {
+            ctx.metrics.placements.with_label_values(&["session", "placed"]).inc();
+            ctx.metrics.placement_view_age.observe(pick.view_age.as_secs_f64());
+            match choices.iter().position(|p| node_of(p) == Some(pick.backend.as_str())) {
+                Some(index) => Placed::On(index),
+                None => Placed::NoAgents,
+            }
+        }
+        Some(Err(no_fit)) => {
+            ctx.metrics.placements.with_label_values(&["session", "no_fit"]).inc();
+            Placed::NoFit(format!("WarmPool {}: {no_fit}", pool.name_any()))
+        }
+    }
 }
 
 /// Chooses a warm pod through placement and claims it for the session.
@@ -226,12 +284,19 @@ async fn claim(ctx: &Context, session: &TestSession, pool: &WarmPool, pods: &Api
     let (current, outdated): (Vec<&Arc<Pod>>, Vec<&Arc<Pod>>) =
         warm.into_iter().partition(|p| p.labels().get(labels::TEMPLATE_HASH) == Some(&hash));
     let choices = if current.is_empty() { outdated } else { current };
-    let candidates: Vec<Candidate> = choices
-        .iter()
-        .map(|p| Candidate { pod: p.meta().name.as_deref().unwrap_or(""), node: node_of(p).unwrap_or("") })
-        .collect();
-    let Some(index) = ctx.placement.choose(&candidates, &per_node) else {
-        return Ok(Claim::NoneFree);
+    let index = match place(ctx, session, pool, &choices) {
+        Placed::On(index) => index,
+        Placed::NoFit(message) => return Ok(Claim::NoFit(message)),
+        Placed::NoAgents => {
+            let candidates: Vec<Candidate> = choices
+                .iter()
+                .map(|p| Candidate { pod: p.meta().name.as_deref().unwrap_or(""), node: node_of(p).unwrap_or("") })
+                .collect();
+            match ctx.placement.choose(&candidates, &per_node) {
+                Some(index) => index,
+                None => return Ok(Claim::NoneFree),
+            }
+        }
     };
     let chosen = choices[index].clone();
     let key = format!("{namespace}/{}", chosen.name_any());

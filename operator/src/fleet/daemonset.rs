@@ -1,0 +1,225 @@
+//! The agent DaemonSet: built from the operator's own settings and kept as
+//! built. Upgrading the operator (a new agent image or setting) rolls the
+//! agents; a deleted or edited DaemonSet is put back.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::labels;
+
+/// What the agents run with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentSettings {
+    pub name: String,
+    pub namespace: String,
+    pub image: String,
+    pub service_account: String,
+    /// Where agents send reports: the operator's Service.
+    pub operator_url: String,
+    pub token_audience: String,
+    pub report_interval_ms: u32,
+    pub windows: String,
+    /// The port of the agent's /metrics and /healthz on the node.
+    pub port: u16,
+    pub node_selector: BTreeMap<String, String>,
+    /// A RuntimeClass for NVML access on GPU nodes, if the cluster needs one.
+    pub runtime_class: Option<String>,
+}
+
+/// The DaemonSet, as a server-side apply body.
+pub fn build(settings: &AgentSettings) -> Value {
+    let mut body = body(settings);
+    if settings.runtime_class.is_none()
+        && let Some(pod) = body.pointer_mut("/spec/template/spec").and_then(Value::as_object_mut)
+    {
+        pod.remove("runtimeClassName");
+    }
+    body
+}
+
+fn body(settings: &AgentSettings) -> Value {
+    let selector = json!({ "app.kubernetes.io/name": "tidepool-agent", "app.kubernetes.io/instance": settings.name });
+    let mut pod_labels = selector.clone();
+    pod_labels["app.kubernetes.io/managed-by"] = json!(labels::MANAGER);
+    let field = |path: &str| json!({ "fieldRef": { "fieldPath": path } });
+    let listen = format!("0.0.0.0:{}", settings.port);
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": settings.name,
+            "namespace": settings.namespace,
+            "labels": pod_labels,
+            "annotations": { "tidepool.dev/operator-version": env!("CARGO_PKG_VERSION") },
+        },
+        "spec": {
+            "selector": { "matchLabels": selector },
+            "updateStrategy": { "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": "10%" } },
+            "template": {
+                "metadata": { "labels": pod_labels },
+                "spec": {
+                    "serviceAccountName": settings.service_account,
+                    // The agent needs no Kubernetes API: only its audience-bound token below.
+                    "automountServiceAccountToken": false,
+                    // Node address and network counters are the node's own.
+                    "hostNetwork": true,
+                    "dnsPolicy": "ClusterFirstWithHostNet",
+                    "priorityClassName": "system-node-critical",
+                    // Every node, tainted or not, hosts sessions or could.
+                    "tolerations": [{ "operator": "Exists" }],
+                    "nodeSelector": settings.node_selector,
+                    "runtimeClassName": settings.runtime_class,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "seccompProfile": { "type": "RuntimeDefault" },
+                    },
+                    "containers": [{
+                        "name": "agent",
+                        "image": settings.image,
+                        "args": [
+                            "--operator-url", settings.operator_url,
+                            "--token-file", "/var/run/secrets/tidepool/token",
+                            "--listen", listen,
+                            "--proc-root", "/host/proc",
+                            "--disk-path", "/host/root",
+                            "--report-interval-ms", settings.report_interval_ms.to_string(),
+                            "--windows", settings.windows,
+                        ],
+                        "env": [
+                            { "name": "NODE_NAME", "valueFrom": field("spec.nodeName") },
+                            { "name": "TIDEPOOL_AGENT_ADDRESS", "valueFrom": field("status.hostIP") },
+                            // With the NVIDIA container runtime these expose NVML and nothing more.
+                            { "name": "NVIDIA_VISIBLE_DEVICES", "value": "all" },
+                            { "name": "NVIDIA_DRIVER_CAPABILITIES", "value": "utility" },
+                        ],
+                        "ports": [{ "name": "metrics", "containerPort": settings.port, "protocol": "TCP" }],
+                        "livenessProbe": { "httpGet": { "path": "/healthz", "port": "metrics" }, "periodSeconds": 10 },
+                        "readinessProbe": { "httpGet": { "path": "/healthz", "port": "metrics" }, "periodSeconds": 5 },
+                        "resources": {
+                            "requests": { "cpu": "10m", "memory": "16Mi" },
+                            "limits": { "memory": "64Mi" },
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": { "drop": ["ALL"] },
+                        },
+                        "volumeMounts": [
+                            { "name": "host-proc", "mountPath": "/host/proc", "readOnly": true },
+                            { "name": "host-root", "mountPath": "/host/root", "readOnly": true, "mountPropagation": "HostToContainer" },
+                            { "name": "token", "mountPath": "/var/run/secrets/tidepool", "readOnly": true },
+                        ],
+                    }],
+                    "volumes": [
+                        { "name": "host-proc", "hostPath": { "path": "/proc", "type": "Directory" } },
+                        { "name": "host-root", "hostPath": { "path": "/", "type": "Directory" } },
+                        { "name": "token", "projected": { "sources": [{ "serviceAccountToken": {
+                            "audience": settings.token_audience,
+                            "expirationSeconds": 3600,
+                            "path": "token",
+                        } }] } },
+                    ],
+                },
+            },
+        },
+    })
+}
+
+/// Applies the DaemonSet, then re-applies it whenever someone changes its
+/// spec or deletes it. Runs while this replica leads.
+pub async fn keep(client: Client, settings: AgentSettings) {
+    let api: Api<DaemonSet> = Api::namespaced(client, &settings.namespace);
+    let body = build(&settings);
+    let params = PatchParams::apply(labels::MANAGER).force();
+    let mut generation: Option<i64> = None;
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", settings.name));
+    let mut events = watcher::watcher(api.clone(), config).boxed();
+    // Apply first, whatever is there.
+    let mut apply_now = true;
+    loop {
+        if apply_now {
+            match api.patch(&settings.name, &params, &Patch::Apply(&body)).await {
+                Ok(applied) => {
+                    generation = applied.metadata.generation;
+                    tracing::info!(daemonset = %settings.name, image = %settings.image, "agent DaemonSet applied");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "applying the agent DaemonSet failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
+            }
+            apply_now = false;
+        }
+        match events.next().await {
+            // A status update keeps the generation; a spec edit bumps it.
+            Some(Ok(Event::Apply(ds) | Event::InitApply(ds))) => {
+                if ds.metadata.generation != generation {
+                    tracing::info!(daemonset = %ds.name_any(), "the agent DaemonSet was changed; putting it back");
+                    apply_now = true;
+                }
+            }
+            Some(Ok(Event::Delete(_))) => {
+                tracing::info!("the agent DaemonSet was deleted; making it again");
+                apply_now = true;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "DaemonSet watch error");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            None => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> AgentSettings {
+        AgentSettings {
+            name: "tidepool-agent".into(),
+            namespace: "tidepool".into(),
+            image: "tidepool-agent:1".into(),
+            service_account: "tidepool-agent".into(),
+            operator_url: "http://tidepool-operator.tidepool:8080".into(),
+            token_audience: "tidepool".into(),
+            report_interval_ms: 1000,
+            windows: "10s,60s,15m".into(),
+            port: 9101,
+            node_selector: BTreeMap::new(),
+            runtime_class: None,
+        }
+    }
+
+    #[test]
+    fn the_daemonset_parses_and_carries_the_settings() {
+        let body = build(&settings());
+        let ds: DaemonSet = serde_json::from_value(body).expect("a valid DaemonSet");
+        let pod = ds.spec.unwrap().template.spec.unwrap();
+        let agent = &pod.containers[0];
+        assert_eq!(agent.image.as_deref(), Some("tidepool-agent:1"));
+        let args = agent.args.clone().unwrap();
+        let after = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
+        assert_eq!(after("--operator-url"), "http://tidepool-operator.tidepool:8080");
+        assert_eq!(after("--listen"), "0.0.0.0:9101");
+        assert_eq!(pod.service_account_name.as_deref(), Some("tidepool-agent"));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let security = agent.security_context.as_ref().unwrap();
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+        let token = pod.volumes.unwrap().into_iter().find(|v| v.name == "token").unwrap();
+        let source = &token.projected.unwrap().sources.unwrap()[0];
+        assert_eq!(source.service_account_token.as_ref().unwrap().audience.as_deref(), Some("tidepool"));
+    }
+}

@@ -1,0 +1,365 @@
+//! Backend objects: what to write, when, and the writer that does it.
+//!
+//! Reports arrive every second from every node, but a Backend's status is
+//! written only when it is new, when Ready, Stale or health changes, when a
+//! use figure moved by [`SIGNIFICANT_POINTS`], or when a refresh is due; and
+//! never more than `writes_per_second` over all Backends, most urgent first.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, Resource};
+use serde_json::json;
+use tidepool_crds::Backend;
+use tidepool_crds::backend::{
+    BackendKind, BackendSpec, BackendStatus, Capacity, GpuInfo, GpuUsage, Health as CrdHealth, HealthCheck,
+    HealthCheckKind, Usage,
+};
+use tidepool_crds::common::Coordinates;
+use tidepool_wire::report::ReportKind;
+
+use super::Fleet;
+use crate::conditions;
+use crate::labels;
+use crate::metrics::Metrics;
+use crate::placement::view::{BackendView, Health};
+
+/// A use figure that moved this many percentage points is worth a write.
+pub const SIGNIFICANT_POINTS: f32 = 10.0;
+
+/// The few figures that decide whether a write is due.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub fresh: bool,
+    pub health: Health,
+    pub cpu: f32,
+    pub memory: f32,
+    pub disk: f32,
+    pub gpu: f32,
+}
+
+impl Summary {
+    pub fn of(view: &BackendView, fresh: bool) -> Self {
+        let cores = view.cores_by_load.len().max(1) as f32;
+        let disk_total = view.report.capacity.disk_bytes.max(1) as f64;
+        Self {
+            fresh,
+            health: view.probes.health,
+            cpu: view.prefix.last().copied().unwrap_or(0.0) / cores,
+            memory: view.memory_percent(0),
+            disk: ((disk_total - view.disk_free as f64) * 100.0 / disk_total) as f32,
+            gpu: view.gpu_percent,
+        }
+    }
+}
+
+/// How urgent a write is; the lowest goes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Urgency {
+    /// Never written by this process.
+    New,
+    /// Ready, Stale or health changed.
+    Condition,
+    /// A use figure moved a lot.
+    Drift,
+    /// Nothing changed much, but the last write is old.
+    Refresh,
+}
+
+/// Whether `now_summary` is worth a write after `last` (what was written and when).
+pub fn due(
+    last: Option<&(Summary, Instant)>,
+    now_summary: &Summary,
+    now: Instant,
+    refresh: Duration,
+) -> Option<Urgency> {
+    let Some((written, at)) = last else { return Some(Urgency::New) };
+    if written.fresh != now_summary.fresh || written.health != now_summary.health {
+        return Some(Urgency::Condition);
+    }
+    let moved = [
+        (written.cpu, now_summary.cpu),
+        (written.memory, now_summary.memory),
+        (written.disk, now_summary.disk),
+        (written.gpu, now_summary.gpu),
+    ]
+    .iter()
+    .any(|(a, b)| (a - b).abs() >= SIGNIFICANT_POINTS);
+    if moved {
+        return Some(Urgency::Drift);
+    }
+    // A stale backend's figures cannot change: no refresh for it.
+    (now_summary.fresh && now.saturating_duration_since(*at) >= refresh).then_some(Urgency::Refresh)
+}
+
+/// The Backend's spec, as the agent describes it.
+pub fn spec_of(view: &BackendView) -> BackendSpec {
+    BackendSpec {
+        kind: match view.kind {
+            ReportKind::Node => BackendKind::Node,
+            ReportKind::External => BackendKind::External,
+        },
+        node_name: (view.kind == ReportKind::Node).then(|| view.name.clone()),
+        address: view.address.clone(),
+        region: view.region.clone(),
+        coordinates: view.coordinates.map(|c| Coordinates { latitude: c.latitude, longitude: c.longitude }),
+        labels: Default::default(),
+        health_check: view.health_port.map(|port| HealthCheck {
+            kind: HealthCheckKind::Http,
+            port: i32::from(port),
+            path: Some("/healthz".into()),
+            interval_seconds: 10,
+            timeout_seconds: 2,
+        }),
+    }
+}
+
+/// The Backend's status from the view; `previous` keeps condition transition times.
+pub fn status_of(view: &BackendView, fresh: bool, previous: &[Condition], generation: Option<i64>) -> BackendStatus {
+    let report = &view.report;
+    let window = report.windows.first().cloned().unwrap_or_default();
+    let capacity = &report.capacity;
+    let percent = |used: u64, total: u64| (used as f64 * 100.0 / total.max(1) as f64).clamp(0.0, 100.0);
+    let per_core: Vec<f64> = window.cores.iter().map(|&p| f64::from(p)).collect();
+    let cpu = if per_core.is_empty() { 0.0 } else { per_core.iter().sum::<f64>() / per_core.len() as f64 };
+    let usage = Usage {
+        cpu_percent: cpu,
+        per_core_percent: per_core,
+        memory_percent: percent(window.memory_used_bytes, capacity.memory_bytes),
+        disk_percent: percent(window.disk_used_bytes, capacity.disk_bytes),
+        gpu_percent: (!window.gpus.is_empty()).then(|| f64::from(view.gpu_percent)),
+        gpus: window
+            .gpus
+            .iter()
+            .zip(&capacity.gpus)
+            .map(|(g, info)| GpuUsage {
+                index: i32::try_from(info.index).unwrap_or(0),
+                utilization_percent: f64::from(g.utilization_percent),
+                memory_used_bytes: i64::try_from(g.memory_used_bytes).unwrap_or(i64::MAX),
+                temperature_celsius: f64::from(g.temperature_celsius),
+                power_watts: f64::from(g.power_watts),
+            })
+            .collect(),
+    };
+    let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let health = match view.probes.health {
+        Health::Unknown => CrdHealth::Unknown,
+        Health::Healthy => CrdHealth::Healthy,
+        Health::Unhealthy => CrdHealth::Unhealthy,
+    };
+    let now = Timestamp::now();
+    let mut conditions = previous.to_vec();
+    let (ready, reason, message) = match (fresh, health) {
+        (false, _) => (false, "Stale", "the agent stopped reporting; out of placement until it reports again"),
+        (true, CrdHealth::Unhealthy) => (false, "Unhealthy", "health probes fail; out of placement"),
+        (true, _) => (true, "Reporting", "the agent reports on time"),
+    };
+    conditions::set(&mut conditions, "Ready", ready, reason, message, generation, now);
+    let (stale_reason, stale_message) = if fresh {
+        ("Reporting", "reports arrive on time".to_string())
+    } else {
+        ("MissedReports", format!("no report for {:.1} s", view.received.elapsed().as_secs_f64()))
+    };
+    conditions::set(&mut conditions, "Stale", !fresh, stale_reason, stale_message, generation, now);
+    let received_at = SystemTime::now().checked_sub(view.received.elapsed()).unwrap_or(SystemTime::UNIX_EPOCH);
+    BackendStatus {
+        capacity: Some(Capacity {
+            cores: i32::try_from(capacity.cores).unwrap_or(i32::MAX),
+            memory_bytes: to_i64(capacity.memory_bytes),
+            disk_bytes: to_i64(capacity.disk_bytes),
+            gpus: capacity
+                .gpus
+                .iter()
+                .map(|g| GpuInfo {
+                    index: i32::try_from(g.index).unwrap_or(0),
+                    model: g.model.clone(),
+                    memory_bytes: to_i64(g.memory_bytes),
+                })
+                .collect(),
+        }),
+        usage: Some(usage),
+        health,
+        probe_latency_ms: view.probes.latency_ms,
+        last_report_time: Timestamp::try_from(received_at).ok().map(Time),
+        conditions,
+        observed_generation: generation,
+    }
+}
+
+/// One Backend to write.
+struct Job {
+    name: String,
+    kind: ReportKind,
+    summary: Summary,
+    spec: Option<BackendSpec>,
+    view: BackendView,
+    fresh: bool,
+}
+
+/// What this process last wrote for a Backend.
+struct Written {
+    summary: Summary,
+    at: Instant,
+    conditions: Vec<Condition>,
+    generation: Option<i64>,
+}
+
+/// Writes Backends; runs while this replica leads.
+pub async fn run(client: Client, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
+    let api: Api<Backend> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client);
+    let mut written: HashMap<String, Written> = HashMap::new();
+    let tick = Duration::from_millis(250);
+    let per_tick = (fleet.settings.writes_per_second as f64 * tick.as_secs_f64()).max(0.0);
+    let mut budget = 0.0f64;
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        budget = (budget + per_tick).min(f64::from(fleet.settings.writes_per_second.max(1)));
+        let now = Instant::now();
+        let refresh = fleet.settings.status_refresh;
+        let jobs = fleet.with_router(|router| {
+            router.sweep(now);
+            let mut states = [0i64; 3];
+            let mut due_now: Vec<(Urgency, Job)> = Vec::new();
+            for view in router.views() {
+                let fresh = router.is_fresh(view, now);
+                let state = match (fresh, view.probes.health) {
+                    (false, _) => 1,
+                    (true, Health::Unhealthy) => 2,
+                    _ => 0,
+                };
+                states[state] += 1;
+                let summary = Summary::of(view, fresh);
+                let last = written.get(&view.name).map(|w| (w.summary.clone(), w.at));
+                if let Some(urgency) = due(last.as_ref(), &summary, now, refresh) {
+                    let spec = (urgency == Urgency::New).then(|| spec_of(view));
+                    let job =
+                        Job { name: view.name.clone(), kind: view.kind, summary, spec, view: view.clone(), fresh };
+                    due_now.push((urgency, job));
+                }
+            }
+            for (state, count) in ["ready", "stale", "unhealthy"].iter().zip(states) {
+                metrics.backends.with_label_values(&[state]).set(count);
+            }
+            due_now.sort_by_key(|(urgency, _)| *urgency);
+            due_now.truncate(budget.floor() as usize);
+            due_now
+        });
+        for (_, job) in jobs {
+            budget -= 1.0;
+            let previous = written.remove(&job.name);
+            match write(&api, &nodes, &job, previous.as_ref(), &metrics).await {
+                Ok(Outcome::Written(done)) => {
+                    written.insert(job.name.clone(), done);
+                }
+                Ok(Outcome::Recreate) => {}
+                Ok(Outcome::Forget) => {
+                    fleet.with_router(|router| router.remove(&job.name));
+                }
+                Err(e) => {
+                    tracing::warn!(backend = %job.name, error = %e, "writing the Backend failed; will retry");
+                    if let Some(previous) = previous {
+                        written.insert(job.name.clone(), previous);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What came of a write.
+enum Outcome {
+    Written(Written),
+    /// The Backend is gone: write it whole next time.
+    Recreate,
+    /// Its node is gone: forget the backend.
+    Forget,
+}
+
+/// Writes one Backend: its spec and owner when new, then its status.
+async fn write(
+    api: &Api<Backend>,
+    nodes: &Api<Node>,
+    job: &Job,
+    previous: Option<&Written>,
+    metrics: &Metrics,
+) -> Result<Outcome, kube::Error> {
+    let params = PatchParams::apply(labels::MANAGER).force();
+    let mut generation = previous.and_then(|p| p.generation);
+    if let Some(spec) = &job.spec {
+        let mut owners: Vec<OwnerReference> = Vec::new();
+        if job.kind == ReportKind::Node {
+            // Owned by its Node, so it goes when the node goes.
+            let Some(node) = nodes.get_opt(&job.name).await? else {
+                tracing::warn!(backend = %job.name, "no such node; forgetting its reports");
+                return Ok(Outcome::Forget);
+            };
+            owners.push(OwnerReference {
+                api_version: "v1".into(),
+                kind: "Node".into(),
+                name: job.name.clone(),
+                uid: node.meta().uid.clone().unwrap_or_default(),
+                ..Default::default()
+            });
+        }
+        let body = json!({
+            "apiVersion": "tidepool.dev/v1alpha1",
+            "kind": "Backend",
+            "metadata": { "name": job.name, "ownerReferences": owners, "labels": { "app.kubernetes.io/managed-by": labels::MANAGER } },
+            "spec": spec,
+        });
+        let applied = api.patch(&job.name, &params, &Patch::Apply(body)).await?;
+        metrics.backend_writes.inc();
+        generation = applied.meta().generation;
+    }
+    let conditions = previous.map(|p| p.conditions.clone()).unwrap_or_default();
+    let status = status_of(&job.view, job.fresh, &conditions, generation);
+    let body = json!({ "apiVersion": "tidepool.dev/v1alpha1", "kind": "Backend", "status": status });
+    match api.patch_status(&job.name, &params, &Patch::Apply(body)).await {
+        Ok(_) => {}
+        // Deleted by someone (or its node went): make it anew next time.
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Outcome::Recreate),
+        Err(e) => return Err(e),
+    }
+    metrics.backend_writes.inc();
+    Ok(Outcome::Written(Written {
+        summary: job.summary.clone(),
+        at: Instant::now(),
+        conditions: status.conditions,
+        generation,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(cpu: f32) -> Summary {
+        Summary { fresh: true, health: Health::Unknown, cpu, memory: 10.0, disk: 10.0, gpu: 0.0 }
+    }
+
+    #[test]
+    fn only_news_is_written() {
+        let now = Instant::now();
+        let refresh = Duration::from_secs(60);
+        assert_eq!(due(None, &summary(5.0), now, refresh), Some(Urgency::New));
+        let last = (summary(5.0), now);
+        assert_eq!(due(Some(&last), &summary(9.0), now, refresh), None);
+        assert_eq!(due(Some(&last), &summary(15.0), now, refresh), Some(Urgency::Drift));
+        let stale = Summary { fresh: false, ..summary(5.0) };
+        assert_eq!(due(Some(&last), &stale, now, refresh), Some(Urgency::Condition));
+        let later = now + refresh;
+        assert_eq!(due(Some(&last), &summary(6.0), later, refresh), Some(Urgency::Refresh));
+        // A stale backend is not refreshed again and again.
+        let stale_last = (stale.clone(), now);
+        assert_eq!(due(Some(&stale_last), &stale, later, refresh), None);
+        assert!(Urgency::New < Urgency::Condition && Urgency::Drift < Urgency::Refresh);
+    }
+}
