@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
@@ -280,6 +280,46 @@ impl ControlPlane {
         let user = format!("    token: {token}\n");
         write(&file, &self.kubeconfig_text(&format!("{namespace}-{name}"), &user))?;
         Ok(file)
+    }
+
+    /// A one-hour token of ServiceAccount `namespace/name` (created if
+    /// missing) for `audience`. Bound to `pod` (its name and UID) when given,
+    /// so the API server vouches for the pod's node in a TokenReview, as it
+    /// does for a projected token inside that pod.
+    pub async fn service_account_token(
+        &self,
+        namespace: &str,
+        name: &str,
+        audience: &str,
+        pod: Option<(&str, &str)>,
+    ) -> Result<String> {
+        let admin = self.client().await?;
+        self.ensure_namespace(&admin, namespace).await?;
+        let accounts: Api<ServiceAccount> = Api::namespaced(admin, namespace);
+        let account = ServiceAccount {
+            metadata: ObjectMeta { name: Some(name.to_string()), ..Default::default() },
+            ..Default::default()
+        };
+        accounts.patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&account)).await?;
+        let bound_object_ref = pod.map(|(pod, uid)| BoundObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.into()),
+            uid: Some(uid.into()),
+        });
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![audience.to_string()],
+                expiration_seconds: Some(3600),
+                bound_object_ref,
+            },
+            ..Default::default()
+        };
+        let issued = accounts.create_token_request(name, &PostParams::default(), &request).await?;
+        issued
+            .status
+            .map(|s| s.token)
+            .ok_or_else(|| HarnessError::Other(format!("no token issued for {namespace}/{name}")))
     }
 
     /// `kubectl` pointed at this control plane as admin.

@@ -8,6 +8,7 @@
 //! Dropping the [`ControlPlane`] stops every process and removes its directory,
 //! also when the test panics; children also die with the test process.
 
+mod binaries;
 mod error;
 mod nodes;
 mod pki;
@@ -17,6 +18,7 @@ pub use process::Managed as Process;
 
 pub mod control_plane;
 
+pub use binaries::workspace_binary;
 pub use control_plane::{ControlPlane, Options, free_port};
 pub use error::HarnessError;
 pub use nodes::FakeNode;

@@ -6,7 +6,6 @@
 //! session, shows what is there, and keeps running until Ctrl-C. `--check`
 //! stops after showing (for CI).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -34,7 +33,7 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     let plane = ControlPlane::start_with(Options { nodes, ..Options::default() }).await?;
 
     eprintln!("Building and starting tidepool-operator...");
-    let operator_bin = build_operator()?;
+    let operator_bin = tidepool_tests::workspace_binary("tidepool-operator", "tidepool-operator")?;
     let token = "tidepool-dev-token";
     let token_file = plane.dir().join("api-token");
     std::fs::write(&token_file, token).map_err(HarnessError::io("writing the API token"))?;
@@ -83,26 +82,6 @@ fn kubectl(plane: &ControlPlane, args: &[&str]) -> tidepool_tests::Result<()> {
     } else {
         Err(tidepool_tests::HarnessError::Other(format!("kubectl {} failed: {status}", args.join(" "))))
     }
-}
-
-/// Builds the operator with the cargo that runs us (a no-op when it is up to
-/// date) and returns its path, beside our own binary.
-fn build_operator() -> tidepool_tests::Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = std::process::Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "tidepool-operator", "--bin", "tidepool-operator"]);
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    let status = build.status().map_err(HarnessError::io("running cargo build"))?;
-    if !status.success() {
-        return Err(HarnessError::Other(format!("building tidepool-operator failed: {status}")));
-    }
-    let here = std::env::current_exe().map_err(HarnessError::io("finding tidepool-dev"))?;
-    let dir = here.parent().ok_or_else(|| HarnessError::Other("tidepool-dev has no directory".into()))?;
-    // Test binaries live in target/<profile>/deps; programs one level up.
-    let dir = if dir.ends_with("deps") { dir.parent().unwrap_or(dir) } else { dir };
-    Ok(dir.join("tidepool-operator"))
 }
 
 /// Asks the operator's API for a session on the example pool, once it answers.
