@@ -1,0 +1,405 @@
+//! Node agents on the real control plane: the real agent binary runs as a
+//! local process for each kwok node, with a token bound to its DaemonSet pod
+//! there, reading /proc fixtures (and a fake NVML on the GPU node) so each
+//! node's load is known.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Operator, TOKEN, post_session};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use tidepool_crds::Backend;
+use tidepool_tests::{FakeNode, Process, eventually, free_port, workspace_binary};
+use tidepool_wire::report::{AgentReport, Capacity, ReportKind, Window};
+
+const AGENT_IMAGE: &str = "tidepool-agent:test";
+
+/// Starts the operator with fast probes, after the agents' ServiceAccount exists.
+async fn operator(cluster: &Cluster, name: &str) -> Operator {
+    cluster.plane.service_account_token("default", "tidepool-agent", "tidepool", None).await.unwrap();
+    cluster
+        .operator(
+            name,
+            &[
+                &format!("--agent-image={AGENT_IMAGE}"),
+                "--health-probe-interval-seconds=1",
+                "--backend-status-refresh-seconds=5",
+            ],
+        )
+        .await
+}
+
+/// The agent DaemonSet's pod on `node`: (name, uid), once the DaemonSet controller made it.
+async fn agent_pod(cluster: &Cluster, node: &str) -> (String, String) {
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let params =
+        ListParams::default().labels("app.kubernetes.io/name=tidepool-agent").fields(&format!("spec.nodeName={node}"));
+    eventually(Duration::from_secs(60), &format!("the agent pod on {node}"), || async {
+        let pod = pods.list(&params).await.ok()?.items.into_iter().next()?;
+        Some((pod.name_any(), pod.uid()?))
+    })
+    .await
+    .unwrap()
+}
+
+/// A /proc with `cores` cores, memory `memory_used_percent` % used of 16 GiB.
+fn proc_fixture(dir: &Path, memory_used_percent: u64) -> PathBuf {
+    let root = dir.to_path_buf();
+    std::fs::create_dir_all(root.join("net")).unwrap();
+    let mut stat = String::from("cpu  400 0 400 4000 0 0 0 0 0 0\n");
+    for core in 0..4 {
+        stat.push_str(&format!("cpu{core} 100 0 100 1000 0 0 0 0 0 0\n"));
+    }
+    std::fs::write(root.join("stat"), stat).unwrap();
+    let total_kib: u64 = 16 << 20;
+    let available = total_kib * (100 - memory_used_percent) / 100;
+    std::fs::write(
+        root.join("meminfo"),
+        format!("MemTotal: {total_kib} kB\nMemFree: {available} kB\nMemAvailable: {available} kB\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("net/dev"),
+        "Inter-|   Receive |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes\n    lo: 5 1 0 0 0 0 0 0 5 1 0 0 0 0 0 0\n  eth0: 1000 10 0 0 0 0 0 0 2000 20 0 0 0 0 0 0\n",
+    )
+    .unwrap();
+    root
+}
+
+/// Builds the fake NVML library the agent's own tests use.
+fn fake_nvml(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fake-nvml/fake_nvml.c");
+    let library = dir.join("libnvidia-ml.so.1");
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .status()
+        .expect("a C compiler (cc) is needed to build the fake NVML library");
+    assert!(status.success(), "building the fake NVML library failed");
+    library
+}
+
+/// Runs the real agent for `node` against `operator`.
+struct Agent {
+    process: Process,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+async fn start_agent(
+    cluster: &Cluster,
+    operator: &Operator,
+    node: &str,
+    memory_used_percent: u64,
+    gpu: Option<&Path>,
+) -> Agent {
+    let (pod, uid) = agent_pod(cluster, node).await;
+    let token =
+        cluster.plane.service_account_token("default", "tidepool-agent", "tidepool", Some((&pod, &uid))).await.unwrap();
+    let dir = cluster.plane.dir().join(format!("agent-{node}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let proc_root = proc_fixture(&dir.join("proc"), memory_used_percent);
+    let mut args = vec![
+        format!("--operator-url={}", operator.url),
+        format!("--token-file={}", token_file.display()),
+        format!("--node-name={node}"),
+        "--address=127.0.0.1".to_string(),
+        format!("--listen=127.0.0.1:{}", free_port().unwrap()),
+        "--report-interval-ms=200".to_string(),
+        "--sample-interval-ms=200".to_string(),
+        "--windows=10s,60s".to_string(),
+        format!("--proc-root={}", proc_root.display()),
+        format!("--disk-path={}", dir.display()),
+    ];
+    let mut env = vec![("RUST_LOG".to_string(), "info".to_string())];
+    match gpu {
+        Some(library) => {
+            args.push(format!("--nvml-library={}", library.display()));
+            let state = dir.join("nvml-state");
+            // Two GPUs: 10 % and 30 % busy, 1 GiB and 2 GiB used.
+            std::fs::write(&state, "10 1024 40 100000\n30 2048 50 150000\n").unwrap();
+            env.push(("FAKE_NVML_STATE".to_string(), state.display().to_string()));
+        }
+        None => args.push("--no-gpu".to_string()),
+    }
+    let process = spawn_agent(cluster, node, &args, &env);
+    Agent { process, args, env }
+}
+
+fn spawn_agent(cluster: &Cluster, node: &str, args: &[String], env: &[(String, String)]) -> Process {
+    let binary = workspace_binary("tidepool-agent", "tidepool-agent").unwrap();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    cluster.plane.spawn(&format!("agent-{node}"), &binary, args, &env).unwrap()
+}
+
+fn condition(backend: &Backend, type_: &str) -> Option<String> {
+    let status = backend.status.as_ref()?;
+    status.conditions.iter().find(|c| c.type_ == type_).map(|c| c.status.clone())
+}
+
+async fn wait_backend<T>(
+    cluster: &Cluster,
+    name: &str,
+    what: &str,
+    limit: Duration,
+    check: impl Fn(&Backend) -> Option<T>,
+) -> T {
+    let backends: Api<Backend> = Api::all(cluster.client.clone());
+    eventually(limit, &format!("Backend {name}: {what}"), || async {
+        let backend = backends.get_opt(name).await.ok()??;
+        check(&backend)
+    })
+    .await
+    .unwrap()
+}
+
+/// A pool whose warm pods spread evenly over the nodes.
+async fn spread_pool(cluster: &Cluster, name: &str, size: i32, tier: Value) {
+    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
+    let pool = json!({
+        "apiVersion": "tidepool.dev/v1alpha1", "kind": "WarmPool",
+        "metadata": { "name": name },
+        "spec": {
+            "size": size,
+            "tier": tier,
+            "template": { "spec": {
+                "topologySpreadConstraints": [{
+                    "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+                    "labelSelector": { "matchLabels": { "tidepool.dev/pool": name } }
+                }],
+                "containers": [{
+                    "name": "session", "image": "tidepool/session:test",
+                    "resources": { "requests": { "cpu": "10m", "memory": "16Mi" } }
+                }]
+            } }
+        }
+    });
+    pools.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&pool)).await.unwrap();
+}
+
+async fn session_node(operator: &Operator, pool: &str) -> String {
+    let (code, body) = post_session(operator, json!({ "pool": pool })).await;
+    assert_eq!(code, 201, "{body}");
+    body["node"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_feed_backends_and_sessions_follow_the_load() {
+    let cluster = Cluster::start(3).await;
+    cluster.plane.add_node(&FakeNode::new("gpu-0").gpus(2)).await.unwrap();
+    let operator = operator(&cluster, "op").await;
+    let nvml = fake_nvml(cluster.plane.dir());
+    // Memory use decides among otherwise idle nodes: node-1 is the least loaded.
+    let loads = [("node-0", 80), ("node-1", 20), ("node-2", 50), ("gpu-0", 90)];
+    let mut agents = Vec::new();
+    for (node, memory) in loads {
+        let gpu = (node == "gpu-0").then_some(nvml.as_path());
+        agents.push(start_agent(&cluster, &operator, node, memory, gpu).await);
+    }
+
+    // Every node gets a Backend, owned by its Node, Ready, and healthy once probed.
+    for (node, memory) in loads {
+        let backend = wait_backend(&cluster, node, "Ready and Healthy", Duration::from_secs(30), |b| {
+            let healthy = b.status.as_ref()?.health == tidepool_crds::backend::Health::Healthy;
+            (condition(b, "Ready").as_deref() == Some("True") && healthy).then(|| b.clone())
+        })
+        .await;
+        assert_eq!(backend.owner_references()[0].kind, "Node");
+        assert_eq!(backend.spec.node_name.as_deref(), Some(node));
+        let usage = backend.status.as_ref().unwrap().usage.clone().unwrap();
+        assert!((usage.memory_percent - memory as f64).abs() < 1.0, "{node}: {usage:?}");
+    }
+    let gpu = wait_backend(&cluster, "gpu-0", "two GPUs", Duration::from_secs(10), |b| {
+        let status = b.status.as_ref()?;
+        (status.capacity.as_ref()?.gpus.len() == 2).then(|| status.clone())
+    })
+    .await;
+    let usage = gpu.usage.unwrap();
+    assert_eq!(usage.gpus.iter().map(|g| g.utilization_percent).collect::<Vec<_>>(), [10.0, 30.0]);
+    assert_eq!(usage.gpus[1].memory_used_bytes, 2048 << 20);
+
+    // Sessions take the warm pod on the least loaded node; pending picks
+    // count, so the third goes elsewhere.
+    spread_pool(&cluster, "cpu", 8, json!({ "vcpu": 1, "memoryMiB": 64 })).await;
+    cluster.wait_warm("cpu", 8, Duration::from_secs(60)).await;
+    assert_eq!(session_node(&operator, "cpu").await, "node-1");
+    assert_eq!(session_node(&operator, "cpu").await, "node-1");
+    assert_eq!(session_node(&operator, "cpu").await, "node-2");
+
+    // A GPU tier lands only where GPUs are free, however loaded the rest is.
+    spread_pool(&cluster, "gpu", 4, json!({ "vcpu": 1, "memoryMiB": 64, "gpus": 1, "gpuMemoryMiB": 1024 })).await;
+    cluster.wait_warm("gpu", 4, Duration::from_secs(60)).await;
+    assert_eq!(session_node(&operator, "gpu").await, "gpu-0");
+
+    // Clients outside the cluster ask the router directly.
+    let http = reqwest::Client::new();
+    let route = |body: Value| {
+        let request = http.post(format!("{}/api/v1/route", operator.url)).bearer_auth(TOKEN).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (code, body) = route(json!({ "tier": { "vcpu": 1, "memoryMiB": 64 }, "stickyKey": "user-7" })).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body["backend"].as_str().unwrap().starts_with("node-"), "{body}");
+    assert!(body["reportAgeMs"].as_u64().unwrap() < 1000, "{body}");
+    let (code, again) = route(json!({ "tier": { "vcpu": 1, "memoryMiB": 64 }, "stickyKey": "user-7" })).await;
+    assert_eq!((code, &again["backend"], &again["sticky"]), (200, &body["backend"], &json!(true)), "{again}");
+    let (code, body) = route(json!({ "tier": { "vcpu": 64, "memoryMiB": 64 } })).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("short of idle cores"), "{body}");
+    let (code, body) = route(json!({ "tier": { "vcpu": 0, "memoryMiB": 64 } })).await;
+    assert_eq!(code, 422, "{body}");
+
+    // An agent that stops makes its Backend Stale within the window
+    // (3 missed 200 ms reports), and it comes back when reports resume.
+    let stopped = agents.remove(2);
+    let (args, env) = (stopped.args.clone(), stopped.env.clone());
+    let started = Instant::now();
+    drop(stopped.process);
+    wait_backend(&cluster, "node-2", "Stale", Duration::from_secs(10), |b| {
+        (condition(b, "Stale").as_deref() == Some("True") && condition(b, "Ready").as_deref() == Some("False"))
+            .then_some(())
+    })
+    .await;
+    let stale_after = started.elapsed();
+    assert!(stale_after < Duration::from_secs(5), "Stale after {stale_after:?}");
+    let _again = spawn_agent(&cluster, "node-2", &args, &env);
+    wait_backend(&cluster, "node-2", "Ready again", Duration::from_secs(15), |b| {
+        (condition(b, "Ready").as_deref() == Some("True")).then_some(())
+    })
+    .await;
+    drop(agents);
+}
+
+/// A report the test sends by hand.
+fn report(backend: &str, kind: ReportKind) -> AgentReport {
+    AgentReport {
+        backend: backend.into(),
+        kind,
+        address: None,
+        health_port: None,
+        region: None,
+        coordinates: None,
+        interval_ms: 1000,
+        seq: 1,
+        sampled_at_ms: 1,
+        capacity: Capacity { cores: 2, memory_bytes: 1 << 30, disk_bytes: 1 << 30, gpus: vec![] },
+        windows: vec![Window { seconds: 10, samples: 10, cores: vec![5.0, 5.0], ..Window::default() }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_reports_are_refused_and_the_daemonset_is_kept() {
+    let cluster = Cluster::start(2).await;
+    let operator = operator(&cluster, "op").await;
+    let (pod, uid) = agent_pod(&cluster, "node-0").await;
+    let plane = &cluster.plane;
+    let node_0 =
+        plane.service_account_token("default", "tidepool-agent", "tidepool", Some((&pod, &uid))).await.unwrap();
+    let unbound = plane.service_account_token("default", "tidepool-agent", "tidepool", None).await.unwrap();
+    let stranger = plane.service_account_token("default", "someone-else", "tidepool", None).await.unwrap();
+    let wrong_audience = plane.service_account_token("default", "tidepool-agent", "elsewhere", None).await.unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/agents/report", operator.url);
+    let send = |token: Option<&str>, body: Vec<u8>| {
+        let mut request = http.post(&url).header("content-type", "application/json").body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let json = |r: &AgentReport| serde_json::to_vec(r).unwrap();
+    let good = report("node-0", ReportKind::Node);
+    let mut absurd = good.clone();
+    absurd.windows[0].cores = vec![250.0, 5.0];
+    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        ("no token", None, json(&good), 401, "bearer token"),
+        ("a forged token", Some("not-a-token"), json(&good), 401, "not accepted"),
+        ("a token for another audience", Some(&wrong_audience), json(&good), 401, "not accepted"),
+        ("another ServiceAccount", Some(&stranger), json(&good), 403, "is not the agents' ServiceAccount"),
+        ("another node", Some(&node_0), json(&report("node-1", ReportKind::Node)), 403, "not on node node-1"),
+        ("a token bound to no pod", Some(&unbound), json(&good), 403, "bound to the agent's pod"),
+        ("an absurd figure", Some(&node_0), json(&absurd), 422, "windows[0].cores[0]"),
+        ("malformed JSON", Some(&node_0), b"{\"backend\":".to_vec(), 400, "not valid JSON"),
+        ("an oversized body", Some(&node_0), vec![b' '; 300 * 1024], 413, ""),
+    ];
+    for (what, token, body, code, says) in cases {
+        let (got, text) = send(token, body).await;
+        assert_eq!(got, code, "{what}: {text}");
+        assert!(text.contains(says), "{what}: {text}");
+    }
+    // Nothing refused reached the API server.
+    let backends: Api<Backend> = Api::all(cluster.client.clone());
+    assert!(backends.list(&ListParams::default()).await.unwrap().items.is_empty());
+    let log = operator.process.log_tail(200);
+    assert!(log.contains("refused an agent report"), "{log}");
+    let (got, text) = send(Some(&node_0), json(&good)).await;
+    assert_eq!(got, 204, "{text}");
+    wait_backend(&cluster, "node-0", "created", Duration::from_secs(10), |_| Some(())).await;
+    assert!(backends.get_opt("node-1").await.unwrap().is_none());
+
+    // A replica that does not lead sends agents elsewhere.
+    let follower = cluster.operator("op-2", &["--no-agent-daemonset"]).await;
+    let answer =
+        http.post(format!("{}/api/v1/agents/report", follower.url)).bearer_auth(&node_0).json(&good).send().await;
+    assert_eq!(answer.unwrap().status().as_u16(), 503);
+
+    // The agent outside Kubernetes registers an external Backend.
+    let dir = plane.dir().join("external");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), &unbound).unwrap();
+    let proc_root = proc_fixture(&dir.join("proc"), 30);
+    let args = vec![
+        format!("--operator-url={}", operator.url),
+        format!("--token-file={}", dir.join("token").display()),
+        "--external=edge-1".to_string(),
+        "--address=edge-1.example:8443".to_string(),
+        "--region=eu-west".to_string(),
+        format!("--listen=127.0.0.1:{}", free_port().unwrap()),
+        "--report-interval-ms=200".to_string(),
+        format!("--proc-root={}", proc_root.display()),
+        format!("--disk-path={}", dir.display()),
+        "--no-gpu".to_string(),
+    ];
+    let _external = spawn_agent(&cluster, "edge-1", &args, &[]);
+    let spec = wait_backend(&cluster, "edge-1", "registered", Duration::from_secs(15), |b| Some(b.spec.clone())).await;
+    assert_eq!(spec.kind, tidepool_crds::backend::BackendKind::External);
+    assert_eq!(spec.address.as_deref(), Some("edge-1.example:8443"));
+    assert_eq!(spec.region.as_deref(), Some("eu-west"));
+
+    // The operator keeps its DaemonSet: an edit is undone, a deletion repaired.
+    let daemonsets: Api<DaemonSet> = Api::namespaced(cluster.client.clone(), "default");
+    let image = |ds: &DaemonSet| ds.spec.as_ref()?.template.spec.as_ref()?.containers[0].image.clone();
+    let original = daemonsets.get("tidepool-agent").await.unwrap();
+    assert_eq!(image(&original).as_deref(), Some(AGENT_IMAGE));
+    let edit =
+        json!({ "spec": { "template": { "spec": { "containers": [{ "name": "agent", "image": "evil:1" }] } } } });
+    daemonsets.patch("tidepool-agent", &PatchParams::default(), &Patch::Strategic(edit)).await.unwrap();
+    eventually(Duration::from_secs(15), "the edited DaemonSet put back", || async {
+        let ds = daemonsets.get("tidepool-agent").await.ok()?;
+        (image(&ds).as_deref() == Some(AGENT_IMAGE)).then_some(())
+    })
+    .await
+    .unwrap();
+    daemonsets.delete("tidepool-agent", &DeleteParams::default()).await.unwrap();
+    eventually(Duration::from_secs(15), "the deleted DaemonSet made again", || async {
+        let ds = daemonsets.get_opt("tidepool-agent").await.ok()??;
+        (ds.uid() != original.uid()).then_some(())
+    })
+    .await
+    .unwrap();
+}
