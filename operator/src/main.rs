@@ -108,10 +108,10 @@ struct FleetArgs {
     #[arg(long, env = "TIDEPOOL_BACKEND_STALE_AFTER_REPORTS", default_value_t = 3)]
     backend_stale_after_reports: u32,
     /// Seconds between refreshes of a Backend's status when nothing significant changed.
-    #[arg(long, env = "TIDEPOOL_BACKEND_STATUS_REFRESH", default_value_t = 60)]
+    #[arg(long, env = "TIDEPOOL_BACKEND_STATUS_REFRESH", default_value_t = 300)]
     backend_status_refresh_seconds: u64,
     /// Backend writes per second at most, over all Backends.
-    #[arg(long, env = "TIDEPOOL_BACKEND_WRITES_PER_SECOND", default_value_t = 10)]
+    #[arg(long, env = "TIDEPOOL_BACKEND_WRITES_PER_SECOND", default_value_t = 5)]
     backend_writes_per_second: u32,
     /// Seconds between health probes of a backend.
     #[arg(long, env = "TIDEPOOL_HEALTH_PROBE_INTERVAL", default_value_t = 10)]

@@ -47,8 +47,10 @@ pub struct RouteAnswer {
     pub score: f64,
     /// The sticky key's backend was reused.
     pub sticky: bool,
-    /// How old the router's view of the backend was.
+    /// How long ago the operator received the backend's latest report.
     pub report_age_ms: u64,
+    /// How old the newest sample in that report is, by the wall clock.
+    pub sample_age_ms: u64,
 }
 
 /// Checks a request's figures; the message names the field.
@@ -120,6 +122,7 @@ pub async fn route(State(state): State<Arc<ApiState>>, body: Result<Bytes, Bytes
             score: pick.score,
             sticky: pick.sticky,
             report_age_ms: u64::try_from(pick.view_age.as_millis()).unwrap_or(u64::MAX),
+            sample_age_ms: view.map_or(0, |v| unix_ms().saturating_sub(v.sampled_at_ms)),
             backend: pick.backend,
         })
     });
@@ -134,6 +137,11 @@ pub async fn route(State(state): State<Arc<ApiState>>, body: Result<Bytes, Bytes
             error(StatusCode::SERVICE_UNAVAILABLE, no_fit.to_string())
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! Reports arrive every second from every node, but a Backend's status is
 //! written only when it is new, when Ready, Stale or health changes, when a
 //! use figure moved by [`SIGNIFICANT_POINTS`], or when a refresh is due; and
-//! never more than `writes_per_second` over all Backends, most urgent first.
+//! never more than `writes_per_second` API writes over all Backends, most
+//! urgent first.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -221,7 +222,7 @@ pub async fn run(client: Client, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        budget = (budget + per_tick).min(f64::from(fleet.settings.writes_per_second.max(1)));
+        budget = (budget + per_tick).min(f64::from(fleet.settings.writes_per_second.max(2)));
         let now = Instant::now();
         let refresh = fleet.settings.status_refresh;
         let jobs = fleet.with_router(|router| {
@@ -249,11 +250,16 @@ pub async fn run(client: Client, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
                 metrics.backends.with_label_values(&[state]).set(count);
             }
             due_now.sort_by_key(|(urgency, _)| *urgency);
-            due_now.truncate(budget.floor() as usize);
+            // A new Backend costs two writes (spec, then status); the rest one.
+            let mut spend = 0.0;
+            due_now.retain(|(_, job)| {
+                spend += if job.spec.is_some() { 2.0 } else { 1.0 };
+                spend <= budget
+            });
             due_now
         });
         for (_, job) in jobs {
-            budget -= 1.0;
+            budget -= if job.spec.is_some() { 2.0 } else { 1.0 };
             let previous = written.remove(&job.name);
             match write(&api, &nodes, &job, previous.as_ref(), &metrics).await {
                 Ok(Outcome::Written(done)) => {
