@@ -57,20 +57,20 @@ fn report(name: &str, interval_ms: u32, seq: u64) -> AgentReport {
     }
 }
 
-/// Starts `count` simulated agents named `prefix-N` reporting every `interval`.
-fn agents(
-    http: &reqwest::Client,
-    url: &str,
-    token: &str,
-    prefix: &str,
-    count: usize,
-    interval: Duration,
-    stop: Arc<AtomicBool>,
+/// Where simulated agents send their reports, and what they count.
+#[derive(Clone)]
+struct Target {
+    http: reqwest::Client,
+    url: String,
+    token: String,
     failures: Arc<AtomicU64>,
-) {
+}
+
+/// Starts `count` simulated agents named `prefix-N` reporting every `interval`.
+fn agents(target: &Target, prefix: &str, count: usize, interval: Duration, stop: Arc<AtomicBool>) {
     for i in 0..count {
-        let (http, url, token, stop, failures) =
-            (http.clone(), url.to_string(), token.to_string(), stop.clone(), failures.clone());
+        let Target { http, url, token, failures } = target.clone();
+        let stop = stop.clone();
         let name = format!("{prefix}-{i}");
         let interval_ms = interval.as_millis() as u32;
         // Spread the agents over the interval, as real ones drift apart.
@@ -175,7 +175,8 @@ async fn main() {
 
     // 1,000 agents, every second.
     let stop = Arc::new(AtomicBool::new(false));
-    agents(&http, &report_url, &token, "sim", 1000, Duration::from_secs(1), stop.clone(), failures.clone());
+    let target = Target { http: http.clone(), url: report_url, token, failures: failures.clone() };
+    agents(&target, "sim", 1000, Duration::from_secs(1), stop.clone());
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (cpu_before, writes_before, reports_before) = (
         cpu_seconds(operator.pid()),
@@ -202,7 +203,7 @@ async fn main() {
     // 50 agents, every 100 ms (the 1 s agents go stale and leave placement).
     tokio::time::sleep(Duration::from_secs(4)).await;
     let stop = Arc::new(AtomicBool::new(false));
-    agents(&http, &report_url, &token, "fast", 50, Duration::from_millis(100), stop.clone(), failures.clone());
+    agents(&target, "fast", 50, Duration::from_millis(100), stop.clone());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let ages_100ms = route_ages(&http, &route_url, seconds.min(30)).await;
     stop.store(true, Ordering::Relaxed);
