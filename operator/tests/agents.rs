@@ -326,7 +326,9 @@ async fn bad_reports_are_refused_and_the_daemonset_is_kept() {
     let good = report("node-0", ReportKind::Node);
     let mut absurd = good.clone();
     absurd.windows[0].cores = vec![250.0, 5.0];
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+    // What is sent (token, body), and the code and words expected back.
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("no token", None, json(&good), 401, "bearer token"),
         ("a forged token", Some("not-a-token"), json(&good), 401, "not accepted"),
         ("a token for another audience", Some(&wrong_audience), json(&good), 401, "not accepted"),
