@@ -11,4 +11,7 @@ fn tidepool_dev_brings_up_the_cluster_and_says_what_next() {
     // The operator answered a session request with a bound pod and its credentials.
     assert!(stdout.contains("\"endpoint\":\"http://127."), "{stdout}");
     assert!(stdout.contains("\"token\":"), "{stdout}");
+    // An agent per node reported: Backends exist and the router answers.
+    assert!(stdout.contains("backend.tidepool.dev/kwok-gpu-0 condition met"), "{stdout}");
+    assert!(stdout.contains("\"backend\":\"kwok-"), "{stdout}");
 }
