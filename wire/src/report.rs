@@ -287,7 +287,8 @@ mod tests {
 
     #[test]
     fn absurd_figures_are_refused_by_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut AgentReport)>)> = vec![
+        type Breaks = Box<dyn Fn(&mut AgentReport)>;
+        let cases: Vec<(&str, Breaks)> = vec![
             ("backend", Box::new(|r| r.backend = "Node_1".into())),
             ("intervalMs", Box::new(|r| r.interval_ms = 0)),
             ("capacity.cores", Box::new(|r| r.capacity.cores = 100_000)),
