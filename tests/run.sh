@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The agent's and the operator's GPU tests build a fake NVML library with cc.
+if ! command -v cc >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null
+fi
+
 # Formatting and lints first: they are cheap and fail fast.
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked --quiet -- -D warnings

@@ -55,11 +55,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/sessions/{name}", get(get_session).delete(delete_session))
         .route("/api/v1/route", axum::routing::post(route::route))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT));
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(|request: Request, next: Next| refuse_oversized(BODY_LIMIT, request, next)));
     // Agents authenticate with their ServiceAccount tokens, not the API token.
     let agents = Router::new()
         .route(REPORT_PATH, axum::routing::post(ingest::report))
-        .layer(DefaultBodyLimit::max(MAX_REPORT_BYTES));
+        .layer(DefaultBodyLimit::max(MAX_REPORT_BYTES))
+        .layer(middleware::from_fn(|request: Request, next: Next| refuse_oversized(MAX_REPORT_BYTES, request, next)));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -68,6 +70,32 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(agents)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
+}
+
+/// Oversized bodies this large or smaller are read and dropped before the 413.
+const DRAIN_LIMIT: usize = 1024 * 1024;
+
+/// Refuses a body whose declared length is over `limit` with 413. Bodies up
+/// to [`DRAIN_LIMIT`] are read first: a server that answers and closes with
+/// the body unread makes the kernel reset the connection, and the client
+/// may see the reset instead of the answer.
+async fn refuse_oversized(limit: usize, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match declared {
+        Some(length) if length > limit => {
+            if length <= DRAIN_LIMIT {
+                let drain = axum::body::to_bytes(request.into_body(), DRAIN_LIMIT);
+                let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+            }
+            let message = format!("length limit exceeded: the body is {length} bytes, the limit {limit}");
+            error(StatusCode::PAYLOAD_TOO_LARGE, message)
+        }
+        _ => next.run(request).await,
+    }
 }
 
 /// A JSON error body: `{"error": "...", "code": N}`.
