@@ -33,7 +33,8 @@ fn report(name: &str, interval_ms: u32, seq: u64) -> AgentReport {
     AgentReport {
         backend: name.into(),
         kind: ReportKind::External,
-        address: Some(format!("{name}.example:443")),
+        // No address: nothing to probe, so the figures are ingest alone.
+        address: None,
         health_port: None,
         region: None,
         coordinates: None,

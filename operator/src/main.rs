@@ -156,6 +156,9 @@ async fn main() -> ExitCode {
         Err(e) => return fail(format!("metrics: {e}")),
     };
     let keys = Arc::new(Keys::default());
+    if args.fleet.health_probe_timeout_seconds >= args.fleet.health_probe_interval_seconds {
+        return fail("--health-probe-timeout-seconds must be shorter than --health-probe-interval-seconds".into());
+    }
     let agent_namespace = args.fleet.agent_namespace.clone().unwrap_or_else(|| args.lease_namespace.clone());
     let fleet = Arc::new(Fleet::new(FleetSettings {
         agent_namespace: agent_namespace.clone(),

@@ -28,7 +28,8 @@ async fn operator(cluster: &Cluster, name: &str) -> Operator {
             name,
             &[
                 &format!("--agent-image={AGENT_IMAGE}"),
-                "--health-probe-interval-seconds=1",
+                "--health-probe-interval-seconds=2",
+                "--health-probe-timeout-seconds=1",
                 "--backend-status-refresh-seconds=5",
             ],
         )
@@ -382,6 +383,15 @@ async fn bad_reports_are_refused_and_the_daemonset_is_kept() {
     assert_eq!(spec.kind, tidepool_crds::backend::BackendKind::External);
     assert_eq!(spec.address.as_deref(), Some("edge-1.example:8443"));
     assert_eq!(spec.region.as_deref(), Some("eu-west"));
+    // Its service port is probed over TCP; nothing answers there, so after
+    // three failed probes it is Unhealthy and out of placement.
+    let check = spec.health_check.expect("a health check");
+    assert_eq!((check.kind, check.port), (tidepool_crds::backend::HealthCheckKind::Tcp, 8443));
+    wait_backend(&cluster, "edge-1", "Unhealthy", Duration::from_secs(30), |b| {
+        let unhealthy = b.status.as_ref()?.health == tidepool_crds::backend::Health::Unhealthy;
+        (unhealthy && condition(b, "Ready").as_deref() == Some("False")).then_some(())
+    })
+    .await;
 
     // The operator keeps its DaemonSet: an edit is undone, a deletion repaired.
     let daemonsets: Api<DaemonSet> = Api::namespaced(cluster.client.clone(), "default");

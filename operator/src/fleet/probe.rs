@@ -1,5 +1,6 @@
-//! Health probes: an HTTP GET of the agent's `/healthz` (or a TCP connect
-//! when no path is known), every interval, each bounded by a timeout. The
+//! Health probes: an HTTP GET of the agent's `/healthz`, or for an external
+//! server a TCP connect to its service port, every interval, each bounded
+//! by a timeout. The
 //! verdict and the latency EWMA live in the router's view.
 
 use std::collections::HashMap;
@@ -10,7 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+use tidepool_wire::report::ReportKind;
+
 use super::Fleet;
+use crate::placement::view::BackendView;
 
 /// Probes in flight at most.
 const CONCURRENCY: usize = 64;
@@ -32,6 +36,27 @@ pub fn host_of(address: &str) -> &str {
     match address.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
         _ => address,
+    }
+}
+
+/// The port of `host:port` or `[v6]:port`, if it names one.
+pub fn port_of(address: &str) -> Option<u16> {
+    let (host, port) = address.rsplit_once(':')?;
+    if host.contains(':') && !host.ends_with(']') {
+        return None;
+    }
+    port.parse().ok()
+}
+
+/// What to probe for a backend. An external server that names its service
+/// port gets a TCP connect to it: what its clients need is that port. Every
+/// other backend gets an HTTP GET of its agent's `/healthz`.
+pub fn target_of(view: &BackendView) -> Option<Target> {
+    let address = view.address.as_deref()?;
+    let host = host_of(address).to_owned();
+    match (view.kind, port_of(address)) {
+        (ReportKind::External, Some(port)) => Some(Target { host, port, path: None }),
+        _ => Some(Target { host, port: view.health_port?, path: Some("/healthz".into()) }),
     }
 }
 
@@ -85,10 +110,7 @@ pub async fn run(fleet: Arc<Fleet>) {
             router
                 .views()
                 .filter(|v| last.get(&v.name).is_none_or(|at| now.saturating_duration_since(*at) >= interval))
-                .filter_map(|v| {
-                    let host = host_of(v.address.as_deref()?).to_owned();
-                    Some((v.name.clone(), Target { host, port: v.health_port?, path: Some("/healthz".into()) }))
-                })
+                .filter_map(|v| Some((v.name.clone(), target_of(v)?)))
                 .collect()
         });
         for (name, target) in due {
@@ -115,6 +137,10 @@ mod tests {
         assert_eq!(host_of("node.example"), "node.example");
         assert_eq!(host_of("[fd00::1]:9101"), "fd00::1");
         assert_eq!(host_of("fd00::1"), "fd00::1");
+        assert_eq!(port_of("10.0.0.1:9101"), Some(9101));
+        assert_eq!(port_of("[fd00::1]:443"), Some(443));
+        assert_eq!(port_of("fd00::1"), None);
+        assert_eq!(port_of("node.example"), None);
     }
 
     #[tokio::test]

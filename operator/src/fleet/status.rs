@@ -98,8 +98,15 @@ pub fn due(
     (now_summary.fresh && now.saturating_duration_since(*at) >= refresh).then_some(Urgency::Refresh)
 }
 
-/// The Backend's spec, as the agent describes it.
-pub fn spec_of(view: &BackendView) -> BackendSpec {
+/// How often health probes run, and their timeout.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeTiming {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// The Backend's spec, as the agent describes it, with the probe that runs.
+pub fn spec_of(view: &BackendView, probe: &ProbeTiming) -> BackendSpec {
     BackendSpec {
         kind: match view.kind {
             ReportKind::Node => BackendKind::Node,
@@ -110,12 +117,12 @@ pub fn spec_of(view: &BackendView) -> BackendSpec {
         region: view.region.clone(),
         coordinates: view.coordinates.map(|c| Coordinates { latitude: c.latitude, longitude: c.longitude }),
         labels: Default::default(),
-        health_check: view.health_port.map(|port| HealthCheck {
-            kind: HealthCheckKind::Http,
-            port: i32::from(port),
-            path: Some("/healthz".into()),
-            interval_seconds: 10,
-            timeout_seconds: 2,
+        health_check: super::probe::target_of(view).map(|target| HealthCheck {
+            kind: if target.path.is_some() { HealthCheckKind::Http } else { HealthCheckKind::Tcp },
+            port: i32::from(target.port),
+            path: target.path,
+            interval_seconds: i32::try_from(probe.interval.as_secs()).unwrap_or(i32::MAX).clamp(1, 3600),
+            timeout_seconds: i32::try_from(probe.timeout.as_secs()).unwrap_or(i32::MAX).clamp(1, 60),
         }),
     }
 }
@@ -218,6 +225,7 @@ pub async fn run(client: Client, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
     let tick = Duration::from_millis(250);
     let per_tick = (fleet.settings.writes_per_second as f64 * tick.as_secs_f64()).max(0.0);
     let mut budget = 0.0f64;
+    let timing = ProbeTiming { interval: fleet.settings.probe_interval, timeout: fleet.settings.probe_timeout };
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -240,7 +248,7 @@ pub async fn run(client: Client, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
                 let summary = Summary::of(view, fresh);
                 let last = written.get(&view.name).map(|w| (w.summary.clone(), w.at));
                 if let Some(urgency) = due(last.as_ref(), &summary, now, refresh) {
-                    let spec = (urgency == Urgency::New).then(|| spec_of(view));
+                    let spec = (urgency == Urgency::New).then(|| spec_of(view, &timing));
                     let job =
                         Job { name: view.name.clone(), kind: view.kind, summary, spec, view: view.clone(), fresh };
                     due_now.push((urgency, job));
