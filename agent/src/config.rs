@@ -146,6 +146,8 @@ pub enum ConfigError {
     OperatorUrl(String),
     #[error("--address {0:?} must be a host or IP with an optional :port, without spaces or '/'")]
     Address(String),
+    #[error("--external needs --address: where clients reach the server")]
+    ExternalAddress,
     #[error("--region must be 1 to 63 characters")]
     Region,
     #[error("give both --latitude and --longitude, or neither")]
@@ -186,6 +188,9 @@ impl Config {
             && (address.is_empty() || address.len() > 261 || address.chars().any(|c| c.is_whitespace() || c == '/'))
         {
             return Err(ConfigError::Address(address.clone()));
+        }
+        if kind == ReportKind::External && args.address.is_none() {
+            return Err(ConfigError::ExternalAddress);
         }
         if let Some(region) = &args.region
             && (region.is_empty() || region.len() > 63)
@@ -374,7 +379,8 @@ mod tests {
         assert_eq!(config.identity.health_port, 9200);
         assert_eq!(config.tick(), Duration::from_millis(100));
         assert_eq!(config.gpu, GpuMode::Library("/x/libnvidia-ml.so.1".into()));
-        assert_eq!(args(&["--external", "e", "--no-gpu"]).unwrap().gpu, GpuMode::Off);
+        assert_eq!(args(&["--external", "e", "--address", "e.example", "--no-gpu"]).unwrap().gpu, GpuMode::Off);
+        assert_eq!(args(&["--external", "e"]).unwrap_err(), ConfigError::ExternalAddress);
     }
 
     #[test]

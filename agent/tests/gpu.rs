@@ -151,7 +151,10 @@ fn without_nvml_there_are_no_gpu_series() {
     let url = nowhere();
     let proc_root = fixture_proc();
     let mut args = common_args(&dir, &url, proc_root.to_str().unwrap());
-    args.extend(["--external", "edge-1", "--nvml-library", "/nonexistent/libnvidia-ml.so.1"].map(String::from));
+    args.extend(
+        ["--external", "edge-1", "--address", "edge-1.example", "--nvml-library", "/nonexistent/libnvidia-ml.so.1"]
+            .map(String::from),
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut agent = Agent::start(&dir, &args, &[]);
     let mut metrics = agent.metrics();

@@ -4,7 +4,8 @@
 //! build) against the harness and drives simulated agents at it: real HTTP
 //! reports, authenticated by a real ServiceAccount token through TokenReview.
 //! They report as external backends, so no kwok node or pod is needed per
-//! agent. It prints:
+//! agent; the operator health-probes each one over TCP, as it would for
+//! real, against one local listener. It prints:
 //! - with 1,000 agents reporting every second: the operator's CPU (% of one
 //!   core) and its Backend writes per second;
 //! - how old the router's view is when it answers `POST /api/v1/route`
@@ -29,12 +30,11 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn report(name: &str, interval_ms: u32, seq: u64) -> AgentReport {
+fn report(name: &str, address: &str, interval_ms: u32, seq: u64) -> AgentReport {
     AgentReport {
         backend: name.into(),
         kind: ReportKind::External,
-        // No address: nothing to probe, so the figures are ingest alone.
-        address: None,
+        address: Some(address.to_string()),
         health_port: None,
         region: None,
         coordinates: None,
@@ -65,12 +65,15 @@ struct Target {
     url: String,
     token: String,
     failures: Arc<AtomicU64>,
+    /// Every simulated server's address: a listener that accepts the
+    /// operator's TCP health probes.
+    address: String,
 }
 
 /// Starts `count` simulated agents named `prefix-N` reporting every `interval`.
 fn agents(target: &Target, prefix: &str, count: usize, interval: Duration, stop: Arc<AtomicBool>) {
     for i in 0..count {
-        let Target { http, url, token, failures } = target.clone();
+        let Target { http, url, token, failures, address } = target.clone();
         let stop = stop.clone();
         let name = format!("{prefix}-{i}");
         let interval_ms = interval.as_millis() as u32;
@@ -83,7 +86,8 @@ fn agents(target: &Target, prefix: &str, count: usize, interval: Duration, stop:
             while !stop.load(Ordering::Relaxed) {
                 ticker.tick().await;
                 seq += 1;
-                let sent = http.post(&url).bearer_auth(&token).json(&report(&name, interval_ms, seq)).send().await;
+                let sent =
+                    http.post(&url).bearer_auth(&token).json(&report(&name, &address, interval_ms, seq)).send().await;
                 if !sent.is_ok_and(|r| r.status().is_success()) {
                     failures.fetch_add(1, Ordering::Relaxed);
                 }
@@ -176,7 +180,15 @@ async fn main() {
 
     // 1,000 agents, every second.
     let stop = Arc::new(AtomicBool::new(false));
-    let target = Target { http: http.clone(), url: report_url, token, failures: failures.clone() };
+    // One listener stands in for every simulated server's service port.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listener");
+    let address = listener.local_addr().expect("listener address").to_string();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            drop(socket);
+        }
+    });
+    let target = Target { http: http.clone(), url: report_url, token, failures: failures.clone(), address };
     agents(&target, "sim", 1000, Duration::from_secs(1), stop.clone());
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (cpu_before, writes_before, reports_before) = (

@@ -132,6 +132,9 @@ impl AgentReport {
         if !is_object_name(&self.backend) {
             return Err(invalid("backend", "must be a lowercase RFC 1123 name of at most 253 characters"));
         }
+        if self.kind == ReportKind::External && self.address.is_none() {
+            return Err(invalid("address", "is required for an external backend: where clients reach it"));
+        }
         if let Some(address) = &self.address
             && (address.is_empty() || address.len() > 261 || address.chars().any(|c| c.is_whitespace() || c == '/'))
         {
@@ -301,6 +304,13 @@ mod tests {
             ("windows[0].gpus", Box::new(|r| r.windows[0].gpus.clear())),
             ("windows", Box::new(|r| r.windows.clear())),
             ("coordinates", Box::new(|r| r.coordinates = Some(Coordinates { latitude: 91.0, longitude: 0.0 }))),
+            (
+                "address",
+                Box::new(|r| {
+                    r.kind = ReportKind::External;
+                    r.address = None;
+                }),
+            ),
         ];
         for (field, break_it) in cases {
             let mut bad = report();
