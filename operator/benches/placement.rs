@@ -25,25 +25,18 @@ fn report(name: String, seed: u64) -> AgentReport {
     };
     let cores: Vec<f32> = (0..64).map(|_| next()).collect();
     let memory: u64 = 512 << 30;
-    AgentReport {
-        backend: name,
-        kind: ReportKind::Node,
-        address: None,
-        health_port: None,
-        region: None,
-        coordinates: None,
-        interval_ms: 1000,
-        seq: 0,
-        sampled_at_ms: 0,
-        capacity: Capacity { cores: 64, memory_bytes: memory, disk_bytes: 1 << 42, gpus: vec![] },
-        windows: vec![Window {
+    AgentReport::new(
+        name,
+        ReportKind::Node,
+        Capacity { cores: 64, memory_bytes: memory, disk_bytes: 1 << 42, gpus: vec![] },
+        vec![Window {
             seconds: 10,
             samples: 10,
             memory_used_bytes: (memory as f64 * f64::from(next()) / 200.0) as u64,
             cores,
             ..Window::default()
         }],
-    }
+    )
 }
 
 struct Figures {

@@ -255,27 +255,8 @@ impl ControlPlane {
     /// A kubeconfig for ServiceAccount `namespace/name` holding a fresh
     /// one-hour token, for `kubectl` or our binaries.
     pub async fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> Result<PathBuf> {
-        let admin = self.client().await?;
-        self.ensure_namespace(&admin, namespace).await?;
-        let accounts: Api<ServiceAccount> = Api::namespaced(admin, namespace);
-        let account = ServiceAccount {
-            metadata: ObjectMeta { name: Some(name.to_string()), ..Default::default() },
-            ..Default::default()
-        };
-        accounts.patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&account)).await?;
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec!["https://kubernetes.default.svc.cluster.local".to_string()],
-                expiration_seconds: Some(3600),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let issued = accounts.create_token_request(name, &PostParams::default(), &request).await?;
-        let token = issued
-            .status
-            .map(|s| s.token)
-            .ok_or_else(|| HarnessError::Other(format!("no token issued for {namespace}/{name}")))?;
+        let audience = "https://kubernetes.default.svc.cluster.local";
+        let token = self.service_account_token(namespace, name, audience, None).await?;
         let file = self.dir.join(format!("sa-{namespace}-{name}.kubeconfig"));
         let user = format!("    token: {token}\n");
         write(&file, &self.kubeconfig_text(&format!("{namespace}-{name}"), &user))?;

@@ -126,6 +126,24 @@ const MAX_GPUS: usize = 64;
 const MAX_WINDOWS: usize = 8;
 
 impl AgentReport {
+    /// A report with what every report needs; the optional fields empty,
+    /// a one-second interval, and `seq` and `sampledAtMs` at 0.
+    pub fn new(backend: impl Into<String>, kind: ReportKind, capacity: Capacity, windows: Vec<Window>) -> Self {
+        Self {
+            backend: backend.into(),
+            kind,
+            address: None,
+            health_port: None,
+            region: None,
+            coordinates: None,
+            interval_ms: 1000,
+            seq: 0,
+            sampled_at_ms: 0,
+            capacity,
+            windows,
+        }
+    }
+
     /// Checks that every figure is possible. A report that fails is refused
     /// whole: nothing in it reaches placement.
     pub fn validate(&self) -> Result<(), ReportError> {

@@ -130,19 +130,12 @@ mod tests {
     use tidepool_wire::report::{Capacity, Window};
 
     fn report(kind: ReportKind, backend: &str) -> AgentReport {
-        AgentReport {
-            backend: backend.into(),
+        AgentReport::new(
+            backend,
             kind,
-            address: None,
-            health_port: None,
-            region: None,
-            coordinates: None,
-            interval_ms: 1000,
-            seq: 0,
-            sampled_at_ms: 0,
-            capacity: Capacity { cores: 1, memory_bytes: 1, disk_bytes: 0, gpus: vec![] },
-            windows: vec![Window { seconds: 10, cores: vec![0.0], ..Window::default() }],
-        }
+            Capacity { cores: 1, memory_bytes: 1, disk_bytes: 0, gpus: vec![] },
+            vec![Window { seconds: 10, cores: vec![0.0], ..Window::default() }],
+        )
     }
 
     fn agent(node: Option<&str>) -> Caller {

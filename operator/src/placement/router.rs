@@ -554,25 +554,18 @@ mod tests {
 
     fn report(name: &str, cores: usize, load: f32, memory_percent: u64) -> AgentReport {
         let memory: u64 = 256 << 30;
-        AgentReport {
-            backend: name.into(),
-            kind: ReportKind::Node,
-            address: None,
-            health_port: None,
-            region: None,
-            coordinates: None,
-            interval_ms: 1000,
-            seq: 0,
-            sampled_at_ms: 0,
-            capacity: Capacity { cores: cores as u32, memory_bytes: memory, disk_bytes: 1 << 40, gpus: vec![] },
-            windows: vec![Window {
+        AgentReport::new(
+            name,
+            ReportKind::Node,
+            Capacity { cores: cores as u32, memory_bytes: memory, disk_bytes: 1 << 40, gpus: vec![] },
+            vec![Window {
                 seconds: 10,
                 samples: 10,
                 cores: vec![load; cores],
                 memory_used_bytes: memory / 100 * memory_percent,
                 ..Window::default()
             }],
-        }
+        )
     }
 
     fn with_gpus(mut r: AgentReport, utilization: &[f32]) -> AgentReport {

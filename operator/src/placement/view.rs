@@ -185,25 +185,18 @@ mod tests {
 
     pub fn report(cores: Vec<f32>, memory_used_percent: u64) -> AgentReport {
         let memory = 100 << 30;
-        AgentReport {
-            backend: "n".into(),
-            kind: ReportKind::Node,
-            address: None,
-            health_port: None,
-            region: None,
-            coordinates: None,
-            interval_ms: 1000,
-            seq: 0,
-            sampled_at_ms: 0,
-            capacity: Capacity { cores: cores.len() as u32, memory_bytes: memory, disk_bytes: 1 << 40, gpus: vec![] },
-            windows: vec![Window {
+        AgentReport::new(
+            "n",
+            ReportKind::Node,
+            Capacity { cores: cores.len() as u32, memory_bytes: memory, disk_bytes: 1 << 40, gpus: vec![] },
+            vec![Window {
                 seconds: 10,
                 samples: 10,
                 cores,
                 memory_used_bytes: memory / 100 * memory_used_percent,
                 ..Window::default()
             }],
-        }
+        )
     }
 
     #[test]
