@@ -31,7 +31,9 @@ pub fn statvfs(path: &Path) -> io::Result<DiskUse> {
     };
     let fragment = buf.f_frsize as u64;
     let total = (buf.f_blocks as u64).saturating_mul(fragment);
-    let free = (buf.f_bfree as u64).saturating_mul(fragment);
+    // Blocks reserved for root are no room for sessions: only what an
+    // unprivileged writer can use counts as free.
+    let free = (buf.f_bavail as u64).saturating_mul(fragment);
     Ok(DiskUse { total, used: total.saturating_sub(free) })
 }
 

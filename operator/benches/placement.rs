@@ -56,7 +56,7 @@ fn run(backends: usize, two_choices_above: usize, decisions: usize) -> Figures {
     }
     let weights = PlacementWeights::default();
     let need = Need { vcpu: 1, memory_bytes: 1 << 30, ..Need::default() };
-    let request = Request { need, weights: &weights, client: None, sticky: None };
+    let request = Request { need, weights: &weights, client: None, sticky: None, replaces_own: false };
     let mut times = Vec::with_capacity(decisions);
     let began = Instant::now();
     for i in 0..decisions {

@@ -325,6 +325,8 @@ async fn bad_reports_are_refused_and_the_daemonset_is_kept() {
     };
     let json = |r: &AgentReport| serde_json::to_vec(r).unwrap();
     let good = report("node-0", ReportKind::Node);
+    let mut posing = report("node-1", ReportKind::External);
+    posing.address = Some("203.0.113.9:443".into());
     let mut absurd = good.clone();
     absurd.windows[0].cores = vec![250.0, 5.0];
     // What is sent (token, body), and the code and words expected back.
@@ -336,6 +338,7 @@ async fn bad_reports_are_refused_and_the_daemonset_is_kept() {
         ("another ServiceAccount", Some(&stranger), json(&good), 403, "is not the agents' ServiceAccount"),
         ("another node", Some(&node_0), json(&report("node-1", ReportKind::Node)), 403, "not on node node-1"),
         ("a token bound to no pod", Some(&unbound), json(&good), 403, "bound to the agent's pod"),
+        ("an external backend under a node's name", Some(&unbound), json(&posing), 409, "a node's name"),
         ("an absurd figure", Some(&node_0), json(&absurd), 422, "windows[0].cores[0]"),
         ("malformed JSON", Some(&node_0), b"{\"backend\":".to_vec(), 400, "not valid JSON"),
         ("an oversized body", Some(&node_0), vec![b' '; 300 * 1024], 413, ""),

@@ -56,8 +56,7 @@ async fn a_pool_fills_binds_refills_expires_heals_rolls_and_scales() {
     public.verify_binding(body["binding"].as_str().unwrap(), &claims.sid, &pod_name).unwrap();
 
     // The pool refills behind the assignment.
-    let pool = cluster.wait_warm("edge", 3, Duration::from_secs(30)).await;
-    assert_eq!(pool.status.unwrap().assigned, 1);
+    cluster.wait_counts("edge", 3, 1, Duration::from_secs(30)).await;
 
     // The session heals: its pod dies, it is rebound to a fresh pod, and the
     // same token still verifies there.

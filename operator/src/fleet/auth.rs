@@ -9,8 +9,9 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::Client;
 use kube::api::{Api, PostParams};
 
-/// The extra the API server adds to tokens bound to a pod on a node.
+/// The extras the API server adds to tokens bound to a pod (and its node).
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 
 /// How long a review's answer is trusted.
 const ACCEPTED_FOR: Duration = Duration::from_secs(60);
@@ -23,6 +24,8 @@ pub struct Caller {
     pub username: String,
     /// The node of the pod the token is bound to, if it is bound to one.
     pub node: Option<String>,
+    /// The token is bound to a pod (whether or not the node is named).
+    pub pod_bound: bool,
 }
 
 /// Why a token is not accepted.
@@ -89,8 +92,10 @@ async fn review(client: &Client, token: &str, audience: &str) -> Result<Caller, 
         return Err(AuthError::Unauthenticated(status.error.unwrap_or_else(|| "not authenticated".into())));
     }
     let user = status.user.unwrap_or_default();
-    let node = user.extra.as_ref().and_then(|extra| extra.get(NODE_NAME_EXTRA)).and_then(|v| v.first()).cloned();
-    Ok(Caller { username: user.username.unwrap_or_default(), node })
+    let extra = |key: &str| user.extra.as_ref().and_then(|extra| extra.get(key)).and_then(|v| v.first()).cloned();
+    let node = extra(NODE_NAME_EXTRA);
+    let pod_bound = extra(POD_NAME_EXTRA).is_some() || node.is_some();
+    Ok(Caller { username: user.username.clone().unwrap_or_default(), node, pod_bound })
 }
 
 #[cfg(test)]
@@ -100,7 +105,7 @@ mod tests {
     #[test]
     fn answers_are_cached_and_bounded() {
         let cache = TokenCache::default();
-        let caller = Caller { username: "u".into(), node: Some("n".into()) };
+        let caller = Caller { username: "u".into(), node: Some("n".into()), pod_bound: true };
         cache.store("t", Ok(caller.clone()));
         assert_eq!(cache.lookup("t"), Some(Ok(caller)));
         assert_eq!(cache.lookup("other"), None);

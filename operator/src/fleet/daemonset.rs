@@ -145,6 +145,9 @@ pub async fn keep(client: Client, settings: AgentSettings) {
     let mut events = watcher::watcher(api.clone(), config).boxed();
     // Apply first, whatever is there.
     let mut apply_now = true;
+    // A relist (after a dropped watch) that does not list the DaemonSet
+    // means it was deleted while we were not watching.
+    let mut listed = false;
     loop {
         if apply_now {
             match api.patch(&settings.name, &params, &Patch::Apply(&body)).await {
@@ -163,8 +166,16 @@ pub async fn keep(client: Client, settings: AgentSettings) {
         match events.next().await {
             // A status update keeps the generation; a spec edit bumps it.
             Some(Ok(Event::Apply(ds) | Event::InitApply(ds))) => {
+                listed = true;
                 if ds.metadata.generation != generation {
                     tracing::info!(daemonset = %ds.name_any(), "the agent DaemonSet was changed; putting it back");
+                    apply_now = true;
+                }
+            }
+            Some(Ok(Event::Init)) => listed = false,
+            Some(Ok(Event::InitDone)) => {
+                if !listed {
+                    tracing::info!("the agent DaemonSet is gone; making it again");
                     apply_now = true;
                 }
             }
@@ -172,7 +183,6 @@ pub async fn keep(client: Client, settings: AgentSettings) {
                 tracing::info!("the agent DaemonSet was deleted; making it again");
                 apply_now = true;
             }
-            Some(Ok(_)) => {}
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "DaemonSet watch error");
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -13,6 +13,8 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
 use tidepool_wire::report::{AgentReport, ReportKind};
 
 use super::Fleet;
@@ -76,6 +78,19 @@ async fn take(state: &ApiState, headers: &HeaderMap, body: Result<Bytes, BytesRe
     })?;
     report.validate().map_err(|e| refuse(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string()))?;
     admit(fleet, &caller, &report)?;
+    if report.kind == ReportKind::External && !fleet.with_router(|r| r.view(&report.backend).is_some()) {
+        // First sight of this external name: it must not be a node's, even one
+        // whose agent has not reported (yet, or since a failover).
+        let nodes: Api<Node> = Api::all(state.client.clone());
+        match nodes.get_metadata_opt(&report.backend).await {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                let message = format!("{} is a node's name; pick another for the external backend", report.backend);
+                return Err(refuse(StatusCode::CONFLICT, "wrong_node", message));
+            }
+            Err(e) => return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "review_failed", e.to_string())),
+        }
+    }
     let now = Instant::now();
     fleet.with_router(|router| router.ingest(report, now));
     Ok(())
@@ -109,6 +124,11 @@ pub fn admit(fleet: &Fleet, caller: &Caller, report: &AgentReport) -> Result<(),
             "wrong_node",
             format!("the agent on node {node} may not report an external backend"),
         )),
+        (ReportKind::External, None) if caller.pod_bound => Err(refuse(
+            StatusCode::FORBIDDEN,
+            "wrong_node",
+            "a token bound to a pod may not report an external backend",
+        )),
         (ReportKind::External, None) => {
             let clash = fleet.with_router(|r| r.view(&report.backend).is_some_and(|v| v.kind == ReportKind::Node));
             if clash {
@@ -139,7 +159,11 @@ mod tests {
     }
 
     fn agent(node: Option<&str>) -> Caller {
-        Caller { username: "system:serviceaccount:default:tidepool-agent".into(), node: node.map(Into::into) }
+        Caller {
+            username: "system:serviceaccount:default:tidepool-agent".into(),
+            node: node.map(Into::into),
+            pod_bound: node.is_some(),
+        }
     }
 
     #[test]
@@ -150,7 +174,10 @@ mod tests {
         assert_eq!((wrong.code, wrong.reason), (StatusCode::FORBIDDEN, "wrong_node"));
         assert!(admit(&fleet, &agent(None), &report(ReportKind::Node, "n1")).is_err());
         assert!(admit(&fleet, &agent(Some("n1")), &report(ReportKind::External, "ext")).is_err());
-        let stranger = Caller { username: "system:serviceaccount:default:other".into(), node: Some("n1".into()) };
+        let pod_without_node = Caller { pod_bound: true, ..agent(None) };
+        assert!(admit(&fleet, &pod_without_node, &report(ReportKind::External, "ext")).is_err());
+        let stranger =
+            Caller { username: "system:serviceaccount:default:other".into(), node: Some("n1".into()), pod_bound: true };
         assert_eq!(admit(&fleet, &stranger, &report(ReportKind::Node, "n1")).unwrap_err().reason, "forbidden");
     }
 

@@ -106,14 +106,18 @@ pub async fn run(fleet: Arc<Fleet>) {
             }
         }
         let now = Instant::now();
-        let due: Vec<(String, Target)> = fleet.with_router(|router| {
+        let mut due: Vec<(Option<Instant>, String, Target)> = fleet.with_router(|router| {
             router
                 .views()
+                // A stale backend is out of placement already; probe it again once it reports.
+                .filter(|v| router.is_fresh(v, now))
                 .filter(|v| last.get(&v.name).is_none_or(|at| now.saturating_duration_since(*at) >= interval))
-                .filter_map(|v| Some((v.name.clone(), target_of(v)?)))
+                .filter_map(|v| Some((last.get(&v.name).copied(), v.name.clone(), target_of(v)?)))
                 .collect()
         });
-        for (name, target) in due {
+        // Never probed first, then the longest unprobed: slow probes cannot starve the tail.
+        due.sort_by_key(|(at, _, _)| *at);
+        for (_, name, target) in due {
             if in_flight.len() >= CONCURRENCY {
                 break;
             }

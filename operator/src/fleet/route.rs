@@ -108,7 +108,14 @@ pub async fn route(State(state): State<Arc<ApiState>>, body: Result<Bytes, Bytes
     }
     let weights = request.weights.clone().unwrap_or_default();
     let sticky = request.sticky_key.as_deref().or(request.client_address.as_deref());
-    let asked = Request { need: Need::from(&request.tier), weights: &weights, client: request.coordinates, sticky };
+    // A client asking again replaces its own reservation rather than adding one.
+    let asked = Request {
+        need: Need::from(&request.tier),
+        weights: &weights,
+        client: request.coordinates,
+        sticky,
+        replaces_own: true,
+    };
     let answer: Result<RouteAnswer, crate::placement::NoFit> = fleet.with_router(|router| {
         let pick = router.route(&asked, Instant::now())?;
         let view = router.view(&pick.backend);

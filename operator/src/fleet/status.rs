@@ -30,6 +30,9 @@ use crate::labels;
 use crate::metrics::Metrics;
 use crate::placement::view::{BackendView, Health};
 
+/// A backend silent this long is forgotten: its node is gone or its server retired.
+pub const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
+
 /// A use figure that moved this many percentage points is worth a write.
 pub const SIGNIFICANT_POINTS: f32 = 10.0;
 
@@ -66,6 +69,8 @@ pub enum Urgency {
     New,
     /// Ready, Stale or health changed.
     Condition,
+    /// What the agent says of itself (address, region, place, kind) changed.
+    Spec,
     /// A use figure moved a lot.
     Drift,
     /// Nothing changed much, but the last write is old.
@@ -76,12 +81,16 @@ pub enum Urgency {
 pub fn due(
     last: Option<&(Summary, Instant)>,
     now_summary: &Summary,
+    spec_changed: bool,
     now: Instant,
     refresh: Duration,
 ) -> Option<Urgency> {
     let Some((written, at)) = last else { return Some(Urgency::New) };
     if written.fresh != now_summary.fresh || written.health != now_summary.health {
         return Some(Urgency::Condition);
+    }
+    if spec_changed {
+        return Some(Urgency::Spec);
     }
     let moved = [
         (written.cpu, now_summary.cpu),
@@ -103,6 +112,28 @@ pub fn due(
 pub struct ProbeTiming {
     pub interval: Duration,
     pub timeout: Duration,
+}
+
+/// The parts of a view its Backend's spec is made from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpecKey {
+    kind: ReportKind,
+    address: Option<String>,
+    region: Option<String>,
+    coordinates: Option<(f64, f64)>,
+    health_port: Option<u16>,
+}
+
+impl SpecKey {
+    pub fn of(view: &BackendView) -> Self {
+        Self {
+            kind: view.kind,
+            address: view.address.clone(),
+            region: view.region.clone(),
+            coordinates: view.coordinates.map(|c| (c.latitude, c.longitude)),
+            health_port: view.health_port,
+        }
+    }
 }
 
 /// The Backend's spec, as the agent describes it, with the probe that runs.
@@ -205,6 +236,7 @@ struct Job {
     kind: ReportKind,
     summary: Summary,
     spec: Option<BackendSpec>,
+    spec_key: SpecKey,
     view: BackendView,
     fresh: bool,
 }
@@ -212,6 +244,7 @@ struct Job {
 /// What this process last wrote for a Backend.
 struct Written {
     summary: Summary,
+    spec: SpecKey,
     at: Instant,
     conditions: Vec<Condition>,
     generation: Option<i64>,
@@ -235,8 +268,13 @@ pub async fn run(client: Client, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
         let refresh = fleet.settings.status_refresh;
         let jobs = fleet.with_router(|router| {
             router.sweep(now);
+            for gone in router.evict_silent(now, FORGET_AFTER) {
+                tracing::info!(backend = %gone, "no report for a long time; forgetting the backend");
+                written.remove(&gone);
+            }
             let mut states = [0i64; 3];
-            let mut due_now: Vec<(Urgency, Job)> = Vec::new();
+            // (urgency, last written, name): cheap to sort; views are cloned only for the chosen.
+            let mut due_now: Vec<(Urgency, Option<Instant>, String)> = Vec::new();
             for view in router.views() {
                 let fresh = router.is_fresh(view, now);
                 let state = match (fresh, view.probes.health) {
@@ -246,27 +284,42 @@ pub async fn run(client: Client, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
                 };
                 states[state] += 1;
                 let summary = Summary::of(view, fresh);
-                let last = written.get(&view.name).map(|w| (w.summary.clone(), w.at));
-                if let Some(urgency) = due(last.as_ref(), &summary, now, refresh) {
-                    let spec = (urgency == Urgency::New).then(|| spec_of(view, &timing));
-                    let job =
-                        Job { name: view.name.clone(), kind: view.kind, summary, spec, view: view.clone(), fresh };
-                    due_now.push((urgency, job));
+                let last = written.get(&view.name);
+                let spec_changed = last.is_some_and(|w| w.spec != SpecKey::of(view));
+                let before = last.map(|w| (w.summary.clone(), w.at));
+                if let Some(urgency) = due(before.as_ref(), &summary, spec_changed, now, refresh) {
+                    due_now.push((urgency, last.map(|w| w.at), view.name.clone()));
                 }
             }
             for (state, count) in ["ready", "stale", "unhealthy"].iter().zip(states) {
                 metrics.backends.with_label_values(&[state]).set(count);
             }
-            due_now.sort_by_key(|(urgency, _)| *urgency);
-            // A new Backend costs two writes (spec, then status); the rest one.
+            // Most urgent first; within an urgency, the longest unwritten first.
+            due_now.sort();
+            // A Backend whose spec is written costs two writes (spec, then status).
             let mut spend = 0.0;
-            due_now.retain(|(_, job)| {
-                spend += if job.spec.is_some() { 2.0 } else { 1.0 };
-                spend <= budget
-            });
-            due_now
+            let mut jobs = Vec::new();
+            for (urgency, _, name) in due_now {
+                let with_spec = matches!(urgency, Urgency::New | Urgency::Spec);
+                spend += if with_spec { 2.0 } else { 1.0 };
+                if spend > budget {
+                    break;
+                }
+                let Some(view) = router.view(&name) else { continue };
+                let fresh = router.is_fresh(view, now);
+                jobs.push(Job {
+                    name,
+                    kind: view.kind,
+                    summary: Summary::of(view, fresh),
+                    spec: with_spec.then(|| spec_of(view, &timing)),
+                    spec_key: SpecKey::of(view),
+                    view: view.clone(),
+                    fresh,
+                });
+            }
+            jobs
         });
-        for (_, job) in jobs {
+        for job in jobs {
             budget -= if job.spec.is_some() { 2.0 } else { 1.0 };
             let previous = written.remove(&job.name);
             match write(&api, &nodes, &job, previous.as_ref(), &metrics).await {
@@ -307,6 +360,7 @@ async fn write(
 ) -> Result<Outcome, kube::Error> {
     let params = PatchParams::apply(labels::MANAGER).force();
     let mut generation = previous.and_then(|p| p.generation);
+    let mut conditions_before = Vec::new();
     if let Some(spec) = &job.spec {
         let mut owners: Vec<OwnerReference> = Vec::new();
         if job.kind == ReportKind::Node {
@@ -332,8 +386,12 @@ async fn write(
         let applied = api.patch(&job.name, &params, &Patch::Apply(body)).await?;
         metrics.backend_writes.inc();
         generation = applied.meta().generation;
+        if previous.is_none() {
+            // After a restart or failover, keep the conditions' transition times.
+            conditions_before = applied.status.map(|s| s.conditions).unwrap_or_default();
+        }
     }
-    let conditions = previous.map(|p| p.conditions.clone()).unwrap_or_default();
+    let conditions = previous.map(|p| p.conditions.clone()).unwrap_or(conditions_before);
     let status = status_of(&job.view, job.fresh, &conditions, generation);
     let body = json!({ "apiVersion": "tidepool.dev/v1alpha1", "kind": "Backend", "status": status });
     match api.patch_status(&job.name, &params, &Patch::Apply(body)).await {
@@ -345,6 +403,7 @@ async fn write(
     metrics.backend_writes.inc();
     Ok(Outcome::Written(Written {
         summary: job.summary.clone(),
+        spec: job.spec_key.clone(),
         at: Instant::now(),
         conditions: status.conditions,
         generation,
@@ -363,17 +422,20 @@ mod tests {
     fn only_news_is_written() {
         let now = Instant::now();
         let refresh = Duration::from_secs(60);
-        assert_eq!(due(None, &summary(5.0), now, refresh), Some(Urgency::New));
+        assert_eq!(due(None, &summary(5.0), false, now, refresh), Some(Urgency::New));
         let last = (summary(5.0), now);
-        assert_eq!(due(Some(&last), &summary(9.0), now, refresh), None);
-        assert_eq!(due(Some(&last), &summary(15.0), now, refresh), Some(Urgency::Drift));
+        assert_eq!(due(Some(&last), &summary(9.0), false, now, refresh), None);
+        assert_eq!(due(Some(&last), &summary(15.0), false, now, refresh), Some(Urgency::Drift));
         let stale = Summary { fresh: false, ..summary(5.0) };
-        assert_eq!(due(Some(&last), &stale, now, refresh), Some(Urgency::Condition));
+        assert_eq!(due(Some(&last), &stale, false, now, refresh), Some(Urgency::Condition));
         let later = now + refresh;
-        assert_eq!(due(Some(&last), &summary(6.0), later, refresh), Some(Urgency::Refresh));
+        assert_eq!(due(Some(&last), &summary(6.0), false, later, refresh), Some(Urgency::Refresh));
         // A stale backend is not refreshed again and again.
         let stale_last = (stale.clone(), now);
-        assert_eq!(due(Some(&stale_last), &stale, later, refresh), None);
-        assert!(Urgency::New < Urgency::Condition && Urgency::Drift < Urgency::Refresh);
+        assert_eq!(due(Some(&stale_last), &stale, false, later, refresh), None);
+        assert_eq!(due(Some(&last), &summary(5.0), true, now, refresh), Some(Urgency::Spec));
+        assert!(
+            Urgency::New < Urgency::Condition && Urgency::Spec < Urgency::Drift && Urgency::Drift < Urgency::Refresh
+        );
     }
 }

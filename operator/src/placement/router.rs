@@ -51,6 +51,10 @@ pub struct Request<'a> {
     pub client: Option<Coordinates>,
     /// Sessions with the same key reuse a backend while it stays good.
     pub sticky: Option<&'a str>,
+    /// A repeated sticky key and need replaces its own reservation instead
+    /// of adding one: right for a client asking again (the route API), wrong
+    /// for distinct sessions sharing a key, which each take room.
+    pub replaces_own: bool,
 }
 
 /// The router's answer.
@@ -62,6 +66,8 @@ pub struct Pick {
     pub sticky: bool,
     /// How old the router's view of the backend was, by the operator's clock.
     pub view_age: Duration,
+    /// When the pick was made, to release it by.
+    pub at: Instant,
 }
 
 /// Why nothing fits, counted over the backends considered.
@@ -231,6 +237,32 @@ impl Router {
         self.drop_sticky_to(name);
     }
 
+    /// Gives back a pick that was not used (its claim failed, or its pod
+    /// could not be made), so it does not hold room until it times out.
+    pub fn release(&mut self, pick: &Pick, need: Need) {
+        let Some(&i) = self.by_name.get(&pick.backend) else { return };
+        let entry = &mut self.entries[i];
+        if let Some(at) = entry.pending.iter().rposition(|p| p.need == need && p.at == pick.at) {
+            entry.pending.remove(at);
+            entry.recount();
+        }
+    }
+
+    /// Forgets backends whose agent has not reported for `after`: gone nodes
+    /// and retired servers. Returns their names.
+    pub fn evict_silent(&mut self, now: Instant, after: Duration) -> Vec<String> {
+        let silent: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|e| now.saturating_duration_since(e.view.received) > after)
+            .map(|e| e.view.name.clone())
+            .collect();
+        for name in &silent {
+            self.remove(name);
+        }
+        silent
+    }
+
     /// Drops pending picks past their timeout.
     pub fn sweep(&mut self, now: Instant) {
         let timeout = self.settings.pending_timeout;
@@ -316,8 +348,9 @@ impl Router {
     fn commit(&mut self, index: usize, score: f64, request: &Request<'_>, now: Instant, sticky: bool) -> Pick {
         let entry = &mut self.entries[index];
         let key = request.sticky.map(str::to_owned);
-        if let Some(key) = &key {
-            // A repeated sticky key and need replaces its own reservation.
+        if let Some(key) = &key
+            && request.replaces_own
+        {
             entry.pending.retain(|p| !(p.need == request.need && p.sticky.as_ref() == Some(key)));
         }
         entry.pending.push(Pending { need: request.need, at: now, sticky: key });
@@ -327,7 +360,7 @@ impl Router {
         if let Some(key) = request.sticky {
             self.remember_sticky(key, request.need, &backend, now);
         }
-        Pick { backend, score, sticky, view_age }
+        Pick { backend, score, sticky, view_age, at: now }
     }
 
     fn sticky_pick(
@@ -346,12 +379,12 @@ impl Router {
                 continue;
             }
             tried.push(name);
-            // Its own earlier reservation must not keep it out.
+            // A request that replaces its own earlier reservation must not be kept out by it.
             let own = Totals::of(
                 &self.entries[i]
                     .pending
                     .iter()
-                    .filter(|p| !(p.need == request.need && p.sticky.as_deref() == Some(key)))
+                    .filter(|p| !(request.replaces_own && p.need == request.need && p.sticky.as_deref() == Some(key)))
                     .cloned()
                     .collect::<Vec<_>>(),
             );
@@ -582,7 +615,7 @@ mod tests {
     const SMALL: Need = Need { vcpu: 1, memory_bytes: 1 << 30, disk_bytes: 0, gpus: 0, gpu_memory_bytes: 0 };
 
     fn request(need: Need, weights: &PlacementWeights) -> Request<'_> {
-        Request { need, weights, client: None, sticky: None }
+        Request { need, weights, client: None, sticky: None, replaces_own: false }
     }
 
     #[test]
@@ -637,6 +670,28 @@ mod tests {
         router.route(&request(SMALL, &weights), later).unwrap();
         router.sweep(later + Duration::from_secs(121));
         assert_eq!(router.pending("only"), 0);
+    }
+
+    #[test]
+    fn unused_picks_are_given_back_and_silent_backends_forgotten() {
+        let start = Instant::now();
+        let mut router = Router::with_seed(RouterSettings::default(), 1);
+        router.ingest(report("a", 2, 0.0, 0), start);
+        let weights = PlacementWeights::default();
+        let first = router.route(&request(SMALL, &weights), start).unwrap();
+        let second = router.route(&request(SMALL, &weights), start + Duration::from_millis(1)).unwrap();
+        assert_eq!(router.pending("a"), 2);
+        router.release(&first, SMALL);
+        assert_eq!(router.pending("a"), 1);
+        // Releasing twice, or a pick it never made, changes nothing.
+        router.release(&first, SMALL);
+        assert_eq!(router.pending("a"), 1);
+        router.release(&second, SMALL);
+        assert_eq!(router.pending("a"), 0);
+        router.ingest(report("b", 2, 0.0, 0), start + Duration::from_secs(600));
+        let gone = router.evict_silent(start + Duration::from_secs(601), Duration::from_secs(300));
+        assert_eq!(gone, ["a"]);
+        assert!(router.view("a").is_none() && router.view("b").is_some());
     }
 
     #[test]
@@ -722,6 +777,7 @@ mod tests {
         let weights = PlacementWeights::default();
         let mut req = request(SMALL, &weights);
         req.sticky = Some("user-1");
+        req.replaces_own = true;
         let first = router.route(&req, now).unwrap();
         assert_eq!((first.backend.as_str(), first.sticky), ("a", false));
         // Make b the better one: the key still goes to a.
@@ -733,6 +789,10 @@ mod tests {
         // Affinity across tiers: a bigger tier from the same key goes to a too.
         let bigger = Request { need: Need { vcpu: 2, ..SMALL }, ..req.clone() };
         assert_eq!(router.route(&bigger, now).unwrap().backend, "a");
+        // Distinct sessions sharing a key each take room.
+        let session = Request { replaces_own: false, ..req.clone() };
+        router.route(&session, now).unwrap();
+        assert_eq!(router.pending("a"), 3);
         // An unhealthy backend loses its keys.
         for _ in 0..3 {
             router.observe_probe("a", None);

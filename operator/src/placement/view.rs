@@ -91,6 +91,7 @@ pub struct BackendView {
     pub disk_free: u64,
     /// GPUs under [`BUSY_CORE_PERCENT`] use.
     pub idle_gpus: u32,
+    /// Free memory on the idle GPUs.
     pub gpu_memory_free: u64,
     /// Mean GPU use, percent (0 without GPUs).
     pub gpu_percent: f32,
@@ -113,10 +114,12 @@ impl BackendView {
         let idle_cores = cores_by_load.iter().filter(|&&p| p < BUSY_CORE_PERCENT).count() as u32;
         let capacity = &report.capacity;
         let idle_gpus = window.gpus.iter().filter(|g| g.utilization_percent < BUSY_CORE_PERCENT).count() as u32;
+        // Only idle GPUs can take a session, so only their memory counts.
         let gpu_memory_free = capacity
             .gpus
             .iter()
             .zip(&window.gpus)
+            .filter(|(_, used)| used.utilization_percent < BUSY_CORE_PERCENT)
             .map(|(gpu, used)| gpu.memory_bytes.saturating_sub(used.memory_used_bytes))
             .sum();
         let gpu_percent = if window.gpus.is_empty() {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::{
-    EnvVar, EnvVarSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    Pod, PodSpec,
+    EnvVar, EnvVarSource, NodeAffinity, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, Pod, PodSpec,
+    PreferredSchedulingTerm,
 };
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
@@ -27,7 +27,7 @@ use crate::conditions;
 use crate::context::{CACHE_LAG_LIMIT, Context};
 use crate::error::{Error, Result};
 use crate::labels;
-use crate::placement::{Need, Request};
+use crate::placement::{Need, Pick, Request};
 use plan::{DeleteReason, PodView, Target};
 
 /// A stable hash of a pod template: FNV-1a over its JSON, which serialises
@@ -92,7 +92,7 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     let pinned = place_on_demand(&ctx, &pool, plan.create.min(waiting));
     let created = join_all((0..plan.create as usize).map(|i| {
         let pod = match pinned.get(i) {
-            Some(node) => pin(&template, node),
+            Some(pick) => pin(&template, &pick.backend),
             None => template.clone(),
         };
         let pods_api = &pods_api;
@@ -101,10 +101,16 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     }))
     .await;
     let mut create_error = None;
-    for result in created {
+    for (i, result) in created.into_iter().enumerate() {
         match result {
             Ok(pod) => expect(&ctx, &uid, pod.name_any()),
-            Err(e) => create_error = Some(e.to_string()),
+            Err(e) => {
+                create_error = Some(e.to_string());
+                // No pod, so no session will use the room it reserved.
+                if let Some(pick) = pinned.get(i) {
+                    ctx.fleet.with_router(|router| router.release(pick, Need::from(&pool.spec.tier)));
+                }
+            }
         }
     }
 
@@ -210,22 +216,26 @@ fn expect(ctx: &Context, pool_uid: &str, pod: String) {
     }
 }
 
-/// Nodes for on-demand pods (made for waiting sessions): the router's best
-/// backends, each pick reserving the pool's tier. Empty when no agent
+/// Picks for on-demand pods (made for waiting sessions): the router's best
+/// node backends, each reserving the pool's tier. Empty when no agent
 /// reports; then the scheduler alone decides.
-fn place_on_demand(ctx: &Context, pool: &WarmPool, count: u32) -> Vec<String> {
-    let request =
-        Request { need: Need::from(&pool.spec.tier), weights: &pool.spec.placement, client: None, sticky: None };
+fn place_on_demand(ctx: &Context, pool: &WarmPool, count: u32) -> Vec<Pick> {
+    let request = Request {
+        need: Need::from(&pool.spec.tier),
+        weights: &pool.spec.placement,
+        client: None,
+        sticky: None,
+        replaces_own: false,
+    };
     let now = Instant::now();
     ctx.fleet.with_router(|router| {
-        (0..count)
-            .map_while(|_| router.route_within(&request, now, |v| v.kind == ReportKind::Node).ok())
-            .map(|pick| pick.backend)
-            .collect()
+        (0..count).map_while(|_| router.route_within(&request, now, |v| v.kind == ReportKind::Node).ok()).collect()
     })
 }
 
-/// The pod, required to run on `node` (the scheduler still checks it fits).
+/// The pod, steered to `node`. The affinity is preferred, not required, and
+/// added to the template's own: the template's node rules and taints still
+/// apply, and a node that cannot take the pod never leaves it pending.
 fn pin(template: &Pod, node: &str) -> Pod {
     let mut pod = template.clone();
     if let Some(spec) = pod.spec.as_mut() {
@@ -238,10 +248,9 @@ fn pin(template: &Pod, node: &str) -> Pod {
             ..Default::default()
         };
         let affinity = spec.affinity.get_or_insert_with(Default::default);
-        affinity.node_affinity = Some(NodeAffinity {
-            required_during_scheduling_ignored_during_execution: Some(NodeSelector { node_selector_terms: vec![term] }),
-            ..Default::default()
-        });
+        let node_affinity = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
+        let preferred = node_affinity.preferred_during_scheduling_ignored_during_execution.get_or_insert_with(Vec::new);
+        preferred.push(PreferredSchedulingTerm { weight: 100, preference: term });
     }
     pod
 }
@@ -444,5 +453,25 @@ mod tests {
         assert_eq!(still_in_flight(&mut expected, &seen, start), 1);
         // "lost" was deleted before the cache saw it: it stops holding the pool back.
         assert_eq!(still_in_flight(&mut expected, &seen, start + CACHE_LAG_LIMIT), 0);
+    }
+
+    #[test]
+    fn pinning_adds_a_preference_and_keeps_the_templates_rules() {
+        let template: Pod = serde_json::from_value(serde_json::json!({
+            "spec": {
+                "containers": [{ "name": "s", "image": "i" }],
+                "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{ "matchExpressions": [{ "key": "gpu", "operator": "In", "values": ["true"] }] }]
+                } } }
+            }
+        }))
+        .unwrap();
+        let pinned = pin(&template, "node-7");
+        let affinity = pinned.spec.unwrap().affinity.unwrap().node_affinity.unwrap();
+        assert!(affinity.required_during_scheduling_ignored_during_execution.is_some());
+        let preferred = affinity.preferred_during_scheduling_ignored_during_execution.unwrap();
+        assert_eq!(preferred.len(), 1);
+        let field = &preferred[0].preference.match_fields.as_ref().unwrap()[0];
+        assert_eq!((field.key.as_str(), field.values.as_deref()), ("metadata.name", Some(&["node-7".to_string()][..])));
     }
 }

@@ -27,9 +27,10 @@ use crate::conditions;
 use crate::context::{Binding, Context};
 use crate::error::{Error, Result};
 use crate::labels;
-use crate::placement::{Candidate, Need, Request};
+use crate::placement::view::BackendView;
+use crate::placement::{Candidate, Need, Pick, Request};
 use crate::pool::{is_finished, is_ready, template_hash};
-use tidepool_wire::report::Coordinates;
+use tidepool_wire::report::{Coordinates, ReportKind};
 
 /// The Bound condition's reason while a session waits for a pod.
 pub const POOL_EMPTY: &str = "PoolEmpty";
@@ -212,11 +213,12 @@ enum Claim {
 
 /// What resource-aware placement made of a session's warm pods.
 enum Placed {
-    /// The warm pod at this index is on the best backend.
-    On(usize),
+    /// The warm pod at this index is on the best backend; the pick holds a
+    /// reservation there until reports show it (or it is released).
+    On(usize, Pick),
     /// The pool's nodes have agents, but none fits the tier now.
     NoFit(String),
-    /// No agent reports for any of these pods' nodes.
+    /// No agent reports on time for any of these pods' nodes.
     NoAgents,
 }
 
@@ -237,12 +239,18 @@ fn place(ctx: &Context, session: &TestSession, pool: &WarmPool, choices: &[&Arc<
         weights: &pool.spec.placement,
         client,
         sticky: session.spec.sticky_key.as_deref(),
+        replaces_own: false,
     };
+    let now = Instant::now();
     let picked = ctx.fleet.with_router(|router| {
-        if !nodes.iter().any(|n| router.view(n).is_some()) {
+        // Agents that all stopped reporting must not stop sessions: with no
+        // fresh view, the fallback decides.
+        let node_view = |name: &str| router.view(name).filter(|v| v.kind == ReportKind::Node);
+        if !nodes.iter().any(|n| node_view(n).is_some_and(|v| router.is_fresh(v, now))) {
             return None;
         }
-        Some(router.route_within(&request, Instant::now(), |v| nodes.contains(v.name.as_str())))
+        let allowed = |v: &BackendView| v.kind == ReportKind::Node && nodes.contains(v.name.as_str());
+        Some(router.route_within(&request, now, allowed))
     });
     match picked {
         None => Placed::NoAgents,
@@ -250,8 +258,11 @@ fn place(ctx: &Context, session: &TestSession, pool: &WarmPool, choices: &[&Arc<
             ctx.metrics.placements.with_label_values(&["session", "placed"]).inc();
             ctx.metrics.placement_view_age.observe(pick.view_age.as_secs_f64());
             match choices.iter().position(|p| node_of(p) == Some(pick.backend.as_str())) {
-                Some(index) => Placed::On(index),
-                None => Placed::NoAgents,
+                Some(index) => Placed::On(index, pick),
+                None => {
+                    ctx.fleet.with_router(|router| router.release(&pick, request.need));
+                    Placed::NoAgents
+                }
             }
         }
         Some(Err(no_fit)) => {
@@ -284,8 +295,8 @@ async fn claim(ctx: &Context, session: &TestSession, pool: &WarmPool, pods: &Api
     let (current, outdated): (Vec<&Arc<Pod>>, Vec<&Arc<Pod>>) =
         warm.into_iter().partition(|p| p.labels().get(labels::TEMPLATE_HASH) == Some(&hash));
     let choices = if current.is_empty() { outdated } else { current };
-    let index = match place(ctx, session, pool, &choices) {
-        Placed::On(index) => index,
+    let (index, pick) = match place(ctx, session, pool, &choices) {
+        Placed::On(index, pick) => (index, Some(pick)),
         Placed::NoFit(message) => return Ok(Claim::NoFit(message)),
         Placed::NoAgents => {
             let candidates: Vec<Candidate> = choices
@@ -293,20 +304,29 @@ async fn claim(ctx: &Context, session: &TestSession, pool: &WarmPool, pods: &Api
                 .map(|p| Candidate { pod: p.meta().name.as_deref().unwrap_or(""), node: node_of(p).unwrap_or("") })
                 .collect();
             match ctx.placement.choose(&candidates, &per_node) {
-                Some(index) => index,
+                Some(index) => (index, None),
                 None => return Ok(Claim::NoneFree),
             }
         }
     };
     let chosen = choices[index].clone();
     let key = format!("{namespace}/{}", chosen.name_any());
-    if !ctx.reserve(&key) {
-        return Ok(Claim::Lost);
-    }
-    let outcome = claim_pod(ctx, session, pods, &chosen).await;
-    // A claimed pod stays reserved: the cache may still show it warm.
-    if !matches!(outcome, Ok(Claim::Won(_))) {
-        ctx.release(&key);
+    let outcome = if ctx.reserve(&key) {
+        let outcome = claim_pod(ctx, session, pods, &chosen).await;
+        // A claimed pod stays reserved: the cache may still show it warm.
+        if !matches!(outcome, Ok(Claim::Won(_))) {
+            ctx.release(&key);
+        }
+        outcome
+    } else {
+        Ok(Claim::Lost)
+    };
+    // A pick whose claim did not win holds no session: give its room back.
+    if let Some(pick) = pick
+        && !matches!(outcome, Ok(Claim::Won(_)))
+    {
+        let need = Need::from(&pool.spec.tier);
+        ctx.fleet.with_router(|router| router.release(&pick, need));
     }
     outcome
 }

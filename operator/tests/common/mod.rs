@@ -79,6 +79,20 @@ impl Cluster {
         pools.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&pool)).await.unwrap();
     }
 
+    /// Waits until the pool reports `warm` warm and `assigned` assigned pods.
+    /// Both, because right after a claim the status can still be the one
+    /// written before it.
+    pub async fn wait_counts(&self, name: &str, warm: i32, assigned: i32, limit: Duration) -> WarmPool {
+        let pools: Api<WarmPool> = Api::namespaced(self.client.clone(), "default");
+        eventually(limit, &format!("pool {name} to have {warm} warm and {assigned} assigned pods"), || async {
+            let pool = pools.get(name).await.ok()?;
+            let status = pool.status.as_ref()?;
+            (status.warm == warm && status.assigned == assigned).then_some(pool)
+        })
+        .await
+        .unwrap()
+    }
+
     /// Waits until the pool reports `warm` warm pods.
     pub async fn wait_warm(&self, name: &str, warm: i32, limit: Duration) -> WarmPool {
         let pools: Api<WarmPool> = Api::namespaced(self.client.clone(), "default");
