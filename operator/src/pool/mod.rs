@@ -18,6 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tidepool_crds::warm_pool::WarmPoolStatus;
 use tidepool_crds::{TestSession, WarmPool};
@@ -53,13 +54,17 @@ pub fn is_finished(pod: &Pod) -> bool {
 
 /// The pool's pods in the cache, owned by this very pool (by UID).
 pub fn pods_of(ctx: &Context, pool: &WarmPool) -> Vec<Arc<Pod>> {
-    let namespace = pool.namespace();
-    let uid = pool.uid();
+    // Runs for every pass over every cached pod: compare borrowed strings, allocate nothing per pod.
+    let namespace = pool.metadata.namespace.as_deref();
+    let name = pool.metadata.name.as_deref();
+    let uid = pool.metadata.uid.as_deref();
     ctx.pods
         .state()
         .into_iter()
-        .filter(|p| p.namespace() == namespace && p.labels().get(labels::POOL) == Some(&pool.name_any()))
-        .filter(|p| p.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()))
+        .filter(|p| {
+            p.metadata.namespace.as_deref() == namespace && p.labels().get(labels::POOL).map(String::as_str) == name
+        })
+        .filter(|p| p.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid))
         .collect()
 }
 
@@ -260,7 +265,7 @@ fn waiting_sessions(ctx: &Context, namespace: &str, pool: &str) -> u32 {
     ctx.sessions
         .state()
         .iter()
-        .filter(|s| s.namespace().as_deref() == Some(namespace) && s.spec.pool == pool)
+        .filter(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.spec.pool == pool)
         .filter(|s| s.meta().deletion_timestamp.is_none())
         .filter(|s| {
             s.status.as_ref().is_some_and(|st| {
@@ -275,7 +280,6 @@ fn waiting_sessions(ctx: &Context, namespace: &str, pool: &str) -> u32 {
 /// Assigned pods whose session no longer exists. The session cache can lag a
 /// new session by a moment, so absence there is confirmed with the API server.
 async fn orphans(ctx: &Context, namespace: &str, pods: &[Arc<Pod>]) -> Result<Vec<Arc<Pod>>> {
-    let known: HashSet<String> = ctx.sessions.state().iter().filter_map(|s| s.uid()).collect();
     let sessions: Api<TestSession> = Api::namespaced(ctx.client.clone(), namespace);
     let mut gone = Vec::new();
     for pod in pods {
@@ -283,10 +287,11 @@ async fn orphans(ctx: &Context, namespace: &str, pods: &[Arc<Pod>]) -> Result<Ve
             continue;
         }
         let Some(session_uid) = pod.annotations().get(labels::SESSION_UID) else { continue };
-        if known.contains(session_uid) {
+        let session_name = pod.labels().get(labels::SESSION).cloned().unwrap_or_default();
+        let cached = ctx.sessions.get(&ObjectRef::new(&session_name).within(namespace));
+        if cached.is_some_and(|s| s.metadata.uid.as_deref() == Some(session_uid.as_str())) {
             continue;
         }
-        let session_name = pod.labels().get(labels::SESSION).cloned().unwrap_or_default();
         let live = sessions.get_opt(&session_name).await?;
         if live.and_then(|s| s.uid()).as_deref() != Some(session_uid.as_str()) {
             gone.push(pod.clone());

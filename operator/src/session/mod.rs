@@ -60,7 +60,9 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
     let expires = created + SignedDuration::from_secs(ttl);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    let (bound, cache_has_claim) = match bound_pod(&ctx, &pods, &namespace, &uid, status.pod.as_deref()).await? {
+    // One scan of the pod cache per pass: it holds every pod of every pool.
+    let claimed = claimed_pods(&ctx, &namespace, &uid);
+    let (bound, cache_has_claim) = match bound_pod(&ctx, &pods, &claimed, &uid, status.pod.as_deref()).await? {
         Some((pod, cached)) => (Some(pod), cached),
         None => (None, false),
     };
@@ -111,9 +113,9 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
 
     // A claim whose answer was lost (a timeout after the API server applied
     // it) can leave a second pod claimed for this session: let it go.
-    for extra in claimed_pods(&ctx, &namespace, &uid).into_iter().filter(|p| p.name_any() != pod.name_any()) {
+    for extra in claimed.iter().filter(|p| p.metadata.name != pod.metadata.name) {
         tracing::warn!(session = %session.name_any(), pod = %extra.name_any(), "deleting a second pod claimed for one session");
-        delete_pod(&pods, &extra).await?;
+        delete_pod(&pods, extra).await?;
     }
     let until_expiry = expires.duration_since(now).unsigned_abs().min(Duration::from_secs(3600));
     let written = Binding { pod: pod.name_any(), ready: true };
@@ -162,12 +164,11 @@ pub fn error_policy(_session: Arc<TestSession>, error: &Error, _ctx: Arc<Context
 async fn bound_pod(
     ctx: &Context,
     pods: &Api<Pod>,
-    namespace: &str,
+    claimed: &[Arc<Pod>],
     uid: &str,
     in_status: Option<&str>,
 ) -> Result<Option<(Arc<Pod>, bool)>> {
     let remembered = ctx.binding(uid).map(|b| b.pod);
-    let claimed = claimed_pods(ctx, namespace, uid);
     let cached = claimed
         .iter()
         .find(|p| Some(p.name_any().as_str()) == in_status)
@@ -195,7 +196,7 @@ fn claimed_pods(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<Pod>> {
         .state()
         .into_iter()
         .filter(|p| {
-            p.namespace().as_deref() == Some(namespace)
+            p.metadata.namespace.as_deref() == Some(namespace)
                 && p.meta().deletion_timestamp.is_none()
                 && p.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid)
         })
@@ -498,9 +499,9 @@ pub fn sessions_for_pod(
     pod: &Pod,
     sessions: &kube::runtime::reflector::Store<TestSession>,
 ) -> Vec<kube::runtime::reflector::ObjectRef<TestSession>> {
-    let namespace = pod.namespace().unwrap_or_default();
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
     if let Some(session) = pod.labels().get(labels::SESSION) {
-        return vec![kube::runtime::reflector::ObjectRef::new(session).within(&namespace)];
+        return vec![kube::runtime::reflector::ObjectRef::new(session).within(namespace)];
     }
     let Some(pool) = pod.labels().get(labels::POOL) else { return vec![] };
     if !is_ready(pod) {
@@ -509,7 +510,7 @@ pub fn sessions_for_pod(
     sessions
         .state()
         .iter()
-        .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()) && &s.spec.pool == pool)
+        .filter(|s| s.metadata.namespace.as_deref() == Some(namespace) && &s.spec.pool == pool)
         .filter(|s| s.status.as_ref().is_some_and(|st| st.pod.is_none() && st.phase == Phase::Pending))
         .min_by_key(|s| s.meta().creation_timestamp.as_ref().map(|t| t.0))
         .map(|s| kube::runtime::reflector::ObjectRef::from(s.as_ref()))
