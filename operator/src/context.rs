@@ -29,6 +29,12 @@ pub struct Settings {
     pub fault_claim_delay: Option<Duration>,
 }
 
+/// The shortest time between two full passes over one pool. Under load
+/// every pod and session event triggers the pool, and a pass reads every
+/// pod it owns: unbounded, the passes run back to back and take a growing
+/// share of a core as the pool's assigned pods pile up.
+pub const POOL_PASS_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How long a claimed pod stays reserved, and a created pod counts as in
 /// flight: far longer than the cache lags.
 pub const CACHE_LAG_LIMIT: Duration = Duration::from_secs(30);
@@ -61,6 +67,8 @@ pub struct Context {
     pub reserved: Mutex<HashMap<String, Instant>>,
     /// When each pool's status was last written, by pool UID.
     pub status_written: Mutex<HashMap<String, Instant>>,
+    /// When each pool's last full pass started, by pool UID.
+    pub pool_passes: Mutex<HashMap<String, Instant>>,
     /// Pods each pool created that the cache has not shown yet, with when,
     /// by pool UID, so a pool never creates twice for the same gap.
     pub expected: Mutex<HashMap<String, HashMap<String, Instant>>>,
@@ -74,6 +82,24 @@ pub struct Context {
 }
 
 impl Context {
+    /// How long to wait before the next full pass over pool `uid`; None when
+    /// one may run now (and it is recorded as started).
+    pub fn pool_pass_wait(&self, uid: &str) -> Option<Duration> {
+        let Ok(mut passes) = self.pool_passes.lock() else { return None };
+        let now = Instant::now();
+        if let Some(last) = passes.get(uid) {
+            let since = now.saturating_duration_since(*last);
+            if since < POOL_PASS_INTERVAL {
+                return Some(POOL_PASS_INTERVAL - since);
+            }
+        }
+        if passes.len() >= 10_000 {
+            passes.retain(|_, at| now.saturating_duration_since(*at) < Duration::from_secs(60));
+        }
+        passes.insert(uid.to_string(), now);
+        None
+    }
+
     /// Reserves `pod` (namespace/name) for a binding; false if it already is.
     pub fn reserve(&self, pod: &str) -> bool {
         let Ok(mut reserved) = self.reserved.lock() else { return false };

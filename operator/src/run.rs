@@ -78,6 +78,7 @@ pub async fn controllers(
         fleet,
         reserved: Mutex::new(HashMap::new()),
         status_written: Mutex::new(HashMap::new()),
+        pool_passes: Mutex::new(HashMap::new()),
         expected: Mutex::new(HashMap::new()),
         bindings: Mutex::new(HashMap::new()),
         writes: Mutex::new(HashMap::new()),

@@ -75,6 +75,10 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     if pool.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
+    // Triggers that arrive within the interval are served by one pass at its end.
+    if let Some(wait) = ctx.pool_pass_wait(&uid) {
+        return Ok(Action::requeue(wait));
+    }
     let key = ctx.keys.ensure(&ctx.client, &pool).await?;
     let hash = template_hash(&pool);
     let pods = pods_of(&ctx, &pool);
