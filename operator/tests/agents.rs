@@ -285,19 +285,9 @@ async fn agents_feed_backends_and_sessions_follow_the_load() {
 
 /// A report the test sends by hand.
 fn report(backend: &str, kind: ReportKind) -> AgentReport {
-    AgentReport {
-        backend: backend.into(),
-        kind,
-        address: None,
-        health_port: None,
-        region: None,
-        coordinates: None,
-        interval_ms: 1000,
-        seq: 1,
-        sampled_at_ms: 1,
-        capacity: Capacity { cores: 2, memory_bytes: 1 << 30, disk_bytes: 1 << 30, gpus: vec![] },
-        windows: vec![Window { seconds: 10, samples: 10, cores: vec![5.0, 5.0], ..Window::default() }],
-    }
+    let capacity = Capacity { cores: 2, memory_bytes: 1 << 30, disk_bytes: 1 << 30, gpus: vec![] };
+    let window = Window { seconds: 10, samples: 10, cores: vec![5.0, 5.0], ..Window::default() };
+    AgentReport { seq: 1, sampled_at_ms: 1, ..AgentReport::new(backend, kind, capacity, vec![window]) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
