@@ -60,7 +60,6 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
     let expires = created + SignedDuration::from_secs(ttl);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    // One scan of the pod cache per pass: it holds every pod of every pool.
     let claimed = claimed_pods(&ctx, &namespace, &uid);
     let (bound, cache_has_claim) = match bound_pod(&ctx, &pods, &claimed, &uid, status.pod.as_deref()).await? {
         Some((pod, cached)) => (Some(pod), cached),
@@ -113,7 +112,10 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
 
     // A claim whose answer was lost (a timeout after the API server applied
     // it) can leave a second pod claimed for this session: let it go.
-    for extra in claimed.iter().filter(|p| p.metadata.name != pod.metadata.name) {
+    // Scanned again, not reused from the start of the pass: the pod cache may
+    // have caught up with the second claim by now, and nothing else would
+    // trigger a pass for it once the session is settled.
+    for extra in claimed_pods(&ctx, &namespace, &uid).iter().filter(|p| p.metadata.name != pod.metadata.name) {
         tracing::warn!(session = %session.name_any(), pod = %extra.name_any(), "deleting a second pod claimed for one session");
         delete_pod(&pods, extra).await?;
     }
