@@ -1,0 +1,1 @@
+//! The tidepool CLI
