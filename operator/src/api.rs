@@ -365,6 +365,7 @@ async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>)
                 .and_then(|v| v.as_str().map(String::from))
                 .unwrap_or_default(),
             exp: u64::try_from(expires.0.as_second()).unwrap_or(0),
+            probes: tidepool_session::protocol::probes_digest(&session.spec.probes),
         };
         view.token = Some(key.sign_session(&claims));
         view.binding = Some(key.sign_binding(&uid, pod));

@@ -9,7 +9,7 @@
 //! form.
 
 use serde::{Deserialize, Serialize};
-use tidepool_crds::test_session::SessionResults;
+use tidepool_crds::test_session::{ProbeResult, ProbeTarget, SessionResults};
 
 /// The pod's TCP port (HTTP and WebSocket) and, with the same number, its UDP echo port.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -35,6 +35,8 @@ pub const HOUSEHOLD_WS_PATH: &str = "/ws/household/{user}";
 /// POST: the client's measured results ([`ResultsSubmission`]); the pod
 /// grades them, keeps them in /metrics and forwards them to the operator.
 pub const RESULTS_PATH: &str = "/api/v1/results";
+/// POST: run the session's outbound probes ([`ProbeRequest`], [`ProbeResponse`]).
+pub const PROBES_PATH: &str = "/api/v1/probes";
 
 /// The longest a download or upload stream may run, in seconds.
 pub const MAX_STREAM_SECONDS: u64 = 60;
@@ -52,7 +54,7 @@ pub const MAX_PING_HZ: u32 = 100;
 pub const OPERATOR_RESULTS_PATH: &str = "/api/v1/sessions/{name}/results";
 
 /// A text frame from the client on a latency or household WebSocket.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum ClientMessage {
     /// Answer with a pong carrying `client_time_us` back.
@@ -60,6 +62,11 @@ pub enum ClientMessage {
     Ping { seq: u64, client_time_us: u64 },
     /// End the pod, so the user can watch the session heal onto a new one.
     Terminate,
+    /// Household sockets only: start the user's traffic. Until then the
+    /// socket carries pings only, so the first pings give an idle baseline.
+    /// `line_mbps` is the measured download capacity the bulk user adapts to.
+    #[serde(rename_all = "camelCase")]
+    Start { line_mbps: f64 },
 }
 
 /// A text frame from the pod on a latency or household WebSocket.
@@ -71,6 +78,10 @@ pub enum ServerMessage {
     Pong { seq: u64, client_time_us: u64, server_time_us: u64, pod: String, region: String, session_id: String },
     /// The pod is about to exit on the client's request.
     Terminating { pod: String },
+    /// Household sockets only, every second once traffic started: what the
+    /// pod sent and received on this socket since the start.
+    #[serde(rename_all = "camelCase")]
+    Stats { sent_bytes: u64, received_bytes: u64, elapsed_us: u64 },
     /// Something the client sent was refused.
     Error { message: String },
 }
@@ -253,6 +264,44 @@ pub struct ResultsSubmission {
     /// releases its pod. Continuous runs post with `final: false`.
     #[serde(default, rename = "final")]
     pub is_final: bool,
+}
+
+/// The pod's answer to a [`ResultsSubmission`].
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultsAccepted {
+    /// The results as the pod graded them.
+    pub results: SessionResults,
+    /// Whether the operator accepted them into the TestSession's status.
+    pub reported: bool,
+    /// Why not, when not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_error: Option<String>,
+}
+
+/// POST /api/v1/probes: run the session's probe targets once. The targets
+/// must be the TestSession's own: their digest ([`probes_digest`]) is signed
+/// into the session token, so a client cannot point the pod elsewhere.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeRequest {
+    pub targets: Vec<ProbeTarget>,
+    /// The escalation tier to start from (1 to 3); 1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<i32>,
+}
+
+/// The answer to a [`ProbeRequest`].
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeResponse {
+    pub results: Vec<ProbeResult>,
+}
+
+/// The digest of a session's probe targets, as signed into its token:
+/// the hex SHA-256 of their compact JSON. Empty targets give `None`.
+pub fn probes_digest(targets: &[ProbeTarget]) -> Option<String> {
+    tidepool_wire::token::probes_digest(&serde_json::to_vec(targets).ok()?, targets.is_empty())
 }
 
 /// An error body, from the pod or the operator.

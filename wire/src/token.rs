@@ -52,6 +52,20 @@ pub struct SessionClaims {
     pub profile: String,
     /// When the session ends.
     pub exp: u64,
+    /// The digest of the session's probe targets ([`probes_digest`]): the
+    /// pod probes only these, whatever a client sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<String>,
+}
+
+/// The hex SHA-256 of the probe targets' compact JSON (`json`), or `None`
+/// when there are no targets.
+pub fn probes_digest(json: &[u8], empty: bool) -> Option<String> {
+    use sha2::Digest;
+    if empty {
+        return None;
+    }
+    Some(sha2::Sha256::digest(json).iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A pool's private key: signs session tokens and binding tickets.
@@ -162,7 +176,15 @@ mod tests {
             pool: "edge".into(),
             profile: "latency".into(),
             exp: 2_000,
+            probes: None,
         }
+    }
+
+    #[test]
+    fn probes_digest_is_hex_sha256_and_none_when_empty() {
+        let digest = probes_digest(b"[]", false).unwrap();
+        assert_eq!(digest, "4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945");
+        assert_eq!(probes_digest(b"[]", true), None);
     }
 
     #[test]
