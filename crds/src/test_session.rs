@@ -224,10 +224,18 @@ pub struct TestSessionStatus {
     pub observed_generation: Option<i64>,
 }
 
-/// Summary results; the raw series stay in Prometheus.
+/// Summary results; the raw series stay in Prometheus. Written only by the
+/// results route of the operator's API, on the session pod's report.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionResults {
+    /// The session's last results: the session is Completed and its pod released.
+    #[serde(default, rename = "final", skip_serializing_if = "std::ops::Not::not")]
+    pub is_final: bool,
+    /// When the operator accepted these results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_date_time")]
+    pub reported_at: Option<Time>,
     /// Idle round-trip latency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<LatencySummary>,

@@ -27,6 +27,8 @@ use tidepool_wire::token::SessionClaims;
 use crate::fleet::{Fleet, ingest, route};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
+use crate::results::RESULTS_BODY_LIMIT;
+use tidepool_session::protocol::OPERATOR_RESULTS_PATH;
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT: usize = 16 * 1024;
@@ -57,6 +59,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(|request: Request, next: Next| refuse_oversized(BODY_LIMIT, request, next)));
+    // Session pods authenticate with their session's own token and ticket.
+    let pods = Router::new()
+        .route(OPERATOR_RESULTS_PATH, axum::routing::post(crate::results::submit))
+        .layer(DefaultBodyLimit::max(RESULTS_BODY_LIMIT))
+        .layer(middleware::from_fn(|request: Request, next: Next| refuse_oversized(RESULTS_BODY_LIMIT, request, next)));
     // Agents authenticate with their ServiceAccount tokens, not the API token.
     let agents = Router::new()
         .route(REPORT_PATH, axum::routing::post(ingest::report))
@@ -68,6 +75,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(api)
         .merge(agents)
+        .merge(pods)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
 }
@@ -188,8 +196,8 @@ pub struct SessionView {
 }
 
 #[derive(Deserialize)]
-struct NamespaceQuery {
-    namespace: Option<String>,
+pub struct NamespaceQuery {
+    pub namespace: Option<String>,
 }
 
 async fn create_session(State(state): State<Arc<ApiState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -313,7 +321,7 @@ async fn delete_session(
 
 /// The API server's refusals pass through with their code and message;
 /// anything else is a 502.
-fn kube_error(e: kube::Error) -> Response {
+pub fn kube_error(e: kube::Error) -> Response {
     match e {
         kube::Error::Api(status) => {
             let code = StatusCode::from_u16(status.code).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -377,7 +385,7 @@ fn session_resource() -> ApiResource {
     ApiResource::erase::<TestSession>(&())
 }
 
-async fn lookup_pool_uid(state: &ApiState, namespace: &str, pool: &str) -> Option<String> {
+pub async fn lookup_pool_uid(state: &ApiState, namespace: &str, pool: &str) -> Option<String> {
     let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(state.client.clone(), namespace);
     pools.get_metadata_opt(pool).await.ok().flatten().and_then(|p| p.uid())
 }

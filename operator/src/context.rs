@@ -24,6 +24,9 @@ pub struct Settings {
     pub result_retention: Duration,
     /// The port a session pod serves on when its template names none.
     pub session_port: u16,
+    /// The operator's URL as session pods reach it (`TIDEPOOL_OPERATOR_URL`
+    /// in their environment), for posting results; None leaves it out.
+    pub results_url: Option<String>,
     /// Fault injection for the restart tests: a pause between claiming a pod
     /// and writing the session's status, so a crash can land in between.
     pub fault_claim_delay: Option<Duration>,

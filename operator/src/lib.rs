@@ -15,5 +15,6 @@ pub mod leader;
 pub mod metrics;
 pub mod placement;
 pub mod pool;
+pub mod results;
 pub mod run;
 pub mod session;

@@ -57,6 +57,10 @@ struct Args {
     /// Port of a session pod whose template names none.
     #[arg(long, env = "TIDEPOOL_SESSION_PORT", default_value_t = 8080)]
     session_port: u16,
+    /// The operator's URL as session pods reach it (its Service), given to
+    /// them to post results to. Without it pods keep results to themselves.
+    #[arg(long, env = "TIDEPOOL_RESULTS_URL")]
+    results_url: Option<String>,
     /// Fault injection for tests: milliseconds to pause between claiming a
     /// pod and writing the session's status.
     #[arg(long, hide = true)]
@@ -246,6 +250,7 @@ async fn main() -> ExitCode {
         create_batch: args.create_batch.max(1),
         result_retention: Duration::from_secs(args.result_retention_seconds),
         session_port: args.session_port,
+        results_url: args.results_url.clone(),
         fault_claim_delay: args.fault_claim_delay_ms.map(Duration::from_millis),
     };
     let controllers = tidepool_operator::run::controllers(client, settings, metrics.clone(), keys, fleet, &identity);

@@ -96,7 +96,7 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
 
     // Create, all of this pass's batch at once.
-    let template = pod_for(&pool, &hash, &key.public().to_base64())?;
+    let template = pod_for(&pool, &hash, &key.public().to_base64(), ctx.settings.results_url.as_deref())?;
     let post = PostParams::default();
     let pinned = place_on_demand(&ctx, &pool, plan.create.min(waiting));
     let created = join_all((0..plan.create as usize).map(|i| {
@@ -305,8 +305,8 @@ async fn orphans(ctx: &Context, namespace: &str, pods: &[Arc<Pod>]) -> Result<Ve
 }
 
 /// The pod the pool creates: its template, labelled and owned by the pool,
-/// told its pool, its name and the pool's public key.
-fn pod_for(pool: &WarmPool, hash: &str, public_key: &str) -> Result<Pod> {
+/// told its pool, its name, the pool's public key and where to post results.
+fn pod_for(pool: &WarmPool, hash: &str, public_key: &str, results_url: Option<&str>) -> Result<Pod> {
     let template = &pool.spec.template;
     let mut metadata: ObjectMeta = template.metadata.clone().unwrap_or_default();
     metadata.name = None;
@@ -347,6 +347,9 @@ fn pod_for(pool: &WarmPool, hash: &str, public_key: &str) -> Result<Pod> {
             value_from: Some(field("metadata.namespace")),
             ..Default::default()
         });
+        if let Some(url) = results_url {
+            env.push(EnvVar { name: "TIDEPOOL_OPERATOR_URL".into(), value: Some(url.into()), ..Default::default() });
+        }
     }
     Ok(Pod { metadata, spec: Some(spec), status: None })
 }

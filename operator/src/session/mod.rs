@@ -65,6 +65,22 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
         Some((pod, cached)) => (Some(pod), cached),
         None => (None, false),
     };
+    if status.results.as_ref().is_some_and(|r| r.is_final) {
+        // The pod reported its last results: the session is done early and
+        // its pod goes back to the pool's budget.
+        if let Some(pod) = &bound {
+            delete_pod(&pods, pod).await?;
+        }
+        ctx.forget(&uid);
+        let mut next = status.clone();
+        next.phase = Phase::Completed;
+        let generation = session.meta().generation;
+        let message = "the session's tests finished; the results are in status.results";
+        conditions::set(&mut next.conditions, "Ready", false, "Completed", message, generation, now);
+        write_status(&ctx, &session, &next).await?;
+        crate::pool::publish(&ctx, session.as_ref(), EventType::Normal, "Completed", message).await;
+        return Ok(Action::requeue(ctx.settings.result_retention));
+    }
     if now >= expires {
         if let Some(pod) = &bound {
             delete_pod(&pods, pod).await?;
@@ -484,6 +500,9 @@ async fn delete_pod(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
 
 async fn write_status(ctx: &Context, session: &TestSession, status: &TestSessionStatus) -> Result<()> {
     let api: Api<TestSession> = Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+    // `results` belongs to the results route alone: left out of the apply,
+    // it is never owned here, so a write from a stale cache cannot drop it.
+    let status = TestSessionStatus { results: None, ..status.clone() };
     let patch = serde_json::json!({
         "apiVersion": "tidepool.dev/v1alpha1",
         "kind": "TestSession",
