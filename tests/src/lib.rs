@@ -12,16 +12,19 @@ mod binaries;
 mod error;
 mod nodes;
 mod pki;
+mod pod_runner;
 mod process;
 
 pub use process::Managed as Process;
 
 pub mod control_plane;
+pub mod netns;
 
 pub use binaries::workspace_binary;
 pub use control_plane::{ControlPlane, Options, free_port};
 pub use error::HarnessError;
 pub use nodes::FakeNode;
+pub use pod_runner::PodRunner;
 
 /// A result whose error is a [`HarnessError`].
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
