@@ -82,6 +82,8 @@ pub struct Context {
     pub bindings: Mutex<HashMap<String, Binding>>,
     /// API writes made for each session still binding, by session UID.
     pub writes: Mutex<HashMap<String, u32>>,
+    /// The pods claimed for each session, from the pod watch.
+    pub claims: std::sync::Arc<Mutex<crate::claims::ClaimIndex>>,
 }
 
 impl Context {

@@ -5,6 +5,7 @@
 //! tests.
 
 pub mod api;
+pub mod claims;
 pub mod conditions;
 pub mod context;
 pub mod error;

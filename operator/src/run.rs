@@ -12,6 +12,7 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tidepool_crds::{TestSession, WarmPool};
 
+use crate::claims::ClaimIndex;
 use crate::context::{Context, Settings};
 use crate::error::Error;
 use crate::fleet::Fleet;
@@ -38,10 +39,16 @@ pub async fn controllers(
     let (pods, pods_writer) = reflector::store();
     let (sessions, sessions_writer) = reflector::store();
     let (pools, pools_writer) = reflector::store();
+    let claims = Arc::new(Mutex::new(ClaimIndex::default()));
+    let claims_writer = claims.clone();
     let pod_cache = reflector::reflector(pods_writer, watcher(pods_api.clone(), pod_selector.clone()))
         .default_backoff()
-        .touched_objects()
-        .for_each(|_| async {});
+        .for_each(move |event| {
+            if let (Ok(event), Ok(mut index)) = (event, claims_writer.lock()) {
+                index.apply(&event);
+            }
+            async {}
+        });
     let session_cache = reflector::reflector(sessions_writer, watcher(sessions_api.clone(), Default::default()))
         .default_backoff()
         .touched_objects()
@@ -82,6 +89,7 @@ pub async fn controllers(
         expected: Mutex::new(HashMap::new()),
         bindings: Mutex::new(HashMap::new()),
         writes: Mutex::new(HashMap::new()),
+        claims,
     });
 
     let pool_controller = Controller::new(pools_api, Default::default())

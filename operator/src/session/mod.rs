@@ -208,14 +208,15 @@ async fn bound_pod(
     }
 }
 
-/// Live pods the cache shows claimed for session `uid`.
+/// Live pods the cache shows claimed for session `uid`: looked up through
+/// the claim index, and checked again on the cached pod itself.
 fn claimed_pods(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<Pod>> {
-    ctx.pods
-        .state()
-        .into_iter()
+    let keys = ctx.claims.lock().map(|index| index.pods_of(uid)).unwrap_or_default();
+    keys.into_iter()
+        .filter(|(ns, _)| ns == namespace)
+        .filter_map(|(ns, name)| ctx.pods.get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns)))
         .filter(|p| {
-            p.metadata.namespace.as_deref() == Some(namespace)
-                && p.meta().deletion_timestamp.is_none()
+            p.meta().deletion_timestamp.is_none()
                 && p.annotations().get(labels::SESSION_UID).map(String::as_str) == Some(uid)
         })
         .collect()
