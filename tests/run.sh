@@ -6,9 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The agent's and the operator's GPU tests build a fake NVML library with cc.
-if ! command -v cc >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null
+# What the tests run besides our own programs, from Debian's packages:
+# cc for the fake NVML library of the GPU tests, ip and tc for the shaped
+# network namespaces of the accuracy tests, promtool to check /metrics.
+missing=()
+command -v cc >/dev/null || missing+=(gcc libc6-dev)
+command -v ip >/dev/null && command -v tc >/dev/null || missing+=(iproute2)
+command -v promtool >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # Formatting and lints first: they are cheap and fail fast.

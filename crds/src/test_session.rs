@@ -257,9 +257,10 @@ pub struct SessionResults {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub household: Vec<HouseholdUserResult>,
-    /// One per probe target.
+    /// One per probe run: each target, plus what escalated tiers add
+    /// (traceroutes, certificate checks, jitter series, downloads).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 160))]
     pub probes: Vec<ProbeResult>,
 }
 
@@ -395,6 +396,11 @@ pub struct ProbeResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub error: Option<String>,
+    /// What else the probe found, in one line: addresses, round trips and
+    /// loss, traceroute hops, certificate days left, download rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub detail: Option<String>,
 }
 
 fn first_tier() -> i32 {

@@ -1,0 +1,439 @@
+//! The outbound probes against real servers on loopback: HTTP/1.1, HTTPS
+//! with h2 under a CA made here, TCP, TLS, a UDP echo, DNS, ICMP echo, the
+//! tiers, and continuous mode.
+#![cfg(target_os = "linux")]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tidepool_crds::test_session::{ProbeKind, ProbeResult, ProbeTarget, ProbeTimings};
+use tidepool_session::probes::{
+    ContinuousSettings, IcmpSocket, Job, ProbeSettings, Stage, TRACEROUTE_BASE_PORT, Thresholds, plan, probe, run,
+    run_once, spawn_continuous,
+};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+/// The size of `/big`.
+const BIG_BYTES: usize = 3_000_000;
+
+fn target(kind: ProbeKind, host: &str, port: Option<u16>) -> ProbeTarget {
+    ProbeTarget { kind, url: None, host: Some(host.into()), port: port.map(i32::from) }
+}
+
+fn http_target(url: &str) -> ProbeTarget {
+    ProbeTarget { kind: ProbeKind::Http, url: Some(url.into()), host: None, port: None }
+}
+
+/// Short bounds, so that a failing test fails fast.
+fn settings() -> ProbeSettings {
+    ProbeSettings {
+        timeout: Duration::from_secs(3),
+        reply_wait: Duration::from_millis(500),
+        ping_interval: Duration::from_millis(20),
+        ..ProbeSettings::default()
+    }
+}
+
+async fn handle(request: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, body) = match request.uri().path() {
+        "/" => (StatusCode::OK, Bytes::from_static(b"hello from the probe test\n")),
+        "/big" => (StatusCode::OK, Bytes::from(vec![7u8; BIG_BYTES])),
+        _ => (StatusCode::NOT_FOUND, Bytes::from_static(b"no such page\n")),
+    };
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    Ok(response)
+}
+
+/// A server on 127.0.0.1: HTTP/1.1 over TCP, or with `tls`, HTTPS that speaks
+/// h2 or HTTP/1.1 as ALPN chose. Aborted when the handle drops.
+struct Server {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(tls: Option<Arc<ServerConfig>>) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Some(config) = tls else {
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(handle)).await;
+                    return;
+                };
+                let Ok(stream) = TlsAcceptor::from(config).accept(stream).await else { return };
+                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let h2 = http2::Builder::new(TokioExecutor::new());
+                    let _ = h2.serve_connection(TokioIo::new(stream), service_fn(handle)).await;
+                } else {
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(handle)).await;
+                }
+            });
+        }
+    });
+    Server { addr, task }
+}
+
+/// A CA made for the test, and a server certificate it signed for
+/// `localhost` and 127.0.0.1 that expires `days` from now.
+struct Pki {
+    ca: CertificateDer<'static>,
+    server: Arc<ServerConfig>,
+}
+
+fn pki(days: u64) -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap().der().clone();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    params.not_after = rcgen::date_time_ymd(1970, 1, 1) + now + Duration::from_secs(days * 86_400);
+    let cert = params.signed_by(&key, &issuer).unwrap().der().clone();
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+        .unwrap();
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Pki { ca, server: Arc::new(server) }
+}
+
+fn trusting(ca: &CertificateDer<'static>) -> ProbeSettings {
+    let mut settings = settings();
+    settings.trust(ca.clone()).unwrap();
+    settings
+}
+
+/// Every step timed, none negative, in the order they happen.
+fn assert_timings_ordered(result: &ProbeResult, tls: bool) {
+    let ProbeTimings { dns_ms, connect_ms, tls_ms, first_byte_ms, total_ms } = result.timings.clone().unwrap();
+    let (dns, connect) = (dns_ms.unwrap(), connect_ms.unwrap());
+    let (first_byte, handshake) = (first_byte_ms.unwrap(), tls_ms.unwrap_or(0.0));
+    assert_eq!(tls_ms.is_some(), tls, "{result:?}");
+    for value in [dns, connect, handshake, first_byte, total_ms] {
+        assert!(value >= 0.0, "{result:?}");
+    }
+    assert!(dns + connect + handshake <= first_byte, "{result:?}");
+    assert!(first_byte <= total_ms, "{result:?}");
+}
+
+#[tokio::test]
+async fn plain_http_speaks_http1_and_times_each_step() {
+    let server = serve(None).await;
+    let outcome = probe(&http_target(&format!("http://{}/", server.addr)), &settings()).await;
+    let result = outcome.result;
+    assert!(result.ok, "{result:?}");
+    assert_eq!(result.protocol.as_deref(), Some("HTTP/1.1"));
+    assert_eq!(outcome.facts.status, Some(200));
+    assert_timings_ordered(&result, false);
+}
+
+#[tokio::test]
+async fn https_negotiates_h2_under_the_trusted_ca() {
+    let pki = pki(90);
+    let server = serve(Some(pki.server.clone())).await;
+    let url = format!("https://localhost:{}/", server.addr.port());
+    let outcome = probe(&http_target(&url), &trusting(&pki.ca)).await;
+    let result = outcome.result.clone();
+    assert!(result.ok, "{result:?}");
+    assert_eq!(result.protocol.as_deref(), Some("h2"));
+    assert_timings_ordered(&result, true);
+    let days = outcome.facts.cert_days_left.unwrap();
+    assert!((89.9..=90.0).contains(&days), "{days}");
+    let error = outcome.into_result().detail.unwrap();
+    assert!(error.starts_with("certificate expires in ") && error.ends_with(" days"), "{error}");
+
+    // By IP address too: the certificate names 127.0.0.1.
+    let by_ip = probe(&http_target(&format!("https://{}/", server.addr)), &trusting(&pki.ca)).await.result;
+    assert!(by_ip.ok, "{by_ip:?}");
+}
+
+#[tokio::test]
+async fn an_unknown_ca_fails_the_handshake_plainly() {
+    let pki = pki(90);
+    let server = serve(Some(pki.server.clone())).await;
+    let url = format!("https://localhost:{}/", server.addr.port());
+    let result = probe(&http_target(&url), &settings()).await.result;
+    assert!(!result.ok);
+    let error = result.error.unwrap();
+    assert!(error.starts_with("TLS handshake with localhost: invalid peer certificate"), "{error}");
+    let timings = result.timings.unwrap();
+    assert!(timings.connect_ms.is_some() && timings.tls_ms.is_none() && timings.first_byte_ms.is_none());
+}
+
+#[tokio::test]
+async fn an_error_status_fails_with_its_timings() {
+    let server = serve(None).await;
+    let result = probe(&http_target(&format!("http://{}/missing", server.addr)), &settings()).await.result;
+    assert!(!result.ok);
+    assert_eq!(result.error.as_deref(), Some("HTTP status 404 Not Found"));
+    assert_timings_ordered(&result, false);
+}
+
+#[tokio::test]
+async fn a_long_body_is_cut_off() {
+    let server = serve(None).await;
+    let settings = ProbeSettings { max_body_bytes: 100_000, ..settings() };
+    let outcome = probe(&http_target(&format!("http://{}/big", server.addr)), &settings).await;
+    assert!(outcome.result.ok);
+    let capped = outcome.facts.capped_at.unwrap();
+    assert!((100_000..BIG_BYTES as u64).contains(&capped), "{capped}");
+}
+
+#[tokio::test]
+async fn tcp_connects_and_a_closed_port_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let result = probe(&target(ProbeKind::Tcp, "127.0.0.1", Some(port)), &settings()).await.result;
+    assert!(result.ok, "{result:?}");
+    assert_eq!(result.target, format!("127.0.0.1:{port}"));
+    let timings = result.timings.unwrap();
+    assert!(timings.dns_ms.is_some() && timings.connect_ms.is_some());
+    drop(listener);
+
+    let result = probe(&target(ProbeKind::Tcp, "127.0.0.1", Some(port)), &settings()).await.result;
+    assert!(!result.ok);
+    assert_eq!(
+        result.error.as_deref(),
+        Some(&*format!("connect to 127.0.0.1:{port}: Connection refused (os error 111)"))
+    );
+}
+
+#[tokio::test]
+async fn tls_reads_the_days_the_certificate_has_left() {
+    let pki = pki(3);
+    let server = serve(Some(pki.server.clone())).await;
+    let outcome = probe(&target(ProbeKind::Tls, "localhost", Some(server.addr.port())), &trusting(&pki.ca)).await;
+    assert!(outcome.result.ok, "{:?}", outcome.result);
+    assert_eq!(outcome.result.protocol.as_deref(), Some("TLS 1.3"));
+    let timings = outcome.result.timings.clone().unwrap();
+    assert!(timings.tls_ms.is_some() && timings.connect_ms.is_some());
+    let days = outcome.facts.cert_days_left.unwrap();
+    assert!((2.9..=3.0).contains(&days), "{days}");
+
+    // Expiring in under 7 days sends a tier-2 run on to tier 3.
+    let run = run(&[target(ProbeKind::Tls, "localhost", Some(server.addr.port()))], 2, &trusting(&pki.ca)).await;
+    assert_eq!(run.tier, 3);
+    let reasons = &run.escalations[0].1;
+    assert!(reasons[0].starts_with("certificate expires in ") && reasons[0].ends_with(" days < 7 days"), "{reasons:?}");
+}
+
+/// Echoes every datagram back, as Tidepool's echo does.
+async fn udp_echo() -> (SocketAddr, JoinHandle<()>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((len, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..len], from).await;
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn udp_echo_answers_and_a_closed_port_says_so() {
+    let (addr, echo) = udp_echo().await;
+    let result = probe(&target(ProbeKind::Udp, "127.0.0.1", Some(addr.port())), &settings()).await.result;
+    assert!(result.ok, "{result:?}");
+    let timings = result.timings.unwrap();
+    assert!(timings.first_byte_ms.unwrap() <= timings.total_ms);
+    echo.abort();
+
+    let closed = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let result = probe(&target(ProbeKind::Udp, "127.0.0.1", Some(port)), &settings()).await.result;
+    assert!(!result.ok);
+    let expected = format!("127.0.0.1:{port}: nothing listens there (ICMP port unreachable)");
+    assert_eq!(result.error.as_deref(), Some(&*expected));
+}
+
+#[tokio::test]
+async fn dns_resolves_localhost() {
+    let outcome = probe(&target(ProbeKind::Dns, "localhost", None), &settings()).await;
+    assert!(outcome.result.ok, "{:?}", outcome.result);
+    assert!(outcome.facts.addresses.iter().all(|ip| ip.is_loopback()), "{:?}", outcome.facts.addresses);
+    assert!(!outcome.facts.addresses.is_empty());
+    let timings = outcome.result.timings.unwrap();
+    assert_eq!(timings.dns_ms, Some(timings.total_ms));
+
+    let missing = probe(&target(ProbeKind::Dns, "no-such-host.invalid", None), &settings()).await.result;
+    assert!(!missing.ok);
+    assert!(missing.error.unwrap().starts_with("DNS lookup of no-such-host.invalid: "));
+}
+
+#[tokio::test]
+async fn icmp_pings_loopback() {
+    let outcome = probe(&target(ProbeKind::Icmp, "127.0.0.1", None), &settings()).await;
+    assert!(outcome.result.ok, "ICMP needs root, CAP_NET_RAW or ping_group_range: {:?}", outcome.result);
+    assert_eq!(outcome.result.protocol.as_deref(), Some("ICMP"));
+    let rtt = outcome.facts.rtt.unwrap();
+    assert_eq!((rtt.sent, rtt.received), (4, 4));
+    assert!(rtt.min_ms <= rtt.mean_ms && rtt.mean_ms <= rtt.max_ms);
+    assert!(matches!(outcome.facts.icmp_socket, Some(IcmpSocket::Datagram | IcmpSocket::Raw)));
+    assert_eq!(outcome.result.timings.unwrap().total_ms, rtt.mean_ms);
+
+    if UdpSocket::bind("[::1]:0").await.is_err() {
+        eprintln!("note: this machine has no IPv6 loopback; ICMPv6 not checked");
+        return;
+    }
+    let v6 = probe(&target(ProbeKind::Icmp, "::1", None), &settings()).await;
+    assert!(v6.result.ok, "{:?}", v6.result);
+    assert_eq!(v6.result.protocol.as_deref(), Some("ICMPv6"));
+    assert_eq!(v6.facts.rtt.unwrap().received, 4);
+}
+
+#[tokio::test]
+async fn traceroute_to_loopback_is_one_hop() {
+    let outcome = probe(&target(ProbeKind::Traceroute, "127.0.0.1", None), &settings()).await;
+    assert!(outcome.result.ok, "{:?}", outcome.result);
+    let hops: Vec<_> = outcome.facts.hops.iter().map(|hop| (hop.ttl, hop.addr)).collect();
+    assert_eq!(hops, [(1, Some("127.0.0.1".parse().unwrap()))]);
+    let timings = outcome.result.timings.unwrap();
+    assert_eq!(Some(timings.total_ms), outcome.facts.hops[0].rtt_ms);
+
+    if UdpSocket::bind("[::1]:0").await.is_err() {
+        eprintln!("note: this machine has no IPv6 loopback; the IPv6 traceroute not checked");
+        return;
+    }
+    let outcome = probe(&target(ProbeKind::Traceroute, "::1", None), &settings()).await;
+    assert!(outcome.result.ok, "{:?}", outcome.result);
+    let hops: Vec<_> = outcome.facts.hops.iter().map(|hop| (hop.ttl, hop.addr)).collect();
+    assert_eq!(hops, [(1, Some("::1".parse().unwrap()))]);
+}
+
+#[tokio::test]
+async fn traceroute_counts_a_udp_answer_as_the_destination() {
+    // A service on the first probe port answers the datagram itself.
+    let Ok(socket) = UdpSocket::bind(("127.0.0.2", TRACEROUTE_BASE_PORT)).await else {
+        eprintln!("note: 127.0.0.2:{TRACEROUTE_BASE_PORT} is taken; the UDP answer not checked");
+        return;
+    };
+    let echoed = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&echoed);
+    let echo = tokio::spawn(async move {
+        let mut buf = [0u8; 256];
+        while let Ok((len, from)) = socket.recv_from(&mut buf).await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            let _ = socket.send_to(&buf[..len], from).await;
+        }
+    });
+    let outcome = probe(&target(ProbeKind::Traceroute, "127.0.0.2", None), &settings()).await;
+    echo.abort();
+    assert!(outcome.result.ok, "{:?}", outcome.result);
+    // Hop 1's datagram reached the service, so no ICMP error answered it: its reply did.
+    assert_eq!(echoed.load(Ordering::Relaxed), 1);
+    assert_eq!(outcome.facts.hops.len(), 1);
+}
+
+#[tokio::test]
+async fn a_bad_run_climbs_every_tier() {
+    let server = serve(None).await;
+    let (echo_addr, echo) = udp_echo().await;
+    let url = format!("http://{}/big", server.addr);
+    let targets = [
+        http_target(&url),
+        target(ProbeKind::Icmp, "127.0.0.1", None),
+        target(ProbeKind::Udp, "127.0.0.1", Some(echo_addr.port())),
+    ];
+    let settings = ProbeSettings {
+        // Loopback is never this bad: trip the ping rule and the hop rule.
+        thresholds: Thresholds { ping_ms: 0.0, hops: 0, ..Thresholds::default() },
+        sample_bytes: 1_500_000,
+        long_bytes: 2_000_000,
+        jitter_count: 10,
+        jitter_interval: Duration::from_millis(5),
+        ..settings()
+    };
+    let run = run(&targets, 1, &settings).await;
+    echo.abort();
+    assert_eq!(run.tier, 3, "{:?}", run.escalations);
+    assert!(run.escalations[0].1[0].starts_with("ping "), "{:?}", run.escalations);
+    assert_eq!(run.escalations[1].1, ["1 hops > 0"]);
+
+    let tiers: Vec<(i32, ProbeKind)> = run.outcomes.iter().map(|o| (o.result.tier, o.result.kind)).collect();
+    use ProbeKind::*;
+    assert_eq!(tiers, [(1, Http), (1, Icmp), (1, Udp), (2, Traceroute), (2, Udp), (2, Http), (3, Http)]);
+    for outcome in &run.outcomes {
+        assert!(outcome.result.ok, "{:?}", outcome.result);
+    }
+    let route = &run.outcomes[3];
+    assert_eq!((route.result.target.as_str(), route.facts.hops.len()), ("127.0.0.1", 1));
+    let jitter = run.outcomes[4].facts.rtt.clone().unwrap();
+    assert_eq!((jitter.sent, jitter.received), (10, 10));
+    let sample = run.outcomes[5].facts.download.clone().unwrap();
+    assert!((1_500_000..BIG_BYTES as u64).contains(&sample.bytes), "{sample:?}");
+    let long = run.outcomes[6].facts.download.clone().unwrap();
+    assert!((2_000_000..BIG_BYTES as u64).contains(&long.bytes), "{long:?}");
+    assert!(long.mbps() > 0.0);
+    assert_eq!(
+        plan(&targets, 3),
+        [Job::Download { url: url.clone(), stage: Stage::Long }],
+        "tier 3 downloads from the http target"
+    );
+
+    // The same run as the CRD sees it.
+    let results = run.results();
+    assert!(results[5].detail.as_deref().unwrap().contains("Mbit/s"), "{:?}", results[5]);
+    assert!(results[3].detail.as_deref().unwrap().starts_with("1 hops: 1 127.0.0.1 "), "{:?}", results[3]);
+}
+
+#[tokio::test]
+async fn a_good_run_stays_in_its_tier() {
+    let server = serve(None).await;
+    let results = run_once(&[http_target(&format!("http://{}/", server.addr))], 1, &settings()).await;
+    assert_eq!(results.len(), 1);
+    assert!(results[0].ok && results[0].tier == 1, "{results:?}");
+}
+
+#[tokio::test]
+async fn continuous_mode_hands_each_run_to_the_sink() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink_seen = Arc::clone(&seen);
+    let every = ContinuousSettings { interval: Duration::from_millis(100), start_tier: 1, max_runs: Some(3) };
+    let runner =
+        spawn_continuous(vec![target(ProbeKind::Tcp, "127.0.0.1", Some(port))], settings(), every, move |run| {
+            let seen = Arc::clone(&sink_seen);
+            async move { seen.lock().unwrap().push((run.number, run.run.results())) }
+        });
+    tokio::time::timeout(Duration::from_secs(10), runner.finished()).await.expect("three runs within 10 s");
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(seen.iter().map(|(number, _)| *number).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(seen.iter().all(|(_, results)| results.len() == 1 && results[0].ok), "{seen:?}");
+
+    let forever = spawn_continuous(vec![], settings(), ContinuousSettings::default(), |_| async {});
+    tokio::time::timeout(Duration::from_secs(5), forever.stop()).await.expect("stops at once");
+}

@@ -1,0 +1,224 @@
+//! Probes that need network namespaces: a traceroute through a router, and
+//! which ICMP socket `net.ipv4.ping_group_range` and `CAP_NET_RAW` allow.
+//!
+//! Each test makes its own namespaces and deletes them when it ends, passed
+//! or failed. A test that cannot make them fails, unless
+//! `TIDEPOOL_SKIP_NETNS=1`, in which case it prints that it skipped.
+#![cfg(target_os = "linux")]
+
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+use tidepool_crds::test_session::{ProbeKind, ProbeTarget};
+use tidepool_session::probes::{IcmpSocket, ProbeOutcome, ProbeSettings, probe};
+
+/// Network namespaces, deleted on drop.
+struct Namespaces {
+    names: Vec<String>,
+}
+
+impl Namespaces {
+    fn create(test: &str, roles: &[&str]) -> Result<Self, String> {
+        let mut made = Self { names: Vec::new() };
+        for role in roles {
+            let name = format!("tp{}-{test}-{role}", std::process::id());
+            ip(&["netns", "add", &name])?;
+            made.names.push(name);
+        }
+        Ok(made)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.names {
+            if let Err(error) = ip(&["netns", "del", name]) {
+                let _ = writeln!(io::stderr(), "could not delete network namespace {name}: {error}");
+            }
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let command = format!("ip {}", args.join(" "));
+    let output = Command::new("ip").args(args).output().map_err(|error| format!("{command}: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command}: {}", String::from_utf8_lossy(&output.stderr).trim()))
+    }
+}
+
+/// Makes the namespaces and sets them up, or fails the test, or with
+/// `TIDEPOOL_SKIP_NETNS=1` says it skips (on stderr, which tests do not capture).
+fn namespaces(test: &str, roles: &[&str], setup: impl FnOnce(&[String]) -> Result<(), String>) -> Option<Namespaces> {
+    let made = Namespaces::create(test, roles).and_then(|made| setup(&made.names).map(|()| made));
+    match made {
+        Ok(made) => Some(made),
+        Err(error) if std::env::var("TIDEPOOL_SKIP_NETNS").as_deref() == Ok("1") => {
+            let _ = writeln!(
+                io::stderr(),
+                "SKIPPED {test}: cannot set up network namespaces: {error} (TIDEPOOL_SKIP_NETNS=1)"
+            );
+            None
+        }
+        Err(error) => panic!(
+            "{test} needs network namespaces (root, iproute2's `ip netns` and veth): {error}; \
+             set TIDEPOOL_SKIP_NETNS=1 to skip it"
+        ),
+    }
+}
+
+/// Runs `work` on a thread of its own that has entered namespace `name`; sockets it opens live there.
+fn in_namespace<T: Send + 'static>(name: &str, work: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    let path = format!("/var/run/netns/{name}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).map_err(|error| format!("{path}: {error}"))?;
+        // SAFETY: entering a network namespace from an open namespace file
+        // changes only this thread, which ends with `work`.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns {path}: {}", io::Error::last_os_error()));
+        }
+        Ok(work())
+    })
+    .join()
+    .map_err(|_| "the thread in the namespace panicked".to_owned())?
+}
+
+/// Writes a sysctl of namespace `name`.
+fn sysctl(name: &str, key: &str, value: &str) -> Result<(), String> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let value = value.to_owned();
+    in_namespace(name, move || std::fs::write(&path, value).map_err(|error| format!("{path}: {error}")))?
+}
+
+/// One probe from inside namespace `name`, on a runtime of its own.
+fn probe_in(name: &str, target: ProbeTarget, drop_net_raw: bool) -> ProbeOutcome {
+    let settings = ProbeSettings {
+        timeout: Duration::from_secs(4),
+        reply_wait: Duration::from_millis(500),
+        ping_interval: Duration::from_millis(20),
+        ..ProbeSettings::default()
+    };
+    in_namespace(name, move || {
+        if drop_net_raw {
+            drop_capability(CAP_NET_RAW);
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(probe(&target, &settings))
+    })
+    .unwrap()
+}
+
+fn host(kind: ProbeKind, host: &str) -> ProbeTarget {
+    ProbeTarget { kind, url: None, host: Some(host.into()), port: None }
+}
+
+const CAP_NET_RAW: u32 = 13;
+
+/// Drops a capability from this thread's effective set (capabilities are per thread).
+fn drop_capability(capability: u32) {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header { version: VERSION_3, pid: 0 };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget and capset read and write a version-3 header and two data
+    // structs, which these are, for the calling thread (pid 0).
+    unsafe {
+        assert_eq!(libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()), 0, "capget");
+        data[(capability / 32) as usize].effective &= !(1 << (capability % 32));
+        assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0, "capset");
+    }
+}
+
+#[test]
+fn traceroute_crosses_a_router() {
+    // client (198.18.1.2) -- (198.18.1.1) router (198.18.2.1) -- (198.18.2.2) server
+    let Some(made) = namespaces("trace", &["client", "router", "server"], |names| {
+        let [client, router, server] = [&names[0], &names[1], &names[2]].map(String::as_str);
+        ip(&["-n", client, "link", "add", "eth0", "type", "veth", "peer", "name", "to-client", "netns", router])?;
+        ip(&["-n", router, "link", "add", "to-server", "type", "veth", "peer", "name", "eth0", "netns", server])?;
+        let links = [
+            (client, "eth0", "198.18.1.2/24"),
+            (router, "to-client", "198.18.1.1/24"),
+            (router, "to-server", "198.18.2.1/24"),
+            (server, "eth0", "198.18.2.2/24"),
+        ];
+        for (name, device, address) in links {
+            ip(&["-n", name, "addr", "add", address, "dev", device])?;
+            ip(&["-n", name, "link", "set", device, "up"])?;
+        }
+        for name in [client, router, server] {
+            ip(&["-n", name, "link", "set", "lo", "up"])?;
+        }
+        ip(&["-n", client, "route", "add", "default", "via", "198.18.1.1"])?;
+        ip(&["-n", server, "route", "add", "default", "via", "198.18.2.1"])?;
+        sysctl(router, "net.ipv4.ip_forward", "1")
+    }) else {
+        return;
+    };
+    let client = made.names[0].clone();
+
+    let outcome = probe_in(&client, host(ProbeKind::Traceroute, "198.18.2.2"), false);
+    assert!(outcome.result.ok, "{:?}", outcome.result);
+    let hops: Vec<(u8, Option<IpAddr>)> = outcome.facts.hops.iter().map(|hop| (hop.ttl, hop.addr)).collect();
+    let router: IpAddr = "198.18.1.1".parse().unwrap();
+    let server: IpAddr = "198.18.2.2".parse().unwrap();
+    assert_eq!(hops, [(1, Some(router)), (2, Some(server))]);
+    let result = outcome.into_result();
+    assert!(result.detail.as_deref().unwrap().starts_with("2 hops: 1 198.18.1.1 "), "{result:?}");
+    assert_eq!(result.protocol.as_deref(), Some("UDP"));
+
+    // Past the router there is no route to 198.18.3.3: the router says so.
+    let outcome = probe_in(&client, host(ProbeKind::Traceroute, "198.18.3.3"), false);
+    assert!(!outcome.result.ok);
+    assert_eq!(
+        outcome.result.error.as_deref(),
+        Some("traceroute to 198.18.3.3: hop 1 (198.18.1.1) says network unreachable")
+    );
+}
+
+#[test]
+fn icmp_uses_the_socket_it_may_and_names_what_is_missing() {
+    let Some(made) = namespaces("icmp", &["pinger"], |names| ip(&["-n", &names[0], "link", "set", "lo", "up"])) else {
+        return;
+    };
+    let name = made.names[0].clone();
+    let loopback = || host(ProbeKind::Icmp, "127.0.0.1");
+
+    sysctl(&name, "net.ipv4.ping_group_range", "0 2147483647").unwrap();
+    let outcome = probe_in(&name, loopback(), false);
+    assert!(outcome.result.ok, "{:?}", outcome.result);
+    assert_eq!(outcome.facts.icmp_socket, Some(IcmpSocket::Datagram));
+    assert_eq!(outcome.facts.rtt.unwrap().received, 4);
+
+    sysctl(&name, "net.ipv4.ping_group_range", "1 0").unwrap();
+    let outcome = probe_in(&name, loopback(), false);
+    assert!(outcome.result.ok, "{:?}", outcome.result);
+    assert_eq!(outcome.facts.icmp_socket, Some(IcmpSocket::Raw));
+
+    // Neither permitted: the error says which permission is missing.
+    let outcome = probe_in(&name, loopback(), true);
+    assert!(!outcome.result.ok);
+    let error = outcome.result.error.unwrap();
+    assert!(
+        error.starts_with("ICMP is not permitted: an ICMP datagram socket needs net.ipv4.ping_group_range"),
+        "{error}"
+    );
+    assert!(error.contains("(it is \"1 0\")") && error.ends_with("a raw socket needs CAP_NET_RAW"), "{error}");
+}
