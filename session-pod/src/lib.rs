@@ -1,4 +1,23 @@
 //! The session pod: the warm pod that becomes one user's session.
+//!
+//! [`server::Server::start`] runs the server in-process; `main` wraps it
+//! with flags ([`flags::Flags`]), signals and process exit.
 
+pub mod auth;
+pub mod download;
+pub mod error;
+pub mod flags;
 pub mod grading;
+pub mod household;
+pub mod latency;
+pub mod limits;
+pub mod metrics;
+pub mod probes;
 pub mod protocol;
+pub mod random;
+pub mod results;
+pub mod server;
+pub mod sockets;
+pub mod state;
+pub mod udp;
+pub mod upload;

@@ -1,1 +1,73 @@
-fn main() {}
+//! `tidepool-session`: the session pod's server.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tidepool_session::flags::Flags;
+use tidepool_session::server::Server;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    // Usage errors (a missing or malformed key or pod name) exit with 2.
+    let flags = Flags::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(flags.worker_threads))
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(run(flags)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(flags: Flags) -> ExitCode {
+    let server = match Server::start(flags.server_config()).await {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        http = %server.http_addr(),
+        udp = %server.udp_addr(),
+        pod = %flags.pod_name,
+        operator = flags.operator_url.as_ref().map(|u| u.as_str()).unwrap_or("none"),
+        "serving"
+    );
+    let reason = tokio::select! {
+        () = server.terminate_requested() => "a client asked the pod to end",
+        () = terminate_signal() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "interrupt",
+    };
+    tracing::info!(reason, "shutting down");
+    server.shutdown().await;
+    tracing::info!("stopped");
+    // Exit 0 also on a client's request: the pod ended as asked.
+    ExitCode::SUCCESS
+}
+
+#[cfg(unix)]
+async fn terminate_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut sigterm) => {
+            sigterm.recv().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn terminate_signal() {
+    std::future::pending::<()>().await;
+}

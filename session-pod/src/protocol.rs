@@ -244,6 +244,16 @@ impl HouseholdUser {
         }
     }
 
+    /// How long the user has been active in the first `elapsed_ms` of the
+    /// test (as [`HouseholdUser::active_at`] says): its traffic so far is its
+    /// rate times this.
+    pub fn active_ms(self, elapsed_ms: u64) -> u64 {
+        match self {
+            Self::Streaming => elapsed_ms / 5_000 * 1_000 + (elapsed_ms % 5_000).min(1_000),
+            _ => elapsed_ms,
+        }
+    }
+
     /// The average down rate the user asks for over a whole test.
     pub fn mean_down_mbps(self, line_mbps: f64) -> f64 {
         let (down, _) = self.rates_mbps(line_mbps);
@@ -360,5 +370,17 @@ mod tests {
         assert!(HouseholdUser::Streaming.active_at(5_000));
         assert_eq!(HouseholdUser::Streaming.mean_down_mbps(100.0), 5.0);
         assert_eq!(HouseholdUser::parse("videoCall"), Some(HouseholdUser::VideoCall));
+    }
+
+    #[test]
+    fn active_time_grows_exactly_while_the_user_is_active() {
+        for user in HouseholdUser::ALL {
+            for ms in 0..12_000 {
+                let grew = user.active_ms(ms + 1) - user.active_ms(ms);
+                assert_eq!(grew == 1, user.active_at(ms), "{user:?} at {ms} ms");
+            }
+        }
+        assert_eq!(HouseholdUser::Streaming.active_ms(7_500), 2_000);
+        assert_eq!(HouseholdUser::Gaming.active_ms(7_500), 7_500);
     }
 }

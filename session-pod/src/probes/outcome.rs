@@ -114,7 +114,8 @@ impl Download {
 impl ProbeOutcome {
     /// An outcome that has not succeeded (yet): `ok` false, tier 1, nothing measured.
     pub(crate) fn new(kind: ProbeKind, target: String) -> Self {
-        let result = ProbeResult { kind, target, ok: false, tier: 1, timings: None, protocol: None, error: None, detail: None };
+        let result =
+            ProbeResult { kind, target, ok: false, tier: 1, timings: None, protocol: None, error: None, detail: None };
         Self { result, facts: Facts::default() }
     }
 

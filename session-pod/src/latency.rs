@@ -1,0 +1,62 @@
+//! `GET /ws`: the latency WebSocket. Pings are answered with pongs that say
+//! who answered and when; `terminate` ends the pod.
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::response::Response;
+
+use crate::auth::BoundSession;
+use crate::error::ApiError;
+use crate::limits::Opening;
+use crate::protocol::ClientMessage;
+use crate::server::ClientAddr;
+use crate::sockets::{self, CLOSE_GOING_AWAY, CLOSE_POLICY, PingAnswerer, error_message};
+use crate::state::{PodState, SocketPermit, expiry, until_shutdown};
+
+pub async fn latency_socket(
+    State(state): State<Arc<PodState>>,
+    Extension(session): Extension<Arc<BoundSession>>,
+    Extension(client): Extension<ClientAddr>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = sockets::upgrade(upgrade)?;
+    let permit = state.open_socket(client.0.ip(), Opening::Test)?;
+    Ok(upgrade.on_upgrade(move |socket| serve(socket, session, permit)))
+}
+
+async fn serve(mut socket: WebSocket, session: Arc<BoundSession>, permit: SocketPermit) {
+    let state = permit.state().clone();
+    let mut pings = PingAnswerer::new();
+    let mut shutdown = state.shutdown_signal();
+    let expires = expiry(&session);
+    loop {
+        let incoming = tokio::select! {
+            incoming = socket.recv() => incoming,
+            () = until_shutdown(&mut shutdown) => {
+                return sockets::close(&mut socket, CLOSE_GOING_AWAY, "the pod is shutting down").await;
+            }
+            () = tokio::time::sleep_until(expires) => {
+                return sockets::close(&mut socket, CLOSE_POLICY, "the session expired").await;
+            }
+        };
+        let Some(Ok(message)) = incoming else { return };
+        let reply = match message {
+            Message::Text(text) => match sockets::read_client_message(&text) {
+                Ok(ClientMessage::Ping { seq, client_time_us }) => pings.answer(&state, &session, seq, client_time_us),
+                Ok(ClientMessage::Terminate) => return sockets::terminate(&mut socket, &state).await,
+                Ok(ClientMessage::Start { .. }) => error_message("start is for household sockets"),
+                Err(error) => error,
+            },
+            Message::Binary(_) => error_message("binary frames are for household sockets"),
+            Message::Close(_) => return,
+            // WebSocket-level pings are answered by the library.
+            Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        if sockets::send(&mut socket, &reply).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! `POST /api/v1/results`: the client's results, checked, graded, shown in
+//! /metrics and forwarded to the operator with the session's credentials.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::http::header::AUTHORIZATION;
+use axum::response::Response;
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::de::DeserializeOwned;
+use tidepool_crds::test_session::SessionResults;
+
+use crate::auth::BoundSession;
+use crate::error::{ApiError, json_response};
+use crate::grading;
+use crate::protocol::{BINDING_HEADER, ErrorBody, OPERATOR_RESULTS_PATH, ResultsAccepted, ResultsSubmission};
+use crate::state::PodState;
+
+/// The largest results body: the operator's own limit.
+pub const RESULTS_BODY_LIMIT: usize = 256 * 1024;
+/// Posts to the operator: this many tries, each bounded, with a doubling pause.
+const REPORT_ATTEMPTS: u32 = 3;
+const REPORT_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+const REPORT_FIRST_PAUSE: Duration = Duration::from_millis(200);
+
+pub async fn submit(
+    State(state): State<Arc<PodState>>,
+    Extension(session): Extension<Arc<BoundSession>>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, RESULTS_BODY_LIMIT).await?;
+    let mut submission: ResultsSubmission = parse_json(&body)?;
+    validate(&submission.results).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    // The operator stamps these when it takes the results; a client's say is void.
+    submission.results.is_final = submission.is_final;
+    submission.results.reported_at = None;
+    grading::grade(&mut submission.results);
+    state.metrics.show_results(&submission.results);
+    *state.latest_results.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(submission.results.clone());
+
+    let report = state.reporter.report(&session, &submission).await;
+    let reported = report.is_ok();
+    state.metrics.results.with_label_values(&[if reported { "true" } else { "false" }]).inc();
+    if let Err(e) = &report {
+        tracing::warn!(error = %e, "results not reported to the operator");
+    }
+    let accepted =
+        ResultsAccepted { results: submission.results, reported, report_error: report.err().map(|e| e.to_string()) };
+    Ok(json_response(StatusCode::OK, &accepted))
+}
+
+/// The whole body, at most `limit` bytes (413 beyond).
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => {
+            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is over the limit of {limit} bytes")))
+        }
+        Err(e) => Err(ApiError::bad_request(format!("cannot read the body: {e}"))),
+    }
+}
+
+/// JSON that does not parse is a 400; JSON of the wrong shape (a missing
+/// field, a `null` where a number belongs: what NaN becomes in JSON) is a
+/// 422 that names the field.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let (path, inner) = (e.path().to_string(), e.inner());
+        if inner.is_data() {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{path}: {inner}"))
+        } else {
+            ApiError::bad_request(format!("invalid JSON: {inner}"))
+        }
+    })?;
+    deserializer.end().map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+    Ok(value)
+}
+
+/// A figure outside what the TestSession's schema allows.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{field} {problem}")]
+pub struct InvalidField {
+    /// The JSON path, as the client wrote it: `results.latency.p50Ms`.
+    pub field: String,
+    pub problem: String,
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> InvalidField {
+    InvalidField { field: field.into(), problem: problem.into() }
+}
+
+fn in_range(field: &str, value: f64, min: f64, max: f64) -> Result<(), InvalidField> {
+    if !value.is_finite() {
+        return Err(invalid(field, format!("must be a finite number, not {value}")));
+    }
+    if value < min || value > max {
+        let range = if max == f64::MAX { format!("at least {min}") } else { format!("between {min} and {max}") };
+        return Err(invalid(field, format!("must be {range}, not {value}")));
+    }
+    Ok(())
+}
+
+fn non_negative(field: &str, value: f64) -> Result<(), InvalidField> {
+    in_range(field, value, 0.0, f64::MAX)
+}
+
+fn length(field: &str, len: usize, min: usize, max: usize) -> Result<(), InvalidField> {
+    if len < min || len > max {
+        return Err(invalid(field, format!("must have {min} to {max} entries or characters, not {len}")));
+    }
+    Ok(())
+}
+
+/// Checks `results` against the TestSession schema's ranges and lengths
+/// (`crds/src/test_session.rs`).
+/// Grades are not checked: the pod recomputes them.
+pub fn validate(results: &SessionResults) -> Result<(), InvalidField> {
+    if let Some(latency) = &results.latency {
+        for (name, value) in [
+            ("p50Ms", latency.p50_ms),
+            ("p95Ms", latency.p95_ms),
+            ("p99Ms", latency.p99_ms),
+            ("jitterMs", latency.jitter_ms),
+        ] {
+            non_negative(&format!("results.latency.{name}"), value)?;
+        }
+        in_range("results.latency.lossPercent", latency.loss_percent, 0.0, 100.0)?;
+        if latency.samples < 0 {
+            return Err(invalid("results.latency.samples", format!("must be at least 0, not {}", latency.samples)));
+        }
+    }
+    if let Some(loaded) = &results.loaded_latency {
+        for (name, value) in [
+            ("downloadMs", loaded.download_ms),
+            ("uploadMs", loaded.upload_ms),
+            ("bidirectionalMs", loaded.bidirectional_ms),
+        ] {
+            if let Some(value) = value {
+                non_negative(&format!("results.loadedLatency.{name}"), value)?;
+            }
+        }
+    }
+    for (name, value) in [("downloadMbps", results.download_mbps), ("uploadMbps", results.upload_mbps)] {
+        if let Some(value) = value {
+            non_negative(&format!("results.{name}"), value)?;
+        }
+    }
+    length("results.household", results.household.len(), 0, 16)?;
+    for (i, user) in results.household.iter().enumerate() {
+        let field = |name: &str| format!("results.household[{i}].{name}");
+        length(&field("user"), user.user.chars().count(), 1, 32)?;
+        for (name, value) in [("baselineMs", user.baseline_ms), ("meanMs", user.mean_ms), ("jitterMs", user.jitter_ms)]
+        {
+            non_negative(&field(name), value)?;
+        }
+        in_range(&field("sharePercent"), user.share_percent, 0.0, 1000.0)?;
+    }
+    length("results.probes", results.probes.len(), 0, 160)?;
+    for (i, probe) in results.probes.iter().enumerate() {
+        let field = |name: &str| format!("results.probes[{i}].{name}");
+        length(&field("target"), probe.target.chars().count(), 0, 2048)?;
+        if !(1..=3).contains(&probe.tier) {
+            return Err(invalid(field("tier"), format!("must be between 1 and 3, not {}", probe.tier)));
+        }
+        if let Some(protocol) = &probe.protocol {
+            length(&field("protocol"), protocol.chars().count(), 0, 32)?;
+        }
+        for (name, text) in [("error", &probe.error), ("detail", &probe.detail)] {
+            if let Some(text) = text {
+                length(&field(name), text.chars().count(), 0, 1024)?;
+            }
+        }
+        if let Some(t) = &probe.timings {
+            let optional = [
+                ("dnsMs", t.dns_ms),
+                ("connectMs", t.connect_ms),
+                ("tlsMs", t.tls_ms),
+                ("firstByteMs", t.first_byte_ms),
+            ];
+            for (name, value) in
+                optional.into_iter().filter_map(|(name, v)| Some((name, v?))).chain([("totalMs", t.total_ms)])
+            {
+                non_negative(&field(&format!("timings.{name}")), value)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why results did not reach the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("no operator URL is configured (--operator-url or TIDEPOOL_OPERATOR_URL)")]
+    NotConfigured,
+    #[error("cannot make the operator's results URL from {base}: {reason}")]
+    BadUrl { base: String, reason: String },
+    #[error("the operator did not answer after {attempts} attempts: {last}")]
+    Unreachable { attempts: u32, last: String },
+    #[error("the operator refused the results ({status}): {message}")]
+    Refused { status: u16, message: String },
+}
+
+/// Posts graded results to the operator.
+pub struct OperatorReporter {
+    client: reqwest::Client,
+    base: Option<reqwest::Url>,
+}
+
+impl OperatorReporter {
+    /// A reporter to the operator at `base` (`http://host:port`), or one that
+    /// says it has nowhere to report when `None`.
+    pub fn new(base: Option<reqwest::Url>) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(REPORT_ATTEMPT_TIMEOUT)
+            .build()?;
+        Ok(Self { client, base })
+    }
+
+    /// The operator's URL for `session`'s results.
+    fn url(&self, session: &BoundSession) -> Result<reqwest::Url, ReportError> {
+        let base = self.base.as_ref().ok_or(ReportError::NotConfigured)?;
+        let bad = |reason: String| ReportError::BadUrl { base: base.to_string(), reason };
+        if base.cannot_be_a_base() {
+            return Err(bad("not an http(s) URL".into()));
+        }
+        let mut url = base.clone();
+        let template = OPERATOR_RESULTS_PATH.trim_start_matches('/');
+        {
+            let mut segments = url.path_segments_mut().map_err(|()| bad("not an http(s) URL".into()))?;
+            // Each segment is percent-encoded, so no session name can leave the path.
+            segments.pop_if_empty();
+            for segment in template.split('/') {
+                segments.push(if segment == "{name}" { &session.claims.name } else { segment });
+            }
+        }
+        url.query_pairs_mut().append_pair("namespace", &session.claims.ns);
+        Ok(url)
+    }
+
+    /// Posts `submission` with the session's token and ticket: a few tries
+    /// on network errors and 5xx answers, a few seconds in all.
+    pub async fn report(&self, session: &BoundSession, submission: &ResultsSubmission) -> Result<(), ReportError> {
+        let url = self.url(session)?;
+        let body = Bytes::from(serde_json::to_vec(submission).unwrap_or_default());
+        let mut pause = REPORT_FIRST_PAUSE;
+        let mut last = String::new();
+        for attempt in 1..=REPORT_ATTEMPTS {
+            let sent = self
+                .client
+                .post(url.clone())
+                .header(AUTHORIZATION, format!("Bearer {}", session.token))
+                .header(BINDING_HEADER, &session.ticket)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) => {
+                    let status = response.status();
+                    let text = response.text().await.unwrap_or_default();
+                    let message = serde_json::from_str::<ErrorBody>(&text).map_or_else(|_| short(&text), |b| b.error);
+                    if !status.is_server_error() && status != reqwest::StatusCode::TOO_MANY_REQUESTS {
+                        return Err(ReportError::Refused { status: status.as_u16(), message });
+                    }
+                    last = format!("{status}: {message}");
+                }
+                Err(e) => last = error_chain(&e),
+            }
+            if attempt < REPORT_ATTEMPTS {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+        Err(ReportError::Unreachable { attempts: REPORT_ATTEMPTS, last })
+    }
+}
+
+/// An error with its causes: reqwest's own message is often just "error
+/// sending request".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn short(text: &str) -> String {
+    text.chars().take(512).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_crds::test_session::{HouseholdUserResult, LatencySummary, ProbeKind, ProbeResult, Severity};
+    use tidepool_wire::token::SessionClaims;
+
+    fn latency(p50_ms: f64) -> SessionResults {
+        SessionResults { latency: Some(LatencySummary { p50_ms, ..Default::default() }), ..Default::default() }
+    }
+
+    #[test]
+    fn figures_out_of_range_name_their_field() {
+        assert_eq!(validate(&latency(3.0)), Ok(()));
+        assert_eq!(validate(&latency(-1.0)).unwrap_err().field, "results.latency.p50Ms");
+        assert_eq!(validate(&latency(f64::NAN)).unwrap_err().field, "results.latency.p50Ms");
+        assert_eq!(validate(&latency(f64::INFINITY)).unwrap_err().field, "results.latency.p50Ms");
+        let mut results = latency(1.0);
+        results.latency.as_mut().unwrap().loss_percent = 101.0;
+        assert_eq!(validate(&results).unwrap_err().field, "results.latency.lossPercent");
+        let results = SessionResults { upload_mbps: Some(-0.5), ..Default::default() };
+        assert_eq!(validate(&results).unwrap_err().field, "results.uploadMbps");
+    }
+
+    #[test]
+    fn lists_and_their_entries_are_checked() {
+        let user = HouseholdUserResult {
+            user: "gaming".into(),
+            baseline_ms: 1.0,
+            mean_ms: 1.0,
+            jitter_ms: 0.0,
+            share_percent: 1001.0,
+            severity: Severity::None,
+        };
+        let results = SessionResults { household: vec![user.clone()], ..Default::default() };
+        assert_eq!(validate(&results).unwrap_err().field, "results.household[0].sharePercent");
+        let results = SessionResults {
+            household: vec![HouseholdUserResult { share_percent: 5.0, ..user }; 17],
+            ..Default::default()
+        };
+        assert_eq!(validate(&results).unwrap_err().field, "results.household");
+        let probe = ProbeResult {
+            kind: ProbeKind::Tcp,
+            target: "example.org:443".into(),
+            ok: true,
+            tier: 4,
+            timings: None,
+            protocol: None,
+            error: None,
+            detail: Some("x".repeat(1025)),
+        };
+        let results = SessionResults { probes: vec![probe.clone()], ..Default::default() };
+        assert_eq!(validate(&results).unwrap_err().field, "results.probes[0].tier");
+        let results = SessionResults { probes: vec![ProbeResult { tier: 2, ..probe }], ..Default::default() };
+        assert_eq!(validate(&results).unwrap_err().field, "results.probes[0].detail");
+    }
+
+    #[test]
+    fn json_errors_are_400_and_shape_errors_are_422_with_the_path() {
+        let syntax = parse_json::<ResultsSubmission>(b"{\"results\":").unwrap_err();
+        assert_eq!(syntax.status, StatusCode::BAD_REQUEST);
+        let nan = parse_json::<ResultsSubmission>(br#"{"results":{"latency":{"p50Ms":null}}}"#).unwrap_err();
+        assert_eq!(nan.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(nan.message.starts_with("results.latency.p50Ms"), "{}", nan.message);
+        let trailing = parse_json::<ResultsSubmission>(br#"{"results":{}} x"#).unwrap_err();
+        assert_eq!(trailing.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn the_operator_url_carries_the_session_name_and_namespace() {
+        let session = BoundSession {
+            claims: SessionClaims {
+                sid: "s".into(),
+                ns: "team a".into(),
+                name: "alice".into(),
+                pool: "p".into(),
+                profile: "latency".into(),
+                exp: 0,
+                probes: None,
+            },
+            token: String::new(),
+            ticket: String::new(),
+            udp_cookie: 0,
+        };
+        let reporter = OperatorReporter::new(Some("http://10.0.0.1:8080/".parse().unwrap())).unwrap();
+        assert_eq!(
+            reporter.url(&session).unwrap().as_str(),
+            "http://10.0.0.1:8080/api/v1/sessions/alice/results?namespace=team+a"
+        );
+        let none = OperatorReporter::new(None).unwrap();
+        assert!(matches!(none.url(&session), Err(ReportError::NotConfigured)));
+    }
+}

@@ -1,0 +1,331 @@
+//! The server: the routes, the accept loop, the UDP echo, and how it starts
+//! and stops. [`Server::start`] runs it in-process (tests, `main`).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tidepool_crds::test_session::SessionResults;
+use tidepool_wire::token::PoolPublicKey;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+
+use crate::auth::{self, BoundSession};
+use crate::error::{ApiError, json_response};
+use crate::limits::{Limiter, Limits};
+use crate::metrics::{Metrics, route_label};
+use crate::protocol::{
+    DEFAULT_PORT, DOWNLOAD_PATH, HEALTH_PATH, HOUSEHOLD_WS_PATH, INFO_PATH, LATENCY_WS_PATH, METRICS_PATH, PodInfo,
+    RESULTS_PATH, UDP_GRANT_PATH, UPLOAD_PATH,
+};
+use crate::random::{NoRandomness, POOL_BYTES, RandomPool};
+use crate::results::OperatorReporter;
+use crate::state::{PodIdentity, PodState, PodStateParts, until_shutdown};
+use crate::{download, household, latency, results, udp, upload};
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// TCP address for HTTP and WebSockets; port 0 picks one.
+    pub listen: SocketAddr,
+    /// The UDP echo's port, on the listen address; `None`: the TCP port's
+    /// number, `Some(0)`: any free port.
+    pub udp_port: Option<u16>,
+    pub identity: PodIdentity,
+    /// The pool's key, which signs session tokens and binding tickets.
+    pub public_key: PoolPublicKey,
+    pub limits: Limits,
+    /// Where results go: `http://host:port` of the operator.
+    pub operator_url: Option<reqwest::Url>,
+    /// At shutdown, how long open requests get to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for everything but who the pod is.
+    pub fn new(identity: PodIdentity, public_key: PoolPublicKey) -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            udp_port: None,
+            identity,
+            public_key,
+            limits: Limits::default(),
+            operator_url: None,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("cannot bind the UDP echo on {addr}: {source}")]
+    Udp { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Randomness(#[from] NoRandomness),
+    #[error("cannot register the metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot make the HTTP client for the operator: {0}")]
+    HttpClient(#[from] reqwest::Error),
+}
+
+/// The peer of a request's connection (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// The connection's socket (a duplicate descriptor), so a handler can tune
+/// it (a request extension).
+#[derive(Clone, Debug)]
+pub struct ConnectionSocket(Arc<socket2::Socket>);
+
+impl ConnectionSocket {
+    /// Keeps at most about `bytes` unsent in the kernel (TCP_NOTSENT_LOWAT),
+    /// so what the pod sends next does not queue behind much.
+    pub fn keep_unsent_below(&self, bytes: u32) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Err(e) = self.0.set_tcp_notsent_lowat(bytes) {
+            tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
+        }
+    }
+}
+
+/// A running server.
+pub struct Server {
+    http_addr: SocketAddr,
+    udp_addr: SocketAddr,
+    state: Arc<PodState>,
+    shutdown: watch::Sender<bool>,
+    /// The accept loop and the UDP echo; taken by `shutdown`.
+    tasks: Option<(JoinHandle<()>, JoinHandle<()>)>,
+}
+
+/// hyper's per-connection buffer: big reads and writes on the streams.
+const CONNECTION_BUFFER_BYTES: usize = 1024 * 1024;
+/// At shutdown, how long WebSockets get to send their close frames.
+const SOCKETS_CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// A client must send its request head within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Server {
+    /// Binds, spawns the accept loop and the UDP echo, and returns.
+    pub async fn start(config: ServerConfig) -> Result<Self, StartError> {
+        let listen = config.listen;
+        let listener = TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen, source })?;
+        let http_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
+        let udp_wanted = SocketAddr::new(listen.ip(), config.udp_port.unwrap_or(http_addr.port()));
+        let udp_error = |source| StartError::Udp { addr: udp_wanted, source };
+        let (udp_socket, buffers) = udp::bind(udp_wanted).map_err(udp_error)?;
+        let udp_addr = udp_socket.local_addr().map_err(udp_error)?;
+
+        let metrics = Metrics::new()?;
+        let buffer_gauge = &metrics.udp_socket_buffer_bytes;
+        buffer_gauge.with_label_values(&["receive"]).set(i64::try_from(buffers.receive).unwrap_or(i64::MAX));
+        buffer_gauge.with_label_values(&["send"]).set(i64::try_from(buffers.send).unwrap_or(i64::MAX));
+        tracing::info!(receive = buffers.receive, send = buffers.send, "udp echo socket buffers (bytes)");
+
+        let (shutdown, shutdown_signal) = watch::channel(false);
+        let state = Arc::new(PodState::new(PodStateParts {
+            identity: config.identity,
+            public_key: config.public_key,
+            metrics,
+            limiter: Limiter::new(config.limits),
+            random: RandomPool::new(POOL_BYTES)?,
+            udp_port: udp_addr.port(),
+            reporter: OperatorReporter::new(config.operator_url)?,
+            shutdown: shutdown_signal,
+        }));
+        let accept = tokio::spawn(accept_loop(listener, router(state.clone()), state.clone(), config.shutdown_grace));
+        let echo = tokio::spawn(udp::echo(udp_socket, state.clone()));
+        Ok(Self { http_addr, udp_addr, state, shutdown, tasks: Some((accept, echo)) })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp_addr
+    }
+
+    /// Resolves when a client asked the pod to end (`terminate`); `main`
+    /// exits on it, tests watch it.
+    pub async fn terminate_requested(&self) {
+        self.state.terminate.notified().await;
+    }
+
+    /// The latest graded results.
+    pub fn latest_results(&self) -> Option<SessionResults> {
+        self.state.latest_results.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Stops accepting, closes the WebSockets, gives open requests the
+    /// grace period, and returns.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some((accept, echo)) = self.tasks.take() {
+            let _ = accept.await;
+            let _ = echo.await;
+        }
+        // WebSockets outlive their connections' tasks: let their close frames go out.
+        let closed = tokio::time::timeout(SOCKETS_CLOSE_WAIT, self.state.all_sockets_closed()).await;
+        if closed.is_err() {
+            tracing::warn!("sockets still open at exit");
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A server dropped without `shutdown` still stops.
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// The routes. Every one but health and metrics needs the session's credentials.
+pub fn router(state: Arc<PodState>) -> Router {
+    let session_routes = Router::new()
+        .route(INFO_PATH, get(info))
+        .route(LATENCY_WS_PATH, get(latency::latency_socket))
+        .route(DOWNLOAD_PATH, get(download::download))
+        .route(UPLOAD_PATH, post(upload::upload))
+        .route(UDP_GRANT_PATH, post(udp::grant))
+        .route(HOUSEHOLD_WS_PATH, get(household::household_socket))
+        .route(RESULTS_PATH, post(results::submit))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_session));
+    Router::new()
+        .route(HEALTH_PATH, get(|| async { "ok" }))
+        .route(METRICS_PATH, get(metrics))
+        .merge(session_routes)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method")
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<Arc<PodState>>, request: Request, next: Next) -> Response {
+    let route = route_label(request.uri().path());
+    let response = next.run(request).await;
+    state.metrics.requests.with_label_values(&[route, response.status().as_str()]).inc();
+    response
+}
+
+async fn metrics(State(state): State<Arc<PodState>>) -> Response {
+    match state.metrics.render() {
+        Ok(text) => {
+            let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+            ([(header::CONTENT_TYPE, content_type)], text).into_response()
+        }
+        Err(e) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot render metrics: {e}")).into_response()
+        }
+    }
+}
+
+async fn info(State(state): State<Arc<PodState>>, Extension(session): Extension<Arc<BoundSession>>) -> Response {
+    let (identity, claims) = (&state.identity, &session.claims);
+    let or_claim = |own: &str, claim: &str| if own.is_empty() { claim.to_owned() } else { own.to_owned() };
+    let info = PodInfo {
+        pod: identity.pod.clone(),
+        namespace: or_claim(&identity.namespace, &claims.ns),
+        pool: or_claim(&identity.pool, &claims.pool),
+        region: identity.region.clone(),
+        session_id: claims.sid.clone(),
+        session_name: claims.name.clone(),
+        profile: claims.profile.clone(),
+        expires_at: claims.exp,
+        udp_port: state.udp_port,
+    };
+    json_response(StatusCode::OK, &info)
+}
+
+/// Accepts connections until shutdown, then waits up to `grace` for them.
+async fn accept_loop(listener: TcpListener, router: Router, state: Arc<PodState>, grace: Duration) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(CONNECTION_BUFFER_BYTES)
+        .writev(true);
+    // Every connection task holds a sender; when all are gone, all are done.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
+    let mut shutdown = state.shutdown_signal();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait for some to close.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = until_shutdown(&mut shutdown) => break,
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            http.clone(),
+            router.clone(),
+            state.shutdown_signal(),
+            grace,
+            open.clone(),
+        ));
+    }
+    drop(listener);
+    drop(open);
+    if tokio::time::timeout(grace + Duration::from_secs(1), all_closed.recv()).await.is_err() {
+        tracing::warn!("connections still open after the grace period");
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    http: http1::Builder,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    _open: mpsc::Sender<()>,
+) {
+    // Pongs and small frames must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    let socket = stream.as_fd().try_clone_to_owned().ok().map(|fd| ConnectionSocket(Arc::new(fd.into())));
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ClientAddr(peer));
+        if let Some(socket) = &socket {
+            request.extensions_mut().insert(socket.clone());
+        }
+        router.clone().oneshot(request)
+    });
+    let connection = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    tokio::pin!(connection);
+    let finished = tokio::select! {
+        finished = connection.as_mut() => finished,
+        () = until_shutdown(&mut shutdown) => {
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(grace, connection.as_mut()).await {
+                Ok(finished) => finished,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = finished {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+    }
+}

@@ -1,0 +1,244 @@
+//! What the handlers share: who the pod is, the bound session, the limits,
+//! the metrics and the random bytes.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus::IntCounter;
+use tidepool_crds::test_session::SessionResults;
+use tidepool_wire::token::PoolPublicKey;
+use tokio::sync::{Notify, watch};
+
+use crate::auth::BoundSession;
+use crate::error::ApiError;
+use crate::limits::{Limiter, Opening, Refusal};
+use crate::metrics::Metrics;
+use crate::random::RandomPool;
+use crate::results::OperatorReporter;
+
+/// Who this pod is, from its environment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodIdentity {
+    /// The pod's name: binding tickets name it.
+    pub pod: String,
+    pub namespace: String,
+    /// The WarmPool; empty when unknown (then the token's pool is not checked).
+    pub pool: String,
+    pub region: String,
+}
+
+pub struct PodState {
+    pub identity: PodIdentity,
+    pub public_key: PoolPublicKey,
+    pub metrics: Metrics,
+    limiter: Mutex<Limiter>,
+    session: OnceLock<Arc<BoundSession>>,
+    pub random: RandomPool,
+    pub udp_port: u16,
+    pub reporter: OperatorReporter,
+    /// The latest graded results.
+    pub latest_results: Mutex<Option<SessionResults>>,
+    /// Notified once when a client asks the pod to end; `main` exits on it.
+    pub terminate: Notify,
+    /// Turns true when the server shuts down; open sockets close on it.
+    shutdown: watch::Receiver<bool>,
+    open_sockets: AtomicUsize,
+    socket_closed: Notify,
+}
+
+/// The parts of [`PodState`] the server makes before the state.
+pub struct PodStateParts {
+    pub identity: PodIdentity,
+    pub public_key: PoolPublicKey,
+    pub metrics: Metrics,
+    pub limiter: Limiter,
+    pub random: RandomPool,
+    pub udp_port: u16,
+    pub reporter: OperatorReporter,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl PodState {
+    pub fn new(parts: PodStateParts) -> Self {
+        Self {
+            identity: parts.identity,
+            public_key: parts.public_key,
+            metrics: parts.metrics,
+            limiter: Mutex::new(parts.limiter),
+            session: OnceLock::new(),
+            random: parts.random,
+            udp_port: parts.udp_port,
+            reporter: parts.reporter,
+            latest_results: Mutex::new(None),
+            terminate: Notify::new(),
+            shutdown: parts.shutdown,
+            open_sockets: AtomicUsize::new(0),
+            socket_closed: Notify::new(),
+        }
+    }
+
+    /// The bound session, binding `first` if none is yet.
+    pub fn bind(&self, first: impl FnOnce() -> BoundSession) -> Arc<BoundSession> {
+        let mut bound_now = false;
+        let session = self.session.get_or_init(|| {
+            bound_now = true;
+            Arc::new(first())
+        });
+        if bound_now {
+            self.metrics.bound.set(1);
+            tracing::info!(sid = %session.claims.sid, session = %session.claims.name, "bound to session");
+        }
+        session.clone()
+    }
+
+    /// The bound session, if any.
+    pub fn session(&self) -> Option<&Arc<BoundSession>> {
+        self.session.get()
+    }
+
+    /// A poisoned limiter is still consistent (every update is a few plain
+    /// assignments), so a panic elsewhere must not stop the limits.
+    fn limiter(&self) -> MutexGuard<'_, Limiter> {
+        self.limiter.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn max_upload_bytes(&self) -> u64 {
+        self.limiter().limits().max_upload_bytes
+    }
+
+    /// Lets `ip` open a socket (counted until the permit drops), or a 429.
+    pub fn open_socket(self: &Arc<Self>, ip: IpAddr, opening: Opening) -> Result<SocketPermit, ApiError> {
+        let opened = {
+            let mut limiter = self.limiter();
+            let opened = limiter.open(ip, opening, Instant::now());
+            self.metrics.tracked_clients.set(limiter.tracked() as i64);
+            opened
+        };
+        match opened {
+            Ok(()) => {
+                self.open_sockets.fetch_add(1, Ordering::Relaxed);
+                self.metrics.open_sockets.inc();
+                Ok(SocketPermit { state: self.clone(), ip })
+            }
+            Err(refusal) => Err(self.refused(refusal)),
+        }
+    }
+
+    /// Counts traffic of `ip`; an error once its hourly bytes are spent.
+    pub fn charge(&self, ip: IpAddr, bytes: u64) -> Result<(), Refusal> {
+        self.limiter().charge(ip, bytes, Instant::now())
+    }
+
+    /// Counts a refusal and makes it an answer.
+    pub fn refused(&self, refusal: Refusal) -> ApiError {
+        self.metrics.refusals.with_label_values(&[refusal.limit()]).inc();
+        ApiError::from(refusal)
+    }
+
+    /// Resolves once no socket is open.
+    pub async fn all_sockets_closed(&self) {
+        loop {
+            // Registered before the check, so a close in between is not missed.
+            let closed = self.socket_closed.notified();
+            if self.open_sockets.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+
+    /// A receiver that turns true at shutdown.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// An open socket of one client; closing it (dropping) frees its place.
+pub struct SocketPermit {
+    state: Arc<PodState>,
+    ip: IpAddr,
+}
+
+impl SocketPermit {
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    pub fn state(&self) -> &Arc<PodState> {
+        &self.state
+    }
+}
+
+impl Drop for SocketPermit {
+    fn drop(&mut self) {
+        self.state.limiter().close(self.ip);
+        self.state.metrics.open_sockets.dec();
+        self.state.open_sockets.fetch_sub(1, Ordering::Relaxed);
+        self.state.socket_closed.notify_waiters();
+    }
+}
+
+/// Counts a stream's bytes into the limits and a metric, in batches so the
+/// hot path takes the limiter's lock rarely.
+pub struct TrafficMeter {
+    permit: SocketPermit,
+    counter: IntCounter,
+    uncounted: u64,
+}
+
+/// How many bytes a meter gathers before it charges them.
+const CHARGE_EVERY_BYTES: u64 = 4 * 1024 * 1024;
+
+impl TrafficMeter {
+    pub fn new(permit: SocketPermit, counter: IntCounter) -> Self {
+        Self { permit, counter, uncounted: 0 }
+    }
+
+    /// Adds `bytes`; an error once the client's hourly bytes are spent.
+    pub fn add(&mut self, bytes: u64) -> Result<(), Refusal> {
+        self.uncounted += bytes;
+        if self.uncounted >= CHARGE_EVERY_BYTES { self.flush() } else { Ok(()) }
+    }
+
+    /// Charges what was gathered.
+    pub fn flush(&mut self) -> Result<(), Refusal> {
+        let bytes = std::mem::take(&mut self.uncounted);
+        self.counter.inc_by(bytes);
+        self.permit.state.charge(self.permit.ip, bytes)
+    }
+
+    pub fn state(&self) -> &Arc<PodState> {
+        self.permit.state()
+    }
+}
+
+impl Drop for TrafficMeter {
+    fn drop(&mut self) {
+        // Over the limit or not, the bytes flowed; the next request is refused.
+        let _ = self.flush();
+    }
+}
+
+/// Resolves when `signal` turns true (or its sender is gone).
+pub async fn until_shutdown(signal: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` gives back is not Send: drop it here, not in a caller's select.
+    let _ = signal.wait_for(|down| *down).await;
+}
+
+/// Now, in Unix seconds.
+pub fn unix_seconds() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Now, in Unix microseconds.
+pub fn unix_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The instant the session's token expires.
+pub fn expiry(session: &BoundSession) -> tokio::time::Instant {
+    let left = session.claims.exp.saturating_sub(unix_seconds());
+    tokio::time::Instant::now() + Duration::from_secs(left.min(u64::from(u32::MAX)))
+}

@@ -1,0 +1,12 @@
+//! The session pod's server, started in-process and driven over real
+//! sockets on 127.0.0.1.
+
+mod credentials;
+mod household;
+mod latency;
+mod limits;
+mod metrics;
+mod results;
+mod streams;
+mod support;
+mod udp_echo;
