@@ -18,6 +18,7 @@ mod process;
 pub use process::Managed as Process;
 
 pub mod control_plane;
+pub mod external_crds;
 pub mod netns;
 
 pub use binaries::workspace_binary;

@@ -1,0 +1,884 @@
+//! What we ship: the Helm chart, the Argo CD manifests and the Dockerfile,
+//! checked with the real tools and a real API server.
+//!
+//! - The chart's CRDs are the generated ones, byte for byte.
+//! - `helm lint` passes; `helm template` renders with the defaults and with
+//!   every optional part on; wrong values fail with the schema's message.
+//! - The programs accept the arguments the chart gives them, and the alerts
+//!   pass `promtool check rules`.
+//! - On the harness: the chart renders into objects the API server takes
+//!   (server-side dry run, with the Prometheus Operator's real CRDs) and
+//!   installs. Each ServiceAccount has the rights it needs and no others.
+//!   The real operator, run as the chart's ServiceAccount with the chart's
+//!   arguments, fills the example pool, binds a session, makes the agent
+//!   DaemonSet and takes a real agent's reports. The session binary runs
+//!   behind the pool's pods with the environment they get. Each program's
+//!   /metrics passes promtool.
+//! - The Argo CD manifests pass a server-side dry run against Argo CD's CRDs.
+//! - The Dockerfile builds one small non-root image per program.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use serde_yaml::Value;
+use tidepool_crds::{Backend, WarmPool};
+use tidepool_tests::control_plane::bin_dir;
+use tidepool_tests::{ControlPlane, Options, PodRunner, eventually, external_crds, free_port, workspace_binary};
+
+const RELEASE: &str = "tidepool";
+const NAMESPACE: &str = "tidepool";
+/// The Kubernetes `helm template` renders for: the harness's.
+const KUBE_VERSION: &str = "1.36.3";
+/// The example pool's pods.
+const POOL_PODS: &str = "tidepool.dev/pool=edge";
+
+/// Values that turn every optional part of the chart on.
+const ALL_ON: &str = r#"
+images:
+  registry: registry.example.com/tidepool/
+  tag: "0.1.0-rc.1"
+  pullSecrets: [{ name: regcred }]
+operator:
+  # Helm reads numbers from values files as floats; a million must not render as 1e+06.
+  resultRetentionSeconds: 2592000
+  podAnnotations: { team: network }
+  nodeSelector: { kubernetes.io/os: linux }
+  tolerations: [{ key: dedicated, operator: Exists, effect: NoSchedule }]
+  affinity: { nodeAffinity: {} }
+agent:
+  nodeSelector: { tidepool.dev/agent: "true", gpu: "" }
+  runtimeClassName: nvidia
+rbac:
+  poolNamespaces: [team-a, team-b]
+metrics:
+  serviceMonitor: { enabled: true, labels: { release: prometheus } }
+  podMonitor: { enabled: true }
+  prometheusRule: { enabled: true }
+examplePool:
+  tier: { vcpu: 2, memoryMiB: 1048576 }
+"#;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn chart() -> PathBuf {
+    repo().join("helm/tidepool")
+}
+
+/// A file of this test process's own, for values and rendered manifests.
+/// The directories of earlier runs whose process is gone are removed.
+fn scratch(name: &str, text: &str) -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let root = std::env::temp_dir().join("tidepool-chart");
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            if !Path::new("/proc").join(&pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = root.join(std::process::id().to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    });
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `command`: its stdout when it succeeds, else its stdout and stderr.
+fn run(command: &mut Command) -> Result<String, String> {
+    let output = command.output().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&output.stderr)))
+    }
+}
+
+fn helm() -> Command {
+    Command::new(bin_dir().unwrap().join("helm"))
+}
+
+/// `helm template` of the chart with `extra` arguments (values).
+fn template(release: &str, namespace: &str, extra: &[&str]) -> Result<String, String> {
+    run(helm()
+        .args(["template", release])
+        .arg(chart())
+        .args(["--namespace", namespace, "--kube-version", KUBE_VERSION])
+        .args(extra))
+}
+
+/// The objects in a multi-document YAML text.
+fn documents(yaml: &str) -> Vec<Value> {
+    yaml.split("\n---")
+        .map(|doc| serde_yaml::from_str::<Value>(doc).unwrap_or_else(|e| panic!("{e} in:\n{doc}")))
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+/// The default release's objects rendered with `extra` arguments.
+fn render(extra: &[&str]) -> Vec<Value> {
+    documents(&template(RELEASE, NAMESPACE, extra).unwrap_or_else(|e| panic!("helm template {extra:?}: {e}")))
+}
+
+fn str_of(value: &Value) -> &str {
+    value.as_str().unwrap_or_default()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| str_of(&o["kind"]) == kind && str_of(&o["metadata"]["name"]) == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+/// "Kind namespace/name" of every object, sorted.
+fn inventory(objects: &[Value]) -> Vec<String> {
+    let mut all: Vec<String> = objects
+        .iter()
+        .map(|o| {
+            let meta = &o["metadata"];
+            match meta["namespace"].as_str() {
+                Some(ns) => format!("{} {ns}/{}", str_of(&o["kind"]), str_of(&meta["name"])),
+                None => format!("{} {}", str_of(&o["kind"]), str_of(&meta["name"])),
+            }
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value.as_sequence().map(|s| s.iter().map(|v| str_of(v).to_string()).collect()).unwrap_or_default()
+}
+
+/// The operator container's arguments.
+fn operator_args(objects: &[Value]) -> Vec<String> {
+    let deployment = find(objects, "Deployment", "tidepool-operator");
+    strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+}
+
+/// A pod spec that runs as non-root on a read-only root, with no privilege,
+/// no capability, the runtime's seccomp profile, and bounded resources.
+fn assert_hardened(what: &str, pod: &Value) {
+    let security = &pod["securityContext"];
+    assert_eq!(security["runAsNonRoot"].as_bool(), Some(true), "{what}: runAsNonRoot");
+    assert_eq!(str_of(&security["seccompProfile"]["type"]), "RuntimeDefault", "{what}: seccomp");
+    let containers = pod["containers"].as_sequence().unwrap();
+    for container in containers {
+        let security = &container["securityContext"];
+        assert_eq!(security["allowPrivilegeEscalation"].as_bool(), Some(false), "{what}: privilege escalation");
+        assert_eq!(security["readOnlyRootFilesystem"].as_bool(), Some(true), "{what}: read-only root");
+        assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"], "{what}: capabilities");
+        for kind in ["requests", "limits"] {
+            for resource in ["cpu", "memory"] {
+                assert!(!container["resources"][kind][resource].is_null(), "{what}: no {kind}.{resource}");
+            }
+        }
+    }
+}
+
+#[test]
+fn chart_crds_are_the_generated_ones() {
+    let resync = "resync with: rm helm/tidepool/crds/*.yaml && cp crds/yaml/*.yaml helm/tidepool/crds/";
+    let names = |dir: &Path| {
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    };
+    let generated = repo().join("crds/yaml");
+    let shipped = chart().join("crds");
+    assert_eq!(names(&shipped), names(&generated), "the chart's CRD files differ from crds/yaml; {resync}");
+    for name in names(&generated) {
+        let same = std::fs::read(generated.join(&name)).unwrap() == std::fs::read(shipped.join(&name)).unwrap();
+        assert!(same, "helm/tidepool/crds/{name} differs from crds/yaml/{name}; {resync}");
+    }
+}
+
+#[test]
+fn chart_lints_and_renders_with_defaults_and_with_every_option() {
+    let all_on = scratch("all-on.yaml", ALL_ON);
+    let all_on = all_on.to_str().unwrap();
+    for extra in [vec![], vec!["-f", all_on]] {
+        let lint = run(helm().args(["lint", "--strict", "--kube-version", KUBE_VERSION]).arg(chart()).args(&extra));
+        lint.unwrap_or_else(|e| panic!("helm lint {extra:?}: {e}"));
+    }
+    // The chart, its images and the workspace share one version.
+    let meta: Value = serde_yaml::from_str(&std::fs::read_to_string(chart().join("Chart.yaml")).unwrap()).unwrap();
+    assert_eq!(str_of(&meta["version"]), env!("CARGO_PKG_VERSION"));
+    assert_eq!(str_of(&meta["appVersion"]), env!("CARGO_PKG_VERSION"));
+
+    let defaults = render(&[]);
+    assert_eq!(
+        inventory(&defaults),
+        [
+            "ClusterRole tidepool-operator",
+            "ClusterRoleBinding tidepool-operator",
+            "Deployment tidepool/tidepool-operator",
+            "PodDisruptionBudget tidepool/tidepool-operator",
+            "Role tidepool/tidepool-operator",
+            "RoleBinding tidepool/tidepool-operator",
+            "Secret tidepool/tidepool-api-token",
+            "Service tidepool/tidepool-operator",
+            "ServiceAccount tidepool/tidepool-agent",
+            "ServiceAccount tidepool/tidepool-operator",
+            "ServiceAccount tidepool/tidepool-session",
+            "WarmPool tidepool/edge",
+        ]
+    );
+
+    // The operator: two replicas, leader election with the pod's name, probes,
+    // the token as a file from the chart's Secret, results to its own Service.
+    let deployment = find(&defaults, "Deployment", "tidepool-operator");
+    assert_eq!(deployment["spec"]["replicas"].as_u64(), Some(2));
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_hardened("operator", pod);
+    assert_eq!(str_of(&pod["serviceAccountName"]), "tidepool-operator");
+    let container = &pod["containers"][0];
+    let args = operator_args(&defaults);
+    for arg in [
+        "--lease-namespace=tidepool",
+        "--lease-name=tidepool-operator",
+        "--api-token-file=/var/run/secrets/tidepool/api/token",
+        "--results-url=http://tidepool-operator.tidepool.svc:8080",
+        "--agent-operator-url=http://tidepool-operator.tidepool.svc:8080",
+        "--agent-service-account=tidepool-agent",
+        "--agent-daemonset=tidepool-agent",
+        "--agent-image=tidepool-agent:0.1.0",
+        "--session-namespace=tidepool",
+    ] {
+        assert!(args.iter().any(|a| a == arg), "no {arg} in {args:?}");
+    }
+    let env = container["env"].as_sequence().unwrap();
+    let pod_name = env.iter().find(|e| str_of(&e["name"]) == "POD_NAME").expect("POD_NAME for --identity");
+    assert_eq!(str_of(&pod_name["valueFrom"]["fieldRef"]["fieldPath"]), "metadata.name");
+    assert_eq!(str_of(&container["livenessProbe"]["httpGet"]["path"]), "/healthz");
+    assert_eq!(str_of(&container["readinessProbe"]["httpGet"]["path"]), "/readyz");
+    assert_eq!(str_of(&pod["volumes"][0]["secret"]["secretName"]), "tidepool-api-token");
+    assert_eq!(str_of(&container["volumeMounts"][0]["mountPath"]), "/var/run/secrets/tidepool/api");
+    let token = find(&defaults, "Secret", "tidepool-api-token");
+    assert_eq!(str_of(&token["data"]["token"]).len(), 64, "48 random characters, base64");
+
+    // The agents and the session pods get no API token at all.
+    for account in ["tidepool-agent", "tidepool-session"] {
+        let account = find(&defaults, "ServiceAccount", account);
+        assert_eq!(account["automountServiceAccountToken"].as_bool(), Some(false));
+    }
+
+    // The example pool's pods: the session image, hardened, TCP and UDP on
+    // 8080, probes on /health, and the showcase's resources.
+    let pool = find(&defaults, "WarmPool", "edge");
+    let pod = &pool["spec"]["template"]["spec"];
+    assert_hardened("session", pod);
+    assert_eq!(str_of(&pod["serviceAccountName"]), "tidepool-session");
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    let session = &pod["containers"][0];
+    assert_eq!(str_of(&session["image"]), "tidepool-session:0.1.0");
+    let ports: Vec<(u64, &str)> = session["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (p["containerPort"].as_u64().unwrap(), str_of(&p["protocol"])))
+        .collect();
+    assert_eq!(ports, [(8080, "TCP"), (8080, "UDP")]);
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(str_of(&session[probe]["httpGet"]["path"]), "/health");
+    }
+    let resources = &session["resources"];
+    let quantity = |kind: &str, resource: &str| str_of(&resources[kind][resource]).to_string();
+    assert_eq!(
+        [
+            quantity("requests", "cpu"),
+            quantity("limits", "cpu"),
+            quantity("requests", "memory"),
+            quantity("limits", "memory")
+        ],
+        ["10m", "100m", "32Mi", "256Mi"]
+    );
+
+    // Every option on: the monitors, the rule, pool keys per namespace only,
+    // the agents' node selector and RuntimeClass, images from the registry.
+    let all = render(&["-f", all_on]);
+    let listed = inventory(&all);
+    for object in [
+        "ServiceMonitor tidepool/tidepool-operator",
+        "PodMonitor tidepool/tidepool-agent",
+        "PrometheusRule tidepool/tidepool-operator",
+        "Role team-a/tidepool-operator-pool-keys",
+        "RoleBinding team-b/tidepool-operator-pool-keys",
+    ] {
+        assert!(listed.iter().any(|o| o == object), "no {object} in {listed:?}");
+    }
+    let cluster_role = serde_yaml::to_string(find(&all, "ClusterRole", "tidepool-operator")).unwrap();
+    assert!(!cluster_role.contains("secrets"), "with rbac.poolNamespaces, no Secret rights cluster-wide");
+    let args = operator_args(&all);
+    for arg in [
+        "--agent-node-selector=tidepool.dev/agent=true",
+        "--agent-node-selector=gpu=",
+        "--agent-runtime-class=nvidia",
+        "--agent-image=registry.example.com/tidepool/tidepool-agent:0.1.0-rc.1",
+        "--result-retention-seconds=2592000",
+    ] {
+        assert!(args.iter().any(|a| a == arg), "no {arg} in {args:?}");
+    }
+    let tier = &find(&all, "WarmPool", "edge")["spec"]["tier"];
+    assert_eq!((tier["vcpu"].as_u64(), tier["memoryMiB"].as_u64()), (Some(2), Some(1048576)));
+    for account in ["tidepool-operator", "tidepool-agent", "tidepool-session"] {
+        let account = find(&all, "ServiceAccount", account);
+        assert_eq!(str_of(&account["imagePullSecrets"][0]["name"]), "regcred");
+    }
+
+    // The agents off: the operator leaves the DaemonSet alone and may not touch it.
+    let off = render(&["--set", "agent.enabled=false"]);
+    let args = operator_args(&off);
+    assert!(args.iter().any(|a| a == "--no-agent-daemonset"));
+    assert!(!args.iter().any(|a| a.starts_with("--agent-image")));
+    assert!(!serde_yaml::to_string(find(&off, "Role", "tidepool-operator")).unwrap().contains("daemonsets"));
+
+    // A Secret of the user's own: the chart makes none and mounts that one.
+    let own = render(&["--set", "apiToken.existingSecret=my-token"]);
+    assert!(!inventory(&own).iter().any(|o| o.starts_with("Secret ")));
+    let pod = &find(&own, "Deployment", "tidepool-operator")["spec"]["template"]["spec"];
+    assert_eq!(str_of(&pod["volumes"][0]["secret"]["secretName"]), "my-token");
+}
+
+#[test]
+fn chart_refuses_wrong_values_with_the_schemas_message() {
+    let cases: &[(&str, &[&str])] = &[
+        ("operator.replicas=two", &["/operator/replicas", "got string, want integer"]),
+        ("operator.replicas=0", &["/operator/replicas", "minimum"]),
+        ("operator.logLevel=loud", &["/operator/logLevel", "must be one of", "'info'"]),
+        ("operator.replcas=3", &["/operator", "additional properties 'replcas' not allowed"]),
+        ("agent.reportIntervalMs=-5", &["/agent/reportIntervalMs", "minimum: got -5, want 50"]),
+        ("agent.windows=10x", &["/agent/windows", "does not match pattern"]),
+        ("agent.enabled=maybe", &["/agent/enabled", "want boolean"]),
+        ("service.port=70000", &["/service/port", "maximum"]),
+        ("images.pullPolicy=Sometimes", &["/images/pullPolicy", "must be one of"]),
+        ("examplePool.tier.vcpu=0", &["/examplePool/tier/vcpu", "minimum"]),
+        ("metrics.serviceMonitor.interval=often", &["/metrics/serviceMonitor/interval", "does not match pattern"]),
+        ("rbac.poolNamespaces={Team_A}", &["/rbac/poolNamespaces/0", "does not match pattern"]),
+        ("fleet.healthProbeTimeoutSeconds=20", &["healthProbeTimeoutSeconds must be shorter than"]),
+        ("examplePool.maxSize=1", &["examplePool.maxSize must be at least examplePool.size"]),
+    ];
+    for (value, words) in cases {
+        let error = template(RELEASE, NAMESPACE, &["--set", value]).expect_err(value);
+        for word in *words {
+            assert!(error.contains(word), "--set {value}: no {word:?} in:\n{error}");
+        }
+    }
+}
+
+#[test]
+fn chart_alerts_pass_promtool() {
+    let rule = render(&["--set", "metrics.prometheusRule.enabled=true"]);
+    let rule = find(&rule, "PrometheusRule", "tidepool-operator");
+    let groups = scratch("rules.yaml", &serde_yaml::to_string(&rule["spec"]).unwrap());
+    run(Command::new(promtool()).args(["check", "rules"]).arg(&groups)).unwrap();
+}
+
+/// Debian's prometheus package has it.
+fn promtool() -> PathBuf {
+    let path = PathBuf::from("/usr/bin/promtool");
+    assert!(path.exists(), "promtool is missing: apt-get install -y prometheus");
+    path
+}
+
+/// Whether `program` takes `args`: clap refuses an unknown flag or a bad
+/// value before it reaches the `--help` at the end.
+fn accepts(program: &Path, args: &[String]) -> Result<String, String> {
+    run(Command::new(program).args(args).arg("--help"))
+}
+
+#[test]
+fn chart_arguments_are_ones_the_operator_accepts() {
+    let operator = workspace_binary("tidepool-operator", "tidepool-operator").unwrap();
+    let all_on = scratch("all-on-args.yaml", ALL_ON);
+    let renders = [
+        render(&[]),
+        render(&["-f", all_on.to_str().unwrap()]),
+        render(&["--set", "agent.enabled=false,operator.logLevel=debug"]),
+    ];
+    for objects in &renders {
+        let args = operator_args(objects);
+        accepts(&operator, &args).unwrap_or_else(|e| panic!("the operator refuses {args:?}: {e}"));
+    }
+    // The check can fail: an unknown flag or a bad value stops clap before --help.
+    let mut unknown = operator_args(&renders[0]);
+    unknown.push("--no-such-flag".into());
+    let refusal = accepts(&operator, &unknown).expect_err("an unknown flag");
+    assert!(refusal.contains("--no-such-flag"), "{refusal}");
+    let mut bad = operator_args(&renders[0]);
+    bad.push("--agent-port=high".into());
+    accepts(&operator, &bad).expect_err("a bad port");
+}
+
+/// `kubectl auth can-i` as ServiceAccount `account` of the release namespace.
+fn can_i(plane: &ControlPlane, account: &str, question: &str) -> bool {
+    let output = plane
+        .kubectl()
+        .args(["auth", "can-i", &format!("--as=system:serviceaccount:{NAMESPACE}:{account}")])
+        .args(question.split_whitespace())
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert!(
+        answer == "yes" || answer == "no",
+        "can-i {question}: {answer} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    answer == "yes"
+}
+
+/// What `kubectl auth can-i --list` shows for `user` in `namespace`.
+fn rights(plane: &ControlPlane, user: &str, namespace: &str) -> String {
+    run(plane.kubectl().args(["auth", "can-i", "--list", "-n", namespace, &format!("--as={user}")])).unwrap()
+}
+
+/// What the operator does, each of which it must be allowed.
+const OPERATOR_MAY: &[&str] = &[
+    "list pods --all-namespaces",
+    "watch pods --all-namespaces",
+    "get pods -n team-x",
+    "create pods -n team-x",
+    "patch pods -n team-x",
+    "delete pods -n team-x",
+    "get nodes",
+    "get secrets -n team-x",
+    "create secrets -n team-x",
+    "create events.events.k8s.io -n team-x",
+    "patch events.events.k8s.io -n team-x",
+    "create tokenreviews.authentication.k8s.io",
+    "list warmpools.tidepool.dev --all-namespaces",
+    "watch warmpools.tidepool.dev --all-namespaces",
+    "get warmpools.tidepool.dev -n team-x",
+    "patch warmpools.tidepool.dev --subresource=status -n team-x",
+    "update warmpools.tidepool.dev --subresource=finalizers -n team-x",
+    "list testsessions.tidepool.dev --all-namespaces",
+    "watch testsessions.tidepool.dev --all-namespaces",
+    "get testsessions.tidepool.dev -n team-x",
+    "create testsessions.tidepool.dev -n team-x",
+    "delete testsessions.tidepool.dev -n team-x",
+    "patch testsessions.tidepool.dev --subresource=status -n team-x",
+    "create backends.tidepool.dev",
+    "patch backends.tidepool.dev",
+    "patch backends.tidepool.dev --subresource=status",
+    "create leases.coordination.k8s.io -n tidepool",
+    "get leases.coordination.k8s.io/tidepool-operator -n tidepool",
+    "update leases.coordination.k8s.io/tidepool-operator -n tidepool",
+    "create daemonsets.apps -n tidepool",
+    "patch daemonsets.apps/tidepool-agent -n tidepool",
+    "list daemonsets.apps/tidepool-agent -n tidepool",
+    "watch daemonsets.apps/tidepool-agent -n tidepool",
+];
+
+/// What the operator never needs.
+const OPERATOR_MAY_NOT: &[&str] = &[
+    "list secrets --all-namespaces",
+    "watch secrets -n team-x",
+    "update secrets -n team-x",
+    "delete secrets -n team-x",
+    "list nodes",
+    "delete nodes",
+    "patch nodes",
+    "create pods --subresource=exec -n team-x",
+    "update pods -n team-x",
+    "create serviceaccounts --subresource=token -n team-x",
+    "patch warmpools.tidepool.dev -n team-x",
+    "delete warmpools.tidepool.dev -n team-x",
+    "update testsessions.tidepool.dev -n team-x",
+    "delete backends.tidepool.dev",
+    "patch tubes.tidepool.dev -n team-x",
+    "update leases.coordination.k8s.io/someone-else -n tidepool",
+    "create leases.coordination.k8s.io -n kube-system",
+    "patch daemonsets.apps/someone-else -n tidepool",
+    "delete daemonsets.apps/tidepool-agent -n tidepool",
+    "create daemonsets.apps -n kube-system",
+    "create deployments.apps -n tidepool",
+    "create clusterrolebindings.rbac.authorization.k8s.io",
+    "impersonate users",
+];
+
+/// Things neither the agents nor the session pods may do.
+const NOBODY_MAY: &[&str] = &[
+    "create backends.tidepool.dev",
+    "patch backends.tidepool.dev",
+    "update backends.tidepool.dev",
+    "patch backends.tidepool.dev --subresource=status",
+    "get pods -n tidepool",
+    "list pods --all-namespaces",
+    "get secrets -n tidepool",
+    "list secrets -n tidepool",
+    "get nodes",
+    "create tokenreviews.authentication.k8s.io",
+    "create testsessions.tidepool.dev -n tidepool",
+    "get warmpools.tidepool.dev -n tidepool",
+    "patch tubes.tidepool.dev --subresource=status -n tidepool",
+    "get leases.coordination.k8s.io -n tidepool",
+    "create serviceaccounts --subresource=token -n tidepool",
+];
+
+/// Installs the chart into the harness and checks what it grants, by asking
+/// the API server; then runs the real operator and a real agent with the
+/// chart's ServiceAccounts and arguments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_installs_and_each_account_has_only_what_it_needs() {
+    let plane = ControlPlane::start_with(Options { crds: false, ..Options::default() }).await.unwrap();
+    let client = plane.client().await.unwrap();
+    external_crds::install(&plane, &external_crds::prometheus_operator().unwrap()).unwrap();
+    for namespace in ["team-a", "team-b", "tidepool-check", "restricted"] {
+        run(plane.kubectl().args(["create", "namespace", namespace])).unwrap();
+    }
+
+    // Helm installs the CRDs from the chart's crds/, then the templates.
+    let kubeconfig = plane.kubeconfig().to_str().unwrap().to_string();
+    let install = ["--namespace", NAMESPACE, "--create-namespace", "--kubeconfig", &kubeconfig, "--timeout", "60s"];
+    run(helm().args(["install", RELEASE]).arg(chart()).args(install)).unwrap();
+    // An upgrade keeps the API token the install made.
+    let token = || {
+        run(plane.kubectl().args(["get", "secret", "tidepool-api-token", "-n", NAMESPACE, "-o=jsonpath={.data.token}"]))
+    };
+    let first = token().unwrap();
+    run(helm().args(["upgrade", RELEASE]).arg(chart()).args(install)).unwrap();
+    assert_eq!(token().unwrap(), first, "helm upgrade changed the API token");
+
+    // Every option on, as a second release: the API server takes every object.
+    let all_on = scratch("all-on-dry-run.yaml", ALL_ON);
+    let rendered = template("check", "tidepool-check", &["-f", all_on.to_str().unwrap()]).unwrap();
+    let rendered = scratch("check.yaml", &rendered);
+    run(plane.kubectl().args(["apply", "--dry-run=server", "-f"]).arg(&rendered)).unwrap();
+
+    // The operator may do each thing it does, and none of the things it never needs.
+    for question in OPERATOR_MAY {
+        assert!(can_i(&plane, "tidepool-operator", question), "the operator may not {question}");
+    }
+    for question in OPERATOR_MAY_NOT {
+        assert!(!can_i(&plane, "tidepool-operator", question), "the operator may {question}");
+    }
+    // The agents and the session pods have what every account has, nothing more.
+    for account in ["tidepool-agent", "tidepool-session"] {
+        for question in NOBODY_MAY {
+            assert!(!can_i(&plane, account, question), "{account} may {question}");
+        }
+        for namespace in [NAMESPACE, "default"] {
+            let unbound = rights(&plane, &format!("system:serviceaccount:{NAMESPACE}:nobody"), namespace);
+            let user = format!("system:serviceaccount:{NAMESPACE}:{account}");
+            assert_eq!(rights(&plane, &user, namespace), unbound, "{account}'s rights in {namespace}");
+        }
+    }
+
+    // The operator and session pods pass the restricted Pod Security Standard.
+    let restricted = "pod-security.kubernetes.io/enforce=restricted";
+    run(plane.kubectl().args(["label", "namespace", "restricted", restricted])).unwrap();
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "restricted");
+    eventually(Duration::from_secs(30), "the default ServiceAccount in restricted", || async {
+        accounts.get_opt("default").await.ok().flatten()
+    })
+    .await
+    .unwrap();
+    let objects = render(&[]);
+    let deployment = find(&objects, "Deployment", "tidepool-operator");
+    let pool = find(&objects, "WarmPool", "edge");
+    for (name, template) in [("operator", &deployment["spec"]["template"]), ("session", &pool["spec"]["template"])] {
+        pod_security(&plane, name, template).unwrap_or_else(|e| panic!("the {name} pod is not restricted: {e}"));
+    }
+
+    run_the_operator_and_an_agent(&plane, &client).await;
+}
+
+/// A server-side dry run of a Pod made from `template` in the namespace
+/// "restricted"; its ServiceAccount is left out, as that namespace has none.
+fn pod_security(plane: &ControlPlane, name: &str, template: &Value) -> Result<String, String> {
+    let mut spec = template["spec"].clone();
+    for field in ["serviceAccountName", "serviceAccount"] {
+        spec.as_mapping_mut().unwrap().remove(field);
+    }
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": "restricted" },
+        "spec": serde_json::to_value(&spec).unwrap(),
+    });
+    let file = scratch(&format!("pod-{name}.json"), &pod.to_string());
+    run(plane.kubectl().args(["create", "--dry-run=server", "-f"]).arg(file))
+}
+
+/// The real operator with the chart's arguments, as the chart's operator
+/// account: it must lead, fill the example pool, bind a session, make the
+/// agent DaemonSet and take a real agent's reports, with no refusal in its
+/// log. The session binary runs behind the pool's pods, and the real agent
+/// with the DaemonSet's arguments.
+async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Client) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    let secret = secrets.get("tidepool-api-token").await.unwrap();
+    let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+    let token_file = scratch("api-token", &token);
+    let port = free_port().unwrap();
+    // The chart's arguments, but listening on loopback and reading the token from here.
+    let args: Vec<String> = operator_args(&render(&[]))
+        .into_iter()
+        .map(|arg| match arg.split_once('=') {
+            Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
+            Some(("--api-token-file", _)) => format!("--api-token-file={}", token_file.display()),
+            _ => arg,
+        })
+        .collect();
+    let kubeconfig = plane.service_account_kubeconfig(NAMESPACE, "tidepool-operator").await.unwrap();
+    let binary = workspace_binary("tidepool-operator", "tidepool-operator").unwrap();
+    let env = [("KUBECONFIG", kubeconfig.to_str().unwrap()), ("POD_NAME", "tidepool-operator-0")];
+    // The session binary behind each of the example pool's pods, as a kubelet would run it.
+    let session = workspace_binary("tidepool-session", "tidepool-session").unwrap();
+    let _runner = PodRunner::start(client.clone(), NAMESPACE, POOL_PODS, session, plane.dir().to_path_buf());
+    let operator = plane.spawn("operator", &binary, &args, &env).unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let metrics = || async { http.get(format!("{url}/metrics")).send().await.ok()?.text().await.ok() };
+    eventually(Duration::from_secs(30), "the operator to lead", || async {
+        metrics().await.filter(|m| m.lines().any(|l| l == "tidepool_leader 1"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", operator.log_tail(30)));
+
+    let pools: Api<WarmPool> = Api::namespaced(client.clone(), NAMESPACE);
+    eventually(Duration::from_secs(60), "the example pool to be warm", || async {
+        (pools.get("edge").await.ok()?.status?.warm == 3).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", operator.log_tail(30)));
+    // Each warm pod's session process runs with the environment the chart
+    // and the operator gave it.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let listed = pods.list(&ListParams::default().labels(POOL_PODS)).await.unwrap().items;
+    let addresses: Vec<(String, String)> = listed
+        .into_iter()
+        .filter_map(|pod| Some((pod.name_any(), format!("http://{}:8080", pod.status?.pod_ip?))))
+        .collect();
+    assert!(addresses.len() >= 3, "{addresses:?}");
+    for (pod, address) in &addresses {
+        eventually(Duration::from_secs(30), &format!("{address}/health"), || async {
+            http.get(format!("{address}/health")).send().await.ok()?.status().is_success().then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", tail(&plane.dir().join(format!("pod-{pod}.log")))));
+    }
+    let session_metrics = http.get(format!("{}/metrics", addresses[0].1)).send().await.unwrap().text().await.unwrap();
+    check_metrics("session pod", &session_metrics);
+
+    let created = http
+        .post(format!("{url}/api/v1/sessions"))
+        .bearer_auth(token.trim())
+        .json(&serde_json::json!({ "pool": "edge" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201, "{}", created.text().await.unwrap());
+
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
+    let daemonset = eventually(Duration::from_secs(30), "the agent DaemonSet", || async {
+        daemonsets.get_opt("tidepool-agent").await.ok().flatten()
+    })
+    .await
+    .unwrap();
+    let agent = run_an_agent(plane, client, &daemonset, &url).await;
+    let backends: Api<Backend> = Api::all(client.clone());
+    eventually(Duration::from_secs(30), "the agent's Backend", || async {
+        backends.get_opt(&agent.node).await.ok().flatten()?.status.map(|_| ())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", operator.log_tail(30), agent.process.log_tail(30)));
+
+    // Both /metrics pass promtool.
+    let operator_metrics = metrics().await.unwrap();
+    assert!(operator_metrics.contains("tidepool_agent_reports_total{result=\"accepted\"}"), "{operator_metrics}");
+    check_metrics("operator", &operator_metrics);
+    let agent_metrics = http.get(format!("{}/metrics", agent.url)).send().await.unwrap().text().await.unwrap();
+    assert!(agent_metrics.contains("tidepool_agent_cpu_cores"), "{agent_metrics}");
+    check_metrics("agent", &agent_metrics);
+
+    // The DaemonSet the operator made is not fit for a restricted namespace
+    // (host network, host paths): the check above can fail.
+    let template = serde_yaml::to_value(&daemonset.spec.unwrap().template).unwrap();
+    let refusal = pod_security(plane, "agent", &template).expect_err("the agent pod is privileged");
+    assert!(refusal.contains("violates PodSecurity"), "{refusal}");
+
+    let log = std::fs::read_to_string(&operator.log).unwrap();
+    assert!(!log.to_lowercase().contains("forbidden"), "the operator was refused something:\n{log}");
+}
+
+/// The end of a log file.
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn check_metrics(what: &str, text: &str) {
+    let file = scratch(&format!("{what}.metrics"), text);
+    let stdin = std::fs::File::open(file).unwrap();
+    run(Command::new(promtool()).args(["check", "metrics"]).stdin(stdin))
+        .unwrap_or_else(|e| panic!("promtool check metrics on the {what}'s /metrics: {e}"));
+}
+
+struct Agent {
+    process: tidepool_tests::Process,
+    node: String,
+    url: String,
+}
+
+/// Runs the real agent as the DaemonSet's pod on one node would: its
+/// arguments (checked as they are, then with local paths and ports), its
+/// environment, and a token of the chart's agent account bound to that pod.
+async fn run_an_agent(plane: &ControlPlane, client: &kube::Client, daemonset: &DaemonSet, operator_url: &str) -> Agent {
+    let binary = workspace_binary("tidepool-agent", "tidepool-agent").unwrap();
+    let pod_spec = daemonset.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let container = &pod_spec.containers[0];
+    let args = container.args.clone().unwrap();
+    accepts(&binary, &args).unwrap_or_else(|e| panic!("the agent refuses the DaemonSet's {args:?}: {e}"));
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let selector = ListParams::default().labels("app.kubernetes.io/name=tidepool-agent");
+    let pod = eventually(Duration::from_secs(60), "an agent pod", || async {
+        pods.list(&selector)
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
+    })
+    .await
+    .unwrap();
+    let node = pod.spec.as_ref().unwrap().node_name.clone().unwrap();
+    let audience = pod_spec.volumes.as_ref().unwrap().iter().find_map(|v| {
+        v.projected.as_ref()?.sources.as_ref()?.iter().find_map(|s| s.service_account_token.as_ref()?.audience.clone())
+    });
+    let account = pod_spec.service_account_name.as_deref().unwrap();
+    let token = plane
+        .service_account_token(NAMESPACE, account, &audience.unwrap(), Some((&pod.name_any(), &pod.uid().unwrap())))
+        .await
+        .unwrap();
+    let token_file = scratch("agent-token", &token);
+    let disk = token_file.parent().unwrap().to_path_buf();
+    let port = free_port().unwrap();
+    let fixtures = repo().join("agent/tests/fixtures/proc");
+    let mut local = Vec::new();
+    let mut values = args.iter();
+    while let Some(flag) = values.next() {
+        let value = values.next().unwrap_or_else(|| panic!("{flag} has no value in {args:?}"));
+        let value = match flag.as_str() {
+            "--operator-url" => operator_url.to_string(),
+            "--token-file" => token_file.display().to_string(),
+            "--listen" => format!("127.0.0.1:{port}"),
+            "--proc-root" => fixtures.display().to_string(),
+            "--disk-path" => disk.display().to_string(),
+            _ => value.clone(),
+        };
+        local.extend([flag.clone(), value]);
+    }
+    let env: Vec<(String, String)> = container
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|var| {
+            let value = match var.value_from.and_then(|from| from.field_ref).map(|field| field.field_path) {
+                Some(path) if path == "spec.nodeName" => node.clone(),
+                Some(path) if path == "status.hostIP" => "127.0.0.1".to_string(),
+                Some(path) => panic!("the agent's {} comes from {path}, which this test does not fill", var.name),
+                None => var.value.unwrap_or_default(),
+            };
+            (var.name, value)
+        })
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let process = plane.spawn("agent", &binary, &local, &env).unwrap();
+    Agent { process, node, url: format!("http://127.0.0.1:{port}") }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argocd_manifests_pass_a_server_side_dry_run_against_argo_cds_crds() {
+    let options = Options {
+        controller_manager: false,
+        scheduler: false,
+        kwok: false,
+        crds: false,
+        nodes: vec![],
+        ..Options::default()
+    };
+    let plane = ControlPlane::start_with(options).await.unwrap();
+    external_crds::install(&plane, &external_crds::argo_cd().unwrap()).unwrap();
+    run(plane.kubectl().args(["create", "namespace", "argocd"])).unwrap();
+    let dir = repo().join("argocd");
+    for file in ["project.yaml", "application.yaml"] {
+        run(plane.kubectl().args(["apply", "--dry-run=server", "-f"]).arg(dir.join(file)))
+            .unwrap_or_else(|e| panic!("argocd/{file}: {e}"));
+    }
+
+    // A broken copy is refused, naming the field: the dry run checks types
+    // and, with kubectl's strict field validation, names.
+    let application = std::fs::read_to_string(dir.join("application.yaml")).unwrap();
+    for (from, to, words) in [
+        ("prune: true", "prune: \"yes\"", "spec.syncPolicy.automated.prune"),
+        ("selfHeal: true", "selfheal: true", "unknown field \"spec.syncPolicy.automated.selfheal\""),
+        ("factor: 2", "factor: two", "spec.syncPolicy.retry.backoff.factor"),
+    ] {
+        assert!(application.contains(from), "argocd/application.yaml has no {from:?}");
+        let broken = scratch("broken-application.yaml", &application.replacen(from, to, 1));
+        let refusal = run(plane.kubectl().args(["apply", "--dry-run=server", "-f"]).arg(broken))
+            .expect_err(&format!("{to:?} accepted"));
+        assert!(refusal.contains(words), "{to:?}: no {words:?} in {refusal}");
+    }
+}
+
+/// The Dockerfile's instructions by stage: (stage name, base, instructions),
+/// with continued lines joined.
+fn dockerfile_stages(text: &str) -> Vec<(String, String, Vec<String>)> {
+    let mut stages: Vec<(String, String, Vec<String>)> = Vec::new();
+    let joined = text.replace("\\\n", " ");
+    for line in joined.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words[0] == "FROM" {
+            let name = if words.len() == 4 && words[2].eq_ignore_ascii_case("AS") { words[3] } else { "" };
+            stages.push((name.to_string(), words[1].to_string(), Vec::new()));
+        } else if let Some(stage) = stages.last_mut() {
+            stage.2.push(words.join(" "));
+        }
+    }
+    stages
+}
+
+#[test]
+fn chart_images_come_from_a_dockerfile_target_per_program() {
+    let stages = dockerfile_stages(&std::fs::read_to_string(repo().join("Dockerfile")).unwrap());
+    let stage = |name: &str| stages.iter().find(|s| s.0 == name).unwrap_or_else(|| panic!("no stage {name}"));
+    let build = stage("build");
+    let runtime = stage("runtime");
+    assert!(runtime.1.starts_with("gcr.io/distroless/") && runtime.1.ends_with(":nonroot"), "{}", runtime.1);
+    assert!(runtime.2.contains(&"USER 65532:65532".to_string()), "the images run as 65532");
+    let defaults: Value = serde_yaml::from_str(&std::fs::read_to_string(chart().join("values.yaml")).unwrap()).unwrap();
+    let cargo = build.2.iter().find(|i| i.contains("cargo build")).expect("a cargo build");
+    assert!(cargo.contains("--release --locked"), "{cargo}");
+    for (target, value) in [("operator", "operator"), ("agent", "agent"), ("session", "session")] {
+        // The chart's image name is the program's name.
+        let program = str_of(&defaults["images"][value]);
+        assert!(cargo.contains(&format!("--bin {program}")), "{program} is not built: {cargo}");
+        let (_, base, instructions) = stage(target);
+        assert_eq!(base, "runtime", "the {target} image is not on the small non-root base");
+        let copy = format!("COPY --from=build /out/{program} /usr/local/bin/{program}");
+        assert!(instructions.contains(&copy), "{target}: {instructions:?}");
+        let entrypoint = format!("ENTRYPOINT [\"/usr/local/bin/{program}\"]");
+        assert!(instructions.contains(&entrypoint), "{target}: {instructions:?}");
+        // One binary each: nothing else is copied in.
+        assert_eq!(instructions.iter().filter(|i| i.starts_with("COPY")).count(), 1, "{target}");
+    }
+    let ignored = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    for path in ["target", ".git"] {
+        assert!(ignored.lines().any(|l| l.trim() == path), ".dockerignore leaves {path} in the build context");
+    }
+}
