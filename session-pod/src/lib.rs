@@ -12,6 +12,7 @@ pub mod household;
 pub mod latency;
 pub mod limits;
 pub mod metrics;
+pub mod probe_runs;
 pub mod probes;
 pub mod protocol;
 pub mod random;

@@ -28,13 +28,13 @@ use crate::error::{ApiError, json_response};
 use crate::limits::{Limiter, Limits};
 use crate::metrics::{Metrics, route_label};
 use crate::protocol::{
-    DEFAULT_PORT, DOWNLOAD_PATH, HEALTH_PATH, HOUSEHOLD_WS_PATH, INFO_PATH, LATENCY_WS_PATH, METRICS_PATH, PodInfo,
-    RESULTS_PATH, UDP_GRANT_PATH, UPLOAD_PATH,
+    DEFAULT_PORT, DOWNLOAD_PATH, HEALTH_PATH, HOUSEHOLD_WS_PATH, INFO_PATH, LATENCY_WS_PATH, METRICS_PATH, PROBES_PATH,
+    PodInfo, RESULTS_PATH, UDP_GRANT_PATH, UPLOAD_PATH,
 };
 use crate::random::{NoRandomness, POOL_BYTES, RandomPool};
 use crate::results::OperatorReporter;
 use crate::state::{PodIdentity, PodState, PodStateParts, until_shutdown};
-use crate::{download, household, latency, results, udp, upload};
+use crate::{download, household, latency, probe_runs, results, udp, upload};
 
 /// How the server runs.
 #[derive(Clone, Debug)]
@@ -205,6 +205,7 @@ pub fn router(state: Arc<PodState>) -> Router {
         .route(UDP_GRANT_PATH, post(udp::grant))
         .route(HOUSEHOLD_WS_PATH, get(household::household_socket))
         .route(RESULTS_PATH, post(results::submit))
+        .route(PROBES_PATH, post(probe_runs::run).delete(probe_runs::stop))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_session));
     Router::new()
         .route(HEALTH_PATH, get(|| async { "ok" }))

@@ -6,6 +6,7 @@ mod household;
 mod latency;
 mod limits;
 mod metrics;
+mod probe_runs;
 mod results;
 mod streams;
 mod support;

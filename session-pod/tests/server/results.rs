@@ -88,14 +88,3 @@ async fn an_unreachable_operator_is_retried_briefly_then_reported() {
     assert!(took >= Duration::from_millis(550) && took < Duration::from_secs(5), "{took:?}");
     assert!(accepted.results.grades.is_some());
 }
-
-/// JSON bodies without reqwest's `json` feature.
-trait JsonBody {
-    fn json_body(self, value: &serde_json::Value) -> Self;
-}
-
-impl JsonBody for reqwest::RequestBuilder {
-    fn json_body(self, value: &serde_json::Value) -> Self {
-        self.header("content-type", "application/json").body(value.to_string())
-    }
-}

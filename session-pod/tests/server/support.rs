@@ -174,3 +174,14 @@ pub async fn receive_text(socket: &mut Socket) -> ServerMessage {
         }
     }
 }
+
+/// JSON bodies without reqwest's `json` feature.
+pub trait JsonBody {
+    fn json_body(self, value: &serde_json::Value) -> Self;
+}
+
+impl JsonBody for reqwest::RequestBuilder {
+    fn json_body(self, value: &serde_json::Value) -> Self {
+        self.header("content-type", "application/json").body(value.to_string())
+    }
+}

@@ -1,0 +1,143 @@
+//! `POST /api/v1/probes`: the session's outbound probes, once or every
+//! interval, and `DELETE /api/v1/probes` to stop the continuous runs.
+//!
+//! A client may only point the pod at the TestSession's own targets: the
+//! session token carries their digest, signed by the operator, so a pod
+//! cannot be turned into a scanner of whatever a client names.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use tidepool_crds::test_session::SessionResults;
+
+use crate::auth::BoundSession;
+use crate::error::{ApiError, json_response, parse_query};
+use crate::probes::{self, Continuous, ContinuousRun, ContinuousSettings, ProbeSettings};
+use crate::protocol::{ProbeRequest, ProbeResponse, ResultsSubmission, probes_digest};
+use crate::results::{parse_json, read_body};
+use crate::state::PodState;
+
+/// A probe request is a list of at most 32 targets; this is plenty.
+const PROBES_BODY_LIMIT: usize = 128 * 1024;
+/// The shortest and longest interval of continuous runs, in seconds.
+const MIN_EVERY_SECONDS: u64 = 10;
+const MAX_EVERY_SECONDS: u64 = 86_400;
+
+/// One probe run at a time per pod: probes make traffic to the outside, and
+/// a client asking twice should not double it.
+static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+/// The continuous runs, while they go on.
+static CONTINUOUS: Mutex<Option<Continuous>> = Mutex::new(None);
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ProbeQuery {
+    /// Run every this many seconds from now on, posting each run's results
+    /// to the operator, instead of once.
+    every_seconds: Option<u64>,
+}
+
+/// The answer when continuous runs start.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ContinuousStarted {
+    every_seconds: u64,
+    start_tier: u8,
+}
+
+pub async fn run(
+    State(state): State<Arc<PodState>>,
+    Extension(session): Extension<Arc<BoundSession>>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let query: ProbeQuery = parse_query(query.as_deref())?;
+    let body = read_body(body, PROBES_BODY_LIMIT).await?;
+    let request: ProbeRequest = parse_json(&body)?;
+    check_targets(&request, &session)?;
+    let tier = match request.tier.unwrap_or(1) {
+        tier @ 1..=3 => tier as u8,
+        other => {
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("tier: {other} is not 1, 2 or 3")));
+        }
+    };
+    let settings = ProbeSettings::default();
+    match query.every_seconds {
+        None => {
+            let Ok(_permit) = RUNNING.try_acquire() else {
+                return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "a probe run is already going on this pod"));
+            };
+            let results = probes::run_once(&request.targets, tier, &settings).await;
+            Ok(json_response(StatusCode::OK, &ProbeResponse { results }))
+        }
+        Some(every) if !(MIN_EVERY_SECONDS..=MAX_EVERY_SECONDS).contains(&every) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("everySeconds: {every} is outside {MIN_EVERY_SECONDS} to {MAX_EVERY_SECONDS}"),
+        )),
+        Some(every) => {
+            let every_settings =
+                ContinuousSettings { interval: Duration::from_secs(every), start_tier: tier, max_runs: None };
+            let sink_state = state.clone();
+            let sink_session = session.clone();
+            let sink = move |run: ContinuousRun| {
+                let (state, session) = (sink_state.clone(), sink_session.clone());
+                async move { report(&state, &session, run).await }
+            };
+            let handle = probes::spawn_continuous(request.targets, settings, every_settings, sink);
+            // A new request replaces the runs going on; dropping the old handle stops them.
+            let replaced = CONTINUOUS.lock().unwrap_or_else(|p| p.into_inner()).replace(handle);
+            drop(replaced);
+            Ok(json_response(StatusCode::ACCEPTED, &ContinuousStarted { every_seconds: every, start_tier: tier }))
+        }
+    }
+}
+
+/// `DELETE /api/v1/probes`: stops the continuous runs (204), or 404 when
+/// none go on.
+pub async fn stop(Extension(_session): Extension<Arc<BoundSession>>) -> Result<Response, ApiError> {
+    let running = CONTINUOUS.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match running {
+        Some(handle) => {
+            handle.stop().await;
+            Ok(json_response(StatusCode::OK, &serde_json::json!({ "stopped": true })))
+        }
+        None => Err(ApiError::not_found("no continuous probe runs go on")),
+    }
+}
+
+/// The targets must be the ones the session token names.
+fn check_targets(request: &ProbeRequest, session: &BoundSession) -> Result<(), ApiError> {
+    if request.targets.is_empty() {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "targets: at least one target is needed"));
+    }
+    if request.targets.len() > 32 {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "targets: at most 32 targets"));
+    }
+    if probes_digest(&request.targets) != session.claims.probes {
+        let message = match &session.claims.probes {
+            None => "this session has no probe targets; they are set in the TestSession's spec.probes".to_string(),
+            Some(_) => "these targets are not this session's spec.probes, byte for byte".to_string(),
+        };
+        return Err(ApiError::new(StatusCode::FORBIDDEN, message));
+    }
+    Ok(())
+}
+
+/// Keeps one continuous run's results and posts them to the operator as
+/// progress (not final: the runs go on).
+async fn report(state: &PodState, session: &BoundSession, run: ContinuousRun) {
+    let mut results = SessionResults { probes: run.run.results(), ..SessionResults::default() };
+    crate::grading::grade(&mut results);
+    state.metrics.show_results(&results);
+    *state.latest_results.lock().unwrap_or_else(|p| p.into_inner()) = Some(results.clone());
+    let submission = ResultsSubmission { results, is_final: false };
+    if let Err(e) = state.reporter.report(session, &submission).await {
+        tracing::warn!(run = run.number, error = %e, "continuous probe results not reported to the operator");
+    }
+}
