@@ -1,1 +1,5 @@
-fn main() {}
+//! `tidepool`: see docs/cli.md.
+
+fn main() -> std::process::ExitCode {
+    tidepool_cli::app::main()
+}

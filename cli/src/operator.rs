@@ -1,0 +1,266 @@
+//! The operator's session API: create, read and delete TestSessions.
+
+use std::time::Duration;
+
+use reqwest::{Client, Method, StatusCode, Url};
+use serde::{Deserialize, Serialize};
+use tidepool_crds::test_session::{ProbeTarget, Profile};
+
+use crate::error::{Error, Result, chain, error_message};
+
+/// How long a create may take: the operator answers once the session is
+/// Ready or its own deadline passed (10 s by default).
+const CREATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long any other call may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The body of `POST /api/v1/sessions`.
+#[derive(Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateSession {
+    pub pool: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sticky_key: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<ProbeTarget>,
+}
+
+/// What the operator says of a session.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionView {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub pool: String,
+    #[serde(default)]
+    pub phase: String,
+    #[serde(default)]
+    pub pod: Option<String>,
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub binding: Option<String>,
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl SessionView {
+    /// Whether a client can use the session now: Ready, with a pod, an
+    /// endpoint and credentials.
+    pub fn usable(&self) -> bool {
+        self.phase == "Ready"
+            && self.pod.is_some()
+            && self.endpoint.is_some()
+            && self.token.is_some()
+            && self.binding.is_some()
+    }
+}
+
+/// A client of the operator's API.
+#[derive(Clone, Debug)]
+pub struct OperatorClient {
+    base: Url,
+    token: String,
+    http: Client,
+}
+
+impl OperatorClient {
+    pub fn new(base: &str, token: &str) -> Result<Self> {
+        let base = Url::parse(base).map_err(|e| Error::usage(format!("--operator {base:?} is not a URL: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
+            return Err(Error::usage(format!("--operator must be an http or https URL, not {base}")));
+        }
+        let token = token.trim().to_string();
+        if token.is_empty() {
+            return Err(Error::usage("the operator's API token is empty"));
+        }
+        let http = Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| Error::Operator(format!("cannot build an HTTP client: {}", chain(&e))))?;
+        Ok(Self { base, token, http })
+    }
+
+    /// Creates a session and waits for it to be Ready. Returns the view and
+    /// the operator's JSON as it came. When the operator gives up waiting
+    /// (504) the session stays, unless `abandon_unready` deletes it.
+    pub async fn create(
+        &self,
+        request: &CreateSession,
+        abandon_unready: bool,
+    ) -> Result<(SessionView, serde_json::Value)> {
+        let (status, bytes) = self.send(Method::POST, self.url(&[]), None, Some(request), CREATE_TIMEOUT).await?;
+        if status == StatusCode::GATEWAY_TIMEOUT {
+            let mut message = refusal(status, &bytes);
+            let pending = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|body| body.pointer("/session/name").and_then(|n| n.as_str()).map(String::from));
+            if let Some(name) = pending {
+                let namespace = request.namespace.as_deref();
+                if !abandon_unready {
+                    message.push_str(&format!(" (the session is kept: `tidepool session get {name}` follows it)"));
+                } else if self.delete(&name, namespace).await.is_ok() {
+                    message.push_str(&format!(" (session {name} deleted)"));
+                }
+            }
+            return Err(Error::Operator(message));
+        }
+        let body = json(status, &bytes)?;
+        Ok((parse_view(&body)?, body))
+    }
+
+    /// Reads a session.
+    pub async fn get(&self, name: &str, namespace: Option<&str>) -> Result<(SessionView, serde_json::Value)> {
+        let (status, bytes) = self.send::<()>(Method::GET, self.url(&[name]), namespace, None, REQUEST_TIMEOUT).await?;
+        let body = json(status, &bytes)?;
+        Ok((parse_view(&body)?, body))
+    }
+
+    /// Deletes a session.
+    pub async fn delete(&self, name: &str, namespace: Option<&str>) -> Result<()> {
+        let (status, bytes) =
+            self.send::<()>(Method::DELETE, self.url(&[name]), namespace, None, REQUEST_TIMEOUT).await?;
+        if !status.is_success() {
+            return Err(Error::Operator(refusal(status, &bytes)));
+        }
+        Ok(())
+    }
+
+    /// Sends a request; an answer of any status is `Ok`.
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        url: Url,
+        namespace: Option<&str>,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, bytes::Bytes)> {
+        let mut request = self.http.request(method, url).bearer_auth(&self.token).timeout(timeout);
+        if let Some(namespace) = namespace {
+            request = request.query(&[("namespace", namespace)]);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let unreachable = |e: reqwest::Error| {
+            if e.is_timeout() {
+                Error::Operator(format!("the operator at {} did not answer within {timeout:?}", self.base))
+            } else {
+                Error::Operator(format!("cannot reach the operator at {}: {}", self.base, chain(&e)))
+            }
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status();
+        Ok((status, response.bytes().await.map_err(unreachable)?))
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(["api", "v1", "sessions"]).extend(segments);
+        }
+        url
+    }
+}
+
+/// A successful answer's JSON, or the operator's error.
+fn json(status: StatusCode, bytes: &[u8]) -> Result<serde_json::Value> {
+    if !status.is_success() {
+        return Err(Error::Operator(refusal(status, bytes)));
+    }
+    serde_json::from_slice(bytes).map_err(|e| Error::Protocol(format!("the operator's answer is not JSON: {e}")))
+}
+
+fn parse_view(body: &serde_json::Value) -> Result<SessionView> {
+    SessionView::deserialize(body).map_err(|e| Error::Protocol(format!("the operator's session is unreadable: {e}")))
+}
+
+/// The message for an operator's error answer.
+fn refusal(status: StatusCode, body: &[u8]) -> String {
+    let message = error_message(body);
+    match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => format!("the operator refused the API token: {message}"),
+        StatusCode::GATEWAY_TIMEOUT => format!("no session in time: {message}"),
+        _ => format!("the operator answered {status}: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_requests_leave_out_what_is_not_given() {
+        let request = CreateSession { pool: "edge".into(), profile: Some(Profile::Bufferbloat), ..Default::default() };
+        assert_eq!(serde_json::to_string(&request).unwrap(), r#"{"pool":"edge","profile":"bufferbloat"}"#);
+        let full = CreateSession {
+            pool: "edge".into(),
+            namespace: Some("ns".into()),
+            ttl_seconds: Some(60),
+            sticky_key: Some("k".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&full).unwrap(),
+            r#"{"pool":"edge","namespace":"ns","ttlSeconds":60,"stickyKey":"k"}"#
+        );
+    }
+
+    #[test]
+    fn session_urls_escape_names_and_keep_a_prefix() {
+        let operator = OperatorClient::new("https://tidepool.example/", "t").unwrap();
+        assert_eq!(operator.url(&[]).as_str(), "https://tidepool.example/api/v1/sessions");
+        assert_eq!(operator.url(&["a/b"]).as_str(), "https://tidepool.example/api/v1/sessions/a%2Fb");
+        let prefixed = OperatorClient::new("http://gw/tidepool", "t").unwrap();
+        assert_eq!(prefixed.url(&["s"]).as_str(), "http://gw/tidepool/api/v1/sessions/s");
+        assert!(matches!(OperatorClient::new("http://gw", " \n"), Err(Error::Usage(_))));
+        assert!(matches!(OperatorClient::new("gw:80", "t"), Err(Error::Usage(_))));
+    }
+
+    #[test]
+    fn views_parse_the_api_and_tell_when_usable() {
+        let body = serde_json::json!({
+            "name": "session-abc", "namespace": "default", "pool": "edge", "phase": "Ready",
+            "pod": "edge-1", "node": "n1", "endpoint": "http://10.0.0.1:8080",
+            "token": "t", "binding": "b", "expiresAt": "2030-01-01T00:00:00Z"
+        });
+        let view = parse_view(&body).unwrap();
+        assert!(view.usable());
+        let pending =
+            parse_view(&serde_json::json!({"name": "s", "phase": "Pending", "reason": "no warm pod"})).unwrap();
+        assert!(!pending.usable());
+        assert_eq!(pending.reason.as_deref(), Some("no warm pod"));
+    }
+
+    #[test]
+    fn refusals_say_what_went_wrong() {
+        let body = br#"{"error":"session session-x was not ready within 10s: no warm pod free","code":504}"#;
+        assert_eq!(
+            refusal(StatusCode::GATEWAY_TIMEOUT, body),
+            "no session in time: session session-x was not ready within 10s: no warm pod free"
+        );
+        assert_eq!(
+            refusal(StatusCode::FORBIDDEN, br#"{"error":"wrong bearer token"}"#),
+            "the operator refused the API token: wrong bearer token"
+        );
+        assert_eq!(
+            refusal(StatusCode::NOT_FOUND, b"{\"error\":\"no WarmPool default/x\"}"),
+            "the operator answered 404 Not Found: no WarmPool default/x"
+        );
+    }
+}
