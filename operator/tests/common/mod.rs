@@ -39,7 +39,16 @@ impl Cluster {
 
     /// Starts an operator replica and waits until its API answers.
     pub async fn operator(&self, name: &str, extra: &[&str]) -> Operator {
-        let port = free_port().unwrap();
+        self.operator_on(name, free_port().unwrap(), extra).await
+    }
+
+    /// The API token file.
+    pub fn token_file(&self) -> &std::path::Path {
+        &self.token_file
+    }
+
+    /// Like [`Cluster::operator`], on a chosen port.
+    pub async fn operator_on(&self, name: &str, port: u16, extra: &[&str]) -> Operator {
         let mut args = vec![
             format!("--listen=127.0.0.1:{port}"),
             format!("--api-token-file={}", self.token_file.display()),
