@@ -209,7 +209,7 @@ pub fn summarize(rtts_ms: &[f64], sent: u64) -> LatencySummary {
 
 /// One household member's latency as the reference tracks it: the baseline
 /// is the mean of the first ten pings, jitter the standard deviation over
-/// the last 60 s, and the rise the mean after the baseline minus it.
+/// the last 60 s, and the rise the median after the baseline minus it.
 #[derive(Clone, Debug, Default)]
 pub struct LatencyTracker {
     /// `(ms since the test began, rtt ms)`.
@@ -254,14 +254,17 @@ impl LatencyTracker {
         (mean(window.iter().map(|x| (x - m) * (x - m)))).sqrt()
     }
 
-    /// The mean of the pings after the baseline, less the baseline (never
-    /// below zero); zero while there is nothing after the baseline.
+    /// The median of the pings after the baseline, less the baseline (never
+    /// below zero); zero while there is nothing after the baseline. The
+    /// median, not the mean: each user pings over its own TCP connection,
+    /// and one lost packet there holds a pong for a retransmission timeout
+    /// (200 ms or more), which would make a mild line look moderate.
     pub fn increase_ms(&self) -> f64 {
         if self.samples.len() <= BASELINE_PINGS {
             return 0.0;
         }
-        let after = mean(self.samples[BASELINE_PINGS..].iter().map(|(_, rtt)| *rtt));
-        (after - self.baseline_ms()).max(0.0)
+        let after: Vec<f64> = self.samples[BASELINE_PINGS..].iter().map(|(_, rtt)| *rtt).collect();
+        (median(&after) - self.baseline_ms()).max(0.0)
     }
 
     pub fn severity(&self) -> Severity {

@@ -22,6 +22,9 @@ pub struct Shape {
     /// tbf's `latency`: the longest a packet may wait in the queue, which
     /// sizes the buffer (deep: hundreds of ms; shallow: a few).
     pub queue_ms: u32,
+    /// The TCP congestion control of the client and server namespaces
+    /// (`net.ipv4.tcp_congestion_control`); the kernel's default when None.
+    pub congestion: Option<&'static str>,
 }
 
 /// Three namespaces joined through a shaping router.
@@ -72,6 +75,12 @@ impl ShapedPath {
         ip(&["-n", &c, "route", "add", "default", "via", &format!("10.{subnet}.1.1")])?;
         ip(&["-n", &s, "route", "add", "default", "via", &format!("10.{subnet}.2.1")])?;
         run("ip", &["netns", "exec", &r, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        if let Some(algorithm) = shape.congestion {
+            let setting = format!("net.ipv4.tcp_congestion_control={algorithm}");
+            for ns in [&c, &s] {
+                run("ip", &["netns", "exec", ns, "sysctl", "-qw", &setting])?;
+            }
+        }
         for dev in [&r0, &r1] {
             let tbf = ["qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst", "32kbit", "latency", &queue];
             let mut args = vec!["netns", "exec", &r, "tc"];
