@@ -36,6 +36,8 @@ const NAMESPACE: &str = "tidepool";
 const KUBE_VERSION: &str = "1.36.3";
 /// The example pool's pods.
 const POOL_PODS: &str = "tidepool.dev/pool=edge";
+/// Every pool's pods.
+const ALL_POOL_PODS: &str = "tidepool.dev/pool";
 
 /// Values that turn every optional part of the chart on.
 const ALL_ON: &str = r#"
@@ -627,6 +629,8 @@ async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Clie
         .map(|arg| match arg.split_once('=') {
             Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
             Some(("--api-token-file", _)) => format!("--api-token-file={}", token_file.display()),
+            // The Service's name does not resolve here; the operator's own address does.
+            Some(("--results-url", _)) => format!("--results-url=http://127.0.0.1:{port}"),
             _ => arg,
         })
         .collect();
@@ -635,7 +639,7 @@ async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Clie
     let env = [("KUBECONFIG", kubeconfig.to_str().unwrap()), ("POD_NAME", "tidepool-operator-0")];
     // The session binary behind each of the example pool's pods, as a kubelet would run it.
     let session = workspace_binary("tidepool-session", "tidepool-session").unwrap();
-    let _runner = PodRunner::start(client.clone(), NAMESPACE, POOL_PODS, session, plane.dir().to_path_buf());
+    let runner = PodRunner::start(client.clone(), NAMESPACE, ALL_POOL_PODS, session, plane.dir().to_path_buf());
     let operator = plane.spawn("operator", &binary, &args, &env).unwrap();
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
@@ -708,8 +712,126 @@ async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Clie
     let refusal = pod_security(plane, "agent", &template).expect_err("the agent pod is privileged");
     assert!(refusal.contains("violates PodSecurity"), "{refusal}");
 
+    // A WarmPool made with kubectl, and a session on it run end to end by
+    // the CLI: through the API, a latency test against the real pod, and
+    // the results reported back into the TestSession.
+    let mut pool = find(&render(&[]), "WarmPool", "edge").clone();
+    pool["metadata"] =
+        serde_yaml::to_value(serde_json::json!({ "name": "kubectl-made", "namespace": NAMESPACE })).unwrap();
+    pool["spec"]["size"] = Value::from(1);
+    let manifest = scratch("kubectl-made.yaml", &serde_yaml::to_string(&pool).unwrap());
+    run(plane.kubectl().args(["apply", "-f"]).arg(&manifest)).unwrap();
+    eventually(Duration::from_secs(60), "the kubectl-made pool to be warm", || async {
+        let warm = pools.get("kubectl-made").await.ok()?.status?.warm == 1;
+        (warm && runner.running().len() >= 4).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", operator.log_tail(30)));
+    let cli = workspace_binary("tidepool-cli", "tidepool").unwrap();
+    let token_path = token_file.display().to_string();
+    let output = Command::new(&cli)
+        .args(["run", "--operator", &url, "--api-token-file", &token_path, "--pool", "kubectl-made", "-n", NAMESPACE])
+        .args(["--profile", "latency", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "tidepool run: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["reported"], true, "{report}");
+    let sessions: Api<tidepool_crds::TestSession> = Api::namespaced(client.clone(), NAMESPACE);
+    let name = report["name"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(20), "the CLI's session to hold its results", || async {
+        let results = sessions.get(&name).await.ok()?.status?.results?;
+        results.latency.filter(|l| l.samples > 0).map(|_| ())
+    })
+    .await
+    .unwrap();
+
+    // A real Prometheus scrapes the operator, the agent and the session pods,
+    // and its HTTP API has the series with sane values.
+    let mut session_targets: Vec<String> = pods
+        .list(&ListParams::default().labels(ALL_POOL_PODS))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|pod| runner.running().contains(&pod.name_any()))
+        .filter_map(|pod| Some(format!("{}:8080", pod.status?.pod_ip?)))
+        .collect();
+    session_targets.sort();
+    let prometheus = Prometheus::start(
+        plane,
+        &[
+            ("operator", vec![url.trim_start_matches("http://").to_string()]),
+            ("agent", vec![agent.url.trim_start_matches("http://").to_string()]),
+            ("session", session_targets.clone()),
+        ],
+    );
+    let targets = 2 + session_targets.len();
+    eventually(Duration::from_secs(60), "Prometheus to scrape every target up", || async {
+        let up = prometheus.query(&http, "sum(up)").await?;
+        (up == targets as f64).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", prometheus.process.log_tail(30)));
+    // (query, the least sane value)
+    let expectations = [
+        ("tidepool_leader", 1.0),
+        ("sum(tidepool_session_create_to_ready_seconds_count)", 2.0),
+        ("sum(tidepool_pool_pods{state=\"warm\"})", 1.0),
+        ("sum(tidepool_agent_reports_total{result=\"accepted\"})", 1.0),
+        ("sum(tidepool_agent_cpu_cores)", 1.0),
+        ("max(tidepool_agent_memory_total_bytes)", 1e6),
+        ("count(tidepool_session_requests_total)", 1.0),
+    ];
+    for (query, least) in expectations {
+        let value = eventually(Duration::from_secs(20), query, || async {
+            prometheus.query(&http, query).await.filter(|v| *v >= least)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: Prometheus has no sane {query}"));
+        assert!(value.is_finite(), "{query} = {value}");
+    }
+
     let log = std::fs::read_to_string(&operator.log).unwrap();
     assert!(!log.to_lowercase().contains("forbidden"), "the operator was refused something:\n{log}");
+}
+
+/// Debian's Prometheus, scraping fixed targets every second.
+struct Prometheus {
+    process: tidepool_tests::Process,
+    url: String,
+}
+
+impl Prometheus {
+    fn start(plane: &ControlPlane, jobs: &[(&str, Vec<String>)]) -> Self {
+        let mut config = String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n");
+        for (job, targets) in jobs {
+            let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+            config.push_str(&format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+                list.join(", ")
+            ));
+        }
+        let file = scratch("prometheus.yml", &config);
+        let port = free_port().unwrap();
+        let data = plane.dir().join("prometheus-data");
+        let args = [
+            format!("--config.file={}", file.display()),
+            format!("--storage.tsdb.path={}", data.display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+        ];
+        let process = plane.spawn("prometheus", Path::new("/usr/bin/prometheus"), &args, &[]).unwrap();
+        Self { process, url: format!("http://127.0.0.1:{port}") }
+    }
+
+    /// The value of an instant query that yields one sample, if it does.
+    async fn query(&self, http: &reqwest::Client, query: &str) -> Option<f64> {
+        let response = http.get(format!("{}/api/v1/query", self.url)).query(&[("query", query)]).send().await.ok()?;
+        let body: serde_json::Value = response.json().await.ok()?;
+        let value = body["data"]["result"].get(0)?["value"][1].as_str()?;
+        value.parse().ok()
+    }
 }
 
 /// The end of a log file.
