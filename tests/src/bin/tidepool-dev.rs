@@ -1,19 +1,28 @@
 //! `tidepool-dev`: brings up Tidepool's local cluster for a person to use.
 //!
 //! Starts the harness's real control plane with three kwok nodes (one with
-//! GPUs), installs the CRDs, builds and starts the operator and an agent for
-//! each node as local processes, applies an example WarmPool, asks the
-//! operator's API for a session and for a route, shows what is there, and
-//! keeps running until Ctrl-C. `--check`
-//! stops after showing (for CI).
+//! GPUs), installs the Helm chart (CRDs, accounts and RBAC, the API token,
+//! the example WarmPool), and runs our programs as the processes behind it:
+//! the operator with the chart's arguments and its ServiceAccount's rights,
+//! an agent for each node with a token bound to its DaemonSet pod, and the
+//! session pod behind every pool pod. Then it runs a bufferbloat test with
+//! the `tidepool` CLI through the operator's API, shows the TestSession with
+//! its results, the Backends and a routing answer, starts Debian's
+//! Prometheus (when installed) on all of them, prints where to look, and
+//! keeps running until Ctrl-C. `--check` stops after showing (for CI).
 
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use tidepool_tests::{ControlPlane, FakeNode, HarnessError, Options, eventually, free_port};
+use tidepool_tests::control_plane::bin_dir;
+use tidepool_tests::{ControlPlane, FakeNode, HarnessError, Options, PodRunner, Process, eventually, free_port};
+
+const NAMESPACE: &str = "tidepool";
+const NODES: [&str; 3] = ["kwok-node-0", "kwok-node-1", "kwok-gpu-0"];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
@@ -30,81 +39,174 @@ async fn main() -> ExitCode {
 async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     eprintln!("Starting etcd, kube-apiserver, controller-manager, scheduler and kwok...");
     let nodes = vec![
-        FakeNode::new("kwok-node-0"),
-        FakeNode::new("kwok-node-1").cpu("16").memory("64Gi"),
-        FakeNode::new("kwok-gpu-0").cpu("32").memory("128Gi").gpus(4),
+        FakeNode::new(NODES[0]),
+        FakeNode::new(NODES[1]).cpu("16").memory("64Gi"),
+        FakeNode::new(NODES[2]).cpu("32").memory("128Gi").gpus(4),
     ];
-    let plane = ControlPlane::start_with(Options { nodes, ..Options::default() }).await?;
+    // The chart brings the CRDs.
+    let plane = ControlPlane::start_with(Options { nodes, crds: false, ..Options::default() }).await?;
+    let client = plane.client().await?;
+    let chart = repo().join("helm/tidepool");
+    let kubeconfig = plane.kubeconfig().display().to_string();
+    println!("$ helm install tidepool helm/tidepool --namespace {NAMESPACE} --create-namespace");
+    let install = ["install", "tidepool", path(&chart), "--namespace", NAMESPACE, "--create-namespace"];
+    command(Command::new(bin_dir()?.join("helm")).args(install).args(["--kubeconfig", &kubeconfig, "--wait=false"]))?;
 
-    // The agents' ServiceAccount, before the operator makes their DaemonSet.
-    plane.service_account_token("default", "tidepool-agent", "tidepool", None).await?;
-    eprintln!("Building and starting tidepool-operator...");
+    eprintln!("Building tidepool-operator, tidepool-agent, tidepool-session and tidepool...");
     let operator_bin = tidepool_tests::workspace_binary("tidepool-operator", "tidepool-operator")?;
-    let token = "tidepool-dev-token";
+    let agent_bin = tidepool_tests::workspace_binary("tidepool-agent", "tidepool-agent")?;
+    let session_bin = tidepool_tests::workspace_binary("tidepool-session", "tidepool-session")?;
+    let cli = tidepool_tests::workspace_binary("tidepool-cli", "tidepool")?;
+
+    // The operator: the chart's arguments, on loopback, with the chart's
+    // ServiceAccount's rights and the chart's API token.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    let token = eventually(Duration::from_secs(30), "the chart's API token", || async {
+        let secret = secrets.get_opt("tidepool-api-token").await.ok()??;
+        String::from_utf8(secret.data?.get("token")?.0.clone()).ok()
+    })
+    .await?;
+    let token = token.trim().to_string();
     let token_file = plane.dir().join("api-token");
-    std::fs::write(&token_file, token).map_err(HarnessError::io("writing the API token"))?;
+    std::fs::write(&token_file, &token).map_err(HarnessError::io("writing the API token"))?;
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}");
-    let args = [format!("--listen=127.0.0.1:{port}"), format!("--api-token-file={}", token_file.display())];
-    let _operator = plane.spawn("tidepool-operator", &operator_bin, &args, &[])?;
-    eprintln!("Building and starting a tidepool-agent for each node...");
-    let _agents = start_agents(&plane, &url).await?;
+    let args: Vec<String> = chart_operator_args(&chart)?
+        .into_iter()
+        .map(|arg| match arg.split_once('=') {
+            Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
+            Some(("--api-token-file", _)) => format!("--api-token-file={}", token_file.display()),
+            Some(("--results-url" | "--agent-operator-url", _)) => {
+                format!("{}={url}", arg.split('=').next().unwrap_or(""))
+            }
+            _ => arg,
+        })
+        .collect();
+    let operator_kubeconfig = plane.service_account_kubeconfig(NAMESPACE, "tidepool-operator").await?;
+    let env = [("KUBECONFIG", operator_kubeconfig.to_str().unwrap_or_default()), ("POD_NAME", "tidepool-operator-0")];
+    eprintln!("Starting the operator with the chart's arguments...");
+    let operator = plane.spawn("tidepool-operator", &operator_bin, &args, &env)?;
+    let runner =
+        PodRunner::start(client.clone(), NAMESPACE, "tidepool.dev/pool", session_bin, plane.dir().to_path_buf());
+    eprintln!("Starting a tidepool-agent for each node...");
+    let agents = start_agents(&plane, &agent_bin, &url).await.map_err(|e| with_log(e, &operator))?;
 
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/warm-pool.yaml");
-    kubectl(&plane, &["apply", "-f", example])?;
     kubectl(&plane, &["get", "nodes", "-o", "wide"])?;
-    kubectl(&plane, &["get", "crds"])?;
-    kubectl(&plane, &["wait", "wp/edge", "--for=condition=Ready", "--timeout=60s"])?;
-    kubectl(&plane, &["get", "warmpools", "-o", "wide"])?;
-    kubectl(&plane, &["get", "pods", "-o", "wide"])?;
+    kubectl(&plane, &["-n", NAMESPACE, "wait", "wp/edge", "--for=condition=Ready", "--timeout=60s"])?;
+    eventually(Duration::from_secs(30), "a session pod behind each warm pod", || async {
+        (runner.running().len() >= 3).then_some(())
+    })
+    .await?;
+    kubectl(&plane, &["-n", NAMESPACE, "get", "warmpools,pods", "-o", "wide"])?;
 
-    println!("$ curl -s -X POST {url}/api/v1/sessions -H 'Authorization: Bearer {token}' -d '{{\"pool\":\"edge\"}}'");
-    let session = post_session(&url, token).await?;
-    println!("{session}");
-    kubectl(&plane, &["get", "testsessions"])?;
+    let token_path = token_file.display().to_string();
+    let run_args = ["run", "--operator", &url, "--api-token-file", &token_path, "--pool", "edge", "-n", NAMESPACE];
+    println!("$ tidepool {} --profile bufferbloat", run_args.join(" "));
+    // The agents report this machine's real load: while something else keeps
+    // both cores busy, placement rightly finds no idle core and the session
+    // waits. Try a few times before giving up.
+    let mut attempts = 0;
+    while let Err(e) = command(Command::new(&cli).args(run_args).args(["--profile", "bufferbloat"])) {
+        attempts += 1;
+        if attempts == 3 {
+            return Err(with_log(e, &operator));
+        }
+        eprintln!("(trying again in 5 s: placement needs an idle core, and this machine is busy)");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    kubectl(&plane, &["-n", NAMESPACE, "get", "testsessions"])?;
     kubectl(&plane, &["wait", "backends", "--all", "--for=condition=Ready", "--timeout=30s"])?;
     kubectl(&plane, &["get", "backends"])?;
     let route = r#"{"tier":{"vcpu":1,"memoryMiB":256}}"#;
     println!("$ curl -s -X POST {url}/api/v1/route -H 'Authorization: Bearer {token}' -d '{route}'");
-    println!("{}", post(&url, "/api/v1/route", token, route).await?);
+    println!("{}", post(&url, "/api/v1/route", &token, route).await?);
+
+    let agent_targets: Vec<String> = agents.iter().map(|(_, address)| address.clone()).collect();
+    let prometheus = start_prometheus(&plane, &format!("127.0.0.1:{port}"), &agent_targets)?;
+
     let kubeconfig = plane.kubeconfig().display();
     println!();
     println!("Tidepool's local cluster is up ({}).", plane.server());
-    println!("Pods get loopback addresses from {}.", plane.pod_cidr());
+    println!("Pods get loopback addresses from {}; a tidepool-session runs behind each pool pod.", plane.pod_cidr());
+    println!("Logs: {}", plane.dir().display());
     println!("In another terminal:");
     println!("  export KUBECONFIG={kubeconfig}");
-    println!("  export PATH={}:$PATH", plane.bin().display());
-    println!("  kubectl get warmpools,testsessions,backends,tubes -A");
-    println!("  kubectl explain warmpool.spec.tier");
-    println!("  curl -s -X POST {url}/api/v1/sessions -H 'Authorization: Bearer {token}' -d '{{\"pool\":\"edge\"}}'");
-    println!("  curl -s -X POST {url}/api/v1/route -H 'Authorization: Bearer {token}' -d '{route}'");
+    println!(
+        "  export PATH={}:{}:$PATH",
+        plane.bin().display(),
+        cli.parent().map(Path::display).map(|d| d.to_string()).unwrap_or_default()
+    );
+    println!("  kubectl -n {NAMESPACE} get warmpools,testsessions,pods; kubectl get backends");
+    println!("  tidepool {} --profile household", run_args.join(" "));
+    println!(
+        "  tidepool ping --operator {url} --api-token-file {token_path} --pool edge -n {NAMESPACE} --terminate-after 5"
+    );
     println!("  curl -s {url}/metrics | grep tidepool_");
+    if let Some((_, prometheus_url)) = &prometheus {
+        println!("  Prometheus: {prometheus_url}/graph?g0.expr=tidepool_session_create_to_ready_seconds_count");
+    }
     if check_only {
         return Ok(());
     }
     println!("Press Ctrl-C to stop everything and remove {}.", plane.dir().display());
-    tokio::signal::ctrl_c().await.map_err(tidepool_tests::HarnessError::io("waiting for Ctrl-C"))?;
+    tokio::signal::ctrl_c().await.map_err(HarnessError::io("waiting for Ctrl-C"))?;
     eprintln!("Stopping.");
     Ok(())
 }
 
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+fn with_log(e: HarnessError, operator: &Process) -> HarnessError {
+    HarnessError::Other(format!("{e}\nthe operator's log:\n{}", operator.log_tail(20)))
+}
+
+/// The operator container's arguments as the chart renders them.
+fn chart_operator_args(chart: &Path) -> tidepool_tests::Result<Vec<String>> {
+    let rendered = Command::new(bin_dir()?.join("helm"))
+        .args(["template", "tidepool", path(chart), "--namespace", NAMESPACE, "--kube-version", "1.36.3"])
+        .output()
+        .map_err(HarnessError::io("running helm template"))?;
+    let text = String::from_utf8_lossy(&rendered.stdout);
+    for document in text.split("\n---") {
+        let Ok(value) = serde_yaml::from_str::<serde_yaml::Value>(document) else { continue };
+        if value["kind"].as_str() == Some("Deployment") {
+            let args = &value["spec"]["template"]["spec"]["containers"][0]["args"];
+            return Ok(args.as_sequence().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)).collect());
+        }
+    }
+    Err(HarnessError::Other(format!(
+        "helm template rendered no Deployment: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    )))
+}
+
 fn kubectl(plane: &ControlPlane, args: &[&str]) -> tidepool_tests::Result<()> {
     println!("$ kubectl {}", args.join(" "));
-    let status = plane.kubectl().args(args).status().map_err(tidepool_tests::HarnessError::io("running kubectl"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(tidepool_tests::HarnessError::Other(format!("kubectl {} failed: {status}", args.join(" "))))
-    }
+    command(plane.kubectl().args(args))
+}
+
+fn command(command: &mut Command) -> tidepool_tests::Result<()> {
+    let status = command.status().map_err(HarnessError::io(format!("running {command:?}")))?;
+    if status.success() { Ok(()) } else { Err(HarnessError::Other(format!("{command:?} failed: {status}"))) }
 }
 
 /// Runs the real agent for each node, as its DaemonSet pod would, with a
-/// token bound to that pod. They read this machine's /proc.
-async fn start_agents(plane: &ControlPlane, url: &str) -> tidepool_tests::Result<Vec<tidepool_tests::Process>> {
-    let agent_bin = tidepool_tests::workspace_binary("tidepool-agent", "tidepool-agent")?;
-    let pods: Api<Pod> = Api::namespaced(plane.client().await?, "default");
+/// token of the chart's agent account bound to that pod. They read this
+/// machine's /proc. Returns each process and its /metrics address.
+async fn start_agents(
+    plane: &ControlPlane,
+    agent_bin: &Path,
+    url: &str,
+) -> tidepool_tests::Result<Vec<(Process, String)>> {
+    let pods: Api<Pod> = Api::namespaced(plane.client().await?, NAMESPACE);
     let mut agents = Vec::new();
-    for node in ["kwok-node-0", "kwok-node-1", "kwok-gpu-0"] {
+    for node in NODES {
         let params = ListParams::default()
             .labels("app.kubernetes.io/name=tidepool-agent")
             .fields(&format!("spec.nodeName={node}"));
@@ -113,29 +215,62 @@ async fn start_agents(plane: &ControlPlane, url: &str) -> tidepool_tests::Result
             Some((pod.name_any(), pod.uid()?))
         })
         .await?;
-        let token = plane.service_account_token("default", "tidepool-agent", "tidepool", Some((&pod, &uid))).await?;
+        let token = plane.service_account_token(NAMESPACE, "tidepool-agent", "tidepool", Some((&pod, &uid))).await?;
         let token_file = plane.dir().join(format!("agent-{node}.token"));
         std::fs::write(&token_file, token).map_err(HarnessError::io("writing an agent token"))?;
+        let address = format!("127.0.0.1:{}", free_port()?);
         let args = [
             format!("--operator-url={url}"),
             format!("--token-file={}", token_file.display()),
             format!("--node-name={node}"),
             "--address=127.0.0.1".to_string(),
-            format!("--listen=127.0.0.1:{}", free_port()?),
+            format!("--listen={address}"),
         ];
-        agents.push(plane.spawn(&format!("agent-{node}"), &agent_bin, &args, &[])?);
+        agents.push((plane.spawn(&format!("agent-{node}"), agent_bin, &args, &[])?, address));
     }
     let backends: Api<tidepool_crds::Backend> = Api::all(plane.client().await?);
     eventually(Duration::from_secs(30), "a Backend for each node", || async {
-        (backends.list(&ListParams::default()).await.ok()?.items.len() == 3).then_some(())
+        (backends.list(&ListParams::default()).await.ok()?.items.len() == NODES.len()).then_some(())
     })
     .await?;
     Ok(agents)
 }
 
-/// Asks the operator's API for a session on the example pool, once it answers.
-async fn post_session(url: &str, token: &str) -> tidepool_tests::Result<String> {
-    post(url, "/api/v1/sessions", token, r#"{"pool":"edge"}"#).await
+/// Debian's Prometheus, when installed: the operator and the agents by
+/// address, the session pods found through the API server (the pool pods'
+/// IPs, port 8080), every 5 s.
+fn start_prometheus(
+    plane: &ControlPlane,
+    operator: &str,
+    agents: &[String],
+) -> tidepool_tests::Result<Option<(Process, String)>> {
+    let binary = Path::new("/usr/bin/prometheus");
+    if !binary.exists() {
+        println!("(Prometheus is not installed: `apt-get install prometheus` to have it scrape everything here.)");
+        return Ok(None);
+    }
+    let agents: Vec<String> = agents.iter().map(|a| format!("'{a}'")).collect();
+    let config = format!(
+        "global:\n  scrape_interval: 5s\nscrape_configs:\n\
+         - job_name: operator\n  static_configs: [{{targets: ['{operator}']}}]\n\
+         - job_name: agent\n  static_configs: [{{targets: [{}]}}]\n\
+         - job_name: session\n  kubernetes_sd_configs:\n  - role: pod\n    kubeconfig_file: {}\n    namespaces: {{names: [{NAMESPACE}]}}\n  \
+         relabel_configs:\n  - source_labels: [__meta_kubernetes_pod_label_tidepool_dev_pool]\n    regex: .+\n    action: keep\n  \
+         - source_labels: [__meta_kubernetes_pod_ip]\n    target_label: __address__\n    replacement: $1:8080\n  \
+         - source_labels: [__meta_kubernetes_pod_name]\n    target_label: pod\n",
+        agents.join(", "),
+        plane.kubeconfig().display()
+    );
+    let file = plane.dir().join("prometheus.yml");
+    std::fs::write(&file, config).map_err(HarnessError::io("writing prometheus.yml"))?;
+    let port = free_port()?;
+    let args = [
+        format!("--config.file={}", file.display()),
+        format!("--storage.tsdb.path={}", plane.dir().join("prometheus-data").display()),
+        format!("--web.listen-address=127.0.0.1:{port}"),
+    ];
+    let process = plane.spawn("prometheus", binary, &args, &[])?;
+    Ok(Some((process, format!("http://127.0.0.1:{port}"))))
 }
 
 /// POSTs `body` to the operator's API until it answers with success.
