@@ -20,7 +20,7 @@ pub fn bufferbloat_grade(increase_ms: f64) -> Grade {
 }
 
 /// A+ is 0, F is 5.
-fn rank(grade: Grade) -> u8 {
+pub fn rank(grade: Grade) -> u8 {
     match grade {
         Grade::APlus => 0,
         Grade::A => 1,

@@ -221,14 +221,7 @@ impl Metrics {
 }
 
 fn grade_rank(grade: Grade) -> i64 {
-    match grade {
-        Grade::APlus => 0,
-        Grade::A => 1,
-        Grade::B => 2,
-        Grade::C => 3,
-        Grade::D => 4,
-        Grade::F => 5,
-    }
+    i64::from(crate::grading::rank(grade))
 }
 
 /// The bounded `route` label of a request path.
