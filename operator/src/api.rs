@@ -358,8 +358,8 @@ async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>)
     let pool_uid = match pool_uid {
         Some(uid) => uid,
         None => match lookup_pool_uid(state, &namespace, &session.spec.pool).await {
-            Some(uid) => uid,
-            None => return view,
+            Ok(Some(uid)) => uid,
+            _ => return view,
         },
     };
     if let Ok(Some(key)) = state.keys.load(&state.client, &namespace, &session.spec.pool, &pool_uid).await {
@@ -385,9 +385,10 @@ fn session_resource() -> ApiResource {
     ApiResource::erase::<TestSession>(&())
 }
 
-pub async fn lookup_pool_uid(state: &ApiState, namespace: &str, pool: &str) -> Option<String> {
+/// The pool's UID; None when the pool does not exist.
+pub async fn lookup_pool_uid(state: &ApiState, namespace: &str, pool: &str) -> Result<Option<String>, kube::Error> {
     let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(state.client.clone(), namespace);
-    pools.get_metadata_opt(pool).await.ok().flatten().and_then(|p| p.uid())
+    Ok(pools.get_metadata_opt(pool).await?.and_then(|p| p.uid()))
 }
 
 /// Serves the router on `addr` until the future completes.

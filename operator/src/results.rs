@@ -23,9 +23,10 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tidepool_crds::TestSession;
 use tidepool_crds::test_session::Phase;
+use tidepool_crds::test_session::SessionResults;
 use tidepool_session::grading;
 use tidepool_session::protocol::{BINDING_HEADER, ResultsSubmission};
-use tidepool_wire::token::TokenError;
+use tidepool_wire::token::{PoolPublicKey, TokenError};
 
 use crate::api::{ApiState, NamespaceQuery, error, kube_error, lookup_pool_uid};
 use crate::labels;
@@ -71,49 +72,80 @@ async fn accept(
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid results body: {e}")),
     };
 
-    let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
-    let session = match api.get_opt(name).await {
-        Ok(Some(session)) => session,
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no session {namespace}/{name}")),
-        Err(e) => return kube_error(e),
-    };
-    if let Err(response) = check_credentials(state, &session, token, ticket).await {
-        return response;
+    // The token names its session: a token for another one is refused before
+    // any API call, and a missing session looks the same as a wrong token, so
+    // the route tells nothing to whoever lacks the credentials.
+    let not_yours = || error(StatusCode::FORBIDDEN, format!("the session token is not for session {namespace}/{name}"));
+    match PoolPublicKey::unverified_claims(token) {
+        Ok(claims) if claims.ns == namespace && claims.name == name => {}
+        _ => return not_yours(),
     }
-    let status = session.status.clone().unwrap_or_default();
-    if matches!(status.phase, Phase::Completed | Phase::Expired | Phase::Failed) {
-        return error(StatusCode::CONFLICT, format!("session {namespace}/{name} has ended ({:?})", status.phase));
-    }
-
     let mut results = submission.results;
     // Graded here again: the grades in status follow the operator's rules,
     // whatever the sender computed.
     grading::grade(&mut results);
     results.is_final = submission.is_final;
-    results.reported_at = Some(Time(Timestamp::now()));
-    // A JSON patch `add` replaces the whole object, so nothing of an earlier
-    // report lingers; the uid test refuses a namesake created meanwhile.
-    let patch = json!([
-        { "op": "test", "path": "/metadata/uid", "value": session.uid() },
-        { "op": "add", "path": "/status/results", "value": results },
-    ]);
-    let patch: json_patch::Patch = match serde_json::from_value(patch) {
-        Ok(patch) => patch,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("building the status patch: {e}")),
-    };
-    let params = PatchParams { field_manager: Some(labels::MANAGER.into()), ..PatchParams::default() };
-    match api.patch_status(name, &params, &Patch::<()>::Json(patch)).await {
-        Ok(_) => {}
-        Err(e) => return kube_error(e),
+
+    let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
+    // Read, check, write with the version read as a precondition; a write
+    // that raced another (a second report, the controller's) reads again.
+    for _ in 0..WRITE_ATTEMPTS {
+        let session = match api.get_opt(name).await {
+            Ok(Some(session)) => session,
+            Ok(None) => return not_yours(),
+            Err(e) => return unavailable(e),
+        };
+        if let Err(response) = check_credentials(state, &session, token, ticket).await {
+            return response;
+        }
+        let status = session.status.clone().unwrap_or_default();
+        if status.results.as_ref().is_some_and(|r| r.is_final) {
+            // A final report is kept as it is. Repeating it (a retry whose
+            // first answer was lost) succeeds; anything later is refused.
+            if results.is_final {
+                return accepted(name, &namespace, status.results.as_ref().unwrap_or(&results));
+            }
+            return error(StatusCode::CONFLICT, format!("session {namespace}/{name} has its final results"));
+        }
+        if matches!(status.phase, Phase::Completed | Phase::Expired | Phase::Failed) {
+            return error(StatusCode::CONFLICT, format!("session {namespace}/{name} has ended ({:?})", status.phase));
+        }
+        results.reported_at = Some(Time(Timestamp::now()));
+        // `add` replaces the whole object, so nothing of an earlier report
+        // lingers; the resourceVersion makes the write conditional on what
+        // was read and checked.
+        let patch = json!([
+            { "op": "add", "path": "/metadata/resourceVersion", "value": session.resource_version() },
+            { "op": "add", "path": "/status/results", "value": results },
+        ]);
+        let patch: json_patch::Patch = match serde_json::from_value(patch) {
+            Ok(patch) => patch,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("building the status patch: {e}")),
+        };
+        let params = PatchParams { field_manager: Some(labels::MANAGER.into()), ..PatchParams::default() };
+        match api.patch_status(name, &params, &Patch::<()>::Json(patch)).await {
+            Ok(_) => {
+                tracing::info!(session = %name, namespace = %namespace, is_final = results.is_final, "results reported");
+                return accepted(name, &namespace, &results);
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => return kube_error(e),
+        }
     }
-    tracing::info!(session = %name, namespace = %namespace, is_final = results.is_final, "results reported");
-    let body = json!({
-        "name": name,
-        "namespace": namespace,
-        "final": results.is_final,
-        "grades": results.grades,
-    });
+    error(StatusCode::SERVICE_UNAVAILABLE, format!("session {namespace}/{name} kept changing; try again"))
+}
+
+/// Writes that lost a race are tried again this many times in all.
+const WRITE_ATTEMPTS: u32 = 5;
+
+fn accepted(name: &str, namespace: &str, results: &SessionResults) -> Response {
+    let body = json!({ "name": name, "namespace": namespace, "final": results.is_final, "grades": results.grades });
     (StatusCode::OK, Json(body)).into_response()
+}
+
+/// The API server could not be asked: the sender may try again.
+fn unavailable(e: kube::Error) -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, format!("Kubernetes API: {e}"))
 }
 
 /// The token must verify with the pool's key and name this very session;
@@ -121,13 +153,18 @@ async fn accept(
 async fn check_credentials(state: &ApiState, session: &TestSession, token: &str, ticket: &str) -> Result<(), Response> {
     let namespace = session.namespace().unwrap_or_default();
     let refuse = |message: String| error(StatusCode::FORBIDDEN, message);
-    let pool_uid = lookup_pool_uid(state, &namespace, &session.spec.pool).await.ok_or_else(|| {
-        refuse(format!("WarmPool {} is gone; its sessions' results are not accepted", session.spec.pool))
-    })?;
+    let pool_uid = match lookup_pool_uid(state, &namespace, &session.spec.pool).await {
+        Ok(Some(uid)) => uid,
+        Ok(None) => {
+            let message = format!("WarmPool {} is gone; its sessions' results are not accepted", session.spec.pool);
+            return Err(refuse(message));
+        }
+        Err(e) => return Err(unavailable(e)),
+    };
     let key = match state.keys.load(&state.client, &namespace, &session.spec.pool, &pool_uid).await {
         Ok(Some(key)) => key,
         Ok(None) => return Err(refuse(format!("WarmPool {} has no session key", session.spec.pool))),
-        Err(e) => return Err(error(StatusCode::BAD_GATEWAY, format!("reading the pool's key: {e}"))),
+        Err(e) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("reading the pool's key: {e}"))),
     };
     let now = u64::try_from(Timestamp::now().as_second()).unwrap_or(0);
     let claims = key.public().verify_session(token, now).map_err(|e| match e {

@@ -44,8 +44,8 @@ pub async fn controllers(
     let pod_cache = reflector::reflector(pods_writer, watcher(pods_api.clone(), pod_selector.clone()))
         .default_backoff()
         .for_each(move |event| {
-            if let (Ok(event), Ok(mut index)) = (event, claims_writer.lock()) {
-                index.apply(&event);
+            if let Ok(event) = event {
+                claims_writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(&event);
             }
             async {}
         });

@@ -90,7 +90,7 @@ async fn results_land_in_status_graded_and_a_final_report_completes_the_session(
             Some(&other.binding),
             report(figures.clone(), false),
             403,
-            "not this one",
+            "not for session",
         ),
         (
             "another session's ticket",
@@ -156,8 +156,13 @@ async fn results_land_in_status_graded_and_a_final_report_completes_the_session(
     .await
     .unwrap();
 
-    // An ended session takes no more results.
+    // The final report again (a retry whose answer was lost) is accepted
+    // and changes nothing; a progress report after it is refused.
+    let (status, json) = post(&url, Some(&one.token), Some(&one.binding), report(json!({}), true)).await;
+    assert_eq!((status, &json["final"]), (200, &json!(true)), "{json}");
+    let kept = sessions.get(&one.name).await.unwrap().status.unwrap().results.unwrap();
+    assert_eq!(kept.household.len(), 1, "a repeated final report replaced the first");
     let (status, json) = post(&url, Some(&one.token), Some(&one.binding), report(figures, false)).await;
     assert_eq!(status, 409, "{json}");
-    assert!(json["error"].as_str().unwrap().contains("has ended"), "{json}");
+    assert!(json["error"].as_str().unwrap().contains("final results"), "{json}");
 }

@@ -70,6 +70,9 @@ pub async fn run(
     let settings = ProbeSettings::default();
     match query.every_seconds {
         None => {
+            if continuous_running() {
+                return Err(busy("continuous probe runs go on; DELETE /api/v1/probes first"));
+            }
             let Ok(_permit) = RUNNING.try_acquire() else {
                 return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "a probe run is already going on this pod"));
             };
@@ -81,6 +84,14 @@ pub async fn run(
             format!("everySeconds: {every} is outside {MIN_EVERY_SECONDS} to {MAX_EVERY_SECONDS}"),
         )),
         Some(every) => {
+            // One set of runs at a time, and none beside a one-shot run: a
+            // client cannot stack runs by asking again and again.
+            if continuous_running() {
+                return Err(busy("continuous probe runs go on already; DELETE /api/v1/probes first"));
+            }
+            if RUNNING.available_permits() == 0 {
+                return Err(busy("a probe run is already going on this pod"));
+            }
             let every_settings =
                 ContinuousSettings { interval: Duration::from_secs(every), start_tier: tier, max_runs: None };
             let sink_state = state.clone();
@@ -90,9 +101,7 @@ pub async fn run(
                 async move { report(&state, &session, run).await }
             };
             let handle = probes::spawn_continuous(request.targets, settings, every_settings, sink);
-            // A new request replaces the runs going on; dropping the old handle stops them.
-            let replaced = CONTINUOUS.lock().unwrap_or_else(|p| p.into_inner()).replace(handle);
-            drop(replaced);
+            *CONTINUOUS.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
             Ok(json_response(StatusCode::ACCEPTED, &ContinuousStarted { every_seconds: every, start_tier: tier }))
         }
     }
@@ -109,6 +118,14 @@ pub async fn stop(Extension(_session): Extension<Arc<BoundSession>>) -> Result<R
         }
         None => Err(ApiError::not_found("no continuous probe runs go on")),
     }
+}
+
+fn continuous_running() -> bool {
+    CONTINUOUS.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|c| !c.is_finished())
+}
+
+fn busy(message: &str) -> ApiError {
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, message)
 }
 
 /// The targets must be the ones the session token names.
@@ -130,9 +147,15 @@ fn check_targets(request: &ProbeRequest, session: &BoundSession) -> Result<(), A
 }
 
 /// Keeps one continuous run's results and posts them to the operator as
-/// progress (not final: the runs go on).
+/// progress (not final: the runs go on). They replace only the probes of the
+/// pod's latest results, so the client's own figures stay; once the session
+/// has its final results, the runs have nothing more to report.
 async fn report(state: &PodState, session: &BoundSession, run: ContinuousRun) {
-    let mut results = SessionResults { probes: run.run.results(), ..SessionResults::default() };
+    let latest = state.latest_results.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if latest.as_ref().is_some_and(|r| r.is_final) {
+        return;
+    }
+    let mut results = SessionResults { probes: run.run.results(), ..latest.unwrap_or_default() };
     crate::grading::grade(&mut results);
     state.metrics.show_results(&results);
     *state.latest_results.lock().unwrap_or_else(|p| p.into_inner()) = Some(results.clone());

@@ -62,12 +62,17 @@ impl Drop for PodRunner {
 
 async fn run(pods: Api<Pod>, config: watcher::Config, program: PathBuf, dir: PathBuf, running: Running) {
     let mut processes: HashMap<String, Managed> = HashMap::new();
+    // The pods a relist has shown so far; the others went during a watch gap.
+    let mut relisted: Option<HashSet<String>> = None;
     let mut events = watcher::watcher(pods.clone(), config).boxed();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             event = events.next() => match event {
                 Some(Ok(Event::Apply(pod) | Event::InitApply(pod))) => {
+                    if let Some(seen) = &mut relisted {
+                        seen.insert(pod.name_any());
+                    }
                     if pod.metadata.deletion_timestamp.is_some() {
                         stop(&mut processes, &pod.name_any());
                     } else if !processes.contains_key(&pod.name_any())
@@ -77,7 +82,12 @@ async fn run(pods: Api<Pod>, config: watcher::Config, program: PathBuf, dir: Pat
                     }
                 }
                 Some(Ok(Event::Delete(pod))) => stop(&mut processes, &pod.name_any()),
-                Some(Ok(Event::Init | Event::InitDone)) => {}
+                Some(Ok(Event::Init)) => relisted = Some(HashSet::new()),
+                Some(Ok(Event::InitDone)) => {
+                    let seen = relisted.take().unwrap_or_default();
+                    let gone: Vec<String> = processes.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+                    gone.iter().for_each(|name| stop(&mut processes, name));
+                }
                 Some(Err(e)) => {
                     eprintln!("[pod-runner] watch: {e}");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -105,9 +115,11 @@ async fn run(pods: Api<Pod>, config: watcher::Config, program: PathBuf, dir: Pat
     }
 }
 
+/// Stops a pod's process off the runtime's threads: stopping waits up to
+/// its grace period.
 fn stop(processes: &mut HashMap<String, Managed>, name: &str) {
     if let Some(mut process) = processes.remove(name) {
-        process.stop(Duration::from_secs(2));
+        tokio::task::spawn_blocking(move || process.stop(Duration::from_secs(2)));
     }
 }
 

@@ -211,7 +211,9 @@ async fn bound_pod(
 /// Live pods the cache shows claimed for session `uid`: looked up through
 /// the claim index, and checked again on the cached pod itself.
 fn claimed_pods(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<Pod>> {
-    let keys = ctx.claims.lock().map(|index| index.pods_of(uid)).unwrap_or_default();
+    // A poisoned lock still holds a sound index (`apply` cannot panic half
+    // way); reading none would make every session claim a second pod.
+    let keys = ctx.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pods_of(uid);
     keys.into_iter()
         .filter(|(ns, _)| ns == namespace)
         .filter_map(|(ns, name)| ctx.pods.get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns)))

@@ -61,6 +61,7 @@ async fn before_start_there_are_only_pongs() {
 
 #[tokio::test]
 async fn gaming_is_paced_at_its_rate_and_pongs_stay_prompt() {
+    let _timed = TIMED.lock().await;
     let pod = start().await;
     let mut socket = pod.websocket(&household("gaming")).await;
     send(&mut socket, &ClientMessage::Start { line_mbps: 100.0 }).await;
@@ -85,6 +86,7 @@ async fn gaming_is_paced_at_its_rate_and_pongs_stay_prompt() {
 
 #[tokio::test]
 async fn streaming_is_on_for_a_second_then_off() {
+    let _timed = TIMED.lock().await;
     let pod = start().await;
     let mut socket = pod.websocket(&household("streaming")).await;
     send(&mut socket, &ClientMessage::Start { line_mbps: 100.0 }).await;
@@ -102,6 +104,7 @@ async fn streaming_is_on_for_a_second_then_off() {
 
 #[tokio::test]
 async fn the_clients_traffic_is_counted_from_start() {
+    let _timed = TIMED.lock().await;
     let pod = start().await;
     let mut socket = pod.websocket(&household("videoCall")).await;
     // Before start: not counted.

@@ -60,6 +60,7 @@ async fn concurrent_sockets() {
 
 #[tokio::test]
 async fn bytes_per_hour() {
+    let _timed = TIMED.lock().await;
     let pod = start_with(|config| config.limits.bytes_per_hour = 1_000_000).await;
     // The first download runs until its bytes are counted over the limit, then ends early.
     let started = std::time::Instant::now();

@@ -17,6 +17,7 @@ fn chi_square(counts: &[u64]) -> f64 {
 
 #[tokio::test]
 async fn downloads_are_incompressible_and_stop_on_time() {
+    let _timed = TIMED.lock().await;
     let pod = start().await;
     let started = Instant::now();
     let mut response = pod.get(&format!("{DOWNLOAD_PATH}?seconds=1")).send().await.unwrap();
@@ -57,6 +58,7 @@ async fn stream_lengths_out_of_range_are_400() {
 
 #[tokio::test]
 async fn uploads_count_exact_bytes_with_samples() {
+    let _timed = TIMED.lock().await;
     let pod = start().await;
     let body = vec![7u8; 3_000_001];
     let report: UploadReport = json(pod.post(UPLOAD_PATH).body(body).send().await.unwrap()).await;

@@ -185,3 +185,7 @@ impl JsonBody for reqwest::RequestBuilder {
         self.header("content-type", "application/json").body(value.to_string())
     }
 }
+
+/// Tests that time traffic or load the loopback take this, one at a time:
+/// two on two cores would measure each other.
+pub static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
