@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tidepool_wire::error_chain;
 
 use axum::Extension;
 use axum::body::Body;
@@ -281,19 +282,6 @@ impl OperatorReporter {
         }
         Err(ReportError::Unreachable { attempts: REPORT_ATTEMPTS, last })
     }
-}
-
-/// An error with its causes: reqwest's own message is often just "error
-/// sending request".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn short(text: &str) -> String {

@@ -52,6 +52,13 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// etcd and the API server alone: no controllers, no nodes, no CRDs.
+    pub fn api_server_only() -> Self {
+        Self { controller_manager: false, scheduler: false, kwok: false, crds: false, nodes: vec![], ..Self::default() }
+    }
+}
+
 /// A running control plane. Dropping it stops everything and removes its directory.
 pub struct ControlPlane {
     dir: PathBuf,

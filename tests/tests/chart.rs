@@ -925,15 +925,7 @@ async fn run_an_agent(plane: &ControlPlane, client: &kube::Client, daemonset: &D
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn argocd_manifests_pass_a_server_side_dry_run_against_argo_cds_crds() {
-    let options = Options {
-        controller_manager: false,
-        scheduler: false,
-        kwok: false,
-        crds: false,
-        nodes: vec![],
-        ..Options::default()
-    };
-    let plane = ControlPlane::start_with(options).await.unwrap();
+    let plane = ControlPlane::start_with(Options::api_server_only()).await.unwrap();
     external_crds::install(&plane, &external_crds::argo_cd().unwrap()).unwrap();
     run(plane.kubectl().args(["create", "namespace", "argocd"])).unwrap();
     let dir = repo().join("argocd");

@@ -6,14 +6,7 @@ use std::time::Duration;
 use tidepool_tests::{ControlPlane, Options};
 
 fn bare() -> Options {
-    Options {
-        controller_manager: false,
-        scheduler: false,
-        kwok: false,
-        crds: false,
-        nodes: vec![],
-        ..Options::default()
-    }
+    Options::api_server_only()
 }
 
 fn alive(pid: u32) -> bool {

@@ -1,6 +1,5 @@
 //! Name resolution, TCP connects and deadlines, and the tcp and dns probes.
 
-use std::error::Error;
 use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -47,19 +46,7 @@ pub(crate) fn seconds(duration: Duration) -> String {
     text.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
-/// An error and its sources, `outer: inner: innermost`.
-pub(crate) fn error_chain(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text = format!("{text}: {inner_text}");
-        }
-        source = inner.source();
-    }
-    text
-}
+pub(crate) use tidepool_wire::error_chain;
 
 /// `host:port`, with brackets around an IPv6 address.
 pub(crate) fn host_port(host: &str, port: u16) -> String {
@@ -149,24 +136,6 @@ mod tests {
         assert_eq!(host_port("example.com", 80), "example.com:80");
         assert_eq!(seconds(Duration::from_secs(5)), "5");
         assert_eq!(seconds(Duration::from_millis(250)), "0.25");
-    }
-
-    #[test]
-    fn chains_sources_once() {
-        #[derive(Debug)]
-        struct Outer(std::io::Error);
-        impl Display for Outer {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("request failed")
-            }
-        }
-        impl Error for Outer {
-            fn source(&self) -> Option<&(dyn Error + 'static)> {
-                Some(&self.0)
-            }
-        }
-        let outer = Outer(std::io::Error::other("connection reset"));
-        assert_eq!(error_chain(&outer), "request failed: connection reset");
     }
 
     #[tokio::test]
