@@ -37,6 +37,11 @@ use crate::common::{Conditions, conditions};
         "rule": "!has(self.maxSize) || self.maxSize >= self.size",
         "message": "spec.maxSize must be at least spec.size",
         "fieldPath": ".maxSize"
+    },
+    {
+        "rule": "self.nodeAssignment != 'Operator' || (!has(self.template.spec.topologySpreadConstraints) && (!has(self.template.spec.affinity) || (!has(self.template.spec.affinity.podAffinity) && !has(self.template.spec.affinity.podAntiAffinity))) && (!has(self.template.spec.schedulerName) || self.template.spec.schedulerName == 'default-scheduler') && (!has(self.template.spec.volumes) || self.template.spec.volumes.all(v, !has(v.persistentVolumeClaim) && !has(v.ephemeral))))",
+        "message": "nodeAssignment Operator places pods by their node rules alone: the template may not use pod affinity, topology spread constraints, another scheduler, or volumes that need binding",
+        "fieldPath": ".nodeAssignment"
     }
 ]))]
 pub struct WarmPoolSpec {
@@ -59,6 +64,24 @@ pub struct WarmPoolSpec {
     /// How placement weighs the parts of a backend's score (lower score wins).
     #[serde(default)]
     pub placement: PlacementWeights,
+    /// Who puts a new pod on a node: the Kubernetes scheduler, or the
+    /// operator itself (no scheduling round trip; see docs/operator.md).
+    #[serde(default)]
+    pub node_assignment: NodeAssignment,
+}
+
+/// Who puts a pool's new pods on nodes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum NodeAssignment {
+    /// The Kubernetes scheduler, with every rule of the template.
+    #[default]
+    Scheduler,
+    /// The operator sets `spec.nodeName` when it creates the pod: a Ready,
+    /// schedulable node whose taints the template tolerates and whose labels
+    /// and name match its nodeSelector and required node affinity, spreading
+    /// the pool's pods over such nodes. It saves the scheduler's binding and
+    /// event writes for every pod.
+    Operator,
 }
 
 fn default_session_ttl() -> i64 {
@@ -191,6 +214,31 @@ fn pod_template(_: &mut SchemaGenerator) -> Schema {
                         "type": "array",
                         "minItems": 1,
                         "items": { "type": "object", "x-kubernetes-preserve-unknown-fields": true }
+                    },
+                    // Declared only so that the nodeAssignment rule can look at them.
+                    "schedulerName": { "type": "string" },
+                    "topologySpreadConstraints": {
+                        "type": "array",
+                        "items": { "type": "object", "x-kubernetes-preserve-unknown-fields": true }
+                    },
+                    "affinity": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": true,
+                        "properties": {
+                            "podAffinity": { "type": "object", "x-kubernetes-preserve-unknown-fields": true },
+                            "podAntiAffinity": { "type": "object", "x-kubernetes-preserve-unknown-fields": true }
+                        }
+                    },
+                    "volumes": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": true,
+                            "properties": {
+                                "persistentVolumeClaim": { "type": "object", "x-kubernetes-preserve-unknown-fields": true },
+                                "ephemeral": { "type": "object", "x-kubernetes-preserve-unknown-fields": true }
+                            }
+                        }
                     }
                 }
             }

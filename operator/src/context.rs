@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
@@ -60,6 +60,8 @@ pub struct Context {
     pub pods: Store<Pod>,
     pub sessions: Store<TestSession>,
     pub pools: Store<WarmPool>,
+    /// Every node: where pools with `nodeAssignment: Operator` put their pods.
+    pub nodes: Store<Node>,
     /// The fallback when no agent reports for a pool's nodes.
     pub placement: Box<dyn Placement>,
     /// The live view of the backends, and the router.
@@ -80,13 +82,21 @@ pub struct Context {
     /// this keeps a quick second pass from claiming a second pod or writing
     /// the same status twice.
     pub bindings: Mutex<HashMap<String, Binding>>,
-    /// API writes made for each session still binding, by session UID.
-    pub writes: Mutex<HashMap<String, u32>>,
-    /// The pods claimed for each session, from the pod watch.
-    pub claims: std::sync::Arc<Mutex<crate::claims::ClaimIndex>>,
+    /// Sessions still binding, by UID: when this process first saw each and
+    /// the API writes it has made for it.
+    pub binding_progress: Mutex<HashMap<String, Progress>>,
+    /// Claims by session, warm pods by pool, pods by node: from the pod watch.
+    pub pod_index: std::sync::Arc<Mutex<crate::pod_index::PodIndex>>,
 }
 
 impl Context {
+    /// Reads the pod index. A poisoned lock still holds a sound index
+    /// (`apply` cannot panic half way); reading none would make every
+    /// session claim a second pod.
+    pub fn with_pod_index<T>(&self, read: impl FnOnce(&crate::pod_index::PodIndex) -> T) -> T {
+        read(&self.pod_index.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
     /// How long to wait before the next full pass over pool `uid`; None when
     /// one may run now (and it is recorded as started).
     pub fn pool_pass_wait(&self, uid: &str) -> Option<Duration> {
@@ -154,20 +164,40 @@ impl Context {
         }
     }
 
-    /// Counts one API write for a session. Sessions that end before they are
-    /// Ready never take their count, so a large map drops the gone ones.
-    pub fn count_write(&self, session_uid: &str) {
-        let Ok(mut writes) = self.writes.lock() else { return };
-        if writes.len() >= 10_000 {
-            let live: HashSet<String> =
-                self.sessions.state().iter().filter_map(|s| kube::ResourceExt::uid(s.as_ref())).collect();
-            writes.retain(|uid, _| live.contains(uid));
-        }
-        *writes.entry(session_uid.to_string()).or_default() += 1;
+    /// Notes that this process sees session `session_uid` still binding; the
+    /// first sight starts its create-to-Ready clock. Sessions that end before
+    /// they are Ready never take their entry, so a large map drops the gone ones.
+    pub fn binding_seen(&self, session_uid: &str) {
+        self.with_progress(session_uid, |_| ());
     }
 
-    /// The writes counted for a session, forgetting them.
-    pub fn take_writes(&self, session_uid: &str) -> u32 {
-        self.writes.lock().ok().and_then(|mut w| w.remove(session_uid)).unwrap_or(0)
+    /// Counts one API write for a session.
+    pub fn count_write(&self, session_uid: &str) {
+        self.with_progress(session_uid, |progress| progress.writes += 1);
     }
+
+    fn with_progress(&self, session_uid: &str, change: impl FnOnce(&mut Progress)) {
+        let Ok(mut progress) = self.binding_progress.lock() else { return };
+        if progress.len() >= 10_000 {
+            let live: HashSet<String> =
+                self.sessions.state().iter().filter_map(|s| kube::ResourceExt::uid(s.as_ref())).collect();
+            progress.retain(|uid, _| live.contains(uid));
+        }
+        let entry = progress
+            .entry(session_uid.to_string())
+            .or_insert_with(|| Progress { first_seen: Instant::now(), writes: 0 });
+        change(entry);
+    }
+
+    /// A session's progress, forgetting it: it is Ready.
+    pub fn take_progress(&self, session_uid: &str) -> Option<Progress> {
+        self.binding_progress.lock().ok().and_then(|mut p| p.remove(session_uid))
+    }
+}
+
+/// One session's way to Ready, as this process sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    pub first_seen: Instant,
+    pub writes: u32,
 }

@@ -5,7 +5,6 @@
 //! tests.
 
 pub mod api;
-pub mod claims;
 pub mod conditions;
 pub mod context;
 pub mod error;
@@ -15,6 +14,7 @@ pub mod labels;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
+pub mod pod_index;
 pub mod pool;
 pub mod results;
 pub mod run;

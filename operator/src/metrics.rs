@@ -45,10 +45,11 @@ impl Metrics {
         let session_ready = Histogram::with_opts(
             HistogramOpts::new(
                 "tidepool_session_create_to_ready_seconds",
-                "From a TestSession's creation to its Ready status, as the operator measures it",
+                "From the operator's first sight of a TestSession to its Ready status, written",
             )
             .buckets(vec![
-                0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+                60.0,
             ]),
         )?;
         let binding_writes = Histogram::with_opts(

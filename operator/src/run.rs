@@ -5,20 +5,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tidepool_crds::{TestSession, WarmPool};
 
-use crate::claims::ClaimIndex;
 use crate::context::{Context, Settings};
 use crate::error::Error;
 use crate::fleet::Fleet;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::placement::Spread;
+use crate::pod_index::PodIndex;
 use crate::{labels, pool, session};
 
 /// Runs both controllers until one of them stops (they stop on a shutdown signal).
@@ -35,32 +35,45 @@ pub async fn controllers(
     let pools_api: Api<WarmPool> = Api::all(client.clone());
     let pod_selector = watcher::Config::default().labels(labels::POOL);
 
-    // One cache of each kind, read by both controllers.
+    // One cache of each kind, read by both controllers. Each controller also
+    // has its own watches for its triggers: kube-runtime's shared streams
+    // (one watch per kind) pass no deletions on and can stall a subscriber
+    // whose object went meanwhile, and in our runs they bought no speed.
     let (pods, pods_writer) = reflector::store();
     let (sessions, sessions_writer) = reflector::store();
     let (pools, pools_writer) = reflector::store();
-    let claims = Arc::new(Mutex::new(ClaimIndex::default()));
-    let claims_writer = claims.clone();
-    let pod_cache = reflector::reflector(pods_writer, watcher(pods_api.clone(), pod_selector.clone()))
-        .default_backoff()
-        .for_each(move |event| {
-            if let Ok(event) = event {
-                claims_writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(&event);
+    let pod_index = Arc::new(Mutex::new(PodIndex::default()));
+    let index_writer = pod_index.clone();
+    // The index takes each event just before the pod cache does.
+    let pod_cache = reflector::reflector(
+        pods_writer,
+        watcher(pods_api.clone(), pod_selector.clone()).default_backoff().map(move |event| {
+            if let Ok(event) = &event {
+                index_writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(event);
             }
-            async {}
-        });
+            event
+        }),
+    )
+    .for_each(|_| async {});
     let session_cache = reflector::reflector(sessions_writer, watcher(sessions_api.clone(), Default::default()))
         .default_backoff()
-        .touched_objects()
         .for_each(|_| async {});
     let pool_cache = reflector::reflector(pools_writer, watcher(pools_api.clone(), Default::default()))
         .default_backoff()
-        .touched_objects()
         .for_each(|_| async {});
     tokio::spawn(pod_cache);
     tokio::spawn(session_cache);
     tokio::spawn(pool_cache);
+    // Nodes are only read (by pools that place their own pods), so their
+    // cache triggers nothing.
+    let (nodes, nodes_writer) = reflector::store();
+    tokio::spawn(
+        reflector::reflector(nodes_writer, watcher(Api::<Node>::all(client.clone()), Default::default()))
+            .default_backoff()
+            .for_each(|_| async {}),
+    );
     for (name, ready) in [
+        ("nodes", nodes.wait_until_ready().await.is_ok()),
         ("pods", pods.wait_until_ready().await.is_ok()),
         ("sessions", sessions.wait_until_ready().await.is_ok()),
         ("pools", pools.wait_until_ready().await.is_ok()),
@@ -81,6 +94,7 @@ pub async fn controllers(
         pods: pods.clone(),
         sessions: sessions.clone(),
         pools,
+        nodes,
         placement: Box::new(Spread),
         fleet,
         reserved: Mutex::new(HashMap::new()),
@@ -88,8 +102,8 @@ pub async fn controllers(
         pool_passes: Mutex::new(HashMap::new()),
         expected: Mutex::new(HashMap::new()),
         bindings: Mutex::new(HashMap::new()),
-        writes: Mutex::new(HashMap::new()),
-        claims,
+        binding_progress: Mutex::new(HashMap::new()),
+        pod_index,
     });
 
     let pool_controller = Controller::new(pools_api, Default::default())
@@ -106,7 +120,32 @@ pub async fn controllers(
         .shutdown_on_signal()
         .run(timed("testsession", session::reconcile, metrics.clone()), session::error_policy, ctx)
         .for_each(|_| async {});
-    tokio::join!(pool_controller, session_controller);
+    // A controller polls all its reconciles inside one task. Giving each
+    // controller its own task lets a long pool pass and session binding run
+    // on both cores. Dropping this future (the lease was lost) stops both.
+    let pools_task = AbortOnDrop(tokio::spawn(pool_controller));
+    let sessions_task = AbortOnDrop(tokio::spawn(session_controller));
+    for (name, mut task) in [("warmpool", pools_task), ("testsession", sessions_task)] {
+        if let Err(error) = task.finished().await {
+            tracing::error!(controller = name, %error, "a controller task failed");
+        }
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped, so it never
+/// outlives the future that started it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    async fn finished(&mut self) -> Result<(), tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What a wrapped reconcile returns.

@@ -162,6 +162,63 @@ async fn a_pool_fills_binds_refills_expires_heals_rolls_and_scales() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_can_put_its_pods_on_nodes_itself() {
+    let cluster = Cluster::start(3).await;
+    let operator = cluster.operator("operator-0", &[]).await;
+    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
+    let pool = |template_spec: serde_json::Value| {
+        json!({
+            "apiVersion": "tidepool.dev/v1alpha1", "kind": "WarmPool",
+            "metadata": { "name": "direct" },
+            "spec": {
+                "size": 4, "tier": { "vcpu": 1, "memoryMiB": 64 }, "nodeAssignment": "Operator",
+                "template": { "spec": template_spec }
+            }
+        })
+    };
+    let containers = json!([{ "name": "session", "image": "tidepool/session:test" }]);
+    let apply = PatchParams::apply("test").force();
+
+    // Rules the operator does not evaluate are refused at admission.
+    let spread = json!({ "containers": containers, "topologySpreadConstraints": [{
+        "maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule" }] });
+    let refused = pools.patch("direct", &apply, &Patch::Apply(&pool(spread))).await.unwrap_err();
+    assert!(refused.to_string().contains("nodeAssignment Operator places pods by their node rules alone"), "{refused}");
+
+    // Node affinity keeps node-0 out; the pods spread over the other two.
+    let not_node_0 = json!({ "containers": containers, "affinity": { "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": [{ "matchExpressions": [
+            { "key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["node-0"] }] }] } } } });
+    pools.patch("direct", &apply, &Patch::Apply(&pool(not_node_0))).await.unwrap();
+    cluster.wait_warm("direct", 4, Duration::from_secs(60)).await;
+    let mut per_node = std::collections::BTreeMap::new();
+    for pod in pool_pods(&cluster.client, "direct").await {
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap();
+        *per_node.entry(node).or_insert(0) += 1;
+    }
+    assert_eq!(per_node, [("node-1".to_string(), 2), ("node-2".to_string(), 2)].into());
+
+    // A session binds to one of them as to any warm pod.
+    let (code, body) = post_session(&operator, json!({ "pool": "direct" })).await;
+    assert_eq!(code, 201, "{body}");
+    assert!(["node-1", "node-2"].contains(&body["node"].as_str().unwrap()), "{body}");
+    cluster.wait_counts("direct", 4, 1, Duration::from_secs(30)).await;
+
+    // A template no node matches: the pool says why and keeps the pods it has.
+    let nowhere = json!({ "containers": containers, "nodeSelector": { "zone": "nowhere" } });
+    pools.patch("direct", &apply, &Patch::Apply(&pool(nowhere))).await.unwrap();
+    let degraded = eventually(Duration::from_secs(30), "the pool to say no node fits", || async {
+        let status = pools.get("direct").await.ok()?.status?;
+        status.conditions.into_iter().find(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "NoNodeFits")
+    })
+    .await
+    .unwrap();
+    assert!(degraded.message.contains("no node of 3 may take the pool's pods"), "{}", degraded.message);
+    assert!(degraded.message.contains("nodeSelector zone=nowhere does not match"), "{}", degraded.message);
+    assert_eq!(pool_pods(&cluster.client, "direct").await.len(), 5, "the warm pods and the assigned one stay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_that_cannot_make_pods_says_why() {
     let cluster = Cluster::start(1).await;
     let _operator = cluster.operator("operator-0", &[]).await;

@@ -166,7 +166,12 @@ impl ControlPlane {
             // The "kubernetes" Service would point at loopback; nothing needs it.
             "--endpoint-reconciler-type=none".to_string(),
             "--allow-privileged=true".to_string(),
-            "--profiling=false".to_string(),
+            if std::env::var_os("TIDEPOOL_HARNESS_PROFILING").is_some() {
+                "--profiling=true"
+            } else {
+                "--profiling=false"
+            }
+            .to_string(),
         ];
         self.spawn_component("kube-apiserver", &api_args)?;
 

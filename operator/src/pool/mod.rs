@@ -3,6 +3,7 @@
 //! whose session is gone. Each pass: read (caches), plan (pure), act (API),
 //! report (status).
 
+pub mod nodes;
 pub mod plan;
 
 use std::collections::{BTreeMap, HashSet};
@@ -20,7 +21,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use tidepool_crds::warm_pool::WarmPoolStatus;
+use tidepool_crds::warm_pool::{NodeAssignment, WarmPoolStatus};
 use tidepool_crds::{TestSession, WarmPool};
 use tidepool_wire::report::ReportKind;
 
@@ -52,19 +53,25 @@ pub fn is_finished(pod: &Pod) -> bool {
     matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"))
 }
 
+/// Whether `pod` is owned by this very pool (by UID), not by an older pool
+/// of the same name.
+pub fn owned_by(pod: &Pod, pool: &WarmPool) -> bool {
+    let uid = pool.metadata.uid.as_deref();
+    pod.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid)
+}
+
 /// The pool's pods in the cache, owned by this very pool (by UID).
 pub fn pods_of(ctx: &Context, pool: &WarmPool) -> Vec<Arc<Pod>> {
     // Runs for every pass over every cached pod: compare borrowed strings, allocate nothing per pod.
     let namespace = pool.metadata.namespace.as_deref();
     let name = pool.metadata.name.as_deref();
-    let uid = pool.metadata.uid.as_deref();
     ctx.pods
         .state()
         .into_iter()
         .filter(|p| {
             p.metadata.namespace.as_deref() == namespace && p.labels().get(labels::POOL).map(String::as_str) == name
         })
-        .filter(|p| p.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid))
+        .filter(|p| owned_by(p, pool))
         .collect()
 }
 
@@ -99,11 +106,31 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     let template = pod_for(&pool, &hash, &key.public().to_base64(), ctx.settings.results_url.as_deref())?;
     let post = PostParams::default();
     let pinned = place_on_demand(&ctx, &pool, plan.create.min(waiting));
-    let created = join_all((0..plan.create as usize).map(|i| {
-        let pod = match pinned.get(i) {
-            Some(pick) => pin(&template, &pick.backend),
-            None => template.clone(),
+    let (assigned_nodes, placement_error) = match pool.spec.node_assignment {
+        NodeAssignment::Scheduler => (None, None),
+        NodeAssignment::Operator if plan.create == 0 => (Some(Vec::new()), None),
+        NodeAssignment::Operator => match assign_nodes(&ctx, &pool, &template, &pinned, plan.create) {
+            Ok(nodes) if (nodes.len() as u32) < plan.create => {
+                let short = format!(
+                    "the nodes that may take the pool's pods have no pod slots left ({} of {} placed)",
+                    nodes.len(),
+                    plan.create
+                );
+                (Some(nodes), Some(short))
+            }
+            Ok(nodes) => (Some(nodes), None),
+            Err(why) => (Some(Vec::new()), Some(why)),
+        },
+    };
+    let creating = assigned_nodes.as_ref().map_or(plan.create as usize, Vec::len);
+    let created = join_all((0..creating).map(|i| {
+        let mut pod = match (&assigned_nodes, pinned.get(i)) {
+            (None, Some(pick)) => pin(&template, &pick.backend),
+            _ => template.clone(),
         };
+        if let (Some(nodes), Some(spec)) = (&assigned_nodes, pod.spec.as_mut()) {
+            spec.node_name = nodes.get(i).cloned();
+        }
         let pods_api = &pods_api;
         let post = &post;
         async move { pods_api.create(post, &pod).await }
@@ -121,6 +148,10 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
                 }
             }
         }
+    }
+    // Picks beyond the pods made hold no pod either.
+    for pick in pinned.iter().skip(creating) {
+        ctx.fleet.with_router(|router| router.release(pick, Need::from(&pool.spec.tier)));
     }
 
     // Delete what the plan says, and assigned pods whose session is gone.
@@ -168,14 +199,22 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     if let Some(message) = &create_error {
         publish(&ctx, pool.as_ref(), EventType::Warning, "CreateFailed", message).await;
     }
+    if let Some(message) = &placement_error {
+        publish(&ctx, pool.as_ref(), EventType::Warning, NO_NODE_FITS, message).await;
+    }
+    let problem = match (&create_error, &placement_error) {
+        (Some(message), _) => Some(("CreateFailed", message.as_str())),
+        (None, Some(message)) => Some((NO_NODE_FITS, message.as_str())),
+        (None, None) => None,
+    };
     let failed = plan.delete.iter().filter(|(_, why)| *why == DeleteReason::Finished).count();
     if failed > 0 {
         let note = format!("replacing {failed} pods that failed or exited");
         publish(&ctx, pool.as_ref(), EventType::Warning, "PodsFailing", &note).await;
     }
 
-    let deferred = !update_status(&ctx, &pool, &plan, create_error.as_deref()).await?;
-    let busy = plan.create > 0 || !doomed.is_empty() || in_flight > 0 || create_error.is_some() || deferred;
+    let deferred = !update_status(&ctx, &pool, &plan, problem).await?;
+    let busy = plan.create > 0 || !doomed.is_empty() || in_flight > 0 || problem.is_some() || deferred;
     Ok(if busy { Action::requeue(Duration::from_secs(2)) } else { Action::requeue(Duration::from_secs(300)) })
 }
 
@@ -240,6 +279,36 @@ fn place_on_demand(ctx: &Context, pool: &WarmPool, count: u32) -> Vec<Pick> {
     ctx.fleet.with_router(|router| {
         (0..count).map_while(|_| router.route_within(&request, now, |v| v.kind == ReportKind::Node).ok()).collect()
     })
+}
+
+/// The Degraded reason while the operator finds no node for a pool's pods.
+pub const NO_NODE_FITS: &str = "NoNodeFits";
+
+/// Nodes for `count` new pods of a pool the operator places itself. Pods the
+/// router picked a backend for (on-demand pods) go there when that node may
+/// take them; the rest spread over the nodes that may.
+fn assign_nodes(
+    ctx: &Context,
+    pool: &WarmPool,
+    template: &Pod,
+    pinned: &[Pick],
+    count: u32,
+) -> std::result::Result<Vec<String>, String> {
+    let pool_key = (pool.namespace().unwrap_or_default(), pool.name_any());
+    let (per_pool, known) = ctx.with_pod_index(|index| index.pods_per_node(&pool_key));
+    let spec = template.spec.clone().unwrap_or_default();
+    let nodes = ctx.nodes.state();
+    let mut rooms = nodes::rooms(nodes.iter().map(AsRef::as_ref), &spec, &per_pool, &known)?;
+    let mut picks = Vec::with_capacity(count as usize);
+    for pick in pinned.iter().take(count as usize) {
+        let Some(room) = rooms.iter_mut().find(|r| r.node == pick.backend && r.free_slots != Some(0)) else { break };
+        room.pool_pods += 1;
+        room.free_slots = room.free_slots.map(|f| f - 1);
+        picks.push(room.node.clone());
+    }
+    let rest = count - picks.len() as u32;
+    picks.extend(nodes::assign(rooms, rest));
+    Ok(picks)
 }
 
 /// The pod, steered to `node`. The affinity is preferred, not required, and
@@ -324,6 +393,10 @@ fn pod_for(pool: &WarmPool, hash: &str, public_key: &str, results_url: Option<&s
     })?;
     // A session pod is not restarted in place: a failed one is replaced.
     spec.restart_policy.get_or_insert_with(|| "Never".into());
+    // A session pod serves users and never calls the Kubernetes API, so it
+    // gets no API token unless the template asks for one. This also keeps the
+    // pod small: every copy of it is written, watched and decoded many times.
+    spec.automount_service_account_token.get_or_insert(false);
     let field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
         ..Default::default()
@@ -357,7 +430,12 @@ fn pod_for(pool: &WarmPool, hash: &str, public_key: &str, results_url: Option<&s
 /// Writes the pool's status. Under load the counts change all the time, so a
 /// change of counts alone is written at most once a second; a change of any
 /// condition is written at once. Returns false when a write was put off.
-async fn update_status(ctx: &Context, pool: &WarmPool, plan: &plan::Plan, create_error: Option<&str>) -> Result<bool> {
+async fn update_status(
+    ctx: &Context,
+    pool: &WarmPool,
+    plan: &plan::Plan,
+    problem: Option<(&'static str, &str)>,
+) -> Result<bool> {
     let now = Timestamp::now();
     let generation = pool.meta().generation;
     let size = u32::try_from(pool.spec.size).unwrap_or(0);
@@ -384,8 +462,8 @@ async fn update_status(ctx: &Context, pool: &WarmPool, plan: &plan::Plan, create
     };
     conditions::set(&mut conditions, "Progressing", progressing, reason, message, generation, now);
     let failed = plan.delete.iter().filter(|(_, why)| *why == DeleteReason::Finished).count();
-    let (degraded, reason, message) = match (create_error, failed, plan.capped) {
-        (Some(e), _, _) => (true, "CreateFailed", e.to_string()),
+    let (degraded, reason, message) = match (problem, failed, plan.capped) {
+        (Some((reason, message)), _, _) => (true, reason, message.to_string()),
         (None, 1.., _) => (true, "PodsFailing", format!("{failed} pods failed or exited and are being replaced")),
         (None, 0, true) => (true, "MaxSizeReached", format!("maxSize {} reached", pool.spec.max_size.unwrap_or(0))),
         (None, 0, false) => (false, "Healthy", String::new()),
@@ -485,5 +563,27 @@ mod tests {
         assert_eq!(preferred.len(), 1);
         let field = &preferred[0].preference.match_fields.as_ref().unwrap()[0];
         assert_eq!((field.key.as_str(), field.values.as_deref()), ("metadata.name", Some(&["node-7".to_string()][..])));
+    }
+
+    fn pool_with(template_spec: serde_json::Value) -> WarmPool {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "tidepool.dev/v1alpha1", "kind": "WarmPool",
+            "metadata": { "name": "edge", "namespace": "ns", "uid": "u1" },
+            "spec": { "size": 1, "tier": { "vcpu": 1, "memoryMiB": 64 }, "template": { "spec": template_spec } }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_pod_gets_no_api_token_unless_its_template_asks() {
+        let containers = serde_json::json!([{ "name": "s", "image": "i" }]);
+        let pod = pod_for(&pool_with(serde_json::json!({ "containers": containers })), "h", "key", None).unwrap();
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+
+        let asks = serde_json::json!({ "containers": containers, "automountServiceAccountToken": true });
+        let pod = pod_for(&pool_with(asks), "h", "key", None).unwrap();
+        assert_eq!(pod.spec.unwrap().automount_service_account_token, Some(true));
     }
 }

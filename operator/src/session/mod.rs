@@ -60,6 +60,9 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
     let expires = created + SignedDuration::from_secs(ttl);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
 
+    if status.phase != Phase::Ready && ctx.binding(&uid).is_none_or(|b| !b.ready) {
+        ctx.binding_seen(&uid);
+    }
     let claimed = claimed_pods(&ctx, &namespace, &uid);
     let (bound, cache_has_claim) = match bound_pod(&ctx, &pods, &claimed, &uid, status.pod.as_deref()).await? {
         Some((pod, cached)) => (Some(pod), cached),
@@ -157,11 +160,11 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
         crate::pool::publish(&ctx, session.as_ref(), EventType::Normal, "Rebound", &note).await;
     }
     ctx.remember(&uid, written);
-    let writes = ctx.take_writes(&uid);
-    if !rebound {
-        let seconds = now.duration_since(created).as_secs_f64().max(0.0);
-        ctx.metrics.session_ready.observe(seconds);
-        ctx.metrics.binding_writes.observe(f64::from(writes));
+    if let Some(progress) = ctx.take_progress(&uid)
+        && !rebound
+    {
+        ctx.metrics.session_ready.observe(progress.first_seen.elapsed().as_secs_f64());
+        ctx.metrics.binding_writes.observe(f64::from(progress.writes));
     }
     Ok(Action::requeue(until_expiry))
 }
@@ -211,9 +214,7 @@ async fn bound_pod(
 /// Live pods the cache shows claimed for session `uid`: looked up through
 /// the claim index, and checked again on the cached pod itself.
 fn claimed_pods(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<Pod>> {
-    // A poisoned lock still holds a sound index (`apply` cannot panic half
-    // way); reading none would make every session claim a second pod.
-    let keys = ctx.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pods_of(uid);
+    let keys = ctx.with_pod_index(|index| index.pods_of(uid));
     keys.into_iter()
         .filter(|(ns, _)| ns == namespace)
         .filter_map(|(ns, name)| ctx.pods.get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns)))
@@ -298,21 +299,21 @@ fn place(ctx: &Context, session: &TestSession, pool: &WarmPool, choices: &[&Arc<
 async fn claim(ctx: &Context, session: &TestSession, pool: &WarmPool, pods: &Api<Pod>) -> Result<Claim> {
     let namespace = session.namespace().unwrap_or_default();
     let hash = template_hash(pool);
-    let all = crate::pool::pods_of(ctx, pool);
-    let mut per_node: HashMap<&str, u32> = HashMap::new();
-    for pod in &all {
-        if pod.labels().get(labels::STATE).map(String::as_str) == Some(labels::STATE_ASSIGNED)
-            && let Some(node) = node_of(pod)
-        {
-            *per_node.entry(node).or_default() += 1;
-        }
-    }
-    let warm: Vec<&Arc<Pod>> = all
+    // From the pod index: the pool's warm pods, and its sessions per node.
+    // Scanning every cached pod instead grew with the sessions held.
+    let pool_key = (namespace.clone(), pool.name_any());
+    let (warm_names, assigned) =
+        ctx.with_pod_index(|index| (index.warm_pods(&pool_key), index.assigned_per_node(&pool_key)));
+    let per_node: HashMap<&str, u32> = assigned.iter().map(|(node, n)| (node.as_str(), *n)).collect();
+    let warm: Vec<Arc<Pod>> = warm_names
         .iter()
+        .filter(|name| !ctx.is_reserved(&format!("{namespace}/{name}")))
+        .filter_map(|name| ctx.pods.get(&kube::runtime::reflector::ObjectRef::new(name).within(&namespace)))
+        .filter(|p| crate::pool::owned_by(p, pool))
         .filter(|p| p.labels().get(labels::STATE).map(String::as_str) == Some(labels::STATE_WARM))
         .filter(|p| is_ready(p) && !is_finished(p) && p.meta().deletion_timestamp.is_none())
-        .filter(|p| !ctx.is_reserved(&format!("{namespace}/{}", p.name_any())))
         .collect();
+    let warm: Vec<&Arc<Pod>> = warm.iter().collect();
     // Pods on the current template first; outdated ones still serve.
     let (current, outdated): (Vec<&Arc<Pod>>, Vec<&Arc<Pod>>) =
         warm.into_iter().partition(|p| p.labels().get(labels::TEMPLATE_HASH) == Some(&hash));
@@ -531,11 +532,19 @@ pub fn sessions_for_pod(
     if !is_ready(pod) {
         return vec![];
     }
+    let waiting = |s: &TestSession| {
+        s.metadata.namespace.as_deref() == Some(namespace)
+            && &s.spec.pool == pool
+            && s.status.as_ref().is_some_and(|st| st.pod.is_none() && st.phase == Phase::Pending)
+    };
+    // Almost always nobody waits: find that out without copying the cache.
+    if sessions.find(|s| waiting(s)).is_none() {
+        return vec![];
+    }
     sessions
         .state()
         .iter()
-        .filter(|s| s.metadata.namespace.as_deref() == Some(namespace) && &s.spec.pool == pool)
-        .filter(|s| s.status.as_ref().is_some_and(|st| st.pod.is_none() && st.phase == Phase::Pending))
+        .filter(|s| waiting(s))
         .min_by_key(|s| s.meta().creation_timestamp.as_ref().map(|t| t.0))
         .map(|s| kube::runtime::reflector::ObjectRef::from(s.as_ref()))
         .into_iter()

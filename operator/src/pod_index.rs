@@ -1,0 +1,280 @@
+//! What the pod watch says about Tidepool's pods, indexed the ways the
+//! controllers ask: the pods claimed for each session, each pool's warm pods,
+//! and the pods on each node. Session passes and pod placement look things
+//! up here instead of scanning every cached pod. Under load those scans grew
+//! with the pods held by live sessions, until they were the operator's main
+//! cost (docs/benchmarks.md).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::runtime::watcher::Event;
+
+use crate::labels;
+
+/// A pod's namespace and name.
+pub type PodKey = (String, String);
+
+/// A pool's namespace and name.
+pub type PoolKey = (String, String);
+
+/// What one pod adds to the index, kept so that its next event can take it
+/// back out exactly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Facts {
+    claimed_by: Option<String>,
+    pool: Option<PoolKey>,
+    warm: bool,
+    assigned: bool,
+    /// Set while the pod is placed and not finished (it takes a slot).
+    node: Option<String>,
+}
+
+/// The indexes, fed by the pod watch.
+#[derive(Debug, Default)]
+pub struct PodIndex {
+    facts: HashMap<PodKey, Facts>,
+    by_session: HashMap<String, BTreeSet<PodKey>>,
+    warm_by_pool: HashMap<PoolKey, BTreeSet<String>>,
+    assigned_by_pool_node: HashMap<PoolKey, HashMap<String, u32>>,
+    pods_by_pool_node: HashMap<PoolKey, HashMap<String, u32>>,
+    pods_by_node: HashMap<String, u32>,
+    /// The pods seen since a relist began; the rest are gone at its end.
+    relisted: Option<HashSet<PodKey>>,
+}
+
+impl PodIndex {
+    /// Folds one event of the pod watch in.
+    pub fn apply(&mut self, event: &Event<Pod>) {
+        match event {
+            Event::Apply(pod) => self.upsert(pod),
+            Event::Delete(pod) => self.remove(&key(pod)),
+            Event::Init => self.relisted = Some(HashSet::new()),
+            Event::InitApply(pod) => {
+                if let Some(seen) = &mut self.relisted {
+                    seen.insert(key(pod));
+                }
+                self.upsert(pod);
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.relisted.take() {
+                    let gone: Vec<PodKey> = self.facts.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+                    gone.iter().for_each(|k| self.remove(k));
+                }
+            }
+        }
+    }
+
+    /// The pods claimed for session `uid`.
+    pub fn pods_of(&self, uid: &str) -> Vec<PodKey> {
+        self.by_session.get(uid).map(|pods| pods.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The names of pool `pool`'s pods labelled warm (ready or not).
+    pub fn warm_pods(&self, pool: &PoolKey) -> Vec<String> {
+        self.warm_by_pool.get(pool).map(|names| names.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Pool `pool`'s assigned pods on each node.
+    pub fn assigned_per_node(&self, pool: &PoolKey) -> HashMap<String, u32> {
+        self.assigned_by_pool_node.get(pool).cloned().unwrap_or_default()
+    }
+
+    /// Pool `pool`'s pods on each node, and all Tidepool pods on each node;
+    /// finished pods are not counted.
+    pub fn pods_per_node(&self, pool: &PoolKey) -> (HashMap<String, u32>, HashMap<String, u32>) {
+        (self.pods_by_pool_node.get(pool).cloned().unwrap_or_default(), self.pods_by_node.clone())
+    }
+
+    fn upsert(&mut self, pod: &Pod) {
+        let key = key(pod);
+        let facts = facts(pod);
+        if self.facts.get(&key) == Some(&facts) {
+            return;
+        }
+        self.remove(&key);
+        if let Some(uid) = &facts.claimed_by {
+            self.by_session.entry(uid.clone()).or_default().insert(key.clone());
+        }
+        if let Some(pool) = &facts.pool {
+            if facts.warm {
+                self.warm_by_pool.entry(pool.clone()).or_default().insert(key.1.clone());
+            }
+            if let Some(node) = &facts.node {
+                *self.pods_by_pool_node.entry(pool.clone()).or_default().entry(node.clone()).or_default() += 1;
+                if facts.assigned {
+                    *self.assigned_by_pool_node.entry(pool.clone()).or_default().entry(node.clone()).or_default() += 1;
+                }
+            }
+        }
+        if let Some(node) = &facts.node {
+            *self.pods_by_node.entry(node.clone()).or_default() += 1;
+        }
+        if facts.claimed_by.is_some() || facts.pool.is_some() || facts.node.is_some() {
+            self.facts.insert(key, facts);
+        }
+    }
+
+    fn remove(&mut self, key: &PodKey) {
+        let Some(facts) = self.facts.remove(key) else { return };
+        if let Some(uid) = &facts.claimed_by {
+            drop_from_set(&mut self.by_session, uid, key);
+        }
+        if let Some(pool) = &facts.pool {
+            if facts.warm {
+                drop_from_set(&mut self.warm_by_pool, pool, &key.1);
+            }
+            if let Some(node) = &facts.node {
+                count_down(&mut self.pods_by_pool_node, pool, node);
+                if facts.assigned {
+                    count_down(&mut self.assigned_by_pool_node, pool, node);
+                }
+            }
+        }
+        if let Some(node) = &facts.node {
+            decrement(&mut self.pods_by_node, node);
+        }
+    }
+}
+
+fn facts(pod: &Pod) -> Facts {
+    let live = pod.metadata.deletion_timestamp.is_none();
+    let state = pod.labels().get(labels::STATE).map(String::as_str);
+    let pool = pod.labels().get(labels::POOL).map(|p| (pod.namespace().unwrap_or_default(), p.clone()));
+    Facts {
+        claimed_by: pod.annotations().get(labels::SESSION_UID).filter(|_| live).cloned(),
+        warm: live && state == Some(labels::STATE_WARM),
+        assigned: state == Some(labels::STATE_ASSIGNED),
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|_| !crate::pool::is_finished(pod)),
+        pool,
+    }
+}
+
+fn drop_from_set<K: std::hash::Hash + Eq, V: Ord>(map: &mut HashMap<K, BTreeSet<V>>, key: &K, value: &V) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(value);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+fn count_down(map: &mut HashMap<PoolKey, HashMap<String, u32>>, pool: &PoolKey, node: &str) {
+    if let Some(per_node) = map.get_mut(pool) {
+        decrement(per_node, node);
+        if per_node.is_empty() {
+            map.remove(pool);
+        }
+    }
+}
+
+fn decrement(counts: &mut HashMap<String, u32>, node: &str) {
+    if let Some(count) = counts.get_mut(node) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(node);
+        }
+    }
+}
+
+fn key(pod: &Pod) -> PodKey {
+    (pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use std::collections::BTreeMap;
+
+    fn pod(name: &str, claim: Option<&str>) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some(name.into());
+        pod.metadata.namespace = Some("ns".into());
+        if let Some(uid) = claim {
+            pod.metadata.annotations = Some(BTreeMap::from([(labels::SESSION_UID.to_string(), uid.to_string())]));
+        }
+        pod
+    }
+
+    fn keys(names: &[&str]) -> Vec<PodKey> {
+        names.iter().map(|n| ("ns".to_string(), n.to_string())).collect()
+    }
+
+    #[test]
+    fn claims_follow_the_pods() {
+        let mut index = PodIndex::default();
+        index.apply(&Event::Apply(pod("a", None)));
+        assert!(index.pods_of("s1").is_empty());
+        index.apply(&Event::Apply(pod("a", Some("s1"))));
+        index.apply(&Event::Apply(pod("b", Some("s1"))));
+        assert_eq!(index.pods_of("s1"), keys(&["a", "b"]));
+        // Moved to another session (never in practice, but kept exact).
+        index.apply(&Event::Apply(pod("b", Some("s2"))));
+        assert_eq!(index.pods_of("s1"), keys(&["a"]));
+        assert_eq!(index.pods_of("s2"), keys(&["b"]));
+        // A pod being deleted no longer counts; a deleted one is gone.
+        let mut going = pod("a", Some("s1"));
+        going.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        index.apply(&Event::Apply(going));
+        assert!(index.pods_of("s1").is_empty());
+        index.apply(&Event::Delete(pod("b", Some("s2"))));
+        assert!(index.pods_of("s2").is_empty());
+        assert!(index.facts.is_empty() && index.by_session.is_empty());
+    }
+
+    #[test]
+    fn a_relist_drops_pods_that_went_meanwhile() {
+        let mut index = PodIndex::default();
+        index.apply(&Event::Apply(pod("a", Some("s1"))));
+        index.apply(&Event::Apply(pod("b", Some("s1"))));
+        index.apply(&Event::Init);
+        index.apply(&Event::InitApply(pod("b", Some("s1"))));
+        index.apply(&Event::InitApply(pod("c", Some("s3"))));
+        // Until the relist ends, what was known stays.
+        assert_eq!(index.pods_of("s1"), keys(&["a", "b"]));
+        index.apply(&Event::InitDone);
+        assert_eq!(index.pods_of("s1"), keys(&["b"]));
+        assert_eq!(index.pods_of("s3"), keys(&["c"]));
+    }
+
+    fn pool_pod(name: &str, state: &str, node: Option<&str>, phase: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "namespace": "ns",
+                "labels": { labels::POOL: "edge", labels::STATE: state } },
+            "spec": { "containers": [], "nodeName": node },
+            "status": { "phase": phase }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pools_warm_pods_and_node_counts_follow_the_pods() {
+        let edge = ("ns".to_string(), "edge".to_string());
+        let mut index = PodIndex::default();
+        index.apply(&Event::Apply(pool_pod("a", labels::STATE_WARM, None, "Pending")));
+        index.apply(&Event::Apply(pool_pod("a", labels::STATE_WARM, Some("n1"), "Running")));
+        index.apply(&Event::Apply(pool_pod("b", labels::STATE_WARM, Some("n1"), "Running")));
+        index.apply(&Event::Apply(pool_pod("c", labels::STATE_WARM, Some("n2"), "Running")));
+        assert_eq!(index.warm_pods(&edge), ["a", "b", "c"]);
+        assert!(index.assigned_per_node(&edge).is_empty());
+        let per_node = HashMap::from([("n1".to_string(), 2), ("n2".to_string(), 1)]);
+        assert_eq!(index.pods_per_node(&edge), (per_node.clone(), per_node));
+
+        // Claimed: no longer warm, counted as assigned on its node.
+        index.apply(&Event::Apply(pool_pod("b", labels::STATE_ASSIGNED, Some("n1"), "Running")));
+        assert_eq!(index.warm_pods(&edge), ["a", "c"]);
+        assert_eq!(index.assigned_per_node(&edge), HashMap::from([("n1".to_string(), 1)]));
+        // A finished pod holds no slot; a deleted one is gone from everything.
+        index.apply(&Event::Apply(pool_pod("b", labels::STATE_ASSIGNED, Some("n1"), "Failed")));
+        assert!(index.assigned_per_node(&edge).is_empty());
+        assert_eq!(index.pods_per_node(&edge).1, HashMap::from([("n1".to_string(), 1), ("n2".to_string(), 1)]));
+        for name in ["a", "b", "c"] {
+            index.apply(&Event::Delete(pool_pod(name, labels::STATE_WARM, None, "Running")));
+        }
+        assert!(index.warm_pods(&edge).is_empty());
+        assert_eq!(index.pods_per_node(&edge), (HashMap::new(), HashMap::new()));
+        assert!(index.facts.is_empty() && index.warm_by_pool.is_empty() && index.pods_by_pool_node.is_empty());
+    }
+}
