@@ -212,7 +212,7 @@ async fn bound_pod(
 }
 
 /// Live pods the cache shows claimed for session `uid`: looked up through
-/// the claim index, and checked again on the cached pod itself.
+/// the pod index, and checked again on the cached pod itself.
 fn claimed_pods(ctx: &Context, namespace: &str, uid: &str) -> Vec<Arc<Pod>> {
     let keys = ctx.with_pod_index(|index| index.pods_of(uid));
     keys.into_iter()
