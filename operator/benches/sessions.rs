@@ -6,7 +6,9 @@
 //! prints create-to-Ready as the load generator's own watch sees it, the
 //! operator's API writes per session and its 409 count, for: sequential warm
 //! assignment, Poisson arrivals at 50/s for 60 s, and a burst of 200.
-//! Set TIDEPOOL_BENCH_SECONDS to shorten the Poisson run.
+//! Set TIDEPOOL_BENCH_SECONDS to shorten the Poisson run, and
+//! TIDEPOOL_BENCH_NODE_ASSIGNMENT=Scheduler to have the Kubernetes scheduler
+//! place the pool's pods (the default here is the pool's `Operator` mode).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +20,7 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, P
 use kube::{Client, ResourceExt};
 use tidepool_crds::test_session::Phase;
 use tidepool_crds::{TestSession, WarmPool};
+use tidepool_tests::control_plane::bin_dir;
 use tidepool_tests::{ControlPlane, FakeNode, Options, eventually, free_port};
 
 const NAMESPACE: &str = "bench";
@@ -46,13 +49,15 @@ async fn main() {
         format!("--api-token-file={}", token_file.display()),
         format!("--session-namespace={NAMESPACE}"),
         "--create-batch=100".to_string(),
+        "--lease-namespace=tidepool".to_string(),
     ];
+    let kubeconfig = operator_kubeconfig(&plane).await;
     let operator = plane
         .spawn(
             "tidepool-operator",
             std::path::Path::new(env!("CARGO_BIN_EXE_tidepool-operator")),
             &args,
-            &[("RUST_LOG", "warn")],
+            &[("RUST_LOG", "warn"), ("KUBECONFIG", &kubeconfig.display().to_string())],
         )
         .expect("operator");
     let metrics_url = format!("http://127.0.0.1:{port}/metrics");
@@ -68,9 +73,10 @@ async fn main() {
     tokio::spawn(watch_sessions(sessions.clone(), watched.clone()));
 
     println!(
-        "Tidepool session assignment, {} ({} cores)",
+        "Tidepool session assignment, {} ({} cores), nodeAssignment {}",
         plane.server(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        node_assignment()
     );
     println!(
         "{:<34} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7} {:>5} {:>9}",
@@ -141,6 +147,29 @@ async fn main() {
     drop(operator);
 }
 
+/// The operator runs as it does in a cluster: as ServiceAccount
+/// tidepool/tidepool-operator with the chart's RBAC, sending that account's
+/// token (an admin certificate would cost the API server a signature check
+/// on every request).
+async fn operator_kubeconfig(plane: &ControlPlane) -> std::path::PathBuf {
+    let run = |command: &mut std::process::Command| {
+        let output = command.output().expect("run");
+        assert!(output.status.success(), "{command:?}: {}", String::from_utf8_lossy(&output.stderr));
+        output.stdout
+    };
+    run(plane.kubectl().args(["create", "namespace", "tidepool"]));
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../helm/tidepool");
+    let rbac = run(std::process::Command::new(bin_dir().expect("helm").join("helm"))
+        .args(["template", "tidepool"])
+        .arg(chart)
+        .args(["--namespace", "tidepool", "--kube-version", "1.36.3"])
+        .args(["--show-only", "templates/rbac.yaml", "--show-only", "templates/serviceaccounts.yaml"]));
+    let rbac_file = plane.dir().join("operator-rbac.yaml");
+    std::fs::write(&rbac_file, rbac).expect("rbac file");
+    run(plane.kubectl().args(["apply", "-f"]).arg(&rbac_file));
+    plane.service_account_kubeconfig("tidepool", "tidepool-operator").await.expect("operator kubeconfig")
+}
+
 /// A client for ServiceAccount bench/loadgen, allowed only to create, read and
 /// watch TestSessions in the bench namespace.
 async fn loadgen_client(plane: &ControlPlane, admin: &Client) -> Client {
@@ -176,13 +205,18 @@ async fn loadgen_client(plane: &ControlPlane, admin: &Client) -> Client {
     client
 }
 
+/// Who places the pool's pods in this run.
+fn node_assignment() -> String {
+    std::env::var("TIDEPOOL_BENCH_NODE_ASSIGNMENT").unwrap_or_else(|_| "Operator".into())
+}
+
 async fn pool(admin: &Client, size: i32) {
     let pools: Api<WarmPool> = Api::namespaced(admin.clone(), NAMESPACE);
     let pool = serde_json::json!({
         "apiVersion": "tidepool.dev/v1alpha1", "kind": "WarmPool",
         "metadata": { "name": "bench" },
         "spec": {
-            "size": size, "sessionTTLSeconds": 300,
+            "size": size, "sessionTTLSeconds": 300, "nodeAssignment": node_assignment(),
             "tier": { "vcpu": 1, "memoryMiB": 64 },
             "template": { "spec": { "containers": [{ "name": "session", "image": "tidepool/session:bench" }] } }
         }
