@@ -39,8 +39,8 @@ use crate::common::{Conditions, conditions};
         "fieldPath": ".maxSize"
     },
     {
-        "rule": "self.nodeAssignment != 'Operator' || (!has(self.template.spec.topologySpreadConstraints) && (!has(self.template.spec.affinity) || (!has(self.template.spec.affinity.podAffinity) && !has(self.template.spec.affinity.podAntiAffinity))) && (!has(self.template.spec.schedulerName) || self.template.spec.schedulerName == 'default-scheduler') && (!has(self.template.spec.volumes) || self.template.spec.volumes.all(v, !has(v.persistentVolumeClaim) && !has(v.ephemeral))))",
-        "message": "nodeAssignment Operator places pods by their node rules alone: the template may not use pod affinity, topology spread constraints, another scheduler, or volumes that need binding",
+        "rule": "self.nodeAssignment != 'Operator' || ((!has(self.template.spec.topologySpreadConstraints) || size(self.template.spec.topologySpreadConstraints) == 0) && (!has(self.template.spec.schedulingGates) || size(self.template.spec.schedulingGates) == 0) && (!has(self.template.spec.affinity) || (!has(self.template.spec.affinity.podAffinity) && !has(self.template.spec.affinity.podAntiAffinity))) && (!has(self.template.spec.schedulerName) || self.template.spec.schedulerName == 'default-scheduler') && (!has(self.template.spec.volumes) || self.template.spec.volumes.all(v, !has(v.persistentVolumeClaim) && !has(v.ephemeral))))",
+        "message": "nodeAssignment Operator places pods by their node rules alone: the template may not use pod affinity, topology spread constraints, scheduling gates, another scheduler, or volumes that need binding",
         "fieldPath": ".nodeAssignment"
     }
 ]))]
@@ -218,6 +218,10 @@ fn pod_template(_: &mut SchemaGenerator) -> Schema {
                     // Declared only so that the nodeAssignment rule can look at them.
                     "schedulerName": { "type": "string" },
                     "topologySpreadConstraints": {
+                        "type": "array",
+                        "items": { "type": "object", "x-kubernetes-preserve-unknown-fields": true }
+                    },
+                    "schedulingGates": {
                         "type": "array",
                         "items": { "type": "object", "x-kubernetes-preserve-unknown-fields": true }
                     },

@@ -123,12 +123,23 @@ pub async fn controllers(
     // A controller polls all its reconciles inside one task. Giving each
     // controller its own task lets a long pool pass and session binding run
     // on both cores. Dropping this future (the lease was lost) stops both.
-    let pools_task = AbortOnDrop(tokio::spawn(pool_controller));
-    let sessions_task = AbortOnDrop(tokio::spawn(session_controller));
-    for (name, mut task) in [("warmpool", pools_task), ("testsession", sessions_task)] {
-        if let Err(error) = task.finished().await {
-            tracing::error!(controller = name, %error, "a controller task failed");
+    let mut pools_task = AbortOnDrop(tokio::spawn(pool_controller));
+    let mut sessions_task = AbortOnDrop(tokio::spawn(session_controller));
+    let (first, rest) = tokio::select! {
+        done = pools_task.finished() => (("warmpool", done), ("testsession", sessions_task)),
+        done = sessions_task.finished() => (("testsession", done), ("warmpool", pools_task)),
+    };
+    match first {
+        // Both stop on a shutdown signal: let the other finish too.
+        (_, Ok(())) => {
+            let (name, mut task) = rest;
+            if let Err(error) = task.finished().await {
+                tracing::error!(controller = name, %error, "a controller task failed");
+            }
         }
+        // One failed (it panicked): stop the other and return, so the
+        // process ends and a healthy replica takes the lease.
+        (name, Err(error)) => tracing::error!(controller = name, %error, "a controller task failed"),
     }
 }
 

@@ -182,8 +182,12 @@ async fn a_pool_can_put_its_pods_on_nodes_itself() {
     // Rules the operator does not evaluate are refused at admission.
     let spread = json!({ "containers": containers, "topologySpreadConstraints": [{
         "maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule" }] });
-    let refused = pools.patch("direct", &apply, &Patch::Apply(&pool(spread))).await.unwrap_err();
-    assert!(refused.to_string().contains("nodeAssignment Operator places pods by their node rules alone"), "{refused}");
+    let gated = json!({ "containers": containers, "schedulingGates": [{ "name": "example.com/wait" }] });
+    for template in [spread, gated] {
+        let refused = pools.patch("direct", &apply, &Patch::Apply(&pool(template))).await.unwrap_err();
+        let message = refused.to_string();
+        assert!(message.contains("nodeAssignment Operator places pods by their node rules alone"), "{message}");
+    }
 
     // Node affinity keeps node-0 out; the pods spread over the other two.
     let not_node_0 = json!({ "containers": containers, "affinity": { "nodeAffinity": {

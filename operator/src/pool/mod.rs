@@ -105,11 +105,11 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     // Create, all of this pass's batch at once.
     let template = pod_for(&pool, &hash, &key.public().to_base64(), ctx.settings.results_url.as_deref())?;
     let post = PostParams::default();
-    let pinned = place_on_demand(&ctx, &pool, plan.create.min(waiting));
+    let mut pinned = place_on_demand(&ctx, &pool, plan.create.min(waiting));
     let (assigned_nodes, placement_error) = match pool.spec.node_assignment {
         NodeAssignment::Scheduler => (None, None),
         NodeAssignment::Operator if plan.create == 0 => (Some(Vec::new()), None),
-        NodeAssignment::Operator => match assign_nodes(&ctx, &pool, &template, &pinned, plan.create) {
+        NodeAssignment::Operator => match assign_nodes(&ctx, &pool, &template, &mut pinned, plan.create) {
             Ok(nodes) if (nodes.len() as u32) < plan.create => {
                 let short = format!(
                     "the nodes that may take the pool's pods have no pod slots left ({} of {} placed)",
@@ -286,26 +286,46 @@ pub const NO_NODE_FITS: &str = "NoNodeFits";
 
 /// Nodes for `count` new pods of a pool the operator places itself. Pods the
 /// router picked a backend for (on-demand pods) go there when that node may
-/// take them; the rest spread over the nodes that may.
+/// take them; the rest spread over the nodes that may. The picks not used
+/// give their room back, and `pinned` keeps the used ones, in the order of
+/// the nodes returned.
 fn assign_nodes(
     ctx: &Context,
     pool: &WarmPool,
     template: &Pod,
-    pinned: &[Pick],
+    pinned: &mut Vec<Pick>,
     count: u32,
 ) -> std::result::Result<Vec<String>, String> {
     let pool_key = (pool.namespace().unwrap_or_default(), pool.name_any());
     let (per_pool, known) = ctx.with_pod_index(|index| index.pods_per_node(&pool_key));
     let spec = template.spec.clone().unwrap_or_default();
     let nodes = ctx.nodes.state();
-    let mut rooms = nodes::rooms(nodes.iter().map(AsRef::as_ref), &spec, &per_pool, &known)?;
+    let release = |picks: &[Pick]| {
+        let need = Need::from(&pool.spec.tier);
+        ctx.fleet.with_router(|router| picks.iter().for_each(|pick| router.release(pick, need)));
+    };
+    let mut rooms = match nodes::rooms(nodes.iter().map(AsRef::as_ref), &spec, &per_pool, &known) {
+        Ok(rooms) => rooms,
+        Err(why) => {
+            release(&std::mem::take(pinned));
+            return Err(why);
+        }
+    };
     let mut picks = Vec::with_capacity(count as usize);
-    for pick in pinned.iter().take(count as usize) {
-        let Some(room) = rooms.iter_mut().find(|r| r.node == pick.backend && r.free_slots != Some(0)) else { break };
-        room.pool_pods += 1;
-        room.free_slots = room.free_slots.map(|f| f - 1);
-        picks.push(room.node.clone());
+    let mut unused = Vec::new();
+    for pick in std::mem::take(pinned) {
+        let room = rooms.iter_mut().find(|r| r.node == pick.backend && r.free_slots != Some(0));
+        match room {
+            Some(room) if picks.len() < count as usize => {
+                room.pool_pods += 1;
+                room.free_slots = room.free_slots.map(|f| f - 1);
+                picks.push(room.node.clone());
+                pinned.push(pick);
+            }
+            _ => unused.push(pick),
+        }
     }
+    release(&unused);
     let rest = count - picks.len() as u32;
     picks.extend(nodes::assign(rooms, rest));
     Ok(picks)
