@@ -29,7 +29,6 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -39,6 +38,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use tidepool_session::protocol::{METRICS_PATH, UDP_GRANT_PATH, UdpGrant, UdpProbe};
+use tidepool_tests::dies_with_parent;
 use tidepool_wire::token::{PoolKey, SessionClaims};
 
 const POD: &str = "bench-pod";
@@ -185,24 +185,6 @@ fn main() {
 // ---------------------------------------------------------------------------
 // Processes
 
-/// Sets up a child to be killed with SIGKILL when the bench dies, however.
-fn dies_with_us(command: &mut Command) -> &mut Command {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: prctl and getppid are async-signal-safe. Children are started
-    // from the main thread, which lives as long as they should.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(std::io::Error::other("the bench exited while starting a child"));
-            }
-            Ok(())
-        })
-    }
-}
-
 /// A server that logs to a file and is killed when dropped.
 struct Server {
     name: String,
@@ -215,7 +197,7 @@ impl Server {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).expect("creating a server log");
         let err = out.try_clone().expect("cloning a log handle");
-        let child = dies_with_us(command.stdin(Stdio::null()).stdout(out).stderr(err))
+        let child = dies_with_parent(command.stdin(Stdio::null()).stdout(out).stderr(err))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Self { name: name.to_string(), log, child }
@@ -260,7 +242,7 @@ struct Client {
 
 impl Client {
     fn spawn(what: &str, command: &mut Command) -> Self {
-        let mut child = dies_with_us(command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()))
+        let mut child = dies_with_parent(command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
         let drain = |mut pipe: Box<dyn Read + Send>| {

@@ -16,6 +16,7 @@ mod pod_runner;
 mod process;
 
 pub use process::Managed as Process;
+pub use process::dies_with_parent;
 
 pub mod control_plane;
 pub mod external_crds;

@@ -34,24 +34,9 @@ impl Managed {
         let err = out.try_clone().map_err(HarnessError::io("cloning a log handle"))?;
         let mut command = Command::new(program);
         command.args(args).envs(env.iter().cloned()).stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
-        // The kernel kills the child when the thread that started it exits, so a
-        // killed test leaks nothing. Start planes from a thread that lives as
-        // long as they do (the test's own, or a runtime worker), not a
-        // short-lived blocking thread.
-        // SAFETY: prctl and getppid are async-signal-safe.
-        let parent = std::process::id() as libc::pid_t;
-        unsafe {
-            command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The parent may have died before prctl took effect.
-                if libc::getppid() != parent {
-                    return Err(std::io::Error::other("the harness exited while starting a child"));
-                }
-                Ok(())
-            });
-        }
+        // Start planes from a thread that lives as long as they do (the
+        // test's own, or a runtime worker), not a short-lived blocking thread.
+        dies_with_parent(&mut command);
         let child = command.spawn().map_err(HarnessError::io(format!("starting {}", program.display())))?;
         Ok(Self { name: name.to_string(), log, child })
     }
@@ -118,4 +103,23 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Has the kernel kill `command`'s child with SIGKILL when the thread that
+/// started it exits, so a killed test or benchmark leaks no process.
+pub fn dies_with_parent(command: &mut Command) -> &mut Command {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the parent exited while starting a child"));
+            }
+            Ok(())
+        })
+    }
 }
