@@ -32,6 +32,10 @@ use crate::placement::{Candidate, Need, Pick, Request};
 use crate::pool::{is_finished, is_ready, template_hash};
 use tidepool_wire::report::{Coordinates, ReportKind};
 
+/// How often a bound session's pass runs again, at the latest (its expiry
+/// may come first).
+const SETTLED_RECHECK: Duration = Duration::from_secs(15);
+
 /// The Bound condition's reason while a session waits for a pod.
 pub const POOL_EMPTY: &str = "PoolEmpty";
 /// The Bound condition's reason while warm pods exist but no backend
@@ -138,7 +142,10 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
         tracing::warn!(session = %session.name_any(), pod = %extra.name_any(), "deleting a second pod claimed for one session");
         delete_pod(&pods, extra).await?;
     }
-    let until_expiry = expires.duration_since(now).unsigned_abs().min(Duration::from_secs(3600));
+    // A bound session is looked at again every SETTLED_RECHECK: the event of
+    // a second claim can start its pass before the pod cache shows that
+    // claim, and nothing else would start another.
+    let until_expiry = expires.duration_since(now).unsigned_abs().min(SETTLED_RECHECK);
     let written = Binding { pod: pod.name_any(), ready: true };
     if status.phase == Phase::Ready && status.pod.as_deref() == Some(&pod.name_any()) {
         if cache_has_claim {
