@@ -128,22 +128,13 @@ impl Bench {
 
     /// Runs `tidepool run` in the client namespace and reads its JSON.
     fn run(&self, profile: &str, extra: &[&str]) -> SessionResults {
-        let mut args: Vec<String> = [
-            "run",
-            "--endpoint",
-            &self.endpoint(),
-            "--token",
-            &self.token,
-            "--binding",
-            &self.binding,
-            "--profile",
-            profile,
-            "--json",
-            "--no-submit",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        // `--flag=value`: a base64url credential may start with '-'.
+        let (token, binding) = (format!("--token={}", self.token), format!("--binding={}", self.binding));
+        let mut args: Vec<String> =
+            ["run", "--endpoint", &self.endpoint(), &token, &binding, "--profile", profile, "--json", "--no-submit"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         let out = self
             .path
