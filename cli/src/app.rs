@@ -79,11 +79,17 @@ struct DirectArgs {
     /// Run against this session pod directly, with no operator (http://host:port).
     #[arg(long, value_name = "URL")]
     endpoint: Option<String>,
-    /// The session token, with --endpoint.
-    #[arg(long, env = "TIDEPOOL_SESSION_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    /// The session token, with --endpoint. Base64url, so it may begin with '-'.
+    #[arg(
+        long,
+        env = "TIDEPOOL_SESSION_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
     token: Option<String>,
-    /// The binding ticket for that pod, with --endpoint.
-    #[arg(long, env = "TIDEPOOL_BINDING", value_name = "TICKET", hide_env_values = true)]
+    /// The binding ticket for that pod, with --endpoint. May begin with '-' too.
+    #[arg(long, env = "TIDEPOOL_BINDING", value_name = "TICKET", hide_env_values = true, allow_hyphen_values = true)]
     binding: Option<String>,
 }
 
@@ -856,6 +862,11 @@ mod tests {
         let direct = run_args(&["--endpoint", "http://127.0.0.1:8080", "--token", "t", "--binding", "b"]);
         let target = target(&direct.operator, &direct.placement, &direct.direct, None).unwrap();
         assert!(matches!(target, Target::Direct { ref endpoint, .. } if endpoint == "http://127.0.0.1:8080"));
+
+        // Base64url credentials may begin with '-'; they are values, not flags.
+        let hyphenated = run_args(&["--endpoint", "http://x", "--token", "-Tq9", "--binding", "-b_1"]);
+        assert_eq!(hyphenated.direct.token.as_deref(), Some("-Tq9"));
+        assert_eq!(hyphenated.direct.binding.as_deref(), Some("-b_1"));
 
         let usage = |args: &[&str], env: Option<&str>| {
             let args = run_args(args);
