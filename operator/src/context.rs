@@ -38,6 +38,10 @@ pub struct Settings {
 /// share of a core as the pool's assigned pods pile up.
 pub const POOL_PASS_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The shortest time between two looks over one pool's held pods for
+/// sessions that are gone.
+pub const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long a claimed pod stays reserved, and a created pod counts as in
 /// flight: far longer than the cache lags.
 pub const CACHE_LAG_LIMIT: Duration = Duration::from_secs(30);
@@ -74,6 +78,8 @@ pub struct Context {
     pub status_written: Mutex<HashMap<String, Instant>>,
     /// When each pool's last full pass started, by pool UID.
     pub pool_passes: Mutex<HashMap<String, Instant>>,
+    /// When each pool's held pods were last looked over, by pool UID.
+    pub orphan_sweeps: Mutex<HashMap<String, Instant>>,
     /// Pods each pool created that the cache has not shown yet, with when,
     /// by pool UID, so a pool never creates twice for the same gap.
     pub expected: Mutex<HashMap<String, HashMap<String, Instant>>>,
@@ -100,19 +106,13 @@ impl Context {
     /// How long to wait before the next full pass over pool `uid`; None when
     /// one may run now (and it is recorded as started).
     pub fn pool_pass_wait(&self, uid: &str) -> Option<Duration> {
-        let Ok(mut passes) = self.pool_passes.lock() else { return None };
-        let now = Instant::now();
-        if let Some(last) = passes.get(uid) {
-            let since = now.saturating_duration_since(*last);
-            if since < POOL_PASS_INTERVAL {
-                return Some(POOL_PASS_INTERVAL - since);
-            }
-        }
-        if passes.len() >= 10_000 {
-            passes.retain(|_, at| now.saturating_duration_since(*at) < Duration::from_secs(60));
-        }
-        passes.insert(uid.to_string(), now);
-        None
+        pace(&self.pool_passes, uid, POOL_PASS_INTERVAL)
+    }
+
+    /// How long until pool `uid`'s held pods may be looked over for gone
+    /// sessions again; None when now (and it is recorded as done).
+    pub fn orphan_sweep_wait(&self, uid: &str) -> Option<Duration> {
+        pace(&self.orphan_sweeps, uid, ORPHAN_SWEEP_INTERVAL)
     }
 
     /// Reserves `pod` (namespace/name) for a binding; false if it already is.
@@ -200,4 +200,22 @@ impl Context {
 pub struct Progress {
     pub first_seen: Instant,
     pub writes: u32,
+}
+
+/// Paces something done per key: how long until it may run again, or None
+/// when it may run now (and it is recorded as run).
+fn pace(last_runs: &Mutex<HashMap<String, Instant>>, key: &str, interval: Duration) -> Option<Duration> {
+    let Ok(mut last_runs) = last_runs.lock() else { return None };
+    let now = Instant::now();
+    if let Some(last) = last_runs.get(key) {
+        let since = now.saturating_duration_since(*last);
+        if since < interval {
+            return Some(interval - since);
+        }
+    }
+    if last_runs.len() >= 10_000 {
+        last_runs.retain(|_, at| now.saturating_duration_since(*at) < Duration::from_secs(60));
+    }
+    last_runs.insert(key.to_string(), now);
+    None
 }

@@ -1,11 +1,12 @@
 //! What the pod watch says about Tidepool's pods, indexed the ways the
-//! controllers ask: the pods claimed for each session, each pool's warm pods,
-//! and the pods on each node. Session passes and pod placement look things
-//! up here instead of scanning every cached pod. Under load those scans grew
-//! with the pods held by live sessions, until they were the operator's main
-//! cost (docs/benchmarks.md).
+//! controllers ask: the pods claimed for each session, each pool's warm pods
+//! node by node, each pool's pods by whether they are assigned, and the pods
+//! on each node. Claims, pool passes and pod placement look things up here
+//! instead of scanning every cached pod. Under load those scans grew with the
+//! pods held by live sessions, until they were the operator's main cost
+//! (docs/benchmarks.md).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -25,10 +26,23 @@ pub type PoolKey = (String, String);
 struct Facts {
     claimed_by: Option<String>,
     pool: Option<PoolKey>,
+    /// The UID of the WarmPool that owns it.
+    owner: Option<String>,
+    /// Not being deleted.
+    live: bool,
     warm: bool,
     assigned: bool,
+    /// The node it was given, placed or not yet.
+    given_node: String,
     /// Set while the pod is placed and not finished (it takes a slot).
     node: Option<String>,
+}
+
+/// One pool's live pods, by the UID of the pool that owns them.
+#[derive(Debug, Default)]
+struct OwnedPods {
+    unassigned: BTreeSet<String>,
+    assigned: BTreeSet<String>,
 }
 
 /// The indexes, fed by the pod watch.
@@ -36,7 +50,9 @@ struct Facts {
 pub struct PodIndex {
     facts: HashMap<PodKey, Facts>,
     by_session: HashMap<String, BTreeSet<PodKey>>,
-    warm_by_pool: HashMap<PoolKey, BTreeSet<String>>,
+    /// Warm pods by pool, then by node ("" before one is given), by name.
+    warm_by_pool: HashMap<PoolKey, BTreeMap<String, BTreeSet<String>>>,
+    by_owner: HashMap<String, OwnedPods>,
     assigned_by_pool_node: HashMap<PoolKey, HashMap<String, u32>>,
     pods_by_pool_node: HashMap<PoolKey, HashMap<String, u32>>,
     pods_by_node: HashMap<String, u32>,
@@ -71,9 +87,27 @@ impl PodIndex {
         self.by_session.get(uid).map(|pods| pods.iter().cloned().collect()).unwrap_or_default()
     }
 
-    /// The names of pool `pool`'s pods labelled warm (ready or not).
-    pub fn warm_pods(&self, pool: &PoolKey) -> Vec<String> {
-        self.warm_by_pool.get(pool).map(|names| names.iter().cloned().collect()).unwrap_or_default()
+    /// Pool `pool`'s pods labelled warm (ready or not), node by node, each
+    /// node's in name order.
+    pub fn warm_by_node(&self, pool: &PoolKey) -> impl Iterator<Item = (&str, impl Iterator<Item = &str>)> {
+        self.warm_by_pool
+            .get(pool)
+            .into_iter()
+            .flatten()
+            .map(|(node, names)| (node.as_str(), names.iter().map(String::as_str)))
+    }
+
+    /// The live pods of the pool with UID `owner` that no session holds (warm,
+    /// starting, or finished), and how many live pods sessions hold.
+    pub fn owned(&self, owner: &str) -> (Vec<String>, u32) {
+        self.by_owner.get(owner).map_or_else(Default::default, |pods| {
+            (pods.unassigned.iter().cloned().collect(), pods.assigned.len() as u32)
+        })
+    }
+
+    /// The live pods of the pool with UID `owner` that sessions hold.
+    pub fn owned_assigned(&self, owner: &str) -> Vec<String> {
+        self.by_owner.get(owner).map(|pods| pods.assigned.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// Pool `pool`'s assigned pods on each node.
@@ -97,9 +131,15 @@ impl PodIndex {
         if let Some(uid) = &facts.claimed_by {
             self.by_session.entry(uid.clone()).or_default().insert(key.clone());
         }
+        if let Some(owner) = facts.owner.as_ref().filter(|_| facts.live) {
+            let owned = self.by_owner.entry(owner.clone()).or_default();
+            let set = if facts.assigned { &mut owned.assigned } else { &mut owned.unassigned };
+            set.insert(key.1.clone());
+        }
         if let Some(pool) = &facts.pool {
             if facts.warm {
-                self.warm_by_pool.entry(pool.clone()).or_default().insert(key.1.clone());
+                let by_node = self.warm_by_pool.entry(pool.clone()).or_default();
+                by_node.entry(facts.given_node.clone()).or_default().insert(key.1.clone());
             }
             if let Some(node) = &facts.node {
                 *self.pods_by_pool_node.entry(pool.clone()).or_default().entry(node.clone()).or_default() += 1;
@@ -111,7 +151,7 @@ impl PodIndex {
         if let Some(node) = &facts.node {
             *self.pods_by_node.entry(node.clone()).or_default() += 1;
         }
-        if facts.claimed_by.is_some() || facts.pool.is_some() || facts.node.is_some() {
+        if facts.claimed_by.is_some() || facts.pool.is_some() || facts.owner.is_some() || facts.node.is_some() {
             self.facts.insert(key, facts);
         }
     }
@@ -121,9 +161,28 @@ impl PodIndex {
         if let Some(uid) = &facts.claimed_by {
             drop_from_set(&mut self.by_session, uid, key);
         }
+        if let Some(owner) = facts.owner.as_ref().filter(|_| facts.live)
+            && let Some(owned) = self.by_owner.get_mut(owner)
+        {
+            let set = if facts.assigned { &mut owned.assigned } else { &mut owned.unassigned };
+            set.remove(&key.1);
+            if owned.assigned.is_empty() && owned.unassigned.is_empty() {
+                self.by_owner.remove(owner);
+            }
+        }
         if let Some(pool) = &facts.pool {
-            if facts.warm {
-                drop_from_set(&mut self.warm_by_pool, pool, &key.1);
+            if facts.warm
+                && let Some(by_node) = self.warm_by_pool.get_mut(pool)
+            {
+                if let Some(names) = by_node.get_mut(&facts.given_node) {
+                    names.remove(&key.1);
+                    if names.is_empty() {
+                        by_node.remove(&facts.given_node);
+                    }
+                }
+                if by_node.is_empty() {
+                    self.warm_by_pool.remove(pool);
+                }
             }
             if let Some(node) = &facts.node {
                 count_down(&mut self.pods_by_pool_node, pool, node);
@@ -142,11 +201,19 @@ fn facts(pod: &Pod) -> Facts {
     let live = pod.metadata.deletion_timestamp.is_none();
     let state = pod.labels().get(labels::STATE).map(String::as_str);
     let pool = pod.labels().get(labels::POOL).map(|p| (pod.namespace().unwrap_or_default(), p.clone()));
+    let given_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     Facts {
         claimed_by: pod.annotations().get(labels::SESSION_UID).filter(|_| live).cloned(),
+        owner: pod
+            .owner_references()
+            .iter()
+            .find(|o| o.kind == "WarmPool" && o.controller == Some(true))
+            .map(|o| o.uid.clone()),
+        live,
         warm: live && state == Some(labels::STATE_WARM),
         assigned: state == Some(labels::STATE_ASSIGNED),
-        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|_| !crate::pool::is_finished(pod)),
+        node: given_node.clone().filter(|_| !crate::pool::is_finished(pod)),
+        given_node: given_node.unwrap_or_default(),
         pool,
     }
 }
@@ -242,7 +309,9 @@ mod tests {
     fn pool_pod(name: &str, state: &str, node: Option<&str>, phase: &str) -> Pod {
         serde_json::from_value(serde_json::json!({
             "metadata": { "name": name, "namespace": "ns",
-                "labels": { labels::POOL: "edge", labels::STATE: state } },
+                "labels": { labels::POOL: "edge", labels::STATE: state },
+                "ownerReferences": [{ "apiVersion": "tidepool.dev/v1alpha1", "kind": "WarmPool",
+                    "name": "edge", "uid": "edge-uid", "controller": true }] },
             "spec": { "containers": [], "nodeName": node },
             "status": { "phase": phase }
         }))
@@ -257,14 +326,17 @@ mod tests {
         index.apply(&Event::Apply(pool_pod("a", labels::STATE_WARM, Some("n1"), "Running")));
         index.apply(&Event::Apply(pool_pod("b", labels::STATE_WARM, Some("n1"), "Running")));
         index.apply(&Event::Apply(pool_pod("c", labels::STATE_WARM, Some("n2"), "Running")));
-        assert_eq!(index.warm_pods(&edge), ["a", "b", "c"]);
+        assert_eq!(warm(&index, &edge), [("n1", vec!["a", "b"]), ("n2", vec!["c"])]);
+        assert_eq!(index.owned("edge-uid"), (vec!["a".to_string(), "b".into(), "c".into()], 0));
         assert!(index.assigned_per_node(&edge).is_empty());
         let per_node = HashMap::from([("n1".to_string(), 2), ("n2".to_string(), 1)]);
         assert_eq!(index.pods_per_node(&edge), (per_node.clone(), per_node));
 
         // Claimed: no longer warm, counted as assigned on its node.
         index.apply(&Event::Apply(pool_pod("b", labels::STATE_ASSIGNED, Some("n1"), "Running")));
-        assert_eq!(index.warm_pods(&edge), ["a", "c"]);
+        assert_eq!(warm(&index, &edge), [("n1", vec!["a"]), ("n2", vec!["c"])]);
+        assert_eq!(index.owned("edge-uid"), (vec!["a".to_string(), "c".into()], 1));
+        assert_eq!(index.owned_assigned("edge-uid"), ["b"]);
         assert_eq!(index.assigned_per_node(&edge), HashMap::from([("n1".to_string(), 1)]));
         // A finished pod holds no slot; a deleted one is gone from everything.
         index.apply(&Event::Apply(pool_pod("b", labels::STATE_ASSIGNED, Some("n1"), "Failed")));
@@ -273,8 +345,32 @@ mod tests {
         for name in ["a", "b", "c"] {
             index.apply(&Event::Delete(pool_pod(name, labels::STATE_WARM, None, "Running")));
         }
-        assert!(index.warm_pods(&edge).is_empty());
+        assert!(warm(&index, &edge).is_empty());
+        assert_eq!(index.owned("edge-uid"), (vec![], 0));
         assert_eq!(index.pods_per_node(&edge), (HashMap::new(), HashMap::new()));
         assert!(index.facts.is_empty() && index.warm_by_pool.is_empty() && index.pods_by_pool_node.is_empty());
+        assert!(index.by_owner.is_empty());
+    }
+
+    fn warm<'a>(index: &'a PodIndex, pool: &PoolKey) -> Vec<(&'a str, Vec<&'a str>)> {
+        index.warm_by_node(pool).map(|(node, names)| (node, names.collect())).collect()
+    }
+
+    #[test]
+    fn a_pod_being_deleted_leaves_its_pools_sets() {
+        let edge = ("ns".to_string(), "edge".to_string());
+        let mut index = PodIndex::default();
+        index.apply(&Event::Apply(pool_pod("a", labels::STATE_WARM, None, "Pending")));
+        index.apply(&Event::Apply(pool_pod("b", labels::STATE_ASSIGNED, Some("n1"), "Running")));
+        assert_eq!(warm(&index, &edge), [("", vec!["a"])]);
+        assert_eq!(index.owned("edge-uid"), (vec!["a".to_string()], 1));
+        for name in ["a", "b"] {
+            let mut going = pool_pod(name, labels::STATE_WARM, None, "Running");
+            going.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+            index.apply(&Event::Apply(going));
+        }
+        assert!(warm(&index, &edge).is_empty());
+        assert_eq!(index.owned("edge-uid"), (vec![], 0));
+        assert!(index.owned_assigned("edge-uid").is_empty());
     }
 }

@@ -100,6 +100,7 @@ pub async fn controllers(
         reserved: Mutex::new(HashMap::new()),
         status_written: Mutex::new(HashMap::new()),
         pool_passes: Mutex::new(HashMap::new()),
+        orphan_sweeps: Mutex::new(HashMap::new()),
         expected: Mutex::new(HashMap::new()),
         bindings: Mutex::new(HashMap::new()),
         binding_progress: Mutex::new(HashMap::new()),

@@ -6,7 +6,7 @@
 pub mod nodes;
 pub mod plan;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,17 +60,11 @@ pub fn owned_by(pod: &Pod, pool: &WarmPool) -> bool {
     pod.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid)
 }
 
-/// The pool's pods in the cache, owned by this very pool (by UID).
-pub fn pods_of(ctx: &Context, pool: &WarmPool) -> Vec<Arc<Pod>> {
-    // Runs for every pass over every cached pod: compare borrowed strings, allocate nothing per pod.
-    let namespace = pool.metadata.namespace.as_deref();
-    let name = pool.metadata.name.as_deref();
-    ctx.pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            p.metadata.namespace.as_deref() == namespace && p.labels().get(labels::POOL).map(String::as_str) == name
-        })
+/// Cached pods of this very pool (by UID), by name.
+fn cached_pods(ctx: &Context, pool: &WarmPool, namespace: &str, names: &[String]) -> Vec<Arc<Pod>> {
+    names
+        .iter()
+        .filter_map(|name| ctx.pods.get(&ObjectRef::new(name).within(namespace)))
         .filter(|p| owned_by(p, pool))
         .collect()
 }
@@ -88,8 +82,11 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     }
     let key = ctx.keys.ensure(&ctx.client, &pool).await?;
     let hash = template_hash(&pool);
-    let pods = pods_of(&ctx, &pool);
-    let in_flight = in_flight(&ctx, &uid, &pods);
+    // The pods no session holds, and a count of those sessions hold: a pass
+    // reads the pool's warm pods, not the thousands its sessions may hold.
+    let (unassigned, assigned) = ctx.with_pod_index(|index| index.owned(&uid));
+    let pods = cached_pods(&ctx, &pool, &namespace, &unassigned);
+    let in_flight = in_flight(&ctx, &uid, &namespace);
     let waiting = waiting_sessions(&ctx, &namespace, &name);
     let views: Vec<PodView> = pods.iter().map(|p| view(p, &hash)).collect();
     let target = Target {
@@ -98,6 +95,7 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
         waiting_sessions: waiting,
         batch: ctx.settings.create_batch,
         in_flight,
+        assigned,
     };
     let plan = plan::plan(&views, target);
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -168,8 +166,14 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
             (n.clone(), uid, reason)
         })
         .collect();
-    for orphan in orphans(&ctx, &namespace, &pods).await? {
-        doomed.push((orphan.name_any(), orphan.uid(), "SessionGone"));
+    // Held pods are looked over less often than passes run: there can be
+    // thousands, and a gone session's pod waiting a second costs little.
+    let sweep_wait = ctx.orphan_sweep_wait(&uid);
+    if sweep_wait.is_none() {
+        let held = cached_pods(&ctx, &pool, &namespace, &ctx.with_pod_index(|index| index.owned_assigned(&uid)));
+        for orphan in orphans(&ctx, &namespace, &held).await? {
+            doomed.push((orphan.name_any(), orphan.uid(), "SessionGone"));
+        }
     }
     let deletions = doomed.iter().map(|(pod, pod_uid, _)| {
         let params = DeleteParams {
@@ -215,7 +219,9 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
 
     let deferred = !update_status(&ctx, &pool, &plan, problem).await?;
     let busy = plan.create > 0 || !doomed.is_empty() || in_flight > 0 || problem.is_some() || deferred;
-    Ok(if busy { Action::requeue(Duration::from_secs(2)) } else { Action::requeue(Duration::from_secs(300)) })
+    let next = if busy { Duration::from_secs(2) } else { Duration::from_secs(300) };
+    // A skipped sweep may be the one a deleted session's pod is waiting for.
+    Ok(Action::requeue(sweep_wait.map_or(next, |wait| wait.min(next))))
 }
 
 pub fn error_policy(_pool: Arc<WarmPool>, error: &Error, _ctx: Arc<Context>) -> Action {
@@ -241,20 +247,20 @@ fn view(pod: &Pod, hash: &str) -> PodView {
 /// Pods created but not in the cache yet. Forgets those the cache now has,
 /// and those it never showed in time (deleted before it saw them), so a lost
 /// pod cannot hold the pool below its size.
-fn in_flight(ctx: &Context, pool_uid: &str, pods: &[Arc<Pod>]) -> u32 {
+fn in_flight(ctx: &Context, pool_uid: &str, namespace: &str) -> u32 {
     let Ok(mut expected) = ctx.expected.lock() else { return 0 };
     let Some(names) = expected.get_mut(pool_uid) else { return 0 };
-    let seen: HashSet<String> = pods.iter().map(|p| p.name_any()).collect();
-    still_in_flight(names, &seen, std::time::Instant::now())
+    let cached = |name: &str| ctx.pods.get(&ObjectRef::new(name).within(namespace)).is_some();
+    still_in_flight(names, cached, std::time::Instant::now())
 }
 
 /// Keeps the expected pods the cache has not shown, up to the lag limit.
 fn still_in_flight(
     expected: &mut std::collections::HashMap<String, std::time::Instant>,
-    seen: &HashSet<String>,
+    cached: impl Fn(&str) -> bool,
     now: std::time::Instant,
 ) -> u32 {
-    expected.retain(|name, at| !seen.contains(name) && now.duration_since(*at) < CACHE_LAG_LIMIT);
+    expected.retain(|name, at| !cached(name) && now.duration_since(*at) < CACHE_LAG_LIMIT);
     expected.len() as u32
 }
 
@@ -559,10 +565,10 @@ mod tests {
     fn a_pod_counts_as_in_flight_until_seen_or_too_late() {
         let start = Instant::now();
         let mut expected = HashMap::from([("seen".to_string(), start), ("lost".to_string(), start)]);
-        let seen = HashSet::from(["seen".to_string()]);
-        assert_eq!(still_in_flight(&mut expected, &seen, start), 1);
+        let cached = |name: &str| name == "seen";
+        assert_eq!(still_in_flight(&mut expected, cached, start), 1);
         // "lost" was deleted before the cache saw it: it stops holding the pool back.
-        assert_eq!(still_in_flight(&mut expected, &seen, start + CACHE_LAG_LIMIT), 0);
+        assert_eq!(still_in_flight(&mut expected, cached, start + CACHE_LAG_LIMIT), 0);
     }
 
     #[test]

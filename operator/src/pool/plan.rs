@@ -31,6 +31,9 @@ pub struct Target {
     pub batch: u32,
     /// Pods created but not seen in the cache yet.
     pub in_flight: u32,
+    /// Live pods held by sessions that are not among the pods planned over:
+    /// the pool counts them, and never touches them.
+    pub assigned: u32,
 }
 
 /// The counts a pool reports in its status.
@@ -97,7 +100,8 @@ pub fn plan(pods: &[PodView], target: Target) -> Plan {
             }
         }
     }
-    plan.counts.replicas = live.len() as u32;
+    plan.counts.assigned += target.assigned;
+    plan.counts.replicas = live.len() as u32 + target.assigned;
     plan.counts.warm = (fresh_ready.len() + stale_ready.len()) as u32;
     plan.counts.pending = (fresh_pending.len() + stale_pending.len()) as u32 + target.in_flight;
 
@@ -161,7 +165,7 @@ mod tests {
     }
 
     fn target(size: u32) -> Target {
-        Target { size, max_size: None, waiting_sessions: 0, batch: 10, in_flight: 0 }
+        Target { size, max_size: None, waiting_sessions: 0, batch: 10, in_flight: 0, assigned: 0 }
     }
 
     fn deleted(plan: &Plan) -> Vec<&str> {
@@ -197,6 +201,17 @@ mod tests {
         let plan = plan(&pods, Target { max_size: Some(4), ..target(3) });
         assert_eq!(plan.create, 1);
         assert!(plan.capped);
+    }
+
+    #[test]
+    fn held_pods_counted_apart_weigh_like_listed_ones() {
+        // The operator passes a count of the pods sessions hold, not the pods.
+        let plan = plan(&[warm("a", 1)], Target { max_size: Some(4), assigned: 2, ..target(3) });
+        assert_eq!(plan.create, 1);
+        assert!(plan.capped);
+        assert_eq!(plan.counts, Counts { replicas: 3, warm: 1, assigned: 2, pending: 0 });
+        let listed = [warm("a", 1), pod("b", true, true, true, 2), pod("c", true, true, true, 3)];
+        assert_eq!(super::plan(&listed, Target { max_size: Some(4), ..target(3) }), plan);
     }
 
     #[test]

@@ -302,29 +302,58 @@ fn place(ctx: &Context, session: &TestSession, pool: &WarmPool, choices: &[&Arc<
     }
 }
 
+/// Each node's first free pod by name on the current template, or, when no
+/// node has one, each node's first free outdated pod (outdated pods still
+/// serve); in name order across nodes, as placement breaks ties by the first
+/// offered. Scanning stops on a node at its first current pod.
+fn first_free_per_node<'a, P: Clone>(
+    nodes: impl Iterator<Item = (&'a str, impl Iterator<Item = &'a str>)>,
+    free: impl Fn(&str) -> Option<P>,
+    is_current: impl Fn(&P) -> bool,
+) -> Vec<(String, P)> {
+    let (mut current, mut outdated) = (Vec::new(), Vec::new());
+    for (_node, names) in nodes {
+        let mut first_outdated = None;
+        for (name, pod) in names.filter_map(|name| free(name).map(|pod| (name.to_string(), pod))) {
+            if is_current(&pod) {
+                current.push((name, pod));
+                break;
+            }
+            first_outdated.get_or_insert((name, pod));
+        }
+        outdated.extend(first_outdated);
+    }
+    let mut chosen = if current.is_empty() { outdated } else { current };
+    chosen.sort_by(|a, b| a.0.cmp(&b.0));
+    chosen
+}
+
 /// Chooses a warm pod through placement and claims it for the session.
 async fn claim(ctx: &Context, session: &TestSession, pool: &WarmPool, pods: &Api<Pod>) -> Result<Claim> {
     let namespace = session.namespace().unwrap_or_default();
     let hash = template_hash(pool);
-    // From the pod index: the pool's warm pods, and its sessions per node.
-    // Scanning every cached pod instead grew with the sessions held.
+    // From the pod index: the pool's warm pods node by node, and its
+    // sessions per node. Placement picks a node; within a node the first pod
+    // by name goes. So each node offers only its first free pod on the current
+    // template (or, failing that, its first outdated one): the same choice as
+    // offering every warm pod, without reading them all on every claim.
     let pool_key = (namespace.clone(), pool.name_any());
-    let (warm_names, assigned) =
-        ctx.with_pod_index(|index| (index.warm_pods(&pool_key), index.assigned_per_node(&pool_key)));
+    let free = |name: &str| -> Option<Arc<Pod>> {
+        let pod = ctx.pods.get(&kube::runtime::reflector::ObjectRef::new(name).within(&namespace))?;
+        let usable = crate::pool::owned_by(&pod, pool)
+            && pod.labels().get(labels::STATE).map(String::as_str) == Some(labels::STATE_WARM)
+            && is_ready(&pod)
+            && !is_finished(&pod)
+            && pod.meta().deletion_timestamp.is_none()
+            && !ctx.is_reserved(&format!("{namespace}/{name}"));
+        usable.then_some(pod)
+    };
+    let is_current = |pod: &Arc<Pod>| pod.labels().get(labels::TEMPLATE_HASH) == Some(&hash);
+    let (choices, assigned) = ctx.with_pod_index(|index| {
+        (first_free_per_node(index.warm_by_node(&pool_key), free, is_current), index.assigned_per_node(&pool_key))
+    });
     let per_node: HashMap<&str, u32> = assigned.iter().map(|(node, n)| (node.as_str(), *n)).collect();
-    let warm: Vec<Arc<Pod>> = warm_names
-        .iter()
-        .filter(|name| !ctx.is_reserved(&format!("{namespace}/{name}")))
-        .filter_map(|name| ctx.pods.get(&kube::runtime::reflector::ObjectRef::new(name).within(&namespace)))
-        .filter(|p| crate::pool::owned_by(p, pool))
-        .filter(|p| p.labels().get(labels::STATE).map(String::as_str) == Some(labels::STATE_WARM))
-        .filter(|p| is_ready(p) && !is_finished(p) && p.meta().deletion_timestamp.is_none())
-        .collect();
-    let warm: Vec<&Arc<Pod>> = warm.iter().collect();
-    // Pods on the current template first; outdated ones still serve.
-    let (current, outdated): (Vec<&Arc<Pod>>, Vec<&Arc<Pod>>) =
-        warm.into_iter().partition(|p| p.labels().get(labels::TEMPLATE_HASH) == Some(&hash));
-    let choices = if current.is_empty() { outdated } else { current };
+    let choices: Vec<&Arc<Pod>> = choices.iter().map(|(_, pod)| pod).collect();
     let (index, pick) = match place(ctx, session, pool, &choices) {
         Placed::On(index, pick) => (index, Some(pick)),
         Placed::NoFit(message) => return Ok(Claim::NoFit(message)),
@@ -556,4 +585,56 @@ pub fn sessions_for_pod(
         .map(|s| kube::runtime::reflector::ObjectRef::from(s.as_ref()))
         .into_iter()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Offering each node's first free pod picks what offering every warm pod
+    /// did: the first free pod overall, and the first free pod on each node.
+    #[test]
+    fn one_pod_per_node_offers_what_all_the_warm_pods_did() {
+        let mut seed = 7u64;
+        let mut next = move |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for _ in 0..500 {
+            // node -> pod name -> (free, current)
+            let mut nodes: BTreeMap<String, BTreeMap<String, (bool, bool)>> = BTreeMap::new();
+            for i in 0..next(12) {
+                let node = format!("n{}", next(3));
+                let pod = format!("p{:02}", next(40) * 10 + i);
+                nodes.entry(node).or_default().insert(pod, (next(4) > 0, next(3) > 0));
+            }
+            let lookup = |name: &str| {
+                nodes.values().find_map(|pods| pods.get(name)).filter(|(free, _)| *free).map(|(_, current)| *current)
+            };
+            let per_node = nodes.iter().map(|(node, pods)| (node.as_str(), pods.keys().map(String::as_str)));
+            let offered = first_free_per_node(per_node, lookup, |current| *current);
+
+            // Every free warm pod, in name order, as claims used to offer them.
+            let all: BTreeMap<&str, (&str, bool)> = nodes
+                .iter()
+                .flat_map(|(node, pods)| pods.iter().map(move |(pod, state)| (pod.as_str(), (node.as_str(), *state))))
+                .filter(|(_, (_, (free, _)))| *free)
+                .map(|(pod, (node, (_, current)))| (pod, (node, current)))
+                .collect();
+            let any_current = all.values().any(|(_, current)| *current);
+            let old: Vec<(&str, &str)> = all
+                .iter()
+                .filter(|(_, (_, current))| *current == any_current)
+                .map(|(pod, (node, _))| (*pod, *node))
+                .collect();
+            let node_of = |pod: &str| all[pod].0;
+            assert_eq!(offered.first().map(|(pod, _)| pod.as_str()), old.first().map(|(pod, _)| *pod));
+            for node in nodes.keys() {
+                let first_old = old.iter().find(|(_, n)| n == node).map(|(pod, _)| *pod);
+                let first_new = offered.iter().map(|(pod, _)| pod.as_str()).find(|pod| node_of(pod) == node);
+                assert_eq!(first_new, first_old, "{nodes:?}");
+            }
+        }
+    }
 }
