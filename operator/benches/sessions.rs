@@ -9,6 +9,9 @@
 //! Set TIDEPOOL_BENCH_SECONDS to shorten the Poisson run, and
 //! TIDEPOOL_BENCH_NODE_ASSIGNMENT=Scheduler to have the Kubernetes scheduler
 //! place the pool's pods (the default here is the pool's `Operator` mode).
+//! Set TIDEPOOL_BENCH_TIMELINE=FILE to get every session's timeline as CSV:
+//! when its create started, when the create answered, when the watch showed
+//! it, and when it showed it Ready (ms from the scenario's first create).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +32,9 @@ const NAMESPACE: &str = "bench";
 #[derive(Default)]
 struct Watched {
     started: HashMap<String, Instant>,
+    /// When the create request answered, and when the watch first showed the session.
+    answered: HashMap<String, Instant>,
+    seen: HashMap<String, Instant>,
     ready: HashMap<String, Duration>,
     waited_for_a_pod: usize,
 }
@@ -255,6 +261,9 @@ async fn create(sessions: &Api<TestSession>, watched: &Mutex<Watched>, name: &st
     if let Err(e) = sessions.create(&PostParams::default(), &session).await {
         eprintln!("create {name}: {e}");
     }
+    if let Ok(mut w) = watched.lock() {
+        w.answered.insert(name.to_string(), Instant::now());
+    }
 }
 
 async fn wait_ready(watched: &Mutex<Watched>, name: &str) {
@@ -289,9 +298,10 @@ async fn watch_sessions(sessions: Api<TestSession>, watched: Arc<Mutex<Watched>>
                 _ => continue,
             };
             version = session.resource_version().unwrap_or(version);
-            let Some(status) = &session.status else { continue };
             let name = session.name_any();
             let Ok(mut w) = watched.lock() else { continue };
+            w.seen.entry(name.clone()).or_insert(now);
+            let Some(status) = &session.status else { continue };
             if status.phase == Phase::Ready && !w.ready.contains_key(&name) {
                 if let Some(start) = w.started.get(&name) {
                     let took = now - *start;
@@ -346,4 +356,30 @@ fn report(
         w.waited_for_a_pod,
     );
     w.waited_for_a_pod = 0;
+    if let Ok(path) = std::env::var("TIDEPOOL_BENCH_TIMELINE") {
+        write_timeline(&w, prefix, &path);
+    }
+}
+
+/// Appends the scenario's sessions to a CSV: name, then ms from the
+/// scenario's first create to each session's create, create answer, first
+/// sight in the watch, and Ready.
+fn write_timeline(w: &Watched, prefix: &str, path: &str) {
+    use std::io::Write;
+    let mut names: Vec<&String> = w.started.keys().filter(|n| n.starts_with(prefix)).collect();
+    names.sort();
+    let Some(first) = names.iter().filter_map(|n| w.started.get(*n)).min().copied() else { return };
+    let ms = |at: Option<&Instant>| at.map_or(String::new(), |t| format!("{:.1}", (*t - first).as_secs_f64() * 1000.0));
+    let mut out = String::new();
+    for name in names {
+        let started = w.started.get(name);
+        let ready = started.zip(w.ready.get(name)).map(|(s, d)| *s + *d);
+        let line = [ms(started), ms(w.answered.get(name)), ms(w.seen.get(name)), ms(ready.as_ref())].join(",");
+        out.push_str(&format!("{name},{line}\n"));
+    }
+    let written =
+        std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| f.write_all(out.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("timeline {path}: {e}");
+    }
 }
