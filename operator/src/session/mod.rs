@@ -306,7 +306,7 @@ fn place(ctx: &Context, session: &TestSession, pool: &WarmPool, choices: &[&Arc<
 /// node has one, each node's first free outdated pod (outdated pods still
 /// serve); in name order across nodes, as placement breaks ties by the first
 /// offered. Scanning stops on a node at its first current pod.
-fn first_free_per_node<'a, P: Clone>(
+fn first_free_per_node<'a, P>(
     nodes: impl Iterator<Item = (&'a str, impl Iterator<Item = &'a str>)>,
     free: impl Fn(&str) -> Option<P>,
     is_current: impl Fn(&P) -> bool,
@@ -638,6 +638,10 @@ mod tests {
         let in_crd: BTreeSet<&str> = status_schema.properties.as_ref().unwrap().keys().map(String::as_str).collect();
         let in_fixture: BTreeSet<&str> = full.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(in_fixture, in_crd);
+        // A field added to the CRD must be added to the owned list too.
+        let mut named: BTreeSet<&str> = OWNED_STATUS_FIELDS.into_iter().collect();
+        named.insert("results");
+        assert_eq!(named, in_crd);
         let status: TestSessionStatus = serde_json::from_value(full.clone()).unwrap();
         assert_eq!(serde_json::to_value(&status).unwrap(), full);
 
