@@ -51,19 +51,31 @@ pub fn install(plane: &ControlPlane, files: &[PathBuf]) -> Result<()> {
             )));
         }
         let name = String::from_utf8_lossy(&applied.stdout).trim().to_string();
-        let waited = plane
-            .kubectl()
-            .args(["wait", "--for=condition=Established", "--timeout=60s", &name])
-            .output()
-            .map_err(HarnessError::io("running kubectl wait"))?;
-        if !waited.status.success() {
-            return Err(HarnessError::Other(format!(
-                "waiting for {name} to be Established: {}",
-                String::from_utf8_lossy(&waited.stderr)
-            )));
-        }
+        wait_established(plane, &name)?;
     }
     Ok(())
+}
+
+/// Waits up to 60 s for CRD `name` to be Established. `kubectl wait` fails
+/// at once, instead of waiting, when it reads the CRD before the API server
+/// has written any status conditions ("accessor error"); that is asked again.
+fn wait_established(plane: &ControlPlane, name: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waited = plane
+            .kubectl()
+            .args(["wait", "--for=condition=Established", "--timeout=60s", name])
+            .output()
+            .map_err(HarnessError::io("running kubectl wait"))?;
+        if waited.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&waited.stderr);
+        if !stderr.contains("accessor error") || std::time::Instant::now() >= deadline {
+            return Err(HarnessError::Other(format!("waiting for {name} to be Established: {stderr}")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// The directory of `module@version` in the Go module cache, downloading it first if needed.
