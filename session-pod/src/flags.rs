@@ -22,8 +22,14 @@ pub struct Flags {
     #[arg(long, env = "TIDEPOOL_UDP_PORT")]
     pub udp_port: Option<u16>,
     /// The pool's Ed25519 public key (base64url), which signs session tokens
-    /// and binding tickets.
-    #[arg(long, env = "TIDEPOOL_POOL_PUBLIC_KEY", value_parser = parse_public_key, hide_env_values = true)]
+    /// and binding tickets. Base64url, so it may begin with '-'.
+    #[arg(
+        long,
+        env = "TIDEPOOL_POOL_PUBLIC_KEY",
+        value_parser = parse_public_key,
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
     pub pool_public_key: PoolPublicKey,
     /// This pod's name: binding tickets name it.
     #[arg(long, env = "TIDEPOOL_POD_NAME", value_parser = non_empty)]
@@ -115,6 +121,13 @@ mod tests {
         assert_eq!(config.udp_port, None);
         assert_eq!(config.limits, Limits::default());
         assert_eq!(config.identity.pod, "edge-abc");
+
+        // A key that begins with '-' is a value, not a flag (1 key in 64 does).
+        let hyphenated = std::iter::repeat_with(|| PoolKey::generate().unwrap().public().to_base64())
+            .take(10_000)
+            .find(|key| key.starts_with('-'))
+            .unwrap();
+        Flags::try_parse_from(["tidepool-session", "--pool-public-key", &hyphenated, "--pod-name", "p"]).unwrap();
 
         // Missing or malformed identity is a usage error (exit code 2).
         for args in [
