@@ -37,6 +37,8 @@ pub struct Options {
     pub crds: bool,
     /// Nodes to create once the control plane is up.
     pub nodes: Vec<FakeNode>,
+    /// Keep the API server's audit log of writes ([`ControlPlane::audit_log`]).
+    pub audit: bool,
 }
 
 impl Default for Options {
@@ -48,6 +50,7 @@ impl Default for Options {
             kwok: true,
             crds: true,
             nodes: vec![FakeNode::new("kwok-node-0"), FakeNode::new("kwok-node-1")],
+            audit: false,
         }
     }
 }
@@ -66,8 +69,12 @@ pub struct ControlPlane {
     server: String,
     pod_cidr: String,
     admin_kubeconfig: PathBuf,
+    /// Signs client certificates for more users.
+    ca: Option<Authority>,
     // Stopped in reverse start order (kwok first, etcd last) on drop.
     processes: Vec<Managed>,
+    /// Each component's arguments, to start it again.
+    args: Vec<(String, Vec<String>)>,
     keep_dir: bool,
 }
 
@@ -103,7 +110,9 @@ impl ControlPlane {
             server: String::new(),
             pod_cidr,
             admin_kubeconfig: PathBuf::new(),
+            ca: None,
             processes: Vec::new(),
+            args: Vec::new(),
             keep_dir: std::env::var_os("TIDEPOOL_KEEP_HARNESS").is_some(),
         };
         plane.boot(options).await?;
@@ -173,10 +182,20 @@ impl ControlPlane {
             }
             .to_string(),
         ];
+        let mut api_args = api_args;
+        if options.audit {
+            write(&path("audit-policy.yaml"), AUDIT_POLICY)?;
+            api_args.extend([
+                format!("--audit-policy-file={}", path("audit-policy.yaml").display()),
+                format!("--audit-log-path={}", path("audit.log").display()),
+                "--audit-log-format=json".to_string(),
+                "--audit-log-mode=blocking".to_string(),
+            ]);
+        }
         self.spawn_component("kube-apiserver", &api_args)?;
 
         let admin = ca.client("tidepool-admin", &["system:masters"])?;
-        self.admin_kubeconfig = self.write_cert_kubeconfig("admin", &admin)?;
+        self.admin_kubeconfig = self.write_cert_kubeconfig("admin", &admin, &self.server.clone())?;
         self.wait_until_ready().await?;
 
         if options.controller_manager {
@@ -223,7 +242,71 @@ impl ControlPlane {
         for node in &options.nodes {
             self.add_node(node).await?;
         }
+        self.ca = Some(ca);
         Ok(())
+    }
+
+    /// Kills a component (`etcd`, `kube-apiserver`, ...) as a crash would,
+    /// starts it again with the same arguments (ports, data), and waits
+    /// until it serves again.
+    pub async fn restart(&mut self, name: &str) -> Result<()> {
+        self.kill(name)?;
+        self.start_again(name).await
+    }
+
+    /// Kills a component, as a crash would; [`ControlPlane::start_again`] brings it back.
+    pub fn kill(&mut self, name: &str) -> Result<()> {
+        let process = self
+            .processes
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| HarnessError::Other(format!("no component {name}")))?;
+        process.kill();
+        Ok(())
+    }
+
+    /// Starts a killed component again with its arguments, and waits until it serves.
+    pub async fn start_again(&mut self, name: &str) -> Result<()> {
+        let args = self
+            .args
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, args)| args.clone())
+            .ok_or_else(|| HarnessError::Other(format!("no component {name}")))?;
+        let process = Managed::spawn(name, &self.bin.join(name), &args, &self.dir)?;
+        let slot = self
+            .processes
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| HarnessError::Other(format!("no component {name}")))?;
+        *slot = process;
+        match name {
+            "kube-apiserver" => self.wait_until_ready().await,
+            "etcd" => {
+                let port = args
+                    .iter()
+                    .find_map(|a| a.strip_prefix("--listen-client-urls=http://127.0.0.1:"))
+                    .and_then(|p| p.parse().ok())
+                    .ok_or_else(|| HarnessError::Other("etcd has no client port".into()))?;
+                self.wait_for_port("etcd", port, Duration::from_secs(30)).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The API server's audit log (JSON lines, one per write), with
+    /// [`Options::audit`].
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+
+    /// A kubeconfig for `user`, a member of `system:masters` with a client
+    /// certificate of its own (so the audit log tells its requests apart),
+    /// reaching the API server at `server` (a proxy's address, say).
+    pub fn admin_kubeconfig_as(&self, user: &str, server: &str) -> Result<PathBuf> {
+        let ca = self.ca.as_ref().ok_or_else(|| HarnessError::Other("the control plane has no CA".into()))?;
+        let pem = ca.client(user, &["system:masters"])?;
+        self.write_cert_kubeconfig(user, &pem, server)
     }
 
     /// The API server's URL.
@@ -271,7 +354,7 @@ impl ControlPlane {
         let token = self.service_account_token(namespace, name, audience, None).await?;
         let file = self.dir.join(format!("sa-{namespace}-{name}.kubeconfig"));
         let user = format!("    token: {token}\n");
-        write(&file, &self.kubeconfig_text(&format!("{namespace}-{name}"), &user))?;
+        write(&file, &self.kubeconfig_text(&format!("{namespace}-{name}"), &user, &self.server))?;
         Ok(file)
     }
 
@@ -386,7 +469,7 @@ impl ControlPlane {
     /// The flags the controller-manager and the scheduler share: their own
     /// client certificate, serving on a free loopback port, no leader election.
     fn component_args(&self, ca: &Authority, user: &str, name: &str) -> Result<Vec<String>> {
-        let kubeconfig = self.write_cert_kubeconfig(name, &ca.client(user, &[])?)?;
+        let kubeconfig = self.write_cert_kubeconfig(name, &ca.client(user, &[])?, &self.server)?;
         Ok(vec![
             format!("--kubeconfig={}", kubeconfig.display()),
             format!("--authentication-kubeconfig={}", kubeconfig.display()),
@@ -400,6 +483,7 @@ impl ControlPlane {
     fn spawn_component(&mut self, name: &str, args: &[String]) -> Result<()> {
         let process = Managed::spawn(name, &self.bin.join(name), args, &self.dir)?;
         self.processes.push(process);
+        self.args.push((name.to_string(), args.to_vec()));
         Ok(())
     }
 
@@ -465,21 +549,20 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn write_cert_kubeconfig(&self, user: &str, pem: &pki::Pem) -> Result<PathBuf> {
+    fn write_cert_kubeconfig(&self, user: &str, pem: &pki::Pem, server: &str) -> Result<PathBuf> {
         let cert = self.dir.join(format!("{user}.crt"));
         let key = self.dir.join(format!("{user}.key"));
         write(&cert, &pem.cert)?;
         write(&key, &pem.key)?;
         let auth = format!("    client-certificate: {}\n    client-key: {}\n", cert.display(), key.display());
         let file = self.dir.join(format!("{user}.kubeconfig"));
-        write(&file, &self.kubeconfig_text(user, &auth))?;
+        write(&file, &self.kubeconfig_text(user, &auth, server))?;
         Ok(file)
     }
 
-    fn kubeconfig_text(&self, user: &str, auth: &str) -> String {
+    fn kubeconfig_text(&self, user: &str, auth: &str, server: &str) -> String {
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: harness\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: {user}\n  user:\n{auth}contexts:\n- name: {user}\n  context:\n    cluster: harness\n    user: {user}\n    namespace: default\ncurrent-context: {user}\n",
-            server = self.server,
             ca = self.dir.join("ca.crt").display(),
         )
     }
@@ -566,6 +649,17 @@ fn new_run_dir() -> Result<PathBuf> {
     write(&dir.join(RUN_MARKER), "a tidepool-harness run directory; removed when its process is gone\n")?;
     Ok(dir)
 }
+
+/// What the audit log keeps: every write, at the Metadata level (who, what,
+/// when, and the answer's code).
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [\"RequestReceived\"]
+rules:
+- level: Metadata
+  verbs: [\"create\", \"update\", \"patch\", \"delete\", \"deletecollection\"]
+- level: None
+";
 
 /// Marks a directory as a harness run's, so cleanup never touches anything else.
 const RUN_MARKER: &str = ".tidepool-harness-run";

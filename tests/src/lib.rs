@@ -21,12 +21,14 @@ pub use process::dies_with_parent;
 pub mod control_plane;
 pub mod external_crds;
 pub mod netns;
+pub mod proxy;
 
 pub use binaries::workspace_binary;
 pub use control_plane::{ControlPlane, Options, free_port};
 pub use error::HarnessError;
 pub use nodes::FakeNode;
 pub use pod_runner::PodRunner;
+pub use proxy::Proxy;
 
 /// A result whose error is a [`HarnessError`].
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;

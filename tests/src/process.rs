@@ -1,6 +1,5 @@
 //! Child processes that log to a file and never outlive their owner.
 
-use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,7 +29,13 @@ impl Managed {
         dir: &Path,
     ) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
-        let out = File::create(&log).map_err(HarnessError::io(format!("creating {}", log.display())))?;
+        // Appended to: a process started again under the same name (a
+        // restarted component) keeps one log.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(HarnessError::io(format!("opening {}", log.display())))?;
         let err = out.try_clone().map_err(HarnessError::io("cloning a log handle"))?;
         let mut command = Command::new(program);
         command.args(args).envs(env.iter().cloned()).stdin(Stdio::null()).stdout(out).stderr(err).current_dir(dir);
@@ -58,6 +63,11 @@ impl Managed {
             Ok(None) => Ok(()),
             Err(e) => Err(HarnessError::io(format!("waiting on {}", self.name))(e)),
         }
+    }
+
+    /// How the process ended, if it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Kills the process at once (SIGKILL), as a crash would, and reaps it.
