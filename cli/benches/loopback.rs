@@ -37,9 +37,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use tidepool_session::protocol::{METRICS_PATH, UDP_GRANT_PATH, UdpGrant, UdpProbe};
+use tidepool_protocol::pod::{METRICS_PATH, UDP_GRANT_PATH, UdpGrant, UdpProbe};
 use tidepool_tests::dies_with_parent;
-use tidepool_wire::token::{PoolKey, SessionClaims};
+use tidepool_wire::token::{PoolSigningKey, SessionClaims};
 
 const POD: &str = "bench-pod";
 const SID: &str = "bench-session";
@@ -581,7 +581,7 @@ impl Transfer {
 
 impl Pod {
     fn start(binary: &Path, cli: &Path, dir: &Path) -> Self {
-        let key = PoolKey::generate().expect("making a pool key");
+        let key = PoolSigningKey::generate().expect("making a pool key");
         let exp = SystemTime::now().duration_since(UNIX_EPOCH).expect("the clock is after 1970").as_secs() + 24 * 3600;
         let claims = SessionClaims {
             sid: SID.into(),

@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::{SinkExt, StreamExt};
 use tidepool_crds::test_session::{ProbeTarget, Profile, SessionResults};
-use tidepool_session::grading;
-use tidepool_session::protocol::{ClientMessage, LATENCY_WS_PATH, PodInfo, ServerMessage};
+use tidepool_protocol::grading;
+use tidepool_protocol::pod::{ClientMessage, LATENCY_WS_PATH, PodInfo, ServerMessage};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -397,6 +397,7 @@ fn create_request(
         profile,
         ttl_seconds: placement.ttl,
         sticky_key: placement.sticky_key.clone(),
+        client: None,
         probes,
     })
 }
@@ -783,7 +784,7 @@ async fn heal(operator: &OperatorClient, name: &str, namespace: &str, old_pod: &
     loop {
         let last = match operator.get(name, Some(namespace)).await {
             Ok((view, _)) if view.usable() && view.pod.as_deref() != Some(old_pod) => return Ok(view),
-            Ok((view, _)) if matches!(view.phase.as_str(), "Completed" | "Expired" | "Failed") => {
+            Ok((view, _)) if view.phase.has_ended() => {
                 let reason = view.reason.map(|r| format!(": {r}")).unwrap_or_default();
                 return Err(Error::Operator(format!("session {name} is {}{reason}", view.phase)));
             }
@@ -952,9 +953,9 @@ mod tests {
     async fn ping_follows_the_session_onto_a_new_pod_after_terminate() {
         use tidepool_session::server::{Server, ServerConfig};
         use tidepool_session::state::PodIdentity;
-        use tidepool_wire::token::{PoolKey, SessionClaims};
+        use tidepool_wire::token::{PoolSigningKey, SessionClaims};
 
-        let key = PoolKey::generate().unwrap();
+        let key = PoolSigningKey::generate().unwrap();
         let start = async |pod: &str| {
             let identity =
                 PodIdentity { pod: pod.into(), namespace: "default".into(), pool: "edge".into(), region: "lab".into() };

@@ -2,8 +2,8 @@
 //! tested on its own. Times are microseconds on the run's monotonic clock.
 
 use tidepool_crds::test_session::LatencySummary;
-use tidepool_session::grading::{self, Rfc3550Jitter};
-use tidepool_session::protocol::{HouseholdUser, UploadReport};
+use tidepool_protocol::grading::{self, Rfc3550Jitter};
+use tidepool_protocol::pod::{HouseholdUser, UploadReport};
 
 /// A cumulative byte count over time: `(µs, bytes so far)`, ascending in time.
 pub type Series = Vec<(u64, u64)>;

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use reqwest::{Client, Method, StatusCode, Url};
 use serde::{Deserialize, Serialize};
-use tidepool_crds::test_session::{ProbeTarget, Profile};
+pub use tidepool_protocol::api::{CreateSession, SessionView};
+use tidepool_protocol::api::{NamespaceQuery, SESSIONS_PATH};
 
 use crate::error::{Error, Result, chain, error_message};
 
@@ -14,62 +15,6 @@ const CREATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long any other call may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The body of `POST /api/v1/sessions`.
-#[derive(Serialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateSession {
-    pub pool: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub profile: Option<Profile>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ttl_seconds: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sticky_key: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub probes: Vec<ProbeTarget>,
-}
-
-/// What the operator says of a session.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct SessionView {
-    pub name: String,
-    #[serde(default)]
-    pub namespace: String,
-    #[serde(default)]
-    pub pool: String,
-    #[serde(default)]
-    pub phase: String,
-    #[serde(default)]
-    pub pod: Option<String>,
-    #[serde(default)]
-    pub node: Option<String>,
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    #[serde(default)]
-    pub token: Option<String>,
-    #[serde(default)]
-    pub binding: Option<String>,
-    #[serde(default)]
-    pub expires_at: Option<String>,
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-impl SessionView {
-    /// Whether a client can use the session now: Ready, with a pod, an
-    /// endpoint and credentials.
-    pub fn usable(&self) -> bool {
-        self.phase == "Ready"
-            && self.pod.is_some()
-            && self.endpoint.is_some()
-            && self.token.is_some()
-            && self.binding.is_some()
-    }
-}
 
 /// A client of the operator's API.
 #[derive(Clone, Debug)]
@@ -152,7 +97,7 @@ impl OperatorClient {
     ) -> Result<(StatusCode, bytes::Bytes)> {
         let mut request = self.http.request(method, url).bearer_auth(&self.token).timeout(timeout);
         if let Some(namespace) = namespace {
-            request = request.query(&[("namespace", namespace)]);
+            request = request.query(&NamespaceQuery { namespace: Some(namespace.to_owned()) });
         }
         if let Some(body) = body {
             request = request.json(body);
@@ -172,7 +117,7 @@ impl OperatorClient {
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(["api", "v1", "sessions"]).extend(segments);
+            path.pop_if_empty().extend(SESSIONS_PATH.split('/').filter(|s| !s.is_empty())).extend(segments);
         }
         url
     }
@@ -205,23 +150,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn create_requests_leave_out_what_is_not_given() {
-        let request = CreateSession { pool: "edge".into(), profile: Some(Profile::Bufferbloat), ..Default::default() };
-        assert_eq!(serde_json::to_string(&request).unwrap(), r#"{"pool":"edge","profile":"bufferbloat"}"#);
-        let full = CreateSession {
-            pool: "edge".into(),
-            namespace: Some("ns".into()),
-            ttl_seconds: Some(60),
-            sticky_key: Some("k".into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            serde_json::to_string(&full).unwrap(),
-            r#"{"pool":"edge","namespace":"ns","ttlSeconds":60,"stickyKey":"k"}"#
-        );
-    }
-
-    #[test]
     fn session_urls_escape_names_and_keep_a_prefix() {
         let operator = OperatorClient::new("https://tidepool.example/", "t").unwrap();
         assert_eq!(operator.url(&[]).as_str(), "https://tidepool.example/api/v1/sessions");
@@ -233,18 +161,14 @@ mod tests {
     }
 
     #[test]
-    fn views_parse_the_api_and_tell_when_usable() {
+    fn views_parse_the_api() {
         let body = serde_json::json!({
             "name": "session-abc", "namespace": "default", "pool": "edge", "phase": "Ready",
-            "pod": "edge-1", "node": "n1", "endpoint": "http://10.0.0.1:8080",
-            "token": "t", "binding": "b", "expiresAt": "2030-01-01T00:00:00Z"
+            "pod": "edge-1", "endpoint": "http://10.0.0.1:8080", "token": "t", "binding": "b"
         });
-        let view = parse_view(&body).unwrap();
-        assert!(view.usable());
-        let pending =
-            parse_view(&serde_json::json!({"name": "s", "phase": "Pending", "reason": "no warm pod"})).unwrap();
-        assert!(!pending.usable());
-        assert_eq!(pending.reason.as_deref(), Some("no warm pod"));
+        assert!(parse_view(&body).unwrap().usable());
+        let garbled = serde_json::json!({"name": "s", "namespace": "default", "pool": "edge", "phase": "Bound"});
+        assert!(matches!(parse_view(&garbled), Err(Error::Protocol(_))));
     }
 
     #[test]

@@ -9,10 +9,12 @@ use reqwest::{Client, Response, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tidepool_crds::test_session::{ProbeTarget, SessionResults};
-use tidepool_session::protocol::{
-    BINDING_HEADER, DOWNLOAD_PATH, INFO_PATH, PROBES_PATH, PodInfo, ProbeRequest, ProbeResponse, RESULTS_PATH,
-    ResultsAccepted, ResultsSubmission, UDP_GRANT_PATH, UPLOAD_PATH, UdpGrant, UploadReport,
+use tidepool_protocol::BINDING_HEADER;
+use tidepool_protocol::pod::{
+    DOWNLOAD_PATH, INFO_PATH, PROBES_PATH, PodInfo, ProbeRequest, ProbeResponse, RESULTS_PATH, UDP_GRANT_PATH,
+    UPLOAD_PATH, UdpGrant, UploadReport,
 };
+use tidepool_protocol::results::{ResultsAccepted, ResultsSubmission};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite};

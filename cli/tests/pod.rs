@@ -7,10 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tidepool_cli::engine::{Observer, Phase, Settings};
 use tidepool_cli::{Credentials, Error, PodClient, Quiet};
 use tidepool_crds::test_session::{ProbeKind, ProbeTarget, Profile, SessionResults};
-use tidepool_session::protocol::probes_digest;
+use tidepool_protocol::pod::probes_digest;
 use tidepool_session::server::{Server, ServerConfig};
 use tidepool_session::state::PodIdentity;
-use tidepool_wire::token::{PoolKey, SessionClaims};
+use tidepool_wire::token::{PoolSigningKey, SessionClaims};
 
 const POD: &str = "edge-cli-1";
 const SID: &str = "sid-cli";
@@ -23,11 +23,11 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Pod {
     server: Server,
-    key: PoolKey,
+    key: PoolSigningKey,
 }
 
 async fn start() -> Pod {
-    let key = PoolKey::generate().unwrap();
+    let key = PoolSigningKey::generate().unwrap();
     let identity =
         PodIdentity { pod: POD.into(), namespace: "default".into(), pool: "edge".into(), region: "test-1".into() };
     let mut config = ServerConfig::new(identity, key.public());

@@ -2,6 +2,7 @@
 //! capacity and live use as its agent reports them.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+#[cfg(feature = "resource")]
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -11,23 +12,27 @@ use crate::common::{Conditions, Coordinates, conditions, optional_date_time};
 
 /// A place sessions can run: a Kubernetes node, or an external server that
 /// runs the agent. Placement scores Backends by their reported use.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[kube(
-    group = "tidepool.dev",
-    version = "v1alpha1",
-    kind = "Backend",
-    shortname = "be",
-    category = "tidepool",
-    status = "BackendStatus",
-    printcolumn(name = "Kind", type_ = "string", json_path = ".spec.kind"),
-    printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
-    printcolumn(name = "CPU%", type_ = "number", json_path = ".status.usage.cpuPercent"),
-    printcolumn(name = "Mem%", type_ = "number", json_path = ".status.usage.memoryPercent"),
-    printcolumn(name = "GPU%", type_ = "number", json_path = ".status.usage.gpuPercent"),
-    printcolumn(name = "Health", type_ = "string", json_path = ".status.health"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    doc = "A node or external server that hosts sessions"
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[cfg_attr(feature = "resource", derive(CustomResource))]
+#[cfg_attr(
+    feature = "resource",
+    kube(
+        group = "tidepool.dev",
+        version = "v1alpha1",
+        kind = "Backend",
+        shortname = "be",
+        category = "tidepool",
+        status = "BackendStatus",
+        printcolumn(name = "Kind", type_ = "string", json_path = ".spec.kind"),
+        printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
+        printcolumn(name = "CPU%", type_ = "integer", json_path = ".status.usage.cpuPercent"),
+        printcolumn(name = "Mem%", type_ = "integer", json_path = ".status.usage.memoryPercent"),
+        printcolumn(name = "GPU%", type_ = "integer", json_path = ".status.usage.gpuPercent"),
+        printcolumn(name = "Health", type_ = "string", json_path = ".status.health"),
+        printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+        doc = "A node or external server that hosts sessions"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [

@@ -10,17 +10,36 @@
 
 pub mod backend;
 pub mod common;
+#[cfg(feature = "resource")]
 pub mod generate;
 pub mod test_session;
 pub mod tube;
 pub mod warm_pool;
 
-pub use backend::{Backend, BackendSpec, BackendStatus};
-pub use test_session::{TestSession, TestSessionSpec, TestSessionStatus};
-pub use tube::{Tube, TubeSpec, TubeStatus};
-pub use warm_pool::{WarmPool, WarmPoolSpec, WarmPoolStatus};
+#[cfg(feature = "resource")]
+pub use backend::Backend;
+pub use backend::{BackendSpec, BackendStatus};
+#[cfg(feature = "resource")]
+pub use test_session::TestSession;
+pub use test_session::{TestSessionSpec, TestSessionStatus};
+#[cfg(feature = "resource")]
+pub use tube::Tube;
+pub use tube::{TubeSpec, TubeStatus};
+#[cfg(feature = "resource")]
+pub use warm_pool::WarmPool;
+pub use warm_pool::{WarmPoolSpec, WarmPoolStatus};
 
 /// The API group of every Tidepool resource.
 pub const GROUP: &str = "tidepool.dev";
 /// The one served (and stored) version.
 pub const VERSION: &str = "v1alpha1";
+/// `apiVersion` of every Tidepool object: `GROUP/VERSION`.
+pub const API_VERSION: &str = "tidepool.dev/v1alpha1";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_api_version_is_the_group_and_version() {
+        assert_eq!(super::API_VERSION, format!("{}/{}", super::GROUP, super::VERSION));
+    }
+}

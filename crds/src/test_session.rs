@@ -1,6 +1,7 @@
 //! TestSession: one user's session on one warm pod, and what it measured.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+#[cfg(feature = "resource")]
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -9,22 +10,26 @@ use crate::common::{Conditions, conditions, optional_date_time};
 
 /// One user's network session: a warm pod bound to it, the tests it runs, and
 /// their results. A TTL ends it. The spec is fixed once created.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[kube(
-    group = "tidepool.dev",
-    version = "v1alpha1",
-    kind = "TestSession",
-    namespaced,
-    shortname = "ts",
-    category = "tidepool",
-    status = "TestSessionStatus",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool"),
-    printcolumn(name = "Pod", type_ = "string", json_path = ".status.pod"),
-    printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
-    printcolumn(name = "Grade", type_ = "string", json_path = ".status.results.grades.overall"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    doc = "One user's network test session"
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[cfg_attr(feature = "resource", derive(CustomResource))]
+#[cfg_attr(
+    feature = "resource",
+    kube(
+        group = "tidepool.dev",
+        version = "v1alpha1",
+        kind = "TestSession",
+        namespaced,
+        shortname = "ts",
+        category = "tidepool",
+        status = "TestSessionStatus",
+        printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+        printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool"),
+        printcolumn(name = "Pod", type_ = "string", json_path = ".status.pod"),
+        printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
+        printcolumn(name = "Grade", type_ = "string", json_path = ".status.results.grades.overall"),
+        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+        doc = "One user's network test session"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -175,6 +180,32 @@ pub enum Phase {
     Expired,
     /// The session cannot go on; the conditions say why.
     Failed,
+}
+
+impl Phase {
+    /// The name, as `status.phase` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Assigned => "Assigned",
+            Self::Ready => "Ready",
+            Self::Running => "Running",
+            Self::Completed => "Completed",
+            Self::Expired => "Expired",
+            Self::Failed => "Failed",
+        }
+    }
+
+    /// Completed, Expired or Failed: the session is over and keeps only its results.
+    pub fn has_ended(self) -> bool {
+        matches!(self, Self::Completed | Self::Expired | Self::Failed)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The session as the operator last saw it, and what it measured.
@@ -425,4 +456,19 @@ pub struct ProbeTimings {
     pub first_byte_ms: Option<f64>,
     #[schemars(range(min = 0.0))]
     pub total_ms: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_phase_is_named_as_serde_writes_it() {
+        use Phase::*;
+        for phase in [Pending, Assigned, Ready, Running, Completed, Expired, Failed] {
+            assert_eq!(serde_json::to_value(phase).unwrap(), phase.as_str());
+            assert_eq!(phase.to_string(), phase.as_str());
+            assert_eq!(phase.has_ended(), matches!(phase, Completed | Expired | Failed));
+        }
+    }
 }

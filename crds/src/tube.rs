@@ -1,6 +1,7 @@
 //! Tube: a tunnel over a WebRTC data channel into the cluster, signalled
 //! through this resource (base64 SDP offer in the spec, answer in the status).
 
+#[cfg(feature = "resource")]
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -9,20 +10,24 @@ use crate::common::{Conditions, conditions};
 
 /// A WebRTC tunnel: the client puts its SDP offer here, the session pod that
 /// terminates the tube answers through the status.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[kube(
-    group = "tidepool.dev",
-    version = "v1alpha1",
-    kind = "Tube",
-    namespaced,
-    category = "tidepool",
-    status = "TubeStatus",
-    printcolumn(name = "Type", type_ = "string", json_path = ".spec.conversationType"),
-    printcolumn(name = "Session", type_ = "string", json_path = ".spec.session"),
-    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
-    printcolumn(name = "RTT(ms)", type_ = "number", json_path = ".status.rttMs"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    doc = "A TCP or SOCKS5 tunnel over a WebRTC data channel"
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[cfg_attr(feature = "resource", derive(CustomResource))]
+#[cfg_attr(
+    feature = "resource",
+    kube(
+        group = "tidepool.dev",
+        version = "v1alpha1",
+        kind = "Tube",
+        namespaced,
+        category = "tidepool",
+        status = "TubeStatus",
+        printcolumn(name = "Type", type_ = "string", json_path = ".spec.conversationType"),
+        printcolumn(name = "Session", type_ = "string", json_path = ".spec.session"),
+        printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+        printcolumn(name = "RTT(ms)", type_ = "number", json_path = ".status.rttMs"),
+        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+        doc = "A TCP or SOCKS5 tunnel over a WebRTC data channel"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [

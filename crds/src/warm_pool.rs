@@ -1,6 +1,7 @@
 //! WarmPool: pre-started session pods, kept ready from a template and a tier.
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
+#[cfg(feature = "resource")]
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
@@ -9,27 +10,31 @@ use crate::common::{Conditions, conditions};
 
 /// A pool of warm session pods. `size` of them are kept ready and unassigned;
 /// each TestSession takes one, and the pool refills.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[kube(
-    group = "tidepool.dev",
-    version = "v1alpha1",
-    kind = "WarmPool",
-    namespaced,
-    shortname = "wp",
-    category = "tidepool",
-    status = "WarmPoolStatus",
-    scale(
-        spec_replicas_path = ".spec.size",
-        status_replicas_path = ".status.replicas",
-        label_selector_path = ".status.selector"
-    ),
-    printcolumn(name = "Size", type_ = "integer", json_path = ".spec.size"),
-    printcolumn(name = "Warm", type_ = "integer", json_path = ".status.warm"),
-    printcolumn(name = "Assigned", type_ = "integer", json_path = ".status.assigned"),
-    printcolumn(name = "Pending", type_ = "integer", json_path = ".status.pending"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    doc = "A pool of pre-started session pods"
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[cfg_attr(feature = "resource", derive(CustomResource))]
+#[cfg_attr(
+    feature = "resource",
+    kube(
+        group = "tidepool.dev",
+        version = "v1alpha1",
+        kind = "WarmPool",
+        namespaced,
+        shortname = "wp",
+        category = "tidepool",
+        status = "WarmPoolStatus",
+        scale(
+            spec_replicas_path = ".spec.size",
+            status_replicas_path = ".status.replicas",
+            label_selector_path = ".status.selector"
+        ),
+        printcolumn(name = "Size", type_ = "integer", json_path = ".spec.size"),
+        printcolumn(name = "Warm", type_ = "integer", json_path = ".status.warm"),
+        printcolumn(name = "Assigned", type_ = "integer", json_path = ".status.assigned"),
+        printcolumn(name = "Pending", type_ = "integer", json_path = ".status.pending"),
+        printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+        doc = "A pool of pre-started session pods"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [

@@ -1,6 +1,5 @@
 //! What a client (the `tidepool` CLI or a browser) and a session pod say to
-//! each other, and what the pod sends the operator. Shared by the pod and the
-//! CLI so the two cannot drift.
+//! each other. Shared by the pod and the CLI so the two cannot drift.
 //!
 //! Every route but `/health` and `/metrics` needs the session's credentials:
 //! the session token (`Authorization: Bearer <token>`, or `?token=`) and the
@@ -9,12 +8,10 @@
 //! form.
 
 use serde::{Deserialize, Serialize};
-use tidepool_crds::test_session::{ProbeResult, ProbeTarget, SessionResults};
+use tidepool_crds::test_session::{ProbeResult, ProbeTarget};
 
 /// The pod's TCP port (HTTP and WebSocket) and, with the same number, its UDP echo port.
 pub const DEFAULT_PORT: u16 = 8080;
-/// The header that carries the binding ticket.
-pub const BINDING_HEADER: &str = "x-tidepool-binding";
 
 /// Liveness and readiness; no credentials.
 pub const HEALTH_PATH: &str = "/health";
@@ -48,10 +45,6 @@ pub const MAX_UPLOAD_BYTES: u64 = 512 * 1024 * 1024;
 pub const UPLOAD_SAMPLE_US: u64 = 100_000;
 /// The fastest latency pinging a client may ask for.
 pub const MAX_PING_HZ: u32 = 100;
-
-/// The operator route a pod posts results to: `{name}` is the TestSession's,
-/// with `?namespace=`. Authenticated by the session token and binding ticket.
-pub const OPERATOR_RESULTS_PATH: &str = "/api/v1/sessions/{name}/results";
 
 /// A text frame from the client on a latency or household WebSocket.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -267,31 +260,6 @@ impl HouseholdUser {
     }
 }
 
-/// POST /api/v1/results (client to pod), and the pod's post to the operator.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ResultsSubmission {
-    /// The summary; the pod recomputes its grades from the figures.
-    pub results: SessionResults,
-    /// The last results of the session: the operator marks it Completed and
-    /// releases its pod. Continuous runs post with `final: false`.
-    #[serde(default, rename = "final")]
-    pub is_final: bool,
-}
-
-/// The pod's answer to a [`ResultsSubmission`].
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ResultsAccepted {
-    /// The results as the pod graded them.
-    pub results: SessionResults,
-    /// Whether the operator accepted them into the TestSession's status.
-    pub reported: bool,
-    /// Why not, when not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub report_error: Option<String>,
-}
-
 /// POST /api/v1/probes: run the session's probe targets once. The targets
 /// must be the TestSession's own: their digest ([`probes_digest`]) is signed
 /// into the session token, so a client cannot point the pod elsewhere.
@@ -311,16 +279,11 @@ pub struct ProbeResponse {
     pub results: Vec<ProbeResult>,
 }
 
-/// The digest of a session's probe targets, as signed into its token:
-/// the hex SHA-256 of their compact JSON. Empty targets give `None`.
+/// The digest of a session's probe targets, as the operator signs it into
+/// the session token and the pod checks it: the hex SHA-256 of their
+/// compact JSON. Empty targets give `None`.
 pub fn probes_digest(targets: &[ProbeTarget]) -> Option<String> {
     tidepool_wire::token::probes_digest(&serde_json::to_vec(targets).ok()?, targets.is_empty())
-}
-
-/// An error body, from the pod or the operator.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct ErrorBody {
-    pub error: String,
 }
 
 #[cfg(test)]

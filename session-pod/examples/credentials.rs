@@ -9,11 +9,11 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tidepool_wire::token::{PoolKey, SessionClaims};
+use tidepool_wire::token::{PoolSigningKey, SessionClaims};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pod = std::env::args().nth(1).unwrap_or_else(|| "session-pod".into());
-    let key = PoolKey::generate()?;
+    let key = PoolSigningKey::generate()?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let claims = SessionClaims {
         sid: "local-session".into(),

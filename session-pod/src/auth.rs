@@ -11,8 +11,8 @@ use serde::Deserialize;
 use tidepool_wire::token::{PoolPublicKey, SessionClaims, TokenError};
 
 use crate::error::ApiError;
-use crate::protocol::BINDING_HEADER;
 use crate::state::{PodState, unix_seconds};
+use tidepool_protocol::BINDING_HEADER;
 
 /// The session this pod serves: the first whose credentials verified.
 #[derive(Debug)]
@@ -151,7 +151,7 @@ fn authorize(state: &PodState, headers: &HeaderMap, query: Option<&str>) -> Resu
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
-    use tidepool_wire::token::PoolKey;
+    use tidepool_wire::token::PoolSigningKey;
 
     fn claims(exp: u64) -> SessionClaims {
         SessionClaims {
@@ -167,7 +167,7 @@ mod tests {
 
     #[test]
     fn statuses_follow_the_kind_of_refusal() {
-        let key = PoolKey::generate().unwrap();
+        let key = PoolSigningKey::generate().unwrap();
         let public = key.public();
         let token = key.sign_session(&claims(100));
         let ticket = key.sign_binding("sid-1", "pod-a");
@@ -179,7 +179,7 @@ mod tests {
         assert_eq!(check(Some(&token), None, "pod-a", 50), Err(StatusCode::UNAUTHORIZED));
         assert_eq!(check(Some(&token), Some(&ticket), "pod-a", 100), Err(StatusCode::UNAUTHORIZED));
         assert_eq!(check(Some(&token), Some(&ticket), "pod-b", 50), Err(StatusCode::FORBIDDEN));
-        let foreign = PoolKey::generate().unwrap().sign_session(&claims(100));
+        let foreign = PoolSigningKey::generate().unwrap().sign_session(&claims(100));
         assert_eq!(check(Some(&foreign), Some(&ticket), "pod-a", 50), Err(StatusCode::FORBIDDEN));
         assert_eq!(
             verify(&public, "pod-a", "other-pool", Some(&token), Some(&ticket), 50).unwrap_err().status(),

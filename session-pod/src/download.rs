@@ -21,10 +21,10 @@ use serde::Deserialize;
 
 use crate::error::{ApiError, parse_query};
 use crate::limits::Opening;
-use crate::protocol::{DOWNLOAD_CHUNK_BYTES, MAX_STREAM_SECONDS};
 use crate::random::Chunks;
 use crate::server::ClientAddr;
 use crate::state::{PodState, TrafficMeter};
+use tidepool_protocol::pod::{DOWNLOAD_CHUNK_BYTES, MAX_STREAM_SECONDS};
 
 /// How long a download runs when the client does not say.
 pub const DEFAULT_DOWNLOAD_SECONDS: u64 = 10;

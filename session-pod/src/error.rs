@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::limits::{Refusal, secs};
-use crate::protocol::ErrorBody;
+use tidepool_protocol::ErrorBody;
 
 /// A request the pod will not serve, and why.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,8 @@ impl From<Refusal> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = json_response(self.status, &ErrorBody { error: self.message });
+        let mut response =
+            json_response(self.status, &ErrorBody { error: self.message, code: Some(self.status.as_u16()) });
         let headers = response.headers_mut();
         if let Some(wait) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs(wait).max(1)));

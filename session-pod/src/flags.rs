@@ -6,9 +6,9 @@ use clap::Parser;
 use tidepool_wire::token::PoolPublicKey;
 
 use crate::limits::Limits;
-use crate::protocol::MAX_UPLOAD_BYTES;
 use crate::server::ServerConfig;
 use crate::state::PodIdentity;
+use tidepool_protocol::pod::MAX_UPLOAD_BYTES;
 
 /// Tidepool's session pod: serves one user's latency, throughput, UDP and
 /// household tests, and reports the results to the operator.
@@ -109,11 +109,11 @@ fn parse_url(text: &str) -> Result<reqwest::Url, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidepool_wire::token::PoolKey;
+    use tidepool_wire::token::PoolSigningKey;
 
     #[test]
     fn defaults_and_required_identity() {
-        let key = PoolKey::generate().unwrap().public().to_base64();
+        let key = PoolSigningKey::generate().unwrap().public().to_base64();
         let flags =
             Flags::try_parse_from(["tidepool-session", "--pool-public-key", &key, "--pod-name", "edge-abc"]).unwrap();
         let config = flags.server_config();
@@ -123,7 +123,7 @@ mod tests {
         assert_eq!(config.identity.pod, "edge-abc");
 
         // A key that begins with '-' is a value, not a flag (1 key in 64 does).
-        let hyphenated = std::iter::repeat_with(|| PoolKey::generate().unwrap().public().to_base64())
+        let hyphenated = std::iter::repeat_with(|| PoolSigningKey::generate().unwrap().public().to_base64())
             .take(10_000)
             .find(|key| key.starts_with('-'))
             .unwrap();

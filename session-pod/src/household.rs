@@ -23,11 +23,11 @@ use tokio::time::Instant;
 use crate::auth::BoundSession;
 use crate::error::ApiError;
 use crate::limits::{Opening, Refusal};
-use crate::protocol::{ClientMessage, HouseholdUser, ServerMessage};
 use crate::random::Chunks;
 use crate::server::{ClientAddr, ConnectionSocket};
 use crate::sockets::{self, CLOSE_GOING_AWAY, CLOSE_POLICY, PingAnswerer, error_message};
 use crate::state::{PodState, SocketPermit, expiry, until_shutdown};
+use tidepool_protocol::pod::{ClientMessage, HouseholdUser, ServerMessage};
 
 /// About this much of the user's traffic goes in one frame...
 const FRAME_TIME: Duration = Duration::from_millis(20);

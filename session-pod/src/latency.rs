@@ -11,10 +11,10 @@ use axum::response::Response;
 use crate::auth::BoundSession;
 use crate::error::ApiError;
 use crate::limits::Opening;
-use crate::protocol::ClientMessage;
 use crate::server::ClientAddr;
 use crate::sockets::{self, CLOSE_GOING_AWAY, CLOSE_POLICY, PingAnswerer, error_message};
 use crate::state::{PodState, SocketPermit, expiry, until_shutdown};
+use tidepool_protocol::pod::ClientMessage;
 
 pub async fn latency_socket(
     State(state): State<Arc<PodState>>,

@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::protocol::MAX_UPLOAD_BYTES;
+use tidepool_protocol::pod::MAX_UPLOAD_BYTES;
 
 /// The window of the hourly limits.
 pub const HOUR: Duration = Duration::from_secs(3600);

@@ -5,7 +5,7 @@
 use prometheus::{Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tidepool_crds::test_session::{Grade, SessionResults};
 
-use crate::protocol::HouseholdUser;
+use tidepool_protocol::pod::HouseholdUser;
 
 pub struct Metrics {
     registry: Registry,
@@ -221,12 +221,12 @@ impl Metrics {
 }
 
 fn grade_rank(grade: Grade) -> i64 {
-    i64::from(crate::grading::rank(grade))
+    i64::from(tidepool_protocol::grading::rank(grade))
 }
 
 /// The bounded `route` label of a request path.
 pub fn route_label(path: &str) -> &'static str {
-    use crate::protocol::{
+    use tidepool_protocol::pod::{
         DOWNLOAD_PATH, HEALTH_PATH, INFO_PATH, LATENCY_WS_PATH, METRICS_PATH, PROBES_PATH, RESULTS_PATH,
         UDP_GRANT_PATH, UPLOAD_PATH,
     };

@@ -19,9 +19,10 @@ use tidepool_crds::test_session::SessionResults;
 use crate::auth::BoundSession;
 use crate::error::{ApiError, json_response, parse_query};
 use crate::probes::{self, Continuous, ContinuousRun, ContinuousSettings, ProbeSettings};
-use crate::protocol::{ProbeRequest, ProbeResponse, ResultsSubmission, probes_digest};
 use crate::results::{parse_json, read_body};
 use crate::state::PodState;
+use tidepool_protocol::pod::{ProbeRequest, ProbeResponse, probes_digest};
+use tidepool_protocol::results::ResultsSubmission;
 
 /// A probe request is a list of at most 32 targets; this is plenty.
 const PROBES_BODY_LIMIT: usize = 128 * 1024;
@@ -156,7 +157,7 @@ async fn report(state: &PodState, session: &BoundSession, run: ContinuousRun) {
         return;
     }
     let mut results = SessionResults { probes: run.run.results(), ..latest.unwrap_or_default() };
-    crate::grading::grade(&mut results);
+    tidepool_protocol::grading::grade(&mut results);
     state.metrics.show_results(&results);
     *state.latest_results.lock().unwrap_or_else(|p| p.into_inner()) = Some(results.clone());
     let submission = ResultsSubmission { results, is_final: false };

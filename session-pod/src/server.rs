@@ -27,14 +27,14 @@ use crate::auth::{self, BoundSession};
 use crate::error::{ApiError, json_response};
 use crate::limits::{Limiter, Limits};
 use crate::metrics::{Metrics, route_label};
-use crate::protocol::{
-    DEFAULT_PORT, DOWNLOAD_PATH, HEALTH_PATH, HOUSEHOLD_WS_PATH, INFO_PATH, LATENCY_WS_PATH, METRICS_PATH, PROBES_PATH,
-    PodInfo, RESULTS_PATH, UDP_GRANT_PATH, UPLOAD_PATH,
-};
 use crate::random::{NoRandomness, POOL_BYTES, RandomPool};
 use crate::results::OperatorReporter;
 use crate::state::{PodIdentity, PodState, PodStateParts, until_shutdown};
 use crate::{download, household, latency, probe_runs, results, udp, upload};
+use tidepool_protocol::pod::{
+    DEFAULT_PORT, DOWNLOAD_PATH, HEALTH_PATH, HOUSEHOLD_WS_PATH, INFO_PATH, LATENCY_WS_PATH, METRICS_PATH, PROBES_PATH,
+    PodInfo, RESULTS_PATH, UDP_GRANT_PATH, UPLOAD_PATH,
+};
 
 /// How the server runs.
 #[derive(Clone, Debug)]

@@ -9,8 +9,8 @@ use futures_util::{Sink, SinkExt};
 use crate::auth::BoundSession;
 use crate::error::ApiError;
 use crate::limits::RateBudget;
-use crate::protocol::{ClientMessage, MAX_PING_HZ, ServerMessage};
 use crate::state::{PodState, unix_micros};
+use tidepool_protocol::pod::{ClientMessage, MAX_PING_HZ, ServerMessage};
 
 /// Close codes (RFC 6455).
 pub const CLOSE_NORMAL: u16 = 1000;

@@ -15,8 +15,8 @@ use tokio::net::UdpSocket;
 
 use crate::auth::BoundSession;
 use crate::error::json_response;
-use crate::protocol::{UDP_MAX_BYTES, UdpError, UdpGrant, UdpProbe};
 use crate::state::{PodState, unix_micros, until_shutdown};
+use tidepool_protocol::pod::{UDP_MAX_BYTES, UdpError, UdpGrant, UdpProbe};
 
 /// The socket buffers we ask for: 4 MiB holds a third of a second at
 /// 100 Mbit/s, so a busy moment of the runtime drops nothing.
@@ -164,7 +164,7 @@ pub async fn echo(socket: UdpSocket, state: Arc<PodState>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::UDP_HEADER_BYTES;
+    use tidepool_protocol::pod::UDP_HEADER_BYTES;
 
     fn probe(cookie: u64, len: usize) -> Vec<u8> {
         let mut datagram = vec![0u8; len];

@@ -15,9 +15,9 @@ use tokio::time::Instant;
 use crate::download::{StreamQuery, stream_duration};
 use crate::error::{ApiError, json_response, parse_query};
 use crate::limits::Opening;
-use crate::protocol::{MAX_STREAM_SECONDS, UPLOAD_SAMPLE_US, UploadReport};
 use crate::server::ClientAddr;
 use crate::state::{PodState, TrafficMeter};
+use tidepool_protocol::pod::{MAX_STREAM_SECONDS, UPLOAD_SAMPLE_US, UploadReport};
 
 /// After refusing an oversized body, the pod reads (and drops) at most this
 /// much more of it, for this long, before it answers: a server that answers

@@ -70,13 +70,13 @@ pub fn probes_digest(json: &[u8], empty: bool) -> Option<String> {
 
 /// A pool's private key: signs session tokens and binding tickets.
 #[derive(Clone)]
-pub struct PoolKey(SigningKey);
+pub struct PoolSigningKey(SigningKey);
 
 /// A pool's public key: what its pods verify with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolPublicKey(VerifyingKey);
 
-impl PoolKey {
+impl PoolSigningKey {
     /// A fresh random key.
     pub fn generate() -> Result<Self, TokenError> {
         let mut secret = [0u8; 32];
@@ -114,9 +114,9 @@ impl PoolKey {
     }
 }
 
-impl std::fmt::Debug for PoolKey {
+impl std::fmt::Debug for PoolSigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PoolKey(<secret>)")
+        f.write_str("PoolSigningKey(<secret>)")
     }
 }
 
@@ -197,14 +197,14 @@ mod tests {
 
     #[test]
     fn a_token_round_trips_through_the_public_key() {
-        let key = PoolKey::generate().unwrap();
+        let key = PoolSigningKey::generate().unwrap();
         let token = key.sign_session(&claims());
         assert_eq!(key.public().verify_session(&token, 1_000).unwrap(), claims());
     }
 
     #[test]
     fn an_expired_token_is_refused() {
-        let key = PoolKey::generate().unwrap();
+        let key = PoolSigningKey::generate().unwrap();
         let token = key.sign_session(&claims());
         assert_eq!(
             key.public().verify_session(&token, 2_000),
@@ -214,8 +214,8 @@ mod tests {
 
     #[test]
     fn another_pools_key_or_a_changed_claim_is_refused() {
-        let key = PoolKey::generate().unwrap();
-        let other = PoolKey::generate().unwrap();
+        let key = PoolSigningKey::generate().unwrap();
+        let other = PoolSigningKey::generate().unwrap();
         let token = key.sign_session(&claims());
         assert_eq!(other.public().verify_session(&token, 0), Err(TokenError::BadSignature));
 
@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed_not_a_panic() {
-        let public = PoolKey::generate().unwrap().public();
+        let public = PoolSigningKey::generate().unwrap().public();
         for token in ["", ".", "abc", "a.b", "!!!.???", "e30.AAAA"] {
             assert_eq!(public.verify_session(token, 0), Err(TokenError::Malformed), "{token:?}");
         }
@@ -236,7 +236,7 @@ mod tests {
 
     #[test]
     fn a_ticket_binds_one_session_to_one_pod() {
-        let key = PoolKey::generate().unwrap();
+        let key = PoolSigningKey::generate().unwrap();
         let ticket = key.sign_binding("sid-1", "edge-abcde");
         let public = key.public();
         assert_eq!(public.verify_binding(&ticket, "sid-1", "edge-abcde"), Ok(()));
@@ -248,7 +248,7 @@ mod tests {
 
     #[test]
     fn a_session_token_is_not_a_binding_ticket() {
-        let key = PoolKey::generate().unwrap();
+        let key = PoolSigningKey::generate().unwrap();
         let token = key.sign_session(&claims());
         let (_, signature) = token.split_once('.').unwrap();
         assert!(key.public().verify_binding(signature, "4f6c-uid", "alice").is_err());
@@ -256,11 +256,11 @@ mod tests {
 
     #[test]
     fn keys_survive_their_text_forms() {
-        let key = PoolKey::generate().unwrap();
-        let again = PoolKey::from_base64(&key.to_base64()).unwrap();
+        let key = PoolSigningKey::generate().unwrap();
+        let again = PoolSigningKey::from_base64(&key.to_base64()).unwrap();
         assert_eq!(again.public(), key.public());
         assert_eq!(PoolPublicKey::from_base64(&key.public().to_base64()).unwrap(), key.public());
-        assert_eq!(PoolKey::from_base64("short").unwrap_err(), TokenError::BadKey);
+        assert_eq!(PoolSigningKey::from_base64("short").unwrap_err(), TokenError::BadKey);
         assert!(!format!("{key:?}").contains(&key.to_base64()));
     }
 }

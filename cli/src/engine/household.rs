@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use tidepool_crds::test_session::HouseholdUserResult;
-use tidepool_session::grading::{BASELINE_PINGS, LatencyTracker};
-use tidepool_session::protocol::{ClientMessage, HOUSEHOLD_WS_PATH, HouseholdUser, ServerMessage};
+use tidepool_protocol::grading::{BASELINE_PINGS, LatencyTracker};
+use tidepool_protocol::pod::{ClientMessage, HOUSEHOLD_WS_PATH, HouseholdUser, ServerMessage};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tidepool_session::protocol::{ClientMessage, ServerMessage, UdpProbe};
+use tidepool_protocol::pod::{ClientMessage, ServerMessage, UdpProbe};
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

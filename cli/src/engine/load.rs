@@ -13,7 +13,7 @@ use http_body::Frame;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use tidepool_session::protocol::MAX_UPLOAD_BYTES;
+use tidepool_protocol::pod::MAX_UPLOAD_BYTES;
 
 use super::Clock;
 use super::plan::Settings;

@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tidepool_crds::test_session::{LatencySummary, LoadedLatency, Profile, SessionResults};
-use tidepool_session::grading;
-use tidepool_session::protocol::LATENCY_WS_PATH;
+use tidepool_protocol::grading;
+use tidepool_protocol::pod::LATENCY_WS_PATH;
 use tokio::time::Instant;
 
 pub use plan::{Phase, PhaseKind, Settings, plan};

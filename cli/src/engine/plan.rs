@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use tidepool_crds::test_session::{ProbeTarget, Profile};
-use tidepool_session::grading::BASELINE_PINGS;
-use tidepool_session::protocol::{MAX_PING_HZ, MAX_STREAM_SECONDS};
+use tidepool_protocol::grading::BASELINE_PINGS;
+use tidepool_protocol::pod::{MAX_PING_HZ, MAX_STREAM_SECONDS};
 
 /// The share of a loaded phase left out as warm-up: while TCP ramps up and
 /// queues fill, rates and latency are not yet what the line gives.

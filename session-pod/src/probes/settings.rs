@@ -43,7 +43,7 @@ pub struct ProbeSettings {
     /// ... or this long after the first byte.
     pub long_time: Duration,
     /// The cookie carried in UDP probes; Tidepool's own UDP echo answers only
-    /// datagrams with the cookie of a grant ([`crate::protocol::UdpGrant`]).
+    /// datagrams with the cookie of a grant ([`tidepool_protocol::pod::UdpGrant`]).
     pub udp_cookie: u64,
     /// How many probes of a tier run at once (downloads always run alone).
     pub parallel: usize,

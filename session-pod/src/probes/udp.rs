@@ -16,7 +16,7 @@ use super::Context;
 use super::net::{self, Deadline, host_port};
 use super::outcome::{ProbeOutcome, RttStats, ms};
 use super::series::{Echo, series};
-use crate::protocol::{UDP_HEADER_BYTES, UdpProbe};
+use tidepool_protocol::pod::{UDP_HEADER_BYTES, UdpProbe};
 
 /// The size of our datagrams: the echo header and a little padding.
 const DATAGRAM_BYTES: usize = 64;

@@ -1,8 +1,9 @@
 //! Who may use the pod: the session token, the binding ticket, the lock.
 
 use reqwest::StatusCode;
-use tidepool_session::protocol::{BINDING_HEADER, INFO_PATH, PodInfo};
-use tidepool_wire::token::PoolKey;
+use tidepool_protocol::BINDING_HEADER;
+use tidepool_protocol::pod::{INFO_PATH, PodInfo};
+use tidepool_wire::token::PoolSigningKey;
 
 use crate::support::*;
 
@@ -48,7 +49,7 @@ async fn an_expired_token_is_401() {
 #[tokio::test]
 async fn a_foreign_signature_is_403() {
     let pod = start().await;
-    let stranger = PoolKey::generate().unwrap();
+    let stranger = PoolSigningKey::generate().unwrap();
     let token = stranger.sign_session(&claims(SID, unix_now() + 60));
     let ticket = stranger.sign_binding(SID, POD);
     let response =

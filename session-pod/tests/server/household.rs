@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use reqwest::StatusCode;
-use tidepool_session::protocol::{ClientMessage, ServerMessage};
+use tidepool_protocol::pod::{ClientMessage, ServerMessage};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 

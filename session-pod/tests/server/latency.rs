@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tidepool_session::protocol::{ClientMessage, LATENCY_WS_PATH, MAX_PING_HZ, ServerMessage};
+use tidepool_protocol::pod::{ClientMessage, LATENCY_WS_PATH, MAX_PING_HZ, ServerMessage};
 
 use crate::support::*;
 

@@ -2,7 +2,7 @@
 //! its limit and says when it frees up.
 
 use reqwest::StatusCode;
-use tidepool_session::protocol::{DOWNLOAD_PATH, LATENCY_WS_PATH};
+use tidepool_protocol::pod::{DOWNLOAD_PATH, LATENCY_WS_PATH};
 
 use crate::support::*;
 

@@ -2,9 +2,7 @@
 
 use std::process::Command;
 
-use tidepool_session::protocol::{
-    ClientMessage, DOWNLOAD_PATH, LATENCY_WS_PATH, RESULTS_PATH, UDP_GRANT_PATH, UdpGrant,
-};
+use tidepool_protocol::pod::{ClientMessage, DOWNLOAD_PATH, LATENCY_WS_PATH, RESULTS_PATH, UDP_GRANT_PATH, UdpGrant};
 
 use crate::support::*;
 

@@ -4,7 +4,8 @@
 use reqwest::StatusCode;
 use serde_json::json;
 use tidepool_crds::test_session::{ProbeKind, ProbeTarget};
-use tidepool_session::protocol::{BINDING_HEADER, PROBES_PATH, ProbeResponse, probes_digest};
+use tidepool_protocol::BINDING_HEADER;
+use tidepool_protocol::pod::{PROBES_PATH, ProbeResponse, probes_digest};
 
 use crate::support::*;
 

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::json;
 use tidepool_crds::test_session::Grade;
-use tidepool_session::protocol::{RESULTS_PATH, ResultsAccepted};
+use tidepool_protocol::pod::RESULTS_PATH;
+use tidepool_protocol::results::ResultsAccepted;
 
 use crate::support::*;
 

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use tidepool_session::protocol::{DOWNLOAD_PATH, UPLOAD_PATH, UploadReport};
+use tidepool_protocol::pod::{DOWNLOAD_PATH, UPLOAD_PATH, UploadReport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;

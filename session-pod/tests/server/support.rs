@@ -4,10 +4,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
-use tidepool_session::protocol::{BINDING_HEADER, ClientMessage, ErrorBody, ServerMessage};
+use tidepool_protocol::pod::{ClientMessage, ServerMessage};
+use tidepool_protocol::{BINDING_HEADER, ErrorBody};
 use tidepool_session::server::{Server, ServerConfig};
 use tidepool_session::state::PodIdentity;
-use tidepool_wire::token::{PoolKey, SessionClaims};
+use tidepool_wire::token::{PoolSigningKey, SessionClaims};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -24,7 +25,7 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 
 pub struct Pod {
     pub server: Server,
-    pub key: PoolKey,
+    pub key: PoolSigningKey,
     pub http: reqwest::Client,
 }
 
@@ -46,7 +47,7 @@ pub fn claims(sid: &str, exp: u64) -> SessionClaims {
 
 /// Starts a pod with the defaults, changed by `configure`.
 pub async fn start_with(configure: impl FnOnce(&mut ServerConfig)) -> Pod {
-    let key = PoolKey::generate().unwrap();
+    let key = PoolSigningKey::generate().unwrap();
     let identity =
         PodIdentity { pod: POD.into(), namespace: "default".into(), pool: POOL.into(), region: REGION.into() };
     let mut config = ServerConfig::new(identity, key.public());

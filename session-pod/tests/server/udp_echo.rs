@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tidepool_session::protocol::{UDP_GRANT_PATH, UdpGrant, UdpProbe};
+use tidepool_protocol::pod::{UDP_GRANT_PATH, UdpGrant, UdpProbe};
 use tokio::net::UdpSocket;
 
 use crate::support::*;
