@@ -4,6 +4,52 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+/// Every resource: it does what it is for (a pool is full, a session's pod
+/// serves it, a backend takes placements).
+pub const READY: &str = "Ready";
+/// TestSession: a pod is claimed for the session.
+pub const BOUND: &str = "Bound";
+/// WarmPool: pods are being made, replaced or removed.
+pub const PROGRESSING: &str = "Progressing";
+/// WarmPool: something keeps the pool from its goal.
+pub const DEGRADED: &str = "Degraded";
+/// Backend: its agent stopped reporting.
+pub const STALE: &str = "Stale";
+
+/// The reasons conditions (and the Events beside them) give, CamelCase as
+/// the API conventions ask.
+pub mod reason {
+    // TestSession
+    pub const BOUND: &str = "Bound";
+    pub const REBOUND: &str = "Rebound";
+    pub const POD_SERVING: &str = "PodServing";
+    /// Waiting: no warm pod is free; one is being made.
+    pub const POOL_EMPTY: &str = "PoolEmpty";
+    /// Waiting: warm pods exist, but no backend holding one has room for the tier.
+    pub const NO_BACKEND_FITS: &str = "NoBackendFits";
+    pub const POOL_NOT_FOUND: &str = "PoolNotFound";
+    pub const COMPLETED: &str = "Completed";
+    pub const EXPIRED: &str = "Expired";
+    // WarmPool
+    pub const FILLED: &str = "Filled";
+    pub const FILLING: &str = "Filling";
+    pub const SCALING: &str = "Scaling";
+    pub const STABLE: &str = "Stable";
+    pub const ROLLING_TEMPLATE: &str = "RollingTemplate";
+    pub const PODS_FAILING: &str = "PodsFailing";
+    pub const MAX_SIZE_REACHED: &str = "MaxSizeReached";
+    pub const CREATE_FAILED: &str = "CreateFailed";
+    pub const DELETE_FAILED: &str = "DeleteFailed";
+    /// The operator finds no node for a pool's pods (`nodeAssignment: Operator`).
+    pub const NO_NODE_FITS: &str = "NoNodeFits";
+    pub const HEALTHY: &str = "Healthy";
+    // Backend
+    pub const REPORTING: &str = "Reporting";
+    pub const STALE: &str = "Stale";
+    pub const UNHEALTHY: &str = "Unhealthy";
+    pub const MISSED_REPORTS: &str = "MissedReports";
+}
+
 /// Sets condition `type_` in `conditions`, keeping its transition time when
 /// its status does not change.
 pub fn set(

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use tidepool_crds::WarmPool;
-use tidepool_wire::token::PoolKey;
+use tidepool_wire::token::PoolSigningKey;
 
 use crate::error::{Error, Result};
 
@@ -23,12 +23,18 @@ pub fn secret_name(pool: &str) -> String {
 /// Pool keys, read once from their Secrets and then kept in memory by pool UID.
 #[derive(Default)]
 pub struct Keys {
-    cache: Mutex<HashMap<String, PoolKey>>,
+    cache: Mutex<HashMap<String, PoolSigningKey>>,
 }
 
 impl Keys {
     /// The pool's key, from memory or its Secret; None when the Secret does not exist yet.
-    pub async fn load(&self, client: &Client, namespace: &str, pool: &str, pool_uid: &str) -> Result<Option<PoolKey>> {
+    pub async fn load(
+        &self,
+        client: &Client,
+        namespace: &str,
+        pool: &str,
+        pool_uid: &str,
+    ) -> Result<Option<PoolSigningKey>> {
         if let Some(key) = self.cached(pool_uid) {
             return Ok(Some(key));
         }
@@ -42,13 +48,13 @@ impl Keys {
     }
 
     /// The pool's key, creating its Secret (owned by the pool) when missing.
-    pub async fn ensure(&self, client: &Client, pool: &WarmPool) -> Result<PoolKey> {
+    pub async fn ensure(&self, client: &Client, pool: &WarmPool) -> Result<PoolSigningKey> {
         let namespace = pool.namespace().ok_or(Error::Missing("WarmPool", "namespace"))?;
         let uid = pool.uid().ok_or(Error::Missing("WarmPool", "uid"))?;
         if let Some(key) = self.load(client, &namespace, &pool.name_any(), &uid).await? {
             return Ok(key);
         }
-        let key = PoolKey::generate()?;
+        let key = PoolSigningKey::generate()?;
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(secret_name(&pool.name_any())),
@@ -80,22 +86,22 @@ impl Keys {
         }
     }
 
-    fn cached(&self, pool_uid: &str) -> Option<PoolKey> {
+    fn cached(&self, pool_uid: &str) -> Option<PoolSigningKey> {
         self.cache.lock().ok().and_then(|c| c.get(pool_uid).cloned())
     }
 
-    fn remember(&self, pool_uid: &str, key: &PoolKey) {
+    fn remember(&self, pool_uid: &str, key: &PoolSigningKey) {
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(pool_uid.to_string(), key.clone());
         }
     }
 }
 
-fn parse(secret: &Secret) -> Result<PoolKey> {
+fn parse(secret: &Secret) -> Result<PoolSigningKey> {
     let bytes = secret.data.as_ref().and_then(|d| d.get(PRIVATE)).ok_or_else(|| Error::Invalid {
         kind: "Secret",
         name: secret.name_any(),
         reason: format!("no `{PRIVATE}` key"),
     })?;
-    Ok(PoolKey::from_base64(&String::from_utf8_lossy(&bytes.0))?)
+    Ok(PoolSigningKey::from_base64(&String::from_utf8_lossy(&bytes.0))?)
 }

@@ -1,21 +1,28 @@
-//! Tidepool's operator: the WarmPool and TestSession controllers, the
-//! fleet of node agents and Backends, placement, leader election, the HTTP
-//! API and /metrics. Logic that needs no I/O (pool
-//! planning, placement, conditions) lives in its own modules with plain unit
-//! tests.
+//! Tidepool's operator: the WarmPool and TestSession controllers, the fleet
+//! of node agents and Backends, placement, leader election, the HTTP API and
+//! /metrics.
+//!
+//! Each controller observes, asks a pure function for what to do
+//! (`session::decide`, `pool::plan` and `pool::status`, `fleet::status`,
+//! `leader::decide`), acts, and records. docs/architecture.md draws the
+//! modules and which way each depends.
 
-pub mod api;
+pub mod clock;
 pub mod conditions;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod fleet;
+pub mod http;
 pub mod keys;
 pub mod labels;
 pub mod leader;
+pub mod memory;
 pub mod metrics;
 pub mod placement;
 pub mod pod_index;
+pub mod pods;
 pub mod pool;
-pub mod results;
 pub mod run;
 pub mod session;
+pub mod supervisor;

@@ -1,5 +1,7 @@
 //! `tidepool-operator`: runs the HTTP API on every replica, and the
-//! controllers on the replica that holds the leader lease.
+//! controllers on the replica that holds the leader lease. Every long-running
+//! task is supervised: the first to end ends the process (non-zero), after
+//! giving up the lease.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -8,14 +10,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::Parser;
-use tidepool_operator::api::{self, ApiState};
 use tidepool_operator::context::Settings;
 use tidepool_operator::fleet::daemonset::AgentSettings;
 use tidepool_operator::fleet::{self, Fleet, FleetSettings};
+use tidepool_operator::http::{self, ApiState};
 use tidepool_operator::keys::Keys;
 use tidepool_operator::leader::{Elector, LeaseSettings};
 use tidepool_operator::metrics::Metrics;
 use tidepool_operator::placement::RouterSettings;
+use tidepool_operator::run::{self, Clients};
+use tidepool_operator::supervisor::Supervisor;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,6 +69,12 @@ struct Args {
     /// pod and writing the session's status.
     #[arg(long, hide = true)]
     fault_claim_delay_ms: Option<u64>,
+    /// Fault injection for tests: end this supervised task a second after it
+    /// starts (api-server, backend-status, health-probes, agent-daemonset,
+    /// pod-cache, session-cache, pool-cache, node-cache, warmpool-controller,
+    /// testsession-controller).
+    #[arg(long, hide = true)]
+    fault_end_task: Option<String>,
     #[command(flatten)]
     fleet: FleetArgs,
 }
@@ -138,6 +148,11 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Every request of the controllers and the API handlers gets this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connecting to the API server gets this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -151,8 +166,14 @@ async fn main() -> ExitCode {
         Ok(_) => return fail(format!("{} is empty", args.api_token_file.display())),
         Err(e) => return fail(format!("cannot read {}: {e}", args.api_token_file.display())),
     };
-    let client = match kube::Client::try_default().await {
-        Ok(client) => client,
+    let lease = LeaseSettings {
+        namespace: args.lease_namespace.clone(),
+        name: args.lease_name.clone(),
+        identity: args.identity.clone().unwrap_or_else(|| format!("tidepool-operator-{}", std::process::id())),
+        duration: Duration::from_secs(args.lease_seconds.max(1)),
+    };
+    let (clients, lease_client) = match clients(&lease).await {
+        Ok(clients) => clients,
         Err(e) => return fail(format!("no Kubernetes client: {e}")),
     };
     let metrics = match Metrics::new() {
@@ -195,10 +216,11 @@ async fn main() -> ExitCode {
         node_selector: args.fleet.agent_node_selector.iter().cloned().collect(),
         runtime_class: args.fleet.agent_runtime_class.clone(),
     });
-    let identity = args.identity.clone().unwrap_or_else(|| format!("tidepool-operator-{}", std::process::id()));
+    let identity = lease.identity.clone();
+    let mut supervisor = Supervisor::new(args.fault_end_task.clone());
 
     let state = Arc::new(ApiState {
-        client: client.clone(),
+        client: clients.request.clone(),
         keys: keys.clone(),
         metrics: metrics.clone(),
         token,
@@ -212,39 +234,31 @@ async fn main() -> ExitCode {
         Err(e) => return fail(format!("cannot listen on {}: {e}", args.listen)),
     };
     tracing::info!(listen = %args.listen, identity, "serving the API");
-    let router = api::router(state.clone());
-    tokio::spawn(async move {
+    let router = http::router(state.clone());
+    supervisor.spawn("api-server", async move {
         if let Err(e) = axum::serve(listener, router).await {
             tracing::error!(error = %e, "the API server stopped");
         }
     });
-    if let Err(e) = client.apiserver_version().await {
+    if let Err(e) = clients.request.apiserver_version().await {
         return fail(format!("the Kubernetes API does not answer: {e}"));
     }
     state.ready.store(true, Ordering::Relaxed);
 
-    let mut elector = Elector::new(
-        client.clone(),
-        LeaseSettings {
-            namespace: args.lease_namespace,
-            name: args.lease_name,
-            identity: identity.clone(),
-            duration: Duration::from_secs(args.lease_seconds.max(1)),
-        },
-    );
-    tokio::select! {
-        _ = elector.acquire() => {}
-        _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
-    }
+    let mut elector = Elector::new(lease_client, lease);
+    let acquired = tokio::select! {
+        acquired = elector.acquire() => acquired,
+        ended = supervisor.ended() => return fail(format!("task {} {} before this replica led", ended.task, ended.how)),
+        () = shutdown_signal() => return ExitCode::SUCCESS,
+    };
     tracing::info!(identity, "leading");
     metrics.leader.set(1);
-    // The fleet's tasks run for as long as this process leads: losing the
-    // lease ends the process.
     fleet.set_leading(true);
-    tokio::spawn(fleet::status::run(client.clone(), fleet.clone(), metrics.clone()));
-    tokio::spawn(fleet::probe::run(fleet.clone()));
+    supervisor.spawn("backend-status", fleet::status::run(clients.request.clone(), fleet.clone(), metrics.clone()));
+    supervisor.spawn("health-probes", fleet::probe::run(fleet.clone()));
     if let Some(agents) = agents {
-        tokio::spawn(fleet::daemonset::keep(client.clone(), agents));
+        supervisor
+            .spawn("agent-daemonset", fleet::daemonset::keep(clients.watch.clone(), clients.request.clone(), agents));
     }
     let settings = Settings {
         create_batch: args.create_batch.max(1),
@@ -253,17 +267,75 @@ async fn main() -> ExitCode {
         results_url: args.results_url.clone(),
         fault_claim_delay: args.fault_claim_delay_ms.map(Duration::from_millis),
     };
-    let controllers = tidepool_operator::run::controllers(client, settings, metrics.clone(), keys, fleet, &identity);
-    tokio::select! {
-        _ = controllers => {
-            // The controllers stop on SIGTERM or Ctrl-C: hand the lease over at once.
+    run::start(&mut supervisor, clients, settings, metrics.clone(), keys, fleet.clone(), &identity);
+    let code = tokio::select! {
+        ended = supervisor.ended() => {
+            tracing::error!(task = ended.task, how = %ended.how, "a supervised task ended; giving up the lease and exiting");
+            stop_writing(supervisor, &fleet, &metrics);
+            elector.release().await;
+            ExitCode::FAILURE
+        }
+        () = elector.hold(acquired) => {
+            // Not renewed in time: another replica may lead soon. Stop every
+            // write now, and leave the lease alone.
+            tracing::error!("lost the leader lease; exiting so that only the new leader writes");
+            stop_writing(supervisor, &fleet, &metrics);
+            ExitCode::FAILURE
+        }
+        () = shutdown_signal() => {
+            stop_writing(supervisor, &fleet, &metrics);
+            // Hand the lease over at once.
             elector.release().await;
             ExitCode::SUCCESS
         }
-        _ = elector.hold() => {
-            tracing::error!("lost the leader lease; exiting so that only the new leader writes");
-            ExitCode::FAILURE
+    };
+    code
+}
+
+/// Aborts every task (controllers, fleet writers, caches, the API server)
+/// before anything else happens.
+fn stop_writing(supervisor: Supervisor, fleet: &Fleet, metrics: &Metrics) {
+    fleet.set_leading(false);
+    metrics.leader.set(0);
+    drop(supervisor);
+}
+
+/// The clients: for watches (no read timeout: a quiet watch may send nothing
+/// for minutes), for requests (each bounded), and for the lease (bounded by
+/// its renew deadline).
+async fn clients(lease: &LeaseSettings) -> Result<(Clients, kube::Client), kube::Error> {
+    let config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+    let mut watch = config.clone();
+    watch.connect_timeout = Some(CONNECT_TIMEOUT);
+    let mut request = watch.clone();
+    request.read_timeout = Some(REQUEST_TIMEOUT);
+    request.write_timeout = Some(REQUEST_TIMEOUT);
+    request.reset_reader_on_write = true;
+    let mut lease_config = request.clone();
+    let deadline = lease.renew_deadline();
+    lease_config.connect_timeout = Some(deadline);
+    lease_config.read_timeout = Some(deadline);
+    lease_config.write_timeout = Some(deadline);
+    let clients = Clients { watch: kube::Client::try_from(watch)?, request: kube::Client::try_from(request)? };
+    Ok((clients, kube::Client::try_from(lease_config)?))
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
         }
+    };
+    tokio::select! {
+        () = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

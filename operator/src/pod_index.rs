@@ -17,15 +17,15 @@ use crate::labels;
 /// A pod's namespace and name.
 pub type PodKey = (String, String);
 
-/// A pool's namespace and name.
-pub type PoolKey = (String, String);
+/// A pool by namespace and name (not its UID).
+pub type PoolRef = (String, String);
 
 /// What one pod adds to the index, kept so that its next event can take it
 /// back out exactly.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Facts {
     claimed_by: Option<String>,
-    pool: Option<PoolKey>,
+    pool: Option<PoolRef>,
     /// The UID of the WarmPool that owns it.
     owner: Option<String>,
     /// Not being deleted.
@@ -51,10 +51,10 @@ pub struct PodIndex {
     facts: HashMap<PodKey, Facts>,
     by_session: HashMap<String, BTreeSet<PodKey>>,
     /// Warm pods by pool, then by node ("" before one is given), by name.
-    warm_by_pool: HashMap<PoolKey, BTreeMap<String, BTreeSet<String>>>,
+    warm_by_pool: HashMap<PoolRef, BTreeMap<String, BTreeSet<String>>>,
     by_owner: HashMap<String, OwnedPods>,
-    assigned_by_pool_node: HashMap<PoolKey, HashMap<String, u32>>,
-    pods_by_pool_node: HashMap<PoolKey, HashMap<String, u32>>,
+    assigned_by_pool_node: HashMap<PoolRef, HashMap<String, u32>>,
+    pods_by_pool_node: HashMap<PoolRef, HashMap<String, u32>>,
     pods_by_node: HashMap<String, u32>,
     /// The pods seen since a relist began; the rest are gone at its end.
     relisted: Option<HashSet<PodKey>>,
@@ -89,7 +89,7 @@ impl PodIndex {
 
     /// Pool `pool`'s pods labelled warm (ready or not), node by node, each
     /// node's in name order.
-    pub fn warm_by_node(&self, pool: &PoolKey) -> impl Iterator<Item = (&str, impl Iterator<Item = &str>)> {
+    pub fn warm_by_node(&self, pool: &PoolRef) -> impl Iterator<Item = (&str, impl Iterator<Item = &str>)> {
         self.warm_by_pool
             .get(pool)
             .into_iter()
@@ -111,13 +111,13 @@ impl PodIndex {
     }
 
     /// Pool `pool`'s assigned pods on each node.
-    pub fn assigned_per_node(&self, pool: &PoolKey) -> HashMap<String, u32> {
+    pub fn assigned_per_node(&self, pool: &PoolRef) -> HashMap<String, u32> {
         self.assigned_by_pool_node.get(pool).cloned().unwrap_or_default()
     }
 
     /// Pool `pool`'s pods on each node, and all Tidepool pods on each node;
     /// finished pods are not counted.
-    pub fn pods_per_node(&self, pool: &PoolKey) -> (HashMap<String, u32>, HashMap<String, u32>) {
+    pub fn pods_per_node(&self, pool: &PoolRef) -> (HashMap<String, u32>, HashMap<String, u32>) {
         (self.pods_by_pool_node.get(pool).cloned().unwrap_or_default(), self.pods_by_node.clone())
     }
 
@@ -212,7 +212,7 @@ fn facts(pod: &Pod) -> Facts {
         live,
         warm: live && state == Some(labels::STATE_WARM),
         assigned: state == Some(labels::STATE_ASSIGNED),
-        node: given_node.clone().filter(|_| !crate::pool::is_finished(pod)),
+        node: given_node.clone().filter(|_| !crate::pods::is_finished(pod)),
         given_node: given_node.unwrap_or_default(),
         pool,
     }
@@ -227,7 +227,7 @@ fn drop_from_set<K: std::hash::Hash + Eq, V: Ord>(map: &mut HashMap<K, BTreeSet<
     }
 }
 
-fn count_down(map: &mut HashMap<PoolKey, HashMap<String, u32>>, pool: &PoolKey, node: &str) {
+fn count_down(map: &mut HashMap<PoolRef, HashMap<String, u32>>, pool: &PoolRef, node: &str) {
     if let Some(per_node) = map.get_mut(pool) {
         decrement(per_node, node);
         if per_node.is_empty() {
@@ -352,7 +352,7 @@ mod tests {
         assert!(index.by_owner.is_empty());
     }
 
-    fn warm<'a>(index: &'a PodIndex, pool: &PoolKey) -> Vec<(&'a str, Vec<&'a str>)> {
+    fn warm<'a>(index: &'a PodIndex, pool: &PoolRef) -> Vec<(&'a str, Vec<&'a str>)> {
         index.warm_by_node(pool).map(|(node, names)| (node, names.collect())).collect()
     }
 

@@ -1,38 +1,52 @@
-//! Wiring: caches, the two controllers, and the lease that decides who runs them.
+//! Wiring for the leading replica: the caches and the two controllers, each
+//! a supervised task.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use tidepool_crds::{TestSession, WarmPool};
 
+use crate::clock::SystemClock;
 use crate::context::{Context, Settings};
 use crate::error::Error;
 use crate::fleet::Fleet;
 use crate::keys::Keys;
+use crate::memory::Memory;
 use crate::metrics::Metrics;
 use crate::placement::Spread;
 use crate::pod_index::PodIndex;
+use crate::supervisor::Supervisor;
 use crate::{labels, pool, session};
 
-/// Runs both controllers until one of them stops (they stop on a shutdown signal).
-pub async fn controllers(
-    client: Client,
+/// The clients the controllers use.
+#[derive(Clone)]
+pub struct Clients {
+    /// For watches: no read timeout, as a quiet watch may send nothing for minutes.
+    pub watch: Client,
+    /// For reads and writes: every request bounded.
+    pub request: Client,
+}
+
+/// Starts the caches and both controllers under `supervisor`.
+pub fn start(
+    supervisor: &mut Supervisor,
+    clients: Clients,
     settings: Settings,
     metrics: Arc<Metrics>,
     keys: Arc<Keys>,
     fleet: Arc<Fleet>,
     identity: &str,
 ) {
-    let pods_api: Api<Pod> = Api::all(client.clone());
-    let sessions_api: Api<TestSession> = Api::all(client.clone());
-    let pools_api: Api<WarmPool> = Api::all(client.clone());
+    let pods_api: Api<Pod> = Api::all(clients.watch.clone());
+    let sessions_api: Api<TestSession> = Api::all(clients.watch.clone());
+    let pools_api: Api<WarmPool> = Api::all(clients.watch.clone());
     let pod_selector = watcher::Config::default().labels(labels::POOL);
 
     // One cache of each kind, read by both controllers. Each controller also
@@ -40,38 +54,97 @@ pub async fn controllers(
     // (one watch per kind) pass no deletions on and can stall a subscriber
     // whose object went meanwhile, and in our runs they bought no speed.
     let (pods, pods_writer) = reflector::store();
-    let (sessions, sessions_writer) = reflector::store();
-    let (pools, pools_writer) = reflector::store();
     let pod_index = Arc::new(Mutex::new(PodIndex::default()));
     let index_writer = pod_index.clone();
     // The index takes each event just before the pod cache does.
-    let pod_cache = reflector::reflector(
-        pods_writer,
-        watcher(pods_api.clone(), pod_selector.clone()).default_backoff().map(move |event| {
-            if let Ok(event) = &event {
-                index_writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(event);
-            }
-            event
-        }),
-    )
-    .for_each(|_| async {});
-    let session_cache = reflector::reflector(sessions_writer, watcher(sessions_api.clone(), Default::default()))
-        .default_backoff()
-        .for_each(|_| async {});
-    let pool_cache = reflector::reflector(pools_writer, watcher(pools_api.clone(), Default::default()))
-        .default_backoff()
-        .for_each(|_| async {});
-    tokio::spawn(pod_cache);
-    tokio::spawn(session_cache);
-    tokio::spawn(pool_cache);
+    let pod_events = watcher(pods_api.clone(), pod_selector.clone()).default_backoff().map(move |event| {
+        if let Ok(event) = &event {
+            index_writer.lock().unwrap_or_else(PoisonError::into_inner).apply(event);
+        }
+        event
+    });
+    supervisor.spawn("pod-cache", reflector::reflector(pods_writer, pod_events).for_each(|_| async {}));
+    let sessions = cache(supervisor, "session-cache", sessions_api.clone());
+    let pools = cache(supervisor, "pool-cache", pools_api.clone());
     // Nodes are only read (by pools that place their own pods), so their
     // cache triggers nothing.
-    let (nodes, nodes_writer) = reflector::store();
-    tokio::spawn(
-        reflector::reflector(nodes_writer, watcher(Api::<Node>::all(client.clone()), Default::default()))
-            .default_backoff()
-            .for_each(|_| async {}),
-    );
+    let nodes = cache(supervisor, "node-cache", Api::<Node>::all(clients.watch.clone()));
+
+    let reporter = Reporter { controller: labels::MANAGER.into(), instance: Some(identity.to_string()) };
+    let ctx = Arc::new(Context {
+        client: clients.request.clone(),
+        settings,
+        metrics: metrics.clone(),
+        recorder: Recorder::new(clients.request.clone(), reporter),
+        keys,
+        pods: pods.clone(),
+        sessions: sessions.clone(),
+        pools: pools.clone(),
+        nodes: nodes.clone(),
+        placement: Box::new(Spread),
+        fleet,
+        memory: Memory::new(Arc::new(SystemClock)),
+        pod_index,
+    });
+
+    // A controller polls all its reconciles inside one task. Giving each
+    // controller its own task lets a long pool pass and session binding run
+    // on both cores.
+    // One wait, shared: kube's store readiness wakes only one waiter.
+    let synced = {
+        let (pods, sessions, pools, nodes) = (pods.clone(), sessions.clone(), pools.clone(), nodes.clone());
+        async move { caches_synced(&pods, &sessions, &pools, &nodes).await }.boxed().shared()
+    };
+    let pool_ctx = ctx.clone();
+    let pool_metrics = metrics.clone();
+    let pool_synced = synced.clone();
+    let (pool_pods, pool_sessions) = (pods_api.clone(), sessions_api.clone());
+    let pool_selector = pod_selector.clone();
+    supervisor.spawn("warmpool-controller", async move {
+        if !pool_synced.await {
+            return;
+        }
+        Controller::new(pools_api, Default::default())
+            .owns(pool_pods, pool_selector)
+            .watches(pool_sessions, Default::default(), |s: TestSession| {
+                Some(ObjectRef::<WarmPool>::new(&s.spec.pool).within(&s.namespace().unwrap_or_default()))
+            })
+            .run(timed("warmpool", pool::reconcile, pool_metrics), pool::error_policy, pool_ctx)
+            .for_each(|_| async {})
+            .await;
+    });
+    supervisor.spawn("testsession-controller", async move {
+        if !synced.await {
+            return;
+        }
+        let sessions_for_pods = sessions.clone();
+        Controller::new(sessions_api, Default::default())
+            .watches(pods_api, pod_selector, move |pod: Pod| session::sessions_for_pod(&pod, &sessions_for_pods))
+            .run(timed("testsession", session::reconcile, metrics), session::error_policy, ctx)
+            .for_each(|_| async {})
+            .await;
+    });
+}
+
+/// A cache of every object of a kind, kept by a supervised task.
+fn cache<K>(supervisor: &mut Supervisor, name: &'static str, api: Api<K>) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, Default::default())).default_backoff();
+    supervisor.spawn(name, stream.for_each(|_| async {}));
+    store
+}
+
+/// Waits until every cache has listed once; false (logged) if one never will.
+async fn caches_synced(
+    pods: &Store<Pod>,
+    sessions: &Store<TestSession>,
+    pools: &Store<WarmPool>,
+    nodes: &Store<Node>,
+) -> bool {
     for (name, ready) in [
         ("nodes", nodes.wait_until_ready().await.is_ok()),
         ("pods", pods.wait_until_ready().await.is_ok()),
@@ -80,84 +153,10 @@ pub async fn controllers(
     ] {
         if !ready {
             tracing::error!(cache = name, "cache never synced");
-            return;
+            return false;
         }
     }
-
-    let reporter = Reporter { controller: labels::MANAGER.into(), instance: Some(identity.to_string()) };
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        settings,
-        metrics: metrics.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
-        keys,
-        pods: pods.clone(),
-        sessions: sessions.clone(),
-        pools,
-        nodes,
-        placement: Box::new(Spread),
-        fleet,
-        reserved: Mutex::new(HashMap::new()),
-        status_written: Mutex::new(HashMap::new()),
-        pool_passes: Mutex::new(HashMap::new()),
-        orphan_sweeps: Mutex::new(HashMap::new()),
-        expected: Mutex::new(HashMap::new()),
-        bindings: Mutex::new(HashMap::new()),
-        binding_progress: Mutex::new(HashMap::new()),
-        pod_index,
-    });
-
-    let pool_controller = Controller::new(pools_api, Default::default())
-        .owns(pods_api.clone(), pod_selector.clone())
-        .watches(sessions_api.clone(), Default::default(), |s: TestSession| {
-            Some(ObjectRef::<WarmPool>::new(&s.spec.pool).within(&s.namespace().unwrap_or_default()))
-        })
-        .shutdown_on_signal()
-        .run(timed("warmpool", pool::reconcile, metrics.clone()), pool::error_policy, ctx.clone())
-        .for_each(|_| async {});
-    let sessions_for_pods = sessions.clone();
-    let session_controller = Controller::new(sessions_api, Default::default())
-        .watches(pods_api, pod_selector, move |pod: Pod| session::sessions_for_pod(&pod, &sessions_for_pods))
-        .shutdown_on_signal()
-        .run(timed("testsession", session::reconcile, metrics.clone()), session::error_policy, ctx)
-        .for_each(|_| async {});
-    // A controller polls all its reconciles inside one task. Giving each
-    // controller its own task lets a long pool pass and session binding run
-    // on both cores. Dropping this future (the lease was lost) stops both.
-    let mut pools_task = AbortOnDrop(tokio::spawn(pool_controller));
-    let mut sessions_task = AbortOnDrop(tokio::spawn(session_controller));
-    let (first, rest) = tokio::select! {
-        done = pools_task.finished() => (("warmpool", done), ("testsession", sessions_task)),
-        done = sessions_task.finished() => (("testsession", done), ("warmpool", pools_task)),
-    };
-    match first {
-        // Both stop on a shutdown signal: let the other finish too.
-        (_, Ok(())) => {
-            let (name, mut task) = rest;
-            if let Err(error) = task.finished().await {
-                tracing::error!(controller = name, %error, "a controller task failed");
-            }
-        }
-        // One failed (it panicked): stop the other and return, so the
-        // process ends and a healthy replica takes the lease.
-        (name, Err(error)) => tracing::error!(controller = name, %error, "a controller task failed"),
-    }
-}
-
-/// A spawned task that is aborted when its handle is dropped, so it never
-/// outlives the future that started it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl AbortOnDrop {
-    async fn finished(&mut self) -> Result<(), tokio::task::JoinError> {
-        (&mut self.0).await
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    true
 }
 
 /// What a wrapped reconcile returns.

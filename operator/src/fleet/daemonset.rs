@@ -136,13 +136,14 @@ fn body(settings: &AgentSettings) -> Value {
 
 /// Applies the DaemonSet, then re-applies it whenever someone changes its
 /// spec or deletes it. Runs while this replica leads.
-pub async fn keep(client: Client, settings: AgentSettings) {
+pub async fn keep(watch_client: Client, client: Client, settings: AgentSettings) {
     let api: Api<DaemonSet> = Api::namespaced(client, &settings.namespace);
     let body = build(&settings);
     let params = PatchParams::apply(labels::MANAGER).force();
     let mut generation: Option<i64> = None;
     let config = watcher::Config::default().fields(&format!("metadata.name={}", settings.name));
-    let mut events = watcher::watcher(api.clone(), config).boxed();
+    let watched: Api<DaemonSet> = Api::namespaced(watch_client, &settings.namespace);
+    let mut events = watcher::watcher(watched, config).boxed();
     // Apply first, whatever is there.
     let mut apply_now = true;
     // A relist (after a dropped watch) that does not list the DaemonSet

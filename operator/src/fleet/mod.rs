@@ -7,17 +7,17 @@
 //! is due, at a bounded rate across all Backends.
 //!
 //! - [`auth`]: who sent a report (TokenReview, cached).
-//! - [`ingest`]: the report endpoint.
+//! - [`admission`]: which backend an agent may speak for (pure).
 //! - [`status`]: what to write to each Backend and when (pure), and the writer.
 //! - [`probe`]: TCP and HTTP health probes.
-//! - [`route`]: `POST /api/v1/route` for clients outside the cluster.
 //! - [`daemonset`]: the agent DaemonSet the operator keeps.
+//!
+//! The HTTP routes that feed it (reports, routing) live in `http`.
 
+pub mod admission;
 pub mod auth;
 pub mod daemonset;
-pub mod ingest;
 pub mod probe;
-pub mod route;
 pub mod status;
 
 use std::sync::Mutex;

@@ -16,16 +16,16 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Resource};
 use serde_json::json;
-use tidepool_crds::Backend;
 use tidepool_crds::backend::{
     BackendKind, BackendSpec, BackendStatus, Capacity, GpuInfo, GpuUsage, Health as CrdHealth, HealthCheck,
     HealthCheckKind, Usage,
 };
 use tidepool_crds::common::Coordinates;
+use tidepool_crds::{API_VERSION, Backend};
 use tidepool_wire::report::ReportKind;
 
 use super::Fleet;
-use crate::conditions;
+use crate::conditions::{self, reason};
 use crate::labels;
 use crate::metrics::Metrics;
 use crate::placement::view::{BackendView, Health};
@@ -193,18 +193,18 @@ pub fn status_of(view: &BackendView, fresh: bool, previous: &[Condition], genera
     };
     let now = Timestamp::now();
     let mut conditions = previous.to_vec();
-    let (ready, reason, message) = match (fresh, health) {
-        (false, _) => (false, "Stale", "the agent stopped reporting; out of placement until it reports again"),
-        (true, CrdHealth::Unhealthy) => (false, "Unhealthy", "health probes fail; out of placement"),
-        (true, _) => (true, "Reporting", "the agent reports on time"),
+    let (ready, why, message) = match (fresh, health) {
+        (false, _) => (false, reason::STALE, "the agent stopped reporting; out of placement until it reports again"),
+        (true, CrdHealth::Unhealthy) => (false, reason::UNHEALTHY, "health probes fail; out of placement"),
+        (true, _) => (true, reason::REPORTING, "the agent reports on time"),
     };
-    conditions::set(&mut conditions, "Ready", ready, reason, message, generation, now);
+    conditions::set(&mut conditions, conditions::READY, ready, why, message, generation, now);
     let (stale_reason, stale_message) = if fresh {
-        ("Reporting", "reports arrive on time".to_string())
+        (reason::REPORTING, "reports arrive on time".to_string())
     } else {
-        ("MissedReports", format!("no report for {:.1} s", view.received.elapsed().as_secs_f64()))
+        (reason::MISSED_REPORTS, format!("no report for {:.1} s", view.received.elapsed().as_secs_f64()))
     };
-    conditions::set(&mut conditions, "Stale", !fresh, stale_reason, stale_message, generation, now);
+    conditions::set(&mut conditions, conditions::STALE, !fresh, stale_reason, stale_message, generation, now);
     let received_at = SystemTime::now().checked_sub(view.received.elapsed()).unwrap_or(SystemTime::UNIX_EPOCH);
     BackendStatus {
         capacity: Some(Capacity {
@@ -250,20 +250,55 @@ struct Written {
     generation: Option<i64>,
 }
 
+/// One backend as the write scheduler weighs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub name: String,
+    pub urgency: Urgency,
+    /// When this process last wrote it.
+    pub last_written: Option<Instant>,
+}
+
+impl Candidate {
+    /// A write of the spec too costs two API writes (spec, then status).
+    fn cost(&self) -> f64 {
+        if matches!(self.urgency, Urgency::New | Urgency::Spec) { 2.0 } else { 1.0 }
+    }
+}
+
+/// The writes to make now within `budget` API writes: most urgent first,
+/// within an urgency the longest unwritten first, stopping at the first that
+/// does not fit (so a big write is not passed over forever by small ones).
+pub fn schedule(mut due: Vec<Candidate>, budget: f64) -> Vec<Candidate> {
+    due.sort_by(|a, b| (a.urgency, a.last_written, &a.name).cmp(&(b.urgency, b.last_written, &b.name)));
+    let mut spent = 0.0;
+    due.into_iter()
+        .take_while(|candidate| {
+            spent += candidate.cost();
+            spent <= budget
+        })
+        .collect()
+}
+
+/// The write budget: refilled by `writes_per_second` over each tick, kept
+/// up to one second's worth (at least two, so a new Backend can be written).
+pub fn refill(budget: f64, writes_per_second: u32, tick: Duration) -> f64 {
+    (budget + f64::from(writes_per_second) * tick.as_secs_f64()).min(f64::from(writes_per_second.max(2)))
+}
+
 /// Writes Backends; runs while this replica leads.
 pub async fn run(client: Client, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
     let api: Api<Backend> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client);
     let mut written: HashMap<String, Written> = HashMap::new();
     let tick = Duration::from_millis(250);
-    let per_tick = (fleet.settings.writes_per_second as f64 * tick.as_secs_f64()).max(0.0);
     let mut budget = 0.0f64;
     let timing = ProbeTiming { interval: fleet.settings.probe_interval, timeout: fleet.settings.probe_timeout };
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        budget = (budget + per_tick).min(f64::from(fleet.settings.writes_per_second.max(2)));
+        budget = refill(budget, fleet.settings.writes_per_second, tick);
         let now = Instant::now();
         let refresh = fleet.settings.status_refresh;
         let jobs = fleet.with_router(|router| {
@@ -273,8 +308,7 @@ pub async fn run(client: Client, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
                 written.remove(&gone);
             }
             let mut states = [0i64; 3];
-            // (urgency, last written, name): cheap to sort; views are cloned only for the chosen.
-            let mut due_now: Vec<(Urgency, Option<Instant>, String)> = Vec::new();
+            let mut due_now = Vec::new();
             for view in router.views() {
                 let fresh = router.is_fresh(view, now);
                 let state = match (fresh, view.probes.health) {
@@ -288,36 +322,30 @@ pub async fn run(client: Client, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
                 let spec_changed = last.is_some_and(|w| w.spec != SpecKey::of(view));
                 let before = last.map(|w| (w.summary.clone(), w.at));
                 if let Some(urgency) = due(before.as_ref(), &summary, spec_changed, now, refresh) {
-                    due_now.push((urgency, last.map(|w| w.at), view.name.clone()));
+                    due_now.push(Candidate { name: view.name.clone(), urgency, last_written: last.map(|w| w.at) });
                 }
             }
             for (state, count) in ["ready", "stale", "unhealthy"].iter().zip(states) {
                 metrics.backends.with_label_values(&[state]).set(count);
             }
-            // Most urgent first; within an urgency, the longest unwritten first.
-            due_now.sort();
-            // A Backend whose spec is written costs two writes (spec, then status).
-            let mut spend = 0.0;
-            let mut jobs = Vec::new();
-            for (urgency, _, name) in due_now {
-                let with_spec = matches!(urgency, Urgency::New | Urgency::Spec);
-                spend += if with_spec { 2.0 } else { 1.0 };
-                if spend > budget {
-                    break;
-                }
-                let Some(view) = router.view(&name) else { continue };
-                let fresh = router.is_fresh(view, now);
-                jobs.push(Job {
-                    name,
-                    kind: view.kind,
-                    summary: Summary::of(view, fresh),
-                    spec: with_spec.then(|| spec_of(view, &timing)),
-                    spec_key: SpecKey::of(view),
-                    view: view.clone(),
-                    fresh,
-                });
-            }
-            jobs
+            // Views are cloned only for the chosen.
+            schedule(due_now, budget)
+                .into_iter()
+                .filter_map(|candidate| {
+                    let view = router.view(&candidate.name)?;
+                    let fresh = router.is_fresh(view, now);
+                    let with_spec = candidate.cost() > 1.0;
+                    Some(Job {
+                        name: candidate.name,
+                        kind: view.kind,
+                        summary: Summary::of(view, fresh),
+                        spec: with_spec.then(|| spec_of(view, &timing)),
+                        spec_key: SpecKey::of(view),
+                        view: view.clone(),
+                        fresh,
+                    })
+                })
+                .collect::<Vec<_>>()
         });
         for job in jobs {
             budget -= if job.spec.is_some() { 2.0 } else { 1.0 };
@@ -378,7 +406,7 @@ async fn write(
             });
         }
         let body = json!({
-            "apiVersion": "tidepool.dev/v1alpha1",
+            "apiVersion": API_VERSION,
             "kind": "Backend",
             "metadata": { "name": job.name, "ownerReferences": owners, "labels": { "app.kubernetes.io/managed-by": labels::MANAGER } },
             "spec": spec,
@@ -393,7 +421,7 @@ async fn write(
     }
     let conditions = previous.map(|p| p.conditions.clone()).unwrap_or(conditions_before);
     let status = status_of(&job.view, job.fresh, &conditions, generation);
-    let body = json!({ "apiVersion": "tidepool.dev/v1alpha1", "kind": "Backend", "status": status });
+    let body = json!({ "apiVersion": API_VERSION, "kind": "Backend", "status": status });
     match api.patch_status(&job.name, &params, &Patch::Apply(body)).await {
         Ok(_) => {}
         // Deleted by someone (or its node went): make it anew next time.
@@ -437,5 +465,46 @@ mod tests {
         assert!(
             Urgency::New < Urgency::Condition && Urgency::Spec < Urgency::Drift && Urgency::Drift < Urgency::Refresh
         );
+    }
+
+    fn candidate(name: &str, urgency: Urgency, last_written: Option<Instant>) -> Candidate {
+        Candidate { name: name.into(), urgency, last_written }
+    }
+
+    fn names(chosen: &[Candidate]) -> Vec<&str> {
+        chosen.iter().map(|c| c.name.as_str()).collect()
+    }
+
+    #[test]
+    fn the_most_urgent_and_longest_unwritten_go_first_within_the_budget() {
+        let now = Instant::now();
+        let early = Some(now);
+        let late = Some(now + Duration::from_secs(1));
+        let due = vec![
+            candidate("refresh", Urgency::Refresh, early),
+            candidate("drift-late", Urgency::Drift, late),
+            candidate("drift-early", Urgency::Drift, early),
+            candidate("condition", Urgency::Condition, late),
+        ];
+        assert_eq!(names(&schedule(due.clone(), 10.0)), ["condition", "drift-early", "drift-late", "refresh"]);
+        assert_eq!(names(&schedule(due.clone(), 2.0)), ["condition", "drift-early"]);
+        assert!(schedule(due, 0.5).is_empty());
+    }
+
+    #[test]
+    fn a_new_backend_costs_two_writes_and_is_not_skipped_for_cheaper_ones() {
+        let due = vec![candidate("new", Urgency::New, None), candidate("drift", Urgency::Drift, None)];
+        assert_eq!(names(&schedule(due.clone(), 2.0)), ["new"]);
+        // One write short for the new Backend: nothing goes, the budget saves up.
+        assert!(schedule(due, 1.0).is_empty());
+    }
+
+    #[test]
+    fn the_budget_refills_up_to_a_second_of_writes() {
+        let tick = Duration::from_millis(250);
+        assert_eq!(refill(0.0, 4, tick), 1.0);
+        assert_eq!(refill(3.5, 4, tick), 4.0);
+        // At least two, so a new Backend's two writes can go.
+        assert_eq!(refill(1.9, 1, tick), 2.0);
     }
 }

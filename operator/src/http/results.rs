@@ -24,16 +24,16 @@ use serde_json::json;
 use tidepool_crds::TestSession;
 use tidepool_crds::test_session::Phase;
 use tidepool_crds::test_session::SessionResults;
-use tidepool_session::grading;
-use tidepool_session::protocol::{BINDING_HEADER, ResultsSubmission};
+use tidepool_protocol::BINDING_HEADER;
+use tidepool_protocol::api::NamespaceQuery;
+use tidepool_protocol::grading;
+use tidepool_protocol::results::ResultsSubmission;
 use tidepool_wire::token::{PoolPublicKey, TokenError};
 
-use crate::api::{ApiState, NamespaceQuery, error, kube_error, lookup_pool_uid};
+use super::reply::{error, kube_error};
+use super::sessions::lookup_pool_uid;
+use super::state::ApiState;
 use crate::labels;
-
-/// Results bodies larger than this are refused with 413: 32 probes with
-/// long URLs and a household fit well inside.
-pub const RESULTS_BODY_LIMIT: usize = 256 * 1024;
 
 pub async fn submit(
     State(state): State<Arc<ApiState>>,

@@ -1,10 +1,16 @@
 //! The WarmPool controller: keeps `size` warm pods, refills after every
 //! assignment, rolls unassigned pods onto a new template, and cleans up pods
-//! whose session is gone. Each pass: read (caches), plan (pure), act (API),
-//! report (status).
+//! whose session is gone.
+//!
+//! Each pass observes (caches, the pod index, the operator's memory), plans
+//! with [`plan::plan`] (pure), acts (creates, then deletes, each failure kept
+//! rather than ending the pass), publishes the Events [`status::notices`]
+//! gives, and writes the status [`status::derive`] gives when
+//! [`status::write`] says it is due.
 
 pub mod nodes;
 pub mod plan;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,54 +24,33 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tidepool_crds::warm_pool::{NodeAssignment, WarmPoolStatus};
-use tidepool_crds::{TestSession, WarmPool};
+use tidepool_crds::{API_VERSION, TestSession, WarmPool};
 use tidepool_wire::report::ReportKind;
 
-use crate::conditions;
-use crate::context::{CACHE_LAG_LIMIT, Context};
+use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::events;
 use crate::labels;
 use crate::placement::{Need, Pick, Request};
-use plan::{DeleteReason, PodView, Target};
+use crate::pod_index::PoolRef;
+use crate::pods;
+use plan::{PodView, Target};
+use status::{Asked, Problems};
 
-/// A stable hash of a pod template: FNV-1a over its JSON, which serialises
-/// fields in a fixed order.
-pub fn template_hash(pool: &WarmPool) -> String {
-    let json = serde_json::to_vec(&pool.spec.template).unwrap_or_default();
-    let hash = json.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
-    format!("{hash:016x}")
-}
-
-/// Whether a pod is Ready by its conditions.
-pub fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-/// Whether a pod has stopped for good.
-pub fn is_finished(pod: &Pod) -> bool {
-    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"))
-}
-
-/// Whether `pod` is owned by this very pool (by UID), not by an older pool
-/// of the same name.
-pub fn owned_by(pod: &Pod, pool: &WarmPool) -> bool {
-    let uid = pool.metadata.uid.as_deref();
-    pod.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid)
-}
+/// How soon a pass that changed something, or waits on something, comes back.
+const BUSY_RECHECK: Duration = Duration::from_secs(2);
+/// How soon a quiet pool is looked at again without a trigger.
+const QUIET_RECHECK: Duration = Duration::from_secs(300);
 
 /// Cached pods of this very pool (by UID), by name.
 fn cached_pods(ctx: &Context, pool: &WarmPool, namespace: &str, names: &[String]) -> Vec<Arc<Pod>> {
     names
         .iter()
         .filter_map(|name| ctx.pods.get(&ObjectRef::new(name).within(namespace)))
-        .filter(|p| owned_by(p, pool))
+        .filter(|p| pods::owned_by(p, pool))
         .collect()
 }
 
@@ -77,18 +62,23 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
         return Ok(Action::await_change());
     }
     // Triggers that arrive within the interval are served by one pass at its end.
-    if let Some(wait) = ctx.pool_pass_wait(&uid) {
+    if let Some(wait) = ctx.memory.pool_pass_wait(&uid) {
         return Ok(Action::requeue(wait));
     }
+
+    // Observe. The pods no session holds, and a count of those sessions
+    // hold: a pass reads the pool's warm pods, not the thousands its
+    // sessions may hold.
     let key = ctx.keys.ensure(&ctx.client, &pool).await?;
-    let hash = template_hash(&pool);
-    // The pods no session holds, and a count of those sessions hold: a pass
-    // reads the pool's warm pods, not the thousands its sessions may hold.
+    let hash = pods::template_hash(&pool);
     let (unassigned, assigned) = ctx.with_pod_index(|index| index.owned(&uid));
     let pods = cached_pods(&ctx, &pool, &namespace, &unassigned);
-    let in_flight = in_flight(&ctx, &uid, &namespace);
+    let in_flight =
+        ctx.memory.creates_in_flight(&uid, |pod| ctx.pods.get(&ObjectRef::new(pod).within(&namespace)).is_some());
     let waiting = waiting_sessions(&ctx, &namespace, &name);
     let views: Vec<PodView> = pods.iter().map(|p| view(p, &hash)).collect();
+
+    // Decide.
     let target = Target {
         size: u32::try_from(pool.spec.size).unwrap_or(0),
         max_size: pool.spec.max_size.map(|m| u32::try_from(m).unwrap_or(0)),
@@ -98,130 +88,61 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
         assigned,
     };
     let plan = plan::plan(&views, target);
+
+    // Act: create all of this pass's batch at once, then delete.
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-
-    // Create, all of this pass's batch at once.
-    let template = pod_for(&pool, &hash, &key.public().to_base64(), ctx.settings.results_url.as_deref())?;
-    let post = PostParams::default();
-    let mut pinned = place_on_demand(&ctx, &pool, plan.create.min(waiting));
-    let (assigned_nodes, placement_error) = match pool.spec.node_assignment {
-        NodeAssignment::Scheduler => (None, None),
-        NodeAssignment::Operator if plan.create == 0 => (Some(Vec::new()), None),
-        NodeAssignment::Operator => match assign_nodes(&ctx, &pool, &template, &mut pinned, plan.create) {
-            Ok(nodes) if (nodes.len() as u32) < plan.create => {
-                let short = format!(
-                    "the nodes that may take the pool's pods have no pod slots left ({} of {} placed)",
-                    nodes.len(),
-                    plan.create
-                );
-                (Some(nodes), Some(short))
-            }
-            Ok(nodes) => (Some(nodes), None),
-            Err(why) => (Some(Vec::new()), Some(why)),
-        },
-    };
-    let creating = assigned_nodes.as_ref().map_or(plan.create as usize, Vec::len);
-    let created = join_all((0..creating).map(|i| {
-        let mut pod = match (&assigned_nodes, pinned.get(i)) {
-            (None, Some(pick)) => pin(&template, &pick.backend),
-            _ => template.clone(),
-        };
-        if let (Some(nodes), Some(spec)) = (&assigned_nodes, pod.spec.as_mut()) {
-            spec.node_name = nodes.get(i).cloned();
-        }
-        let pods_api = &pods_api;
-        let post = &post;
-        async move { pods_api.create(post, &pod).await }
-    }))
-    .await;
-    let mut create_error = None;
-    for (i, result) in created.into_iter().enumerate() {
-        match result {
-            Ok(pod) => expect(&ctx, &uid, pod.name_any()),
-            Err(e) => {
-                create_error = Some(e.to_string());
-                // No pod, so no session will use the room it reserved.
-                if let Some(pick) = pinned.get(i) {
-                    ctx.fleet.with_router(|router| router.release(pick, Need::from(&pool.spec.tier)));
-                }
-            }
-        }
+    let mut problems = Problems::default();
+    if plan.create > 0 {
+        let template = pod_for(&pool, &hash, &key.public().to_base64(), ctx.settings.results_url.as_deref())?;
+        let (create, placement) =
+            create_pods(&ctx, &pool, &uid, &template, &pods_api, plan.create.min(waiting), plan.create).await;
+        problems.create = create;
+        problems.placement = placement;
     }
-    // Picks beyond the pods made hold no pod either.
-    for pick in pinned.iter().skip(creating) {
-        ctx.fleet.with_router(|router| router.release(pick, Need::from(&pool.spec.tier)));
-    }
-
-    // Delete what the plan says, and assigned pods whose session is gone.
-    let mut doomed: Vec<(String, Option<String>, &'static str)> = plan
+    let mut doomed: Vec<(String, Option<String>)> = plan
         .delete
         .iter()
-        .map(|(n, why)| {
-            let uid = pods.iter().find(|p| &p.name_any() == n).and_then(|p| p.uid());
-            let reason = match why {
-                DeleteReason::Finished => "Finished",
-                DeleteReason::Outdated => "Outdated",
-                DeleteReason::ScaleDown => "ScaleDown",
-            };
-            (n.clone(), uid, reason)
-        })
+        .map(|(n, _)| (n.clone(), pods.iter().find(|p| &p.name_any() == n).and_then(|p| p.uid())))
         .collect();
     // Held pods are looked over less often than passes run: there can be
     // thousands, and a gone session's pod waiting a second costs little.
-    let sweep_wait = ctx.orphan_sweep_wait(&uid);
+    let sweep_wait = ctx.memory.orphan_sweep_wait(&uid);
     if sweep_wait.is_none() {
         let held = cached_pods(&ctx, &pool, &namespace, &ctx.with_pod_index(|index| index.owned_assigned(&uid)));
         for orphan in orphans(&ctx, &namespace, &held).await? {
-            doomed.push((orphan.name_any(), orphan.uid(), "SessionGone"));
+            doomed.push((orphan.name_any(), orphan.uid()));
         }
     }
-    let deletions = doomed.iter().map(|(pod, pod_uid, _)| {
-        let params = DeleteParams {
-            preconditions: Some(Preconditions { uid: pod_uid.clone(), resource_version: None }),
-            ..DeleteParams::default()
-        };
-        let api = pods_api.clone();
-        async move { api.delete(pod, &params).await }
-    });
-    for result in join_all(deletions).await {
-        match result {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if plan.rolling && plan.delete.iter().any(|(_, why)| *why == DeleteReason::Outdated) {
-        publish(
-            &ctx,
-            pool.as_ref(),
-            EventType::Normal,
-            "RollingTemplate",
-            "Replacing warm pods made from an older template",
-        )
-        .await;
-    }
-    if let Some(message) = &create_error {
-        publish(&ctx, pool.as_ref(), EventType::Warning, "CreateFailed", message).await;
-    }
-    if let Some(message) = &placement_error {
-        publish(&ctx, pool.as_ref(), EventType::Warning, NO_NODE_FITS, message).await;
-    }
-    let problem = match (&create_error, &placement_error) {
-        (Some(message), _) => Some(("CreateFailed", message.as_str())),
-        (None, Some(message)) => Some((NO_NODE_FITS, message.as_str())),
-        (None, None) => None,
-    };
-    let failed = plan.delete.iter().filter(|(_, why)| *why == DeleteReason::Finished).count();
-    if failed > 0 {
-        let note = format!("replacing {failed} pods that failed or exited");
-        publish(&ctx, pool.as_ref(), EventType::Warning, "PodsFailing", &note).await;
-    }
+    let deleted = delete_pods(&pods_api, &doomed).await;
+    problems.delete = deleted.as_ref().err().map(ToString::to_string);
 
-    let deferred = !update_status(&ctx, &pool, &plan, problem).await?;
-    let busy = plan.create > 0 || !doomed.is_empty() || in_flight > 0 || problem.is_some() || deferred;
-    let next = if busy { Duration::from_secs(2) } else { Duration::from_secs(300) };
-    // A skipped sweep may be the one a deleted session's pod is waiting for.
-    Ok(Action::requeue(sweep_wait.map_or(next, |wait| wait.min(next))))
+    // Say what happened, then write the status.
+    for notice in status::notices(&plan, &problems) {
+        events::publish(&ctx.recorder, pool.as_ref(), &notice).await;
+    }
+    let old = pool.status.clone().unwrap_or_default();
+    let asked =
+        Asked { name: &name, size: target.size, max_size: pool.spec.max_size, generation: pool.meta().generation };
+    let new = status::derive(&old, asked, &plan, &problems, Timestamp::now());
+    for (state, value) in [("warm", new.warm), ("assigned", new.assigned), ("pending", new.pending)] {
+        ctx.metrics.pool_pods.with_label_values(&[namespace.as_str(), &name, state]).set(i64::from(value));
+    }
+    let write = status::write(&old, &new, ctx.memory.since_status_written(&uid));
+    if write == status::Write::Now {
+        write_status(&ctx, &pool, &new).await?;
+        ctx.memory.status_written(&uid);
+    }
+    // A failed delete fails the pass (and is retried) only once its Event
+    // and status are out.
+    deleted?;
+    let busy = Busy {
+        created: plan.create > 0,
+        deleted: !doomed.is_empty(),
+        in_flight: in_flight > 0,
+        problem: problems.degraded().is_some(),
+        deferred_status: write == status::Write::Later,
+    };
+    Ok(Action::requeue(next_pass(&busy, sweep_wait)))
 }
 
 pub fn error_policy(_pool: Arc<WarmPool>, error: &Error, _ctx: Arc<Context>) -> Action {
@@ -232,42 +153,124 @@ pub fn error_policy(_pool: Arc<WarmPool>, error: &Error, _ctx: Arc<Context>) -> 
     }
 }
 
+/// What a pass left going on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Busy {
+    created: bool,
+    deleted: bool,
+    in_flight: bool,
+    problem: bool,
+    deferred_status: bool,
+}
+
+/// When to pass over the pool again without a trigger.
+fn next_pass(busy: &Busy, sweep_wait: Option<Duration>) -> Duration {
+    let Busy { created, deleted, in_flight, problem, deferred_status } = *busy;
+    let next = if created || deleted || in_flight || problem || deferred_status { BUSY_RECHECK } else { QUIET_RECHECK };
+    // A skipped sweep may be the one a deleted session's pod is waiting for.
+    sweep_wait.map_or(next, |wait| wait.min(next))
+}
+
 fn view(pod: &Pod, hash: &str) -> PodView {
     PodView {
         name: pod.name_any(),
         assigned: pod.labels().get(labels::STATE).map(String::as_str) == Some(labels::STATE_ASSIGNED),
-        ready: is_ready(pod),
-        terminating: pod.meta().deletion_timestamp.is_some(),
-        finished: is_finished(pod),
+        ready: pods::is_ready(pod),
+        terminating: pods::is_terminating(pod),
+        finished: pods::is_finished(pod),
         current: pod.labels().get(labels::TEMPLATE_HASH).map(String::as_str) == Some(hash),
         created: pod.meta().creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
     }
 }
 
-/// Pods created but not in the cache yet. Forgets those the cache now has,
-/// and those it never showed in time (deleted before it saw them), so a lost
-/// pod cannot hold the pool below its size.
-fn in_flight(ctx: &Context, pool_uid: &str, namespace: &str) -> u32 {
-    let Ok(mut expected) = ctx.expected.lock() else { return 0 };
-    let Some(names) = expected.get_mut(pool_uid) else { return 0 };
-    let cached = |name: &str| ctx.pods.get(&ObjectRef::new(name).within(namespace)).is_some();
-    still_in_flight(names, cached, std::time::Instant::now())
-}
-
-/// Keeps the expected pods the cache has not shown, up to the lag limit.
-fn still_in_flight(
-    expected: &mut std::collections::HashMap<String, std::time::Instant>,
-    cached: impl Fn(&str) -> bool,
-    now: std::time::Instant,
-) -> u32 {
-    expected.retain(|name, at| !cached(name) && now.duration_since(*at) < CACHE_LAG_LIMIT);
-    expected.len() as u32
-}
-
-fn expect(ctx: &Context, pool_uid: &str, pod: String) {
-    if let Ok(mut expected) = ctx.expected.lock() {
-        expected.entry(pool_uid.to_string()).or_default().insert(pod, std::time::Instant::now());
+/// Creates `count` pods from `template`, `on_demand` of them for waiting
+/// sessions (placed by the router where agents report). Returns why a create
+/// failed and why the operator found no node, if it did not.
+async fn create_pods(
+    ctx: &Context,
+    pool: &WarmPool,
+    pool_uid: &str,
+    template: &Pod,
+    pods_api: &Api<Pod>,
+    on_demand: u32,
+    count: u32,
+) -> (Option<String>, Option<String>) {
+    let mut pinned = place_on_demand(ctx, pool, on_demand);
+    let (assigned_nodes, placement_error) = match pool.spec.node_assignment {
+        NodeAssignment::Scheduler => (None, None),
+        NodeAssignment::Operator => match assign_nodes(ctx, pool, template, &mut pinned, count) {
+            Ok(nodes) if (nodes.len() as u32) < count => {
+                let short = format!(
+                    "the nodes that may take the pool's pods have no pod slots left ({} of {count} placed)",
+                    nodes.len(),
+                );
+                (Some(nodes), Some(short))
+            }
+            Ok(nodes) => (Some(nodes), None),
+            Err(why) => (Some(Vec::new()), Some(why)),
+        },
+    };
+    let creating = assigned_nodes.as_ref().map_or(count as usize, Vec::len);
+    let post = PostParams::default();
+    let created = join_all((0..creating).map(|i| {
+        let mut pod = match (&assigned_nodes, pinned.get(i)) {
+            (None, Some(pick)) => pin(template, &pick.backend),
+            _ => template.clone(),
+        };
+        if let (Some(nodes), Some(spec)) = (&assigned_nodes, pod.spec.as_mut()) {
+            spec.node_name = nodes.get(i).cloned();
+        }
+        let post = &post;
+        async move { pods_api.create(post, &pod).await }
+    }))
+    .await;
+    let need = Need::from(&pool.spec.tier);
+    let mut create_error = None;
+    for (i, result) in created.into_iter().enumerate() {
+        match result {
+            Ok(pod) => ctx.memory.created(pool_uid, pod.name_any()),
+            Err(e) => {
+                create_error = Some(e.to_string());
+                // No pod, so no session will use the room it reserved.
+                if let Some(pick) = pinned.get(i) {
+                    ctx.fleet.with_router(|router| router.release(pick, need));
+                }
+            }
+        }
     }
+    // Picks beyond the pods made hold no pod either.
+    for pick in pinned.iter().skip(creating) {
+        ctx.fleet.with_router(|router| router.release(pick, need));
+    }
+    (create_error, placement_error)
+}
+
+/// Deletes each pod, with its UID as a precondition; every delete is tried,
+/// and the last failure is returned (gone or replaced already is not one).
+async fn delete_pods(pods_api: &Api<Pod>, doomed: &[(String, Option<String>)]) -> Result<(), kube::Error> {
+    let deletions = doomed.iter().map(|(pod, uid)| {
+        let params = DeleteParams {
+            preconditions: Some(Preconditions { uid: uid.clone(), resource_version: None }),
+            ..DeleteParams::default()
+        };
+        async move { pods_api.delete(pod, &params).await }
+    });
+    let mut outcome = Ok(());
+    for result in join_all(deletions).await {
+        match result {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => outcome = Err(e),
+        }
+    }
+    outcome
+}
+
+async fn write_status(ctx: &Context, pool: &WarmPool, status: &WarmPoolStatus) -> Result<()> {
+    let api: Api<WarmPool> = Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
+    let patch = serde_json::json!({ "apiVersion": API_VERSION, "kind": "WarmPool", "status": status });
+    api.patch_status(&pool.name_any(), &PatchParams::apply(labels::MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
 }
 
 /// Picks for on-demand pods (made for waiting sessions): the router's best
@@ -287,9 +290,6 @@ fn place_on_demand(ctx: &Context, pool: &WarmPool, count: u32) -> Vec<Pick> {
     })
 }
 
-/// The Degraded reason while the operator finds no node for a pool's pods.
-pub const NO_NODE_FITS: &str = "NoNodeFits";
-
 /// Nodes for `count` new pods of a pool the operator places itself. Pods the
 /// router picked a backend for (on-demand pods) go there when that node may
 /// take them; the rest spread over the nodes that may. The picks not used
@@ -302,8 +302,8 @@ fn assign_nodes(
     pinned: &mut Vec<Pick>,
     count: u32,
 ) -> std::result::Result<Vec<String>, String> {
-    let pool_key = (pool.namespace().unwrap_or_default(), pool.name_any());
-    let (per_pool, known) = ctx.with_pod_index(|index| index.pods_per_node(&pool_key));
+    let pool_ref: PoolRef = (pool.namespace().unwrap_or_default(), pool.name_any());
+    let (per_pool, known) = ctx.with_pod_index(|index| index.pods_per_node(&pool_ref));
     let spec = template.spec.clone().unwrap_or_default();
     let nodes = ctx.nodes.state();
     let release = |picks: &[Pick]| {
@@ -361,19 +361,14 @@ fn pin(template: &Pod, node: &str) -> Pod {
 
 /// Sessions of this pool that found no warm pod: each is owed an on-demand pod.
 fn waiting_sessions(ctx: &Context, namespace: &str, pool: &str) -> u32 {
-    ctx.sessions
+    let count = ctx
+        .sessions
         .state()
         .iter()
         .filter(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.spec.pool == pool)
-        .filter(|s| s.meta().deletion_timestamp.is_none())
-        .filter(|s| {
-            s.status.as_ref().is_some_and(|st| {
-                let reason = conditions::reason(&st.conditions, "Bound");
-                st.pod.is_none()
-                    && (reason == Some(crate::session::POOL_EMPTY) || reason == Some(crate::session::NO_BACKEND_FITS))
-            })
-        })
-        .count() as u32
+        .filter(|s| crate::session::waits_for_a_pod(s))
+        .count();
+    u32::try_from(count).unwrap_or(u32::MAX)
 }
 
 /// Assigned pods whose session no longer exists. The session cache can lag a
@@ -382,17 +377,17 @@ async fn orphans(ctx: &Context, namespace: &str, pods: &[Arc<Pod>]) -> Result<Ve
     let sessions: Api<TestSession> = Api::namespaced(ctx.client.clone(), namespace);
     let mut gone = Vec::new();
     for pod in pods {
-        if pod.meta().deletion_timestamp.is_some() {
+        if pods::is_terminating(pod) {
             continue;
         }
-        let Some(session_uid) = pod.annotations().get(labels::SESSION_UID) else { continue };
+        let Some(session_uid) = pods::claimed_by(pod) else { continue };
         let session_name = pod.labels().get(labels::SESSION).cloned().unwrap_or_default();
         let cached = ctx.sessions.get(&ObjectRef::new(&session_name).within(namespace));
-        if cached.is_some_and(|s| s.metadata.uid.as_deref() == Some(session_uid.as_str())) {
+        if cached.is_some_and(|s| s.metadata.uid.as_deref() == Some(session_uid)) {
             continue;
         }
         let live = sessions.get_opt(&session_name).await?;
-        if live.and_then(|s| s.uid()).as_deref() != Some(session_uid.as_str()) {
+        if live.and_then(|s| s.uid()).as_deref() != Some(session_uid) {
             gone.push(pod.clone());
         }
     }
@@ -453,123 +448,9 @@ fn pod_for(pool: &WarmPool, hash: &str, public_key: &str, results_url: Option<&s
     Ok(Pod { metadata, spec: Some(spec), status: None })
 }
 
-/// Writes the pool's status. Under load the counts change all the time, so a
-/// change of counts alone is written at most once a second; a change of any
-/// condition is written at once. Returns false when a write was put off.
-async fn update_status(
-    ctx: &Context,
-    pool: &WarmPool,
-    plan: &plan::Plan,
-    problem: Option<(&'static str, &str)>,
-) -> Result<bool> {
-    let now = Timestamp::now();
-    let generation = pool.meta().generation;
-    let size = u32::try_from(pool.spec.size).unwrap_or(0);
-    let old = pool.status.clone().unwrap_or_default();
-    let mut conditions = old.conditions.clone();
-    let counts = plan.counts;
-    let filled = counts.warm >= size;
-    conditions::set(
-        &mut conditions,
-        "Ready",
-        filled,
-        if filled { "Filled" } else { "Filling" },
-        format!("{}/{} warm", counts.warm, size),
-        generation,
-        now,
-    );
-    let progressing = plan.create > 0 || !plan.delete.is_empty() || plan.rolling || counts.pending > 0;
-    let (reason, message) = if plan.rolling {
-        ("RollingTemplate", "replacing warm pods made from an older template".to_string())
-    } else if progressing {
-        ("Scaling", format!("{} pending, creating {}", counts.pending, plan.create))
-    } else {
-        ("Stable", "nothing to do".to_string())
-    };
-    conditions::set(&mut conditions, "Progressing", progressing, reason, message, generation, now);
-    let failed = plan.delete.iter().filter(|(_, why)| *why == DeleteReason::Finished).count();
-    let (degraded, reason, message) = match (problem, failed, plan.capped) {
-        (Some((reason, message)), _, _) => (true, reason, message.to_string()),
-        (None, 1.., _) => (true, "PodsFailing", format!("{failed} pods failed or exited and are being replaced")),
-        (None, 0, true) => (true, "MaxSizeReached", format!("maxSize {} reached", pool.spec.max_size.unwrap_or(0))),
-        (None, 0, false) => (false, "Healthy", String::new()),
-    };
-    conditions::set(&mut conditions, "Degraded", degraded, reason, message, generation, now);
-
-    let status = WarmPoolStatus {
-        replicas: counts.replicas as i32,
-        warm: counts.warm as i32,
-        assigned: counts.assigned as i32,
-        pending: counts.pending as i32,
-        selector: Some(format!("{}={}", labels::POOL, pool.name_any())),
-        conditions,
-        observed_generation: generation,
-    };
-    let namespace = pool.namespace().unwrap_or_default();
-    for (state, value) in [("warm", counts.warm), ("assigned", counts.assigned), ("pending", counts.pending)] {
-        ctx.metrics.pool_pods.with_label_values(&[namespace.as_str(), &pool.name_any(), state]).set(i64::from(value));
-    }
-    if old == status {
-        return Ok(true);
-    }
-    let uid = pool.uid().unwrap_or_default();
-    let conditions_changed = old
-        .conditions
-        .iter()
-        .map(|c| (&c.type_, &c.status))
-        .ne(status.conditions.iter().map(|c| (&c.type_, &c.status)));
-    let recently = ctx.status_written.lock().ok().and_then(|w| w.get(&uid).map(|at| at.elapsed() < STATUS_INTERVAL));
-    if recently == Some(true) && !conditions_changed && old.observed_generation == status.observed_generation {
-        return Ok(false);
-    }
-    let api: Api<WarmPool> = Api::namespaced(ctx.client.clone(), &namespace);
-    let patch = serde_json::json!({
-        "apiVersion": "tidepool.dev/v1alpha1",
-        "kind": "WarmPool",
-        "status": status,
-    });
-    api.patch_status(&pool.name_any(), &PatchParams::apply(labels::MANAGER).force(), &Patch::Apply(&patch)).await?;
-    if let Ok(mut written) = ctx.status_written.lock() {
-        written.insert(uid, std::time::Instant::now());
-    }
-    Ok(true)
-}
-
-/// The least time between two status writes that only change counts.
-const STATUS_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Publishes a Kubernetes Event about `object`; a failure is only logged.
-pub async fn publish<K>(ctx: &Context, object: &K, type_: EventType, reason: &str, note: &str)
-where
-    K: Resource<DynamicType = ()>,
-{
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
-        tracing::warn!(reason, error = %e, "could not publish an event");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-    use std::time::Instant;
-
-    #[test]
-    fn a_pod_counts_as_in_flight_until_seen_or_too_late() {
-        let start = Instant::now();
-        let mut expected = HashMap::from([("seen".to_string(), start), ("lost".to_string(), start)]);
-        let cached = |name: &str| name == "seen";
-        assert_eq!(still_in_flight(&mut expected, cached, start), 1);
-        // "lost" was deleted before the cache saw it: it stops holding the pool back.
-        assert_eq!(still_in_flight(&mut expected, cached, start + CACHE_LAG_LIMIT), 0);
-    }
 
     #[test]
     fn pinning_adds_a_preference_and_keeps_the_templates_rules() {
@@ -593,7 +474,7 @@ mod tests {
 
     fn pool_with(template_spec: serde_json::Value) -> WarmPool {
         serde_json::from_value(serde_json::json!({
-            "apiVersion": "tidepool.dev/v1alpha1", "kind": "WarmPool",
+            "apiVersion": tidepool_crds::API_VERSION, "kind": "WarmPool",
             "metadata": { "name": "edge", "namespace": "ns", "uid": "u1" },
             "spec": { "size": 1, "tier": { "vcpu": 1, "memoryMiB": 64 }, "template": { "spec": template_spec } }
         }))
@@ -611,5 +492,29 @@ mod tests {
         let asks = serde_json::json!({ "containers": containers, "automountServiceAccountToken": true });
         let pod = pod_for(&pool_with(asks), "h", "key", None).unwrap();
         assert_eq!(pod.spec.unwrap().automount_service_account_token, Some(true));
+    }
+}
+
+#[cfg(test)]
+mod decisions {
+    use super::*;
+
+    #[test]
+    fn a_busy_pass_comes_back_soon_and_a_quiet_one_late() {
+        let quiet = Busy::default();
+        assert_eq!(next_pass(&quiet, None), QUIET_RECHECK);
+        let creating = Busy { created: true, ..Busy::default() };
+        assert_eq!(next_pass(&creating, None), BUSY_RECHECK);
+        for busy in [
+            Busy { deleted: true, ..quiet },
+            Busy { in_flight: true, ..quiet },
+            Busy { problem: true, ..quiet },
+            Busy { deferred_status: true, ..quiet },
+        ] {
+            assert_eq!(next_pass(&busy, None), BUSY_RECHECK, "{busy:?}");
+        }
+        // A skipped orphan sweep may be what a deleted session's pod waits for.
+        assert_eq!(next_pass(&quiet, Some(Duration::from_millis(300))), Duration::from_millis(300));
+        assert_eq!(next_pass(&creating, Some(Duration::from_secs(9))), BUSY_RECHECK);
     }
 }

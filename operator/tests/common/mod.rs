@@ -29,8 +29,17 @@ pub struct Operator {
 
 impl Cluster {
     pub async fn start(nodes: usize) -> Self {
+        Self::start_with(nodes, false).await
+    }
+
+    /// Like [`Cluster::start`], with the API server's audit log of writes.
+    pub async fn start_audited(nodes: usize) -> Self {
+        Self::start_with(nodes, true).await
+    }
+
+    async fn start_with(nodes: usize, audit: bool) -> Self {
         let nodes = (0..nodes).map(|i| FakeNode::new(&format!("node-{i}"))).collect();
-        let plane = ControlPlane::start_with(Options { nodes, ..Options::default() }).await.unwrap();
+        let plane = ControlPlane::start_with(Options { nodes, audit, ..Options::default() }).await.unwrap();
         let client = plane.client().await.unwrap();
         let token_file = plane.dir().join("api-token");
         std::fs::write(&token_file, TOKEN).unwrap();
@@ -47,8 +56,8 @@ impl Cluster {
         &self.token_file
     }
 
-    /// Like [`Cluster::operator`], on a chosen port.
-    pub async fn operator_on(&self, name: &str, port: u16, extra: &[&str]) -> Operator {
+    /// The arguments of replica `name` serving on `port`.
+    pub fn operator_args(&self, name: &str, port: u16, extra: &[&str]) -> Vec<String> {
         let mut args = vec![
             format!("--listen=127.0.0.1:{port}"),
             format!("--api-token-file={}", self.token_file.display()),
@@ -56,8 +65,24 @@ impl Cluster {
             "--lease-seconds=3".to_string(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
-        let process =
-            self.plane.spawn(name, std::path::Path::new(env!("CARGO_BIN_EXE_tidepool-operator")), &args, &[]).unwrap();
+        args
+    }
+
+    /// Like [`Cluster::operator`], on a chosen port.
+    pub async fn operator_on(&self, name: &str, port: u16, extra: &[&str]) -> Operator {
+        self.start_operator(name, port, extra, &[]).await
+    }
+
+    /// Like [`Cluster::operator`], reaching the API server as `kubeconfig` says.
+    pub async fn operator_with_kubeconfig(&self, name: &str, kubeconfig: &std::path::Path, extra: &[&str]) -> Operator {
+        let kubeconfig = kubeconfig.display().to_string();
+        self.start_operator(name, free_port().unwrap(), extra, &[("KUBECONFIG", &kubeconfig)]).await
+    }
+
+    async fn start_operator(&self, name: &str, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Operator {
+        let args = self.operator_args(name, port, extra);
+        let program = std::path::Path::new(env!("CARGO_BIN_EXE_tidepool-operator"));
+        let process = self.plane.spawn(name, program, &args, env).unwrap();
         let url = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         eventually(Duration::from_secs(30), "the operator's /readyz", || async {
