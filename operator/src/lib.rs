@@ -26,3 +26,5 @@ pub mod pool;
 pub mod run;
 pub mod session;
 pub mod supervisor;
+#[cfg(test)]
+mod testing;

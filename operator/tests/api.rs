@@ -27,11 +27,17 @@ async fn malformed_unauthorised_or_oversized_requests_are_refused_and_change_not
         ("no token", None, br#"{"pool":"edge"}"#.to_vec(), 401, "missing bearer token"),
         ("wrong token", Some("nope"), br#"{"pool":"edge"}"#.to_vec(), 403, "wrong bearer token"),
         ("not JSON", Some(TOKEN), b"pool=edge".to_vec(), 400, "invalid request body"),
-        ("unknown field", Some(TOKEN), br#"{"pool":"edge","colour":"red"}"#.to_vec(), 400, "unknown field `colour`"),
-        ("no pool", Some(TOKEN), br#"{"profile":"latency"}"#.to_vec(), 400, "missing field `pool`"),
+        ("unknown field", Some(TOKEN), br#"{"pool":"edge","colour":"red"}"#.to_vec(), 422, "unknown field `colour`"),
+        ("no pool", Some(TOKEN), br#"{"profile":"latency"}"#.to_vec(), 422, "missing field `pool`"),
         ("oversized", Some(TOKEN), vec![b' '; 64 * 1024], 413, "length limit"),
         ("unknown pool", Some(TOKEN), br#"{"pool":"nowhere"}"#.to_vec(), 404, "no WarmPool default/nowhere"),
-        ("unknown profile", Some(TOKEN), br#"{"pool":"edge","profile":"speedy"}"#.to_vec(), 422, "spec.profile"),
+        (
+            "unknown profile",
+            Some(TOKEN),
+            br#"{"pool":"edge","profile":"speedy"}"#.to_vec(),
+            422,
+            "profile: unknown variant",
+        ),
         ("zero TTL", Some(TOKEN), br#"{"pool":"edge","ttlSeconds":0}"#.to_vec(), 422, "spec.ttlSeconds"),
     ];
     for (name, token, body, code, needle) in cases {

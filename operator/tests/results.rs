@@ -100,7 +100,7 @@ async fn results_land_in_status_graded_and_a_final_report_completes_the_session(
             403,
             "binding ticket",
         ),
-        ("not JSON", Some(&one.token), Some(&one.binding), b"latency=1".to_vec(), 400, "invalid results body"),
+        ("not JSON", Some(&one.token), Some(&one.binding), b"latency=1".to_vec(), 400, "invalid request body"),
         ("out of range", Some(&one.token), Some(&one.binding), report(bad_loss, false), 422, "lossPercent"),
         ("oversized", Some(&one.token), Some(&one.binding), vec![b' '; 300 * 1024], 413, "length limit"),
     ];

@@ -10,20 +10,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tidepool_wire::token::{PoolPublicKey, SessionClaims, TokenError};
 
+use crate::clock::unix_seconds;
 use crate::error::ApiError;
-use crate::state::{PodState, unix_seconds};
+use crate::session::BoundSession;
+use crate::state::PodState;
 use tidepool_protocol::BINDING_HEADER;
-
-/// The session this pod serves: the first whose credentials verified.
-#[derive(Debug)]
-pub struct BoundSession {
-    pub claims: SessionClaims,
-    /// The raw credentials, for posting results to the operator.
-    pub token: String,
-    pub ticket: String,
-    /// Carried by this session's UDP echo datagrams.
-    pub udp_cookie: u64,
-}
 
 /// Why a request's credentials were refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

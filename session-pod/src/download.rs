@@ -19,10 +19,10 @@ use bytes::Bytes;
 use http_body::Frame;
 use serde::Deserialize;
 
+use crate::connection::ClientAddr;
 use crate::error::{ApiError, parse_query};
 use crate::limits::Opening;
 use crate::random::Chunks;
-use crate::server::ClientAddr;
 use crate::state::{PodState, TrafficMeter};
 use tidepool_protocol::pod::{DOWNLOAD_CHUNK_BYTES, MAX_STREAM_SECONDS};
 

@@ -20,13 +20,14 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::auth::BoundSession;
+use crate::clock::expiry;
+use crate::connection::{ClientAddr, ConnectionSocket};
 use crate::error::ApiError;
 use crate::limits::{Opening, Refusal};
 use crate::random::Chunks;
-use crate::server::{ClientAddr, ConnectionSocket};
+use crate::session::BoundSession;
 use crate::sockets::{self, CLOSE_GOING_AWAY, CLOSE_POLICY, PingAnswerer, error_message};
-use crate::state::{PodState, SocketPermit, expiry, until_shutdown};
+use crate::state::{PodState, SocketPermit, until_shutdown};
 use tidepool_protocol::pod::{ClientMessage, HouseholdUser, ServerMessage};
 
 /// About this much of the user's traffic goes in one frame...

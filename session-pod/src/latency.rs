@@ -8,12 +8,13 @@ use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::response::Response;
 
-use crate::auth::BoundSession;
+use crate::clock::expiry;
+use crate::connection::ClientAddr;
 use crate::error::ApiError;
 use crate::limits::Opening;
-use crate::server::ClientAddr;
+use crate::session::BoundSession;
 use crate::sockets::{self, CLOSE_GOING_AWAY, CLOSE_POLICY, PingAnswerer, error_message};
-use crate::state::{PodState, SocketPermit, expiry, until_shutdown};
+use crate::state::{PodState, SocketPermit, until_shutdown};
 use tidepool_protocol::pod::ClientMessage;
 
 pub async fn latency_socket(

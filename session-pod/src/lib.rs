@@ -4,6 +4,9 @@
 //! with flags ([`flags::Flags`]), signals and process exit.
 
 pub mod auth;
+pub mod body;
+pub mod clock;
+pub mod connection;
 pub mod download;
 pub mod error;
 pub mod flags;
@@ -14,8 +17,10 @@ pub mod metrics;
 pub mod probe_runs;
 pub mod probes;
 pub mod random;
+pub mod reporter;
 pub mod results;
 pub mod server;
+pub mod session;
 pub mod sockets;
 pub mod state;
 pub mod udp;

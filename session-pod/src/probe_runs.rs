@@ -5,7 +5,7 @@
 //! session token carries their digest, signed by the operator, so a pod
 //! cannot be turned into a scanner of whatever a client names.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
@@ -16,10 +16,10 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use tidepool_crds::test_session::SessionResults;
 
-use crate::auth::BoundSession;
+use crate::body::{parse_json, read_body};
 use crate::error::{ApiError, json_response, parse_query};
-use crate::probes::{self, Continuous, ContinuousRun, ContinuousSettings, ProbeSettings};
-use crate::results::{parse_json, read_body};
+use crate::probes::{self, ContinuousRun, ContinuousSettings, ProbeSettings};
+use crate::session::BoundSession;
 use crate::state::PodState;
 use tidepool_protocol::pod::{ProbeRequest, ProbeResponse, probes_digest};
 use tidepool_protocol::results::ResultsSubmission;
@@ -29,12 +29,6 @@ const PROBES_BODY_LIMIT: usize = 128 * 1024;
 /// The shortest and longest interval of continuous runs, in seconds.
 const MIN_EVERY_SECONDS: u64 = 10;
 const MAX_EVERY_SECONDS: u64 = 86_400;
-
-/// One probe run at a time per pod: probes make traffic to the outside, and
-/// a client asking twice should not double it.
-static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-/// The continuous runs, while they go on.
-static CONTINUOUS: Mutex<Option<Continuous>> = Mutex::new(None);
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -71,10 +65,10 @@ pub async fn run(
     let settings = ProbeSettings::default();
     match query.every_seconds {
         None => {
-            if continuous_running() {
+            if state.probe_runs.continuous_running() {
                 return Err(busy("continuous probe runs go on; DELETE /api/v1/probes first"));
             }
-            let Ok(_permit) = RUNNING.try_acquire() else {
+            let Ok(_permit) = state.probe_runs.running.try_acquire() else {
                 return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "a probe run is already going on this pod"));
             };
             let results = probes::run_once(&request.targets, tier, &settings).await;
@@ -87,10 +81,10 @@ pub async fn run(
         Some(every) => {
             // One set of runs at a time, and none beside a one-shot run: a
             // client cannot stack runs by asking again and again.
-            if continuous_running() {
+            if state.probe_runs.continuous_running() {
                 return Err(busy("continuous probe runs go on already; DELETE /api/v1/probes first"));
             }
-            if RUNNING.available_permits() == 0 {
+            if state.probe_runs.running.available_permits() == 0 {
                 return Err(busy("a probe run is already going on this pod"));
             }
             let every_settings =
@@ -102,7 +96,7 @@ pub async fn run(
                 async move { report(&state, &session, run).await }
             };
             let handle = probes::spawn_continuous(request.targets, settings, every_settings, sink);
-            *CONTINUOUS.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+            state.probe_runs.set_continuous(handle);
             Ok(json_response(StatusCode::ACCEPTED, &ContinuousStarted { every_seconds: every, start_tier: tier }))
         }
     }
@@ -110,8 +104,11 @@ pub async fn run(
 
 /// `DELETE /api/v1/probes`: stops the continuous runs (204), or 404 when
 /// none go on.
-pub async fn stop(Extension(_session): Extension<Arc<BoundSession>>) -> Result<Response, ApiError> {
-    let running = CONTINUOUS.lock().unwrap_or_else(|p| p.into_inner()).take();
+pub async fn stop(
+    State(state): State<Arc<PodState>>,
+    Extension(_session): Extension<Arc<BoundSession>>,
+) -> Result<Response, ApiError> {
+    let running = state.probe_runs.take_continuous();
     match running {
         Some(handle) => {
             handle.stop().await;
@@ -119,10 +116,6 @@ pub async fn stop(Extension(_session): Extension<Arc<BoundSession>>) -> Result<R
         }
         None => Err(ApiError::not_found("no continuous probe runs go on")),
     }
-}
-
-fn continuous_running() -> bool {
-    CONTINUOUS.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|c| !c.is_finished())
 }
 
 fn busy(message: &str) -> ApiError {

@@ -23,12 +23,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
-use crate::auth::{self, BoundSession};
+use crate::auth;
+use crate::connection::{ClientAddr, ConnectionSocket};
 use crate::error::{ApiError, json_response};
 use crate::limits::{Limiter, Limits};
 use crate::metrics::{Metrics, route_label};
 use crate::random::{NoRandomness, POOL_BYTES, RandomPool};
-use crate::results::OperatorReporter;
+use crate::reporter::OperatorReporter;
+use crate::session::BoundSession;
 use crate::state::{PodIdentity, PodState, PodStateParts, until_shutdown};
 use crate::{download, household, latency, probe_runs, results, udp, upload};
 use tidepool_protocol::pod::{
@@ -81,26 +83,6 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("cannot make the HTTP client for the operator: {0}")]
     HttpClient(#[from] reqwest::Error),
-}
-
-/// The peer of a request's connection (a request extension).
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
-
-/// The connection's socket (a duplicate descriptor), so a handler can tune
-/// it (a request extension).
-#[derive(Clone, Debug)]
-pub struct ConnectionSocket(Arc<socket2::Socket>);
-
-impl ConnectionSocket {
-    /// Keeps at most about `bytes` unsent in the kernel (TCP_NOTSENT_LOWAT),
-    /// so what the pod sends next does not queue behind much.
-    pub fn keep_unsent_below(&self, bytes: u32) {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let Err(e) = self.0.set_tcp_notsent_lowat(bytes) {
-            tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
-        }
-    }
 }
 
 /// A running server.
@@ -306,7 +288,7 @@ async fn serve_connection(
 ) {
     // Pongs and small frames must not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let socket = stream.as_fd().try_clone_to_owned().ok().map(|fd| ConnectionSocket(Arc::new(fd.into())));
+    let socket = stream.as_fd().try_clone_to_owned().ok().map(|fd| ConnectionSocket::new(fd.into()));
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ClientAddr(peer));
         if let Some(socket) = &socket {

@@ -6,10 +6,11 @@ use std::time::Instant;
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use futures_util::{Sink, SinkExt};
 
-use crate::auth::BoundSession;
+use crate::clock::unix_micros;
 use crate::error::ApiError;
 use crate::limits::RateBudget;
-use crate::state::{PodState, unix_micros};
+use crate::session::BoundSession;
+use crate::state::PodState;
 use tidepool_protocol::pod::{ClientMessage, MAX_PING_HZ, ServerMessage};
 
 /// Close codes (RFC 6455).

@@ -4,19 +4,20 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use prometheus::IntCounter;
 use tidepool_crds::test_session::SessionResults;
 use tidepool_wire::token::PoolPublicKey;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
-use crate::auth::BoundSession;
 use crate::error::ApiError;
 use crate::limits::{Limiter, Opening, Refusal};
 use crate::metrics::Metrics;
+use crate::probes::Continuous;
 use crate::random::RandomPool;
-use crate::results::OperatorReporter;
+use crate::reporter::OperatorReporter;
+use crate::session::BoundSession;
 
 /// Who this pod is, from its environment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,12 +41,50 @@ pub struct PodState {
     pub reporter: OperatorReporter,
     /// The latest graded results.
     pub latest_results: Mutex<Option<SessionResults>>,
+    /// The session's outbound probe runs.
+    pub probe_runs: ProbeRuns,
     /// Notified once when a client asks the pod to end; `main` exits on it.
     pub terminate: Notify,
     /// Turns true when the server shuts down; open sockets close on it.
     shutdown: watch::Receiver<bool>,
     open_sockets: AtomicUsize,
     socket_closed: Notify,
+}
+
+/// A pod's outbound probe runs: one at a time (probes make traffic to the
+/// outside, and a client asking twice should not double it), and the
+/// continuous runs while they go on.
+pub struct ProbeRuns {
+    pub running: Semaphore,
+    continuous: Mutex<Option<Continuous>>,
+}
+
+impl Default for ProbeRuns {
+    fn default() -> Self {
+        Self { running: Semaphore::new(1), continuous: Mutex::new(None) }
+    }
+}
+
+impl ProbeRuns {
+    /// A poisoned lock still holds a sound value (one assignment), so it is taken over.
+    fn continuous(&self) -> MutexGuard<'_, Option<Continuous>> {
+        self.continuous.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether continuous runs go on.
+    pub fn continuous_running(&self) -> bool {
+        self.continuous().as_ref().is_some_and(|c| !c.is_finished())
+    }
+
+    /// Keeps the handle of the continuous runs just started.
+    pub fn set_continuous(&self, runs: Continuous) {
+        *self.continuous() = Some(runs);
+    }
+
+    /// Takes the continuous runs' handle, to stop them.
+    pub fn take_continuous(&self) -> Option<Continuous> {
+        self.continuous().take()
+    }
 }
 
 /// The parts of [`PodState`] the server makes before the state.
@@ -72,6 +111,7 @@ impl PodState {
             udp_port: parts.udp_port,
             reporter: parts.reporter,
             latest_results: Mutex::new(None),
+            probe_runs: ProbeRuns::default(),
             terminate: Notify::new(),
             shutdown: parts.shutdown,
             open_sockets: AtomicUsize::new(0),
@@ -225,20 +265,4 @@ impl Drop for TrafficMeter {
 pub async fn until_shutdown(signal: &mut watch::Receiver<bool>) {
     // The guard `wait_for` gives back is not Send: drop it here, not in a caller's select.
     let _ = signal.wait_for(|down| *down).await;
-}
-
-/// Now, in Unix seconds.
-pub fn unix_seconds() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// Now, in Unix microseconds.
-pub fn unix_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
-/// The instant the session's token expires.
-pub fn expiry(session: &BoundSession) -> tokio::time::Instant {
-    let left = session.claims.exp.saturating_sub(unix_seconds());
-    tokio::time::Instant::now() + Duration::from_secs(left.min(u64::from(u32::MAX)))
 }

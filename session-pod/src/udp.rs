@@ -13,9 +13,10 @@ use axum::response::Response;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
-use crate::auth::BoundSession;
+use crate::clock::unix_micros;
 use crate::error::json_response;
-use crate::state::{PodState, unix_micros, until_shutdown};
+use crate::session::BoundSession;
+use crate::state::{PodState, until_shutdown};
 use tidepool_protocol::pod::{UDP_MAX_BYTES, UdpError, UdpGrant, UdpProbe};
 
 /// The socket buffers we ask for: 4 MiB holds a third of a second at

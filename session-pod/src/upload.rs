@@ -12,10 +12,10 @@ use axum::response::Response;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
+use crate::connection::ClientAddr;
 use crate::download::{StreamQuery, stream_duration};
 use crate::error::{ApiError, json_response, parse_query};
 use crate::limits::Opening;
-use crate::server::ClientAddr;
 use crate::state::{PodState, TrafficMeter};
 use tidepool_protocol::pod::{MAX_STREAM_SECONDS, UPLOAD_SAMPLE_US, UploadReport};
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tidepool_crds::test_session::{Grade, SessionResults, Severity};
 use tidepool_tests::netns::{Shape, ShapedPath, namespaces_available};
 use tidepool_tests::{Process, workspace_binary};
-use tidepool_wire::token::{PoolKey, SessionClaims};
+use tidepool_wire::token::{PoolSigningKey, SessionClaims};
 
 const RATE_MBIT: u32 = 20;
 /// What a 20 Mbit/s shaper lets through as TCP payload, which is what any
@@ -79,7 +79,7 @@ fn bench(prefix: &str, subnet: u8, queue_ms: u32, congestion: &'static str) -> O
         ShapedPath::create(prefix, subnet, Shape { rate_mbit: RATE_MBIT, queue_ms, congestion: Some(congestion) })
             .unwrap();
     let dir = tempdir::Dir::new(prefix);
-    let key = PoolKey::generate().unwrap();
+    let key = PoolSigningKey::generate().unwrap();
     let env = vec![
         ("TIDEPOOL_LISTEN".to_string(), format!("{}:8080", path.server_ip)),
         ("TIDEPOOL_POOL_PUBLIC_KEY".to_string(), key.public().to_base64()),

@@ -27,10 +27,10 @@ use tidepool_crds::test_session::SessionResults;
 use tidepool_protocol::BINDING_HEADER;
 use tidepool_protocol::api::NamespaceQuery;
 use tidepool_protocol::grading;
-use tidepool_protocol::results::ResultsSubmission;
+use tidepool_protocol::results::{ResultsSubmission, validate};
 use tidepool_wire::token::{PoolPublicKey, TokenError};
 
-use super::reply::{error, kube_error};
+use super::reply::{error, json_body, kube_error};
 use super::sessions::lookup_pool_uid;
 use super::state::ApiState;
 use crate::labels;
@@ -63,13 +63,9 @@ async fn accept(
             format!("results need the session token and the {BINDING_HEADER} ticket"),
         );
     };
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return error(rejection.status(), rejection.body_text()),
-    };
-    let submission: ResultsSubmission = match serde_json::from_slice(&body) {
+    let submission: ResultsSubmission = match json_body(body) {
         Ok(submission) => submission,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid results body: {e}")),
+        Err(refused) => return refused.into_response(),
     };
 
     // The token names its session: a token for another one is refused before
@@ -79,6 +75,9 @@ async fn accept(
     match PoolPublicKey::unverified_claims(token) {
         Ok(claims) if claims.ns == namespace && claims.name == name => {}
         _ => return not_yours(),
+    }
+    if let Err(invalid) = validate(&submission.results) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, invalid.to_string());
     }
     let mut results = submission.results;
     // Graded here again: the grades in status follow the operator's rules,

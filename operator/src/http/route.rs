@@ -12,18 +12,14 @@ use axum::response::{IntoResponse, Response};
 use tidepool_protocol::api::{BackendKind, RouteAnswer, RouteRequest};
 use tidepool_wire::report::ReportKind;
 
-use super::reply::error;
+use super::reply::{error, json_body};
 use super::state::ApiState;
 use crate::placement::{Need, Request};
 
 pub async fn route(State(state): State<Arc<ApiState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return error(rejection.status(), rejection.body_text()),
-    };
-    let request: RouteRequest = match serde_json::from_slice(&body) {
+    let request: RouteRequest = match json_body(body) {
         Ok(request) => request,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
+        Err(refused) => return refused.into_response(),
     };
     if let Err(message) = request.check() {
         return error(StatusCode::UNPROCESSABLE_ENTITY, message);

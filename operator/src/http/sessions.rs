@@ -20,18 +20,14 @@ use tidepool_protocol::api::{CreateSession, NamespaceQuery, NotReadyInTime, Sess
 use tidepool_protocol::pod::probes_digest;
 use tidepool_wire::token::SessionClaims;
 
-use super::reply::{error, kube_error};
+use super::reply::{error, json_body, kube_error};
 use super::state::ApiState;
 use crate::conditions;
 
 pub async fn create(State(state): State<Arc<ApiState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return error(rejection.status(), rejection.body_text()),
-    };
-    let request: CreateSession = match serde_json::from_slice(&body) {
+    let request: CreateSession = match json_body(body) {
         Ok(request) => request,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
+        Err(refused) => return refused.into_response(),
     };
     let namespace = request.namespace.clone().unwrap_or_else(|| state.namespace.clone());
     let pools: Api<WarmPool> = Api::namespaced(state.client.clone(), &namespace);

@@ -16,6 +16,8 @@
 
 pub mod claim;
 pub mod decide;
+#[cfg(test)]
+mod scenarios;
 pub mod status;
 
 use std::sync::Arc;
@@ -60,6 +62,8 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
     let mut observed = observe(&ctx, &session, pool.as_deref(), &pods_api, &uid).await?;
     let mut status = session.status.clone().unwrap_or_default();
     let mut claimed: Option<Arc<Pod>> = None;
+    // Pods this pass deleted: the cache shows them a while longer.
+    let mut released: Vec<String> = Vec::new();
     for _ in 0..MAX_STEPS {
         let step = decide::decide(&observed, &session.spec.pool);
         tracing::trace!(session = %session.name_any(), ?step, "step");
@@ -79,8 +83,9 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
             Step::Wait { reason, message } => return wait(&ctx, &session, status, reason, message).await,
             Step::Claim { replacing } => {
                 // A pod that died under a live session is replaced: the session heals.
-                if let Some(dead) = &replacing {
-                    delete_pod(&pods_api, &pod_uid(&ctx, &namespace, dead), dead).await?;
+                if let Some(dead) = replacing {
+                    delete_pod(&pods_api, &pod_uid(&ctx, &namespace, &dead), &dead).await?;
+                    released.push(dead);
                 }
                 let Some(pool) = pool.as_deref() else {
                     return Ok(Action::requeue(WAIT_RECHECK));
@@ -95,7 +100,10 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
                         observed.bound = Some(BoundPod { name: pod.name_any(), alive: true, in_cache: false });
                         // Scanned again, not reused from the start of the pass: the
                         // cache may have caught up with a second claim by now.
-                        observed.extra_claims = extra_claims(&ctx, &namespace, &uid, &pod.name_any());
+                        observed.extra_claims = extra_claims(&ctx, &namespace, &uid, &pod.name_any())
+                            .into_iter()
+                            .filter(|name| !released.contains(name))
+                            .collect();
                         claimed = Some(pod);
                     }
                     Claim::NoneFree => {
