@@ -49,6 +49,8 @@ pub enum AgentError {
     Client(#[from] reqwest::Error),
     #[error("cannot watch for signals: {0}")]
     Signal(std::io::Error),
+    #[error("the {0} stopped on its own")]
+    Stopped(&'static str),
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Needs a Tokio runtime with
@@ -82,11 +84,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         "agent started"
     );
     tokio::select! {
+        // None of these ends while the agent runs; one that does ends it.
         result = server::serve(listener, metrics.clone(), heartbeat.clone()) => {
             result.map_err(AgentError::Serve)?;
+            return Err(AgentError::Stopped("metrics and health server"));
         }
-        () = sampler::run(&config, sampler, &heartbeat, &outbox) => {}
-        () = reporter.run(&outbox) => {}
+        () = sampler::run(&config, sampler, &heartbeat, &outbox) => return Err(AgentError::Stopped("sampler")),
+        () = reporter.run(&outbox) => return Err(AgentError::Stopped("reporter")),
         _ = terminate.recv() => info!("SIGTERM; stopping"),
         _ = interrupt.recv() => info!("SIGINT; stopping"),
     }

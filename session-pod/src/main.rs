@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tidepool_session::flags::Flags;
-use tidepool_session::server::Server;
+use tidepool_session::server::{Server, Stop};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(flags: Flags) -> ExitCode {
-    let server = match Server::start(flags.server_config()).await {
+    let mut server = match Server::start(flags.server_config()).await {
         Ok(server) => server,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
@@ -41,16 +41,30 @@ async fn run(flags: Flags) -> ExitCode {
         operator = flags.operator_url.as_ref().map(|u| u.as_str()).unwrap_or("none"),
         "serving"
     );
-    let reason = tokio::select! {
-        () = server.terminate_requested() => "a client asked the pod to end",
-        () = terminate_signal() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "interrupt",
+    let signal = async {
+        tokio::select! {
+            () = terminate_signal() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "interrupt",
+        }
     };
-    tracing::info!(reason, "shutting down");
+    let code = match server.serve_until(signal).await {
+        // Exit 0 also on a client's request: the pod ended as asked.
+        Stop::Terminated => {
+            tracing::info!("a client asked the pod to end; shutting down");
+            ExitCode::SUCCESS
+        }
+        Stop::Signal(reason) => {
+            tracing::info!(reason, "shutting down");
+            ExitCode::SUCCESS
+        }
+        Stop::TaskEnded(task) => {
+            tracing::error!(task, "a server task ended on its own; exiting");
+            ExitCode::FAILURE
+        }
+    };
     server.shutdown().await;
     tracing::info!("stopped");
-    // Exit 0 also on a client's request: the pod ended as asked.
-    ExitCode::SUCCESS
+    code
 }
 
 #[cfg(unix)]

@@ -85,6 +85,17 @@ pub enum StartError {
     HttpClient(#[from] reqwest::Error),
 }
 
+/// Why [`Server::serve_until`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// A client asked the pod to end.
+    Terminated,
+    /// The signal given, named.
+    Signal(&'static str),
+    /// One of the server's tasks ended on its own.
+    TaskEnded(&'static str),
+}
+
 /// A running server.
 pub struct Server {
     http_addr: SocketAddr,
@@ -143,10 +154,27 @@ impl Server {
         self.udp_addr
     }
 
-    /// Resolves when a client asked the pod to end (`terminate`); `main`
-    /// exits on it, tests watch it.
+    /// Resolves when a client asked the pod to end (`terminate`); tests watch it.
     pub async fn terminate_requested(&self) {
         self.state.terminate.notified().await;
+    }
+
+    /// Serves until a client asks the pod to end, `signal` resolves, or one
+    /// of the server's own tasks ends (which it never should while serving).
+    pub async fn serve_until(&mut self, signal: impl Future<Output = &'static str>) -> Stop {
+        let Some((accept, echo)) = self.tasks.as_mut() else { return Stop::TaskEnded("the server") };
+        let stop = tokio::select! {
+            () = self.state.terminate.notified() => Stop::Terminated,
+            reason = signal => Stop::Signal(reason),
+            _ = accept => Stop::TaskEnded("the accept loop"),
+            _ = echo => Stop::TaskEnded("the UDP echo"),
+        };
+        if let (Stop::TaskEnded(_), Some((accept, echo))) = (&stop, self.tasks.take()) {
+            // One has ended (and must not be awaited again): stop the other.
+            accept.abort();
+            echo.abort();
+        }
+        stop
     }
 
     /// The latest graded results.

@@ -126,6 +126,14 @@ async fn crds_install_and_kubectl_shows_their_columns() {
         ["NAME", "KIND", "REGION", "CPU%", "MEM%", "GPU%", "HEALTH", "READY", "AGE"]
     );
     assert_eq!(header(&get(&["get", "tubes"])), ["NAME", "TYPE", "SESSION", "STATE", "RTT(MS)", "AGE"]);
+    // Use figures are whole percentages in the table, whatever the status holds.
+    let usage = json!({ "status": { "usage": {
+        "cpuPercent": 37.816_254_1, "perCorePercent": [37.816_254_1], "memoryPercent": 61.499_999_9,
+        "diskPercent": 5.0, "gpuPercent": 99.9
+    } } });
+    backends.patch_status("edge-ams-1", &PatchParams::default(), &Patch::Merge(&usage)).await.unwrap();
+    let row: Vec<String> = get(&["get", "be", "edge-ams-1", "--no-headers"]).split_whitespace().map(String::from).collect();
+    assert_eq!(row[3..6], ["37", "61", "99"], "{row:?}");
     assert!(get(&["get", "ts", "alice"]).contains("edge"));
     assert!(get(&["get", "tidepool"]).contains("warmpool.tidepool.dev/edge"), "the tidepool category lists our kinds");
 
