@@ -1,7 +1,7 @@
 //! Each pool's Ed25519 session key, kept in a Secret the pool owns.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -87,13 +87,13 @@ impl Keys {
     }
 
     fn cached(&self, pool_uid: &str) -> Option<PoolSigningKey> {
-        self.cache.lock().ok().and_then(|c| c.get(pool_uid).cloned())
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner).get(pool_uid).cloned()
     }
 
     fn remember(&self, pool_uid: &str, key: &PoolSigningKey) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(pool_uid.to_string(), key.clone());
-        }
+        // The operator's rule for a poisoned lock: take it over (one insert
+        // cannot leave the map half-changed).
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner).insert(pool_uid.to_string(), key.clone());
     }
 }
 

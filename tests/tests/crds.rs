@@ -132,7 +132,8 @@ async fn crds_install_and_kubectl_shows_their_columns() {
         "diskPercent": 5.0, "gpuPercent": 99.9
     } } });
     backends.patch_status("edge-ams-1", &PatchParams::default(), &Patch::Merge(&usage)).await.unwrap();
-    let row: Vec<String> = get(&["get", "be", "edge-ams-1", "--no-headers"]).split_whitespace().map(String::from).collect();
+    let row: Vec<String> =
+        get(&["get", "be", "edge-ams-1", "--no-headers"]).split_whitespace().map(String::from).collect();
     assert_eq!(row[3..6], ["37", "61", "99"], "{row:?}");
     assert!(get(&["get", "ts", "alice"]).contains("edge"));
     assert!(get(&["get", "tidepool"]).contains("warmpool.tidepool.dev/edge"), "the tidepool category lists our kinds");

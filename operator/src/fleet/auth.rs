@@ -2,7 +2,7 @@
 //! the answer cached so a report a second per node costs no API call.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
@@ -48,13 +48,13 @@ pub struct TokenCache {
 
 impl TokenCache {
     fn lookup(&self, token: &str) -> Option<Result<Caller, AuthError>> {
-        let entries = self.entries.lock().ok()?;
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let (answer, until) = entries.get(token)?;
         (Instant::now() < *until).then(|| answer.clone())
     }
 
     fn store(&self, token: &str, answer: Result<Caller, AuthError>) {
-        let Ok(mut entries) = self.entries.lock() else { return };
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         if entries.len() >= CAPACITY {
             entries.retain(|_, (_, until)| *until > now);
