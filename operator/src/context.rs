@@ -16,6 +16,7 @@ use crate::memory::Memory;
 use crate::metrics::Metrics;
 use crate::placement::Placement;
 use crate::pod_index::PodIndex;
+use crate::scope::Caches;
 
 /// Settings the controllers act on.
 #[derive(Clone, Debug)]
@@ -41,9 +42,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub keys: Arc<Keys>,
-    pub pods: Store<Pod>,
-    pub sessions: Store<TestSession>,
-    pub pools: Store<WarmPool>,
+    pub pods: Caches<Pod>,
+    pub sessions: Caches<TestSession>,
+    pub pools: Caches<WarmPool>,
     /// Every node: where pools with `nodeAssignment: Operator` put their pods.
     pub nodes: Store<Node>,
     /// The fallback when no agent reports for a pool's nodes.

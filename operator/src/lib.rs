@@ -19,11 +19,13 @@ pub mod labels;
 pub mod leader;
 pub mod memory;
 pub mod metrics;
+pub mod names;
 pub mod placement;
 pub mod pod_index;
 pub mod pods;
 pub mod pool;
 pub mod run;
+pub mod scope;
 pub mod session;
 pub mod supervisor;
 #[cfg(test)]

@@ -19,6 +19,7 @@ use tidepool_operator::leader::{Elector, LeaseSettings};
 use tidepool_operator::metrics::Metrics;
 use tidepool_operator::placement::RouterSettings;
 use tidepool_operator::run::{self, Clients};
+use tidepool_operator::scope::Scope;
 use tidepool_operator::supervisor::Supervisor;
 
 #[derive(Parser, Debug)]
@@ -37,6 +38,11 @@ struct Args {
     /// Namespace for sessions whose request names none.
     #[arg(long, env = "TIDEPOOL_SESSION_NAMESPACE", default_value = "default")]
     session_namespace: String,
+    /// The namespaces the operator watches and writes pools, sessions and
+    /// pods in (comma-separated); empty: every namespace, which needs
+    /// cluster-wide rights.
+    #[arg(long, env = "TIDEPOOL_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
     /// Seconds POST /api/v1/sessions waits for Ready before answering 504.
     #[arg(long, env = "TIDEPOOL_READY_DEADLINE", default_value_t = 10.0)]
     ready_deadline_seconds: f64,
@@ -72,7 +78,8 @@ struct Args {
     /// Fault injection for tests: end this supervised task a second after it
     /// starts (api-server, backend-status, health-probes, agent-daemonset,
     /// pod-cache, session-cache, pool-cache, node-cache, warmpool-controller,
-    /// testsession-controller).
+    /// testsession-controller; with --namespaces, the namespaced ones are
+    /// `<task>/<namespace>`).
     #[arg(long, hide = true)]
     fault_end_task: Option<String>,
     #[command(flatten)]
@@ -166,6 +173,13 @@ async fn main() -> ExitCode {
         Ok(_) => return fail(format!("{} is empty", args.api_token_file.display())),
         Err(e) => return fail(format!("cannot read {}: {e}", args.api_token_file.display())),
     };
+    let scope = match Scope::from_list(&args.namespaces) {
+        Ok(scope) => scope,
+        Err(e) => return fail(e),
+    };
+    if !scope.contains(&args.session_namespace) {
+        return fail(format!("--session-namespace {} is not among --namespaces", args.session_namespace));
+    }
     let lease = LeaseSettings {
         namespace: args.lease_namespace.clone(),
         name: args.lease_name.clone(),
@@ -218,6 +232,7 @@ async fn main() -> ExitCode {
     });
     let identity = lease.identity.clone();
     let mut supervisor = Supervisor::new(args.fault_end_task.clone());
+    let shared = run::shared_caches(&mut supervisor, &scope, &clients.watch);
 
     let state = Arc::new(ApiState {
         client: clients.request.clone(),
@@ -267,10 +282,11 @@ async fn main() -> ExitCode {
         results_url: args.results_url.clone(),
         fault_claim_delay: args.fault_claim_delay_ms.map(Duration::from_millis),
     };
-    run::start(&mut supervisor, clients, settings, metrics.clone(), keys, fleet.clone(), &identity);
+    let parts = run::Parts { settings, metrics: metrics.clone(), keys, fleet: fleet.clone(), identity };
+    run::start(&mut supervisor, &scope, clients, shared, parts);
     let code = tokio::select! {
         ended = supervisor.ended() => {
-            tracing::error!(task = ended.task, how = %ended.how, "a supervised task ended; giving up the lease and exiting");
+            tracing::error!(task = %ended.task, how = %ended.how, "a supervised task ended; giving up the lease and exiting");
             stop_writing(supervisor, &fleet, &metrics);
             elector.release().await;
             ExitCode::FAILURE

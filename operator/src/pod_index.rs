@@ -56,26 +56,34 @@ pub struct PodIndex {
     assigned_by_pool_node: HashMap<PoolRef, HashMap<String, u32>>,
     pods_by_pool_node: HashMap<PoolRef, HashMap<String, u32>>,
     pods_by_node: HashMap<String, u32>,
-    /// The pods seen since a relist began; the rest are gone at its end.
-    relisted: Option<HashSet<PodKey>>,
+    /// For each watch (by the namespace it covers; None: the whole cluster),
+    /// the pods seen since its relist began; the rest of its pods are gone
+    /// at its end.
+    relisted: HashMap<Option<String>, HashSet<PodKey>>,
 }
 
 impl PodIndex {
-    /// Folds one event of the pod watch in.
-    pub fn apply(&mut self, event: &Event<Pod>) {
+    /// Folds one event of a pod watch in; `watch` is the namespace that
+    /// watch covers (None: the whole cluster), so a relist of one namespace
+    /// drops only that namespace's gone pods.
+    pub fn apply(&mut self, watch: Option<&str>, event: &Event<Pod>) {
         match event {
             Event::Apply(pod) => self.upsert(pod),
             Event::Delete(pod) => self.remove(&key(pod)),
-            Event::Init => self.relisted = Some(HashSet::new()),
+            Event::Init => {
+                self.relisted.insert(watch.map(String::from), HashSet::new());
+            }
             Event::InitApply(pod) => {
-                if let Some(seen) = &mut self.relisted {
+                if let Some(seen) = self.relisted.get_mut(&watch.map(String::from)) {
                     seen.insert(key(pod));
                 }
                 self.upsert(pod);
             }
             Event::InitDone => {
-                if let Some(seen) = self.relisted.take() {
-                    let gone: Vec<PodKey> = self.facts.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+                if let Some(seen) = self.relisted.remove(&watch.map(String::from)) {
+                    let covered = |k: &PodKey| watch.is_none_or(|ns| k.0 == ns);
+                    let gone: Vec<PodKey> =
+                        self.facts.keys().filter(|k| covered(k) && !seen.contains(*k)).cloned().collect();
                     gone.iter().for_each(|k| self.remove(k));
                 }
             }
@@ -272,21 +280,21 @@ mod tests {
     #[test]
     fn claims_follow_the_pods() {
         let mut index = PodIndex::default();
-        index.apply(&Event::Apply(pod("a", None)));
+        index.apply(None, &Event::Apply(pod("a", None)));
         assert!(index.pods_of("s1").is_empty());
-        index.apply(&Event::Apply(pod("a", Some("s1"))));
-        index.apply(&Event::Apply(pod("b", Some("s1"))));
+        index.apply(None, &Event::Apply(pod("a", Some("s1"))));
+        index.apply(None, &Event::Apply(pod("b", Some("s1"))));
         assert_eq!(index.pods_of("s1"), keys(&["a", "b"]));
         // Moved to another session (never in practice, but kept exact).
-        index.apply(&Event::Apply(pod("b", Some("s2"))));
+        index.apply(None, &Event::Apply(pod("b", Some("s2"))));
         assert_eq!(index.pods_of("s1"), keys(&["a"]));
         assert_eq!(index.pods_of("s2"), keys(&["b"]));
         // A pod being deleted no longer counts; a deleted one is gone.
         let mut going = pod("a", Some("s1"));
         going.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
-        index.apply(&Event::Apply(going));
+        index.apply(None, &Event::Apply(going));
         assert!(index.pods_of("s1").is_empty());
-        index.apply(&Event::Delete(pod("b", Some("s2"))));
+        index.apply(None, &Event::Delete(pod("b", Some("s2"))));
         assert!(index.pods_of("s2").is_empty());
         assert!(index.facts.is_empty() && index.by_session.is_empty());
     }
@@ -294,16 +302,33 @@ mod tests {
     #[test]
     fn a_relist_drops_pods_that_went_meanwhile() {
         let mut index = PodIndex::default();
-        index.apply(&Event::Apply(pod("a", Some("s1"))));
-        index.apply(&Event::Apply(pod("b", Some("s1"))));
-        index.apply(&Event::Init);
-        index.apply(&Event::InitApply(pod("b", Some("s1"))));
-        index.apply(&Event::InitApply(pod("c", Some("s3"))));
+        index.apply(None, &Event::Apply(pod("a", Some("s1"))));
+        index.apply(None, &Event::Apply(pod("b", Some("s1"))));
+        index.apply(None, &Event::Init);
+        index.apply(None, &Event::InitApply(pod("b", Some("s1"))));
+        index.apply(None, &Event::InitApply(pod("c", Some("s3"))));
         // Until the relist ends, what was known stays.
         assert_eq!(index.pods_of("s1"), keys(&["a", "b"]));
-        index.apply(&Event::InitDone);
+        index.apply(None, &Event::InitDone);
         assert_eq!(index.pods_of("s1"), keys(&["b"]));
         assert_eq!(index.pods_of("s3"), keys(&["c"]));
+    }
+
+    #[test]
+    fn a_relist_of_one_namespace_leaves_the_others_alone() {
+        let mut other = pod("x", Some("s9"));
+        other.metadata.namespace = Some("other".into());
+        let mut index = PodIndex::default();
+        index.apply(Some("other"), &Event::Apply(other));
+        index.apply(Some("ns"), &Event::Apply(pod("a", Some("s1"))));
+        index.apply(Some("ns"), &Event::Init);
+        index.apply(Some("other"), &Event::Init);
+        index.apply(Some("ns"), &Event::InitDone);
+        // ns relisted empty: its pod is gone; other's relist is still going on.
+        assert!(index.pods_of("s1").is_empty());
+        assert_eq!(index.pods_of("s9"), [("other".to_string(), "x".to_string())]);
+        index.apply(Some("other"), &Event::InitDone);
+        assert!(index.pods_of("s9").is_empty());
     }
 
     fn pool_pod(name: &str, state: &str, node: Option<&str>, phase: &str) -> Pod {
@@ -322,10 +347,10 @@ mod tests {
     fn pools_warm_pods_and_node_counts_follow_the_pods() {
         let edge = ("ns".to_string(), "edge".to_string());
         let mut index = PodIndex::default();
-        index.apply(&Event::Apply(pool_pod("a", labels::STATE_WARM, None, "Pending")));
-        index.apply(&Event::Apply(pool_pod("a", labels::STATE_WARM, Some("n1"), "Running")));
-        index.apply(&Event::Apply(pool_pod("b", labels::STATE_WARM, Some("n1"), "Running")));
-        index.apply(&Event::Apply(pool_pod("c", labels::STATE_WARM, Some("n2"), "Running")));
+        index.apply(None, &Event::Apply(pool_pod("a", labels::STATE_WARM, None, "Pending")));
+        index.apply(None, &Event::Apply(pool_pod("a", labels::STATE_WARM, Some("n1"), "Running")));
+        index.apply(None, &Event::Apply(pool_pod("b", labels::STATE_WARM, Some("n1"), "Running")));
+        index.apply(None, &Event::Apply(pool_pod("c", labels::STATE_WARM, Some("n2"), "Running")));
         assert_eq!(warm(&index, &edge), [("n1", vec!["a", "b"]), ("n2", vec!["c"])]);
         assert_eq!(index.owned("edge-uid"), (vec!["a".to_string(), "b".into(), "c".into()], 0));
         assert!(index.assigned_per_node(&edge).is_empty());
@@ -333,17 +358,17 @@ mod tests {
         assert_eq!(index.pods_per_node(&edge), (per_node.clone(), per_node));
 
         // Claimed: no longer warm, counted as assigned on its node.
-        index.apply(&Event::Apply(pool_pod("b", labels::STATE_ASSIGNED, Some("n1"), "Running")));
+        index.apply(None, &Event::Apply(pool_pod("b", labels::STATE_ASSIGNED, Some("n1"), "Running")));
         assert_eq!(warm(&index, &edge), [("n1", vec!["a"]), ("n2", vec!["c"])]);
         assert_eq!(index.owned("edge-uid"), (vec!["a".to_string(), "c".into()], 1));
         assert_eq!(index.owned_assigned("edge-uid"), ["b"]);
         assert_eq!(index.assigned_per_node(&edge), HashMap::from([("n1".to_string(), 1)]));
         // A finished pod holds no slot; a deleted one is gone from everything.
-        index.apply(&Event::Apply(pool_pod("b", labels::STATE_ASSIGNED, Some("n1"), "Failed")));
+        index.apply(None, &Event::Apply(pool_pod("b", labels::STATE_ASSIGNED, Some("n1"), "Failed")));
         assert!(index.assigned_per_node(&edge).is_empty());
         assert_eq!(index.pods_per_node(&edge).1, HashMap::from([("n1".to_string(), 1), ("n2".to_string(), 1)]));
         for name in ["a", "b", "c"] {
-            index.apply(&Event::Delete(pool_pod(name, labels::STATE_WARM, None, "Running")));
+            index.apply(None, &Event::Delete(pool_pod(name, labels::STATE_WARM, None, "Running")));
         }
         assert!(warm(&index, &edge).is_empty());
         assert_eq!(index.owned("edge-uid"), (vec![], 0));
@@ -360,14 +385,14 @@ mod tests {
     fn a_pod_being_deleted_leaves_its_pools_sets() {
         let edge = ("ns".to_string(), "edge".to_string());
         let mut index = PodIndex::default();
-        index.apply(&Event::Apply(pool_pod("a", labels::STATE_WARM, None, "Pending")));
-        index.apply(&Event::Apply(pool_pod("b", labels::STATE_ASSIGNED, Some("n1"), "Running")));
+        index.apply(None, &Event::Apply(pool_pod("a", labels::STATE_WARM, None, "Pending")));
+        index.apply(None, &Event::Apply(pool_pod("b", labels::STATE_ASSIGNED, Some("n1"), "Running")));
         assert_eq!(warm(&index, &edge), [("", vec!["a"])]);
         assert_eq!(index.owned("edge-uid"), (vec!["a".to_string()], 1));
         for name in ["a", "b"] {
             let mut going = pool_pod(name, labels::STATE_WARM, None, "Running");
             going.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
-            index.apply(&Event::Apply(going));
+            index.apply(None, &Event::Apply(going));
         }
         assert!(warm(&index, &edge).is_empty());
         assert_eq!(index.owned("edge-uid"), (vec![], 0));

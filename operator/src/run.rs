@@ -1,5 +1,5 @@
-//! Wiring for the leading replica: the caches and the two controllers, each
-//! a supervised task.
+//! Wiring: the caches every replica keeps, and, on the leading replica, the
+//! leader's caches and the two controllers; each a supervised task.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -7,10 +7,9 @@ use std::time::Instant;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Client, ResourceExt};
 use tidepool_crds::{TestSession, WarmPool};
 
 use crate::clock::SystemClock;
@@ -22,6 +21,7 @@ use crate::memory::Memory;
 use crate::metrics::Metrics;
 use crate::placement::Spread;
 use crate::pod_index::PodIndex;
+use crate::scope::{self, Caches, Scope};
 use crate::supervisor::Supervisor;
 use crate::{labels, pool, session};
 
@@ -34,129 +34,123 @@ pub struct Clients {
     pub request: Client,
 }
 
-/// Starts the caches and both controllers under `supervisor`.
-pub fn start(
-    supervisor: &mut Supervisor,
-    clients: Clients,
-    settings: Settings,
-    metrics: Arc<Metrics>,
-    keys: Arc<Keys>,
-    fleet: Arc<Fleet>,
-    identity: &str,
-) {
-    let pods_api: Api<Pod> = Api::all(clients.watch.clone());
-    let sessions_api: Api<TestSession> = Api::all(clients.watch.clone());
-    let pools_api: Api<WarmPool> = Api::all(clients.watch.clone());
-    let pod_selector = watcher::Config::default().labels(labels::POOL);
+/// The caches every replica keeps, leading or not: the HTTP API reads them
+/// (which pools exist, whose sessions are live), and the leader's
+/// controllers share them.
+#[derive(Clone)]
+pub struct Shared {
+    pub pools: Caches<WarmPool>,
+    pub sessions: Caches<TestSession>,
+}
 
-    // One cache of each kind, read by both controllers. Each controller also
-    // has its own watches for its triggers: kube-runtime's shared streams
-    // (one watch per kind) pass no deletions on and can stall a subscriber
-    // whose object went meanwhile, and in our runs they bought no speed.
-    let (pods, pods_writer) = reflector::store();
+/// Starts the caches of pools and sessions under `supervisor`.
+pub fn shared_caches(supervisor: &mut Supervisor, scope: &Scope, client: &Client) -> Shared {
+    Shared {
+        pools: scope::watch(supervisor, scope, client, "pool-cache", Default::default(), |_, _| {}),
+        sessions: scope::watch(supervisor, scope, client, "session-cache", Default::default(), |_, _| {}),
+    }
+}
+
+/// What the controllers run with, beside the caches.
+pub struct Parts {
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub keys: Arc<Keys>,
+    pub fleet: Arc<Fleet>,
+    pub identity: String,
+}
+
+/// Starts the leader's caches (pods with their index, nodes) and both
+/// controllers, once per namespace of `scope`, under `supervisor`.
+pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, shared: Shared, parts: Parts) {
+    let pod_selector = watcher::Config::default().labels(labels::POOL);
+    // The index takes each event just before the pod cache does.
     let pod_index = Arc::new(Mutex::new(PodIndex::default()));
     let index_writer = pod_index.clone();
-    // The index takes each event just before the pod cache does.
-    let pod_events = watcher(pods_api.clone(), pod_selector.clone()).default_backoff().map(move |event| {
-        if let Ok(event) = &event {
-            index_writer.lock().unwrap_or_else(PoisonError::into_inner).apply(event);
-        }
-        event
-    });
-    supervisor.spawn("pod-cache", reflector::reflector(pods_writer, pod_events).for_each(|_| async {}));
-    let sessions = cache(supervisor, "session-cache", sessions_api.clone());
-    let pools = cache(supervisor, "pool-cache", pools_api.clone());
+    let index = move |watch: Option<&str>, event: &watcher::Event<Pod>| {
+        index_writer.lock().unwrap_or_else(PoisonError::into_inner).apply(watch, event);
+    };
+    let pods = scope::watch(supervisor, scope, &clients.watch, "pod-cache", pod_selector.clone(), index);
     // Nodes are only read (by pools that place their own pods), so their
     // cache triggers nothing.
-    let nodes = cache(supervisor, "node-cache", Api::<Node>::all(clients.watch.clone()));
+    let nodes: Store<Node> = scope::watch_cluster(supervisor, &clients.watch, "node-cache");
 
-    let reporter = Reporter { controller: labels::MANAGER.into(), instance: Some(identity.to_string()) };
+    let reporter = Reporter { controller: labels::MANAGER.into(), instance: Some(parts.identity.clone()) };
     let ctx = Arc::new(Context {
         client: clients.request.clone(),
-        settings,
-        metrics: metrics.clone(),
+        settings: parts.settings,
+        metrics: parts.metrics.clone(),
         recorder: Recorder::new(clients.request.clone(), reporter),
-        keys,
+        keys: parts.keys,
         pods: pods.clone(),
-        sessions: sessions.clone(),
-        pools: pools.clone(),
+        sessions: shared.sessions.clone(),
+        pools: shared.pools.clone(),
         nodes: nodes.clone(),
         placement: Box::new(Spread),
-        fleet,
+        fleet: parts.fleet,
         memory: Memory::new(Arc::new(SystemClock)),
         pod_index,
     });
 
+    // One wait, shared: kube's store readiness wakes only one waiter.
+    let synced = {
+        let (pods, sessions, pools, nodes) =
+            (pods.clone(), shared.sessions.clone(), shared.pools.clone(), nodes.clone());
+        async move {
+            let caches =
+                [("pods", pods.ready().await), ("sessions", sessions.ready().await), ("pools", pools.ready().await)];
+            let nodes = ("nodes", nodes.wait_until_ready().await.is_ok());
+            match caches.into_iter().chain([nodes]).find(|(_, ready)| !ready) {
+                Some((cache, _)) => {
+                    tracing::error!(cache, "cache never synced");
+                    false
+                }
+                None => true,
+            }
+        }
+        .boxed()
+        .shared()
+    };
     // A controller polls all its reconciles inside one task. Giving each
     // controller its own task lets a long pool pass and session binding run
     // on both cores.
-    // One wait, shared: kube's store readiness wakes only one waiter.
-    let synced = {
-        let (pods, sessions, pools, nodes) = (pods.clone(), sessions.clone(), pools.clone(), nodes.clone());
-        async move { caches_synced(&pods, &sessions, &pools, &nodes).await }.boxed().shared()
-    };
-    let pool_ctx = ctx.clone();
-    let pool_metrics = metrics.clone();
-    let pool_synced = synced.clone();
-    let (pool_pods, pool_sessions) = (pods_api.clone(), sessions_api.clone());
-    let pool_selector = pod_selector.clone();
-    supervisor.spawn("warmpool-controller", async move {
-        if !pool_synced.await {
-            return;
-        }
-        Controller::new(pools_api, Default::default())
-            .owns(pool_pods, pool_selector)
-            .watches(pool_sessions, Default::default(), |s: TestSession| {
-                Some(ObjectRef::<WarmPool>::new(&s.spec.pool).within(&s.namespace().unwrap_or_default()))
-            })
-            .run(timed("warmpool", pool::reconcile, pool_metrics), pool::error_policy, pool_ctx)
-            .for_each(|_| async {})
-            .await;
-    });
-    supervisor.spawn("testsession-controller", async move {
-        if !synced.await {
-            return;
-        }
-        let sessions_for_pods = sessions.clone();
-        Controller::new(sessions_api, Default::default())
-            .watches(pods_api, pod_selector, move |pod: Pod| session::sessions_for_pod(&pod, &sessions_for_pods))
-            .run(timed("testsession", session::reconcile, metrics), session::error_policy, ctx)
-            .for_each(|_| async {})
-            .await;
-    });
-}
-
-/// A cache of every object of a kind, kept by a supervised task.
-fn cache<K>(supervisor: &mut Supervisor, name: &'static str, api: Api<K>) -> Store<K>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, Default::default())).default_backoff();
-    supervisor.spawn(name, stream.for_each(|_| async {}));
-    store
-}
-
-/// Waits until every cache has listed once; false (logged) if one never will.
-async fn caches_synced(
-    pods: &Store<Pod>,
-    sessions: &Store<TestSession>,
-    pools: &Store<WarmPool>,
-    nodes: &Store<Node>,
-) -> bool {
-    for (name, ready) in [
-        ("nodes", nodes.wait_until_ready().await.is_ok()),
-        ("pods", pods.wait_until_ready().await.is_ok()),
-        ("sessions", sessions.wait_until_ready().await.is_ok()),
-        ("pools", pools.wait_until_ready().await.is_ok()),
-    ] {
-        if !ready {
-            tracing::error!(cache = name, "cache never synced");
-            return false;
-        }
+    let (pods_apis, sessions_apis, pools_apis) = (
+        scope.apis::<Pod>(&clients.watch),
+        scope.apis::<TestSession>(&clients.watch),
+        scope.apis::<WarmPool>(&clients.watch),
+    );
+    for (((namespace, pods_api), (_, sessions_api)), (_, pools_api)) in
+        pods_apis.into_iter().zip(sessions_apis).zip(pools_apis)
+    {
+        let suffix = namespace.map(|ns| format!("/{ns}")).unwrap_or_default();
+        let (pool_ctx, pool_synced, pool_metrics) = (ctx.clone(), synced.clone(), parts.metrics.clone());
+        let (pool_pods, pool_sessions, selector) = (pods_api.clone(), sessions_api.clone(), pod_selector.clone());
+        supervisor.spawn(format!("warmpool-controller{suffix}"), async move {
+            if !pool_synced.await {
+                return;
+            }
+            Controller::new(pools_api, Default::default())
+                .owns(pool_pods, selector)
+                .watches(pool_sessions, Default::default(), |s: TestSession| {
+                    Some(ObjectRef::<WarmPool>::new(&s.spec.pool).within(&s.namespace().unwrap_or_default()))
+                })
+                .run(timed("warmpool", pool::reconcile, pool_metrics), pool::error_policy, pool_ctx)
+                .for_each(|_| async {})
+                .await;
+        });
+        let (session_ctx, session_synced, session_metrics) = (ctx.clone(), synced.clone(), parts.metrics.clone());
+        let (sessions_for_pods, selector) = (shared.sessions.clone(), pod_selector.clone());
+        supervisor.spawn(format!("testsession-controller{suffix}"), async move {
+            if !session_synced.await {
+                return;
+            }
+            Controller::new(sessions_api, Default::default())
+                .watches(pods_api, selector, move |pod: Pod| session::sessions_for_pod(&pod, &sessions_for_pods))
+                .run(timed("testsession", session::reconcile, session_metrics), session::error_policy, session_ctx)
+                .for_each(|_| async {})
+                .await;
+        });
     }
-    true
 }
 
 /// What a wrapped reconcile returns.

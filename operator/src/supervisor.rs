@@ -15,7 +15,7 @@ const FAULT_AFTER: Duration = Duration::from_secs(1);
 /// A task that ended, and how.
 #[derive(Debug)]
 pub struct Ended {
-    pub task: &'static str,
+    pub task: String,
     pub how: String,
 }
 
@@ -23,7 +23,7 @@ pub struct Ended {
 #[derive(Default)]
 pub struct Supervisor {
     tasks: JoinSet<()>,
-    names: HashMap<Id, &'static str>,
+    names: HashMap<Id, String>,
     /// Test hook: this task ends soon after it starts, as if it had failed.
     fault: Option<String>,
 }
@@ -35,9 +35,10 @@ impl Supervisor {
     }
 
     /// Runs `task` until the process ends; its end ends the process.
-    pub fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
-        let handle = if self.fault.as_deref() == Some(name) {
-            tracing::warn!(task = name, "fault hook: this task will end in {FAULT_AFTER:?}");
+    pub fn spawn(&mut self, name: impl Into<String>, task: impl Future<Output = ()> + Send + 'static) {
+        let name = name.into();
+        let handle = if self.fault.as_deref() == Some(name.as_str()) {
+            tracing::warn!(task = %name, "fault hook: this task will end in {FAULT_AFTER:?}");
             self.tasks.spawn(async move {
                 tokio::select! {
                     () = task => {}
@@ -60,7 +61,7 @@ impl Supervisor {
             Err(e) if e.is_panic() => (e.id(), format!("panicked: {}", panic_message(e.into_panic()))),
             Err(e) => (e.id(), "was cancelled".to_string()),
         };
-        Ended { task: self.names.remove(&id).unwrap_or("unknown"), how }
+        Ended { task: self.names.remove(&id).unwrap_or_else(|| "unknown".into()), how }
     }
 }
 
@@ -82,11 +83,11 @@ mod tests {
         supervisor.spawn("forever", std::future::pending());
         supervisor.spawn("quits", async {});
         let ended = supervisor.ended().await;
-        assert_eq!((ended.task, ended.how.as_str()), ("quits", "returned"));
+        assert_eq!((ended.task.as_str(), ended.how.as_str()), ("quits", "returned"));
 
         supervisor.spawn("panics", async { panic!("boom") });
         let ended = supervisor.ended().await;
-        assert_eq!((ended.task, ended.how.as_str()), ("panics", "panicked: boom"));
+        assert_eq!((ended.task.as_str(), ended.how.as_str()), ("panics", "panicked: boom"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -24,6 +24,7 @@ use crate::memory::Memory;
 use crate::metrics::Metrics;
 use crate::placement::Spread;
 use crate::pod_index::PodIndex;
+use crate::scope;
 
 /// The mocked API server's side of a scenario.
 pub struct ApiServer(Handle<Request<Body>, Response<Body>>);
@@ -94,7 +95,7 @@ impl Caches {
     /// Puts a pod in the pod cache and index, as the pod watch would.
     pub fn pod(&mut self, pod: Pod) {
         let event = Event::Apply(pod);
-        self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(&event);
+        self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(None, &event);
         self.pods.apply_watcher_event(&event);
     }
 
@@ -125,9 +126,9 @@ pub fn context() -> (Arc<Context>, ApiServer, Caches) {
         metrics: Arc::new(Metrics::new().unwrap_or_else(|e| panic!("metrics: {e}"))),
         recorder: Recorder::new(client, reporter),
         keys: Arc::new(Keys::default()),
-        pods,
-        sessions,
-        pools,
+        pods: scope::Caches::new(vec![(None, pods)]),
+        sessions: scope::Caches::new(vec![(None, sessions)]),
+        pools: scope::Caches::new(vec![(None, pools)]),
         nodes,
         placement: Box::new(Spread),
         fleet: Arc::new(Fleet::new(FleetSettings::default())),

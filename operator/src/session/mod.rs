@@ -27,7 +27,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tidepool_crds::test_session::{Phase, TestSessionStatus};
 use tidepool_crds::{TestSession, WarmPool};
@@ -39,6 +39,7 @@ use crate::events::{self, Notice};
 use crate::labels;
 use crate::memory::Binding;
 use crate::pods;
+use crate::scope::Caches;
 use claim::Claim;
 use decide::{BoundPod, Observed, Requeue, Step};
 use status::{PodFacts, Times};
@@ -369,7 +370,7 @@ async fn write_status(ctx: &Context, session: &TestSession, status: &TestSession
 /// The sessions a pod event concerns: the one it is bound to, or, when it is
 /// a ready warm pod, the longest-waiting session of its pool. One pod wakes
 /// one waiter, so a busy pool is not woken in a herd.
-pub fn sessions_for_pod(pod: &Pod, sessions: &Store<TestSession>) -> Vec<ObjectRef<TestSession>> {
+pub fn sessions_for_pod(pod: &Pod, sessions: &Caches<TestSession>) -> Vec<ObjectRef<TestSession>> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
     if let Some(session) = pod.labels().get(labels::SESSION) {
         return vec![ObjectRef::new(session).within(namespace)];
