@@ -591,6 +591,8 @@ impl Pod {
             profile: "speed".into(),
             exp,
             probes: None,
+            tier: 1,
+            kid: String::new(),
         };
         let port = free_tcp_port();
         let udp_port = free_udp_port();

@@ -974,6 +974,8 @@ mod tests {
             profile: "latency".into(),
             exp,
             probes: None,
+            tier: 1,
+            kid: String::new(),
         };
         let token = key.sign_session(&claims);
         let view = |pod: &str, server: &Server| {

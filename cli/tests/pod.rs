@@ -57,6 +57,8 @@ impl Pod {
             profile: profile.into(),
             exp,
             probes: probes_digest(probes),
+            tier: 1,
+            kid: String::new(),
         };
         Credentials { token: self.key.sign_session(&claims), binding: self.key.sign_binding(SID, pod) }
     }

@@ -182,6 +182,10 @@ pub enum Phase {
     Failed,
 }
 
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
 impl Phase {
     /// The name, as `status.phase` spells it.
     pub fn as_str(self) -> &'static str {
@@ -243,6 +247,14 @@ pub struct TestSessionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "optional_date_time")]
     pub expires_at: Option<Time>,
+    /// The id of the pool key the bound pod checks credentials with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub key_id: Option<String>,
+    /// How many times the session moved to a new pod after its pod went away.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 0))]
+    pub rebinds: i32,
     /// The summary of what the session measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub results: Option<SessionResults>,

@@ -39,9 +39,14 @@ use crate::common::{Conditions, conditions};
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "!has(self.maxSize) || self.maxSize >= self.size",
-        "message": "spec.maxSize must be at least spec.size",
+        "rule": "self.maxSize >= self.size",
+        "message": "spec.maxSize (100 when not given) must be at least spec.size",
         "fieldPath": ".maxSize"
+    },
+    {
+        "rule": "self.sessionTTLSeconds <= self.maxSessionTTLSeconds",
+        "message": "spec.sessionTTLSeconds must be at most spec.maxSessionTTLSeconds (3600 when not given)",
+        "fieldPath": ".sessionTTLSeconds"
     },
     {
         "rule": "self.nodeAssignment != 'Operator' || ((!has(self.template.spec.topologySpreadConstraints) || size(self.template.spec.topologySpreadConstraints) == 0) && (!has(self.template.spec.schedulingGates) || size(self.template.spec.schedulingGates) == 0) && (!has(self.template.spec.affinity) || (!has(self.template.spec.affinity.podAffinity) && !has(self.template.spec.affinity.podAntiAffinity))) && (!has(self.template.spec.schedulerName) || self.template.spec.schedulerName == 'default-scheduler') && (!has(self.template.spec.volumes) || self.template.spec.volumes.all(v, !has(v.persistentVolumeClaim) && !has(v.ephemeral))))",
@@ -58,14 +63,31 @@ pub struct WarmPoolSpec {
     /// How many unassigned pods to keep ready. `kubectl scale` sets this.
     #[schemars(range(min = 0, max = 10000))]
     pub size: i32,
-    /// The most pods (warm and assigned together) the pool may own; unbounded when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The most pods (warm and assigned together) the pool may own.
+    #[serde(default = "default_max_size")]
     #[schemars(range(min = 0, max = 100000))]
-    pub max_size: Option<i32>,
+    pub max_size: i32,
     /// How long a session on this pool lives unless it asks for its own TTL.
     #[serde(default = "default_session_ttl", rename = "sessionTTLSeconds")]
     #[schemars(range(min = 1, max = 86400))]
     pub session_ttl_seconds: i64,
+    /// The longest TTL a session on this pool may have: the operator's API
+    /// refuses more, and a session made another way is ended at this age.
+    #[serde(default = "default_max_session_ttl", rename = "maxSessionTTLSeconds")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub max_session_ttl_seconds: i64,
+    /// How often one session may move to a new pod after its pod went away;
+    /// past it the session fails, so no client can drain the pool by ending
+    /// its pod again and again.
+    #[serde(default = "default_max_rebinds")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_rebinds: i32,
+    /// What the pool's session pods may reach with probes and tunnels,
+    /// beside the public internet: loopback, link-local, private, multicast
+    /// and the cluster's own ranges are refused unless a rule here allows
+    /// them.
+    #[serde(default, skip_serializing_if = "Egress::is_empty")]
+    pub egress: Egress,
     /// How placement weighs the parts of a backend's score (lower score wins).
     #[serde(default)]
     pub placement: PlacementWeights,
@@ -91,6 +113,66 @@ pub enum NodeAssignment {
 
 fn default_session_ttl() -> i64 {
     300
+}
+
+/// A pool's `maxSize` when it names none.
+pub const DEFAULT_MAX_SIZE: i32 = 100;
+
+fn default_max_size() -> i32 {
+    DEFAULT_MAX_SIZE
+}
+
+fn default_max_session_ttl() -> i64 {
+    3600
+}
+
+fn default_max_rebinds() -> i32 {
+    3
+}
+
+/// What a pool's session pods may reach beyond the public internet.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct Egress {
+    /// Each rule allows an address range or a host name, on some ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub allow: Vec<EgressRule>,
+}
+
+impl Egress {
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty()
+    }
+}
+
+/// One allowed destination: a CIDR (matched against the addresses a name
+/// resolves to) or a host name (exact, or `*.example.org` for names under
+/// it), and the ports (all when none are listed).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.cidr) != has(self.host)",
+        "message": "an egress rule names either a cidr or a host"
+    }
+]))]
+pub struct EgressRule {
+    /// An IPv4 or IPv6 CIDR, such as `10.20.0.0/16` or `fd00::/8`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 43), extend("x-kubernetes-validations" = [
+        { "rule": "isCIDR(self)", "message": "egress cidr must be an IPv4 or IPv6 CIDR" }
+    ]))]
+    pub cidr: Option<String>,
+    /// A host name, or `*.` and a domain for every name under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub host: Option<String>,
+    /// Ports, 1 to 65535; every port when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(range(min = 1, max = 65535)))]
+    pub ports: Vec<i32>,
 }
 
 /// The resources one session reserves: what placement checks a backend has free.

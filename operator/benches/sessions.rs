@@ -219,10 +219,11 @@ fn node_assignment() -> String {
 async fn pool(admin: &Client, size: i32) {
     let pools: Api<WarmPool> = Api::namespaced(admin.clone(), NAMESPACE);
     let pool = serde_json::json!({
-        "apiVersion": "tidepool.dev/v1alpha1", "kind": "WarmPool",
+        "apiVersion": tidepool_crds::API_VERSION, "kind": "WarmPool",
         "metadata": { "name": "bench" },
         "spec": {
-            "size": size, "sessionTTLSeconds": 300, "nodeAssignment": node_assignment(),
+            // Every session of the 50/s phase holds a pod for its TTL.
+            "size": size, "maxSize": 10000, "sessionTTLSeconds": 300, "nodeAssignment": node_assignment(),
             "tier": { "vcpu": 1, "memoryMiB": 64 },
             "template": { "spec": { "containers": [{ "name": "session", "image": "tidepool/session:bench" }] } }
         }

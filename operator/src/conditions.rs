@@ -30,6 +30,8 @@ pub mod reason {
     pub const POOL_NOT_FOUND: &str = "PoolNotFound";
     pub const COMPLETED: &str = "Completed";
     pub const EXPIRED: &str = "Expired";
+    /// Failed: its pod went away more often than the pool's `maxRebinds`.
+    pub const TOO_MANY_REBINDS: &str = "TooManyRebinds";
     // WarmPool
     pub const FILLED: &str = "Filled";
     pub const FILLING: &str = "Filling";
@@ -43,6 +45,8 @@ pub mod reason {
     /// The operator finds no node for a pool's pods (`nodeAssignment: Operator`).
     pub const NO_NODE_FITS: &str = "NoNodeFits";
     pub const HEALTHY: &str = "Healthy";
+    /// The pool's key Secret exists but the pool does not own it.
+    pub const KEY_NOT_OWNED: &str = "KeyNotOwned";
     // Backend
     pub const REPORTING: &str = "Reporting";
     pub const STALE: &str = "Stale";

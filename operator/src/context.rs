@@ -30,6 +30,9 @@ pub struct Settings {
     /// The operator's URL as session pods reach it (`TIDEPOOL_OPERATOR_URL`
     /// in their environment), for posting results; None leaves it out.
     pub results_url: Option<String>,
+    /// The cluster's pod and service ranges: session pods may not reach them
+    /// unless their pool allows it.
+    pub cluster_cidrs: Vec<String>,
     /// Fault injection for the restart tests: a pause between claiming a pod
     /// and writing the session's status, so a crash can land in between.
     pub fault_claim_delay: Option<Duration>,

@@ -15,12 +15,16 @@ pub enum Error {
     /// An object lacks something Kubernetes always sets (name, namespace, uid).
     #[error("{0} has no {1}")]
     Missing(&'static str, &'static str),
+    /// A pool's key Secret exists but the pool does not own it: someone else
+    /// made it, and it is not trusted.
+    #[error("Secret {secret} is not owned by WarmPool {pool}; delete it so the operator can make the pool's key")]
+    KeyNotOwned { secret: String, pool: String },
 }
 
 impl Error {
     /// Whether a retry could succeed without anyone changing the object.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, Error::Invalid { .. })
+        !matches!(self, Error::Invalid { .. } | Error::KeyNotOwned { .. })
     }
 
     /// A short label for metrics.
@@ -30,6 +34,7 @@ impl Error {
             Error::Invalid { .. } => "invalid",
             Error::Key(_) => "key",
             Error::Missing(..) => "missing",
+            Error::KeyNotOwned { .. } => "key_not_owned",
         }
     }
 }

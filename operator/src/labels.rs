@@ -12,5 +12,7 @@ pub const SESSION: &str = "tidepool.dev/session";
 pub const SESSION_UID: &str = "tidepool.dev/session-uid";
 /// On every pod of a pool: the hash of the template it was made from.
 pub const TEMPLATE_HASH: &str = "tidepool.dev/template-hash";
+/// On every pod of a pool: the id of the pool key it was given.
+pub const KEY_ID: &str = "tidepool.dev/key-id";
 /// The field manager of every write the operator makes.
 pub const MANAGER: &str = "tidepool-operator";

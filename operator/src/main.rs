@@ -38,6 +38,11 @@ struct Args {
     /// Namespace for sessions whose request names none.
     #[arg(long, env = "TIDEPOOL_SESSION_NAMESPACE", default_value = "default")]
     session_namespace: String,
+    /// The cluster's pod and service ranges (comma-separated CIDRs): session
+    /// pods may not reach them with probes or tunnels unless their pool
+    /// allows it.
+    #[arg(long, env = "TIDEPOOL_CLUSTER_CIDRS", value_delimiter = ',')]
+    cluster_cidrs: Vec<String>,
     /// The namespaces the operator watches and writes pools, sessions and
     /// pods in (comma-separated); empty: every namespace, which needs
     /// cluster-wide rights.
@@ -173,6 +178,9 @@ async fn main() -> ExitCode {
         Ok(_) => return fail(format!("{} is empty", args.api_token_file.display())),
         Err(e) => return fail(format!("cannot read {}: {e}", args.api_token_file.display())),
     };
+    if let Some(bad) = args.cluster_cidrs.iter().find(|c| !is_cidr(c)) {
+        return fail(format!("--cluster-cidrs: {bad:?} is not a CIDR"));
+    }
     let scope = match Scope::from_list(&args.namespaces) {
         Ok(scope) => scope,
         Err(e) => return fail(e),
@@ -280,6 +288,7 @@ async fn main() -> ExitCode {
         result_retention: Duration::from_secs(args.result_retention_seconds),
         session_port: args.session_port,
         results_url: args.results_url.clone(),
+        cluster_cidrs: args.cluster_cidrs.clone(),
         fault_claim_delay: args.fault_claim_delay_ms.map(Duration::from_millis),
     };
     let parts = run::Parts { settings, metrics: metrics.clone(), keys, fleet: fleet.clone(), identity };
@@ -352,6 +361,16 @@ async fn shutdown_signal() {
     tokio::select! {
         () = terminate => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `address/prefix`, IPv4 or IPv6.
+fn is_cidr(text: &str) -> bool {
+    let Some((address, prefix)) = text.split_once('/') else { return false };
+    match (address.parse::<std::net::IpAddr>(), prefix.parse::<u8>()) {
+        (Ok(std::net::IpAddr::V4(_)), Ok(bits)) => bits <= 32,
+        (Ok(std::net::IpAddr::V6(_)), Ok(bits)) => bits <= 128,
+        _ => false,
     }
 }
 

@@ -66,12 +66,23 @@ pub fn endpoint(pod: &Pod, default_port: u16) -> Option<String> {
     Some(if ip.contains(':') { format!("http://[{ip}]:{port}") } else { format!("http://{ip}:{port}") })
 }
 
-/// A stable hash of a pool's pod template: FNV-1a over its JSON, which
+/// A stable hash of what a pool's pods are made from (its template, and the
+/// egress rules their environment carries): FNV-1a over their JSON, which
 /// serialises fields in a fixed order. Pods carry it as a label.
 pub fn template_hash(pool: &WarmPool) -> String {
-    let json = serde_json::to_vec(&pool.spec.template).unwrap_or_default();
+    let mut json = serde_json::to_vec(&pool.spec.template).unwrap_or_default();
+    if !pool.spec.egress.is_empty() {
+        json.extend(serde_json::to_vec(&pool.spec.egress).unwrap_or_default());
+    }
     let hash = json.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
     format!("{hash:016x}")
+}
+
+/// Whether the pod was made from the pool's current template and key.
+pub fn is_current(pod: &Pod, hash: &str, kid: &str) -> bool {
+    let labels = pod.labels();
+    labels.get(labels::TEMPLATE_HASH).map(String::as_str) == Some(hash)
+        && labels.get(labels::KEY_ID).map(String::as_str) == Some(kid)
 }
 
 #[cfg(test)]

@@ -121,6 +121,7 @@ pub fn context() -> (Arc<Context>, ApiServer, Caches) {
             result_retention: Duration::from_secs(60),
             session_port: 8080,
             results_url: None,
+            cluster_cidrs: Vec::new(),
             fault_claim_delay: None,
         },
         metrics: Arc::new(Metrics::new().unwrap_or_else(|e| panic!("metrics: {e}"))),

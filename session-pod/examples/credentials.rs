@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         profile: "speed".into(),
         exp: now + 24 * 3600,
         probes: None,
+        tier: 1,
+        kid: String::new(),
     };
     println!("export TIDEPOOL_POOL_PUBLIC_KEY={}", key.public().to_base64());
     println!("export TIDEPOOL_POD_NAME={pod}");

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use tidepool_wire::token::{PoolPublicKey, SessionClaims, TokenError};
+use tidepool_wire::token::{PublicKeys, SessionClaims, TokenError};
 
 use crate::clock::unix_seconds;
 use crate::error::ApiError;
@@ -85,7 +85,7 @@ pub fn presented_credentials(headers: &HeaderMap, query: Option<&str>) -> (Optio
 
 /// Checks a token and ticket for pod `pod` (of pool `pool`, when known).
 pub fn verify(
-    key: &PoolPublicKey,
+    keys: &PublicKeys,
     pod: &str,
     pool: &str,
     token: Option<&str>,
@@ -94,8 +94,8 @@ pub fn verify(
 ) -> Result<SessionClaims, AuthError> {
     let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::MissingToken)?;
     let ticket = ticket.filter(|t| !t.is_empty()).ok_or(AuthError::MissingTicket)?;
-    let claims = key.verify_session(token, now).map_err(AuthError::Token)?;
-    key.verify_binding(ticket, &claims.sid, pod)
+    let claims = keys.verify_session(token, now).map_err(AuthError::Token)?;
+    keys.verify_binding(ticket, &claims.sid, pod)
         .map_err(|_| AuthError::Ticket { sid: claims.sid.clone(), pod: pod.to_owned() })?;
     if !pool.is_empty() && claims.pool != pool {
         return Err(AuthError::WrongPool { session_pool: claims.pool, pod_pool: pool.to_owned() });
@@ -123,7 +123,7 @@ fn authorize(state: &PodState, headers: &HeaderMap, query: Option<&str>) -> Resu
     let (token, ticket) = presented_credentials(headers, query);
     let identity = &state.identity;
     let claims =
-        verify(&state.public_key, &identity.pod, &identity.pool, token.as_deref(), ticket.as_deref(), unix_seconds())?;
+        verify(&state.public_keys, &identity.pod, &identity.pool, token.as_deref(), ticket.as_deref(), unix_seconds())?;
     let bound = state.bind(|| BoundSession {
         claims: claims.clone(),
         token: token.unwrap_or_default(),
@@ -153,6 +153,8 @@ mod tests {
             profile: "latency".into(),
             exp,
             probes: None,
+            tier: 1,
+            kid: String::new(),
         }
     }
 
@@ -163,7 +165,7 @@ mod tests {
         let token = key.sign_session(&claims(100));
         let ticket = key.sign_binding("sid-1", "pod-a");
         let check = |token: Option<&str>, ticket: Option<&str>, pod: &str, now: u64| {
-            verify(&public, pod, "edge", token, ticket, now).map_err(|e| e.status())
+            verify(&public.clone().into(), pod, "edge", token, ticket, now).map_err(|e| e.status())
         };
         assert_eq!(check(Some(&token), Some(&ticket), "pod-a", 50).unwrap().name, "alice");
         assert_eq!(check(None, Some(&ticket), "pod-a", 50), Err(StatusCode::UNAUTHORIZED));
@@ -173,7 +175,9 @@ mod tests {
         let foreign = PoolSigningKey::generate().unwrap().sign_session(&claims(100));
         assert_eq!(check(Some(&foreign), Some(&ticket), "pod-a", 50), Err(StatusCode::FORBIDDEN));
         assert_eq!(
-            verify(&public, "pod-a", "other-pool", Some(&token), Some(&ticket), 50).unwrap_err().status(),
+            verify(&public.clone().into(), "pod-a", "other-pool", Some(&token), Some(&ticket), 50)
+                .unwrap_err()
+                .status(),
             StatusCode::FORBIDDEN
         );
     }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use tidepool_wire::token::PoolPublicKey;
+use tidepool_wire::token::PublicKeys;
 
 use crate::limits::Limits;
 use crate::server::ServerConfig;
@@ -21,7 +21,8 @@ pub struct Flags {
     /// UDP echo port, on the listen address [default: the TCP port's number].
     #[arg(long, env = "TIDEPOOL_UDP_PORT")]
     pub udp_port: Option<u16>,
-    /// The pool's Ed25519 public key (base64url), which signs session tokens
+    /// The pool's Ed25519 public keys (base64url, comma-separated, current
+    /// first; two while a key rotation goes on), which sign session tokens
     /// and binding tickets. Base64url, so it may begin with '-'.
     #[arg(
         long,
@@ -30,7 +31,7 @@ pub struct Flags {
         hide_env_values = true,
         allow_hyphen_values = true
     )]
-    pub pool_public_key: PoolPublicKey,
+    pub pool_public_key: PublicKeys,
     /// This pod's name: binding tickets name it.
     #[arg(long, env = "TIDEPOOL_POD_NAME", value_parser = non_empty)]
     pub pod_name: String,
@@ -90,8 +91,8 @@ impl Flags {
     }
 }
 
-fn parse_public_key(text: &str) -> Result<PoolPublicKey, String> {
-    PoolPublicKey::from_base64(text).map_err(|e| e.to_string())
+fn parse_public_key(text: &str) -> Result<PublicKeys, String> {
+    PublicKeys::from_base64_list(text).map_err(|e| e.to_string())
 }
 
 fn non_empty(text: &str) -> Result<String, String> {

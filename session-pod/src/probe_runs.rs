@@ -62,6 +62,15 @@ pub async fn run(
             return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("tier: {other} is not 1, 2 or 3")));
         }
     };
+    // Only the operator raises where a run starts (through the token); past
+    // that, escalation is the pod's own decision from what it measures.
+    if tier > session.claims.tier {
+        let allowed = session.claims.tier;
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("tier: this session may start probe runs at tier {allowed} at most"),
+        ));
+    }
     let settings = ProbeSettings::default();
     match query.every_seconds {
         None => {

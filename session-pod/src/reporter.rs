@@ -126,6 +126,8 @@ mod tests {
                 profile: "latency".into(),
                 exp: 0,
                 probes: None,
+                tier: 1,
+                kid: String::new(),
             },
             token: String::new(),
             ticket: String::new(),

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tidepool_crds::test_session::SessionResults;
-use tidepool_wire::token::PoolPublicKey;
+use tidepool_wire::token::PublicKeys;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -48,7 +48,7 @@ pub struct ServerConfig {
     pub udp_port: Option<u16>,
     pub identity: PodIdentity,
     /// The pool's key, which signs session tokens and binding tickets.
-    pub public_key: PoolPublicKey,
+    pub public_keys: PublicKeys,
     pub limits: Limits,
     /// Where results go: `http://host:port` of the operator.
     pub operator_url: Option<reqwest::Url>,
@@ -58,12 +58,12 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// Defaults for everything but who the pod is.
-    pub fn new(identity: PodIdentity, public_key: PoolPublicKey) -> Self {
+    pub fn new(identity: PodIdentity, public_keys: impl Into<PublicKeys>) -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
             udp_port: None,
             identity,
-            public_key,
+            public_keys: public_keys.into(),
             limits: Limits::default(),
             operator_url: None,
             shutdown_grace: Duration::from_secs(5),
@@ -133,7 +133,7 @@ impl Server {
         let (shutdown, shutdown_signal) = watch::channel(false);
         let state = Arc::new(PodState::new(PodStateParts {
             identity: config.identity,
-            public_key: config.public_key,
+            public_keys: config.public_keys,
             metrics,
             limiter: Limiter::new(config.limits),
             random: RandomPool::new(POOL_BYTES)?,

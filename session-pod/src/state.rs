@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use prometheus::IntCounter;
 use tidepool_crds::test_session::SessionResults;
-use tidepool_wire::token::PoolPublicKey;
+use tidepool_wire::token::PublicKeys;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::error::ApiError;
@@ -32,7 +32,7 @@ pub struct PodIdentity {
 
 pub struct PodState {
     pub identity: PodIdentity,
-    pub public_key: PoolPublicKey,
+    pub public_keys: PublicKeys,
     pub metrics: Metrics,
     limiter: Mutex<Limiter>,
     session: OnceLock<Arc<BoundSession>>,
@@ -90,7 +90,7 @@ impl ProbeRuns {
 /// The parts of [`PodState`] the server makes before the state.
 pub struct PodStateParts {
     pub identity: PodIdentity,
-    pub public_key: PoolPublicKey,
+    pub public_keys: PublicKeys,
     pub metrics: Metrics,
     pub limiter: Limiter,
     pub random: RandomPool,
@@ -103,7 +103,7 @@ impl PodState {
     pub fn new(parts: PodStateParts) -> Self {
         Self {
             identity: parts.identity,
-            public_key: parts.public_key,
+            public_keys: parts.public_keys,
             metrics: parts.metrics,
             limiter: Mutex::new(parts.limiter),
             session: OnceLock::new(),

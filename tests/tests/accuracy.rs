@@ -98,6 +98,8 @@ fn bench(prefix: &str, subnet: u8, queue_ms: u32, congestion: &'static str) -> O
         profile: "bufferbloat".into(),
         exp,
         probes: None,
+        tier: 1,
+        kid: String::new(),
     };
     let bench =
         Bench { token: key.sign_session(&claims), binding: key.sign_binding(SID, POD), path, cli, _pod: pod, dir };

@@ -8,9 +8,15 @@
 //! - the **session token** (`<claims>.<signature>`): who the session is, its
 //!   profile and its expiry. It stays the same for the session's whole life,
 //!   also when the session is rebound to a new pod.
-//! - the **binding ticket**: a signature over the session id and one pod's
-//!   name. A pod serves a client only if the ticket names that pod, so a pod
-//!   serves only the session bound to it. A rebind hands out a new ticket.
+//! - the **binding ticket** (`<key id>.<signature>`): a signature over the
+//!   session id and one pod's name. A pod serves a client only if the ticket
+//!   names that pod, so a pod serves only the session bound to it. A rebind
+//!   hands out a new ticket.
+//!
+//! Every key has an id (a digest of its public half), which tokens and
+//! tickets carry, so a pool's key can be rotated: pods hold the current and
+//! the previous public key ([`PublicKeys`]) and check each credential with
+//! the key it names.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -35,6 +41,8 @@ pub enum TokenError {
     BadKey,
     #[error("no randomness for a new key: {0}")]
     Randomness(String),
+    #[error("signed by key {0}, which this pod does not hold")]
+    UnknownKey(String),
 }
 
 /// What a session token says. Times are Unix seconds.
@@ -56,6 +64,17 @@ pub struct SessionClaims {
     /// pod probes only these, whatever a client sends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probes: Option<String>,
+    /// The highest probe tier a client may ask to start at (1 to 3); only
+    /// the operator raises it. Escalation past it is the pod's own decision.
+    #[serde(default = "first_tier")]
+    pub tier: u8,
+    /// The id of the key that signed the token; set by the signer.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kid: String,
+}
+
+fn first_tier() -> u8 {
+    1
 }
 
 /// The hex SHA-256 of the probe targets' compact JSON (`json`), or `None`
@@ -100,17 +119,19 @@ impl PoolSigningKey {
         PoolPublicKey(self.0.verifying_key())
     }
 
-    /// Signs a session token.
+    /// Signs a session token, naming this key in it.
     pub fn sign_session(&self, claims: &SessionClaims) -> String {
+        let claims = SessionClaims { kid: self.public().kid(), ..claims.clone() };
         // Serialising a plain struct of strings and integers cannot fail.
-        let payload = serde_json::to_vec(claims).unwrap_or_default();
+        let payload = serde_json::to_vec(&claims).unwrap_or_default();
         let signature = self.0.sign(&[SESSION_DOMAIN, &payload].concat());
         format!("{}.{}", B64.encode(&payload), B64.encode(signature.to_bytes()))
     }
 
     /// Signs a binding ticket: session `sid` is served by pod `pod`.
     pub fn sign_binding(&self, sid: &str, pod: &str) -> String {
-        B64.encode(self.0.sign(&binding_message(sid, pod)).to_bytes())
+        let signature = B64.encode(self.0.sign(&binding_message(sid, pod)).to_bytes());
+        format!("{}.{signature}", self.public().kid())
     }
 }
 
@@ -130,6 +151,13 @@ impl PoolPublicKey {
     /// The base64url form.
     pub fn to_base64(&self) -> String {
         B64.encode(self.0.to_bytes())
+    }
+
+    /// The key's id: the first 9 bytes of the SHA-256 of its bytes, base64url
+    /// (12 characters).
+    pub fn kid(&self) -> String {
+        use sha2::Digest;
+        B64.encode(&sha2::Sha256::digest(self.0.to_bytes())[..9])
     }
 
     /// Checks a session token's signature and expiry (`now` in Unix seconds)
@@ -156,8 +184,69 @@ impl PoolPublicKey {
 
     /// Checks that `ticket` binds session `sid` to pod `pod`.
     pub fn verify_binding(&self, ticket: &str, sid: &str, pod: &str) -> Result<(), TokenError> {
-        let signature = decode_signature(ticket)?;
+        let (_, signature) = split_ticket(ticket);
+        let signature = decode_signature(signature)?;
         self.0.verify_strict(&binding_message(sid, pod), &signature).map_err(|_| TokenError::BadSignature)
+    }
+}
+
+/// The public keys a pod accepts: the pool's current one and, while a
+/// rotation goes on, the previous one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicKeys(Vec<PoolPublicKey>);
+
+impl PublicKeys {
+    pub fn new(keys: Vec<PoolPublicKey>) -> Self {
+        Self(keys)
+    }
+
+    /// From their base64url forms, separated by commas (as the pod's
+    /// environment carries them), current first.
+    pub fn from_base64_list(text: &str) -> Result<Self, TokenError> {
+        let keys = text.split(',').map(str::trim).filter(|k| !k.is_empty()).map(PoolPublicKey::from_base64);
+        let keys = keys.collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() { Err(TokenError::BadKey) } else { Ok(Self(keys)) }
+    }
+
+    /// The comma-separated base64url forms, current first.
+    pub fn to_base64_list(&self) -> String {
+        self.0.iter().map(PoolPublicKey::to_base64).collect::<Vec<_>>().join(",")
+    }
+
+    /// The current key.
+    pub fn current(&self) -> Option<&PoolPublicKey> {
+        self.0.first()
+    }
+
+    fn by_kid(&self, kid: &str) -> Result<&PoolPublicKey, TokenError> {
+        self.0.iter().find(|k| k.kid() == kid).ok_or_else(|| TokenError::UnknownKey(kid.chars().take(16).collect()))
+    }
+
+    /// Checks a session token with the key it names (see
+    /// [`PoolPublicKey::verify_session`]).
+    pub fn verify_session(&self, token: &str, now: u64) -> Result<SessionClaims, TokenError> {
+        let kid = PoolPublicKey::unverified_claims(token)?.kid;
+        self.by_kid(&kid)?.verify_session(token, now)
+    }
+
+    /// Checks a binding ticket with the key it names.
+    pub fn verify_binding(&self, ticket: &str, sid: &str, pod: &str) -> Result<(), TokenError> {
+        let (kid, _) = split_ticket(ticket);
+        self.by_kid(kid.ok_or(TokenError::Malformed)?)?.verify_binding(ticket, sid, pod)
+    }
+}
+
+impl From<PoolPublicKey> for PublicKeys {
+    fn from(key: PoolPublicKey) -> Self {
+        Self(vec![key])
+    }
+}
+
+/// A ticket's key id (when it names one) and signature.
+fn split_ticket(ticket: &str) -> (Option<&str>, &str) {
+    match ticket.split_once('.') {
+        Some((kid, signature)) => (Some(kid), signature),
+        None => (None, ticket),
     }
 }
 
@@ -185,6 +274,8 @@ mod tests {
             profile: "latency".into(),
             exp: 2_000,
             probes: None,
+            tier: 1,
+            kid: String::new(),
         }
     }
 
@@ -196,10 +287,41 @@ mod tests {
     }
 
     #[test]
-    fn a_token_round_trips_through_the_public_key() {
+    fn a_token_round_trips_through_the_public_key_and_names_it() {
         let key = PoolSigningKey::generate().unwrap();
         let token = key.sign_session(&claims());
-        assert_eq!(key.public().verify_session(&token, 1_000).unwrap(), claims());
+        let kid = key.public().kid();
+        assert_eq!(kid.len(), 12);
+        assert_eq!(key.public().verify_session(&token, 1_000).unwrap(), SessionClaims { kid, ..claims() });
+    }
+
+    #[test]
+    fn during_a_rotation_both_keys_are_accepted_and_each_only_for_its_own() {
+        let old = PoolSigningKey::generate().unwrap();
+        let new = PoolSigningKey::generate().unwrap();
+        let both = PublicKeys::from_base64_list(&format!("{},{}", new.public().to_base64(), old.public().to_base64()))
+            .unwrap();
+        assert_eq!(both.current(), Some(&new.public()));
+        for key in [&old, &new] {
+            let token = key.sign_session(&claims());
+            assert_eq!(both.verify_session(&token, 0).unwrap().kid, key.public().kid());
+            assert_eq!(both.verify_binding(&key.sign_binding("sid-1", "pod"), "sid-1", "pod"), Ok(()));
+        }
+        // After the rotation ends, the old key's credentials are refused by id.
+        let new_only = PublicKeys::new(vec![new.public()]);
+        let stale = old.sign_session(&claims());
+        assert!(matches!(new_only.verify_session(&stale, 0), Err(TokenError::UnknownKey(_))));
+        assert!(matches!(
+            new_only.verify_binding(&old.sign_binding("s", "p"), "s", "p"),
+            Err(TokenError::UnknownKey(_))
+        ));
+        // A token that names the new key but carries the old one's signature is refused.
+        let (payload, _) =
+            new.sign_session(&claims()).split_once('.').map(|(a, b)| (a.to_string(), b.to_string())).unwrap();
+        let (_, old_signature) = stale.split_once('.').unwrap();
+        assert_eq!(both.verify_session(&format!("{payload}.{old_signature}"), 0), Err(TokenError::BadSignature));
+        assert_eq!(both.to_base64_list(), format!("{},{}", new.public().to_base64(), old.public().to_base64()));
+        assert!(PublicKeys::from_base64_list(" , ").is_err());
     }
 
     #[test]
@@ -252,6 +374,8 @@ mod tests {
         let token = key.sign_session(&claims());
         let (_, signature) = token.split_once('.').unwrap();
         assert!(key.public().verify_binding(signature, "4f6c-uid", "alice").is_err());
+        let ticket = key.sign_binding("4f6c-uid", "alice");
+        assert!(key.public().verify_session(&ticket, 0).is_err());
     }
 
     #[test]

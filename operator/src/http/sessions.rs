@@ -181,9 +181,14 @@ async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>)
                 .unwrap_or_default(),
             exp: u64::try_from(expires.0.as_second()).unwrap_or(0),
             probes: probes_digest(&session.spec.probes),
+            tier: 1,
+            kid: String::new(),
         };
-        view.token = Some(key.sign_session(&claims));
-        view.binding = Some(key.sign_binding(&uid, pod));
+        // Signed with the key the bound pod holds (the previous one, for a
+        // pod made before a rotation).
+        let signer = key.signer_for(status.key_id.as_deref());
+        view.token = Some(signer.sign_session(&claims));
+        view.binding = Some(signer.sign_binding(&uid, pod));
     }
     view
 }

@@ -30,9 +30,11 @@ use tidepool_crds::warm_pool::{NodeAssignment, WarmPoolStatus};
 use tidepool_crds::{API_VERSION, TestSession, WarmPool};
 use tidepool_wire::report::ReportKind;
 
+use crate::conditions::{self, reason};
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::events;
+use crate::events::{self, Notice};
+use crate::keys::PoolKeys;
 use crate::labels;
 use crate::placement::{Need, Pick, Request};
 use crate::pod_index::PoolRef;
@@ -69,19 +71,24 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     // Observe. The pods no session holds, and a count of those sessions
     // hold: a pass reads the pool's warm pods, not the thousands its
     // sessions may hold.
-    let key = ctx.keys.ensure(&ctx.client, &pool).await?;
+    let keys = match ctx.keys.ensure(&ctx.client, &pool).await {
+        Ok(keys) => keys,
+        Err(Error::KeyNotOwned { secret, pool: name }) => return key_not_owned(&ctx, &pool, &secret, &name).await,
+        Err(e) => return Err(e),
+    };
     let hash = pods::template_hash(&pool);
+    let kid = keys.kid();
     let (unassigned, assigned) = ctx.with_pod_index(|index| index.owned(&uid));
     let pods = cached_pods(&ctx, &pool, &namespace, &unassigned);
     let in_flight =
         ctx.memory.creates_in_flight(&uid, |pod| ctx.pods.get(&ObjectRef::new(pod).within(&namespace)).is_some());
     let waiting = waiting_sessions(&ctx, &namespace, &name);
-    let views: Vec<PodView> = pods.iter().map(|p| view(p, &hash)).collect();
+    let views: Vec<PodView> = pods.iter().map(|p| view(p, &hash, &kid)).collect();
 
     // Decide.
     let target = Target {
         size: u32::try_from(pool.spec.size).unwrap_or(0),
-        max_size: pool.spec.max_size.map(|m| u32::try_from(m).unwrap_or(0)),
+        max_size: Some(u32::try_from(pool.spec.max_size).unwrap_or(0)),
         waiting_sessions: waiting,
         batch: ctx.settings.create_batch,
         in_flight,
@@ -93,7 +100,13 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut problems = Problems::default();
     if plan.create > 0 {
-        let template = pod_for(&pool, &hash, &key.public().to_base64(), ctx.settings.results_url.as_deref())?;
+        let inputs = PodInputs {
+            hash: &hash,
+            keys: &keys,
+            results_url: ctx.settings.results_url.as_deref(),
+            cluster_cidrs: &ctx.settings.cluster_cidrs,
+        };
+        let template = pod_for(&pool, &inputs)?;
         let (create, placement) =
             create_pods(&ctx, &pool, &uid, &template, &pods_api, plan.create.min(waiting), plan.create).await;
         problems.create = create;
@@ -145,6 +158,29 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     Ok(Action::requeue(next_pass(&busy, sweep_wait)))
 }
 
+/// The pool's key Secret is someone else's: say so, and make nothing until
+/// it is gone (pods would get a key the operator does not control).
+async fn key_not_owned(ctx: &Context, pool: &WarmPool, secret: &str, name: &str) -> Result<Action> {
+    let message = Error::KeyNotOwned { secret: secret.into(), pool: name.into() }.to_string();
+    events::publish(&ctx.recorder, pool, &Notice::warning(reason::KEY_NOT_OWNED, message.clone())).await;
+    let old = pool.status.clone().unwrap_or_default();
+    let mut new = old.clone();
+    let generation = pool.meta().generation;
+    conditions::set(
+        &mut new.conditions,
+        conditions::DEGRADED,
+        true,
+        reason::KEY_NOT_OWNED,
+        message,
+        generation,
+        Timestamp::now(),
+    );
+    if new != old {
+        write_status(ctx, pool, &new).await?;
+    }
+    Ok(Action::requeue(Duration::from_secs(60)))
+}
+
 pub fn error_policy(_pool: Arc<WarmPool>, error: &Error, _ctx: Arc<Context>) -> Action {
     if error.is_transient() {
         Action::requeue(Duration::from_secs(1))
@@ -171,14 +207,14 @@ fn next_pass(busy: &Busy, sweep_wait: Option<Duration>) -> Duration {
     sweep_wait.map_or(next, |wait| wait.min(next))
 }
 
-fn view(pod: &Pod, hash: &str) -> PodView {
+fn view(pod: &Pod, hash: &str, kid: &str) -> PodView {
     PodView {
         name: pod.name_any(),
         assigned: pod.labels().get(labels::STATE).map(String::as_str) == Some(labels::STATE_ASSIGNED),
         ready: pods::is_ready(pod),
         terminating: pods::is_terminating(pod),
         finished: pods::is_finished(pod),
-        current: pod.labels().get(labels::TEMPLATE_HASH).map(String::as_str) == Some(hash),
+        current: pods::is_current(pod, hash, kid),
         created: pod.meta().creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
     }
 }
@@ -394,9 +430,23 @@ async fn orphans(ctx: &Context, namespace: &str, pods: &[Arc<Pod>]) -> Result<Ve
     Ok(gone)
 }
 
+/// What the operator gives every session pod of a pool, beside its template.
+pub struct PodInputs<'a> {
+    /// The hash of the template and egress rules ([`pods::template_hash`]).
+    pub hash: &'a str,
+    /// The pool's keys: pods get the public keys, and the current key's id as a label.
+    pub keys: &'a PoolKeys,
+    /// Where to post results.
+    pub results_url: Option<&'a str>,
+    /// The cluster's pod and service ranges, which session pods may not
+    /// reach unless the pool allows them.
+    pub cluster_cidrs: &'a [String],
+}
+
 /// The pod the pool creates: its template, labelled and owned by the pool,
-/// told its pool, its name, the pool's public key and where to post results.
-fn pod_for(pool: &WarmPool, hash: &str, public_key: &str, results_url: Option<&str>) -> Result<Pod> {
+/// told its pool, its name, the pool's public keys, what it may reach and
+/// where to post results.
+fn pod_for(pool: &WarmPool, inputs: &PodInputs<'_>) -> Result<Pod> {
     let template = &pool.spec.template;
     let mut metadata: ObjectMeta = template.metadata.clone().unwrap_or_default();
     metadata.name = None;
@@ -405,7 +455,8 @@ fn pod_for(pool: &WarmPool, hash: &str, public_key: &str, results_url: Option<&s
     let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
     labels.insert(labels::POOL.into(), pool.name_any());
     labels.insert(labels::STATE.into(), labels::STATE_WARM.into());
-    labels.insert(labels::TEMPLATE_HASH.into(), hash.into());
+    labels.insert(labels::TEMPLATE_HASH.into(), inputs.hash.into());
+    labels.insert(labels::KEY_ID.into(), inputs.keys.kid());
     metadata.owner_references = pool.controller_owner_ref(&()).map(|r| vec![r]);
     let mut spec: PodSpec = template.spec.clone().ok_or_else(|| Error::Invalid {
         kind: "WarmPool",
@@ -422,15 +473,17 @@ fn pod_for(pool: &WarmPool, hash: &str, public_key: &str, results_url: Option<&s
         field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
         ..Default::default()
     };
+    let value = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..Default::default() };
+    let egress = serde_json::to_string(&pool.spec.egress.allow).map_err(|e| Error::Invalid {
+        kind: "WarmPool",
+        name: pool.name_any(),
+        reason: format!("spec.egress: {e}"),
+    })?;
     for container in &mut spec.containers {
         let env = container.env.get_or_insert_with(Vec::new);
         env.retain(|e| !e.name.starts_with("TIDEPOOL_"));
-        env.push(EnvVar { name: "TIDEPOOL_POOL".into(), value: Some(pool.name_any()), ..Default::default() });
-        env.push(EnvVar {
-            name: "TIDEPOOL_POOL_PUBLIC_KEY".into(),
-            value: Some(public_key.into()),
-            ..Default::default()
-        });
+        env.push(value("TIDEPOOL_POOL", pool.name_any()));
+        env.push(value("TIDEPOOL_POOL_PUBLIC_KEY", inputs.keys.public().to_base64_list()));
         env.push(EnvVar {
             name: "TIDEPOOL_POD_NAME".into(),
             value_from: Some(field("metadata.name")),
@@ -441,8 +494,14 @@ fn pod_for(pool: &WarmPool, hash: &str, public_key: &str, results_url: Option<&s
             value_from: Some(field("metadata.namespace")),
             ..Default::default()
         });
-        if let Some(url) = results_url {
-            env.push(EnvVar { name: "TIDEPOOL_OPERATOR_URL".into(), value: Some(url.into()), ..Default::default() });
+        if !pool.spec.egress.is_empty() {
+            env.push(value("TIDEPOOL_EGRESS_ALLOW", egress.clone()));
+        }
+        if !inputs.cluster_cidrs.is_empty() {
+            env.push(value("TIDEPOOL_EGRESS_DENY", inputs.cluster_cidrs.join(",")));
+        }
+        if let Some(url) = inputs.results_url {
+            env.push(value("TIDEPOOL_OPERATOR_URL", url.into()));
         }
     }
     Ok(Pod { metadata, spec: Some(spec), status: None })
@@ -481,16 +540,54 @@ mod tests {
         .unwrap()
     }
 
+    fn keys() -> PoolKeys {
+        PoolKeys { current: tidepool_wire::token::PoolSigningKey::generate().unwrap(), previous: None }
+    }
+
+    fn inputs(keys: &PoolKeys) -> PodInputs<'_> {
+        PodInputs { hash: "h", keys, results_url: None, cluster_cidrs: &[] }
+    }
+
+    #[test]
+    fn a_pod_is_told_its_keys_what_it_may_reach_and_where_to_report() {
+        let mut pool = pool_with(serde_json::json!({ "containers": [{ "name": "s", "image": "i" }] }));
+        pool.spec.egress.allow.push(tidepool_crds::warm_pool::EgressRule {
+            cidr: Some("10.1.0.0/16".into()),
+            host: None,
+            ports: vec![5432],
+        });
+        let old = tidepool_wire::token::PoolSigningKey::generate().unwrap();
+        let keys = PoolKeys { current: tidepool_wire::token::PoolSigningKey::generate().unwrap(), previous: Some(old) };
+        let cidrs = ["10.96.0.0/12".to_string(), "10.244.0.0/16".to_string()];
+        let inputs = PodInputs { hash: "h", keys: &keys, results_url: Some("http://op:8080"), cluster_cidrs: &cidrs };
+        let pod = pod_for(&pool, &inputs).unwrap();
+        assert_eq!(pod.labels()[labels::KEY_ID], keys.kid());
+        let env: BTreeMap<String, String> = pod.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect();
+        assert_eq!(env["TIDEPOOL_POOL_PUBLIC_KEY"], keys.public().to_base64_list());
+        assert_eq!(env["TIDEPOOL_EGRESS_ALLOW"], r#"[{"cidr":"10.1.0.0/16","ports":[5432]}]"#);
+        assert_eq!(env["TIDEPOOL_EGRESS_DENY"], "10.96.0.0/12,10.244.0.0/16");
+        assert_eq!(env["TIDEPOOL_OPERATOR_URL"], "http://op:8080");
+        // The egress rules are in the hash: changing them rolls the warm pods.
+        let plain = pool_with(serde_json::json!({ "containers": [{ "name": "s", "image": "i" }] }));
+        assert_ne!(pods::template_hash(&plain), pods::template_hash(&pool));
+    }
+
     #[test]
     fn a_pod_gets_no_api_token_unless_its_template_asks() {
         let containers = serde_json::json!([{ "name": "s", "image": "i" }]);
-        let pod = pod_for(&pool_with(serde_json::json!({ "containers": containers })), "h", "key", None).unwrap();
+        let pod = pod_for(&pool_with(serde_json::json!({ "containers": containers })), &inputs(&keys())).unwrap();
         let spec = pod.spec.unwrap();
         assert_eq!(spec.automount_service_account_token, Some(false));
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
 
         let asks = serde_json::json!({ "containers": containers, "automountServiceAccountToken": true });
-        let pod = pod_for(&pool_with(asks), "h", "key", None).unwrap();
+        let pod = pod_for(&pool_with(asks), &inputs(&keys())).unwrap();
         assert_eq!(pod.spec.unwrap().automount_service_account_token, Some(true));
     }
 }

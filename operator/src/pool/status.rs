@@ -67,7 +67,7 @@ fn finished(plan: &Plan) -> usize {
 pub struct Asked<'a> {
     pub name: &'a str,
     pub size: u32,
-    pub max_size: Option<i32>,
+    pub max_size: i32,
     pub generation: Option<i64>,
 }
 
@@ -107,7 +107,7 @@ pub fn derive(
         (None, 1.., _) => {
             (true, reason::PODS_FAILING, format!("{failed} pods failed or exited and are being replaced"))
         }
-        (None, 0, true) => (true, reason::MAX_SIZE_REACHED, format!("maxSize {} reached", max_size.unwrap_or(0))),
+        (None, 0, true) => (true, reason::MAX_SIZE_REACHED, format!("maxSize {max_size} reached")),
         (None, 0, false) => (false, reason::HEALTHY, String::new()),
     };
     conditions::set(&mut conditions, conditions::DEGRADED, degraded, why, message, generation, now);
@@ -163,7 +163,7 @@ mod tests {
     }
 
     fn asked() -> Asked<'static> {
-        Asked { name: "edge", size: 3, max_size: Some(5), generation: Some(2) }
+        Asked { name: "edge", size: 3, max_size: 5, generation: Some(2) }
     }
 
     fn plan(warm: u32, pending: u32) -> Plan {

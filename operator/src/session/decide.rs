@@ -40,6 +40,10 @@ pub struct Observed {
     pub extra_claims: Vec<String>,
     /// The binding this process wrote and the caches may not show yet.
     pub written: Option<Binding>,
+    /// How often the session moved to a new pod so far, and how often its
+    /// pool lets it.
+    pub rebinds: i32,
+    pub max_rebinds: i32,
 }
 
 /// The pod claimed for a session.
@@ -67,6 +71,9 @@ pub enum Step {
     Wait { reason: &'static str, message: String },
     /// No live pod holds it: claim a warm one, deleting the dead one first.
     Claim { replacing: Option<String> },
+    /// Its pod went away once more than its pool allows: release what is
+    /// left of it and end the session Failed.
+    Fail { release: Option<String> },
     /// It holds more than one pod: release the others.
     ReleaseExtras(Vec<String>),
     /// Its pod is claimed; write the Ready status naming it.
@@ -113,7 +120,14 @@ pub fn decide(observed: &Observed, pool_name: &str) -> Step {
     }
     let pod = match &observed.bound {
         Some(pod) if pod.alive => pod,
-        dead => return Step::Claim { replacing: dead.as_ref().map(|pod| pod.name.clone()) },
+        dead => {
+            let replacing = dead.as_ref().map(|pod| pod.name.clone());
+            // A session that had a pod and lost it is rebinding.
+            if observed.status_pod.is_some() && observed.rebinds >= observed.max_rebinds {
+                return Step::Fail { release: replacing };
+            }
+            return Step::Claim { replacing };
+        }
     };
     if !observed.extra_claims.is_empty() {
         return Step::ReleaseExtras(observed.extra_claims.clone());
@@ -170,6 +184,8 @@ mod tests {
             bound: None,
             extra_claims: vec![],
             written: None,
+            rebinds: 0,
+            max_rebinds: 3,
         }
     }
 
@@ -222,6 +238,21 @@ mod tests {
         // Its pod died under it: the session heals onto a new one.
         let dead = Observed { bound: Some(BoundPod { alive: false, ..pod("a") }), phase: Phase::Ready, ..fresh() };
         assert_eq!(decide(&dead, "edge"), Step::Claim { replacing: Some("a".into()) });
+    }
+
+    #[test]
+    fn a_session_whose_pods_keep_going_away_fails_at_its_pools_limit() {
+        let dead = Some(BoundPod { alive: false, ..pod("a") });
+        let healing = Observed { bound: dead.clone(), status_pod: Some("a".into()), rebinds: 2, ..fresh() };
+        assert_eq!(decide(&healing, "edge"), Step::Claim { replacing: Some("a".into()) });
+        let spent = Observed { rebinds: 3, ..healing };
+        assert_eq!(decide(&spent, "edge"), Step::Fail { release: Some("a".into()) });
+        // Its pod is gone entirely: nothing to release.
+        let vanished = Observed { bound: None, ..spent.clone() };
+        assert_eq!(decide(&vanished, "edge"), Step::Fail { release: None });
+        // A first binding is no rebind, however the count stands.
+        let first = Observed { status_pod: None, ..spent };
+        assert_eq!(decide(&first, "edge"), Step::Claim { replacing: Some("a".into()) });
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
             Step::Expire { release } => {
                 return end(&ctx, &session, status, Phase::Expired, release.as_deref(), &pods_api).await;
             }
+            Step::Fail { release } => {
+                return end(&ctx, &session, status, Phase::Failed, release.as_deref(), &pods_api).await;
+            }
             Step::Wait { reason, message } => return wait(&ctx, &session, status, reason, message).await,
             Step::Claim { replacing } => {
                 // A pod that died under a live session is replaced: the session heals.
@@ -196,7 +199,15 @@ async fn observe(
     if status.phase != Phase::Ready && written.as_ref().is_none_or(|b| !b.ready) {
         ctx.memory.binding_seen(uid);
     }
-    let ttl = session.spec.ttl_seconds.or(pool.map(|p| p.spec.session_ttl_seconds)).unwrap_or(0);
+    // A session made around the API may ask for more than its pool allows:
+    // it ends at the pool's limit.
+    let ttl = match pool {
+        Some(pool) => {
+            let asked = session.spec.ttl_seconds.unwrap_or(pool.spec.session_ttl_seconds);
+            asked.min(pool.spec.max_session_ttl_seconds)
+        }
+        None => session.spec.ttl_seconds.unwrap_or(0),
+    };
     let expires = observed_created(session, now) + SignedDuration::from_secs(ttl);
     let claimed = claimed_in_cache(ctx, &namespace, uid);
     let names: Vec<String> = claimed.iter().map(|p| p.name_any()).collect();
@@ -225,6 +236,8 @@ async fn observe(
         bound,
         extra_claims,
         written,
+        rebinds: status.rebinds,
+        max_rebinds: pool.map_or(0, |p| p.spec.max_rebinds),
     })
 }
 
@@ -289,6 +302,7 @@ fn pod_facts_of(name: &str, pod: Option<&Pod>, default_port: u16) -> PodFacts {
         name: name.to_owned(),
         node: pod.and_then(pods::node_of).map(String::from),
         endpoint: pod.and_then(|p| pods::endpoint(p, default_port)),
+        key_id: pod.and_then(|p| p.labels().get(labels::KEY_ID)).cloned(),
     }
 }
 
@@ -308,9 +322,16 @@ async fn end(
     ctx.memory.forget(&session.uid().unwrap_or_default());
     let next = status::ended(status, phase, session.meta().generation, Timestamp::now());
     write_status(ctx, session, &next).await?;
-    if phase == Phase::Completed {
-        let notice = Notice::normal(reason::COMPLETED, status::COMPLETED_MESSAGE);
-        events::publish(&ctx.recorder, session, &notice).await;
+    match phase {
+        Phase::Completed => {
+            let notice = Notice::normal(reason::COMPLETED, status::COMPLETED_MESSAGE);
+            events::publish(&ctx.recorder, session, &notice).await;
+        }
+        Phase::Failed => {
+            let notice = Notice::warning(reason::TOO_MANY_REBINDS, status::TOO_MANY_REBINDS_MESSAGE);
+            events::publish(&ctx.recorder, session, &notice).await;
+        }
+        _ => {}
     }
     Ok(Action::requeue(ctx.settings.result_retention))
 }
@@ -399,11 +420,13 @@ pub fn sessions_for_pod(pod: &Pod, sessions: &Caches<TestSession>) -> Vec<Object
 }
 
 /// Whether a session waits for a pod the pool owes it an on-demand pod for:
-/// unbound, because the pool was empty or no backend holding a warm pod fit.
+/// unbound because the pool had no warm pod free. One that waits on
+/// `NoBackendFits` waits for room on a backend, which a new pod would not
+/// make: it gets none (a pool with every backend full would otherwise make
+/// pods up to maxSize that no session could use).
 pub fn waits_for_a_pod(session: &TestSession) -> bool {
     session.meta().deletion_timestamp.is_none()
         && session.status.as_ref().is_some_and(|st| {
-            let why = conditions::reason(&st.conditions, conditions::BOUND);
-            st.pod.is_none() && (why == Some(reason::POOL_EMPTY) || why == Some(reason::NO_BACKEND_FITS))
+            st.pod.is_none() && conditions::reason(&st.conditions, conditions::BOUND) == Some(reason::POOL_EMPTY)
         })
 }

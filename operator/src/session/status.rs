@@ -14,6 +14,8 @@ pub struct PodFacts {
     pub name: String,
     pub node: Option<String>,
     pub endpoint: Option<String>,
+    /// The pool key the pod holds.
+    pub key_id: Option<String>,
 }
 
 /// When the session began and ends, and its generation.
@@ -32,11 +34,15 @@ pub fn ready(mut status: TestSessionStatus, pod: &PodFacts, times: Times, reboun
     status.pod = Some(pod.name.clone());
     status.node = pod.node.clone();
     status.endpoint = pod.endpoint.clone();
+    status.key_id = pod.key_id.clone();
     status.created_at = Some(Time(created));
     status.assigned_at = Some(Time(now));
     status.ready_at = Some(Time(now));
     status.expires_at = Some(Time(expires));
     status.observed_generation = generation;
+    if rebound {
+        status.rebinds += 1;
+    }
     let why = if rebound { reason::REBOUND } else { reason::BOUND };
     let message = format!("bound to pod {}", pod.name);
     conditions::set(&mut status.conditions, conditions::BOUND, true, why, message, generation, now);
@@ -72,7 +78,8 @@ pub fn waiting(
     Some(status)
 }
 
-/// Over: Completed (its final results are in) or Expired (its TTL ran out).
+/// Over: Completed (its final results are in), Expired (its TTL ran out) or
+/// Failed (its pods went away more often than its pool allows).
 pub fn ended(
     mut status: TestSessionStatus,
     phase: Phase,
@@ -81,6 +88,7 @@ pub fn ended(
 ) -> TestSessionStatus {
     let (why, message) = match phase {
         Phase::Completed => (reason::COMPLETED, COMPLETED_MESSAGE),
+        Phase::Failed => (reason::TOO_MANY_REBINDS, TOO_MANY_REBINDS_MESSAGE),
         _ => (reason::EXPIRED, "the session's TTL ran out"),
     };
     status.phase = phase;
@@ -90,6 +98,9 @@ pub fn ended(
 
 /// The message of a Completed session's Ready condition and Event.
 pub const COMPLETED_MESSAGE: &str = "the session's tests finished; the results are in status.results";
+/// The message of a session failed for its rebinds.
+pub const TOO_MANY_REBINDS_MESSAGE: &str =
+    "the session's pod went away more often than its WarmPool's maxRebinds allows; the session ended";
 
 /// When an ended session ended: its Ready condition's last transition.
 pub fn ended_at(status: &TestSessionStatus) -> Option<Timestamp> {
@@ -98,7 +109,7 @@ pub fn ended_at(status: &TestSessionStatus) -> Option<Timestamp> {
 
 /// The status fields the controller owns. A merge patch keeps what it does
 /// not name, so each of these it leaves unset is sent as null.
-pub const OWNED_STATUS_FIELDS: [&str; 11] = [
+pub const OWNED_STATUS_FIELDS: [&str; 13] = [
     "phase",
     "pod",
     "node",
@@ -108,6 +119,8 @@ pub const OWNED_STATUS_FIELDS: [&str; 11] = [
     "assignedAt",
     "readyAt",
     "expiresAt",
+    "keyId",
+    "rebinds",
     "conditions",
     "observedGeneration",
 ];
@@ -140,7 +153,12 @@ mod tests {
     }
 
     fn pod() -> PodFacts {
-        PodFacts { name: "edge-a".into(), node: Some("n1".into()), endpoint: Some("http://10.0.0.1:8080".into()) }
+        PodFacts {
+            name: "edge-a".into(),
+            node: Some("n1".into()),
+            endpoint: Some("http://10.0.0.1:8080".into()),
+            key_id: Some("k1".into()),
+        }
     }
 
     #[test]
@@ -153,9 +171,10 @@ mod tests {
         assert_eq!(status.expires_at, Some(Time(at(1_300))));
         assert_eq!(conditions::reason(&status.conditions, conditions::BOUND), Some(reason::BOUND));
         assert!(conditions::is_true(&status.conditions, conditions::READY));
+        assert_eq!(status.rebinds, 0);
         let healed = ready(status, &PodFacts { name: "edge-b".into(), ..pod() }, times(), true);
         assert_eq!(conditions::reason(&healed.conditions, conditions::BOUND), Some(reason::REBOUND));
-        assert_eq!(healed.pod.as_deref(), Some("edge-b"));
+        assert_eq!((healed.pod.as_deref(), healed.rebinds), (Some("edge-b"), 1));
     }
 
     #[test]
@@ -182,6 +201,8 @@ mod tests {
         let done = ended(bound.clone(), Phase::Completed, Some(1), at(2_000));
         assert_eq!(conditions::reason(&done.conditions, conditions::READY), Some(reason::COMPLETED));
         assert_eq!(ended_at(&done), Some(at(2_000)));
+        let failed = ended(bound.clone(), Phase::Failed, Some(1), at(2_002));
+        assert_eq!(conditions::reason(&failed.conditions, conditions::READY), Some(reason::TOO_MANY_REBINDS));
         let expired = ended(bound, Phase::Expired, Some(1), at(2_001));
         assert_eq!(
             (expired.phase, conditions::reason(&expired.conditions, conditions::READY)),
@@ -196,7 +217,7 @@ mod tests {
         let mut full = serde_json::json!({
             "phase": "Ready", "pod": "p", "node": "n", "backend": "b", "endpoint": "http://e",
             "createdAt": "2026-11-22T10:00:00Z", "assignedAt": "2026-11-22T10:00:00Z",
-            "readyAt": "2026-11-22T10:00:00Z", "expiresAt": "2026-11-22T10:05:00Z",
+            "readyAt": "2026-11-22T10:00:00Z", "expiresAt": "2026-11-22T10:05:00Z", "rebinds": 2, "keyId": "k",
             "results": { "final": true },
             "conditions": [{ "type": "Ready", "status": "True", "reason": "Bound", "message": "m",
                 "lastTransitionTime": "2026-11-22T10:00:00Z" }],

@@ -98,10 +98,12 @@ impl Cluster {
     pub async fn pool(&self, name: &str, size: i32) {
         let pools: Api<WarmPool> = Api::namespaced(self.client.clone(), "default");
         let pool = json!({
-            "apiVersion": "tidepool.dev/v1alpha1", "kind": "WarmPool",
+            "apiVersion": tidepool_crds::API_VERSION, "kind": "WarmPool",
             "metadata": { "name": name },
             "spec": {
                 "size": size,
+                // Tests hold many sessions at once; the default (100) is for people.
+                "maxSize": 1000,
                 "tier": { "vcpu": 1, "memoryMiB": 64 },
                 "template": { "spec": { "containers": [{
                     "name": "session", "image": "tidepool/session:test",

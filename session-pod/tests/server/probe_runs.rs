@@ -59,6 +59,15 @@ async fn the_sessions_own_targets_are_probed_and_no_others() {
     )
     .await;
     assert_eq!((status, message.contains("tier")), (StatusCode::UNPROCESSABLE_ENTITY, true), "{message}");
+    // A client may not start above the tier its token allows (1 here): only
+    // the operator raises it.
+    let higher = json!({ "targets": targets, "tier": 2 });
+    let (status, message) = refusal(
+        with_targets(&pod, reqwest::Method::POST, PROBES_PATH, &targets).json_body(&higher).send().await.unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{message}");
+    assert!(message.contains("tier 1 at most"), "{message}");
     let path = format!("{PROBES_PATH}?everySeconds=1");
     let (status, message) =
         refusal(with_targets(&pod, reqwest::Method::POST, &path, &targets).json_body(&body).send().await.unwrap())

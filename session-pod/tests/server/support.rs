@@ -42,6 +42,8 @@ pub fn claims(sid: &str, exp: u64) -> SessionClaims {
         profile: "household".into(),
         exp,
         probes: None,
+        tier: 1,
+        kid: String::new(),
     }
 }
 
