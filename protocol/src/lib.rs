@@ -4,11 +4,13 @@
 //! - [`api`]: a client and the operator's REST API;
 //! - [`results`]: measured results, from the client to the pod and from the
 //!   pod to the operator, and the checks both apply;
-//! - [`grading`]: the grading rules every side applies to results.
+//! - [`grading`]: the grading rules every side applies to results;
+//! - [`egress`]: what a pool's session pods may reach with their probes.
 //!
 //! Session tokens, binding tickets and agent reports live in `tidepool-wire`.
 
 pub mod api;
+pub mod egress;
 pub mod grading;
 pub mod pod;
 pub mod results;
@@ -70,5 +72,74 @@ mod tests {
         let unknown = parse_json::<api::CreateSession>(br#"{"pool":"edge","colour":"red"}"#).unwrap_err();
         assert!(unknown.to_string().contains("unknown field `colour`"), "{unknown}");
         assert!(parse_json::<api::CreateSession>(br#"{"pool":"edge"}"#).is_ok());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use tidepool_crds::test_session::{LatencySummary, ProbeKind, ProbeTarget, SessionResults};
+
+        fn target() -> impl Strategy<Value = ProbeTarget> {
+            let kind = prop_oneof![
+                Just(ProbeKind::Http),
+                Just(ProbeKind::Tcp),
+                Just(ProbeKind::Tls),
+                Just(ProbeKind::Udp),
+                Just(ProbeKind::Dns),
+                Just(ProbeKind::Icmp),
+                Just(ProbeKind::Traceroute),
+            ];
+            (kind, proptest::option::of("\\PC{0,40}"), proptest::option::of("[a-z0-9.:-]{1,30}"), any::<Option<i32>>())
+                .prop_map(|(kind, url, host, port)| ProbeTarget { kind, url, host, port })
+        }
+
+        fn request() -> impl Strategy<Value = pod::ProbeRequest> {
+            (proptest::collection::vec(target(), 0..5), any::<Option<i32>>())
+                .prop_map(|(targets, tier)| pod::ProbeRequest { targets, tier })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = parse_json::<results::ResultsSubmission>(&bytes);
+                let _ = parse_json::<pod::ProbeRequest>(&bytes);
+            }
+
+            #[test]
+            fn probe_requests_round_trip(request in request()) {
+                let body = serde_json::to_vec(&request).unwrap();
+                prop_assert_eq!(parse_json::<pod::ProbeRequest>(&body), Ok(request));
+            }
+
+            #[test]
+            fn cut_bodies_are_bad_syntax(request in request(), cut in 0.0f64..1.0) {
+                let body = serde_json::to_vec(&request).unwrap();
+                let cut = ((body.len() as f64) * cut) as usize;
+                prop_assume!(cut < body.len());
+                prop_assert!(matches!(parse_json::<pod::ProbeRequest>(&body[..cut]), Err(BodyError::Syntax(_))));
+            }
+
+            #[test]
+            fn results_round_trip_and_wrong_types_name_the_field(
+                p50 in 0u32..1_000_000, samples in any::<i64>(), text in "[a-z]{0,8}", is_final in any::<bool>(),
+            ) {
+                // Whole numbers: serde_json's float parsing may miss the last bit.
+                let latency = LatencySummary { p50_ms: f64::from(p50), samples, ..Default::default() };
+                let submission = results::ResultsSubmission {
+                    results: SessionResults { latency: Some(latency), ..Default::default() },
+                    is_final,
+                };
+                let body = serde_json::to_vec(&submission).unwrap();
+                prop_assert_eq!(parse_json::<results::ResultsSubmission>(&body), Ok(submission));
+                let wrong = format!(r#"{{"results":{{"latency":{{"p50Ms":"{text}"}}}}}}"#);
+                let refused = parse_json::<results::ResultsSubmission>(wrong.as_bytes());
+                prop_assert!(
+                    matches!(&refused, Err(BodyError::Field { path, .. }) if path == "results.latency.p50Ms"),
+                    "{:?}", refused
+                );
+            }
+        }
     }
 }

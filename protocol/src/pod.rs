@@ -115,7 +115,12 @@ pub struct UploadReport {
 #[serde(rename_all = "camelCase")]
 pub struct UdpGrant {
     pub port: u16,
-    /// Carried in every datagram; the pod drops datagrams without it.
+    /// Carried in every datagram; the pod drops datagrams without it. It is
+    /// made for the address the grant was asked from (the first 8 bytes,
+    /// big-endian, of an HMAC-SHA256 of the session id and that address
+    /// under a secret of the pod's), so datagrams must come from that
+    /// address: a datagram with a spoofed source carries a cookie that is
+    /// not its source's, and is dropped.
     pub cookie: u64,
 }
 
@@ -325,6 +330,83 @@ mod tests {
             serde_json::to_string(&pong).unwrap(),
             r#"{"type":"pong","seq":1,"clientTimeUs":5,"serverTimeUs":9,"pod":"p","region":"r","sessionId":"s"}"#
         );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn client_message() -> impl Strategy<Value = ClientMessage> {
+            prop_oneof![
+                (any::<u64>(), any::<u64>())
+                    .prop_map(|(seq, client_time_us)| ClientMessage::Ping { seq, client_time_us }),
+                Just(ClientMessage::Terminate),
+                // Quarters: exact in binary and in decimal, so they survive the text.
+                (-4_000_000i32..4_000_000).prop_map(|q| ClientMessage::Start { line_mbps: f64::from(q) / 4.0 }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn udp_read_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1600)) {
+                let _ = UdpProbe::read(&bytes);
+            }
+
+            #[test]
+            fn udp_probes_of_every_valid_size_round_trip(
+                cookie in any::<u64>(), seq in any::<u32>(), client in any::<u64>(), server in any::<u64>(),
+                len in UDP_HEADER_BYTES..=UDP_MAX_BYTES, fill in any::<u8>(),
+            ) {
+                let probe = UdpProbe { cookie, seq, client_time_us: client, server_time_us: server };
+                let mut datagram = vec![fill; len];
+                probe.write(&mut datagram).unwrap();
+                prop_assert_eq!(UdpProbe::read(&datagram), Ok(probe));
+            }
+
+            #[test]
+            fn udp_datagrams_of_the_wrong_size_or_magic_are_refused(
+                bytes in proptest::collection::vec(any::<u8>(), 0..1600),
+            ) {
+                let read = UdpProbe::read(&bytes);
+                if !(UDP_HEADER_BYTES..=UDP_MAX_BYTES).contains(&bytes.len()) {
+                    prop_assert_eq!(read, Err(UdpError::Size(bytes.len())));
+                } else if bytes[..4] != UDP_MAGIC {
+                    prop_assert_eq!(read, Err(UdpError::Magic));
+                } else {
+                    prop_assert!(read.is_ok());
+                }
+            }
+
+            #[test]
+            fn client_messages_never_panic(text in "\\PC{0,200}") {
+                let _ = serde_json::from_str::<ClientMessage>(&text);
+            }
+
+            #[test]
+            fn client_messages_round_trip(message in client_message()) {
+                let text = serde_json::to_string(&message).unwrap();
+                prop_assert_eq!(serde_json::from_str::<ClientMessage>(&text).unwrap(), message);
+            }
+
+            #[test]
+            fn unknown_message_types_are_refused(kind in "[a-zA-Z]{1,12}", seq in any::<u64>()) {
+                prop_assume!(!["ping", "terminate", "start"].contains(&kind.as_str()));
+                let text = format!(r#"{{"type":"{kind}","seq":{seq},"clientTimeUs":1}}"#);
+                prop_assert!(serde_json::from_str::<ClientMessage>(&text).is_err());
+            }
+
+            #[test]
+            fn pings_need_their_numbers(seq in any::<i64>(), text in "[a-z]{0,5}") {
+                let negative = format!(r#"{{"type":"ping","seq":{},"clientTimeUs":1}}"#, seq.min(-1));
+                prop_assert!(serde_json::from_str::<ClientMessage>(&negative).is_err());
+                let string = format!(r#"{{"type":"ping","seq":"{text}","clientTimeUs":1}}"#);
+                prop_assert!(serde_json::from_str::<ClientMessage>(&string).is_err());
+                let missing = serde_json::from_str::<ClientMessage>(r#"{"type":"ping","seq":1}"#);
+                prop_assert!(missing.is_err());
+            }
+        }
     }
 
     #[test]
