@@ -14,6 +14,15 @@ use serde_json::{Value, json};
 
 use crate::labels;
 
+/// The one host path the agent mounts: an empty directory of the agent's own
+/// on the kubelet's filesystem, which holds the pods' ephemeral storage.
+/// statvfs of it gives that filesystem's size and use; nothing else of the
+/// node is visible through it (the kubelet directory itself holds every
+/// pod's Secret volumes, so it is not mounted).
+const DISK_HOST_PATH: &str = "/var/lib/kubelet/tidepool-agent";
+/// Where the agent sees [`DISK_HOST_PATH`].
+const DISK_MOUNT_PATH: &str = "/host/kubelet-disk";
+
 /// What the agents run with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentSettings {
@@ -68,7 +77,10 @@ fn body(settings: &AgentSettings) -> Value {
                     "serviceAccountName": settings.service_account,
                     // The agent needs no Kubernetes API: only its audience-bound token below.
                     "automountServiceAccountToken": false,
-                    // Node address and network counters are the node's own.
+                    // Node address and network counters are the node's own: with
+                    // the host network, the container's /proc/net/dev is the
+                    // node's, and /proc/stat and /proc/meminfo are node-wide
+                    // anyway, so the host's /proc is not mounted.
                     "hostNetwork": true,
                     "dnsPolicy": "ClusterFirstWithHostNet",
                     "priorityClassName": "system-node-critical",
@@ -89,8 +101,8 @@ fn body(settings: &AgentSettings) -> Value {
                             "--operator-url", settings.operator_url,
                             "--token-file", "/var/run/secrets/tidepool/token",
                             "--listen", listen,
-                            "--proc-root", "/host/proc",
-                            "--disk-path", "/host/root",
+                            "--proc-root", "/proc",
+                            "--disk-path", DISK_MOUNT_PATH,
                             "--report-interval-ms", settings.report_interval_ms.to_string(),
                             "--windows", settings.windows,
                         ],
@@ -114,14 +126,12 @@ fn body(settings: &AgentSettings) -> Value {
                             "capabilities": { "drop": ["ALL"] },
                         },
                         "volumeMounts": [
-                            { "name": "host-proc", "mountPath": "/host/proc", "readOnly": true },
-                            { "name": "host-root", "mountPath": "/host/root", "readOnly": true, "mountPropagation": "HostToContainer" },
+                            { "name": "kubelet-disk", "mountPath": DISK_MOUNT_PATH, "readOnly": true },
                             { "name": "token", "mountPath": "/var/run/secrets/tidepool", "readOnly": true },
                         ],
                     }],
                     "volumes": [
-                        { "name": "host-proc", "hostPath": { "path": "/proc", "type": "Directory" } },
-                        { "name": "host-root", "hostPath": { "path": "/", "type": "Directory" } },
+                        { "name": "kubelet-disk", "hostPath": { "path": DISK_HOST_PATH, "type": "DirectoryOrCreate" } },
                         { "name": "token", "projected": { "sources": [{ "serviceAccountToken": {
                             "audience": settings.token_audience,
                             "expirationSeconds": 3600,
@@ -232,5 +242,38 @@ mod tests {
         let token = pod.volumes.unwrap().into_iter().find(|v| v.name == "token").unwrap();
         let source = &token.projected.unwrap().sources.unwrap()[0];
         assert_eq!(source.service_account_token.as_ref().unwrap().audience.as_deref(), Some("tidepool"));
+    }
+
+    /// The agent reads /proc/stat, /proc/meminfo and /proc/net/dev, which its
+    /// own /proc shows node-wide on the host network, and statvfs of one
+    /// directory: it must not see the node's root or /proc again.
+    #[test]
+    fn the_agent_mounts_only_its_disk_directory_read_only() {
+        let ds: DaemonSet = serde_json::from_value(build(&settings())).expect("a valid DaemonSet");
+        let pod = ds.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.host_network, Some(true), "/proc/net/dev is the node's only on the host network");
+        let volumes = pod.volumes.clone().unwrap();
+        let host_paths: Vec<(&str, &str, Option<&str>)> = volumes
+            .iter()
+            .filter_map(|v| {
+                let host = v.host_path.as_ref()?;
+                Some((v.name.as_str(), host.path.as_str(), host.type_.as_deref()))
+            })
+            .collect();
+        assert_eq!(
+            host_paths,
+            [("kubelet-disk", "/var/lib/kubelet/tidepool-agent", Some("DirectoryOrCreate"))],
+            "the agent mounts more of the node than its disk directory"
+        );
+        let agent = &pod.containers[0];
+        for mount in agent.volume_mounts.as_ref().unwrap() {
+            assert_eq!(mount.read_only, Some(true), "{} is mounted writable", mount.name);
+            assert_eq!(mount.mount_propagation, None, "{} sees the host's later mounts", mount.name);
+        }
+        let disk_mount = agent.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "kubelet-disk").unwrap();
+        let args = agent.args.clone().unwrap();
+        let after = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
+        assert_eq!(after("--disk-path"), disk_mount.mount_path);
+        assert_eq!(after("--proc-root"), "/proc");
     }
 }
