@@ -58,6 +58,18 @@ pub struct Args {
     #[arg(long, default_value = "0.0.0.0:9101")]
     pub listen: SocketAddr,
 
+    /// Open connections to /metrics and /healthz at most (Prometheus, probes).
+    #[arg(long, default_value_t = 64)]
+    pub max_connections: usize,
+
+    /// Seconds a client has to send a request's head.
+    #[arg(long, default_value_t = 5)]
+    pub header_timeout_seconds: u64,
+
+    /// Seconds a connection may sit with no request and no byte moving.
+    #[arg(long, default_value_t = 60)]
+    pub idle_timeout_seconds: u64,
+
     /// Milliseconds between reports (50 to 600000).
     #[arg(long, default_value_t = 1000)]
     pub report_interval_ms: u32,
@@ -115,6 +127,8 @@ pub struct Config {
     pub report_url: String,
     pub token_file: PathBuf,
     pub listen: SocketAddr,
+    /// The metrics server's limits.
+    pub server_limits: tidepool_serve::Limits,
     pub report_interval: Duration,
     pub sample_interval: Duration,
     /// Window lengths in seconds, shortest first.
@@ -241,6 +255,13 @@ impl Config {
             report_url,
             token_file: args.token_file,
             listen: args.listen,
+            server_limits: tidepool_serve::Limits {
+                max_connections: args.max_connections.max(1),
+                header_timeout: Duration::from_secs(args.header_timeout_seconds.max(1)),
+                // Nothing the agent serves takes a body.
+                body_timeout: Duration::from_secs(args.header_timeout_seconds.max(1)),
+                idle_timeout: Duration::from_secs(args.idle_timeout_seconds.max(1)),
+            },
             report_interval: Duration::from_millis(args.report_interval_ms.into()),
             sample_interval: Duration::from_millis(args.sample_interval_ms.into()),
             windows,

@@ -41,8 +41,6 @@ use crate::server::Heartbeat;
 pub enum AgentError {
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
-    #[error("the metrics and health server stopped: {0}")]
-    Serve(std::io::Error),
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot set up the HTTP client: {0}")]
@@ -85,8 +83,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     );
     tokio::select! {
         // None of these ends while the agent runs; one that does ends it.
-        result = server::serve(listener, metrics.clone(), heartbeat.clone()) => {
-            result.map_err(AgentError::Serve)?;
+        () = server::serve(listener, metrics.clone(), heartbeat.clone(), config.server_limits) => {
             return Err(AgentError::Stopped("metrics and health server"));
         }
         () = sampler::run(&config, sampler, &heartbeat, &outbox) => return Err(AgentError::Stopped("sampler")),

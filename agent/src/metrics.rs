@@ -83,6 +83,7 @@ pub struct Metrics {
     breaker_open: IntGauge,
     report_duration: Histogram,
     sample_errors: IntCounterVec,
+    connection_refusals: IntCounterVec,
 }
 
 /// Builds metrics and registers them; a name clash is a bug, so it is an error at startup.
@@ -156,6 +157,16 @@ impl Metrics {
                     &["source"],
                 )?,
             )?,
+            connection_refusals: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tidepool_agent_connection_refusals_total",
+                        "Connections the metrics server cut, by reason (connection_cap, idle, slow_body)",
+                    ),
+                    &["reason"],
+                )?,
+            )?,
             registry,
         };
         // Every result and source shows from the start, at 0.
@@ -227,6 +238,11 @@ impl Metrics {
         if let Some(seconds) = seconds {
             self.report_duration.observe(seconds);
         }
+    }
+
+    /// Counts a connection the metrics server cut.
+    pub fn connection_refused(&self, reason: &str) {
+        self.connection_refusals.with_label_values(&[reason]).inc();
     }
 
     pub fn set_breaker_open(&self, open: bool) {

@@ -309,6 +309,7 @@ mod tests {
             report_url: "http://127.0.0.1:1/api/v1/agents/report".into(),
             token_file: root.join("token"),
             listen: "127.0.0.1:0".parse().unwrap(),
+            server_limits: tidepool_serve::Limits::default(),
             report_interval: Duration::from_millis(100),
             sample_interval: Duration::from_millis(100),
             windows: vec![1, 10],

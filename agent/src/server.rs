@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use tidepool_serve::Limits;
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
@@ -52,9 +53,19 @@ pub fn router(metrics: Arc<Metrics>, heartbeat: Arc<Heartbeat>) -> Router {
         .with_state(AppState { metrics, heartbeat })
 }
 
-/// Serves until the listener fails.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, heartbeat: Arc<Heartbeat>) -> std::io::Result<()> {
-    axum::serve(listener, router(metrics, heartbeat)).await
+/// Serves within `limits`, counting what they cut, until the process ends.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, heartbeat: Arc<Heartbeat>, limits: Limits) {
+    let refusals = metrics.clone();
+    let on_refusal: tidepool_serve::OnRefusal = Arc::new(move |refusal| refusals.connection_refused(refusal.reason()));
+    tidepool_serve::serve(
+        listener,
+        router(metrics, heartbeat),
+        limits,
+        on_refusal,
+        std::future::pending(),
+        Duration::ZERO,
+    )
+    .await;
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {

@@ -3,9 +3,9 @@
 //! `cargo bench -p tidepool-operator --bench fleet` runs the operator (release
 //! build) against the harness and drives simulated agents at it: real HTTP
 //! reports, authenticated by a real ServiceAccount token through TokenReview.
-//! They report as external backends, so no kwok node or pod is needed per
-//! agent; the operator health-probes each one over TCP, as it would for
-//! real, against one local listener. It prints:
+//! They report as external backends (registered first, as an admin does),
+//! so no kwok node or pod is needed per agent; the operator health-probes
+//! each one over TCP, as it would for real, against one local listener. It prints:
 //! - with 1,000 agents reporting every second: the operator's CPU (% of one
 //!   core) and its Backend writes per second;
 //! - how old the router's view is when it answers `POST /api/v1/route`
@@ -71,6 +71,21 @@ struct Target {
 }
 
 /// Starts `count` simulated agents named `prefix-N` reporting every `interval`.
+/// Registers `count` external backends as an admin does, all at `address`:
+/// the operator believes reports only for registered ones.
+async fn register(admin: &kube::Client, prefix: &str, count: usize, address: &str) {
+    let backends: kube::Api<tidepool_crds::Backend> = kube::Api::all(admin.clone());
+    for i in 0..count {
+        let backend: tidepool_crds::Backend = serde_json::from_value(json!({
+            "apiVersion": tidepool_crds::API_VERSION, "kind": "Backend",
+            "metadata": { "name": format!("{prefix}-{i}") },
+            "spec": { "kind": "external", "address": address }
+        }))
+        .expect("a Backend");
+        backends.create(&Default::default(), &backend).await.expect("registering a backend");
+    }
+}
+
 fn agents(target: &Target, prefix: &str, count: usize, interval: Duration, stop: Arc<AtomicBool>) {
     for i in 0..count {
         let Target { http, url, token, failures, address } = target.clone();
@@ -119,7 +134,9 @@ async fn route_ages(http: &reqwest::Client, url: &str, seconds: u64) -> Vec<f64>
     while Instant::now() < until {
         ticker.tick().await;
         let body = json!({ "tier": { "vcpu": 1, "memoryMiB": 512 } });
-        let Ok(response) = http.post(url).bearer_auth("bench").json(&body).send().await else { continue };
+        let Ok(response) = http.post(url).bearer_auth("bench-static-token-0001").json(&body).send().await else {
+            continue;
+        };
         if let Ok(answer) = response.json::<Value>().await
             && let Some(age) = answer["sampleAgeMs"].as_f64()
         {
@@ -150,12 +167,13 @@ async fn main() {
     let plane = ControlPlane::start_with(Options { fsync: true, ..Options::default() }).await.expect("control plane");
     let token = plane.service_account_token("default", "tidepool-agent", "tidepool", None).await.expect("agent token");
     let token_file = plane.dir().join("api-token");
-    std::fs::write(&token_file, "bench").expect("token file");
+    std::fs::write(&token_file, "bench-static-token-0001").expect("token file");
     let port = free_port().expect("port");
     let args = [
         format!("--listen=127.0.0.1:{port}"),
         format!("--api-token-file={}", token_file.display()),
         "--no-agent-daemonset".to_string(),
+        "--allow-local-backend-addresses".to_string(),
     ];
     let operator = plane
         .spawn(
@@ -188,6 +206,9 @@ async fn main() {
             drop(socket);
         }
     });
+    let admin = plane.client().await.expect("admin client");
+    register(&admin, "sim", 1000, &address).await;
+    register(&admin, "fast", 50, &address).await;
     let target = Target { http: http.clone(), url: report_url, token, failures: failures.clone(), address };
     agents(&target, "sim", 1000, Duration::from_secs(1), stop.clone());
     tokio::time::sleep(Duration::from_secs(10)).await;

@@ -47,12 +47,9 @@ async fn main() {
     let admin = plane.client().await.expect("admin client");
     let loadgen = loadgen_client(&plane, &admin).await;
 
-    let token_file = plane.dir().join("api-token");
-    std::fs::write(&token_file, "bench").expect("token file");
     let port = free_port().expect("port");
     let args = [
         format!("--listen=127.0.0.1:{port}"),
-        format!("--api-token-file={}", token_file.display()),
         format!("--session-namespace={NAMESPACE}"),
         "--create-batch=100".to_string(),
         "--lease-namespace=tidepool".to_string(),

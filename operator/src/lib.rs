@@ -30,3 +30,4 @@ pub mod session;
 pub mod supervisor;
 #[cfg(test)]
 mod testing;
+pub mod ttl_cache;

@@ -13,6 +13,7 @@ use clap::Parser;
 use tidepool_operator::context::Settings;
 use tidepool_operator::fleet::daemonset::AgentSettings;
 use tidepool_operator::fleet::{self, Fleet, FleetSettings};
+use tidepool_operator::http::access::{Access, StaticToken};
 use tidepool_operator::http::{self, ApiState};
 use tidepool_operator::keys::Keys;
 use tidepool_operator::leader::{Elector, LeaseSettings};
@@ -32,9 +33,20 @@ struct Args {
     /// Address of the HTTP API, /healthz, /readyz and /metrics.
     #[arg(long, env = "TIDEPOOL_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
-    /// File holding the bearer token the API requires.
+    /// A file holding a static bearer token the API also accepts (for small
+    /// setups; callers otherwise use their Kubernetes tokens, checked with
+    /// TokenReview and SubjectAccessReview).
     #[arg(long, env = "TIDEPOOL_API_TOKEN_FILE")]
-    api_token_file: std::path::PathBuf,
+    api_token_file: Option<std::path::PathBuf>,
+    /// The namespaces the static token may act in (comma-separated); the
+    /// session namespace when not given.
+    #[arg(long, env = "TIDEPOOL_API_TOKEN_NAMESPACES", value_delimiter = ',')]
+    api_token_namespaces: Vec<String>,
+    /// Live sessions one caller may hold at once.
+    #[arg(long, env = "TIDEPOOL_SESSIONS_PER_CALLER", default_value_t = 20)]
+    sessions_per_caller: usize,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Namespace for sessions whose request names none.
     #[arg(long, env = "TIDEPOOL_SESSION_NAMESPACE", default_value = "default")]
     session_namespace: String,
@@ -89,6 +101,34 @@ struct Args {
     fault_end_task: Option<String>,
     #[command(flatten)]
     fleet: FleetArgs,
+}
+
+/// The HTTP server's limits.
+#[derive(clap::Args, Debug)]
+struct ServerArgs {
+    /// Open connections at most; one beyond is closed at once.
+    #[arg(long, env = "TIDEPOOL_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's head.
+    #[arg(long, env = "TIDEPOOL_HEADER_TIMEOUT", default_value_t = 10)]
+    header_timeout_seconds: u64,
+    /// Seconds a request's body may take to arrive.
+    #[arg(long, env = "TIDEPOOL_BODY_TIMEOUT", default_value_t = 30)]
+    body_timeout_seconds: u64,
+    /// Seconds a connection may sit with no request and no byte moving.
+    #[arg(long, env = "TIDEPOOL_IDLE_TIMEOUT", default_value_t = 60)]
+    idle_timeout_seconds: u64,
+}
+
+impl ServerArgs {
+    fn limits(&self) -> tidepool_serve::Limits {
+        tidepool_serve::Limits {
+            max_connections: self.max_connections.max(1),
+            header_timeout: Duration::from_secs(self.header_timeout_seconds.max(1)),
+            body_timeout: Duration::from_secs(self.body_timeout_seconds.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_seconds.max(1)),
+        }
+    }
 }
 
 /// The node agents, their Backends, and placement.
@@ -148,6 +188,10 @@ struct FleetArgs {
     /// Seconds a placement's reservation lasts when no report shows it.
     #[arg(long, env = "TIDEPOOL_PENDING_TIMEOUT", default_value_t = 120)]
     pending_timeout_seconds: u64,
+    /// Believe backends at loopback, link-local or unspecified addresses
+    /// (for a cluster on one machine, as the local harness is).
+    #[arg(long, env = "TIDEPOOL_ALLOW_LOCAL_BACKEND_ADDRESSES")]
+    allow_local_backend_addresses: bool,
     /// With more backends than this, placement samples two instead of scanning all.
     #[arg(long, env = "TIDEPOOL_TWO_CHOICES_ABOVE", default_value_t = 64)]
     two_choices_above: usize,
@@ -173,10 +217,13 @@ async fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
-    let token = match std::fs::read_to_string(&args.api_token_file) {
-        Ok(token) if !token.trim().is_empty() => token.trim().to_string(),
-        Ok(_) => return fail(format!("{} is empty", args.api_token_file.display())),
-        Err(e) => return fail(format!("cannot read {}: {e}", args.api_token_file.display())),
+    let static_token = match &args.api_token_file {
+        None => None,
+        Some(file) => match std::fs::read_to_string(file) {
+            Ok(token) if token.trim().len() >= 16 => Some(token.trim().to_string()),
+            Ok(_) => return fail(format!("{} holds no token of 16 characters or more", file.display())),
+            Err(e) => return fail(format!("cannot read {}: {e}", file.display())),
+        },
     };
     if let Some(bad) = args.cluster_cidrs.iter().find(|c| !is_cidr(c)) {
         return fail(format!("--cluster-cidrs: {bad:?} is not a CIDR"));
@@ -220,6 +267,7 @@ async fn main() -> ExitCode {
             pending_timeout: Duration::from_secs(args.fleet.pending_timeout_seconds),
             two_choices_above: args.fleet.two_choices_above,
         },
+        allow_local_addresses: args.fleet.allow_local_backend_addresses,
     }));
     let agents = (!args.fleet.no_agent_daemonset).then(|| AgentSettings {
         name: args.fleet.agent_daemonset.clone(),
@@ -242,12 +290,27 @@ async fn main() -> ExitCode {
     let mut supervisor = Supervisor::new(args.fault_end_task.clone());
     let shared = run::shared_caches(&mut supervisor, &scope, &clients.watch);
 
+    let token_namespaces = if args.api_token_namespaces.is_empty() {
+        vec![args.session_namespace.clone()]
+    } else {
+        args.api_token_namespaces.clone()
+    };
+    if let Some(bad) = token_namespaces.iter().find(|ns| !scope.contains(ns)) {
+        return fail(format!("--api-token-namespaces: {bad} is not among --namespaces"));
+    }
+    let static_token = static_token.map(|token| StaticToken { token, namespaces: token_namespaces });
     let state = Arc::new(ApiState {
         client: clients.request.clone(),
         keys: keys.clone(),
         metrics: metrics.clone(),
-        token,
+        access: Access::new(clients.request.clone(), static_token),
         namespace: args.session_namespace.clone(),
+        scope: scope.clone(),
+        pools: shared.pools.clone(),
+        sessions: shared.sessions.clone(),
+        backends: shared.backends.clone(),
+        nodes: shared.nodes.clone(),
+        sessions_per_caller: args.sessions_per_caller,
         ready_deadline: Duration::from_secs_f64(args.ready_deadline_seconds.max(0.1)),
         ready: Default::default(),
         fleet: fleet.clone(),
@@ -258,10 +321,12 @@ async fn main() -> ExitCode {
     };
     tracing::info!(listen = %args.listen, identity, "serving the API");
     let router = http::router(state.clone());
+    let refusals = metrics.clone();
+    let on_refusal: tidepool_serve::OnRefusal =
+        Arc::new(move |refusal| refusals.connection_refusals.with_label_values(&[refusal.reason()]).inc());
+    let limits = args.server.limits();
     supervisor.spawn("api-server", async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "the API server stopped");
-        }
+        tidepool_serve::serve(listener, router, limits, on_refusal, std::future::pending(), Duration::ZERO).await;
     });
     if let Err(e) = clients.request.apiserver_version().await {
         return fail(format!("the Kubernetes API does not answer: {e}"));

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub binding_conflicts: IntCounter,
     pub pool_pods: IntGaugeVec,
     pub api_requests: IntCounterVec,
+    pub api_refusals: IntCounterVec,
+    pub connection_refusals: IntCounterVec,
     pub leader: IntGauge,
     pub agent_reports: IntCounterVec,
     pub backends: IntGaugeVec,
@@ -71,6 +73,20 @@ impl Metrics {
             Opts::new("tidepool_api_requests_total", "HTTP API requests, by route and status code"),
             &["route", "code"],
         )?;
+        let api_refusals = IntCounterVec::new(
+            Opts::new(
+                "tidepool_api_refusals_total",
+                "HTTP API requests refused before any work, by route and reason (bad_token, forbidden, bad_name, ...)",
+            ),
+            &["route", "reason"],
+        )?;
+        let connection_refusals = IntCounterVec::new(
+            Opts::new(
+                "tidepool_connection_refusals_total",
+                "Connections or requests the HTTP server cut, by reason (connection_cap, idle, slow_body)",
+            ),
+            &["reason"],
+        )?;
         let leader = IntGauge::new("tidepool_leader", "1 while this replica holds the leader lease")?;
         let agent_reports = IntCounterVec::new(
             Opts::new("tidepool_agent_reports_total", "Agent reports, by result (accepted, or why refused)"),
@@ -101,6 +117,8 @@ impl Metrics {
         registry.register(Box::new(binding_conflicts.clone()))?;
         registry.register(Box::new(pool_pods.clone()))?;
         registry.register(Box::new(api_requests.clone()))?;
+        registry.register(Box::new(api_refusals.clone()))?;
+        registry.register(Box::new(connection_refusals.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(agent_reports.clone()))?;
         registry.register(Box::new(backends.clone()))?;
@@ -117,6 +135,8 @@ impl Metrics {
             binding_conflicts,
             pool_pods,
             api_requests,
+            api_refusals,
+            connection_refusals,
             leader,
             agent_reports,
             backends,

@@ -10,7 +10,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Client, ResourceExt};
-use tidepool_crds::{TestSession, WarmPool};
+use tidepool_crds::{Backend, TestSession, WarmPool};
 
 use crate::clock::SystemClock;
 use crate::context::{Context, Settings};
@@ -41,6 +41,9 @@ pub struct Clients {
 pub struct Shared {
     pub pools: Caches<WarmPool>,
     pub sessions: Caches<TestSession>,
+    /// Backends and Nodes, for agent reports (cluster-scoped, few).
+    pub backends: Store<Backend>,
+    pub nodes: Store<Node>,
 }
 
 /// Starts the caches of pools and sessions under `supervisor`.
@@ -48,6 +51,8 @@ pub fn shared_caches(supervisor: &mut Supervisor, scope: &Scope, client: &Client
     Shared {
         pools: scope::watch(supervisor, scope, client, "pool-cache", Default::default(), |_, _| {}),
         sessions: scope::watch(supervisor, scope, client, "session-cache", Default::default(), |_, _| {}),
+        backends: scope::watch_cluster(supervisor, client, "backend-cache"),
+        nodes: scope::watch_cluster(supervisor, client, "node-cache"),
     }
 }
 
@@ -73,7 +78,7 @@ pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, share
     let pods = scope::watch(supervisor, scope, &clients.watch, "pod-cache", pod_selector.clone(), index);
     // Nodes are only read (by pools that place their own pods), so their
     // cache triggers nothing.
-    let nodes: Store<Node> = scope::watch_cluster(supervisor, &clients.watch, "node-cache");
+    let nodes = shared.nodes.clone();
 
     let reporter = Reporter { controller: labels::MANAGER.into(), instance: Some(parts.identity.clone()) };
     let ctx = Arc::new(Context {

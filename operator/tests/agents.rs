@@ -31,6 +31,8 @@ async fn operator(cluster: &Cluster, name: &str) -> Operator {
                 "--health-probe-interval-seconds=2",
                 "--health-probe-timeout-seconds=1",
                 "--backend-status-refresh-seconds=5",
+                // The harness's nodes are all at 127.0.0.1.
+                "--allow-local-backend-addresses",
             ],
         )
         .await
@@ -317,6 +319,8 @@ async fn bad_reports_are_refused_and_the_daemonset_is_kept() {
     let good = report("node-0", ReportKind::Node);
     let mut posing = report("node-1", ReportKind::External);
     posing.address = Some("203.0.113.9:443".into());
+    let mut rogue = report("rogue", ReportKind::External);
+    rogue.address = Some("203.0.113.10:443".into());
     let mut absurd = good.clone();
     absurd.windows[0].cores = vec![250.0, 5.0];
     // What is sent (token, body), and the code and words expected back.
@@ -325,12 +329,13 @@ async fn bad_reports_are_refused_and_the_daemonset_is_kept() {
         ("no token", None, json(&good), 401, "bearer token"),
         ("a forged token", Some("not-a-token"), json(&good), 401, "not accepted"),
         ("a token for another audience", Some(&wrong_audience), json(&good), 401, "not accepted"),
-        ("another ServiceAccount", Some(&stranger), json(&good), 403, "is not the agents' ServiceAccount"),
+        ("another ServiceAccount", Some(&stranger), json(&good), 401, "not the agents' ServiceAccount"),
         ("another node", Some(&node_0), json(&report("node-1", ReportKind::Node)), 403, "not on node node-1"),
         ("a token bound to no pod", Some(&unbound), json(&good), 403, "bound to the agent's pod"),
         ("an external backend under a node's name", Some(&unbound), json(&posing), 409, "a node's name"),
         ("an absurd figure", Some(&node_0), json(&absurd), 422, "windows[0].cores[0]"),
-        ("malformed JSON", Some(&node_0), b"{\"backend\":".to_vec(), 400, "not valid JSON"),
+        ("malformed JSON", Some(&node_0), b"{\"backend\":".to_vec(), 400, "invalid JSON"),
+        ("an external backend no admin registered", Some(&unbound), json(&rogue), 403, "no Backend rogue"),
         ("an oversized body", Some(&node_0), vec![b' '; 300 * 1024], 413, ""),
     ];
     for (what, token, body, code, says) in cases {
@@ -354,7 +359,15 @@ async fn bad_reports_are_refused_and_the_daemonset_is_kept() {
         http.post(format!("{}/api/v1/agents/report", follower.url)).bearer_auth(&node_0).json(&good).send().await;
     assert_eq!(answer.unwrap().status().as_u16(), 503);
 
-    // The agent outside Kubernetes registers an external Backend.
+    // An admin registers an external backend; its agent then reports for it.
+    let registered: Backend = serde_json::from_value(json!({
+        "apiVersion": tidepool_crds::API_VERSION, "kind": "Backend",
+        "metadata": { "name": "edge-1" },
+        "spec": { "kind": "external", "address": "edge-1.example:8443", "region": "eu-west",
+                  "healthCheck": { "type": "tcp", "port": 8443 } }
+    }))
+    .unwrap();
+    backends.create(&Default::default(), &registered).await.unwrap();
     let dir = plane.dir().join("external");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("token"), &unbound).unwrap();
@@ -363,7 +376,8 @@ async fn bad_reports_are_refused_and_the_daemonset_is_kept() {
         format!("--operator-url={}", operator.url),
         format!("--token-file={}", dir.join("token").display()),
         "--external=edge-1".to_string(),
-        "--address=edge-1.example:8443".to_string(),
+        // What the agent claims is not where clients go: the admin's address is.
+        "--address=elsewhere.example:9999".to_string(),
         "--region=eu-west".to_string(),
         format!("--listen=127.0.0.1:{}", free_port().unwrap()),
         "--report-interval-ms=200".to_string(),
@@ -372,14 +386,16 @@ async fn bad_reports_are_refused_and_the_daemonset_is_kept() {
         "--no-gpu".to_string(),
     ];
     let _external = spawn_agent(&cluster, "edge-1", &args, &[]);
-    let spec = wait_backend(&cluster, "edge-1", "registered", Duration::from_secs(15), |b| Some(b.spec.clone())).await;
-    assert_eq!(spec.kind, tidepool_crds::backend::BackendKind::External);
+    let spec = wait_backend(&cluster, "edge-1", "reporting", Duration::from_secs(15), |b| {
+        b.status.as_ref()?.last_report_time.as_ref()?;
+        Some(b.spec.clone())
+    })
+    .await;
+    // The operator wrote its status and left the admin's spec alone.
     assert_eq!(spec.address.as_deref(), Some("edge-1.example:8443"));
     assert_eq!(spec.region.as_deref(), Some("eu-west"));
-    // Its service port is probed over TCP; nothing answers there, so after
-    // three failed probes it is Unhealthy and out of placement.
-    let check = spec.health_check.expect("a health check");
-    assert_eq!((check.kind, check.port), (tidepool_crds::backend::HealthCheckKind::Tcp, 8443));
+    // Its service port (the admin's) is probed over TCP; nothing answers
+    // there, so after three failed probes it is Unhealthy and out of placement.
     wait_backend(&cluster, "edge-1", "Unhealthy", Duration::from_secs(30), |b| {
         let unhealthy = b.status.as_ref()?.health == tidepool_crds::backend::Health::Unhealthy;
         (unhealthy && condition(b, "Ready").as_deref() == Some("False")).then_some(())

@@ -24,8 +24,8 @@ async fn malformed_unauthorised_or_oversized_requests_are_refused_and_change_not
     // (what, bearer token, body, expected status, expected words in the error)
     type Case = (&'static str, Option<&'static str>, Vec<u8>, u16, &'static str);
     let cases: Vec<Case> = vec![
-        ("no token", None, br#"{"pool":"edge"}"#.to_vec(), 401, "missing bearer token"),
-        ("wrong token", Some("nope"), br#"{"pool":"edge"}"#.to_vec(), 403, "wrong bearer token"),
+        ("no token", None, br#"{"pool":"edge"}"#.to_vec(), 401, "a bearer token is required"),
+        ("wrong token", Some("nope"), br#"{"pool":"edge"}"#.to_vec(), 401, "was not accepted"),
         ("not JSON", Some(TOKEN), b"pool=edge".to_vec(), 400, "invalid request body"),
         ("unknown field", Some(TOKEN), br#"{"pool":"edge","colour":"red"}"#.to_vec(), 422, "unknown field `colour`"),
         ("no pool", Some(TOKEN), br#"{"profile":"latency"}"#.to_vec(), 422, "missing field `pool`"),

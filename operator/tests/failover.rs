@@ -212,6 +212,7 @@ fn writes(audit_log: &std::path::Path) -> Vec<Write> {
     let text = std::fs::read_to_string(audit_log).unwrap_or_default();
     text.lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["verb"].as_str() != Some("get"))
         .filter_map(|event| {
             let received = event["requestReceivedTimestamp"].as_str()?.parse().ok()?;
             let what = format!("{} {}", event["verb"].as_str()?, event["requestURI"].as_str()?);

@@ -37,7 +37,7 @@ pub struct Options {
     pub crds: bool,
     /// Nodes to create once the control plane is up.
     pub nodes: Vec<FakeNode>,
-    /// Keep the API server's audit log of writes ([`ControlPlane::audit_log`]).
+    /// Keep the API server's audit log of writes and single reads ([`ControlPlane::audit_log`]).
     pub audit: bool,
 }
 
@@ -294,8 +294,8 @@ impl ControlPlane {
         }
     }
 
-    /// The API server's audit log (JSON lines, one per write), with
-    /// [`Options::audit`].
+    /// The API server's audit log (JSON lines, one per write or single
+    /// read), with [`Options::audit`].
     pub fn audit_log(&self) -> PathBuf {
         self.dir.join("audit.log")
     }
@@ -650,14 +650,15 @@ fn new_run_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// What the audit log keeps: every write, at the Metadata level (who, what,
-/// when, and the answer's code).
+/// What the audit log keeps, at the Metadata level (who, what, when, and
+/// the answer's code): every write, and reads of single objects (not lists
+/// or watches, which caches make all the time).
 const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: [\"RequestReceived\"]
 rules:
 - level: Metadata
-  verbs: [\"create\", \"update\", \"patch\", \"delete\", \"deletecollection\"]
+  verbs: [\"create\", \"update\", \"patch\", \"delete\", \"deletecollection\", \"get\"]
 - level: None
 ";
 

@@ -42,6 +42,9 @@ pub struct FleetSettings {
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     pub router: RouterSettings,
+    /// Believe backends at loopback, link-local or unspecified addresses
+    /// (the local harness's nodes are all at 127.0.0.1).
+    pub allow_local_addresses: bool,
 }
 
 impl Default for FleetSettings {
@@ -55,6 +58,7 @@ impl Default for FleetSettings {
             probe_interval: Duration::from_secs(10),
             probe_timeout: Duration::from_secs(2),
             router: RouterSettings::default(),
+            allow_local_addresses: false,
         }
     }
 }

@@ -334,7 +334,8 @@ pub async fn run(client: Client, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
                 .filter_map(|candidate| {
                     let view = router.view(&candidate.name)?;
                     let fresh = router.is_fresh(view, now);
-                    let with_spec = candidate.cost() > 1.0;
+                    // An external Backend's spec is its admin's: only its status is written.
+                    let with_spec = candidate.cost() > 1.0 && view.kind == ReportKind::Node;
                     Some(Job {
                         name: candidate.name,
                         kind: view.kind,
@@ -424,6 +425,9 @@ async fn write(
     let body = json!({ "apiVersion": API_VERSION, "kind": "Backend", "status": status });
     match api.patch_status(&job.name, &params, &Patch::Apply(body)).await {
         Ok(_) => {}
+        // An external backend's admin took its registration back: forget it
+        // (its reports are refused from now on).
+        Err(kube::Error::Api(e)) if e.code == 404 && job.kind == ReportKind::External => return Ok(Outcome::Forget),
         // Deleted by someone (or its node went): make it anew next time.
         Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Outcome::Recreate),
         Err(e) => return Err(e),

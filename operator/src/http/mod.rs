@@ -6,6 +6,7 @@
 //! - [`state`]: what the handlers share; [`reply`]: error answers.
 //! - [`sessions`], [`results`], [`agents`], [`route`]: one module per route.
 
+pub mod access;
 pub mod agents;
 pub mod reply;
 pub mod results;
@@ -27,21 +28,22 @@ use tidepool_protocol::api::{ROUTE_PATH, SESSION_PATH, SESSIONS_PATH};
 use tidepool_protocol::results::{OPERATOR_RESULTS_PATH, RESULTS_BODY_LIMIT};
 use tidepool_wire::report::{MAX_REPORT_BYTES, REPORT_PATH};
 
-pub use reply::{error, kube_error};
+pub use reply::error;
 pub use state::ApiState;
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT: usize = 16 * 1024;
 
-/// The router: the session and route API behind the bearer token, results
-/// behind the session's own credentials, reports behind the agents'
-/// ServiceAccount tokens, the rest open.
+/// The router: the session and route API behind the caller's Kubernetes
+/// identity (or the static token), results behind the session's own
+/// credentials, reports behind the agents' ServiceAccount tokens, the rest
+/// open.
 pub fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
         .route(SESSIONS_PATH, post(sessions::create))
         .route(SESSION_PATH, get(sessions::get).delete(sessions::delete))
         .route(ROUTE_PATH, post(route::route))
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(|request: Request, next: Next| refuse_oversized(BODY_LIMIT, request, next)));
     let pods = Router::new()
@@ -89,30 +91,50 @@ async fn refuse_oversized(limit: usize, request: Request, next: Next) -> Respons
     }
 }
 
-async fn authorize(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
-    let route = match (request.method() == axum::http::Method::POST, request.uri().path()) {
-        (true, ROUTE_PATH) => "route",
-        (true, _) => "create",
-        (false, _) => "session",
-    };
-    let presented = request
+/// Finds out who is calling and hands the handlers the [`access::Caller`];
+/// what it may do is each handler's check, once it knows the namespace.
+async fn authenticate(State(state): State<Arc<ApiState>>, mut request: Request, next: Next) -> Response {
+    let route = route_label(&request);
+    let bearer = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let response = match presented {
-        None => error(StatusCode::UNAUTHORIZED, "missing bearer token"),
-        Some(token) if !constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
-            error(StatusCode::FORBIDDEN, "wrong bearer token")
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::to_owned);
+    let response = match state.access.authenticate(bearer.as_deref()).await {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
         }
-        Some(_) => next.run(request).await,
+        Err(denied) => deny(&state, route, &denied),
     };
     state.metrics.api_requests.with_label_values(&[route, response.status().as_str()]).inc();
     response
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+fn route_label(request: &Request) -> &'static str {
+    match (request.method() == axum::http::Method::POST, request.uri().path()) {
+        (true, ROUTE_PATH) => "route",
+        (true, _) => "create",
+        (false, _) => "session",
+    }
+}
+
+/// The answer to a caller turned away, counted by reason.
+pub fn deny(state: &ApiState, route: &'static str, denied: &access::Denied) -> Response {
+    state.metrics.api_refusals.with_label_values(&[route, denied.reason()]).inc();
+    let code = match denied {
+        access::Denied::NoToken | access::Denied::BadToken => StatusCode::UNAUTHORIZED,
+        access::Denied::Forbidden(_) => StatusCode::FORBIDDEN,
+        access::Denied::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(code, denied.to_string())
+}
+
+/// The answer to a refused request, counted by reason.
+pub fn refuse(state: &ApiState, route: &'static str, refused: reply::Refused) -> Response {
+    state.metrics.api_refusals.with_label_values(&[route, refused.reason]).inc();
+    refused.into_response()
 }
 
 async fn readyz(State(state): State<Arc<ApiState>>) -> Response {

@@ -3,26 +3,35 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use tidepool_protocol::api::{BackendKind, RouteAnswer, RouteRequest};
 use tidepool_wire::report::ReportKind;
 
-use super::reply::{error, json_body};
+use super::access::{Ask, Caller};
+use super::reply::{Refused, error, json_body};
 use super::state::ApiState;
+use super::{deny, refuse};
 use crate::placement::{Need, Request};
 
-pub async fn route(State(state): State<Arc<ApiState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn route(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(denied) = state.access.authorize(&caller, Ask::Route).await {
+        return deny(&state, "route", &denied);
+    }
     let request: RouteRequest = match json_body(body) {
         Ok(request) => request,
-        Err(refused) => return refused.into_response(),
+        Err(refused) => return refuse(&state, "route", refused),
     };
     if let Err(message) = request.check() {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, message);
+        return refuse(&state, "route", Refused::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_field", message));
     }
     let fleet = &state.fleet;
     if !fleet.is_leading() {

@@ -1,87 +1,180 @@
 //! `POST /api/v1/sessions`, `GET` and `DELETE /api/v1/sessions/{name}`:
 //! sessions for clients, made as TestSessions and answered with the
 //! credentials the session pod checks.
+//!
+//! Every request is checked before any API call: the caller may do this
+//! (create, get or delete TestSessions in that namespace; credentials go
+//! only to callers who may get the session), the names are Kubernetes names,
+//! the namespace is the operator's, the pool exists (from this replica's
+//! cache), the TTL is within the pool's cap, and the caller holds fewer live
+//! sessions than allowed.
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use futures::{StreamExt, TryStreamExt};
-use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams, WatchEvent, WatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use tidepool_crds::test_session::Phase;
 use tidepool_crds::{API_VERSION, TestSession, WarmPool};
 use tidepool_protocol::api::{CreateSession, NamespaceQuery, NotReadyInTime, SessionView};
 use tidepool_protocol::pod::probes_digest;
 use tidepool_wire::token::SessionClaims;
 
-use super::reply::{error, json_body, kube_error};
+use super::access::{Ask, Caller};
+use super::reply::{Refused, json_body, kube_refusal, retry_later};
 use super::state::ApiState;
-use crate::conditions;
+use super::{deny, refuse};
+use crate::{conditions, names};
 
-pub async fn create(State(state): State<Arc<ApiState>>, body: Result<Bytes, BytesRejection>) -> Response {
+/// On a TestSession made through the API: who asked for it (a label, so
+/// sessions can be counted per caller; a digest, since a user name is not a
+/// label value).
+pub const CREATOR_LABEL: &str = "tidepool.dev/creator";
+/// On a TestSession made through the API: who asked for it, as named.
+pub const CREATED_BY_ANNOTATION: &str = "tidepool.dev/created-by";
+
+/// The label value for a caller: 16 hex digits of the SHA-256 of its name.
+pub fn creator_label(caller: &str) -> String {
+    Sha256::digest(caller.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+pub async fn create(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let request: CreateSession = match json_body(body) {
         Ok(request) => request,
-        Err(refused) => return refused.into_response(),
+        Err(refused) => return refuse(&state, "create", refused),
     };
     let namespace = request.namespace.clone().unwrap_or_else(|| state.namespace.clone());
-    let pools: Api<WarmPool> = Api::namespaced(state.client.clone(), &namespace);
-    let pool_uid = match pools.get_metadata_opt(&request.pool).await {
-        Ok(Some(pool)) => pool.uid(),
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no WarmPool {namespace}/{}", request.pool)),
-        Err(e) => return kube_error(e),
+    if let Err(refused) = check_names(&state, &namespace, Some(("WarmPool", &request.pool))) {
+        return refuse(&state, "create", refused);
+    }
+    // Creating is of no use without the credentials, which need `get`.
+    for verb in ["create", "get"] {
+        if let Err(denied) =
+            state.access.authorize(&caller, Ask::Sessions { verb, namespace: &namespace, name: None }).await
+        {
+            return deny(&state, "create", &denied);
+        }
+    }
+    let Some(pool) = state.pools.get(&ObjectRef::new(&request.pool).within(&namespace)) else {
+        let refused =
+            Refused::new(StatusCode::NOT_FOUND, "no_pool", format!("no WarmPool {namespace}/{}", request.pool));
+        return refuse(&state, "create", refused);
     };
+    if let Some(ttl) = request.ttl_seconds
+        && ttl > pool.spec.max_session_ttl_seconds
+    {
+        let message = format!(
+            "ttlSeconds: {ttl} is more than WarmPool {}'s maxSessionTTLSeconds ({})",
+            request.pool, pool.spec.max_session_ttl_seconds
+        );
+        return refuse(&state, "create", Refused::new(StatusCode::UNPROCESSABLE_ENTITY, "ttl_over_cap", message));
+    }
+    let creator = creator_label(caller.name());
+    let held = live_sessions_of(&state, &creator);
+    if held >= state.sessions_per_caller {
+        state.metrics.api_refusals.with_label_values(&["create", "caller_limit"]).inc();
+        let message = format!("{} holds {held} live sessions, the most one caller may; end one first", caller.name());
+        return retry_later(StatusCode::TOO_MANY_REQUESTS, message, 30);
+    }
+    match make_session(&state, &request, &namespace, &caller, &creator, &pool).await {
+        Ok(response) => response,
+        Err(refused) => refuse(&state, "create", refused),
+    }
+}
+
+async fn make_session(
+    state: &ApiState,
+    request: &CreateSession,
+    namespace: &str,
+    caller: &Caller,
+    creator: &str,
+    pool: &WarmPool,
+) -> Result<Response, Refused> {
     // The request's fields are the spec's, by name and spelling.
-    let mut spec = match serde_json::to_value(&request) {
-        Ok(spec) => spec,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid session: {e}")),
-    };
+    let mut spec = serde_json::to_value(request)
+        .map_err(|e| Refused::new(StatusCode::BAD_REQUEST, "bad_field", format!("invalid session: {e}")))?;
     if let Some(fields) = spec.as_object_mut() {
         fields.remove("namespace");
     }
     let object = json!({
         "apiVersion": API_VERSION,
         "kind": "TestSession",
-        "metadata": { "generateName": "session-", "namespace": namespace },
+        "metadata": {
+            "generateName": "session-",
+            "namespace": namespace,
+            "labels": { CREATOR_LABEL: creator },
+            "annotations": { CREATED_BY_ANNOTATION: caller.name() },
+        },
         "spec": spec,
     });
     // Sent untyped, so the API server's schema and CEL rules judge it and
     // their messages (which name the field) reach the client.
-    let object: DynamicObject = match serde_json::from_value(object) {
-        Ok(object) => object,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid session: {e}")),
-    };
-    let dynamic: Api<DynamicObject> = Api::namespaced_with(state.client.clone(), &namespace, &session_resource());
-    let created: TestSession = match dynamic.create(&PostParams::default(), &object).await {
-        Ok(created) => match serde_json::to_value(created).and_then(serde_json::from_value) {
-            Ok(session) => session,
-            Err(e) => return error(StatusCode::BAD_GATEWAY, format!("unreadable session: {e}")),
-        },
-        Err(e) => return kube_error(e),
-    };
-    let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
+    let object: DynamicObject = serde_json::from_value(object)
+        .map_err(|e| Refused::new(StatusCode::BAD_REQUEST, "bad_field", format!("invalid session: {e}")))?;
+    let dynamic: Api<DynamicObject> = Api::namespaced_with(state.client.clone(), namespace, &session_resource());
+    let created =
+        dynamic.create(&PostParams::default(), &object).await.map_err(|e| kube_refusal(e, "creating the session"))?;
+    let created: TestSession = serde_json::to_value(created).and_then(serde_json::from_value).map_err(|e| {
+        Refused::new(StatusCode::BAD_GATEWAY, "unreadable", format!("the session made is unreadable: {e}"))
+    })?;
+    let api: Api<TestSession> = Api::namespaced(state.client.clone(), namespace);
     let name = created.name_any();
-    let ready = tokio::time::timeout(state.ready_deadline, wait_ready(&api, &created)).await;
-    match ready {
-        Ok(Ok(session)) => (StatusCode::CREATED, Json(view(&state, &session, pool_uid).await)).into_response(),
-        Ok(Err(e)) => kube_error(e),
+    let pool_uid = pool.uid();
+    match tokio::time::timeout(state.ready_deadline, wait_ready(&api, &created)).await {
+        Ok(Ok(session)) => Ok((StatusCode::CREATED, Json(view(state, &session, pool_uid).await)).into_response()),
+        Ok(Err(e)) => Err(kube_refusal(e, "waiting for the session")),
         Err(_) => {
             let latest = api.get_opt(&name).await.ok().flatten().unwrap_or(created);
-            let session = view(&state, &latest, pool_uid).await;
+            let session = view(state, &latest, pool_uid).await;
             let reason = session.reason.clone().unwrap_or_else(|| "no pod became ready in time".into());
             let body = NotReadyInTime {
                 error: format!("session {name} was not ready within {:?}: {reason}", state.ready_deadline),
                 code: StatusCode::GATEWAY_TIMEOUT.as_u16(),
                 session,
             };
-            (StatusCode::GATEWAY_TIMEOUT, Json(body)).into_response()
+            Ok((StatusCode::GATEWAY_TIMEOUT, Json(body)).into_response())
         }
     }
+}
+
+/// The caller's sessions that are neither over nor going, from the cache.
+fn live_sessions_of(state: &ApiState, creator: &str) -> usize {
+    state
+        .sessions
+        .state()
+        .iter()
+        .filter(|s| s.labels().get(CREATOR_LABEL).map(String::as_str) == Some(creator))
+        .filter(|s| s.meta().deletion_timestamp.is_none())
+        .filter(|s| !s.status.as_ref().is_some_and(|st| st.phase.has_ended()))
+        .count()
+}
+
+/// The namespace must be a name and the operator's; the object name (what
+/// kind it names) a name too. Checked before anything reaches an API path.
+fn check_names(state: &ApiState, namespace: &str, object: Option<(&'static str, &str)>) -> Result<(), Refused> {
+    let bad = |e: names::BadName| Refused::new(StatusCode::BAD_REQUEST, "bad_name", e.to_string());
+    names::namespace(namespace).map_err(bad)?;
+    if let Some((what, name)) = object {
+        names::object(what, name).map_err(bad)?;
+    }
+    if !state.scope.contains(namespace) {
+        let message = format!("namespace {namespace} is not one this operator serves");
+        return Err(Refused::new(StatusCode::FORBIDDEN, "other_namespace", message));
+    }
+    Ok(())
 }
 
 /// Watches one session from the version the create returned until it is Ready.
@@ -107,36 +200,56 @@ async fn wait_ready(api: &Api<TestSession>, created: &TestSession) -> Result<Tes
 
 pub async fn get(
     State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Query(query): Query<NamespaceQuery>,
 ) -> Response {
     let namespace = query.namespace.unwrap_or_else(|| state.namespace.clone());
+    if let Err(refused) = check_names(&state, &namespace, Some(("TestSession", &name))) {
+        return refuse(&state, "session", refused);
+    }
+    let ask = Ask::Sessions { verb: "get", namespace: &namespace, name: Some(&name) };
+    if let Err(denied) = state.access.authorize(&caller, ask).await {
+        return deny(&state, "session", &denied);
+    }
     let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
     match api.get_opt(&name).await {
         Ok(Some(session)) => Json(view(&state, &session, None).await).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no session {namespace}/{name}")),
-        Err(e) => kube_error(e),
+        Ok(None) => {
+            let refused = Refused::new(StatusCode::NOT_FOUND, "not_found", format!("no session {namespace}/{name}"));
+            refuse(&state, "session", refused)
+        }
+        Err(e) => refuse(&state, "session", kube_refusal(e, "reading the session")),
     }
 }
 
 pub async fn delete(
     State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Query(query): Query<NamespaceQuery>,
 ) -> Response {
     let namespace = query.namespace.unwrap_or_else(|| state.namespace.clone());
+    if let Err(refused) = check_names(&state, &namespace, Some(("TestSession", &name))) {
+        return refuse(&state, "session", refused);
+    }
+    let ask = Ask::Sessions { verb: "delete", namespace: &namespace, name: Some(&name) };
+    if let Err(denied) = state.access.authorize(&caller, ask).await {
+        return deny(&state, "session", &denied);
+    }
     let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
     match api.delete(&name, &DeleteParams::default()).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(kube::Error::Api(s)) if s.code == 404 => {
-            error(StatusCode::NOT_FOUND, format!("no session {namespace}/{name}"))
+            let refused = Refused::new(StatusCode::NOT_FOUND, "not_found", format!("no session {namespace}/{name}"));
+            refuse(&state, "session", refused)
         }
-        Err(e) => kube_error(e),
+        Err(e) => refuse(&state, "session", kube_refusal(e, "deleting the session")),
     }
 }
 
 /// What the API shows of a session. `pool_uid` is the pool's UID when the
-/// caller has already read it; otherwise it is looked up once a token is due.
+/// caller has already read it; otherwise it comes from the pool cache.
 async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>) -> SessionView {
     let namespace = session.namespace().unwrap_or_default();
     let status = session.status.clone().unwrap_or_default();
@@ -162,33 +275,36 @@ async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>)
     let (Some(pod), Some(expires), Some(uid)) = (&status.pod, &status.expires_at, session.uid()) else {
         return view;
     };
-    let pool_uid = match pool_uid {
-        Some(uid) => uid,
-        None => match lookup_pool_uid(state, &namespace, &session.spec.pool).await {
-            Ok(Some(uid)) => uid,
-            _ => return view,
-        },
-    };
-    if let Ok(Some(key)) = state.keys.load(&state.client, &namespace, &session.spec.pool, &pool_uid).await {
-        let claims = SessionClaims {
-            sid: uid.clone(),
-            ns: namespace,
-            name: session.name_any(),
-            pool: session.spec.pool.clone(),
-            profile: serde_json::to_value(session.spec.profile)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
-            exp: u64::try_from(expires.0.as_second()).unwrap_or(0),
-            probes: probes_digest(&session.spec.probes),
-            tier: 1,
-            kid: String::new(),
-        };
-        // Signed with the key the bound pod holds (the previous one, for a
-        // pod made before a rotation).
-        let signer = key.signer_for(status.key_id.as_deref());
-        view.token = Some(signer.sign_session(&claims));
-        view.binding = Some(signer.sign_binding(&uid, pod));
+    let pool_uid = pool_uid
+        .or_else(|| state.pools.get(&ObjectRef::new(&session.spec.pool).within(&namespace)).and_then(|p| p.uid()));
+    let Some(pool_uid) = pool_uid else { return view };
+    match state.keys.load(&state.client, &namespace, &session.spec.pool, &pool_uid).await {
+        Ok(Some(keys)) => {
+            let claims = SessionClaims {
+                sid: uid.clone(),
+                ns: namespace,
+                name: session.name_any(),
+                pool: session.spec.pool.clone(),
+                profile: serde_json::to_value(session.spec.profile)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                exp: u64::try_from(expires.0.as_second()).unwrap_or(0),
+                probes: probes_digest(&session.spec.probes),
+                tier: 1,
+                kid: String::new(),
+            };
+            // Signed with the key the bound pod holds (the previous one, for a
+            // pod made before a rotation).
+            let signer = keys.signer_for(status.key_id.as_deref());
+            view.token = Some(signer.sign_session(&claims));
+            view.binding = Some(signer.sign_binding(&uid, pod));
+        }
+        Ok(None) => view.reason = Some("the pool's key is not readable; no credentials".into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the pool's key");
+            view.reason = Some("the pool's key could not be read; try again".into());
+        }
     }
     view
 }
@@ -197,8 +313,16 @@ fn session_resource() -> ApiResource {
     ApiResource::erase::<TestSession>(&())
 }
 
-/// The pool's UID; None when the pool does not exist.
-pub async fn lookup_pool_uid(state: &ApiState, namespace: &str, pool: &str) -> Result<Option<String>, kube::Error> {
-    let pools: Api<WarmPool> = Api::namespaced(state.client.clone(), namespace);
-    Ok(pools.get_metadata_opt(pool).await?.and_then(|p| p.uid()))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_creator_label_is_a_valid_label_value_and_tells_callers_apart() {
+        let label = creator_label("system:serviceaccount:team-a:alice");
+        assert_eq!(label.len(), 16);
+        assert!(label.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(label, creator_label("system:serviceaccount:team-a:bob"));
+        assert_eq!(label, creator_label("system:serviceaccount:team-a:alice"));
+    }
 }

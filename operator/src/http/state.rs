@@ -4,20 +4,38 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Node;
 use kube::Client;
+use kube::runtime::reflector::Store;
+use tidepool_crds::{Backend, TestSession, WarmPool};
 
+use super::access::Access;
 use crate::fleet::Fleet;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
+use crate::scope::{Caches, Scope};
 
 pub struct ApiState {
     pub client: Client,
     pub keys: Arc<Keys>,
     pub metrics: Arc<Metrics>,
-    /// The bearer token every session and route request must carry.
-    pub token: String,
+    /// Who may call, and what they may do.
+    pub access: Access,
     /// Where sessions go when a request names no namespace.
     pub namespace: String,
+    /// The namespaces the operator works in.
+    pub scope: Scope,
+    /// Every pool and session in those namespaces, as this replica's watch
+    /// shows them: which pools exist and whose sessions are live, read
+    /// without an API call.
+    pub pools: Caches<WarmPool>,
+    pub sessions: Caches<TestSession>,
+    /// Every Backend (admins register external ones) and Node (what each
+    /// declares it can run), for agent reports.
+    pub backends: Store<Backend>,
+    pub nodes: Store<Node>,
+    /// Live sessions one caller may hold at once.
+    pub sessions_per_caller: usize,
     /// How long POST waits for a session to turn Ready before answering 504.
     pub ready_deadline: Duration,
     /// Set once the API server has answered.

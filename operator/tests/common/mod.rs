@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use tidepool_crds::WarmPool;
 use tidepool_tests::{ControlPlane, FakeNode, Options, Process, eventually, free_port};
 
-pub const TOKEN: &str = "test-api-token";
+/// The static token (the opt-in for small setups), valid in `default`.
+pub const TOKEN: &str = "test-api-token-0123456789";
 
 pub struct Cluster {
     pub plane: ControlPlane,
