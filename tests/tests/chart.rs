@@ -8,7 +8,11 @@
 //!   pass `promtool check rules`.
 //! - On the harness: the chart renders into objects the API server takes
 //!   (server-side dry run, with the Prometheus Operator's real CRDs) and
-//!   installs. Each ServiceAccount has the rights it needs and no others.
+//!   installs. Each ServiceAccount has the rights it needs and no others:
+//!   the operator's pods, sessions and key Secrets only in the namespaces
+//!   the chart names, or everywhere when cluster-wide rights are chosen.
+//!   The NetworkPolicies the API server keeps say what they should and
+//!   select the pods they are for.
 //!   The real operator, run as the chart's ServiceAccount with the chart's
 //!   arguments, fills the example pool, binds a session, makes the agent
 //!   DaemonSet and takes a real agent's reports. The session binary runs
@@ -23,6 +27,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde_yaml::Value;
@@ -56,7 +61,16 @@ agent:
   nodeSelector: { tidepool.dev/agent: "true", gpu: "" }
   runtimeClassName: nvidia
 rbac:
-  poolNamespaces: [team-a, team-b]
+  # The namespaces of both releases that render this (tidepool, tidepool-check),
+  # which hold their example pools and sessions, and two pool namespaces.
+  namespaces: [tidepool, tidepool-check, team-a, team-b]
+network:
+  clusterCIDRs: [10.244.0.0/16, 10.96.0.0/12, fd00:10:244::/56]
+  policies:
+    dns: { namespace: dns, podLabels: { app: coredns } }
+    blockedCIDRs: [169.254.0.0/16]
+admissionPolicy:
+  validationActions: [Warn, Audit]
 metrics:
   serviceMonitor: { enabled: true, labels: { release: prometheus } }
   podMonitor: { enabled: true }
@@ -188,6 +202,120 @@ fn assert_hardened(what: &str, pod: &Value) {
     }
 }
 
+/// Every grant of a Role or ClusterRole as "verb resource.group", sorted.
+fn grants(role: &Value) -> Vec<String> {
+    let mut all = Vec::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    let resource = if group.is_empty() { resource.clone() } else { format!("{resource}.{group}") };
+                    all.push(format!("{verb} {resource}"));
+                }
+            }
+        }
+    }
+    all.sort();
+    all
+}
+
+/// What the operator may do across the cluster whatever it is set to, sorted.
+const CLUSTER_SCOPED_GRANTS: &[&str] = &[
+    "create backends.tidepool.dev",
+    "create subjectaccessreviews.authorization.k8s.io",
+    "create tokenreviews.authentication.k8s.io",
+    "get backends.tidepool.dev",
+    "get nodes",
+    "list backends.tidepool.dev",
+    "list nodes",
+    "patch backends.tidepool.dev",
+    "patch backends/status.tidepool.dev",
+    "watch backends.tidepool.dev",
+    "watch nodes",
+];
+
+/// What the operator may do in each namespace it works in, sorted.
+const NAMESPACED_GRANTS: &[&str] = &[
+    "create events.events.k8s.io",
+    "create pods",
+    "create secrets",
+    "create testsessions.tidepool.dev",
+    "delete pods",
+    "delete testsessions.tidepool.dev",
+    "get pods",
+    "get secrets",
+    "get testsessions.tidepool.dev",
+    "get warmpools.tidepool.dev",
+    "list pods",
+    "list testsessions.tidepool.dev",
+    "list warmpools.tidepool.dev",
+    "patch events.events.k8s.io",
+    "patch pods",
+    "patch testsessions/status.tidepool.dev",
+    "patch warmpools/status.tidepool.dev",
+    "update secrets",
+    "update warmpools/finalizers.tidepool.dev",
+    "watch pods",
+    "watch testsessions.tidepool.dev",
+    "watch warmpools.tidepool.dev",
+];
+
+/// A NetworkPolicy rule's ports as "port/protocol".
+fn ports(list: &Value) -> Vec<String> {
+    let list = list.as_sequence().map(Vec::as_slice).unwrap_or_default();
+    list.iter()
+        .map(|p| {
+            let port = p["port"].as_u64().map_or_else(|| str_of(&p["port"]).to_string(), |n| n.to_string());
+            format!("{port}/{}", str_of(&p["protocol"]))
+        })
+        .collect()
+}
+
+/// Whether a podSelector of matchLabels and Exists expressions selects a
+/// pod with `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let labels = labels.as_mapping().cloned().unwrap_or_default();
+    let matched = selector["matchLabels"].as_mapping().into_iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let expressions = selector["matchExpressions"].as_sequence().map(Vec::as_slice).unwrap_or_default();
+    let exist = expressions.iter().all(|e| {
+        assert_eq!(str_of(&e["operator"]), "Exists", "only Exists is read here");
+        labels.contains_key(&e["key"])
+    });
+    matched && exist
+}
+
+/// The session pods' policy: every pool pod; in from anywhere on the
+/// session port; out only to `dns` (namespace, label, value) on port 53,
+/// to the operator on 8080, and to every address but `blocked4`/`blocked6`.
+fn assert_session_policy(spec: &Value, dns: (&str, &str, &str), blocked4: &[&str], blocked6: &[&str]) {
+    let pool_pod = serde_yaml::from_str::<Value>("{tidepool.dev/pool: edge}").unwrap();
+    assert!(selects(&spec["podSelector"], &pool_pod), "the session policy misses pool pods");
+    assert!(!selects(&spec["podSelector"], &Value::Null), "the session policy takes every pod");
+    assert_eq!(strings(&spec["policyTypes"]), ["Ingress", "Egress"]);
+    let ingress = spec["ingress"].as_sequence().unwrap();
+    assert_eq!(ingress.len(), 1);
+    assert!(ingress[0]["from"].is_null(), "from anywhere");
+    assert_eq!(ports(&ingress[0]["ports"]), ["8080/TCP", "8080/UDP", "session/TCP", "session-udp/UDP"]);
+    let egress = spec["egress"].as_sequence().unwrap();
+    assert_eq!(egress.len(), 3, "{egress:?}");
+    let to_dns = &egress[0]["to"][0];
+    assert_eq!(str_of(&to_dns["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]), dns.0);
+    assert_eq!(str_of(&to_dns["podSelector"]["matchLabels"][dns.1]), dns.2);
+    assert_eq!(ports(&egress[0]["ports"]), ["53/UDP", "53/TCP"]);
+    let to_operator = &egress[1]["to"][0];
+    assert_eq!(str_of(&to_operator["podSelector"]["matchLabels"]["app.kubernetes.io/component"]), "operator");
+    assert_eq!(ports(&egress[1]["ports"]), ["8080/TCP"]);
+    let blocks = egress[2]["to"].as_sequence().unwrap();
+    assert!(egress[2]["ports"].is_null(), "any port on the internet");
+    let block = |cidr: &str| {
+        let found = blocks.iter().find(|b| str_of(&b["ipBlock"]["cidr"]) == cidr);
+        strings(&found.unwrap_or_else(|| panic!("no ipBlock {cidr}"))["ipBlock"]["except"])
+    };
+    assert_eq!(block("0.0.0.0/0"), blocked4);
+    assert_eq!(block("::/0"), blocked6);
+    assert_eq!(blocks.len(), 2);
+}
+
 #[test]
 fn chart_crds_are_the_generated_ones() {
     let resync = "resync with: rm helm/tidepool/crds/*.yaml && cp crds/yaml/*.yaml helm/tidepool/crds/";
@@ -226,14 +354,21 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option() {
             "ClusterRole tidepool-operator",
             "ClusterRoleBinding tidepool-operator",
             "Deployment tidepool/tidepool-operator",
+            "NetworkPolicy tidepool/tidepool-agent",
+            "NetworkPolicy tidepool/tidepool-operator",
+            "NetworkPolicy tidepool/tidepool-sessions",
             "PodDisruptionBudget tidepool/tidepool-operator",
             "Role tidepool/tidepool-operator",
+            "Role tidepool/tidepool-operator-pools",
             "RoleBinding tidepool/tidepool-operator",
+            "RoleBinding tidepool/tidepool-operator-pools",
             "Secret tidepool/tidepool-api-token",
             "Service tidepool/tidepool-operator",
             "ServiceAccount tidepool/tidepool-agent",
             "ServiceAccount tidepool/tidepool-operator",
             "ServiceAccount tidepool/tidepool-session",
+            "ValidatingAdmissionPolicy tidepool-warmpool-templates",
+            "ValidatingAdmissionPolicyBinding tidepool-warmpool-templates",
             "WarmPool tidepool/edge",
         ]
     );
@@ -257,9 +392,55 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option() {
         "--agent-daemonset=tidepool-agent",
         "--agent-image=tidepool-agent:0.1.0",
         "--session-namespace=tidepool",
+        // Only in the release namespace, where its Roles are.
+        "--namespaces=tidepool",
+        "--cluster-cidrs=10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7",
     ] {
         assert!(args.iter().any(|a| a == arg), "no {arg} in {args:?}");
     }
+
+    // Least privilege by default: the ClusterRole holds only what is
+    // cluster-scoped; pods, key Secrets, pools and sessions are the Role's,
+    // in the release namespace.
+    let cluster_wide = grants(find(&defaults, "ClusterRole", "tidepool-operator"));
+    assert_eq!(cluster_wide, CLUSTER_SCOPED_GRANTS, "the ClusterRole's rules");
+    let pools = grants(find(&defaults, "Role", "tidepool-operator-pools"));
+    assert_eq!(pools, NAMESPACED_GRANTS, "the pools Role's rules");
+    let binding = find(&defaults, "RoleBinding", "tidepool-operator-pools");
+    assert_eq!(str_of(&binding["roleRef"]["kind"]), "Role");
+    assert_eq!(str_of(&binding["subjects"][0]["name"]), "tidepool-operator");
+    assert_eq!(str_of(&binding["subjects"][0]["namespace"]), NAMESPACE);
+
+    // Cluster-wide rights are a choice: the same rules in the ClusterRole,
+    // no Roles per namespace, and no --namespaces.
+    let wide = render(&["--set", "rbac.clusterWide=true"]);
+    let wide_grants = grants(find(&wide, "ClusterRole", "tidepool-operator"));
+    let mut expected: Vec<String> =
+        CLUSTER_SCOPED_GRANTS.iter().chain(NAMESPACED_GRANTS).map(|g| g.to_string()).collect();
+    expected.sort();
+    assert_eq!(wide_grants, expected, "the cluster-wide ClusterRole's rules");
+    assert!(!inventory(&wide).iter().any(|o| o.ends_with("-pools")), "{:?}", inventory(&wide));
+    assert!(!operator_args(&wide).iter().any(|a| a.starts_with("--namespaces")), "{:?}", operator_args(&wide));
+
+    // The network policies: the operator and the agents take connections
+    // on their port only; session pods take them on the session port and
+    // send only to DNS, the operator and the internet outside the
+    // cluster's ranges and link-local (metadata) addresses.
+    let operator_policy = &find(&defaults, "NetworkPolicy", "tidepool-operator")["spec"];
+    assert_eq!(strings(&operator_policy["policyTypes"]), ["Ingress"]);
+    assert_eq!(ports(&operator_policy["ingress"][0]["ports"]), ["8080/TCP"]);
+    assert!(operator_policy["ingress"][0]["from"].is_null(), "from anywhere");
+    let operator_pods = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert!(selects(&operator_policy["podSelector"], operator_pods), "the operator's policy misses its pods");
+    let agent_policy = &find(&defaults, "NetworkPolicy", "tidepool-agent")["spec"];
+    assert_eq!(ports(&agent_policy["ingress"][0]["ports"]), ["9101/TCP"]);
+    let sessions = &find(&defaults, "NetworkPolicy", "tidepool-sessions")["spec"];
+    assert_session_policy(
+        sessions,
+        ("kube-system", "k8s-app", "kube-dns"),
+        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"],
+        &["fc00::/7", "fe80::/10", "fd00:ec2::254/128"],
+    );
     let env = container["env"].as_sequence().unwrap();
     let pod_name = env.iter().find(|e| str_of(&e["name"]) == "POD_NAME").expect("POD_NAME for --identity");
     assert_eq!(str_of(&pod_name["valueFrom"]["fieldRef"]["fieldPath"]), "metadata.name");
@@ -307,23 +488,40 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option() {
         ["10m", "100m", "32Mi", "256Mi"]
     );
 
-    // Every option on: the monitors, the rule, pool keys per namespace only,
-    // the agents' node selector and RuntimeClass, images from the registry.
+    // Every option on: the monitors, the rule, Roles and session policies
+    // in each listed namespace, the cluster's own ranges and DNS, the
+    // admission policy on trial, the agents' node selector and
+    // RuntimeClass, images from the registry.
     let all = render(&["-f", all_on]);
     let listed = inventory(&all);
     for object in [
         "ServiceMonitor tidepool/tidepool-operator",
         "PodMonitor tidepool/tidepool-agent",
         "PrometheusRule tidepool/tidepool-operator",
-        "Role team-a/tidepool-operator-pool-keys",
-        "RoleBinding team-b/tidepool-operator-pool-keys",
+        "Role team-a/tidepool-operator-pools",
+        "RoleBinding team-b/tidepool-operator-pools",
+        "NetworkPolicy team-a/tidepool-sessions",
+        "NetworkPolicy team-b/tidepool-sessions",
     ] {
         assert!(listed.iter().any(|o| o == object), "no {object} in {listed:?}");
     }
-    let cluster_role = serde_yaml::to_string(find(&all, "ClusterRole", "tidepool-operator")).unwrap();
-    assert!(!cluster_role.contains("secrets"), "with rbac.poolNamespaces, no Secret rights cluster-wide");
+    assert_eq!(grants(find(&all, "ClusterRole", "tidepool-operator")), CLUSTER_SCOPED_GRANTS);
+    let sessions = all
+        .iter()
+        .find(|o| str_of(&o["kind"]) == "NetworkPolicy" && str_of(&o["metadata"]["namespace"]) == "team-b")
+        .unwrap();
+    assert_session_policy(
+        &sessions["spec"],
+        ("dns", "app", "coredns"),
+        &["10.244.0.0/16", "10.96.0.0/12", "169.254.0.0/16"],
+        &["fd00:10:244::/56"],
+    );
+    let binding = find(&all, "ValidatingAdmissionPolicyBinding", "tidepool-warmpool-templates");
+    assert_eq!(strings(&binding["spec"]["validationActions"]), ["Warn", "Audit"]);
     let args = operator_args(&all);
     for arg in [
+        "--namespaces=tidepool,tidepool-check,team-a,team-b",
+        "--cluster-cidrs=10.244.0.0/16,10.96.0.0/12,fd00:10:244::/56",
         "--agent-node-selector=tidepool.dev/agent=true",
         "--agent-node-selector=gpu=",
         "--agent-runtime-class=nvidia",
@@ -346,6 +544,13 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option() {
     assert!(!args.iter().any(|a| a.starts_with("--agent-image")));
     assert!(!serde_yaml::to_string(find(&off, "Role", "tidepool-operator")).unwrap().contains("daemonsets"));
 
+    // Policies off: no NetworkPolicy, no admission policy; the operator
+    // still keeps session pods from the cluster's ranges.
+    let off = render(&["--set", "network.policies.enabled=false,admissionPolicy.enabled=false"]);
+    let kinds: Vec<&str> = off.iter().map(|o| str_of(&o["kind"])).collect();
+    assert!(!kinds.iter().any(|k| k.starts_with("NetworkPolicy") || k.starts_with("ValidatingAdmission")), "{kinds:?}");
+    assert!(operator_args(&off).iter().any(|a| a.starts_with("--cluster-cidrs=10.0.0.0/8,")));
+
     // A Secret of the user's own: the chart makes none and mounts that one.
     let own = render(&["--set", "apiToken.existingSecret=my-token"]);
     assert!(!inventory(&own).iter().any(|o| o.starts_with("Secret ")));
@@ -367,7 +572,23 @@ fn chart_refuses_wrong_values_with_the_schemas_message() {
         ("images.pullPolicy=Sometimes", &["/images/pullPolicy", "must be one of"]),
         ("examplePool.tier.vcpu=0", &["/examplePool/tier/vcpu", "minimum"]),
         ("metrics.serviceMonitor.interval=often", &["/metrics/serviceMonitor/interval", "does not match pattern"]),
-        ("rbac.poolNamespaces={Team_A}", &["/rbac/poolNamespaces/0", "does not match pattern"]),
+        ("rbac.namespaces={Team_A}", &["/rbac/namespaces/0", "does not match pattern"]),
+        ("rbac.clusterWide=yes", &["/rbac/clusterWide", "want boolean"]),
+        ("rbac.poolNamespaces={team-a}", &["rbac.poolNamespaces is replaced by rbac.namespaces"]),
+        (
+            "rbac.clusterWide=true,rbac.namespaces={team-a}",
+            &["rbac.clusterWide and rbac.namespaces exclude each other"],
+        ),
+        ("rbac.namespaces={team-a}", &["operator.sessionNamespace (tidepool) must be one of rbac.namespaces [team-a]"]),
+        (
+            "rbac.namespaces={team-a},operator.sessionNamespace=team-a",
+            &["examplePool is in the release namespace tidepool, which rbac.namespaces [team-a] does not list"],
+        ),
+        ("network.clusterCIDRs={10.0.0.0/33}", &["/network/clusterCIDRs/0", "does not match pattern"]),
+        ("network.policies.enabled=yes", &["/network/policies/enabled", "want boolean"]),
+        ("network.policies.dns.podLabels=null", &["/network/policies/dns", "missing property 'podLabels'"]),
+        ("admissionPolicy.validationActions={Refuse}", &["/admissionPolicy/validationActions/0", "must be one of"]),
+        ("admissionPolicy.validationActions={Deny,Warn}", &["Deny and Warn may not be used together"]),
         ("fleet.healthProbeTimeoutSeconds=20", &["healthProbeTimeoutSeconds must be shorter than"]),
         ("examplePool.maxSize=1", &["examplePool.maxSize must be at least examplePool.size"]),
     ];
@@ -377,6 +598,10 @@ fn chart_refuses_wrong_values_with_the_schemas_message() {
             assert!(error.contains(word), "--set {value}: no {word:?} in:\n{error}");
         }
     }
+    // Network policies without the cluster's ranges would let session pods reach it all.
+    let error =
+        template(RELEASE, NAMESPACE, &["--set-json", "network.clusterCIDRs=[]"]).expect_err("no cluster ranges");
+    assert!(error.contains("network.policies needs network.clusterCIDRs"), "{error}");
 }
 
 #[test]
@@ -408,6 +633,13 @@ fn chart_arguments_are_ones_the_operator_accepts() {
         render(&[]),
         render(&["-f", all_on.to_str().unwrap()]),
         render(&["--set", "agent.enabled=false,operator.logLevel=debug"]),
+        render(&[
+            "--set",
+            "rbac.clusterWide=true,network.policies.enabled=false",
+            "--set-json",
+            "network.clusterCIDRs=[]",
+        ]),
+        render(&["--set", "rbac.namespaces={team-a},operator.sessionNamespace=team-a,examplePool.enabled=false"]),
     ];
     for objects in &renders {
         let args = operator_args(objects);
@@ -425,9 +657,14 @@ fn chart_arguments_are_ones_the_operator_accepts() {
 
 /// `kubectl auth can-i` as ServiceAccount `account` of the release namespace.
 fn can_i(plane: &ControlPlane, account: &str, question: &str) -> bool {
+    can_i_as(plane, &format!("system:serviceaccount:{NAMESPACE}:{account}"), question)
+}
+
+/// `kubectl auth can-i` as `user`.
+fn can_i_as(plane: &ControlPlane, user: &str, question: &str) -> bool {
     let output = plane
         .kubectl()
-        .args(["auth", "can-i", &format!("--as=system:serviceaccount:{NAMESPACE}:{account}")])
+        .args(["auth", "can-i", &format!("--as={user}")])
         .args(question.split_whitespace())
         .output()
         .unwrap();
@@ -445,33 +682,40 @@ fn rights(plane: &ControlPlane, user: &str, namespace: &str) -> String {
     run(plane.kubectl().args(["auth", "can-i", "--list", "-n", namespace, &format!("--as={user}")])).unwrap()
 }
 
-/// What the operator does, each of which it must be allowed.
+/// What the operator does, each of which it must be allowed: with the
+/// defaults, pools, sessions, their pods and key Secrets in the release
+/// namespace only.
 const OPERATOR_MAY: &[&str] = &[
-    "list pods --all-namespaces",
-    "watch pods --all-namespaces",
-    "get pods -n team-x",
-    "create pods -n team-x",
-    "patch pods -n team-x",
-    "delete pods -n team-x",
+    "list pods -n tidepool",
+    "watch pods -n tidepool",
+    "get pods -n tidepool",
+    "create pods -n tidepool",
+    "patch pods -n tidepool",
+    "delete pods -n tidepool",
     "get nodes",
     "list nodes",
     "watch nodes",
-    "get secrets -n team-x",
-    "create secrets -n team-x",
-    "create events.events.k8s.io -n team-x",
-    "patch events.events.k8s.io -n team-x",
+    "get secrets -n tidepool",
+    "create secrets -n tidepool",
+    "update secrets -n tidepool",
+    "create events.events.k8s.io -n tidepool",
+    "patch events.events.k8s.io -n tidepool",
     "create tokenreviews.authentication.k8s.io",
-    "list warmpools.tidepool.dev --all-namespaces",
-    "watch warmpools.tidepool.dev --all-namespaces",
-    "get warmpools.tidepool.dev -n team-x",
-    "patch warmpools.tidepool.dev --subresource=status -n team-x",
-    "update warmpools.tidepool.dev --subresource=finalizers -n team-x",
-    "list testsessions.tidepool.dev --all-namespaces",
-    "watch testsessions.tidepool.dev --all-namespaces",
-    "get testsessions.tidepool.dev -n team-x",
-    "create testsessions.tidepool.dev -n team-x",
-    "delete testsessions.tidepool.dev -n team-x",
-    "patch testsessions.tidepool.dev --subresource=status -n team-x",
+    "create subjectaccessreviews.authorization.k8s.io",
+    "list warmpools.tidepool.dev -n tidepool",
+    "watch warmpools.tidepool.dev -n tidepool",
+    "get warmpools.tidepool.dev -n tidepool",
+    "patch warmpools.tidepool.dev --subresource=status -n tidepool",
+    "update warmpools.tidepool.dev --subresource=finalizers -n tidepool",
+    "list testsessions.tidepool.dev -n tidepool",
+    "watch testsessions.tidepool.dev -n tidepool",
+    "get testsessions.tidepool.dev -n tidepool",
+    "create testsessions.tidepool.dev -n tidepool",
+    "delete testsessions.tidepool.dev -n tidepool",
+    "patch testsessions.tidepool.dev --subresource=status -n tidepool",
+    "get backends.tidepool.dev",
+    "list backends.tidepool.dev",
+    "watch backends.tidepool.dev",
     "create backends.tidepool.dev",
     "patch backends.tidepool.dev",
     "patch backends.tidepool.dev --subresource=status",
@@ -484,30 +728,68 @@ const OPERATOR_MAY: &[&str] = &[
     "watch daemonsets.apps/tidepool-agent -n tidepool",
 ];
 
-/// What the operator never needs.
+/// What the operator never needs, or, with the defaults, needs nowhere but
+/// the release namespace (team-x is a namespace the chart does not name).
 const OPERATOR_MAY_NOT: &[&str] = &[
+    "list pods --all-namespaces",
+    "watch pods --all-namespaces",
+    "get pods -n team-x",
+    "create pods -n team-x",
+    "delete pods -n team-x",
+    "get secrets -n team-x",
+    "create secrets -n team-x",
     "list secrets --all-namespaces",
-    "watch secrets -n team-x",
-    "update secrets -n team-x",
-    "delete secrets -n team-x",
+    "list secrets -n tidepool",
+    "watch secrets -n tidepool",
+    "delete secrets -n tidepool",
+    "patch secrets -n tidepool",
+    "create events.events.k8s.io -n team-x",
+    "list warmpools.tidepool.dev --all-namespaces",
+    "get warmpools.tidepool.dev -n team-x",
+    "patch warmpools.tidepool.dev --subresource=status -n team-x",
+    "list testsessions.tidepool.dev --all-namespaces",
+    "create testsessions.tidepool.dev -n team-x",
     "delete nodes",
     "patch nodes",
-    "create pods --subresource=exec -n team-x",
-    "update pods -n team-x",
-    "create serviceaccounts --subresource=token -n team-x",
-    "patch warmpools.tidepool.dev -n team-x",
-    "delete warmpools.tidepool.dev -n team-x",
-    "update testsessions.tidepool.dev -n team-x",
+    "create pods --subresource=exec -n tidepool",
+    "update pods -n tidepool",
+    "create serviceaccounts --subresource=token -n tidepool",
+    "patch warmpools.tidepool.dev -n tidepool",
+    "delete warmpools.tidepool.dev -n tidepool",
+    "update testsessions.tidepool.dev -n tidepool",
     "delete backends.tidepool.dev",
-    "patch tubes.tidepool.dev -n team-x",
+    "update backends.tidepool.dev",
+    "patch tubes.tidepool.dev -n tidepool",
     "update leases.coordination.k8s.io/someone-else -n tidepool",
     "create leases.coordination.k8s.io -n kube-system",
     "patch daemonsets.apps/someone-else -n tidepool",
     "delete daemonsets.apps/tidepool-agent -n tidepool",
     "create daemonsets.apps -n kube-system",
     "create deployments.apps -n tidepool",
+    "create networkpolicies.networking.k8s.io -n tidepool",
+    "delete validatingadmissionpolicies.admissionregistration.k8s.io",
     "create clusterrolebindings.rbac.authorization.k8s.io",
     "impersonate users",
+];
+
+/// With rbac.clusterWide the namespaced rights reach every namespace; the
+/// rest stays out of reach.
+const CLUSTER_WIDE_OPERATOR_MAY: &[&str] = &[
+    "list pods --all-namespaces",
+    "create pods -n team-x",
+    "get secrets -n team-x",
+    "update secrets -n team-x",
+    "list warmpools.tidepool.dev --all-namespaces",
+    "create testsessions.tidepool.dev -n team-x",
+];
+const CLUSTER_WIDE_OPERATOR_MAY_NOT: &[&str] = &[
+    "list secrets --all-namespaces",
+    "watch secrets -n team-x",
+    "delete secrets -n team-x",
+    "create pods --subresource=exec -n team-x",
+    "patch warmpools.tidepool.dev -n team-x",
+    "delete nodes",
+    "create leases.coordination.k8s.io -n team-x",
 ];
 
 /// Things neither the agents nor the session pods may do.
@@ -537,14 +819,16 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
     let plane = ControlPlane::start_with(Options { crds: false, ..Options::default() }).await.unwrap();
     let client = plane.client().await.unwrap();
     external_crds::install(&plane, &external_crds::prometheus_operator().unwrap()).unwrap();
-    for namespace in ["team-a", "team-b", "tidepool-check", "restricted"] {
+    for namespace in ["team-a", "team-b", "tidepool-check", "tidepool-wide", "restricted"] {
         run(plane.kubectl().args(["create", "namespace", namespace])).unwrap();
     }
 
     // Helm installs the CRDs from the chart's crds/, then the templates.
     let kubeconfig = plane.kubeconfig().to_str().unwrap().to_string();
     let install = ["--namespace", NAMESPACE, "--create-namespace", "--kubeconfig", &kubeconfig, "--timeout", "60s"];
-    run(helm().args(["install", RELEASE]).arg(chart()).args(install)).unwrap();
+    let notes = run(helm().args(["install", RELEASE]).arg(chart()).args(install)).unwrap();
+    assert!(notes.contains("The operator works only in tidepool (rbac.namespaces)"), "{notes}");
+    assert!(notes.contains("tidepool.dev/session-service-accounts="), "{notes}");
     // An upgrade keeps the API token the install made.
     let token = || {
         run(plane.kubectl().args(["get", "secret", "tidepool-api-token", "-n", NAMESPACE, "-o=jsonpath={.data.token}"]))
@@ -553,7 +837,11 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
     run(helm().args(["upgrade", RELEASE]).arg(chart()).args(install)).unwrap();
     assert_eq!(token().unwrap(), first, "helm upgrade changed the API token");
 
-    // Every option on, as a second release: the API server takes every object.
+    // Every option on, as a second release: the API server takes every
+    // object. The first release's admission policy allows the second's
+    // session account where its namespace lists it.
+    let allow = "tidepool.dev/session-service-accounts=check-tidepool-session";
+    run(plane.kubectl().args(["annotate", "namespace", "tidepool-check", allow])).unwrap();
     let all_on = scratch("all-on-dry-run.yaml", ALL_ON);
     let rendered = template("check", "tidepool-check", &["-f", all_on.to_str().unwrap()]).unwrap();
     let rendered = scratch("check.yaml", &rendered);
@@ -565,6 +853,17 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
     }
     for question in OPERATOR_MAY_NOT {
         assert!(!can_i(&plane, "tidepool-operator", question), "the operator may {question}");
+    }
+    // Cluster-wide rights, when chosen, as a third release's operator.
+    let wide =
+        template("wide", "tidepool-wide", &["--set", "rbac.clusterWide=true", "--show-only", "templates/rbac.yaml"]);
+    run(plane.kubectl().args(["apply", "-f"]).arg(scratch("wide-rbac.yaml", &wide.unwrap()))).unwrap();
+    let wide_operator = "system:serviceaccount:tidepool-wide:wide-tidepool-operator";
+    for question in CLUSTER_WIDE_OPERATOR_MAY {
+        assert!(can_i_as(&plane, wide_operator, question), "the cluster-wide operator may not {question}");
+    }
+    for question in CLUSTER_WIDE_OPERATOR_MAY_NOT {
+        assert!(!can_i_as(&plane, wide_operator, question), "the cluster-wide operator may {question}");
     }
     // The agents and the session pods have what every account has, nothing more.
     for account in ["tidepool-agent", "tidepool-session"] {
@@ -594,7 +893,26 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
         pod_security(&plane, name, template).unwrap_or_else(|e| panic!("the {name} pod is not restricted: {e}"));
     }
 
-    run_the_operator_and_an_agent(&plane, &client).await;
+    // The NetworkPolicies as the API server keeps them say what they should.
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), NAMESPACE);
+    let kept = |name: &'static str| {
+        let policies = policies.clone();
+        async move { serde_yaml::to_value(policies.get(name).await.unwrap().spec.unwrap()).unwrap() }
+    };
+    assert_session_policy(
+        &kept("tidepool-sessions").await,
+        ("kube-system", "k8s-app", "kube-dns"),
+        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"],
+        &["fc00::/7", "fe80::/10", "fd00:ec2::254/128"],
+    );
+    let operator_policy = kept("tidepool-operator").await;
+    assert_eq!(ports(&operator_policy["ingress"][0]["ports"]), ["8080/TCP"]);
+    let operator_pods = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert!(selects(&operator_policy["podSelector"], operator_pods), "the operator's policy misses its pods");
+    let agent_policy = kept("tidepool-agent").await;
+    assert_eq!(ports(&agent_policy["ingress"][0]["ports"]), ["9101/TCP"]);
+
+    run_the_operator_and_an_agent(&plane, &client, &agent_policy).await;
 }
 
 /// A server-side dry run of a Pod made from `template` in the namespace
@@ -618,14 +936,14 @@ fn pod_security(plane: &ControlPlane, name: &str, template: &Value) -> Result<St
 /// agent DaemonSet and take a real agent's reports, with no refusal in its
 /// log. The session binary runs behind the pool's pods, and the real agent
 /// with the DaemonSet's arguments.
-async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Client) {
+async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Client, agent_policy: &Value) {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
     let secret = secrets.get("tidepool-api-token").await.unwrap();
     let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
     let token_file = scratch("api-token", &token);
     let port = free_port().unwrap();
     // The chart's arguments, but listening on loopback and reading the token from here.
-    let args: Vec<String> = operator_args(&render(&[]))
+    let mut args: Vec<String> = operator_args(&render(&[]))
         .into_iter()
         .map(|arg| match arg.split_once('=') {
             Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
@@ -637,6 +955,12 @@ async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Clie
         .collect();
     let kubeconfig = plane.service_account_kubeconfig(NAMESPACE, "tidepool-operator").await.unwrap();
     let binary = workspace_binary("tidepool-operator", "tidepool-operator").unwrap();
+    // Every node and agent of the harness is on loopback: an operator that
+    // refuses loopback backend addresses unless told so is told so.
+    let allow_local = "--allow-local-backend-addresses";
+    if accepts(&binary, &[allow_local.to_string()]).is_ok() {
+        args.push(allow_local.to_string());
+    }
     let env = [("KUBECONFIG", kubeconfig.to_str().unwrap()), ("POD_NAME", "tidepool-operator-0")];
     // The session binary behind each of the example pool's pods, as a kubelet would run it.
     let session = workspace_binary("tidepool-session", "tidepool-session").unwrap();
@@ -661,6 +985,19 @@ async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Clie
     // and the operator gave it.
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let listed = pods.list(&ListParams::default().labels(POOL_PODS)).await.unwrap().items;
+    // The sessions' NetworkPolicy is for the pods the operator makes, with the ports they serve.
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), NAMESPACE);
+    let sessions = serde_yaml::to_value(policies.get("tidepool-sessions").await.unwrap().spec.unwrap()).unwrap();
+    for pod in &listed {
+        let labels = serde_yaml::to_value(&pod.metadata.labels).unwrap();
+        assert!(selects(&sessions["podSelector"], &labels), "the sessions' policy misses {}", pod.name_any());
+        let served = serde_yaml::to_value(&pod.spec.as_ref().unwrap().containers[0].ports).unwrap();
+        let allowed = ports(&sessions["ingress"][0]["ports"]);
+        for port in served.as_sequence().unwrap() {
+            let by_name = format!("{}/{}", str_of(&port["name"]), str_of(&port["protocol"]));
+            assert!(allowed.contains(&by_name), "{by_name} is not let in: {allowed:?}");
+        }
+    }
     let addresses: Vec<(String, String)> = listed
         .into_iter()
         .filter_map(|pod| Some((pod.name_any(), format!("http://{}:8080", pod.status?.pod_ip?))))
@@ -691,6 +1028,9 @@ async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Clie
     })
     .await
     .unwrap();
+    // The agents' NetworkPolicy is for the pods the operator's DaemonSet makes.
+    let agent_pods = serde_yaml::to_value(&daemonset.spec.as_ref().unwrap().template.metadata).unwrap();
+    assert!(selects(&agent_policy["podSelector"], &agent_pods["labels"]), "the agents' policy misses {agent_pods:?}");
     let agent = run_an_agent(plane, client, &daemonset, &url).await;
     let backends: Api<Backend> = Api::all(client.clone());
     eventually(Duration::from_secs(30), "the agent's Backend", || async {

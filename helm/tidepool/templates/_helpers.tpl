@@ -67,11 +67,87 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
-{{/* The operator's rule for pool keys, cluster-wide or per pool namespace. */}}
-{{- define "tidepool.poolKeyRule" -}}
-# Each pool's signing key, in a Secret beside the pool: read by name and
-# created once. Never listed or watched, so no other Secret is seen in bulk.
+{{/*
+The namespaces the operator works in, as JSON: rbac.namespaces, else the
+release namespace; none (the whole cluster) with rbac.clusterWide.
+*/}}
+{{- define "tidepool.namespaces" -}}
+{{- if .Values.rbac.clusterWide }}
+{{- list | toJson }}
+{{- else }}
+{{- .Values.rbac.namespaces | default (list .Release.Namespace) | toJson }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuses values that contradict each other, with a message that names them.
+Each template that depends on these values includes it.
+*/}}
+{{- define "tidepool.checkValues" -}}
+{{- if .Values.rbac.poolNamespaces }}
+{{- fail "rbac.poolNamespaces is replaced by rbac.namespaces: the operator now works only in the namespaces listed there (pods, sessions and key Secrets alike); list your pool namespaces in rbac.namespaces, or set rbac.clusterWide=true" }}
+{{- end }}
+{{- if and .Values.network.policies.enabled (not .Values.network.clusterCIDRs) }}
+{{- fail "network.policies needs network.clusterCIDRs: without the cluster's ranges, session pods could reach every pod and Service" }}
+{{- end }}
+{{- $actions := .Values.admissionPolicy.validationActions }}
+{{- if and (has "Deny" $actions) (has "Warn" $actions) }}
+{{- fail "admissionPolicy.validationActions: Deny and Warn may not be used together (a denied request needs no warning)" }}
+{{- end }}
+{{- if and .Values.rbac.clusterWide .Values.rbac.namespaces }}
+{{- fail "rbac.clusterWide and rbac.namespaces exclude each other: clusterWide already covers every namespace" }}
+{{- end }}
+{{- if not .Values.rbac.clusterWide }}
+{{- $namespaces := include "tidepool.namespaces" . | fromJsonArray }}
+{{- $sessions := .Values.operator.sessionNamespace | default .Release.Namespace }}
+{{- if not (has $sessions $namespaces) }}
+{{- fail (printf "operator.sessionNamespace (%s) must be one of rbac.namespaces %v" $sessions $namespaces) }}
+{{- end }}
+{{- if and .Values.examplePool.enabled (not (has .Release.Namespace $namespaces)) }}
+{{- fail (printf "examplePool is in the release namespace %s, which rbac.namespaces %v does not list: list it, or set examplePool.enabled=false" .Release.Namespace $namespaces) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+What the operator does in each namespace it works in: a Role there, or the
+ClusterRole with rbac.clusterWide. docs/operating.md lists them too.
+*/}}
+{{- define "tidepool.namespacedRules" -}}
+# Warm pods: watched by label, created and deleted by the pool controller,
+# claimed with a merge patch by the session controller.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, patch, delete]
+# Each pool's signing keys, in the Secret <pool>-session-key beside the pool:
+# read by name, created once, updated to rotate. Never listed or watched, so
+# no other Secret is seen in bulk.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create]
+  verbs: [get, create, update]
+# Events on pools and sessions (the events.k8s.io API the client uses).
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+# Pools: read and cached; their status written.
+- apiGroups: [tidepool.dev]
+  resources: [warmpools]
+  verbs: [get, list, watch]
+- apiGroups: [tidepool.dev]
+  resources: [warmpools/status]
+  verbs: [patch]
+# Pods and key Secrets are owned by their pool with blockOwnerDeletion;
+# clusters with the OwnerReferencesPermissionEnforcement admission plugin
+# ask for this before they accept such an owner.
+- apiGroups: [tidepool.dev]
+  resources: [warmpools/finalizers]
+  verbs: [update]
+# Sessions: created by the API, cached, deleted by the API and after
+# retention; their status written by the controller and the results route.
+- apiGroups: [tidepool.dev]
+  resources: [testsessions]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [tidepool.dev]
+  resources: [testsessions/status]
+  verbs: [patch]
 {{- end }}
