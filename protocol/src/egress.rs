@@ -454,6 +454,12 @@ impl EgressPolicy {
         Ok(Self { allow: allow.collect::<Result<_, _>>()?, deny })
     }
 
+    /// This policy with the cluster's ranges `deny` refused too.
+    pub fn with_deny(mut self, deny: Vec<Cidr>) -> Self {
+        self.deny.extend(deny);
+        self
+    }
+
     /// The policy from the environment's text: [`ALLOW_ENV`] and [`DENY_ENV`].
     pub fn parse(allow: &str, deny: &str) -> Result<Self, EgressError> {
         Self::new(&parse_allow(allow)?, parse_deny(deny)?)
@@ -739,6 +745,10 @@ mod tests {
         .unwrap();
         assert_eq!(policy.allow.len(), 3);
         assert_eq!(policy.deny.len(), 2);
+        assert_eq!(
+            EgressPolicy::parse(r#"[{"host":"a"}]"#, "").unwrap().with_deny(parse_deny("10.0.0.0/8").unwrap()),
+            EgressPolicy::parse(r#"[{"host":"a"}]"#, "10.0.0.0/8").unwrap()
+        );
         assert_eq!(EgressPolicy::parse("", "").unwrap(), EgressPolicy::default());
         assert_eq!(EgressPolicy::parse("  ", " , ").unwrap(), EgressPolicy::default());
         assert!(matches!(parse_allow("{}"), Err(EgressError::Json(_))));

@@ -1,6 +1,7 @@
 //! The outbound probes against real servers on loopback: HTTP/1.1, HTTPS
 //! with h2 under a CA made here, TCP, TLS, a UDP echo, DNS, ICMP echo, the
-//! tiers, and continuous mode.
+//! tiers, and continuous mode; the egress policy that refuses loopback unless
+//! a rule allows it, and the byte budget.
 #![cfg(target_os = "linux")]
 
 use std::convert::Infallible;
@@ -19,9 +20,10 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tidepool_crds::test_session::{ProbeKind, ProbeResult, ProbeTarget, ProbeTimings};
+use tidepool_protocol::egress::EgressPolicy;
 use tidepool_session::probes::{
-    ContinuousSettings, IcmpSocket, Job, ProbeSettings, Stage, TRACEROUTE_BASE_PORT, Thresholds, plan, probe, run,
-    run_once, spawn_continuous,
+    ContinuousSettings, IcmpSocket, Job, ProbeSettings, Stage, TRACEROUTE_BASE_PORT, Thresholds, TrafficBudget, plan,
+    probe, run, run_once, spawn_continuous,
 };
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
@@ -38,14 +40,29 @@ fn http_target(url: &str) -> ProbeTarget {
     ProbeTarget { kind: ProbeKind::Http, url: Some(url.into()), host: None, port: None }
 }
 
-/// Short bounds, so that a failing test fails fast.
+/// The pool rules that let probes reach the loopback servers of these tests,
+/// as an operator would write them into `TIDEPOOL_EGRESS_ALLOW`.
+const ALLOW_LOOPBACK: &str = r#"[{"cidr":"127.0.0.0/8"},{"cidr":"::1/128"}]"#;
+
+/// Short bounds, so that a failing test fails fast; loopback allowed.
 fn settings() -> ProbeSettings {
     ProbeSettings {
         timeout: Duration::from_secs(3),
         reply_wait: Duration::from_millis(500),
         ping_interval: Duration::from_millis(20),
+        egress: Arc::new(EgressPolicy::parse(ALLOW_LOOPBACK, "").unwrap()),
         ..ProbeSettings::default()
     }
+}
+
+/// [`settings`] under the default egress policy: the public internet only.
+fn public_only() -> ProbeSettings {
+    ProbeSettings { egress: Arc::new(EgressPolicy::default()), ..settings() }
+}
+
+/// Whether anything connected to `listener` within a little while.
+async fn connected(listener: &TcpListener) -> bool {
+    tokio::time::timeout(Duration::from_millis(300), listener.accept()).await.is_ok()
 }
 
 async fn handle(request: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -436,4 +453,94 @@ async fn continuous_mode_hands_each_run_to_the_sink() {
 
     let forever = spawn_continuous(vec![], settings(), ContinuousSettings::default(), |_| async {});
     tokio::time::timeout(Duration::from_secs(5), forever.stop()).await.expect("stops at once");
+}
+
+#[tokio::test]
+async fn a_loopback_target_is_refused_by_default_and_allowed_by_a_rule() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tcp = target(ProbeKind::Tcp, "127.0.0.1", Some(port));
+
+    let outcome = probe(&tcp, &public_only()).await;
+    assert!(!outcome.result.ok);
+    assert_eq!(outcome.result.error.as_deref(), Some("refused by the pool's egress policy: 127.0.0.1 is loopback"));
+    assert_eq!(outcome.facts.egress_refused, Some("loopback"));
+    assert!(!connected(&listener).await, "the refused probe connected");
+
+    // A rule for the port allows it; a rule for another port does not.
+    let rule = |ports: &str| ProbeSettings {
+        egress: Arc::new(
+            EgressPolicy::parse(&format!(r#"[{{"cidr":"127.0.0.1/32","ports":[{ports}]}}]"#), "").unwrap(),
+        ),
+        ..settings()
+    };
+    let allowed = probe(&tcp, &rule(&port.to_string())).await;
+    assert!(allowed.result.ok, "{:?}", allowed.result);
+    assert!(connected(&listener).await, "the allowed probe did not connect");
+    let other_port = probe(&tcp, &rule("1")).await;
+    let error = other_port.result.error.unwrap();
+    assert!(error.ends_with("is loopback (the pool allows it on port 1 only)"), "{error}");
+    assert!(!connected(&listener).await);
+}
+
+#[tokio::test]
+async fn a_name_that_resolves_to_loopback_is_refused_for_every_kind_that_sends() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let targets = [
+        http_target(&format!("http://localhost:{port}/")),
+        http_target(&format!("https://LocalHost:{port}/")),
+        target(ProbeKind::Tcp, "localhost", Some(port)),
+        target(ProbeKind::Tls, "localhost", Some(port)),
+        target(ProbeKind::Udp, "localhost", Some(port)),
+        target(ProbeKind::Icmp, "localhost", None),
+        target(ProbeKind::Traceroute, "localhost", None),
+        // The IPv6 forms that carry a loopback address are loopback too.
+        target(ProbeKind::Tcp, "::ffff:127.0.0.1", Some(port)),
+        target(ProbeKind::Tcp, "0.0.0.0", Some(port)),
+    ];
+    for target in &targets {
+        let outcome = probe(target, &public_only()).await;
+        let error = outcome.result.error.clone().unwrap_or_default();
+        assert!(error.starts_with("refused by the pool's egress policy: "), "{target:?}: {:?}", outcome.result);
+        assert!(error.contains(" is loopback") || error.contains(" is unspecified"), "{error}");
+        assert!(outcome.facts.egress_refused.is_some(), "{target:?}");
+    }
+    let named = probe(&targets[2], &public_only()).await.result.error.unwrap();
+    assert!(named.starts_with("refused by the pool's egress policy: localhost resolves to "), "{named}");
+    assert!(!connected(&listener).await, "a refused probe connected");
+
+    // The dns probe only asks the resolver: it stays allowed.
+    let dns = probe(&target(ProbeKind::Dns, "localhost", None), &public_only()).await;
+    assert!(dns.result.ok, "{:?}", dns.result);
+
+    // A host rule allows the name, whatever it resolves to.
+    let by_name =
+        ProbeSettings { egress: Arc::new(EgressPolicy::parse(r#"[{"host":"localhost"}]"#, "").unwrap()), ..settings() };
+    let outcome = probe(&target(ProbeKind::Tcp, "localhost", Some(port)), &by_name).await;
+    assert!(outcome.result.ok, "{:?}", outcome.result);
+}
+
+#[tokio::test]
+async fn the_byte_budget_cuts_a_download_and_then_every_probe() {
+    let server = serve(None).await;
+    let budget = Arc::new(TrafficBudget::new(500_000));
+    let capped = ProbeSettings { budget: budget.clone(), max_body_bytes: 10_000_000, ..settings() };
+    let url = format!("http://{}/big", server.addr);
+    let cut = probe(&http_target(&url), &capped).await.result;
+    assert!(!cut.ok);
+    let error = cut.error.unwrap();
+    assert!(error.contains("the session's probe traffic cap of 500000 bytes is spent"), "{error}");
+    assert_eq!(budget.used(), 500_000, "reads and writes stop at the cap, to the byte");
+
+    let next = probe(&target(ProbeKind::Dns, "localhost", None), &capped).await.result;
+    assert_eq!(next.error.as_deref(), Some("the session's probe traffic cap of 500000 bytes is spent"));
+
+    // Within the budget, a probe's bytes are counted both ways.
+    let budget = Arc::new(TrafficBudget::new(10_000_000));
+    let roomy = ProbeSettings { budget: budget.clone(), ..settings() };
+    assert!(probe(&http_target(&format!("http://{}/", server.addr)), &roomy).await.result.ok);
+    let used = budget.used();
+    // The request (about 80 bytes) and the answer (its head and 26 bytes of body).
+    assert!((100..1_000).contains(&used), "{used} bytes counted");
 }

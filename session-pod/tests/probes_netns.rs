@@ -1,5 +1,7 @@
-//! Probes that need network namespaces: a traceroute through a router, and
-//! which ICMP socket `net.ipv4.ping_group_range` and `CAP_NET_RAW` allow.
+//! Probes that need network namespaces: a traceroute through a router,
+//! which ICMP socket `net.ipv4.ping_group_range` and `CAP_NET_RAW` allow,
+//! and an http probe of a name that resolves to a private address (a mount
+//! namespace of the test thread gives it an /etc/hosts of its own).
 //!
 //! Each test makes its own namespaces and deletes them when it ends, passed
 //! or failed. A test that cannot make them fails, unless
@@ -13,8 +15,15 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use tidepool_crds::test_session::{ProbeKind, ProbeTarget};
+use tidepool_protocol::egress::EgressPolicy;
 use tidepool_session::probes::{IcmpSocket, ProbeOutcome, ProbeSettings, probe};
+
+/// The namespaces' addresses (benchmarking and loopback), allowed as a pool's
+/// rules would allow them: the default policy refuses both.
+const ALLOW_TEST_NETWORKS: &str = r#"[{"cidr":"198.18.0.0/15"},{"cidr":"127.0.0.0/8"}]"#;
 
 /// Network namespaces, deleted on drop.
 struct Namespaces {
@@ -96,14 +105,20 @@ fn sysctl(name: &str, key: &str, value: &str) -> Result<(), String> {
     in_namespace(name, move || std::fs::write(&path, value).map_err(|error| format!("{path}: {error}")))?
 }
 
-/// One probe from inside namespace `name`, on a runtime of its own.
-fn probe_in(name: &str, target: ProbeTarget, drop_net_raw: bool) -> ProbeOutcome {
-    let settings = ProbeSettings {
+/// Short bounds, and the test networks allowed.
+fn settings() -> ProbeSettings {
+    ProbeSettings {
         timeout: Duration::from_secs(4),
         reply_wait: Duration::from_millis(500),
         ping_interval: Duration::from_millis(20),
+        egress: Arc::new(EgressPolicy::parse(ALLOW_TEST_NETWORKS, "").unwrap()),
         ..ProbeSettings::default()
-    };
+    }
+}
+
+/// One probe from inside namespace `name`, on a runtime of its own.
+fn probe_in(name: &str, target: ProbeTarget, drop_net_raw: bool) -> ProbeOutcome {
+    let settings = settings();
     in_namespace(name, move || {
         if drop_net_raw {
             drop_capability(CAP_NET_RAW);
@@ -221,4 +236,77 @@ fn icmp_uses_the_socket_it_may_and_names_what_is_missing() {
         "{error}"
     );
     assert!(error.contains("(it is \"1 0\")") && error.ends_with("a raw socket needs CAP_NET_RAW"), "{error}");
+}
+
+/// Gives this thread (and the threads it starts: the runtime's resolver
+/// threads) a mount namespace of its own with `hosts` over /etc/hosts.
+fn private_hosts_file(hosts: &std::path::Path) -> Result<(), String> {
+    // SAFETY: unshare and mount take no pointers but the C strings, which
+    // outlive the calls; they change only this thread's mount namespace.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(format!("unshare(CLONE_NEWNS): {}", io::Error::last_os_error()));
+        }
+        // Keep the bind mount from propagating to the host's namespace.
+        let root = c"/";
+        let flags = libc::MS_REC | libc::MS_PRIVATE;
+        if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), flags, std::ptr::null()) != 0 {
+            return Err(format!("make / private: {}", io::Error::last_os_error()));
+        }
+        let source = std::ffi::CString::new(hosts.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        let target = c"/etc/hosts";
+        if libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
+            return Err(format!("bind {} over /etc/hosts: {}", hosts.display(), io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn an_http_name_that_resolves_to_a_private_address_is_refused_before_any_connection() {
+    const PRIVATE: &str = "10.77.0.1";
+    let Some(made) = namespaces("private", &["client"], |names| {
+        ip(&["-n", &names[0], "link", "set", "lo", "up"])?;
+        ip(&["-n", &names[0], "addr", "add", &format!("{PRIVATE}/32"), "dev", "lo"])
+    }) else {
+        return;
+    };
+    let hosts = std::env::temp_dir().join(format!("tidepool-hosts-{}", std::process::id()));
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n{PRIVATE} internal.probe.test\n")).unwrap();
+    let hosts_file = hosts.clone();
+    let outcome = in_namespace(&made.names[0], move || {
+        private_hosts_file(&hosts_file)?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind((PRIVATE, 0)).await.map_err(|e| e.to_string())?;
+            let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+            let url = format!("http://internal.probe.test:{port}/");
+            let target = ProbeTarget { kind: ProbeKind::Http, url: Some(url), host: None, port: None };
+            let accepted = || tokio::time::timeout(Duration::from_millis(300), listener.accept());
+
+            let refused =
+                probe(&target, &ProbeSettings { egress: Arc::new(EgressPolicy::default()), ..settings() }).await;
+            let connected_when_refused = accepted().await.is_ok();
+            // The pool's rule for the range lets the same probe through: the
+            // address was reachable all along.
+            let rule = format!(r#"[{{"cidr":"10.77.0.0/16","ports":[{port}]}}]"#);
+            let allowed_settings =
+                ProbeSettings { egress: Arc::new(EgressPolicy::parse(&rule, "").unwrap()), ..settings() };
+            let allowed = tokio::spawn(async move { probe(&target, &allowed_settings).await });
+            let connected_when_allowed = accepted().await.is_ok();
+            allowed.abort();
+            Ok::<_, String>((refused, connected_when_refused, connected_when_allowed))
+        })
+    });
+    let _ = std::fs::remove_file(&hosts);
+    let (refused, connected_when_refused, connected_when_allowed) = outcome.unwrap().unwrap();
+    assert_eq!(
+        refused.result.error.as_deref(),
+        Some("refused by the pool's egress policy: internal.probe.test resolves to 10.77.0.1, which is private")
+    );
+    assert_eq!(refused.facts.egress_refused, Some("private"));
+    let timings = refused.result.timings.unwrap();
+    assert!(timings.connect_ms.is_none(), "{timings:?}");
+    assert!(!connected_when_refused, "the refused probe connected");
+    assert!(connected_when_allowed, "the allowed probe never connected: the test proves nothing");
 }

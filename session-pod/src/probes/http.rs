@@ -3,6 +3,9 @@
 //! One connection per probe, timed step by step: DNS, TCP connect, TLS
 //! handshake (offering h2 and HTTP/1.1 by ALPN), the first byte of the
 //! response, and the body to its end. We speak what ALPN chose.
+//!
+//! Redirects are not followed: a 3xx is the answer. So the probe reaches
+//! only the URL's host, at the addresses the egress policy allowed.
 
 use std::time::Duration;
 
@@ -101,10 +104,11 @@ pub(crate) async fn http_probe(ctx: &Context, url: &str, read: BodyRead) -> Prob
 
 async fn fetch(ctx: &Context, url: &HttpUrl, read: BodyRead, start: Instant, out: &mut Measured) -> Result<(), String> {
     let deadline = Deadline::after(ctx.settings.timeout);
-    let addrs = net::resolve(&url.host, url.port, deadline).await?;
+    let refused = &mut out.facts.egress_refused;
+    let addrs = net::resolve_allowed(&ctx.settings, &url.host, Some(url.port), deadline, refused).await?;
     out.timings.dns_ms = Some(ms(start.elapsed()));
     let connecting = Instant::now();
-    let tcp = net::connect(&addrs, deadline).await?;
+    let tcp = net::connect(ctx, &addrs, deadline).await?;
     out.timings.connect_ms = Some(ms(connecting.elapsed()));
     if !url.https {
         return exchange(tcp, false, url, read, start, deadline, out).await;

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -15,6 +16,7 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 use super::Context;
+use super::budget::TrafficBudget;
 use super::net::{self, Deadline};
 use super::outcome::{IcmpSocket, ProbeOutcome, ms};
 use super::series::{Echo, series};
@@ -112,16 +114,22 @@ struct Pinger {
     v6: bool,
     kind: IcmpSocket,
     id: u16,
+    budget: Arc<TrafficBudget>,
 }
 
 impl Echo for Pinger {
     async fn send(&self, seq: u16) -> io::Result<()> {
-        self.socket.send_to(&echo_request(self.v6, self.id, seq), self.dest).await.map(drop)
+        self.budget.check()?;
+        let request = echo_request(self.v6, self.id, seq);
+        self.socket.send_to(&request, self.dest).await?;
+        let _ = self.budget.charge(request.len() as u64);
+        Ok(())
     }
 
     async fn recv(&self) -> io::Result<Option<u16>> {
         let mut buf = [0u8; 1500];
         let (len, from) = self.socket.recv_from(&mut buf).await?;
+        let _ = self.budget.charge(len as u64);
         if from.ip() != self.dest.ip() {
             return Ok(None);
         }
@@ -137,7 +145,8 @@ pub(crate) async fn icmp_probe(ctx: &Context, host: &str) -> ProbeOutcome {
     let settings = &ctx.settings;
     let start = Instant::now();
     let deadline = Deadline::after(settings.timeout);
-    let ip: IpAddr = match net::resolve(host, 0, deadline).await {
+    let ip: IpAddr = match net::resolve_allowed(settings, host, None, deadline, &mut outcome.facts.egress_refused).await
+    {
         Ok(addrs) => addrs[0].ip(),
         Err(error) => return outcome.fail(error),
     };
@@ -147,7 +156,7 @@ pub(crate) async fn icmp_probe(ctx: &Context, host: &str) -> ProbeOutcome {
     let pinger = match open(v6).and_then(|(socket, kind)| {
         socket.set_nonblocking(true).map_err(|error| format!("ICMP socket: {error}"))?;
         let socket = UdpSocket::from_std(socket.into()).map_err(|error| format!("ICMP socket: {error}"))?;
-        Ok(Pinger { socket, dest: SocketAddr::new(ip, 0), v6, kind, id: next_id() })
+        Ok(Pinger { socket, dest: SocketAddr::new(ip, 0), v6, kind, id: next_id(), budget: settings.budget.clone() })
     }) {
         Ok(pinger) => pinger,
         Err(error) => return outcome.fail(error),

@@ -6,9 +6,13 @@
 //!
 //! Every probe is bounded by [`ProbeSettings::timeout`] and never fails as a
 //! call: a failure is a result with `ok: false` and the reason in `error`.
+//! Every probe that sends packets reaches only the addresses the egress
+//! policy ([`ProbeSettings::egress`]) allows, after resolution, and counts
+//! its bytes against [`ProbeSettings::budget`].
 //! Linux only: ICMP datagram sockets and `IP_RECVERR`.
 #![cfg(target_os = "linux")]
 
+mod budget;
 mod cert;
 mod continuous;
 mod escalate;
@@ -29,6 +33,7 @@ use tidepool_crds::test_session::{ProbeKind, ProbeResult, ProbeTarget};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+pub use budget::{BudgetSpent, TrafficBudget};
 pub use continuous::{Continuous, ContinuousRun, ContinuousSettings, spawn_continuous};
 pub use escalate::{Job, MAX_TIER, MIN_JUDGED_BYTES, Observations, Stage, Thresholds, escalation_reasons, plan};
 pub use outcome::{Download, Facts, Hop, IcmpSocket, ProbeOutcome, RttStats};
@@ -83,7 +88,7 @@ pub async fn run(targets: &[ProbeTarget], start_tier: u8, settings: &ProbeSettin
 
 /// One probe of `target`, in tier 1.
 pub async fn probe(target: &ProbeTarget, settings: &ProbeSettings) -> ProbeOutcome {
-    probe_target(&Context::new(settings), target).await
+    run_job(&Context::new(settings), Job::Probe(target.clone())).await
 }
 
 /// What the probes of a run share.
@@ -145,6 +150,11 @@ async fn run_jobs(ctx: &Arc<Context>, jobs: Vec<Job>, tier: u8) -> Vec<ProbeOutc
 
 async fn run_job(ctx: &Context, job: Job) -> ProbeOutcome {
     let settings = &ctx.settings;
+    // Once the session's bytes are spent, every probe fails at once, without I/O.
+    if let Err(spent) = settings.budget.check() {
+        let (kind, target) = job_label(&job);
+        return ProbeOutcome::failed(kind, target, spent.to_string());
+    }
     match job {
         Job::Probe(target) => probe_target(ctx, &target).await,
         Job::UdpJitter(target) => match host_and_port(&target) {
@@ -174,8 +184,8 @@ async fn probe_target(ctx: &Context, target: &ProbeTarget) -> ProbeOutcome {
         },
         ProbeKind::Tcp | ProbeKind::Tls | ProbeKind::Udp => match host_and_port(target) {
             Ok((host, port)) => match target.kind {
-                ProbeKind::Tcp => net::tcp_probe(host, port, settings.timeout).await,
-                ProbeKind::Tls => tls::tls_probe(ctx.tls_plain.clone(), host, port, settings.timeout).await,
+                ProbeKind::Tcp => net::tcp_probe(ctx, host, port).await,
+                ProbeKind::Tls => tls::tls_probe(ctx, host, port).await,
                 _ => udp::udp_probe(ctx, host, port).await,
             },
             Err(error) => failed(error),
@@ -253,6 +263,26 @@ mod tests {
         assert_eq!(target_label(&target(ProbeKind::Tls, Some("::1"), Some(443))), "[::1]:443");
         assert_eq!(target_label(&target(ProbeKind::Icmp, Some("h"), None)), "h");
         assert_eq!(target_label(&target(ProbeKind::Http, None, None)), "");
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_fails_every_probe_at_once() {
+        let settings = ProbeSettings { budget: Arc::new(TrafficBudget::new(0)), ..ProbeSettings::default() };
+        let targets = [target(ProbeKind::Dns, Some("localhost"), None), target(ProbeKind::Tcp, Some("h"), Some(1))];
+        let results = run_once(&targets, 1, &settings).await;
+        for result in results {
+            assert_eq!(result.error.as_deref(), Some("the session's probe traffic cap of 0 bytes is spent"));
+            assert!(result.timings.is_none(), "{result:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_policy_refuses_loopback_before_any_packet() {
+        let refused = probe(&target(ProbeKind::Tcp, Some("127.0.0.1"), Some(9)), &ProbeSettings::default()).await;
+        assert_eq!(refused.result.error.as_deref(), Some("refused by the pool's egress policy: 127.0.0.1 is loopback"));
+        assert_eq!(refused.facts.egress_refused, Some("loopback"));
+        let timings = refused.result.timings.unwrap();
+        assert!(timings.dns_ms.is_none() && timings.connect_ms.is_none(), "{timings:?}");
     }
 
     #[tokio::test]

@@ -38,6 +38,9 @@ pub struct Facts {
     pub capped_at: Option<u64>,
     /// The bandwidth sample and the long download: what came and how fast.
     pub download: Option<Download>,
+    /// The egress policy refused every address of the target: the reason's
+    /// metric label (`loopback`, `private`, `cluster`, ...).
+    pub egress_refused: Option<&'static str>,
 }
 
 /// Round-trip statistics of a series, in milliseconds.

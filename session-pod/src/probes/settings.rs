@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
+use tidepool_protocol::egress::EgressPolicy;
 
+use super::budget::TrafficBudget;
 use super::escalate::Thresholds;
 
 /// The most a tier-2 bandwidth sample may download, in bytes.
@@ -51,6 +53,11 @@ pub struct ProbeSettings {
     pub thresholds: Thresholds,
     /// The CAs that TLS and HTTPS probes trust: Mozilla's (webpki-roots) by default.
     pub roots: Arc<RootCertStore>,
+    /// What the probes may reach: by default the public internet only.
+    pub egress: Arc<EgressPolicy>,
+    /// The bytes the probes may move, shared by every run that holds it:
+    /// unlimited by default; the pod gives each session's runs its cap.
+    pub budget: Arc<TrafficBudget>,
 }
 
 impl Default for ProbeSettings {
@@ -72,6 +79,8 @@ impl Default for ProbeSettings {
             parallel: 8,
             thresholds: Thresholds::default(),
             roots: Arc::new(RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }),
+            egress: Arc::new(EgressPolicy::default()),
+            budget: Arc::new(TrafficBudget::unlimited()),
         }
     }
 }

@@ -2,18 +2,18 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{CertificateError, ClientConfig, ClientConnection, ProtocolVersion, RootCertStore};
 use tidepool_crds::test_session::{ProbeKind, ProbeTimings};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::Context;
 use super::cert;
-use super::net::{self, Deadline, host_port};
+use super::net::{self, Deadline, ProbeStream, host_port};
 use super::outcome::{ProbeOutcome, ms};
 
 const SECONDS_PER_DAY: f64 = 86_400.0;
@@ -44,9 +44,9 @@ pub(crate) struct HandshakeError {
 pub(crate) async fn handshake(
     config: Arc<ClientConfig>,
     host: &str,
-    tcp: TcpStream,
+    tcp: ProbeStream,
     deadline: Deadline,
-) -> Result<TlsStream<TcpStream>, HandshakeError> {
+) -> Result<TlsStream<ProbeStream>, HandshakeError> {
     let name = ServerName::try_from(host.to_owned())
         .map_err(|error| HandshakeError { message: format!("TLS server name {host}: {error}"), days_left: None })?;
     let what = format!("TLS handshake with {host}");
@@ -90,25 +90,21 @@ pub(crate) fn version_name(version: Option<ProtocolVersion>) -> Option<String> {
 
 /// A TCP connect and TLS handshake: DNS, connect and handshake times, the
 /// version, and the days until the peer's certificate expires.
-pub(crate) async fn tls_probe(
-    config: Result<Arc<ClientConfig>, String>,
-    host: &str,
-    port: u16,
-    timeout: Duration,
-) -> ProbeOutcome {
+pub(crate) async fn tls_probe(ctx: &Context, host: &str, port: u16) -> ProbeOutcome {
     let mut outcome = ProbeOutcome::new(ProbeKind::Tls, host_port(host, port));
-    let config = match config {
+    let config = match ctx.tls_plain.clone() {
         Ok(config) => config,
         Err(error) => return outcome.fail(error),
     };
     let start = Instant::now();
-    let deadline = Deadline::after(timeout);
+    let deadline = Deadline::after(ctx.settings.timeout);
     let mut timings = ProbeTimings::default();
     let handshaken = async {
-        let addrs = net::resolve(host, port, deadline).await?;
+        let refused = &mut outcome.facts.egress_refused;
+        let addrs = net::resolve_allowed(&ctx.settings, host, Some(port), deadline, refused).await?;
         timings.dns_ms = Some(ms(start.elapsed()));
         let connecting = Instant::now();
-        let tcp = net::connect(&addrs, deadline).await?;
+        let tcp = net::connect(ctx, &addrs, deadline).await?;
         timings.connect_ms = Some(ms(connecting.elapsed()));
         let shaking = Instant::now();
         let stream = handshake(config, host, tcp, deadline).await.map_err(|error| {
@@ -137,6 +133,7 @@ pub(crate) async fn tls_probe(
 mod tests {
     use super::*;
     use rustls::pki_types::UnixTime;
+    use std::time::Duration;
 
     #[test]
     fn days_left_of_a_chain() {

@@ -261,7 +261,7 @@ pub(crate) async fn traceroute_probe(ctx: &Context, host: &str) -> ProbeOutcome 
     let settings = &ctx.settings;
     let start = Instant::now();
     let deadline = Deadline::after(settings.timeout);
-    let dest = match net::resolve(host, 0, deadline).await {
+    let dest = match net::resolve_allowed(settings, host, None, deadline, &mut outcome.facts.egress_refused).await {
         Ok(addrs) => addrs[0].ip(),
         Err(error) => return outcome.fail(error),
     };
@@ -272,6 +272,10 @@ pub(crate) async fn traceroute_probe(ctx: &Context, host: &str) -> ProbeOutcome 
     let mut end: Option<Result<f64, String>> = None;
     'trace: for first in (1..=max_hops).step_by(usize::from(WAVE)) {
         let last = first.saturating_add(WAVE - 1).min(max_hops);
+        if let Err(spent) = settings.budget.charge(u64::from(last - first + 1) * PAYLOAD.len() as u64) {
+            end = Some(Err(format!("traceroute to {dest}: {spent}")));
+            break;
+        }
         let (heard, expired) = wave(dest, first, last, settings.reply_wait, deadline.at).await;
         for (ttl, hop) in (first..=last).zip(heard) {
             let (answer, rtt) = match hop {

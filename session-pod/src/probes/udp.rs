@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tidepool_crds::test_session::{ProbeKind, ProbeTimings};
@@ -13,6 +14,7 @@ use tokio::net::UdpSocket;
 use tokio::time::{Instant, timeout_at};
 
 use super::Context;
+use super::budget::TrafficBudget;
 use super::net::{self, Deadline, host_port};
 use super::outcome::{ProbeOutcome, RttStats, ms};
 use super::series::{Echo, series};
@@ -32,10 +34,17 @@ fn datagram(cookie: u64, seq: u32) -> [u8; DATAGRAM_BYTES] {
     datagram
 }
 
-/// A UDP socket connected to `host:port`, and the time DNS took.
-async fn connect(host: &str, port: u16, deadline: Deadline) -> Result<(UdpSocket, f64), String> {
+/// A UDP socket connected to `host:port` (the first address the egress
+/// policy allows), and the time DNS took.
+async fn connect(
+    ctx: &Context,
+    host: &str,
+    port: u16,
+    deadline: Deadline,
+    refused: &mut Option<&'static str>,
+) -> Result<(UdpSocket, f64), String> {
     let start = Instant::now();
-    let addrs = net::resolve(host, port, deadline).await?;
+    let addrs = net::resolve_allowed(&ctx.settings, host, Some(port), deadline, refused).await?;
     let dns_ms = ms(start.elapsed());
     let addr = addrs[0];
     let local: SocketAddr =
@@ -60,22 +69,30 @@ pub(crate) async fn udp_probe(ctx: &Context, host: &str, port: u16) -> ProbeOutc
     outcome.result.protocol = Some("UDP".into());
     let start = Instant::now();
     let deadline = Deadline::after(ctx.settings.timeout);
-    let (socket, dns_ms) = match connect(host, port, deadline).await {
+    let (socket, dns_ms) = match connect(ctx, host, port, deadline, &mut outcome.facts.egress_refused).await {
         Ok(connected) => connected,
         Err(error) => return outcome.fail(error),
     };
     let mut timings = ProbeTimings { dns_ms: Some(dns_ms), ..ProbeTimings::default() };
     let mut buf = [0u8; 2048];
     let mut sent = 0u32;
+    let budget = &ctx.settings.budget;
     let answer = loop {
+        if let Err(spent) = budget.check() {
+            break Err(spent.to_string());
+        }
         if let Err(error) = socket.send(&datagram(ctx.settings.udp_cookie, sent)).await {
             break Err(udp_error(&label, &error));
         }
+        let _ = budget.charge(DATAGRAM_BYTES as u64);
         sent += 1;
         let sent_at = Instant::now();
         let wait_until = deadline.at.min(sent_at + ctx.settings.reply_wait);
         match timeout_at(wait_until, socket.recv(&mut buf)).await {
-            Ok(Ok(_)) => break Ok(ms(sent_at.elapsed())),
+            Ok(Ok(len)) => {
+                let _ = budget.charge(len as u64);
+                break Ok(ms(sent_at.elapsed()));
+            }
             Ok(Err(error)) => break Err(udp_error(&label, &error)),
             Err(_) if wait_until == deadline.at => break Err(deadline.expired(format_args!("UDP {label}"))),
             Err(_) => {}
@@ -101,16 +118,21 @@ pub(crate) async fn udp_probe(ctx: &Context, host: &str, port: u16) -> ProbeOutc
 struct UdpEcho {
     socket: UdpSocket,
     cookie: u64,
+    budget: Arc<TrafficBudget>,
 }
 
 impl Echo for UdpEcho {
     async fn send(&self, seq: u16) -> io::Result<()> {
-        self.socket.send(&datagram(self.cookie, u32::from(seq))).await.map(drop)
+        self.budget.check()?;
+        self.socket.send(&datagram(self.cookie, u32::from(seq))).await?;
+        let _ = self.budget.charge(DATAGRAM_BYTES as u64);
+        Ok(())
     }
 
     async fn recv(&self) -> io::Result<Option<u16>> {
         let mut buf = [0u8; 2048];
         let len = self.socket.recv(&mut buf).await?;
+        let _ = self.budget.charge(len as u64);
         Ok(UdpProbe::read(&buf[..len]).ok().and_then(|reply| u16::try_from(reply.seq).ok()))
     }
 }
@@ -123,11 +145,11 @@ pub(crate) async fn jitter_probe(ctx: &Context, host: &str, port: u16) -> ProbeO
     outcome.result.protocol = Some("UDP".into());
     let settings = &ctx.settings;
     let deadline = Deadline::after(settings.timeout);
-    let (socket, dns_ms) = match connect(host, port, deadline).await {
+    let (socket, dns_ms) = match connect(ctx, host, port, deadline, &mut outcome.facts.egress_refused).await {
         Ok(connected) => connected,
         Err(error) => return outcome.fail(error),
     };
-    let echo = UdpEcho { socket, cookie: settings.udp_cookie };
+    let echo = UdpEcho { socket, cookie: settings.udp_cookie, budget: settings.budget.clone() };
     let (count, interval) = (settings.jitter_count, settings.jitter_interval);
     let done = series(&echo, count, interval, settings.reply_wait, deadline.at).await;
     let mean = if done.stats.received > 0 { done.stats.mean_ms } else { 0.0 };
