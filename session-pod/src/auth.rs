@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tidepool_wire::token::{PublicKeys, SessionClaims, TokenError};
 
 use crate::clock::unix_seconds;
-use crate::error::ApiError;
+use crate::error::{ApiError, Reason};
 use crate::session::BoundSession;
 use crate::state::PodState;
 use tidepool_protocol::BINDING_HEADER;
@@ -43,19 +43,19 @@ impl AuthError {
         }
     }
 
-    /// The `reason` label of the refusal metric.
-    pub fn reason(&self) -> &'static str {
+    /// The reason the refusal metric counts it by.
+    pub fn reason(&self) -> Reason {
         match (self, self.status()) {
-            (Self::OtherSession(_), _) => "other_session",
-            (_, StatusCode::UNAUTHORIZED) => "unauthenticated",
-            _ => "forbidden",
+            (Self::OtherSession(_), _) => Reason::OtherSession,
+            (_, StatusCode::UNAUTHORIZED) => Reason::Unauthenticated,
+            _ => Reason::Forbidden,
         }
     }
 }
 
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
-        ApiError::new(error.status(), error.to_string())
+        ApiError::new(error.reason(), error.status(), error.to_string())
     }
 }
 
@@ -112,10 +112,8 @@ pub async fn require_session(State(state): State<Arc<PodState>>, mut request: Re
             request.extensions_mut().insert(session);
             next.run(request).await
         }
-        Err(error) => {
-            state.metrics.refusals.with_label_values(&[error.reason()]).inc();
-            ApiError::from(error).into_response()
-        }
+        // Counted by the request counter, by the answer's reason.
+        Err(error) => ApiError::from(error).into_response(),
     }
 }
 
@@ -128,9 +126,6 @@ fn authorize(state: &PodState, headers: &HeaderMap, query: Option<&str>) -> Resu
         claims: claims.clone(),
         token: token.unwrap_or_default(),
         ticket: ticket.unwrap_or_default(),
-        // The cookie only keeps strangers off the echo; should the OS have no
-        // randomness to give, a weaker one is better than refusing the session.
-        udp_cookie: getrandom::u64().unwrap_or_else(|_| fastrand::u64(..)),
     });
     if bound.claims.sid != claims.sid {
         return Err(AuthError::OtherSession(bound.claims.sid.clone()));

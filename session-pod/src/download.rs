@@ -20,7 +20,7 @@ use http_body::Frame;
 use serde::Deserialize;
 
 use crate::connection::ClientAddr;
-use crate::error::{ApiError, parse_query};
+use crate::error::{ApiError, Reason, parse_query};
 use crate::limits::Opening;
 use crate::random::Chunks;
 use crate::state::{PodState, TrafficMeter};
@@ -39,7 +39,10 @@ pub struct StreamQuery {
 pub fn stream_duration(requested: Option<u64>, default: u64) -> Result<Duration, ApiError> {
     match requested.unwrap_or(default) {
         seconds @ 1..=MAX_STREAM_SECONDS => Ok(Duration::from_secs(seconds)),
-        seconds => Err(ApiError::bad_request(format!("seconds must be 1 to {MAX_STREAM_SECONDS}, not {seconds}"))),
+        seconds => Err(ApiError::bad_request(
+            Reason::BadQuery,
+            format!("seconds must be 1 to {MAX_STREAM_SECONDS}, not {seconds}"),
+        )),
     }
 }
 

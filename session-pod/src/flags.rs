@@ -1,13 +1,18 @@
 //! The command line and environment of `tidepool-session`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Parser;
+use tidepool_protocol::egress::{self, Cidr, EgressPolicy};
 use tidepool_wire::token::PublicKeys;
 
+use crate::http_limits::HttpLimits;
 use crate::limits::Limits;
+use crate::probe_runs::ProbeLimits;
 use crate::server::ServerConfig;
 use crate::state::PodIdentity;
+use crate::udp::UdpCaps;
 use tidepool_protocol::pod::MAX_UPLOAD_BYTES;
 
 /// Tidepool's session pod: serves one user's latency, throughput, UDP and
@@ -62,6 +67,41 @@ pub struct Flags {
     /// How many client addresses the limits remember.
     #[arg(long, env = "TIDEPOOL_TRACKED_CLIENTS", default_value_t = Limits::default().tracked_clients)]
     pub tracked_clients: usize,
+    /// What the session's probes may reach beyond the public internet: a JSON
+    /// array of the pool's egress rules, `{"cidr": "10.1.0.0/16", "ports": [5432]}`
+    /// or `{"host": "db.default.svc"}` or `{"host": "*.example.org"}` (every
+    /// port when none are listed). The operator sets it from `spec.egress.allow`.
+    #[arg(long, env = egress::ALLOW_ENV, default_value = "", value_parser = parse_egress_allow, hide_default_value = true)]
+    pub egress_allow: EgressPolicy,
+    /// The cluster's pod and service ranges, comma-separated CIDRs, refused to
+    /// the probes as loopback and private addresses are. The operator sets it.
+    #[arg(long, env = egress::DENY_ENV, default_value = "", value_parser = parse_egress_deny, hide_default_value = true)]
+    pub egress_deny: DenyRanges,
+    /// Bytes one session's probes may send and receive in all, downloads included.
+    #[arg(long, env = "TIDEPOOL_PROBE_BYTES_PER_SESSION", default_value_t = ProbeLimits::default().bytes_per_session)]
+    pub probe_bytes_per_session: u64,
+    /// Probe runs (once or continuous) one session may start in any minute.
+    #[arg(long, env = "TIDEPOOL_PROBE_RUNS_PER_MINUTE", default_value_t = ProbeLimits::default().runs_per_minute)]
+    pub probe_runs_per_minute: u32,
+    /// UDP datagrams the echo sends back to one session in all.
+    #[arg(long, env = "TIDEPOOL_UDP_PACKETS_PER_SESSION", default_value_t = UdpCaps::default().packets_per_session)]
+    pub udp_packets_per_session: u64,
+    /// UDP bytes the echo sends back to one session in all.
+    #[arg(long, env = "TIDEPOOL_UDP_BYTES_PER_SESSION", default_value_t = UdpCaps::default().bytes_per_session)]
+    pub udp_bytes_per_session: u64,
+    /// HTTP connections open at once (WebSockets included); one beyond is closed at once.
+    #[arg(long, env = "TIDEPOOL_MAX_CONNECTIONS", default_value_t = HttpLimits::default().max_connections,
+        value_parser = parse_connections)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's head, from its first byte.
+    #[arg(long, env = "TIDEPOOL_HEADER_READ_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
+    pub header_read_timeout: Duration,
+    /// Seconds a request body may pause; a JSON body must come in full within it.
+    #[arg(long, env = "TIDEPOOL_BODY_READ_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
+    pub body_read_timeout: Duration,
+    /// Seconds a kept-alive connection may sit with no request.
+    #[arg(long, env = "TIDEPOOL_IDLE_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
+    pub idle_timeout: Duration,
     /// Runtime worker threads.
     #[arg(long, env = "TIDEPOOL_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
@@ -85,9 +125,53 @@ impl Flags {
                 max_upload_bytes: self.max_upload_bytes,
                 tracked_clients: self.tracked_clients,
             },
+            http: HttpLimits {
+                max_connections: self.max_connections,
+                header_read_timeout: self.header_read_timeout,
+                body_read_timeout: self.body_read_timeout,
+                idle_timeout: self.idle_timeout,
+            },
+            egress: self.egress_allow.clone().with_deny(self.egress_deny.0.clone()),
+            probe_limits: ProbeLimits {
+                bytes_per_session: self.probe_bytes_per_session,
+                runs_per_minute: self.probe_runs_per_minute,
+            },
+            udp_caps: UdpCaps {
+                packets_per_session: self.udp_packets_per_session,
+                bytes_per_session: self.udp_bytes_per_session,
+            },
             operator_url: self.operator_url.clone(),
             ..ServerConfig::new(identity, self.pool_public_key.clone())
         }
+    }
+}
+
+/// The cluster's ranges (a type of its own: clap would take a `Vec` for a repeated flag).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DenyRanges(pub Vec<Cidr>);
+
+fn parse_egress_allow(text: &str) -> Result<EgressPolicy, String> {
+    EgressPolicy::parse(text, "").map_err(|e| e.to_string())
+}
+
+fn parse_egress_deny(text: &str) -> Result<DenyRanges, String> {
+    egress::parse_deny(text).map(DenyRanges).map_err(|e| e.to_string())
+}
+
+fn parse_connections(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(count) if count > 0 => Ok(count),
+        _ => Err(format!("{text:?} is not a count of at least 1")),
+    }
+}
+
+/// Seconds, whole or not, more than 0 and at most a day.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if seconds > 0.0 && seconds <= 86_400.0 {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(format!("{text} must be more than 0 and at most 86400 seconds"))
     }
 }
 
@@ -122,6 +206,10 @@ mod tests {
         assert_eq!(config.udp_port, None);
         assert_eq!(config.limits, Limits::default());
         assert_eq!(config.identity.pod, "edge-abc");
+        assert_eq!(config.http, HttpLimits::default());
+        assert_eq!(config.egress, EgressPolicy::default());
+        assert_eq!(config.probe_limits, ProbeLimits::default());
+        assert_eq!(config.udp_caps, UdpCaps::default());
 
         // A key that begins with '-' is a value, not a flag (1 key in 64 does).
         let hyphenated = std::iter::repeat_with(|| PoolSigningKey::generate().unwrap().public().to_base64())
@@ -136,9 +224,68 @@ mod tests {
             vec!["tidepool-session", "--pool-public-key", "short", "--pod-name", "edge-abc"],
             vec!["tidepool-session", "--pool-public-key", &key, "--pod-name", ""],
             vec!["tidepool-session", "--pool-public-key", &key, "--pod-name", "p", "--operator-url", "ftp://x"],
+            vec!["tidepool-session", "--pool-public-key", &key, "--pod-name", "p", "--egress-allow", "[{}]"],
+            vec!["tidepool-session", "--pool-public-key", &key, "--pod-name", "p", "--egress-deny", "10.0.0.0/40"],
+            vec!["tidepool-session", "--pool-public-key", &key, "--pod-name", "p", "--idle-timeout", "0"],
+            vec!["tidepool-session", "--pool-public-key", &key, "--pod-name", "p", "--max-connections", "0"],
         ] {
             let error = Flags::try_parse_from(&args).unwrap_err();
             assert_eq!(error.exit_code(), 2, "{args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn the_egress_policy_and_the_caps_come_from_the_environments_names_too() {
+        let key = PoolSigningKey::generate().unwrap().public().to_base64();
+        let flags = Flags::try_parse_from([
+            "tidepool-session",
+            "--pool-public-key",
+            &key,
+            "--pod-name",
+            "p",
+            "--egress-allow",
+            r#"[{"cidr":"127.0.0.0/8","ports":[80]},{"host":"db.default.svc"}]"#,
+            "--egress-deny",
+            "10.96.0.0/12, 10.244.0.0/16",
+            "--probe-bytes-per-session",
+            "1000",
+            "--probe-runs-per-minute",
+            "3",
+            "--udp-packets-per-session",
+            "5",
+            "--udp-bytes-per-session",
+            "640",
+            "--max-connections",
+            "8",
+            "--header-read-timeout",
+            "0.5",
+            "--body-read-timeout",
+            "2",
+            "--idle-timeout",
+            "7",
+        ])
+        .unwrap();
+        let config = flags.server_config();
+        let expected = EgressPolicy::parse(
+            r#"[{"cidr":"127.0.0.0/8","ports":[80]},{"host":"db.default.svc"}]"#,
+            "10.96.0.0/12,10.244.0.0/16",
+        )
+        .unwrap();
+        assert_eq!(config.egress, expected);
+        assert!(config.egress.check("127.0.0.1", "127.0.0.1".parse().unwrap(), Some(80)).is_ok());
+        assert!(config.egress.check("x", "10.96.0.1".parse().unwrap(), Some(80)).is_err());
+        assert_eq!(config.probe_limits, ProbeLimits { bytes_per_session: 1000, runs_per_minute: 3 });
+        assert_eq!(config.udp_caps, UdpCaps { packets_per_session: 5, bytes_per_session: 640 });
+        assert_eq!(
+            config.http,
+            HttpLimits {
+                max_connections: 8,
+                header_read_timeout: Duration::from_millis(500),
+                body_read_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(7),
+            }
+        );
+        let long = [egress::ALLOW_ENV, egress::DENY_ENV];
+        assert_eq!(long, ["TIDEPOOL_EGRESS_ALLOW", "TIDEPOOL_EGRESS_DENY"]);
     }
 }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Extension;
+use axum::extract::rejection::PathRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Path, State};
 use axum::response::Response;
@@ -23,10 +24,11 @@ use tokio::time::Instant;
 use crate::clock::expiry;
 use crate::connection::{ClientAddr, ConnectionSocket};
 use crate::error::ApiError;
+use crate::error::Reason;
 use crate::limits::{Opening, Refusal};
 use crate::random::Chunks;
 use crate::session::BoundSession;
-use crate::sockets::{self, CLOSE_GOING_AWAY, CLOSE_POLICY, PingAnswerer, error_message};
+use crate::sockets::{self, CLOSE_GOING_AWAY, CLOSE_POLICY, PingAnswerer, error_message, refuse};
 use crate::state::{PodState, SocketPermit, until_shutdown};
 use tidepool_protocol::pod::{ClientMessage, HouseholdUser, ServerMessage};
 
@@ -46,15 +48,18 @@ const STATS_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn household_socket(
     State(state): State<Arc<PodState>>,
-    Path(user): Path<String>,
+    user: Result<Path<String>, PathRejection>,
     Extension(session): Extension<Arc<BoundSession>>,
     Extension(client): Extension<ClientAddr>,
     connection: Option<Extension<ConnectionSocket>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let known = || HouseholdUser::ALL.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", ");
+    let Path(user) = user.map_err(|_| {
+        ApiError::not_found(Reason::NoSuchUser, format!("no such household user; the users are {}", known()))
+    })?;
     let user = HouseholdUser::parse(&user).ok_or_else(|| {
-        let known: Vec<&str> = HouseholdUser::ALL.iter().map(|u| u.as_str()).collect();
-        ApiError::not_found(format!("no household user {user:?}; the users are {}", known.join(", ")))
+        ApiError::not_found(Reason::NoSuchUser, format!("no household user {user:?}; the users are {}", known()))
     })?;
     let upgrade = sockets::upgrade(upgrade)?;
     // One household run is one test, counted on its bulk user.
@@ -85,9 +90,12 @@ async fn serve(socket: WebSocket, user: HouseholdUser, session: Arc<BoundSession
     let (control, mut controls) = mpsc::channel(CONTROL_QUEUE);
     let tally = Tally::default();
     let mut charged = Charged::default();
-    tokio::select! {
-        () = read(&mut stream, control, &tally, &session, &permit) => {}
-        () = write(&mut sink, &mut controls, user, &tally, &mut charged, &session, &permit) => {}
+    let broken = tokio::select! {
+        broken = read(&mut stream, control, &tally, &session, &permit) => broken,
+        () = write(&mut sink, &mut controls, user, &tally, &mut charged, &session, &permit) => None,
+    };
+    if let Some((code, reason)) = broken {
+        sockets::close(&mut sink, code, reason).await;
     }
     // Over the limit or not, the bytes flowed: the next socket is refused.
     let _ = charged.charge(user, &tally, &permit);
@@ -99,11 +107,17 @@ async fn read(
     tally: &Tally,
     session: &BoundSession,
     permit: &SocketPermit,
-) {
+) -> Option<(u16, &'static str)> {
     let state = permit.state();
     let mut pings = PingAnswerer::new();
     let mut started = false;
-    while let Some(Ok(message)) = stream.next().await {
+    loop {
+        let message = match stream.next().await {
+            None => return None,
+            Some(Ok(message)) => message,
+            // A frame that breaks the rules: the socket closes with its code.
+            Some(Err(error)) => return sockets::read_failure(state, error),
+        };
         let command = match message {
             Message::Binary(data) => {
                 if started {
@@ -115,23 +129,26 @@ async fn read(
                 Ok(ClientMessage::Ping { seq, client_time_us }) => {
                     Control::Send(pings.answer(state, session, seq, client_time_us))
                 }
-                Ok(ClientMessage::Start { .. }) if started => Control::Send(error_message("traffic already started")),
+                Ok(ClientMessage::Start { .. }) if started => {
+                    Control::Send(refuse(state, Reason::WsBadStart, "traffic already started"))
+                }
                 Ok(ClientMessage::Start { line_mbps }) if !(line_mbps.is_finite() && line_mbps > 0.0) => {
-                    Control::Send(error_message(format!("lineMbps must be a positive number, not {line_mbps}")))
+                    let message = format!("lineMbps must be a positive number, not {line_mbps}");
+                    Control::Send(refuse(state, Reason::WsBadStart, message))
                 }
                 Ok(ClientMessage::Start { line_mbps }) => {
                     started = true;
                     Control::Start { line_mbps }
                 }
                 Ok(ClientMessage::Terminate) => Control::Terminate,
-                Err(error) => Control::Send(error),
+                Err(error) => Control::Send(refuse(state, Reason::WsBadMessage, error)),
             },
-            Message::Close(_) => return,
+            Message::Close(_) => return None,
             Message::Ping(_) | Message::Pong(_) => continue,
         };
         // Waiting here when the writer is behind stops reading: backpressure.
         if control.send(command).await.is_err() {
-            return;
+            return None;
         }
     }
 }
@@ -193,6 +210,7 @@ async fn write(
                     elapsed_us: u64::try_from(t.started.elapsed().as_micros()).unwrap_or(u64::MAX),
                 };
                 if let Err(refusal) = charged.charge(user, tally, permit) {
+                    state.count_refusal(Reason::BytesPerHour);
                     let _ = sockets::send(sink, &error_message(refusal.to_string())).await;
                     return sockets::close(sink, CLOSE_POLICY, "bytes_per_hour limit").await;
                 }

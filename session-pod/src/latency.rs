@@ -11,9 +11,10 @@ use axum::response::Response;
 use crate::clock::expiry;
 use crate::connection::ClientAddr;
 use crate::error::ApiError;
+use crate::error::Reason;
 use crate::limits::Opening;
 use crate::session::BoundSession;
-use crate::sockets::{self, CLOSE_GOING_AWAY, CLOSE_POLICY, PingAnswerer, error_message};
+use crate::sockets::{self, CLOSE_GOING_AWAY, CLOSE_POLICY, PingAnswerer, refuse};
 use crate::state::{PodState, SocketPermit, until_shutdown};
 use tidepool_protocol::pod::ClientMessage;
 
@@ -43,15 +44,24 @@ async fn serve(mut socket: WebSocket, session: Arc<BoundSession>, permit: Socket
                 return sockets::close(&mut socket, CLOSE_POLICY, "the session expired").await;
             }
         };
-        let Some(Ok(message)) = incoming else { return };
+        let message = match incoming {
+            None => return,
+            Some(Ok(message)) => message,
+            Some(Err(error)) => {
+                if let Some((code, reason)) = sockets::read_failure(&state, error) {
+                    sockets::close(&mut socket, code, reason).await;
+                }
+                return;
+            }
+        };
         let reply = match message {
             Message::Text(text) => match sockets::read_client_message(&text) {
                 Ok(ClientMessage::Ping { seq, client_time_us }) => pings.answer(&state, &session, seq, client_time_us),
                 Ok(ClientMessage::Terminate) => return sockets::terminate(&mut socket, &state).await,
-                Ok(ClientMessage::Start { .. }) => error_message("start is for household sockets"),
-                Err(error) => error,
+                Ok(ClientMessage::Start { .. }) => refuse(&state, Reason::WsBadStart, "start is for household sockets"),
+                Err(error) => refuse(&state, Reason::WsBadMessage, error),
             },
-            Message::Binary(_) => error_message("binary frames are for household sockets"),
+            Message::Binary(_) => refuse(&state, Reason::WsBinary, "binary frames are for household sockets"),
             Message::Close(_) => return,
             // WebSocket-level pings are answered by the library.
             Message::Ping(_) | Message::Pong(_) => continue,

@@ -227,6 +227,39 @@ impl Limiter {
     }
 }
 
+/// Starts of something (probe runs) allowed at most `per_minute` times in
+/// any minute.
+#[derive(Clone, Debug)]
+pub struct MinuteWindow {
+    per_minute: u32,
+    starts: VecDeque<Instant>,
+}
+
+impl MinuteWindow {
+    pub const MINUTE: Duration = Duration::from_secs(60);
+
+    pub fn new(per_minute: u32) -> Self {
+        Self { per_minute, starts: VecDeque::new() }
+    }
+
+    pub fn per_minute(&self) -> u32 {
+        self.per_minute
+    }
+
+    /// Counts a start at `now`, or says how long until one is allowed.
+    pub fn start(&mut self, now: Instant) -> Result<(), Duration> {
+        while self.starts.front().is_some_and(|start| now.saturating_duration_since(*start) >= Self::MINUTE) {
+            self.starts.pop_front();
+        }
+        if self.starts.len() >= self.per_minute as usize {
+            let oldest = self.starts.front().copied().unwrap_or(now);
+            return Err((oldest + Self::MINUTE).saturating_duration_since(now));
+        }
+        self.starts.push_back(now);
+        Ok(())
+    }
+}
+
 /// A token bucket: at most `per_second` a second on average, in bursts of
 /// at most `per_second`.
 #[derive(Clone, Debug)]
@@ -346,6 +379,18 @@ mod tests {
         // A second later the bucket is full again, but no fuller.
         let later = t0 + Duration::from_secs(5);
         assert_eq!((0..150).filter(|_| budget.allow(later)).count(), 100);
+    }
+
+    #[test]
+    fn the_minute_window_frees_a_start_a_minute_after_it() {
+        let t0 = Instant::now();
+        let mut window = MinuteWindow::new(2);
+        window.start(t0).unwrap();
+        window.start(t0 + Duration::from_secs(10)).unwrap();
+        assert_eq!(window.start(t0 + Duration::from_secs(20)), Err(Duration::from_secs(40)));
+        window.start(t0 + Duration::from_secs(60)).unwrap();
+        assert_eq!(window.start(t0 + Duration::from_secs(61)), Err(Duration::from_secs(9)));
+        assert!(MinuteWindow::new(0).start(t0).is_err(), "a cap of 0 allows nothing");
     }
 
     #[test]

@@ -23,13 +23,23 @@ pub struct Metrics {
     pub pings: IntCounterVec,
     /// `user`, `direction` (sent or received).
     pub household_bytes: IntCounterVec,
-    /// `outcome`: echoed, bad_size, bad_magic, bad_cookie, over_limit, send_failed.
+    /// `outcome`: echoed, send_failed, or a [`crate::udp::Dropped`] label.
     pub udp_datagrams: IntCounterVec,
     pub udp_bytes: IntCounter,
     /// `direction`: receive or send; what the kernel granted.
     pub udp_socket_buffer_bytes: IntGaugeVec,
     /// `reported`: true or false.
     pub results: IntCounterVec,
+    /// Connections open now, WebSockets included.
+    pub open_connections: IntGauge,
+    /// `reason`: header_timeout, idle_timeout.
+    pub connections_closed: IntCounterVec,
+    /// Bytes the session's probes sent and received.
+    pub probe_bytes: IntCounter,
+    /// `mode`: once, continuous.
+    pub probe_runs: IntCounterVec,
+    /// `reason`: an egress refusal's label (loopback, private, cluster, ...).
+    pub probe_egress_refusals: IntCounterVec,
     results_gauges: ResultsGauges,
 }
 
@@ -145,9 +155,43 @@ impl Metrics {
                 "Results submitted, by whether the operator took them.",
                 &["reported"],
             )?,
+            open_connections: gauge("open_connections", "HTTP connections open now, WebSockets included.")?,
+            connections_closed: counter_vec(
+                "connections_closed_total",
+                "Connections the pod closed on its own, by reason.",
+                &["reason"],
+            )?,
+            probe_bytes: counter("probe_bytes_total", "Bytes the session's outbound probes sent and received.")?,
+            probe_runs: counter_vec("probe_runs_total", "Outbound probe runs, by mode.", &["mode"])?,
+            probe_egress_refusals: counter_vec(
+                "probe_egress_refusals_total",
+                "Probe targets the egress policy refused, by the kind of address.",
+                &["reason"],
+            )?,
             results_gauges,
             registry,
         })
+        .inspect(Metrics::start_at_zero)
+    }
+
+    /// Shows every fixed label value at 0 from the start, so that a rate
+    /// over the first refusal of a kind is not lost.
+    fn start_at_zero(&self) {
+        for reason in crate::error::Reason::ALL {
+            self.refusals.with_label_values(&[reason.label()]);
+        }
+        for dropped in crate::udp::Dropped::ALL {
+            self.udp_datagrams.with_label_values(&[dropped.label()]);
+        }
+        for outcome in ["echoed", "send_failed"] {
+            self.udp_datagrams.with_label_values(&[outcome]);
+        }
+        for closed in ["header_timeout", "idle_timeout"] {
+            self.connections_closed.with_label_values(&[closed]);
+        }
+        for mode in ["once", "continuous"] {
+            self.probe_runs.with_label_values(&[mode]);
+        }
     }
 
     /// The text exposition.

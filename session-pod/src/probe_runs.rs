@@ -3,7 +3,9 @@
 //!
 //! A client may only point the pod at the TestSession's own targets: the
 //! session token carries their digest, signed by the operator, so a pod
-//! cannot be turned into a scanner of whatever a client names.
+//! cannot be turned into a scanner of whatever a client names. The targets'
+//! addresses must pass the pool's egress policy, and a session's runs are
+//! capped in bytes and in runs a minute.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use tidepool_crds::test_session::SessionResults;
 
 use crate::body::{parse_json, read_body};
-use crate::error::{ApiError, json_response, parse_query};
-use crate::probes::{self, ContinuousRun, ContinuousSettings, ProbeSettings};
+use crate::error::{ApiError, Reason, json_response, parse_query};
+use crate::probes::{self, ContinuousRun, ContinuousSettings, Run};
 use crate::session::BoundSession;
 use crate::state::PodState;
 use tidepool_protocol::pod::{ProbeRequest, ProbeResponse, probes_digest};
@@ -29,6 +31,23 @@ const PROBES_BODY_LIMIT: usize = 128 * 1024;
 /// The shortest and longest interval of continuous runs, in seconds.
 const MIN_EVERY_SECONDS: u64 = 10;
 const MAX_EVERY_SECONDS: u64 = 86_400;
+
+/// What one session's probe runs may spend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeLimits {
+    /// Bytes all its probes may send and receive, downloads included.
+    pub bytes_per_session: u64,
+    /// Runs it may start in any minute (once or continuous).
+    pub runs_per_minute: u32,
+}
+
+impl Default for ProbeLimits {
+    /// Two tier-3 runs' worth of bytes (each may download 1 GB), and ten
+    /// runs a minute (continuous runs come every 10 s at most).
+    fn default() -> Self {
+        Self { bytes_per_session: 2_000_000_000, runs_per_minute: 10 }
+    }
+}
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -53,13 +72,14 @@ pub async fn run(
     body: Body,
 ) -> Result<Response, ApiError> {
     let query: ProbeQuery = parse_query(query.as_deref())?;
-    let body = read_body(body, PROBES_BODY_LIMIT).await?;
+    let body = read_body(body, PROBES_BODY_LIMIT, state.body_read_timeout).await?;
     let request: ProbeRequest = parse_json(&body)?;
     check_targets(&request, &session)?;
     let tier = match request.tier.unwrap_or(1) {
         tier @ 1..=3 => tier as u8,
         other => {
-            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("tier: {other} is not 1, 2 or 3")));
+            let message = format!("tier: {other} is not 1, 2 or 3");
+            return Err(ApiError::new(Reason::ProbeTier, StatusCode::UNPROCESSABLE_ENTITY, message));
         }
     };
     // Only the operator raises where a run starts (through the token); past
@@ -67,35 +87,50 @@ pub async fn run(
     if tier > session.claims.tier {
         let allowed = session.claims.tier;
         return Err(ApiError::new(
+            Reason::ProbeTier,
             StatusCode::FORBIDDEN,
             format!("tier: this session may start probe runs at tier {allowed} at most"),
         ));
     }
-    let settings = ProbeSettings::default();
+    let runs = &state.probe_runs;
     match query.every_seconds {
         None => {
-            if state.probe_runs.continuous_running() {
+            if runs.continuous_running() {
                 return Err(busy("continuous probe runs go on; DELETE /api/v1/probes first"));
             }
-            let Ok(_permit) = state.probe_runs.running.try_acquire() else {
-                return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "a probe run is already going on this pod"));
+            let Ok(_permit) = runs.running.try_acquire() else {
+                return Err(busy("a probe run is already going on this pod"));
             };
-            let results = probes::run_once(&request.targets, tier, &settings).await;
-            Ok(json_response(StatusCode::OK, &ProbeResponse { results }))
+            runs.start_run()?;
+            state.metrics.probe_runs.with_label_values(&["once"]).inc();
+            let run = probes::run(&request.targets, tier, &runs.settings()).await;
+            count_run(&state, &run);
+            Ok(json_response(StatusCode::OK, &ProbeResponse { results: run.results() }))
         }
         Some(every) if !(MIN_EVERY_SECONDS..=MAX_EVERY_SECONDS).contains(&every) => Err(ApiError::new(
+            Reason::ProbeInterval,
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("everySeconds: {every} is outside {MIN_EVERY_SECONDS} to {MAX_EVERY_SECONDS}"),
         )),
         Some(every) => {
             // One set of runs at a time, and none beside a one-shot run: a
             // client cannot stack runs by asking again and again.
-            if state.probe_runs.continuous_running() {
+            if runs.continuous_running() {
                 return Err(busy("continuous probe runs go on already; DELETE /api/v1/probes first"));
             }
-            if state.probe_runs.running.available_permits() == 0 {
+            if runs.running.available_permits() == 0 {
                 return Err(busy("a probe run is already going on this pod"));
             }
+            let per_minute = runs.runs_per_minute();
+            if per_minute == 0 || every < 60_u64.div_ceil(u64::from(per_minute)) {
+                let message = format!(
+                    "limit probe_runs_per_minute: everySeconds={every} would start more than the \
+                     {per_minute} probe runs a minute this session may"
+                );
+                return Err(ApiError::new(Reason::ProbeRunsPerMinute, StatusCode::TOO_MANY_REQUESTS, message));
+            }
+            // The first run starts now; later runs count as they finish.
+            runs.start_run()?;
             let every_settings =
                 ContinuousSettings { interval: Duration::from_secs(every), start_tier: tier, max_runs: None };
             let sink_state = state.clone();
@@ -104,10 +139,19 @@ pub async fn run(
                 let (state, session) = (sink_state.clone(), sink_session.clone());
                 async move { report(&state, &session, run).await }
             };
-            let handle = probes::spawn_continuous(request.targets, settings, every_settings, sink);
-            state.probe_runs.set_continuous(handle);
+            let handle = probes::spawn_continuous(request.targets, runs.settings(), every_settings, sink);
+            runs.set_continuous(handle);
             Ok(json_response(StatusCode::ACCEPTED, &ContinuousStarted { every_seconds: every, start_tier: tier }))
         }
+    }
+}
+
+/// Counts a finished run into the metrics: its bytes, and its targets the
+/// egress policy refused.
+fn count_run(state: &PodState, run: &Run) {
+    state.probe_runs.count_bytes(&state.metrics.probe_bytes);
+    for refused in run.outcomes.iter().filter_map(|outcome| outcome.facts.egress_refused) {
+        state.metrics.probe_egress_refusals.with_label_values(&[refused]).inc();
     }
 }
 
@@ -123,28 +167,29 @@ pub async fn stop(
             handle.stop().await;
             Ok(json_response(StatusCode::OK, &serde_json::json!({ "stopped": true })))
         }
-        None => Err(ApiError::not_found("no continuous probe runs go on")),
+        None => Err(ApiError::not_found(Reason::ProbeBusy, "no continuous probe runs go on")),
     }
 }
 
 fn busy(message: &str) -> ApiError {
-    ApiError::new(StatusCode::TOO_MANY_REQUESTS, message)
+    ApiError::too_many(Reason::ProbeBusy, message, Duration::from_secs(1))
 }
 
 /// The targets must be the ones the session token names.
 fn check_targets(request: &ProbeRequest, session: &BoundSession) -> Result<(), ApiError> {
+    let unprocessable = |message| ApiError::new(Reason::ProbeTargets, StatusCode::UNPROCESSABLE_ENTITY, message);
     if request.targets.is_empty() {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "targets: at least one target is needed"));
+        return Err(unprocessable("targets: at least one target is needed"));
     }
     if request.targets.len() > 32 {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "targets: at most 32 targets"));
+        return Err(unprocessable("targets: at most 32 targets"));
     }
     if probes_digest(&request.targets) != session.claims.probes {
         let message = match &session.claims.probes {
             None => "this session has no probe targets; they are set in the TestSession's spec.probes".to_string(),
             Some(_) => "these targets are not this session's spec.probes, byte for byte".to_string(),
         };
-        return Err(ApiError::new(StatusCode::FORBIDDEN, message));
+        return Err(ApiError::new(Reason::ProbeTargets, StatusCode::FORBIDDEN, message));
     }
     Ok(())
 }
@@ -154,6 +199,13 @@ fn check_targets(request: &ProbeRequest, session: &BoundSession) -> Result<(), A
 /// pod's latest results, so the client's own figures stay; once the session
 /// has its final results, the runs have nothing more to report.
 async fn report(state: &PodState, session: &BoundSession, run: ContinuousRun) {
+    state.metrics.probe_runs.with_label_values(&["continuous"]).inc();
+    count_run(state, &run.run);
+    // The first run was counted when the runs started.
+    if run.number > 1 {
+        // Over the cap a run still reports: the interval was checked against it.
+        let _ = state.probe_runs.start_run();
+    }
     let latest = state.latest_results.lock().unwrap_or_else(|p| p.into_inner()).clone();
     if latest.as_ref().is_some_and(|r| r.is_final) {
         return;

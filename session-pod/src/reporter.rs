@@ -131,7 +131,6 @@ mod tests {
             },
             token: String::new(),
             ticket: String::new(),
-            udp_cookie: 0,
         };
         let reporter = OperatorReporter::new(Some("http://10.0.0.1:8080/".parse().unwrap())).unwrap();
         assert_eq!(

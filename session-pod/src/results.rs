@@ -12,7 +12,7 @@ use tidepool_protocol::grading;
 use tidepool_protocol::results::{RESULTS_BODY_LIMIT, ResultsAccepted, ResultsSubmission, validate};
 
 use crate::body::{parse_json, read_body};
-use crate::error::{ApiError, json_response};
+use crate::error::{ApiError, Reason, json_response};
 use crate::session::BoundSession;
 use crate::state::PodState;
 
@@ -21,9 +21,10 @@ pub async fn submit(
     Extension(session): Extension<Arc<BoundSession>>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, RESULTS_BODY_LIMIT).await?;
+    let body = read_body(body, RESULTS_BODY_LIMIT, state.body_read_timeout).await?;
     let mut submission: ResultsSubmission = parse_json(&body)?;
-    validate(&submission.results).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    validate(&submission.results)
+        .map_err(|e| ApiError::new(Reason::InvalidResults, StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     // The operator stamps these when it takes the results; a client's say is void.
     submission.results.is_final = submission.is_final;
     submission.results.reported_at = None;

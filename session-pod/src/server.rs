@@ -1,12 +1,14 @@
 //! The server: the routes, the accept loop, the UDP echo, and how it starts
 //! and stops. [`Server::start`] runs it in-process (tests, `main`).
 
+use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -15,23 +17,28 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tidepool_crds::test_session::SessionResults;
+use tidepool_protocol::egress::EgressPolicy;
 use tidepool_wire::token::PublicKeys;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
 use crate::auth;
+use crate::body::TimedBody;
 use crate::connection::{ClientAddr, ConnectionSocket};
-use crate::error::{ApiError, json_response};
+use crate::error::{ApiError, Reason, json_response};
+use crate::http_limits::{Activity, AnsweredBody, ConnectionSlot, HttpLimits, Watched};
 use crate::limits::{Limiter, Limits};
 use crate::metrics::{Metrics, route_label};
+use crate::probe_runs::ProbeLimits;
 use crate::random::{NoRandomness, POOL_BYTES, RandomPool};
 use crate::reporter::OperatorReporter;
 use crate::session::BoundSession;
-use crate::state::{PodIdentity, PodState, PodStateParts, until_shutdown};
+use crate::state::{PodIdentity, PodState, PodStateParts, ProbeRuns, until_shutdown};
+use crate::udp::{UdpCaps, UdpCookies};
 use crate::{download, household, latency, probe_runs, results, udp, upload};
 use tidepool_protocol::pod::{
     DEFAULT_PORT, DOWNLOAD_PATH, HEALTH_PATH, HOUSEHOLD_WS_PATH, INFO_PATH, LATENCY_WS_PATH, METRICS_PATH, PROBES_PATH,
@@ -50,6 +57,14 @@ pub struct ServerConfig {
     /// The pool's key, which signs session tokens and binding tickets.
     pub public_keys: PublicKeys,
     pub limits: Limits,
+    /// The cap on connections and the header, body and idle timeouts.
+    pub http: HttpLimits,
+    /// What the session's probes may reach (`--egress-allow`, `--egress-deny`).
+    pub egress: EgressPolicy,
+    /// What the session's probe runs may spend.
+    pub probe_limits: ProbeLimits,
+    /// What the session's UDP echo may send back.
+    pub udp_caps: UdpCaps,
     /// Where results go: `http://host:port` of the operator.
     pub operator_url: Option<reqwest::Url>,
     /// At shutdown, how long open requests get to finish.
@@ -65,6 +80,10 @@ impl ServerConfig {
             identity,
             public_keys: public_keys.into(),
             limits: Limits::default(),
+            http: HttpLimits::default(),
+            egress: EgressPolicy::default(),
+            probe_limits: ProbeLimits::default(),
+            udp_caps: UdpCaps::default(),
             operator_url: None,
             shutdown_grace: Duration::from_secs(5),
         }
@@ -110,8 +129,6 @@ pub struct Server {
 const CONNECTION_BUFFER_BYTES: usize = 1024 * 1024;
 /// At shutdown, how long WebSockets get to send their close frames.
 const SOCKETS_CLOSE_WAIT: Duration = Duration::from_secs(1);
-/// A client must send its request head within this.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Server {
     /// Binds, spawns the accept loop and the UDP echo, and returns.
@@ -138,11 +155,20 @@ impl Server {
             limiter: Limiter::new(config.limits),
             random: RandomPool::new(POOL_BYTES)?,
             udp_port: udp_addr.port(),
+            udp_cookies: UdpCookies::new()?,
             reporter: OperatorReporter::new(config.operator_url)?,
+            probe_runs: ProbeRuns::new(config.egress, config.probe_limits),
+            body_read_timeout: config.http.body_read_timeout,
             shutdown: shutdown_signal,
         }));
-        let accept = tokio::spawn(accept_loop(listener, router(state.clone()), state.clone(), config.shutdown_grace));
-        let echo = tokio::spawn(udp::echo(udp_socket, state.clone()));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            router(state.clone()),
+            state.clone(),
+            config.http,
+            config.shutdown_grace,
+        ));
+        let echo = tokio::spawn(udp::echo(udp_socket, state.clone(), config.udp_caps));
         Ok(Self { http_addr, udp_addr, state, shutdown, tasks: Some((accept, echo)) })
     }
 
@@ -221,29 +247,41 @@ pub fn router(state: Arc<PodState>) -> Router {
         .route(HEALTH_PATH, get(|| async { "ok" }))
         .route(METRICS_PATH, get(metrics))
         .merge(session_routes)
-        .fallback(|| async { ApiError::not_found("no such route") })
+        .fallback(|| async { ApiError::not_found(Reason::NoSuchRoute, "no such route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method")
+            ApiError::new(Reason::WrongMethod, StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method")
         })
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
 
+/// Counts every answer by route and status, and every refusal by the reason
+/// it carries: one place, so no refusal path goes uncounted. A client error
+/// without a reason (a framework's own rejection) counts as `other`.
 async fn count_requests(State(state): State<Arc<PodState>>, request: Request, next: Next) -> Response {
     let route = route_label(request.uri().path());
     let response = next.run(request).await;
-    state.metrics.requests.with_label_values(&[route, response.status().as_str()]).inc();
+    let status = response.status();
+    state.metrics.requests.with_label_values(&[route, status.as_str()]).inc();
+    match response.extensions().get::<Reason>() {
+        Some(reason) => state.count_refusal(*reason),
+        None if status.is_client_error() => state.count_refusal(Reason::Other),
+        None => {}
+    }
     response
 }
 
 async fn metrics(State(state): State<Arc<PodState>>) -> Response {
+    // Probe bytes move while runs go on: count them up to now.
+    state.probe_runs.count_bytes(&state.metrics.probe_bytes);
     match state.metrics.render() {
         Ok(text) => {
             let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
             ([(header::CONTENT_TYPE, content_type)], text).into_response()
         }
         Err(e) => {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot render metrics: {e}")).into_response()
+            let message = format!("cannot render metrics: {e}");
+            ApiError::new(Reason::Other, StatusCode::INTERNAL_SERVER_ERROR, message).into_response()
         }
     }
 }
@@ -266,12 +304,12 @@ async fn info(State(state): State<Arc<PodState>>, Extension(session): Extension<
 }
 
 /// Accepts connections until shutdown, then waits up to `grace` for them.
-async fn accept_loop(listener: TcpListener, router: Router, state: Arc<PodState>, grace: Duration) {
+/// A connection beyond `max_connections` is closed at once, unanswered.
+async fn accept_loop(listener: TcpListener, router: Router, state: Arc<PodState>, limits: HttpLimits, grace: Duration) {
     let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(CONNECTION_BUFFER_BYTES)
-        .writev(true);
+    // The header timeout is ours (`Activity`): hyper's would also cut idle connections.
+    http.header_read_timeout(None).max_buf_size(CONNECTION_BUFFER_BYTES).writev(true);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     // Every connection task holds a sender; when all are gone, all are done.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     let mut shutdown = state.shutdown_signal();
@@ -288,12 +326,19 @@ async fn accept_loop(listener: TcpListener, router: Router, state: Arc<PodState>
             },
             () = until_shutdown(&mut shutdown) => break,
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            state.count_refusal(Reason::MaxConnections);
+            tracing::debug!(%peer, max = limits.max_connections, "connection refused: too many open");
+            drop(stream);
+            continue;
+        };
+        let slot = ConnectionSlot::new(permit, state.metrics.open_connections.clone());
         tokio::spawn(serve_connection(
-            stream,
-            peer,
+            Accepted { stream, peer, slot },
             http.clone(),
             router.clone(),
-            state.shutdown_signal(),
+            state.clone(),
+            limits,
             grace,
             open.clone(),
         ));
@@ -305,29 +350,53 @@ async fn accept_loop(listener: TcpListener, router: Router, state: Arc<PodState>
     }
 }
 
-async fn serve_connection(
+/// A connection the accept loop took, and its place under the cap.
+struct Accepted {
     stream: TcpStream,
     peer: SocketAddr,
+    slot: ConnectionSlot,
+}
+
+async fn serve_connection(
+    accepted: Accepted,
     http: http1::Builder,
     router: Router,
-    mut shutdown: watch::Receiver<bool>,
+    state: Arc<PodState>,
+    limits: HttpLimits,
     grace: Duration,
     _open: mpsc::Sender<()>,
 ) {
+    let Accepted { stream, peer, slot } = accepted;
     // Pongs and small frames must not wait for Nagle.
     let _ = stream.set_nodelay(true);
     let socket = stream.as_fd().try_clone_to_owned().ok().map(|fd| ConnectionSocket::new(fd.into()));
+    let activity = Activity::new();
+    let io = Watched::new(stream, activity.clone(), slot);
+    let requests = activity.clone();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        let answering = requests.request_started();
         request.extensions_mut().insert(ClientAddr(peer));
         if let Some(socket) = &socket {
             request.extensions_mut().insert(socket.clone());
         }
-        router.clone().oneshot(request)
+        let request = request.map(|body| Body::new(TimedBody::new(body, limits.body_read_timeout)));
+        let answer = router.clone().oneshot(request);
+        async move {
+            let response = answer.await?;
+            Ok::<_, Infallible>(response.map(|body| Body::new(AnsweredBody::new(body, answering))))
+        }
     });
-    let connection = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let connection = http.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(connection);
+    let mut shutdown = state.shutdown_signal();
     let finished = tokio::select! {
         finished = connection.as_mut() => finished,
+        closed = activity.expired(&limits) => {
+            // Dropping the connection closes it.
+            state.metrics.connections_closed.with_label_values(&[closed.label()]).inc();
+            tracing::debug!(%peer, reason = closed.label(), "connection closed");
+            return;
+        }
         () = until_shutdown(&mut shutdown) => {
             connection.as_mut().graceful_shutdown();
             match tokio::time::timeout(grace, connection.as_mut()).await {

@@ -9,6 +9,4 @@ pub struct BoundSession {
     /// The raw credentials, for posting results to the operator.
     pub token: String,
     pub ticket: String,
-    /// Carried by this session's UDP echo datagrams.
-    pub udp_cookie: u64,
 }

@@ -2,22 +2,25 @@
 //! the metrics and the random bytes.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 use tidepool_crds::test_session::SessionResults;
+use tidepool_protocol::egress::EgressPolicy;
 use tidepool_wire::token::PublicKeys;
 use tokio::sync::{Notify, Semaphore, watch};
 
-use crate::error::ApiError;
-use crate::limits::{Limiter, Opening, Refusal};
+use crate::error::{ApiError, Reason};
+use crate::limits::{Limiter, MinuteWindow, Opening, Refusal};
 use crate::metrics::Metrics;
-use crate::probes::Continuous;
+use crate::probe_runs::ProbeLimits;
+use crate::probes::{Continuous, ProbeSettings, TrafficBudget};
 use crate::random::RandomPool;
 use crate::reporter::OperatorReporter;
 use crate::session::BoundSession;
+use crate::udp::UdpCookies;
 
 /// Who this pod is, from its environment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,7 +41,12 @@ pub struct PodState {
     session: OnceLock<Arc<BoundSession>>,
     pub random: RandomPool,
     pub udp_port: u16,
+    /// The UDP grants' cookies.
+    pub udp_cookies: UdpCookies,
     pub reporter: OperatorReporter,
+    /// How long a request body may take (JSON bodies in all; any body
+    /// between two of its pieces).
+    pub body_read_timeout: Duration,
     /// The latest graded results.
     pub latest_results: Mutex<Option<SessionResults>>,
     /// The session's outbound probe runs.
@@ -52,20 +60,32 @@ pub struct PodState {
 }
 
 /// A pod's outbound probe runs: one at a time (probes make traffic to the
-/// outside, and a client asking twice should not double it), and the
-/// continuous runs while they go on.
+/// outside, and a client asking twice should not double it), the
+/// continuous runs while they go on, and what the session's runs may
+/// reach, spend and how often they may start.
 pub struct ProbeRuns {
     pub running: Semaphore,
     continuous: Mutex<Option<Continuous>>,
-}
-
-impl Default for ProbeRuns {
-    fn default() -> Self {
-        Self { running: Semaphore::new(1), continuous: Mutex::new(None) }
-    }
+    egress: Arc<EgressPolicy>,
+    /// The session's probe bytes: one budget for every run.
+    budget: Arc<TrafficBudget>,
+    starts: Mutex<MinuteWindow>,
+    /// What of the budget's use the metric has counted.
+    bytes_counted: AtomicU64,
 }
 
 impl ProbeRuns {
+    pub fn new(egress: EgressPolicy, limits: ProbeLimits) -> Self {
+        Self {
+            running: Semaphore::new(1),
+            continuous: Mutex::new(None),
+            egress: Arc::new(egress),
+            budget: Arc::new(TrafficBudget::new(limits.bytes_per_session)),
+            starts: Mutex::new(MinuteWindow::new(limits.runs_per_minute)),
+            bytes_counted: AtomicU64::new(0),
+        }
+    }
+
     /// A poisoned lock still holds a sound value (one assignment), so it is taken over.
     fn continuous(&self) -> MutexGuard<'_, Option<Continuous>> {
         self.continuous.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -85,6 +105,42 @@ impl ProbeRuns {
     pub fn take_continuous(&self) -> Option<Continuous> {
         self.continuous().take()
     }
+
+    /// The settings of this session's runs: its egress policy and byte budget.
+    pub fn settings(&self) -> ProbeSettings {
+        ProbeSettings { egress: self.egress.clone(), budget: self.budget.clone(), ..ProbeSettings::default() }
+    }
+
+    pub fn runs_per_minute(&self) -> u32 {
+        self.starts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).per_minute()
+    }
+
+    /// Counts a run's start, or a 429 when the session's bytes are spent or
+    /// it started too many runs in the last minute.
+    pub fn start_run(&self) -> Result<(), ApiError> {
+        if let Err(spent) = self.budget.check() {
+            let message = format!("limit probe_bytes_per_session: {spent}; it does not free up");
+            // No wait helps, but Retry-After must be a number: the session's
+            // longest possible life.
+            return Err(ApiError::too_many(Reason::ProbeBytes, message, Duration::from_secs(3600)));
+        }
+        let mut starts = self.starts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let per_minute = starts.per_minute();
+        starts.start(Instant::now()).map_err(|wait| {
+            let message = format!(
+                "limit probe_runs_per_minute: {per_minute} probe runs a minute per session; the next frees up in {} s",
+                crate::limits::secs(wait)
+            );
+            ApiError::too_many(Reason::ProbeRunsPerMinute, message, wait)
+        })
+    }
+
+    /// Adds the bytes the probes moved since the last call to `counter`.
+    pub fn count_bytes(&self, counter: &IntCounter) {
+        let used = self.budget.used();
+        let before = self.bytes_counted.swap(used, Ordering::Relaxed);
+        counter.inc_by(used.saturating_sub(before));
+    }
 }
 
 /// The parts of [`PodState`] the server makes before the state.
@@ -95,7 +151,10 @@ pub struct PodStateParts {
     pub limiter: Limiter,
     pub random: RandomPool,
     pub udp_port: u16,
+    pub udp_cookies: UdpCookies,
     pub reporter: OperatorReporter,
+    pub probe_runs: ProbeRuns,
+    pub body_read_timeout: Duration,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -109,9 +168,11 @@ impl PodState {
             session: OnceLock::new(),
             random: parts.random,
             udp_port: parts.udp_port,
+            udp_cookies: parts.udp_cookies,
             reporter: parts.reporter,
+            body_read_timeout: parts.body_read_timeout,
             latest_results: Mutex::new(None),
-            probe_runs: ProbeRuns::default(),
+            probe_runs: parts.probe_runs,
             terminate: Notify::new(),
             shutdown: parts.shutdown,
             open_sockets: AtomicUsize::new(0),
@@ -162,7 +223,7 @@ impl PodState {
                 self.metrics.open_sockets.inc();
                 Ok(SocketPermit { state: self.clone(), ip })
             }
-            Err(refusal) => Err(self.refused(refusal)),
+            Err(refusal) => Err(ApiError::from(refusal)),
         }
     }
 
@@ -171,10 +232,10 @@ impl PodState {
         self.limiter().charge(ip, bytes, Instant::now())
     }
 
-    /// Counts a refusal and makes it an answer.
-    pub fn refused(&self, refusal: Refusal) -> ApiError {
-        self.metrics.refusals.with_label_values(&[refusal.limit()]).inc();
-        ApiError::from(refusal)
+    /// Counts a refusal that has no HTTP answer to carry it (inside a
+    /// WebSocket, on a connection): answers are counted by their reason.
+    pub fn count_refusal(&self, reason: Reason) {
+        self.metrics.refusals.with_label_values(&[reason.label()]).inc();
     }
 
     /// Resolves once no socket is open.

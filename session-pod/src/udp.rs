@@ -1,20 +1,30 @@
-//! The UDP echo: `POST /api/v1/udp` grants the session a cookie; datagrams
-//! that carry it are stamped with the pod's time and sent back at the same
-//! size. Everything else is dropped and counted.
+//! The UDP echo: `POST /api/v1/udp` grants the client a cookie made for its
+//! address; datagrams that carry the cookie of their own source address are
+//! stamped with the pod's time and sent back at the same size. Everything
+//! else is dropped and counted.
+//!
+//! The cookie is the first 8 bytes of HMAC-SHA256(a random secret of the
+//! pod, session id || client IP), so a datagram whose source was spoofed to
+//! aim the echo at someone else carries a cookie that is not its source's:
+//! the echo cannot be used for reflection.
 
+use std::collections::{HashSet, VecDeque};
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
+use ring::hmac;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
 use crate::clock::unix_micros;
+use crate::connection::ClientAddr;
 use crate::error::json_response;
+use crate::random::NoRandomness;
 use crate::session::BoundSession;
 use crate::state::{PodState, until_shutdown};
 use tidepool_protocol::pod::{UDP_MAX_BYTES, UdpError, UdpGrant, UdpProbe};
@@ -22,9 +32,99 @@ use tidepool_protocol::pod::{UDP_MAX_BYTES, UdpError, UdpGrant, UdpProbe};
 /// The socket buffers we ask for: 4 MiB holds a third of a second at
 /// 100 Mbit/s, so a busy moment of the runtime drops nothing.
 pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// How many granted cookies the pod remembers, to tell a datagram from the
+/// wrong address (`wrong_source`) from one with a made-up cookie.
+const GRANTS_REMEMBERED: usize = 4096;
 
-pub async fn grant(State(state): State<Arc<PodState>>, Extension(session): Extension<Arc<BoundSession>>) -> Response {
-    json_response(StatusCode::OK, &UdpGrant { port: state.udp_port, cookie: session.udp_cookie })
+/// What one session's echo may send back in all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpCaps {
+    /// Datagrams echoed per session.
+    pub packets_per_session: u64,
+    /// Bytes echoed per session.
+    pub bytes_per_session: u64,
+}
+
+impl Default for UdpCaps {
+    /// 100 datagrams a second for an hour (the CLI sends 10 a second), and 100 MB.
+    fn default() -> Self {
+        Self { packets_per_session: 360_000, bytes_per_session: 100_000_000 }
+    }
+}
+
+/// Makes and remembers the cookies of UDP grants.
+pub struct UdpCookies {
+    key: hmac::Key,
+    granted: Mutex<Granted>,
+}
+
+#[derive(Default)]
+struct Granted {
+    order: VecDeque<u64>,
+    set: HashSet<u64>,
+}
+
+impl UdpCookies {
+    /// With a fresh random secret.
+    pub fn new() -> Result<Self, NoRandomness> {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret)?;
+        Ok(Self::with_secret(&secret))
+    }
+
+    pub fn with_secret(secret: &[u8]) -> Self {
+        Self { key: hmac::Key::new(hmac::HMAC_SHA256, secret), granted: Mutex::new(Granted::default()) }
+    }
+
+    /// The cookie of session `sid` for datagrams from `ip`: the first 8
+    /// bytes, big-endian, of HMAC-SHA256(secret, sid || the address's 4 or
+    /// 16 bytes). An IPv4-mapped IPv6 address counts as its IPv4 address.
+    pub fn cookie(&self, sid: &str, ip: IpAddr) -> u64 {
+        let mut context = hmac::Context::with_key(&self.key);
+        context.update(sid.as_bytes());
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => context.update(&v4.octets()),
+            IpAddr::V6(v6) => context.update(&v6.octets()),
+        }
+        let tag = context.sign();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&tag.as_ref()[..8]);
+        u64::from_be_bytes(first)
+    }
+
+    /// A grant's cookie for `ip`, remembered.
+    pub fn grant(&self, sid: &str, ip: IpAddr) -> u64 {
+        let cookie = self.cookie(sid, ip);
+        let mut granted = self.granted();
+        if granted.set.insert(cookie) {
+            granted.order.push_back(cookie);
+            if granted.order.len() > GRANTS_REMEMBERED
+                && let Some(oldest) = granted.order.pop_front()
+            {
+                granted.set.remove(&oldest);
+            }
+        }
+        cookie
+    }
+
+    /// Whether `cookie` was granted (to some address).
+    pub fn was_granted(&self, cookie: u64) -> bool {
+        self.granted().set.contains(&cookie)
+    }
+
+    /// A poisoned lock holds a sound set (each update is a few plain steps).
+    fn granted(&self) -> MutexGuard<'_, Granted> {
+        self.granted.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+pub async fn grant(
+    State(state): State<Arc<PodState>>,
+    Extension(session): Extension<Arc<BoundSession>>,
+    Extension(client): Extension<ClientAddr>,
+) -> Response {
+    let cookie = state.udp_cookies.grant(&session.claims.sid, client.0.ip());
+    json_response(StatusCode::OK, &UdpGrant { port: state.udp_port, cookie })
 }
 
 /// The buffer sizes the kernel granted (Linux reports twice what is asked,
@@ -94,37 +194,76 @@ fn force_buffer(_: &Socket, _: ForceBuffer, _: usize) -> bool {
 pub enum Dropped {
     BadSize,
     BadMagic,
+    /// A cookie no grant gave (and every datagram before a session bound the pod).
     BadCookie,
+    /// A granted cookie from another address than the one it was granted to:
+    /// a spoofed source, most likely.
+    WrongSource,
+    /// The address's hourly bytes are spent.
+    OverLimit,
+    /// The session's datagrams or bytes are spent.
+    SessionLimit,
 }
 
 impl Dropped {
+    pub const ALL: [Dropped; 6] =
+        [Self::BadSize, Self::BadMagic, Self::BadCookie, Self::WrongSource, Self::OverLimit, Self::SessionLimit];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::BadSize => "bad_size",
             Self::BadMagic => "bad_magic",
             Self::BadCookie => "bad_cookie",
+            Self::WrongSource => "wrong_source",
+            Self::OverLimit => "over_limit",
+            Self::SessionLimit => "session_limit",
         }
     }
 }
 
-/// Whether `datagram` is a probe for the session with `cookie` (none before
-/// a session bound the pod).
-pub fn check(datagram: &[u8], cookie: Option<u64>) -> Result<(), Dropped> {
+/// Whether `datagram` from `source` is a probe of session `sid` (none
+/// before a session bound the pod) with the cookie made for that source.
+pub fn check(datagram: &[u8], sid: Option<&str>, source: IpAddr, cookies: &UdpCookies) -> Result<(), Dropped> {
     let probe = UdpProbe::read(datagram).map_err(|e| match e {
         UdpError::Size(_) => Dropped::BadSize,
         UdpError::Magic => Dropped::BadMagic,
     })?;
-    if Some(probe.cookie) != cookie {
-        return Err(Dropped::BadCookie);
+    let Some(sid) = sid else { return Err(Dropped::BadCookie) };
+    if probe.cookie == cookies.cookie(sid, source) {
+        Ok(())
+    } else if cookies.was_granted(probe.cookie) {
+        Err(Dropped::WrongSource)
+    } else {
+        Err(Dropped::BadCookie)
     }
-    Ok(())
+}
+
+/// What the session's echo has sent back so far, against its caps.
+#[derive(Debug, Default)]
+struct SessionTally {
+    packets: u64,
+    bytes: u64,
+}
+
+impl SessionTally {
+    /// Counts an echo of `len` bytes, or refuses it when it would pass a cap.
+    fn take(&mut self, len: usize, caps: UdpCaps) -> Result<(), Dropped> {
+        let bytes = self.bytes.saturating_add(len as u64);
+        if self.packets >= caps.packets_per_session || bytes > caps.bytes_per_session {
+            return Err(Dropped::SessionLimit);
+        }
+        self.packets += 1;
+        self.bytes = bytes;
+        Ok(())
+    }
 }
 
 /// Echoes until shutdown.
-pub async fn echo(socket: UdpSocket, state: Arc<PodState>) {
+pub async fn echo(socket: UdpSocket, state: Arc<PodState>, caps: UdpCaps) {
     // One byte more than the largest probe, so an oversized datagram shows.
     let mut buffer = [0u8; UDP_MAX_BYTES + 1];
     let mut shutdown = state.shutdown_signal();
+    let mut tally = SessionTally::default();
     let count = |outcome: &str| state.metrics.udp_datagrams.with_label_values(&[outcome]).inc();
     loop {
         let received = tokio::select! {
@@ -139,13 +278,18 @@ pub async fn echo(socket: UdpSocket, state: Arc<PodState>) {
             }
         };
         let datagram = &mut buffer[..len];
-        if let Err(dropped) = check(datagram, state.session().map(|s| s.udp_cookie)) {
+        let sid = state.session().map(|s| s.claims.sid.as_str());
+        if let Err(dropped) = check(datagram, sid, peer.ip(), &state.udp_cookies) {
             count(dropped.label());
             continue;
         }
         // Both ways cross the client's line.
         if state.charge(peer.ip(), 2 * len as u64).is_err() {
-            count("over_limit");
+            count(Dropped::OverLimit.label());
+            continue;
+        }
+        if let Err(dropped) = tally.take(len, caps) {
+            count(dropped.label());
             continue;
         }
         UdpProbe::stamp_server_time(datagram, unix_micros());
@@ -173,14 +317,60 @@ mod tests {
         datagram
     }
 
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
     #[test]
-    fn only_probes_with_the_sessions_cookie_pass() {
-        assert_eq!(check(&probe(7, 64), Some(7)), Ok(()));
-        assert_eq!(check(&probe(7, 64), Some(8)), Err(Dropped::BadCookie));
-        assert_eq!(check(&probe(7, 64), None), Err(Dropped::BadCookie));
-        assert_eq!(check(&[0u8; UDP_HEADER_BYTES - 1], Some(7)), Err(Dropped::BadSize));
-        assert_eq!(check(&[0u8; UDP_MAX_BYTES + 1], Some(7)), Err(Dropped::BadSize));
-        assert_eq!(check(&[0u8; 64], Some(7)), Err(Dropped::BadMagic));
+    fn cookies_are_hmacs_of_the_session_and_the_address() {
+        let cookies = UdpCookies::with_secret(b"pod secret");
+        // HMAC-SHA256("pod secret", "sid-1" || 127.0.0.1), its first 8 bytes.
+        let key = hmac::Key::new(hmac::HMAC_SHA256, b"pod secret");
+        let tag = hmac::sign(&key, b"sid-1\x7f\x00\x00\x01");
+        let expected = u64::from_be_bytes(tag.as_ref()[..8].try_into().unwrap());
+        assert_eq!(cookies.cookie("sid-1", ip("127.0.0.1")), expected);
+        assert_eq!(cookies.cookie("sid-1", ip("::ffff:127.0.0.1")), expected, "mapped is the IPv4 address");
+        assert_ne!(cookies.cookie("sid-1", ip("127.0.0.2")), expected);
+        assert_ne!(cookies.cookie("sid-2", ip("127.0.0.1")), expected);
+        assert_ne!(UdpCookies::with_secret(b"another pod").cookie("sid-1", ip("127.0.0.1")), expected);
+    }
+
+    #[test]
+    fn only_probes_with_their_sources_cookie_pass() {
+        let cookies = UdpCookies::with_secret(b"s");
+        let (alice, mallory) = (ip("198.51.100.7"), ip("203.0.113.9"));
+        let granted = cookies.grant("sid", alice);
+        assert_eq!(check(&probe(granted, 64), Some("sid"), alice, &cookies), Ok(()));
+        assert_eq!(check(&probe(granted, 64), Some("sid"), mallory, &cookies), Err(Dropped::WrongSource));
+        assert_eq!(check(&probe(granted ^ 1, 64), Some("sid"), alice, &cookies), Err(Dropped::BadCookie));
+        assert_eq!(check(&probe(granted, 64), None, alice, &cookies), Err(Dropped::BadCookie));
+        assert_eq!(check(&[0u8; UDP_HEADER_BYTES - 1], Some("sid"), alice, &cookies), Err(Dropped::BadSize));
+        assert_eq!(check(&[0u8; UDP_MAX_BYTES + 1], Some("sid"), alice, &cookies), Err(Dropped::BadSize));
+        assert_eq!(check(&[0u8; 64], Some("sid"), alice, &cookies), Err(Dropped::BadMagic));
+    }
+
+    #[test]
+    fn the_grants_remembered_are_bounded() {
+        let cookies = UdpCookies::with_secret(b"s");
+        let first = cookies.grant("sid", ip("10.0.0.1"));
+        for n in 0..GRANTS_REMEMBERED as u32 {
+            cookies.grant("sid", IpAddr::from(0x0b00_0000u32.wrapping_add(n).to_be_bytes()));
+        }
+        assert_eq!(cookies.granted().order.len(), GRANTS_REMEMBERED);
+        assert_eq!(cookies.granted().set.len(), GRANTS_REMEMBERED);
+        assert!(!cookies.was_granted(first), "the oldest is forgotten first");
+    }
+
+    #[test]
+    fn the_session_caps_hold() {
+        let caps = UdpCaps { packets_per_session: 3, bytes_per_session: 200 };
+        let mut tally = SessionTally::default();
+        assert_eq!(tally.take(64, caps), Ok(()));
+        assert_eq!(tally.take(64, caps), Ok(()));
+        assert_eq!(tally.take(100, caps), Err(Dropped::SessionLimit), "bytes");
+        assert_eq!(tally.take(64, caps), Ok(()));
+        assert_eq!(tally.take(1, caps), Err(Dropped::SessionLimit), "packets");
+        assert_eq!((tally.packets, tally.bytes), (3, 192));
     }
 
     #[cfg(target_os = "linux")]

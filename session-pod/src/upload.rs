@@ -12,9 +12,10 @@ use axum::response::Response;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
+use crate::body::broken_body;
 use crate::connection::ClientAddr;
 use crate::download::{StreamQuery, stream_duration};
-use crate::error::{ApiError, json_response, parse_query};
+use crate::error::{ApiError, Reason, json_response, parse_query};
 use crate::limits::Opening;
 use crate::state::{PodState, TrafficMeter};
 use tidepool_protocol::pod::{MAX_STREAM_SECONDS, UPLOAD_SAMPLE_US, UploadReport};
@@ -38,6 +39,7 @@ pub async fn upload(
     let max_bytes = state.max_upload_bytes();
     let too_large = |bytes: u64| {
         ApiError::new(
+            Reason::UploadTooLarge,
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("an upload may carry at most {max_bytes} bytes; this one has {bytes} or more"),
         )
@@ -48,7 +50,6 @@ pub async fn upload(
         if !expects_continue(&headers) {
             drain(&mut body).await;
         }
-        state.metrics.refusals.with_label_values(&["upload_too_large"]).inc();
         return Err(too_large(declared));
     }
 
@@ -60,18 +61,18 @@ pub async fn upload(
         let frame = match tokio::time::timeout_at(ends_at, body.frame()).await {
             // The time cap: report what came.
             Err(_) | Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(ApiError::bad_request(format!("the upload broke off: {e}"))),
+            // A body that stopped coming for the body timeout is a 408; one that broke, a 400.
+            Ok(Some(Err(e))) => return Err(broken_body(&e, "the upload broke off")),
             Ok(Some(Ok(frame))) => frame,
         };
         let Ok(data) = frame.into_data() else { continue };
         counter.add(data.len() as u64, Instant::now());
         if counter.bytes > max_bytes {
             drain(&mut body).await;
-            state.metrics.refusals.with_label_values(&["upload_too_large"]).inc();
             return Err(too_large(counter.bytes));
         }
         if let Err(refusal) = meter.add(data.len() as u64) {
-            return Err(state.refused(refusal));
+            return Err(ApiError::from(refusal));
         }
     }
     Ok(json_response(StatusCode::OK, &counter.report()))

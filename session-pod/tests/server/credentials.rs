@@ -56,7 +56,7 @@ async fn a_foreign_signature_is_403() {
         pod.http.get(pod.url(INFO_PATH)).bearer_auth(token).header(BINDING_HEADER, ticket).send().await.unwrap();
     let (status, error) = refusal(response).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert!(error.contains("signature"), "{error}");
+    assert!(error.contains("which this pod does not hold"), "{error}");
 }
 
 #[tokio::test]

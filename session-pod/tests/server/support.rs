@@ -47,6 +47,26 @@ pub fn claims(sid: &str, exp: u64) -> SessionClaims {
     }
 }
 
+/// The pool rule that lets a session's probes reach loopback, where these
+/// tests' targets listen, as the operator would write `TIDEPOOL_EGRESS_ALLOW`.
+pub const ALLOW_LOOPBACK: &str = r#"[{"cidr":"127.0.0.0/8"}]"#;
+
+pub fn allow_loopback(config: &mut ServerConfig) {
+    config.egress = tidepool_protocol::egress::EgressPolicy::parse(ALLOW_LOOPBACK, "").unwrap();
+}
+
+/// The value of the metric line that starts with `series` (0 when absent).
+pub async fn metric(pod: &Pod, series: &str) -> f64 {
+    let text = pod.http.get(pod.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    metric_in(&text, series)
+}
+
+pub fn metric_in(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |value| value.trim().parse().unwrap())
+}
+
 /// Starts a pod with the defaults, changed by `configure`.
 pub async fn start_with(configure: impl FnOnce(&mut ServerConfig)) -> Pod {
     let key = PoolSigningKey::generate().unwrap();
