@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tidepool_cli::engine::{Observer, Phase, Settings};
 use tidepool_cli::{Credentials, Error, PodClient, Quiet};
 use tidepool_crds::test_session::{ProbeKind, ProbeTarget, Profile, SessionResults};
+use tidepool_protocol::egress::EgressPolicy;
 use tidepool_protocol::pod::probes_digest;
 use tidepool_session::server::{Server, ServerConfig};
 use tidepool_session::state::PodIdentity;
@@ -33,6 +34,9 @@ async fn start() -> Pod {
     let mut config = ServerConfig::new(identity, key.public());
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.udp_port = Some(0);
+    // The probes profile probes the pod itself on loopback, which the default
+    // egress policy refuses: allow it as a pool's rule would.
+    config.egress = EgressPolicy::parse(r#"[{"cidr":"127.0.0.0/8"}]"#, "").unwrap();
     Pod { server: Server::start(config).await.unwrap(), key }
 }
 
