@@ -45,15 +45,21 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route(ROUTE_PATH, post(route::route))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn(|request: Request, next: Next| refuse_oversized(BODY_LIMIT, request, next)));
+        .layer(middleware::from_fn_with_state(state.clone(), |state, request: Request, next: Next| {
+            refuse_oversized(state, BODY_LIMIT, request, next)
+        }));
     let pods = Router::new()
         .route(OPERATOR_RESULTS_PATH, post(results::submit))
         .layer(DefaultBodyLimit::max(RESULTS_BODY_LIMIT))
-        .layer(middleware::from_fn(|request: Request, next: Next| refuse_oversized(RESULTS_BODY_LIMIT, request, next)));
+        .layer(middleware::from_fn_with_state(state.clone(), |state, request: Request, next: Next| {
+            refuse_oversized(state, RESULTS_BODY_LIMIT, request, next)
+        }));
     let agents = Router::new()
         .route(REPORT_PATH, post(agents::report))
         .layer(DefaultBodyLimit::max(MAX_REPORT_BYTES))
-        .layer(middleware::from_fn(|request: Request, next: Next| refuse_oversized(MAX_REPORT_BYTES, request, next)));
+        .layer(middleware::from_fn_with_state(state.clone(), |state, request: Request, next: Next| {
+            refuse_oversized(state, MAX_REPORT_BYTES, request, next)
+        }));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -72,7 +78,8 @@ const DRAIN_LIMIT: usize = 1024 * 1024;
 /// to [`DRAIN_LIMIT`] are read first: a server that answers and closes with
 /// the body unread makes the kernel reset the connection, and the client
 /// may see the reset instead of the answer.
-async fn refuse_oversized(limit: usize, request: Request, next: Next) -> Response {
+async fn refuse_oversized(State(state): State<Arc<ApiState>>, limit: usize, request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -85,7 +92,14 @@ async fn refuse_oversized(limit: usize, request: Request, next: Next) -> Respons
                 let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
             }
             let message = format!("length limit exceeded: the body is {length} bytes, the limit {limit}");
-            error(StatusCode::PAYLOAD_TOO_LARGE, message)
+            let refused = reply::Refused::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message);
+            if path == REPORT_PATH {
+                // Agent reports are counted by their own metric.
+                state.metrics.agent_reports.with_label_values(&[refused.reason]).inc();
+                return refused.into_response();
+            }
+            let route = if path.ends_with("/results") { "results" } else { route_of(&method, &path) };
+            refuse(&state, route, refused)
         }
         _ => next.run(request).await,
     }
@@ -113,7 +127,11 @@ async fn authenticate(State(state): State<Arc<ApiState>>, mut request: Request, 
 }
 
 fn route_label(request: &Request) -> &'static str {
-    match (request.method() == axum::http::Method::POST, request.uri().path()) {
+    route_of(request.method(), request.uri().path())
+}
+
+fn route_of(method: &axum::http::Method, path: &str) -> &'static str {
+    match (method == axum::http::Method::POST, path) {
         (true, ROUTE_PATH) => "route",
         (true, _) => "create",
         (false, _) => "session",

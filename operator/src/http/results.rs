@@ -76,11 +76,12 @@ async fn accept(
         let message = format!("results need the session token and the {BINDING_HEADER} ticket");
         return Err(Refused::new(StatusCode::UNAUTHORIZED, "no_credentials", message));
     };
-    let submission: ResultsSubmission = json_body(body)?;
     if names::namespace(&namespace).is_err() || names::object("TestSession", name).is_err() {
         return Err(not_yours());
     }
     let (session, keys) = check_credentials(state, &namespace, name, token, ticket).await?;
+    // Read only after the credentials fit: strangers learn nothing of the shape.
+    let submission: ResultsSubmission = json_body(body)?;
     validate(&submission.results)
         .map_err(|invalid| Refused::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_field", invalid.to_string()))?;
     let mut results = submission.results;

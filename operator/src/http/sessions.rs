@@ -68,10 +68,9 @@ pub async fn create(
             return deny(&state, "create", &denied);
         }
     }
-    let Some(pool) = state.pools.get(&ObjectRef::new(&request.pool).within(&namespace)) else {
-        let refused =
-            Refused::new(StatusCode::NOT_FOUND, "no_pool", format!("no WarmPool {namespace}/{}", request.pool));
-        return refuse(&state, "create", refused);
+    let pool = match find_pool(&state, &namespace, &request.pool).await {
+        Ok(pool) => pool,
+        Err(refused) => return refuse(&state, "create", refused),
     };
     if let Some(ttl) = request.ttl_seconds
         && ttl > pool.spec.max_session_ttl_seconds
@@ -92,6 +91,23 @@ pub async fn create(
     match make_session(&state, &request, &namespace, &caller, &creator, &pool).await {
         Ok(response) => response,
         Err(refused) => refuse(&state, "create", refused),
+    }
+}
+
+/// The pool from this replica's cache, or, when the cache has not seen it
+/// yet (a pool made a moment ago), one read from the API server. Only
+/// callers already authorized to create sessions in the namespace get here,
+/// so the read cannot be spent by strangers.
+async fn find_pool(state: &ApiState, namespace: &str, name: &str) -> Result<Arc<WarmPool>, Refused> {
+    if let Some(pool) = state.pools.get(&ObjectRef::new(name).within(namespace)) {
+        return Ok(pool);
+    }
+    let missing = || Refused::new(StatusCode::NOT_FOUND, "no_pool", format!("no WarmPool {namespace}/{name}"));
+    let pools: Api<WarmPool> = Api::namespaced(state.client.clone(), namespace);
+    match pools.get_opt(name).await {
+        Ok(Some(pool)) => Ok(Arc::new(pool)),
+        Ok(None) => Err(missing()),
+        Err(e) => Err(kube_refusal(e, "reading the WarmPool")),
     }
 }
 
