@@ -438,7 +438,7 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option() {
     assert_session_policy(
         sessions,
         ("kube-system", "k8s-app", "kube-dns"),
-        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"],
+        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "168.63.129.16/32"],
         &["fc00::/7", "fe80::/10", "fd00:ec2::254/128"],
     );
     let env = container["env"].as_sequence().unwrap();
@@ -902,7 +902,7 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
     assert_session_policy(
         &kept("tidepool-sessions").await,
         ("kube-system", "k8s-app", "kube-dns"),
-        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"],
+        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "168.63.129.16/32"],
         &["fc00::/7", "fe80::/10", "fd00:ec2::254/128"],
     );
     let operator_policy = kept("tidepool-operator").await;
@@ -955,12 +955,8 @@ async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Clie
         .collect();
     let kubeconfig = plane.service_account_kubeconfig(NAMESPACE, "tidepool-operator").await.unwrap();
     let binary = workspace_binary("tidepool-operator", "tidepool-operator").unwrap();
-    // Every node and agent of the harness is on loopback: an operator that
-    // refuses loopback backend addresses unless told so is told so.
-    let allow_local = "--allow-local-backend-addresses";
-    if accepts(&binary, &[allow_local.to_string()]).is_ok() {
-        args.push(allow_local.to_string());
-    }
+    // Every node and agent of the harness is on loopback.
+    args.push("--allow-local-backend-addresses".to_string());
     let env = [("KUBECONFIG", kubeconfig.to_str().unwrap()), ("POD_NAME", "tidepool-operator-0")];
     // The session binary behind each of the example pool's pods, as a kubelet would run it.
     let session = workspace_binary("tidepool-session", "tidepool-session").unwrap();
