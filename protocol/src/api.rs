@@ -254,3 +254,65 @@ mod tests {
         assert!(serde_json::from_str::<RouteRequest>(r#"{"tier": {"vcpu": 1, "memoryMiB": 64}, "x": 1}"#).is_err());
     }
 }
+
+/// The API's bodies come from anyone who can reach the operator: whatever
+/// the bytes, parsing and checking answer and never panic, and every check
+/// accepts exactly the figures it documents.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::parse_json;
+
+    fn tier() -> impl Strategy<Value = Tier> {
+        (any::<i32>(), any::<i64>(), any::<i64>(), any::<i32>(), any::<i64>()).prop_map(
+            |(vcpu, memory_mib, disk_gib, gpus, gpu_memory_mib)| Tier {
+                vcpu,
+                memory_mib,
+                disk_gib,
+                gpus,
+                gpu_memory_mib,
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_bytes_are_answered_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_json::<CreateSession>(&bytes);
+            if let Ok(request) = parse_json::<RouteRequest>(&bytes) {
+                let _ = request.check();
+            }
+        }
+
+        #[test]
+        fn a_tier_is_accepted_exactly_within_its_ranges(tier in tier()) {
+            let within = (1..=512).contains(&tier.vcpu)
+                && (16..=4_194_304).contains(&tier.memory_mib)
+                && (0..=65_536).contains(&tier.disk_gib)
+                && (0..=16).contains(&tier.gpus)
+                && (0..=4_194_304).contains(&tier.gpu_memory_mib);
+            let request = RouteRequest { tier, client_address: None, coordinates: None, sticky_key: None, weights: None };
+            prop_assert_eq!(request.check().is_ok(), within);
+        }
+
+        #[test]
+        fn a_client_address_is_accepted_only_when_it_is_an_ip(address in "\\PC{0,45}") {
+            let tier = Tier { vcpu: 1, memory_mib: 64, disk_gib: 0, gpus: 0, gpu_memory_mib: 0 };
+            let is_ip = address.parse::<std::net::IpAddr>().is_ok();
+            let request =
+                RouteRequest { tier, client_address: Some(address), coordinates: None, sticky_key: None, weights: None };
+            prop_assert_eq!(request.check().is_ok(), is_ip);
+        }
+
+        #[test]
+        fn create_requests_round_trip(pool in "[a-z0-9-]{1,63}", ttl in proptest::option::of(any::<i64>()), key in proptest::option::of("\\PC{0,40}")) {
+            let request = CreateSession { pool, ttl_seconds: ttl, sticky_key: key, ..Default::default() };
+            let body = serde_json::to_vec(&request).unwrap();
+            prop_assert_eq!(parse_json::<CreateSession>(&body), Ok(request));
+        }
+    }
+}

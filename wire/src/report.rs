@@ -352,3 +352,79 @@ mod tests {
         assert!(!is_object_name(&"a".repeat(254)));
     }
 }
+
+/// Reports arrive from anything that holds an agent's token; whatever the
+/// figures, validation answers and never panics, and a possible report is
+/// accepted as it was sent.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn possible() -> impl Strategy<Value = AgentReport> {
+        (1u32..=8, 1u64..1 << 40, 0u64..1 << 42, "[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?", 50u32..=600_000).prop_flat_map(
+            |(cores, memory, disk, backend, interval)| {
+                let figures = proptest::collection::vec(0.0f32..=100.0, cores as usize);
+                (figures, 0..=memory, 0..=disk).prop_map(move |(figures, memory_used, disk_used)| AgentReport {
+                    backend: backend.clone(),
+                    kind: ReportKind::Node,
+                    address: None,
+                    health_port: None,
+                    region: None,
+                    coordinates: None,
+                    interval_ms: interval,
+                    seq: 1,
+                    sampled_at_ms: 1,
+                    capacity: Capacity { cores, memory_bytes: memory, disk_bytes: disk, gpus: vec![] },
+                    windows: vec![Window {
+                        seconds: 10,
+                        samples: 10,
+                        cores: figures,
+                        memory_used_bytes: memory_used,
+                        disk_used_bytes: disk_used,
+                        net_rx_bytes_per_second: 0.0,
+                        net_tx_bytes_per_second: 0.0,
+                        gpus: vec![],
+                    }],
+                })
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_bytes_parse_or_fail_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Ok(report) = serde_json::from_slice::<AgentReport>(&bytes) {
+                let _ = report.validate();
+            }
+        }
+
+        #[test]
+        fn possible_reports_round_trip_and_are_accepted(report in possible()) {
+            prop_assert_eq!(report.validate(), Ok(()));
+            let again: AgentReport = serde_json::from_slice(&serde_json::to_vec(&report).unwrap()).unwrap();
+            prop_assert_eq!(again.validate(), Ok(()));
+            prop_assert_eq!(again.capacity, report.capacity);
+        }
+
+        #[test]
+        fn impossible_figures_are_refused(report in possible(), over in 100.001f32..1e30, core in any::<prop::sample::Index>()) {
+            let mut busy = report.clone();
+            let i = core.index(busy.windows[0].cores.len());
+            busy.windows[0].cores[i] = over;
+            prop_assert!(busy.validate().is_err());
+            let mut not_a_number = report.clone();
+            not_a_number.windows[0].cores[i] = f32::NAN;
+            prop_assert!(not_a_number.validate().is_err());
+            let mut overfull = report.clone();
+            overfull.windows[0].memory_used_bytes = report.capacity.memory_bytes + 1;
+            prop_assert!(overfull.validate().is_err());
+            let mut one_core_short = report;
+            one_core_short.windows[0].cores.pop();
+            prop_assert!(one_core_short.validate().is_err());
+        }
+    }
+}

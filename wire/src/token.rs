@@ -388,3 +388,92 @@ mod tests {
         assert!(!format!("{key:?}").contains(&key.to_base64()));
     }
 }
+
+/// Tokens and tickets arrive from anyone; whatever the bytes, checking them
+/// answers an error and never panics, and no change to a signed credential
+/// is accepted.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn key(seed: u8) -> PoolSigningKey {
+        PoolSigningKey::from_base64(&B64.encode([seed; 32])).unwrap()
+    }
+
+    fn claims() -> impl Strategy<Value = SessionClaims> {
+        ("[a-z0-9-]{1,36}", "[a-z0-9-]{1,20}", "[a-z0-9-]{1,40}", "[a-z0-9-]{1,20}", 1u64..u64::MAX / 2, 1u8..=3)
+            .prop_map(|(sid, ns, name, pool, exp, tier)| SessionClaims {
+                sid,
+                ns,
+                name,
+                pool,
+                profile: "latency".into(),
+                exp,
+                probes: None,
+                tier,
+                kid: String::new(),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn any_text_is_refused_without_panic(text in "\\PC{0,200}", sid in "\\PC{0,40}", pod in "\\PC{0,40}") {
+            let keys = PublicKeys::new(vec![key(1).public()]);
+            prop_assert!(keys.verify_session(&text, 0).is_err());
+            prop_assert!(keys.verify_binding(&text, &sid, &pod).is_err());
+            let _ = PoolPublicKey::unverified_claims(&text);
+            let _ = PublicKeys::from_base64_list(&text);
+            let _ = PoolSigningKey::from_base64(&text);
+        }
+
+        #[test]
+        fn a_signed_token_verifies_and_any_changed_byte_does_not(claims in claims(), at in any::<prop::sample::Index>(), to in any::<u8>()) {
+            let signer = key(2);
+            let keys = PublicKeys::new(vec![key(3).public(), signer.public()]);
+            let token = signer.sign_session(&claims);
+            let verified = keys.verify_session(&token, 0).unwrap();
+            prop_assert_eq!(&verified, &SessionClaims { kid: signer.public().kid(), ..claims.clone() });
+            let mut changed = token.clone().into_bytes();
+            let i = at.index(changed.len());
+            prop_assume!(changed[i] != to);
+            changed[i] = to;
+            if let Ok(changed) = String::from_utf8(changed) {
+                // Base64 padding bits can change without changing the bytes
+                // they carry; what matters is that the claims are the same.
+                if let Ok(accepted) = keys.verify_session(&changed, 0) {
+                    prop_assert_eq!(accepted, verified);
+                }
+            }
+        }
+
+        #[test]
+        fn a_token_from_another_key_or_past_its_expiry_is_refused(claims in claims()) {
+            let token = key(4).sign_session(&claims);
+            let keys = PublicKeys::new(vec![key(5).public()]);
+            prop_assert!(matches!(keys.verify_session(&token, 0), Err(TokenError::UnknownKey(_))));
+            let own = PublicKeys::new(vec![key(4).public()]);
+            prop_assert!(
+                matches!(own.verify_session(&token, claims.exp), Err(TokenError::Expired { .. })),
+                "a token is dead at its expiry second"
+            );
+        }
+
+        #[test]
+        fn a_ticket_binds_exactly_one_session_to_one_pod(sid in "[a-z0-9-]{1,36}", pod in "[a-z0-9-]{1,63}", other in "[a-z0-9-]{1,63}") {
+            let signer = key(6);
+            let keys = PublicKeys::new(vec![signer.public()]);
+            let ticket = signer.sign_binding(&sid, &pod);
+            prop_assert_eq!(keys.verify_binding(&ticket, &sid, &pod), Ok(()));
+            if other != pod {
+                prop_assert!(keys.verify_binding(&ticket, &sid, &other).is_err());
+            }
+            if other != sid {
+                prop_assert!(keys.verify_binding(&ticket, &other, &pod).is_err());
+            }
+        }
+    }
+}
