@@ -87,8 +87,11 @@ pub fn refuse(state: &PodState, reason: Reason, message: impl Into<String>) -> S
 /// with a close frame and counted, or a connection that is simply gone.
 pub fn read_failure(state: &PodState, error: axum::Error) -> Option<(u16, &'static str)> {
     use tungstenite::Error as WsError;
+    use tungstenite::error::ProtocolError;
     let inner = error.into_inner();
     let close = match inner.downcast_ref::<WsError>() {
+        // A client that went away without a close frame broke no rule.
+        Some(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => return None,
         Some(WsError::Capacity(_)) => (CLOSE_TOO_BIG, "frame over the size limit"),
         Some(WsError::Protocol(_)) => (CLOSE_PROTOCOL, "protocol error"),
         Some(WsError::Utf8(_)) => (CLOSE_NOT_UTF8, "text frame is not UTF-8"),

@@ -1,6 +1,7 @@
 //! The session pod's server, started in-process and driven over real
 //! sockets on 127.0.0.1.
 
+mod bad_inputs;
 mod connections;
 mod credentials;
 mod household;
