@@ -440,8 +440,9 @@ impl fmt::Display for Refused {
             Reason::Cluster(cidr) => write!(f, "in the cluster's range {cidr}")?,
         }
         if let Some(ports) = &self.rule_ports {
-            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-            write!(f, " (the pool allows it on port {} only)", ports.join(", "))?;
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            let noun = if list.len() == 1 { "port" } else { "ports" };
+            write!(f, " (the pool allows it on {noun} {} only)", list.join(", "))?;
         }
         Ok(())
     }
@@ -496,6 +497,33 @@ impl EgressPolicy {
     /// Whether any allow rule or cluster range is set.
     pub fn is_default(&self) -> bool {
         self.allow.is_empty() && self.deny.is_empty()
+    }
+}
+
+impl fmt::Display for EgressPolicy {
+    /// `public internet; allowed: 10.1.0.0/16 ports 5432, db.default.svc; cluster: 10.96.0.0/12`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("public internet")?;
+        let rules: Vec<String> = self
+            .allow
+            .iter()
+            .map(|rule| {
+                let what = match &rule.what {
+                    Allowed::Cidr(cidr) => cidr.to_string(),
+                    Allowed::Host(pattern) => pattern.to_string(),
+                };
+                let ports: Vec<String> = rule.ports.iter().map(u16::to_string).collect();
+                if ports.is_empty() { what } else { format!("{what} ports {}", ports.join(" ")) }
+            })
+            .collect();
+        if !rules.is_empty() {
+            write!(f, "; allowed: {}", rules.join(", "))?;
+        }
+        if !self.deny.is_empty() {
+            let deny: Vec<String> = self.deny.iter().map(Cidr::to_string).collect();
+            write!(f, "; cluster: {}", deny.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -714,7 +742,8 @@ mod tests {
         assert!(policy.check("10.1.2.3", ip("10.1.2.3"), None).is_err(), "no port: only an every-port rule");
         assert_eq!(policy.check("DB.default.svc.", ip("10.96.0.9"), None), Ok(()), "whatever it resolves to");
         assert_eq!(policy.check("api.internal.example", ip("192.168.1.1"), Some(8443)), Ok(()));
-        assert!(policy.check("api.internal.example", ip("192.168.1.1"), Some(80)).is_err());
+        let wrong_port = policy.check("api.internal.example", ip("192.168.1.1"), Some(80)).unwrap_err();
+        assert!(wrong_port.to_string().ends_with("is private (the pool allows it on ports 443, 8443 only)"));
         assert!(policy.check("internal.example", ip("192.168.1.1"), Some(443)).is_err());
         assert_eq!(policy.check("localhost", ip("127.0.0.1"), None), Ok(()));
         assert_eq!(policy.check("h", ip("::ffff:127.0.0.1"), None), Ok(()), "mapped: the IPv4 rule");
@@ -743,8 +772,12 @@ mod tests {
             "10.96.0.0/12,10.244.0.0/16",
         )
         .unwrap();
-        assert_eq!(policy.allow.len(), 3);
-        assert_eq!(policy.deny.len(), 2);
+        assert_eq!(
+            policy.to_string(),
+            "public internet; allowed: 10.1.0.0/16 ports 5432, db.default.svc, *.example.org; cluster: \
+             10.96.0.0/12, 10.244.0.0/16"
+        );
+        assert_eq!(EgressPolicy::default().to_string(), "public internet");
         assert_eq!(
             EgressPolicy::parse(r#"[{"host":"a"}]"#, "").unwrap().with_deny(parse_deny("10.0.0.0/8").unwrap()),
             EgressPolicy::parse(r#"[{"host":"a"}]"#, "10.0.0.0/8").unwrap()

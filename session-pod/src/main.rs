@@ -27,7 +27,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(flags: Flags) -> ExitCode {
-    let mut server = match Server::start(flags.server_config()).await {
+    let config = flags.server_config();
+    tracing::info!(egress = %config.egress, "probes may reach");
+    let mut server = match Server::start(config).await {
         Ok(server) => server,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
