@@ -1287,6 +1287,70 @@ async fn argocd_manifests_pass_a_server_side_dry_run_against_argo_cds_crds() {
     }
 }
 
+/// Whether `name` matches an Argo CD whitelist pattern (`*` or `*.suffix`).
+fn whitelisted(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => name.ends_with(suffix),
+        None => pattern == name,
+    }
+}
+
+#[test]
+fn the_argocd_project_allows_every_object_the_chart_makes() {
+    let project: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo().join("argocd/project.yaml")).unwrap()).unwrap();
+    let spec = &project["spec"];
+    let entries = |list: &str| -> Vec<(String, String, String)> {
+        spec[list]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("argocd/project.yaml has no {list}"))
+            .iter()
+            .map(|e| {
+                let name = e["name"].as_str().unwrap_or("*");
+                (str_of(&e["group"]).to_string(), str_of(&e["kind"]).to_string(), name.to_string())
+            })
+            .collect()
+    };
+    let (cluster, namespaced) = (entries("clusterResourceWhitelist"), entries("namespaceResourceWhitelist"));
+    let destinations: Vec<&str> =
+        spec["destinations"].as_sequence().unwrap().iter().map(|d| str_of(&d["namespace"])).collect();
+    const CLUSTER_SCOPED: [&str; 6] = [
+        "Namespace",
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ];
+    let mut objects = render(&["--include-crds"]);
+    // The namespace itself, which the Application's CreateNamespace makes.
+    objects.push(
+        serde_yaml::from_str(&format!("{{apiVersion: v1, kind: Namespace, metadata: {{name: {NAMESPACE}}}}}")).unwrap(),
+    );
+    for object in &objects {
+        let kind = str_of(&object["kind"]);
+        let api_version = str_of(&object["apiVersion"]);
+        let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
+        let name = str_of(&object["metadata"]["name"]);
+        if CLUSTER_SCOPED.contains(&kind) {
+            assert!(
+                cluster.iter().any(|(g, k, n)| g == group && k == kind && whitelisted(n, name)),
+                "argocd/project.yaml's clusterResourceWhitelist does not allow {kind} {name} ({group})"
+            );
+        } else {
+            assert!(
+                namespaced.iter().any(|(g, k, _)| g == group && k == kind),
+                "argocd/project.yaml's namespaceResourceWhitelist does not allow {kind} ({group})"
+            );
+            let namespace = object["metadata"]["namespace"].as_str().unwrap_or(NAMESPACE);
+            assert!(
+                destinations.contains(&namespace),
+                "argocd/project.yaml has no destination {namespace} for {kind} {name}"
+            );
+        }
+    }
+}
+
 /// The Dockerfile's instructions by stage: (stage name, base, instructions),
 /// with continued lines joined.
 fn dockerfile_stages(text: &str) -> Vec<(String, String, Vec<String>)> {

@@ -81,6 +81,8 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
             }
             _ => arg,
         })
+        // The agents here are processes on this machine, at 127.0.0.1.
+        .chain(["--allow-local-backend-addresses".to_string()])
         .collect();
     let operator_kubeconfig = plane.service_account_kubeconfig(NAMESPACE, "tidepool-operator").await?;
     let env = [("KUBECONFIG", operator_kubeconfig.to_str().unwrap_or_default()), ("POD_NAME", "tidepool-operator-0")];
