@@ -31,11 +31,14 @@ pub struct TimedBody<B> {
     timeout: Duration,
     /// Armed at the first read: a handler may look at the request first.
     timer: Option<Pin<Box<Sleep>>>,
+    /// When the last piece came. The timer is moved on only when it fires
+    /// early, not at every piece: an upload brings tens of thousands a second.
+    last_piece: Instant,
 }
 
 impl<B> TimedBody<B> {
     pub fn new(inner: B, timeout: Duration) -> Self {
-        Self { inner, timeout, timer: None }
+        Self { inner, timeout, timer: None, last_piece: Instant::now() }
     }
 }
 
@@ -50,17 +53,27 @@ where
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let timeout = this.timeout;
+        if this.timer.is_none() {
+            this.last_piece = Instant::now();
+        }
         let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                timer.as_mut().reset(Instant::now() + timeout);
+                this.last_piece = Instant::now();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(timeout))))),
-                Poll::Pending => Poll::Pending,
+            Poll::Pending => loop {
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let due = this.last_piece + timeout;
+                if Instant::now() >= due {
+                    return Poll::Ready(Some(Err(Box::new(BodyTimedOut(timeout)))));
+                }
+                // Pieces came since the timer was set: it fired early; move it on.
+                timer.as_mut().reset(due);
             },
         }
     }

@@ -221,20 +221,39 @@ impl Dropped {
     }
 }
 
-/// Whether `datagram` from `source` is a probe of session `sid` (none
-/// before a session bound the pod) with the cookie made for that source.
-pub fn check(datagram: &[u8], sid: Option<&str>, source: IpAddr, cookies: &UdpCookies) -> Result<(), Dropped> {
+/// Whether `datagram` is a probe with `expected`, the cookie made for its
+/// source address (`None` before a session bound the pod), asked for only
+/// once the datagram is a well-formed probe: garbage costs no HMAC.
+pub fn check(datagram: &[u8], expected: impl FnOnce() -> Option<u64>, cookies: &UdpCookies) -> Result<(), Dropped> {
     let probe = UdpProbe::read(datagram).map_err(|e| match e {
         UdpError::Size(_) => Dropped::BadSize,
         UdpError::Magic => Dropped::BadMagic,
     })?;
-    let Some(sid) = sid else { return Err(Dropped::BadCookie) };
-    if probe.cookie == cookies.cookie(sid, source) {
+    let Some(expected) = expected() else { return Err(Dropped::BadCookie) };
+    if probe.cookie == expected {
         Ok(())
     } else if cookies.was_granted(probe.cookie) {
         Err(Dropped::WrongSource)
     } else {
         Err(Dropped::BadCookie)
+    }
+}
+
+/// The cookie of the last source address seen: a client sends from one
+/// address, so the echo makes its HMAC once, not per datagram.
+#[derive(Debug, Default)]
+struct LastCookie(Option<(IpAddr, u64)>);
+
+impl LastCookie {
+    fn get(&mut self, cookies: &UdpCookies, sid: &str, source: IpAddr) -> u64 {
+        match self.0 {
+            Some((ip, cookie)) if ip == source => cookie,
+            _ => {
+                let cookie = cookies.cookie(sid, source);
+                self.0 = Some((source, cookie));
+                cookie
+            }
+        }
     }
 }
 
@@ -246,15 +265,17 @@ struct SessionTally {
 }
 
 impl SessionTally {
-    /// Counts an echo of `len` bytes, or refuses it when it would pass a cap.
-    fn take(&mut self, len: usize, caps: UdpCaps) -> Result<(), Dropped> {
-        let bytes = self.bytes.saturating_add(len as u64);
-        if self.packets >= caps.packets_per_session || bytes > caps.bytes_per_session {
+    /// Whether an echo of `len` bytes stays within the caps.
+    fn allows(&self, len: usize, caps: UdpCaps) -> Result<(), Dropped> {
+        if self.packets >= caps.packets_per_session || self.bytes.saturating_add(len as u64) > caps.bytes_per_session {
             return Err(Dropped::SessionLimit);
         }
-        self.packets += 1;
-        self.bytes = bytes;
         Ok(())
+    }
+
+    fn record(&mut self, len: usize) {
+        self.packets += 1;
+        self.bytes = self.bytes.saturating_add(len as u64);
     }
 }
 
@@ -264,6 +285,7 @@ pub async fn echo(socket: UdpSocket, state: Arc<PodState>, caps: UdpCaps) {
     let mut buffer = [0u8; UDP_MAX_BYTES + 1];
     let mut shutdown = state.shutdown_signal();
     let mut tally = SessionTally::default();
+    let mut last_cookie = LastCookie::default();
     let count = |outcome: &str| state.metrics.udp_datagrams.with_label_values(&[outcome]).inc();
     loop {
         let received = tokio::select! {
@@ -278,8 +300,13 @@ pub async fn echo(socket: UdpSocket, state: Arc<PodState>, caps: UdpCaps) {
             }
         };
         let datagram = &mut buffer[..len];
-        let sid = state.session().map(|s| s.claims.sid.as_str());
-        if let Err(dropped) = check(datagram, sid, peer.ip(), &state.udp_cookies) {
+        let expected =
+            || state.session().map(|s| last_cookie.get(&state.udp_cookies, &s.claims.sid, peer.ip().to_canonical()));
+        if let Err(dropped) = check(datagram, expected, &state.udp_cookies) {
+            count(dropped.label());
+            continue;
+        }
+        if let Err(dropped) = tally.allows(len, caps) {
             count(dropped.label());
             continue;
         }
@@ -288,10 +315,7 @@ pub async fn echo(socket: UdpSocket, state: Arc<PodState>, caps: UdpCaps) {
             count(Dropped::OverLimit.label());
             continue;
         }
-        if let Err(dropped) = tally.take(len, caps) {
-            count(dropped.label());
-            continue;
-        }
+        tally.record(len);
         UdpProbe::stamp_server_time(datagram, unix_micros());
         match socket.send_to(datagram, peer).await {
             Ok(_) => {
@@ -340,13 +364,21 @@ mod tests {
         let cookies = UdpCookies::with_secret(b"s");
         let (alice, mallory) = (ip("198.51.100.7"), ip("203.0.113.9"));
         let granted = cookies.grant("sid", alice);
-        assert_eq!(check(&probe(granted, 64), Some("sid"), alice, &cookies), Ok(()));
-        assert_eq!(check(&probe(granted, 64), Some("sid"), mallory, &cookies), Err(Dropped::WrongSource));
-        assert_eq!(check(&probe(granted ^ 1, 64), Some("sid"), alice, &cookies), Err(Dropped::BadCookie));
-        assert_eq!(check(&probe(granted, 64), None, alice, &cookies), Err(Dropped::BadCookie));
-        assert_eq!(check(&[0u8; UDP_HEADER_BYTES - 1], Some("sid"), alice, &cookies), Err(Dropped::BadSize));
-        assert_eq!(check(&[0u8; UDP_MAX_BYTES + 1], Some("sid"), alice, &cookies), Err(Dropped::BadSize));
-        assert_eq!(check(&[0u8; 64], Some("sid"), alice, &cookies), Err(Dropped::BadMagic));
+        let cookies = &cookies;
+        let from = |source: IpAddr| move || Some(cookies.cookie("sid", source));
+        assert_eq!(check(&probe(granted, 64), from(alice), cookies), Ok(()));
+        assert_eq!(check(&probe(granted, 64), from(mallory), cookies), Err(Dropped::WrongSource));
+        assert_eq!(check(&probe(granted ^ 1, 64), from(alice), cookies), Err(Dropped::BadCookie));
+        assert_eq!(check(&probe(granted, 64), || None, cookies), Err(Dropped::BadCookie));
+        let never = || -> Option<u64> { panic!("no HMAC for a datagram that is not a probe") };
+        assert_eq!(check(&[0u8; UDP_HEADER_BYTES - 1], never, cookies), Err(Dropped::BadSize));
+        assert_eq!(check(&[0u8; UDP_MAX_BYTES + 1], never, cookies), Err(Dropped::BadSize));
+        assert_eq!(check(&[0u8; 64], never, cookies), Err(Dropped::BadMagic));
+
+        let mut last = LastCookie::default();
+        assert_eq!(last.get(cookies, "sid", alice), granted);
+        assert_eq!(last.get(cookies, "sid", alice), granted);
+        assert_eq!(last.get(cookies, "sid", mallory), cookies.cookie("sid", mallory));
     }
 
     #[test]
@@ -365,11 +397,12 @@ mod tests {
     fn the_session_caps_hold() {
         let caps = UdpCaps { packets_per_session: 3, bytes_per_session: 200 };
         let mut tally = SessionTally::default();
-        assert_eq!(tally.take(64, caps), Ok(()));
-        assert_eq!(tally.take(64, caps), Ok(()));
-        assert_eq!(tally.take(100, caps), Err(Dropped::SessionLimit), "bytes");
-        assert_eq!(tally.take(64, caps), Ok(()));
-        assert_eq!(tally.take(1, caps), Err(Dropped::SessionLimit), "packets");
+        let mut take = |len| tally.allows(len, caps).map(|()| tally.record(len));
+        assert_eq!(take(64), Ok(()));
+        assert_eq!(take(64), Ok(()));
+        assert_eq!(take(100), Err(Dropped::SessionLimit), "bytes");
+        assert_eq!(take(64), Ok(()));
+        assert_eq!(take(1), Err(Dropped::SessionLimit), "packets");
         assert_eq!((tally.packets, tally.bytes), (3, 192));
     }
 
