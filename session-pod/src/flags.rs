@@ -8,11 +8,9 @@ use tidepool_protocol::egress::{self, Cidr, EgressPolicy};
 use tidepool_wire::token::PublicKeys;
 
 use crate::http_limits::HttpLimits;
-use crate::limits::Limits;
-use crate::probe_runs::ProbeLimits;
+use crate::limits::{Limits, ProbeLimits, UdpCaps};
 use crate::server::ServerConfig;
 use crate::state::PodIdentity;
-use crate::udp::UdpCaps;
 use tidepool_protocol::pod::MAX_UPLOAD_BYTES;
 
 /// Tidepool's session pod: serves one user's latency, throughput, UDP and

@@ -25,4 +25,5 @@ pub mod session;
 pub mod sockets;
 pub mod state;
 pub mod udp;
+pub mod udp_cookie;
 pub mod upload;

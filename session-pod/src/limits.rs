@@ -81,6 +81,39 @@ impl Refusal {
     }
 }
 
+/// What one session's UDP echo may send back in all (a pod serves one session).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpCaps {
+    /// Datagrams echoed per session.
+    pub packets_per_session: u64,
+    /// Bytes echoed per session.
+    pub bytes_per_session: u64,
+}
+
+impl Default for UdpCaps {
+    /// 100 datagrams a second for an hour (the CLI sends 10 a second), and 100 MB.
+    fn default() -> Self {
+        Self { packets_per_session: 360_000, bytes_per_session: 100_000_000 }
+    }
+}
+
+/// What one session's probe runs may spend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeLimits {
+    /// Bytes all its probes may send and receive, downloads included.
+    pub bytes_per_session: u64,
+    /// Runs it may start in any minute (once or continuous).
+    pub runs_per_minute: u32,
+}
+
+impl Default for ProbeLimits {
+    /// Two tier-3 runs' worth of bytes (each may download 1 GB), and ten
+    /// runs a minute (continuous runs come every 10 s at most).
+    fn default() -> Self {
+        Self { bytes_per_session: 2_000_000_000, runs_per_minute: 10 }
+    }
+}
+
 /// Whole seconds, rounded up, so a client that waits that long is let in.
 pub fn secs(duration: Duration) -> u64 {
     duration.as_secs() + u64::from(duration.subsec_nanos() > 0)

@@ -23,7 +23,7 @@ pub struct Metrics {
     pub pings: IntCounterVec,
     /// `user`, `direction` (sent or received).
     pub household_bytes: IntCounterVec,
-    /// `outcome`: echoed, send_failed, or a [`crate::udp::Dropped`] label.
+    /// `outcome`: echoed, send_failed, or a [`crate::udp_cookie::Dropped`] label.
     pub udp_datagrams: IntCounterVec,
     pub udp_bytes: IntCounter,
     /// `direction`: receive or send; what the kernel granted.
@@ -180,7 +180,7 @@ impl Metrics {
         for reason in crate::error::Reason::ALL {
             self.refusals.with_label_values(&[reason.label()]);
         }
-        for dropped in crate::udp::Dropped::ALL {
+        for dropped in crate::udp_cookie::Dropped::ALL {
             self.udp_datagrams.with_label_values(&[dropped.label()]);
         }
         for outcome in ["echoed", "send_failed"] {

@@ -32,23 +32,6 @@ const PROBES_BODY_LIMIT: usize = 128 * 1024;
 const MIN_EVERY_SECONDS: u64 = 10;
 const MAX_EVERY_SECONDS: u64 = 86_400;
 
-/// What one session's probe runs may spend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ProbeLimits {
-    /// Bytes all its probes may send and receive, downloads included.
-    pub bytes_per_session: u64,
-    /// Runs it may start in any minute (once or continuous).
-    pub runs_per_minute: u32,
-}
-
-impl Default for ProbeLimits {
-    /// Two tier-3 runs' worth of bytes (each may download 1 GB), and ten
-    /// runs a minute (continuous runs come every 10 s at most).
-    fn default() -> Self {
-        Self { bytes_per_session: 2_000_000_000, runs_per_minute: 10 }
-    }
-}
-
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ProbeQuery {

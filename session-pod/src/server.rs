@@ -31,14 +31,13 @@ use crate::body::TimedBody;
 use crate::connection::{ClientAddr, ConnectionSocket};
 use crate::error::{ApiError, Reason, json_response};
 use crate::http_limits::{Activity, AnsweredBody, ConnectionSlot, HttpLimits, Watched};
-use crate::limits::{Limiter, Limits};
+use crate::limits::{Limiter, Limits, ProbeLimits, UdpCaps};
 use crate::metrics::{Metrics, route_label};
-use crate::probe_runs::ProbeLimits;
 use crate::random::{NoRandomness, POOL_BYTES, RandomPool};
 use crate::reporter::OperatorReporter;
 use crate::session::BoundSession;
 use crate::state::{PodIdentity, PodState, PodStateParts, ProbeRuns, until_shutdown};
-use crate::udp::{UdpCaps, UdpCookies};
+use crate::udp_cookie::UdpCookies;
 use crate::{download, household, latency, probe_runs, results, udp, upload};
 use tidepool_protocol::pod::{
     DEFAULT_PORT, DOWNLOAD_PATH, HEALTH_PATH, HOUSEHOLD_WS_PATH, INFO_PATH, LATENCY_WS_PATH, METRICS_PATH, PROBES_PATH,

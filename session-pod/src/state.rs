@@ -13,14 +13,13 @@ use tidepool_wire::token::PublicKeys;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::error::{ApiError, Reason};
-use crate::limits::{Limiter, MinuteWindow, Opening, Refusal};
+use crate::limits::{Limiter, MinuteWindow, Opening, ProbeLimits, Refusal};
 use crate::metrics::Metrics;
-use crate::probe_runs::ProbeLimits;
 use crate::probes::{Continuous, ProbeSettings, TrafficBudget};
 use crate::random::RandomPool;
 use crate::reporter::OperatorReporter;
 use crate::session::BoundSession;
-use crate::udp::UdpCookies;
+use crate::udp_cookie::UdpCookies;
 
 /// Who this pod is, from its environment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
