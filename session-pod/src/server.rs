@@ -262,10 +262,9 @@ async fn count_requests(State(state): State<Arc<PodState>>, request: Request, ne
     let response = next.run(request).await;
     let status = response.status();
     state.metrics.requests.with_label_values(&[route, status.as_str()]).inc();
-    match response.extensions().get::<Reason>() {
-        Some(reason) => state.count_refusal(*reason),
-        None if status.is_client_error() => state.count_refusal(Reason::Other),
-        None => {}
+    // A server error is the pod's failing, not a refusal.
+    if status.is_client_error() {
+        state.count_refusal(response.extensions().get::<Reason>().copied().unwrap_or(Reason::Other));
     }
     response
 }
