@@ -220,21 +220,14 @@ pub async fn get(
     Path(name): Path<String>,
     Query(query): Query<NamespaceQuery>,
 ) -> Response {
-    let namespace = query.namespace.unwrap_or_else(|| state.namespace.clone());
-    if let Err(refused) = check_names(&state, &namespace, Some(("TestSession", &name))) {
-        return refuse(&state, "session", refused);
-    }
-    let ask = Ask::Sessions { verb: "get", namespace: &namespace, name: Some(&name) };
-    if let Err(denied) = state.access.authorize(&caller, ask).await {
-        return deny(&state, "session", &denied);
-    }
+    let namespace = match one_session(&state, &caller, "get", &name, query).await {
+        Ok(namespace) => namespace,
+        Err(response) => return response,
+    };
     let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
     match api.get_opt(&name).await {
         Ok(Some(session)) => Json(view(&state, &session, None).await).into_response(),
-        Ok(None) => {
-            let refused = Refused::new(StatusCode::NOT_FOUND, "not_found", format!("no session {namespace}/{name}"));
-            refuse(&state, "session", refused)
-        }
+        Ok(None) => refuse(&state, "session", no_session(&namespace, &name)),
         Err(e) => refuse(&state, "session", kube_refusal(e, "reading the session")),
     }
 }
@@ -245,23 +238,40 @@ pub async fn delete(
     Path(name): Path<String>,
     Query(query): Query<NamespaceQuery>,
 ) -> Response {
-    let namespace = query.namespace.unwrap_or_else(|| state.namespace.clone());
-    if let Err(refused) = check_names(&state, &namespace, Some(("TestSession", &name))) {
-        return refuse(&state, "session", refused);
-    }
-    let ask = Ask::Sessions { verb: "delete", namespace: &namespace, name: Some(&name) };
-    if let Err(denied) = state.access.authorize(&caller, ask).await {
-        return deny(&state, "session", &denied);
-    }
+    let namespace = match one_session(&state, &caller, "delete", &name, query).await {
+        Ok(namespace) => namespace,
+        Err(response) => return response,
+    };
     let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
     match api.delete(&name, &DeleteParams::default()).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            let refused = Refused::new(StatusCode::NOT_FOUND, "not_found", format!("no session {namespace}/{name}"));
-            refuse(&state, "session", refused)
-        }
+        Err(kube::Error::Api(s)) if s.code == 404 => refuse(&state, "session", no_session(&namespace, &name)),
         Err(e) => refuse(&state, "session", kube_refusal(e, "deleting the session")),
     }
+}
+
+/// The namespace of a request for one session, once its names are sound and
+/// the caller may `verb` it; otherwise the refusal, counted.
+async fn one_session(
+    state: &ApiState,
+    caller: &Caller,
+    verb: &'static str,
+    name: &str,
+    query: NamespaceQuery,
+) -> Result<String, Response> {
+    let namespace = query.namespace.unwrap_or_else(|| state.namespace.clone());
+    if let Err(refused) = check_names(state, &namespace, Some(("TestSession", name))) {
+        return Err(refuse(state, "session", refused));
+    }
+    let ask = Ask::Sessions { verb, namespace: &namespace, name: Some(name) };
+    if let Err(denied) = state.access.authorize(caller, ask).await {
+        return Err(deny(state, "session", &denied));
+    }
+    Ok(namespace)
+}
+
+fn no_session(namespace: &str, name: &str) -> Refused {
+    Refused::new(StatusCode::NOT_FOUND, "not_found", format!("no session {namespace}/{name}"))
 }
 
 /// What the API shows of a session. `pool_uid` is the pool's UID when the

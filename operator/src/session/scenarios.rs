@@ -75,6 +75,13 @@ async fn expect_claim(api: &mut ApiServer, pod: &str, version: &str) -> testing:
     call
 }
 
+/// Expects a read of `pod` and answers it at `version`, held by `session`.
+async fn expect_pod_read(api: &mut ApiServer, pod: &str, version: &str, session: Option<&str>) {
+    api.expect(Method::GET, &format!("{POD_PATH}/{pod}"))
+        .await
+        .answer(StatusCode::OK, &self::pod(pod, version, session));
+}
+
 /// Expects the Ready status naming `pod`, and answers it.
 async fn expect_ready(api: &mut ApiServer, pod: &str, reason: &str) {
     let call = api.expect(Method::PATCH, STATUS_PATH).await;
@@ -120,7 +127,7 @@ async fn a_claim_refused_with_409_reads_the_pod_and_claims_it_again_while_it_is_
     caches.pod(pod("edge-a", "1", None));
     let pass = run(pending(), ctx.clone()).await;
     expect_claim(&mut api, "edge-a", "1").await.refuse(409, "Conflict");
-    api.expect(Method::GET, &format!("{POD_PATH}/edge-a")).await.answer(StatusCode::OK, &pod("edge-a", "5", None));
+    expect_pod_read(&mut api, "edge-a", "5", None).await;
     expect_claim(&mut api, "edge-a", "5").await.answer(StatusCode::OK, &pod("edge-a", "6", Some("s-1")));
     expect_ready(&mut api, "edge-a", "Bound").await;
     pass.await.unwrap().unwrap();
@@ -135,9 +142,7 @@ async fn a_claim_refused_with_409_for_a_pod_we_claimed_already_goes_on() {
     caches.pod(pod("edge-a", "1", None));
     let pass = run(pending(), ctx.clone()).await;
     expect_claim(&mut api, "edge-a", "1").await.refuse(409, "Conflict");
-    api.expect(Method::GET, &format!("{POD_PATH}/edge-a"))
-        .await
-        .answer(StatusCode::OK, &pod("edge-a", "2", Some("s-1")));
+    expect_pod_read(&mut api, "edge-a", "2", Some("s-1")).await;
     expect_ready(&mut api, "edge-a", "Bound").await;
     pass.await.unwrap().unwrap();
 }
@@ -149,9 +154,7 @@ async fn a_claim_refused_with_409_for_a_pod_another_session_took_is_lost_and_fre
     caches.pod(pod("edge-a", "1", None));
     let pass = run(pending(), ctx.clone()).await;
     expect_claim(&mut api, "edge-a", "1").await.refuse(409, "Conflict");
-    api.expect(Method::GET, &format!("{POD_PATH}/edge-a"))
-        .await
-        .answer(StatusCode::OK, &pod("edge-a", "2", Some("s-9")));
+    expect_pod_read(&mut api, "edge-a", "2", Some("s-9")).await;
     let action = pass.await.unwrap().unwrap();
     assert_eq!(action, Action::requeue(super::LOST_RETRY), "a lost claim tries again from fresh caches");
     api.expect_nothing(Duration::from_millis(100)).await;
@@ -165,7 +168,7 @@ async fn a_second_409_loses_the_claim() {
     caches.pod(pod("edge-a", "1", None));
     let pass = run(pending(), ctx.clone()).await;
     expect_claim(&mut api, "edge-a", "1").await.refuse(409, "Conflict");
-    api.expect(Method::GET, &format!("{POD_PATH}/edge-a")).await.answer(StatusCode::OK, &pod("edge-a", "5", None));
+    expect_pod_read(&mut api, "edge-a", "5", None).await;
     expect_claim(&mut api, "edge-a", "5").await.refuse(409, "Conflict");
     assert_eq!(pass.await.unwrap().unwrap(), Action::requeue(super::LOST_RETRY));
     assert_eq!(ctx.metrics.binding_conflicts.get(), 2);
