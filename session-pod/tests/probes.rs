@@ -510,9 +510,14 @@ async fn a_name_that_resolves_to_loopback_is_refused_for_every_kind_that_sends()
     assert!(named.starts_with("refused by the pool's egress policy: localhost resolves to "), "{named}");
     assert!(!connected(&listener).await, "a refused probe connected");
 
-    // The dns probe only asks the resolver: it stays allowed.
+    // The dns probe shows no address the policy refuses: it cannot map the
+    // cluster's names to their addresses.
     let dns = probe(&target(ProbeKind::Dns, "localhost", None), &public_only()).await;
-    assert!(dns.result.ok, "{:?}", dns.result);
+    assert!(!dns.result.ok, "{:?}", dns.result);
+    assert!(dns.facts.addresses.is_empty(), "{:?}", dns.facts.addresses);
+    let error = dns.result.error.unwrap_or_default();
+    assert!(error.starts_with("refused by the pool's egress policy: localhost resolves to "), "{error}");
+    assert!(dns.facts.egress_refused.is_some());
 
     // A host rule allows the name, whatever it resolves to.
     let by_name =

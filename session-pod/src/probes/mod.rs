@@ -192,7 +192,7 @@ async fn probe_target(ctx: &Context, target: &ProbeTarget) -> ProbeOutcome {
         },
         ProbeKind::Dns | ProbeKind::Icmp | ProbeKind::Traceroute => match target.host.as_deref() {
             Some(host) => match target.kind {
-                ProbeKind::Dns => net::dns_probe(host, settings.timeout).await,
+                ProbeKind::Dns => net::dns_probe(ctx, host).await,
                 ProbeKind::Icmp => icmp::icmp_probe(ctx, host).await,
                 _ => traceroute::traceroute_probe(ctx, host).await,
             },

@@ -153,11 +153,15 @@ pub(crate) async fn tcp_probe(ctx: &Context, host: &str, port: u16) -> ProbeOutc
     }
 }
 
-/// A lookup through the system resolver: its time and the addresses.
-pub(crate) async fn dns_probe(host: &str, timeout: Duration) -> ProbeOutcome {
+/// A lookup through the system resolver: its time and the addresses. Only
+/// addresses the policy lets a probe reach on every port are shown, so the
+/// probe cannot map the cluster's names to its addresses; a name with none
+/// fails as refused.
+pub(crate) async fn dns_probe(ctx: &Context, host: &str) -> ProbeOutcome {
     let mut outcome = ProbeOutcome::new(ProbeKind::Dns, host.to_owned());
     let start = Instant::now();
-    let resolved = resolve(host, 0, Deadline::after(timeout)).await;
+    let refused = &mut outcome.facts.egress_refused;
+    let resolved = resolve_allowed(&ctx.settings, host, None, Deadline::after(ctx.settings.timeout), refused).await;
     let elapsed = ms(start.elapsed());
     outcome.result.timings = Some(ProbeTimings { dns_ms: Some(elapsed), total_ms: elapsed, ..ProbeTimings::default() });
     match resolved {
