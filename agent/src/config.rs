@@ -62,11 +62,11 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
 
-    /// Seconds a client has to send a request's head.
+    /// Seconds a client has to send a request's head, from its first byte.
     #[arg(long, default_value_t = 5)]
     pub header_timeout_seconds: u64,
 
-    /// Seconds a connection may sit with no request and no byte moving.
+    /// Seconds a connection may sit between requests with nothing coming.
     #[arg(long, default_value_t = 60)]
     pub idle_timeout_seconds: u64,
 
@@ -258,8 +258,10 @@ impl Config {
             server_limits: tidepool_serve::Limits {
                 max_connections: args.max_connections.max(1),
                 header_timeout: Duration::from_secs(args.header_timeout_seconds.max(1)),
-                // Nothing the agent serves takes a body.
-                body_timeout: Duration::from_secs(args.header_timeout_seconds.max(1)),
+                // Nothing the agent serves takes a body: one sent has the head's time.
+                body_timeout: tidepool_serve::BodyTimeout::Whole(Duration::from_secs(
+                    args.header_timeout_seconds.max(1),
+                )),
                 idle_timeout: Duration::from_secs(args.idle_timeout_seconds.max(1)),
             },
             report_interval: Duration::from_millis(args.report_interval_ms.into()),

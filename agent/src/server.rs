@@ -56,16 +56,10 @@ pub fn router(metrics: Arc<Metrics>, heartbeat: Arc<Heartbeat>) -> Router {
 /// Serves within `limits`, counting what they cut, until the process ends.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, heartbeat: Arc<Heartbeat>, limits: Limits) {
     let refusals = metrics.clone();
-    let on_refusal: tidepool_serve::OnRefusal = Arc::new(move |refusal| refusals.connection_refused(refusal.reason()));
-    tidepool_serve::serve(
-        listener,
-        router(metrics, heartbeat),
-        limits,
-        on_refusal,
-        std::future::pending(),
-        Duration::ZERO,
-    )
-    .await;
+    tidepool_serve::Server::new(limits)
+        .on_refusal(move |refusal| refusals.connection_refused(refusal.reason()))
+        .serve(listener, router(metrics, heartbeat), std::future::pending())
+        .await;
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {

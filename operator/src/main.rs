@@ -109,13 +109,13 @@ struct ServerArgs {
     /// Open connections at most; one beyond is closed at once.
     #[arg(long, env = "TIDEPOOL_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
-    /// Seconds a client has to send a request's head.
+    /// Seconds a client has to send a request's head, from its first byte.
     #[arg(long, env = "TIDEPOOL_HEADER_TIMEOUT", default_value_t = 10)]
     header_timeout_seconds: u64,
     /// Seconds a request's body may take to arrive.
     #[arg(long, env = "TIDEPOOL_BODY_TIMEOUT", default_value_t = 30)]
     body_timeout_seconds: u64,
-    /// Seconds a connection may sit with no request and no byte moving.
+    /// Seconds a connection may sit between requests with nothing coming.
     #[arg(long, env = "TIDEPOOL_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout_seconds: u64,
 }
@@ -125,7 +125,8 @@ impl ServerArgs {
         tidepool_serve::Limits {
             max_connections: self.max_connections.max(1),
             header_timeout: Duration::from_secs(self.header_timeout_seconds.max(1)),
-            body_timeout: Duration::from_secs(self.body_timeout_seconds.max(1)),
+            // Bodies here are small (256 KiB at most): the whole must come in time.
+            body_timeout: tidepool_serve::BodyTimeout::Whole(Duration::from_secs(self.body_timeout_seconds.max(1))),
             idle_timeout: Duration::from_secs(self.idle_timeout_seconds.max(1)),
         }
     }
@@ -322,12 +323,9 @@ async fn main() -> ExitCode {
     tracing::info!(listen = %args.listen, identity, "serving the API");
     let router = http::router(state.clone());
     let refusals = metrics.clone();
-    let on_refusal: tidepool_serve::OnRefusal =
-        Arc::new(move |refusal| refusals.connection_refusals.with_label_values(&[refusal.reason()]).inc());
-    let limits = args.server.limits();
-    supervisor.spawn("api-server", async move {
-        tidepool_serve::serve(listener, router, limits, on_refusal, std::future::pending(), Duration::ZERO).await;
-    });
+    let server = tidepool_serve::Server::new(args.server.limits())
+        .on_refusal(move |refusal| refusals.connection_refusals.with_label_values(&[refusal.reason()]).inc());
+    supervisor.spawn("api-server", server.serve(listener, router, std::future::pending()));
     if let Err(e) = clients.request.apiserver_version().await {
         return fail(format!("the Kubernetes API does not answer: {e}"));
     }

@@ -1,108 +1,222 @@
-//! When a connection last moved a byte, and whether a request is going on:
-//! what the idle timeout is judged by.
+//! What a connection is doing, as its header and idle timeouts see it, and
+//! its place under the cap.
+//!
+//! A connection waits for a head from the head's first byte (from the
+//! accept, for a new one) for at most the header timeout; between requests,
+//! with nothing coming, for at most the idle timeout. While a request is
+//! answered neither applies: the request counts as answered until hyper
+//! drops its response body ([`AnsweredBody`]), when the last byte is out.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
 
-/// A connection's activity, shared by its IO and its requests.
-#[derive(Clone)]
-pub struct Activity(Arc<Shared>);
+use crate::{Limits, OnOpenChange, Refusal};
 
-struct Shared {
-    start: Instant,
-    /// Milliseconds after `start` of the last byte read or written.
-    last_ms: AtomicU64,
-    requests: AtomicUsize,
-}
+/// No head is coming.
+const NO_HEAD: u64 = u64::MAX;
 
-impl Default for Activity {
-    fn default() -> Self {
-        Self(Arc::new(Shared { start: Instant::now(), last_ms: AtomicU64::new(0), requests: AtomicUsize::new(0) }))
-    }
+/// A connection's state for its timeouts. Its reads, its requests and
+/// their answers all happen on the connection's task; the atomics are only
+/// there to share it with the IO and the bodies.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    /// Requests whose answers are not done.
+    in_flight: AtomicUsize,
+    /// Milliseconds after `epoch` at which the last answer was done.
+    quiet_since: AtomicU64,
+    /// Milliseconds after `epoch` at which the next head began, or [`NO_HEAD`].
+    head_started: AtomicU64,
+    changed: Notify,
 }
 
 impl Activity {
-    fn moved(&self) {
-        let now = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.0.last_ms.store(now, Ordering::Relaxed);
+    /// A new connection: its first head is awaited from now.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            quiet_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(0),
+            changed: Notify::new(),
+        })
     }
 
-    /// How long the connection has been idle: no request going on and no
-    /// byte moving. Zero while a request goes on.
-    pub fn idle_for(&self) -> Duration {
-        if self.0.requests.load(Ordering::Relaxed) > 0 {
-            return Duration::ZERO;
+    fn now_ms(&self) -> u64 {
+        // Below NO_HEAD even after half a billion years.
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(NO_HEAD - 1)
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
+    /// Bytes came: between requests, the next head has begun. (One relaxed
+    /// load per read while answering: a body's bytes are no head.)
+    pub fn bytes_read(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_started.compare_exchange(NO_HEAD, self.now_ms(), Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            self.changed.notify_waiters();
         }
-        let last = Duration::from_millis(self.0.last_ms.load(Ordering::Relaxed));
-        self.0.start.elapsed().saturating_sub(last)
     }
 
-    /// Marks a request as going on until the guard drops.
-    pub fn request_started(&self) -> RequestGuard {
-        self.0.requests.fetch_add(1, Ordering::Relaxed);
-        RequestGuard(self.clone())
+    /// A request's head came; it is being answered until the guard drops.
+    pub fn request_started(self: &Arc<Self>) -> Answering {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(NO_HEAD, Ordering::Relaxed);
+        self.changed.notify_waiters();
+        Answering(self.clone())
+    }
+
+    fn answer_done(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.quiet_since.store(self.now_ms(), Ordering::Relaxed);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// When the connection times out if nothing changes, and why; `None`
+    /// while a request is being answered.
+    pub fn deadline(&self, limits: &Limits) -> Option<(Instant, Refusal)> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        match self.head_started.load(Ordering::Relaxed) {
+            NO_HEAD => Some((self.at(self.quiet_since.load(Ordering::Relaxed)) + limits.idle_timeout, Refusal::Idle)),
+            started => Some((self.at(started) + limits.header_timeout, Refusal::HeaderTimeout)),
+        }
+    }
+
+    /// Resolves when the connection has timed out, with why.
+    pub async fn expired(&self, limits: &Limits) -> Refusal {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the state is read, so no change is missed.
+            changed.as_mut().enable();
+            match self.deadline(limits) {
+                None => changed.await,
+                Some((at, why)) if at <= Instant::now() => return why,
+                Some((at, _)) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = changed => {}
+                    }
+                }
+            }
+        }
     }
 }
 
-/// A request going on.
-pub struct RequestGuard(Activity);
+/// A request being answered; dropped when its answer is done (or abandoned).
+#[derive(Debug)]
+pub struct Answering(Arc<Activity>);
 
-impl Drop for RequestGuard {
+impl Drop for Answering {
     fn drop(&mut self) {
-        self.0.0.requests.fetch_sub(1, Ordering::Relaxed);
-        self.0.moved();
+        self.0.answer_done();
     }
 }
 
-/// An IO that stamps its activity on every byte it moves.
-pub struct Tracked<T> {
-    inner: T,
-    activity: Activity,
+/// A response body that keeps its request [`Answering`] until hyper is done
+/// with it: a download that streams for a minute is no idle connection.
+pub struct AnsweredBody<B> {
+    inner: B,
+    _answering: Answering,
 }
 
-impl<T> Tracked<T> {
-    pub fn new(inner: T, activity: Activity) -> Self {
-        activity.moved();
-        Self { inner, activity }
+impl<B> AnsweredBody<B> {
+    pub fn new(inner: B, answering: Answering) -> Self {
+        Self { inner, _answering: answering }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for AnsweredBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One of the `max_connections` places; the caller's count of open
+/// connections goes up while it is held.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    on_open_change: OnOpenChange,
+}
+
+impl Slot {
+    pub fn new(permit: OwnedSemaphorePermit, on_open_change: OnOpenChange) -> Self {
+        on_open_change(1);
+        Self { _permit: permit, on_open_change }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        (self.on_open_change)(-1);
+    }
+}
+
+/// A connection's stream: its reads tell the [`Activity`], and it holds the
+/// connection's [`Slot`] for as long as the socket lives, after an upgrade
+/// too. Writes pass straight through.
+pub struct Watched<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    _slot: Slot,
+}
+
+impl<S> Watched<S> {
+    pub fn new(inner: S, activity: Arc<Activity>, slot: Slot) -> Self {
+        Self { inner, activity, _slot: slot }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.moved();
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.bytes_read();
         }
         polled
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.moved();
-        }
-        polled
+        Pin::new(&mut self.inner).poll_write(cx, data)
     }
 
+    // Downloads go out as vectored writes of shared slices: keep them vectored.
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.moved();
-        }
-        polled
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -117,3 +231,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,26 +1,49 @@
-//! Each limit, proven against a real server on loopback.
+//! Each limit and hook, proven against a real server on loopback.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
+use axum::Router;
 use axum::body::Bytes;
-use axum::http::StatusCode;
+use axum::extract::{Extension, Request};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 
 use super::*;
 
 const SHORT: Duration = Duration::from_millis(300);
 
-struct Server {
-    addr: SocketAddr,
+/// What a test server reported.
+#[derive(Clone, Default)]
+struct Seen {
     refusals: Arc<Mutex<Vec<Refusal>>>,
+    open: Arc<AtomicI64>,
 }
 
-async fn start(limits: Limits) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = Router::new()
+impl Seen {
+    fn refusals(&self) -> Vec<Refusal> {
+        self.refusals.lock().unwrap().clone()
+    }
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    seen: Seen,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+/// A peer's port, as a connection hook adds it.
+#[derive(Clone, Copy)]
+struct PeerPort(u16);
+
+fn router() -> Router {
+    Router::new()
         .route("/", get(|| async { "ok" }))
         .route(
             "/slow",
@@ -37,12 +60,50 @@ async fn start(limits: Limits) -> Server {
                     Err(e) => (StatusCode::REQUEST_TIMEOUT, e.body_text()),
                 }
             }),
-        );
-    let refusals = Arc::new(Mutex::new(Vec::new()));
-    let seen = refusals.clone();
-    let on_refusal: OnRefusal = Arc::new(move |r| seen.lock().unwrap().push(r));
-    tokio::spawn(serve(listener, router, limits, on_refusal, std::future::pending(), Duration::from_secs(1)));
-    Server { addr, refusals }
+        )
+        .route("/port", get(|Extension(PeerPort(port)): Extension<PeerPort>| async move { format!("port {port}") }))
+        .route("/upgrade", get(upgrade))
+}
+
+/// Upgrades, then holds the socket until the client closes it.
+async fn upgrade(mut request: Request) -> Response {
+    let upgrading = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrading.await {
+            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+            let mut sink = Vec::new();
+            let _ = io.read_to_end(&mut sink).await;
+        }
+    });
+    (StatusCode::SWITCHING_PROTOCOLS, [(header::CONNECTION, "upgrade"), (header::UPGRADE, "test")]).into_response()
+}
+
+async fn start_with(limits: Limits, tune: impl FnOnce(Server) -> Server) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let (refusals, open) = (seen.refusals.clone(), seen.open.clone());
+    let server = Server::new(limits)
+        .grace(Duration::from_secs(1))
+        .on_refusal(move |r| refusals.lock().unwrap().push(r))
+        .on_open_change(move |change| {
+            open.fetch_add(change, Ordering::Relaxed);
+        })
+        .on_connection(|_, peer| {
+            let mut extensions = axum::http::Extensions::new();
+            extensions.insert(PeerPort(peer.port()));
+            extensions
+        });
+    let (stop, stopped) = oneshot::channel();
+    let server = tune(server);
+    let done = tokio::spawn(server.serve(listener, router(), async {
+        let _ = stopped.await;
+    }));
+    TestServer { addr, seen, stop: Some(stop), done }
+}
+
+async fn start(limits: Limits) -> TestServer {
+    start_with(limits, |server| server).await
 }
 
 /// Reads until the server closes; how long that took, and what came.
@@ -55,25 +116,55 @@ async fn until_closed(stream: &mut TcpStream, limit: Duration) -> Option<(Durati
     }
 }
 
-async fn get_ok(stream: &mut TcpStream) -> String {
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+async fn get_path(stream: &mut TcpStream, path: &str) -> String {
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).await.unwrap();
     let mut buffer = [0u8; 512];
     let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buffer)).await.unwrap().unwrap();
     String::from_utf8_lossy(&buffer[..n]).to_string()
 }
 
-#[tokio::test]
-async fn a_half_sent_header_is_dropped_after_the_header_timeout() {
-    let server = start(Limits { header_timeout: SHORT, ..Limits::default() }).await;
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ").await.unwrap();
-    let (took, _) = until_closed(&mut stream, Duration::from_secs(5)).await.expect("the server closes it");
-    assert!(took >= SHORT - Duration::from_millis(50), "closed after {took:?}");
+async fn get_ok(stream: &mut TcpStream) -> String {
+    get_path(stream, "/").await
+}
+
+/// Waits until the server's count of open connections is `expected`.
+async fn open_becomes(seen: &Seen, expected: i64) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while seen.open.load(Ordering::Relaxed) != expected {
+        assert!(Instant::now() < deadline, "open: {} not {expected}", seen.open.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
-async fn a_slow_body_is_cut_at_the_body_timeout() {
-    let server = start(Limits { body_timeout: SHORT, ..Limits::default() }).await;
+async fn a_half_sent_head_or_none_is_dropped_after_the_header_timeout() {
+    let server = start(Limits { header_timeout: SHORT, ..Limits::default() }).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ").await.unwrap();
+    let (took, answer) = until_closed(&mut stream, Duration::from_secs(5)).await.expect("the server closes it");
+    assert!(took >= SHORT - Duration::from_millis(50), "closed after {took:?}");
+    assert_eq!(answer, "");
+    // A connection that sends nothing has the same time, from the accept.
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    let (took, _) = until_closed(&mut silent, Duration::from_secs(5)).await.expect("the server closes it");
+    assert!(took >= SHORT - Duration::from_millis(50) && took < Duration::from_secs(2), "closed after {took:?}");
+    assert_eq!(server.seen.refusals(), [Refusal::HeaderTimeout, Refusal::HeaderTimeout]);
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_waits_the_idle_timeout_not_the_header_timeout() {
+    // hyper's own header timer would close this one at the header timeout.
+    let server = start(Limits { header_timeout: SHORT, idle_timeout: SHORT * 3, ..Limits::default() }).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    assert!(get_ok(&mut stream).await.starts_with("HTTP/1.1 200"));
+    let (took, _) = until_closed(&mut stream, Duration::from_secs(5)).await.expect("closed when idle");
+    assert!(took >= SHORT * 3 - Duration::from_millis(50), "closed after {took:?}");
+    assert_eq!(server.seen.refusals(), [Refusal::Idle]);
+}
+
+#[tokio::test]
+async fn a_whole_body_too_slow_is_cut() {
+    let server = start(Limits { body_timeout: BodyTimeout::Whole(SHORT), ..Limits::default() }).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     stream.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789").await.unwrap();
     let started = Instant::now();
@@ -82,12 +173,42 @@ async fn a_slow_body_is_cut_at_the_body_timeout() {
     let answer = String::from_utf8_lossy(&buffer[..n]).to_string();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(started.elapsed() >= SHORT - Duration::from_millis(50));
-    assert_eq!(server.refusals.lock().unwrap().as_slice(), [Refusal::SlowBody]);
+    assert_eq!(server.seen.refusals(), [Refusal::SlowBody]);
     // A body that arrives in time is read whole.
     let mut quick = TcpStream::connect(server.addr).await.unwrap();
     quick.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc").await.unwrap();
     let n = quick.read(&mut buffer).await.unwrap();
     assert!(String::from_utf8_lossy(&buffer[..n]).contains("3 bytes"));
+    // Pieces that never pause long are still cut when the whole is late.
+    let mut trickle = TcpStream::connect(server.addr).await.unwrap();
+    trickle.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\n").await.unwrap();
+    for _ in 0..8 {
+        tokio::time::sleep(SHORT / 4).await;
+        if trickle.write_all(b"x").await.is_err() {
+            break;
+        }
+    }
+    let (_, answer) = until_closed(&mut trickle, Duration::from_secs(5)).await.expect("closed");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_pausing_body_may_take_longer_than_the_timeout_but_not_stop() {
+    let server = start(Limits { body_timeout: BodyTimeout::Pause(SHORT), ..Limits::default() }).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\n").await.unwrap();
+    for _ in 0..8 {
+        tokio::time::sleep(SHORT / 3).await;
+        stream.write_all(b"x").await.unwrap();
+    }
+    let mut buffer = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..n]).contains("8 bytes"));
+    assert_eq!(server.seen.refusals(), []);
+    stream.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\nxx").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 408"));
+    assert_eq!(server.seen.refusals(), [Refusal::SlowBody]);
 }
 
 #[tokio::test]
@@ -97,13 +218,10 @@ async fn an_idle_kept_alive_connection_is_closed_but_a_long_request_is_not() {
     assert!(get_ok(&mut stream).await.starts_with("HTTP/1.1 200"));
     let (took, _) = until_closed(&mut stream, Duration::from_secs(5)).await.expect("the idle connection is closed");
     assert!(took >= SHORT - Duration::from_millis(100), "closed after {took:?}");
-    assert!(server.refusals.lock().unwrap().contains(&Refusal::Idle));
+    assert!(server.seen.refusals().contains(&Refusal::Idle));
     // A request that takes longer than the idle timeout is no idleness.
     let mut slow = TcpStream::connect(server.addr).await.unwrap();
-    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
-    let mut buffer = [0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buffer)).await.unwrap().unwrap();
-    let answer = String::from_utf8_lossy(&buffer[..n]).to_string();
+    let answer = get_path(&mut slow, "/slow").await;
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("done"), "{answer}");
 }
 
@@ -115,15 +233,100 @@ async fn a_connection_beyond_the_cap_is_closed_and_the_others_are_served() {
     // Make sure both are accepted before the third arrives.
     assert!(get_ok(&mut first).await.starts_with("HTTP/1.1 200"));
     assert!(get_ok(&mut second).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(server.seen.open.load(Ordering::Relaxed), 2);
     let mut third = TcpStream::connect(server.addr).await.unwrap();
     let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
     let (took, answer) = until_closed(&mut third, Duration::from_secs(2)).await.expect("closed at once");
     assert!(answer.is_empty() && took < Duration::from_secs(1), "{answer:?} after {took:?}");
-    assert_eq!(server.refusals.lock().unwrap().as_slice(), [Refusal::ConnectionCap]);
+    assert_eq!(server.seen.refusals(), [Refusal::ConnectionCap]);
     assert!(get_ok(&mut first).await.starts_with("HTTP/1.1 200"));
     // A closed connection frees its place.
     drop(second);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    open_becomes(&server.seen, 1).await;
     let mut fourth = TcpStream::connect(server.addr).await.unwrap();
     assert!(get_ok(&mut fourth).await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn an_upgraded_socket_keeps_its_place_until_it_closes() {
+    let server = start(Limits { max_connections: 1, idle_timeout: SHORT, ..Limits::default() }).await;
+    let mut upgraded = TcpStream::connect(server.addr).await.unwrap();
+    upgraded
+        .write_all(b"GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(2), upgraded.read(&mut buffer)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 101"));
+    // Past the idle timeout, the socket is still open and still counted.
+    tokio::time::sleep(SHORT * 2).await;
+    assert_eq!(server.seen.open.load(Ordering::Relaxed), 1);
+    let mut other = TcpStream::connect(server.addr).await.unwrap();
+    let (_, answer) = until_closed(&mut other, Duration::from_secs(2)).await.expect("refused");
+    assert_eq!(answer, "");
+    assert_eq!(server.seen.refusals(), [Refusal::ConnectionCap]);
+    drop(upgraded);
+    open_becomes(&server.seen, 0).await;
+    let mut next = TcpStream::connect(server.addr).await.unwrap();
+    assert!(get_ok(&mut next).await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn the_hooks_add_extensions_and_tune_hyper() {
+    let server = start_with(Limits::default(), |server| {
+        server.tune_http1(|http| {
+            // What hyper would need a timer for: ignored.
+            http.header_read_timeout(Duration::from_millis(1)).max_buf_size(8192);
+        })
+    })
+    .await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let port = stream.local_addr().unwrap().port();
+    assert!(get_path(&mut stream, "/port").await.ends_with(&format!("port {port}")));
+    // Past hyper's buffer, a head is too large.
+    let mut big = TcpStream::connect(server.addr).await.unwrap();
+    let head = format!("GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n", "x".repeat(16 * 1024));
+    let _ = big.write_all(head.as_bytes()).await;
+    let (_, answer) = until_closed(&mut big, Duration::from_secs(2)).await.expect("closed");
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+#[tokio::test]
+async fn at_shutdown_open_requests_finish_within_the_grace() {
+    let mut server = start(Limits::default()).await;
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    let mut waiting = TcpStream::connect(server.addr).await.unwrap();
+    open_becomes(&server.seen, 2).await;
+    let stopped = Instant::now();
+    let _ = server.stop.take().unwrap().send(());
+    // The request going on is answered; the connection waiting is closed.
+    let (_, answer) = until_closed(&mut slow, Duration::from_secs(3)).await.expect("closed after its answer");
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("done"), "{answer}");
+    let (_, answer) = until_closed(&mut waiting, Duration::from_secs(3)).await.expect("closed");
+    assert_eq!(answer, "");
+    tokio::time::timeout(Duration::from_secs(3), server.done).await.unwrap().unwrap();
+    assert!(stopped.elapsed() < Duration::from_secs(2), "{:?}", stopped.elapsed());
+    assert!(TcpStream::connect(server.addr).await.is_err());
+}
+
+#[tokio::test]
+async fn at_shutdown_a_request_past_the_grace_is_cut() {
+    let mut server = start_with(Limits::default(), |server| server.grace(Duration::from_millis(100))).await;
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    open_becomes(&server.seen, 1).await;
+    let stopped = Instant::now();
+    let _ = server.stop.take().unwrap().send(());
+    let (_, answer) = until_closed(&mut slow, Duration::from_secs(3)).await.expect("cut");
+    assert_eq!(answer, "");
+    tokio::time::timeout(Duration::from_secs(3), server.done).await.unwrap().unwrap();
+    assert!(stopped.elapsed() < Duration::from_millis(500), "{:?}", stopped.elapsed());
+    assert_eq!(server.seen.open.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn every_refusal_has_its_label() {
+    let labels: Vec<&str> = Refusal::ALL.iter().map(|r| r.reason()).collect();
+    assert_eq!(labels, ["connection_cap", "header_timeout", "idle", "slow_body"]);
 }
