@@ -1,91 +1,18 @@
-//! Request bodies: a body that must keep coming ([`TimedBody`]), read up to
-//! a limit within a time, parsed as JSON with errors that say which field.
+//! Request bodies: read up to a limit within a time, parsed as JSON with
+//! errors that say which field. (The server cuts a body that pauses for the
+//! body read timeout: `tidepool_serve`'s pause policy.)
 
 use std::error::Error as StdError;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::BoxError;
 use axum::body::Body;
 use axum::http::StatusCode;
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tidepool_protocol::BodyError;
-use tokio::time::{Instant, Sleep};
+use tidepool_serve::BodyTimedOut;
 
 use crate::error::{ApiError, Reason};
-
-/// A request body that sent nothing for the body read timeout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("no byte of the request body came for {} s", .0.as_secs_f64())]
-pub struct BodyTimedOut(pub Duration);
-
-/// A request body that fails with [`BodyTimedOut`] when no piece of it comes
-/// within `timeout` of the last (or of the first read). Every request's body
-/// is one, so a client cannot hold a handler by sending a byte now and then
-/// forever; handlers that read a whole body also bound the whole read.
-pub struct TimedBody<B> {
-    inner: B,
-    timeout: Duration,
-    /// Armed at the first read: a handler may look at the request first.
-    timer: Option<Pin<Box<Sleep>>>,
-    /// When the last piece came. The timer is moved on only when it fires
-    /// early, not at every piece: an upload brings tens of thousands a second.
-    last_piece: Instant,
-}
-
-impl<B> TimedBody<B> {
-    pub fn new(inner: B, timeout: Duration) -> Self {
-        Self { inner, timeout, timer: None, last_piece: Instant::now() }
-    }
-}
-
-impl<B> http_body::Body for TimedBody<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let timeout = this.timeout;
-        if this.timer.is_none() {
-            this.last_piece = Instant::now();
-        }
-        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.last_piece = Instant::now();
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => loop {
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                let due = this.last_piece + timeout;
-                if Instant::now() >= due {
-                    return Poll::Ready(Some(Err(Box::new(BodyTimedOut(timeout)))));
-                }
-                // Pieces came since the timer was set: it fired early; move it on.
-                timer.as_mut().reset(due);
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 /// A body that failed: 408 when it stopped coming, else 400.
 pub fn broken_body(error: &(dyn StdError + 'static), what: &str) -> ApiError {
@@ -163,21 +90,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_body_that_stops_coming_is_cut() {
-        let timeout = Duration::from_secs(10);
-        // Steady: each frame within the timeout of the last, for 50 s in all.
-        let steady = Body::new(TimedBody::new(trickle(5, Duration::from_secs(9)), timeout));
-        let collected = steady.collect().await.unwrap().to_bytes();
-        assert_eq!(collected.len(), 5);
-        let stalled = Body::new(TimedBody::new(trickle(2, Duration::from_secs(11)), timeout));
-        let error = read_body(stalled, 1024, Duration::from_secs(100)).await.unwrap_err();
+    async fn a_body_that_stops_coming_or_comes_too_slowly_is_408() {
+        // The server's body timeout fails the body with `BodyTimedOut`.
+        let stopped = futures_util::stream::iter([Err::<Bytes, _>(BodyTimedOut(Duration::from_millis(500)))]);
+        let error = read_body(Body::from_stream(stopped), 1024, Duration::from_secs(100)).await.unwrap_err();
         assert_eq!((error.status, error.reason), (StatusCode::REQUEST_TIMEOUT, Reason::BodyTimeout));
+        assert_eq!(error.message, "the request body did not come within 0.5 s");
         // The whole read is bounded too.
-        let slow = Body::new(TimedBody::new(trickle(5, Duration::from_secs(9)), timeout));
-        let error = read_body(slow, 1024, Duration::from_secs(30)).await.unwrap_err();
+        let error = read_body(trickle(5, Duration::from_secs(9)), 1024, Duration::from_secs(30)).await.unwrap_err();
         assert_eq!(error.reason, Reason::BodyTimeout);
         assert_eq!(error.message, "the request body did not come within 30 s");
-        let large = read_body(Body::from(vec![0u8; 2048]), 1024, timeout).await.unwrap_err();
+        let whole = read_body(trickle(3, Duration::from_secs(9)), 1024, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(whole.len(), 3);
+        let large = read_body(Body::from(vec![0u8; 2048]), 1024, Duration::from_secs(10)).await.unwrap_err();
         assert_eq!((large.status, large.reason), (StatusCode::PAYLOAD_TOO_LARGE, Reason::BodyTooLarge));
+        let broken = futures_util::stream::iter([Err::<Bytes, _>(std::io::Error::other("reset"))]);
+        let broken = read_body(Body::from_stream(broken), 1024, Duration::from_secs(10)).await.unwrap_err();
+        assert_eq!((broken.status, broken.reason), (StatusCode::BAD_REQUEST, Reason::BodyError));
     }
 }

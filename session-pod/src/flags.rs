@@ -7,9 +7,8 @@ use clap::Parser;
 use tidepool_protocol::egress::{self, Cidr, EgressPolicy};
 use tidepool_wire::token::PublicKeys;
 
-use crate::http_limits::HttpLimits;
 use crate::limits::{Limits, ProbeLimits, UdpCaps};
-use crate::server::ServerConfig;
+use crate::server::{HttpLimits, ServerConfig};
 use crate::state::PodIdentity;
 use tidepool_protocol::pod::MAX_UPLOAD_BYTES;
 

@@ -11,7 +11,6 @@ pub mod download;
 pub mod error;
 pub mod flags;
 pub mod household;
-pub mod http_limits;
 pub mod latency;
 pub mod limits;
 pub mod metrics;

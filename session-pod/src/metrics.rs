@@ -7,6 +7,11 @@ use tidepool_crds::test_session::{Grade, SessionResults};
 
 use tidepool_protocol::pod::HouseholdUser;
 
+/// The `reason` of `connections_closed_total` for a head not in within the header timeout.
+pub const HEADER_TIMEOUT: &str = "header_timeout";
+/// The `reason` of `connections_closed_total` for a connection idle past the idle timeout.
+pub const IDLE_TIMEOUT: &str = "idle_timeout";
+
 pub struct Metrics {
     registry: Registry,
     /// `route`: one of [`route_label`]'s; `code`: the HTTP status.
@@ -186,7 +191,7 @@ impl Metrics {
         for outcome in ["echoed", "send_failed"] {
             self.udp_datagrams.with_label_values(&[outcome]);
         }
-        for closed in ["header_timeout", "idle_timeout"] {
+        for closed in [HEADER_TIMEOUT, IDLE_TIMEOUT] {
             self.connections_closed.with_label_values(&[closed]);
         }
         for mode in ["once", "continuous"] {

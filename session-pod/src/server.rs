@@ -1,38 +1,32 @@
-//! The server: the routes, the accept loop, the UDP echo, and how it starts
-//! and stops. [`Server::start`] runs it in-process (tests, `main`).
+//! The server: the routes, the HTTP server (`tidepool-serve`) and what the
+//! pod counts of it, the UDP echo, and how it starts and stops.
+//! [`Server::start`] runs it in-process (tests, `main`).
 
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{Extensions, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
 use tidepool_crds::test_session::SessionResults;
 use tidepool_protocol::egress::EgressPolicy;
+use tidepool_serve::{BodyTimeout, Refusal};
 use tidepool_wire::token::PublicKeys;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower::ServiceExt;
 
 use crate::auth;
-use crate::body::TimedBody;
 use crate::connection::{ClientAddr, ConnectionSocket};
 use crate::error::{ApiError, Reason, json_response};
-use crate::http_limits::{Activity, AnsweredBody, ConnectionSlot, HttpLimits, Watched};
 use crate::limits::{Limiter, Limits, ProbeLimits, UdpCaps};
-use crate::metrics::{Metrics, route_label};
+use crate::metrics::{HEADER_TIMEOUT, IDLE_TIMEOUT, Metrics, route_label};
 use crate::random::{NoRandomness, POOL_BYTES, RandomPool};
 use crate::reporter::OperatorReporter;
 use crate::session::BoundSession;
@@ -85,6 +79,45 @@ impl ServerConfig {
             udp_caps: UdpCaps::default(),
             operator_url: None,
             shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the HTTP server allows each connection, whatever its client does,
+/// by the flags' names; `tidepool-serve` keeps them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections open at once (WebSockets included); one beyond is closed at once.
+    pub max_connections: usize,
+    /// A request head must come in full within this of its first byte (of
+    /// the accept, on a new connection).
+    pub header_read_timeout: Duration,
+    /// A request body may pause at most this long between two pieces, and a
+    /// JSON body must come in full within it.
+    pub body_read_timeout: Duration,
+    /// Between requests, a connection with nothing coming is closed after this.
+    pub idle_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl HttpLimits {
+    fn serve(&self) -> tidepool_serve::Limits {
+        tidepool_serve::Limits {
+            max_connections: self.max_connections,
+            header_timeout: self.header_read_timeout,
+            // Uploads stream for many seconds: only a pause is too slow.
+            body_timeout: BodyTimeout::Pause(self.body_read_timeout),
+            idle_timeout: self.idle_timeout,
         }
     }
 }
@@ -160,7 +193,7 @@ impl Server {
             body_read_timeout: config.http.body_read_timeout,
             shutdown: shutdown_signal,
         }));
-        let accept = tokio::spawn(accept_loop(
+        let accept = tokio::spawn(serve_http(
             listener,
             router(state.clone()),
             state.clone(),
@@ -301,109 +334,36 @@ async fn info(State(state): State<Arc<PodState>>, Extension(session): Extension<
     json_response(StatusCode::OK, &info)
 }
 
-/// Accepts connections until shutdown, then waits up to `grace` for them.
-/// A connection beyond `max_connections` is closed at once, unanswered.
-async fn accept_loop(listener: TcpListener, router: Router, state: Arc<PodState>, limits: HttpLimits, grace: Duration) {
-    let mut http = http1::Builder::new();
-    // The header timeout is ours (`Activity`): hyper's would also cut idle connections.
-    http.header_read_timeout(None).max_buf_size(CONNECTION_BUFFER_BYTES).writev(true);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    // Every connection task holds a sender; when all are gone, all are done.
-    let (open, mut all_closed) = mpsc::channel::<()>(1);
-    let mut shutdown = state.shutdown_signal();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of descriptors, most likely: wait for some to close.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = until_shutdown(&mut shutdown) => break,
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            state.count_refusal(Reason::MaxConnections);
-            tracing::debug!(%peer, max = limits.max_connections, "connection refused: too many open");
-            drop(stream);
-            continue;
-        };
-        let slot = ConnectionSlot::new(permit, state.metrics.open_connections.clone());
-        tokio::spawn(serve_connection(
-            Accepted { stream, peer, slot },
-            http.clone(),
-            router.clone(),
-            state.clone(),
-            limits,
-            grace,
-            open.clone(),
-        ));
-    }
-    drop(listener);
-    drop(open);
-    if tokio::time::timeout(grace + Duration::from_secs(1), all_closed.recv()).await.is_err() {
-        tracing::warn!("connections still open after the grace period");
-    }
-}
-
-/// A connection the accept loop took, and its place under the cap.
-struct Accepted {
-    stream: TcpStream,
-    peer: SocketAddr,
-    slot: ConnectionSlot,
-}
-
-async fn serve_connection(
-    accepted: Accepted,
-    http: http1::Builder,
-    router: Router,
-    state: Arc<PodState>,
-    limits: HttpLimits,
-    grace: Duration,
-    _open: mpsc::Sender<()>,
-) {
-    let Accepted { stream, peer, slot } = accepted;
-    // Pongs and small frames must not wait for Nagle.
-    let _ = stream.set_nodelay(true);
-    let socket = stream.as_fd().try_clone_to_owned().ok().map(|fd| ConnectionSocket::new(fd.into()));
-    let activity = Activity::new();
-    let io = Watched::new(stream, activity.clone(), slot);
-    let requests = activity.clone();
-    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-        let answering = requests.request_started();
-        request.extensions_mut().insert(ClientAddr(peer));
-        if let Some(socket) = &socket {
-            request.extensions_mut().insert(socket.clone());
-        }
-        let request = request.map(|body| Body::new(TimedBody::new(body, limits.body_read_timeout)));
-        let answer = router.clone().oneshot(request);
-        async move {
-            let response = answer.await?;
-            Ok::<_, Infallible>(response.map(|body| Body::new(AnsweredBody::new(body, answering))))
-        }
-    });
-    let connection = http.serve_connection(TokioIo::new(io), service).with_upgrades();
-    tokio::pin!(connection);
-    let mut shutdown = state.shutdown_signal();
-    let finished = tokio::select! {
-        finished = connection.as_mut() => finished,
-        closed = activity.expired(&limits) => {
-            // Dropping the connection closes it.
-            state.metrics.connections_closed.with_label_values(&[closed.label()]).inc();
-            tracing::debug!(%peer, reason = closed.label(), "connection closed");
-            return;
-        }
-        () = until_shutdown(&mut shutdown) => {
-            connection.as_mut().graceful_shutdown();
-            match tokio::time::timeout(grace, connection.as_mut()).await {
-                Ok(finished) => finished,
-                Err(_) => return,
+/// The HTTP server: `tidepool-serve` within `limits`, its refusals and open
+/// connections counted in the pod's metrics, each request told its client's
+/// address and socket. Serves until the pod shuts down.
+async fn serve_http(listener: TcpListener, router: Router, state: Arc<PodState>, limits: HttpLimits, grace: Duration) {
+    let metrics = &state.metrics;
+    let open = metrics.open_connections.clone();
+    let header_timeouts = metrics.connections_closed.with_label_values(&[HEADER_TIMEOUT]);
+    let idle_timeouts = metrics.connections_closed.with_label_values(&[IDLE_TIMEOUT]);
+    let refusals = state.clone();
+    let server = tidepool_serve::Server::new(limits.serve())
+        .grace(grace)
+        .tune_http1(|http| {
+            http.max_buf_size(CONNECTION_BUFFER_BYTES).writev(true);
+        })
+        .on_connection(|stream, peer| {
+            let mut extensions = Extensions::new();
+            extensions.insert(ClientAddr(peer));
+            if let Ok(fd) = stream.as_fd().try_clone_to_owned() {
+                extensions.insert(ConnectionSocket::new(fd.into()));
             }
-        }
-    };
-    if let Err(e) = finished {
-        tracing::debug!(error = %e, %peer, "connection ended with an error");
-    }
+            extensions
+        })
+        .on_open_change(move |change| open.add(change))
+        .on_refusal(move |refusal| match refusal {
+            Refusal::ConnectionCap => refusals.count_refusal(Reason::MaxConnections),
+            Refusal::HeaderTimeout => header_timeouts.inc(),
+            Refusal::Idle => idle_timeouts.inc(),
+            // Counted where it is answered: a 408, `body_timeout`.
+            Refusal::SlowBody => {}
+        });
+    let mut shutdown = state.shutdown_signal();
+    server.serve(listener, router, until_shutdown(&mut shutdown)).await;
 }

@@ -1,11 +1,11 @@
 //! Every limit of the pod's HTTP server, proven on raw sockets: a half-sent
 //! head is dropped after the header timeout, a slow body is cut, an idle
-//! connection is closed, and a connection beyond the cap is refused while
-//! the others work.
+//! connection is closed, a connection beyond the cap is refused while the
+//! others work, and a WebSocket keeps its place until it closes.
 
 use std::time::{Duration, Instant};
 
-use tidepool_protocol::pod::{RESULTS_PATH, UPLOAD_PATH};
+use tidepool_protocol::pod::{ClientMessage, LATENCY_WS_PATH, RESULTS_PATH, ServerMessage, UPLOAD_PATH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -177,4 +177,45 @@ async fn a_connection_beyond_the_cap_is_refused_while_the_others_work() {
         assert!(Instant::now() < deadline, "no place for the metrics request");
     };
     assert!(refused >= 1.0, "{refused}");
+}
+
+/// The open-connections gauge, read on a connection of its own (counted
+/// too); `None` when that connection found no place.
+async fn open_connections(pod: &Pod) -> Option<f64> {
+    let mut stream = TcpStream::connect(pod.server.http_addr()).await.unwrap();
+    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: pod\r\nconnection: close\r\n\r\n").await;
+    let (answer, _) = until_closed(&mut stream).await;
+    answer.starts_with("HTTP/1.1 200").then(|| metric_in(&answer, "tidepool_session_open_connections"))
+}
+
+#[tokio::test]
+async fn a_websocket_keeps_its_place_until_it_closes() {
+    let idle = Duration::from_millis(300);
+    let pod = start_with(|config| {
+        config.http.max_connections = 2;
+        config.http.idle_timeout = idle;
+    })
+    .await;
+    let mut socket = pod.websocket(LATENCY_WS_PATH).await;
+    // Long past the idle timeout it is open, and counted.
+    tokio::time::sleep(idle * 3).await;
+    send(&mut socket, &ClientMessage::Ping { seq: 1, client_time_us: 1 }).await;
+    assert!(matches!(receive_text(&mut socket).await, ServerMessage::Pong { seq: 1, .. }));
+    assert_eq!(open_connections(&pod).await, Some(2.0));
+
+    // With the socket and one more open, a third is refused.
+    let mut second = TcpStream::connect(pod.server.http_addr()).await.unwrap();
+    assert!(health(&mut second).await.starts_with("HTTP/1.1 200"));
+    let mut third = TcpStream::connect(pod.server.http_addr()).await.unwrap();
+    let (answer, _) = until_closed(&mut third).await;
+    assert_eq!(answer, "");
+    drop(second);
+
+    // Closed, it gives its place back.
+    drop(socket);
+    let deadline = Instant::now() + PATIENCE;
+    while open_connections(&pod).await != Some(1.0) {
+        assert!(Instant::now() < deadline, "the socket's place never freed up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
