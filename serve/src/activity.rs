@@ -5,7 +5,7 @@
 //! accept, for a new one) for at most the header timeout; between requests,
 //! with nothing coming, for at most the idle timeout. While a request is
 //! answered neither applies: the request counts as answered until hyper
-//! drops its response body ([`AnsweredBody`]), when the last byte is out.
+//! drops its response body ([`AnsweredBody`]), having taken its last piece.
 
 use std::io;
 use std::pin::Pin;

@@ -11,7 +11,7 @@
 //! - a body timeout, by one of two policies ([`BodyTimeout`]): the whole
 //!   body within a time, or no pause longer than a time.
 //!
-//! While a request is being answered (until hyper has sent the last byte
+//! While a request is being answered (until hyper has taken the last piece
 //! of its response body) neither the header nor the idle timeout applies.
 //! hyper's own header timer stays off: it also runs while a kept-alive
 //! connection waits, which would make it an idle timeout.
