@@ -162,7 +162,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "tidepool_agent_connection_refusals_total",
-                        "Connections the metrics server cut, by reason (connection_cap, idle, slow_body)",
+                        "Connections the metrics server cut, by reason (connection_cap, header_timeout, idle, slow_body)",
                     ),
                     &["reason"],
                 )?,

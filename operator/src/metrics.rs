@@ -83,7 +83,7 @@ impl Metrics {
         let connection_refusals = IntCounterVec::new(
             Opts::new(
                 "tidepool_connection_refusals_total",
-                "Connections or requests the HTTP server cut, by reason (connection_cap, idle, slow_body)",
+                "Connections or requests the HTTP server cut, by reason (connection_cap, header_timeout, idle, slow_body)",
             ),
             &["reason"],
         )?;
