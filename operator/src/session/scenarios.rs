@@ -106,12 +106,20 @@ async fn run(
     tokio::spawn(reconcile(session, ctx))
 }
 
-#[tokio::test]
-async fn a_pending_session_claims_a_warm_pod_then_turns_ready_in_two_writes() {
-    let (ctx, mut api, mut caches) = testing::context();
+/// A pending session's pass, started with one warm pod (`edge-a` at
+/// version 1) in the caches.
+async fn pending_with_one_warm_pod()
+-> (Arc<crate::context::Context>, ApiServer, tokio::task::JoinHandle<Result<Action, Error>>) {
+    let (ctx, api, mut caches) = testing::context();
     caches.pool(pool());
     caches.pod(pod("edge-a", "1", None));
     let pass = run(pending(), ctx.clone()).await;
+    (ctx, api, pass)
+}
+
+#[tokio::test]
+async fn a_pending_session_claims_a_warm_pod_then_turns_ready_in_two_writes() {
+    let (ctx, mut api, pass) = pending_with_one_warm_pod().await;
     expect_claim(&mut api, "edge-a", "1").await.answer(StatusCode::OK, &pod("edge-a", "2", Some("s-1")));
     expect_ready(&mut api, "edge-a", "Bound").await;
     let action = pass.await.unwrap().unwrap();
@@ -122,10 +130,7 @@ async fn a_pending_session_claims_a_warm_pod_then_turns_ready_in_two_writes() {
 
 #[tokio::test]
 async fn a_claim_refused_with_409_reads_the_pod_and_claims_it_again_while_it_is_warm() {
-    let (ctx, mut api, mut caches) = testing::context();
-    caches.pool(pool());
-    caches.pod(pod("edge-a", "1", None));
-    let pass = run(pending(), ctx.clone()).await;
+    let (ctx, mut api, pass) = pending_with_one_warm_pod().await;
     expect_claim(&mut api, "edge-a", "1").await.refuse(409, "Conflict");
     expect_pod_read(&mut api, "edge-a", "5", None).await;
     expect_claim(&mut api, "edge-a", "5").await.answer(StatusCode::OK, &pod("edge-a", "6", Some("s-1")));
@@ -137,10 +142,7 @@ async fn a_claim_refused_with_409_reads_the_pod_and_claims_it_again_while_it_is_
 #[tokio::test]
 async fn a_claim_refused_with_409_for_a_pod_we_claimed_already_goes_on() {
     // The first claim was applied, but its answer was lost.
-    let (ctx, mut api, mut caches) = testing::context();
-    caches.pool(pool());
-    caches.pod(pod("edge-a", "1", None));
-    let pass = run(pending(), ctx.clone()).await;
+    let (_, mut api, pass) = pending_with_one_warm_pod().await;
     expect_claim(&mut api, "edge-a", "1").await.refuse(409, "Conflict");
     expect_pod_read(&mut api, "edge-a", "2", Some("s-1")).await;
     expect_ready(&mut api, "edge-a", "Bound").await;
@@ -149,10 +151,7 @@ async fn a_claim_refused_with_409_for_a_pod_we_claimed_already_goes_on() {
 
 #[tokio::test]
 async fn a_claim_refused_with_409_for_a_pod_another_session_took_is_lost_and_frees_the_pod() {
-    let (ctx, mut api, mut caches) = testing::context();
-    caches.pool(pool());
-    caches.pod(pod("edge-a", "1", None));
-    let pass = run(pending(), ctx.clone()).await;
+    let (ctx, mut api, pass) = pending_with_one_warm_pod().await;
     expect_claim(&mut api, "edge-a", "1").await.refuse(409, "Conflict");
     expect_pod_read(&mut api, "edge-a", "2", Some("s-9")).await;
     let action = pass.await.unwrap().unwrap();
@@ -163,10 +162,7 @@ async fn a_claim_refused_with_409_for_a_pod_another_session_took_is_lost_and_fre
 
 #[tokio::test]
 async fn a_second_409_loses_the_claim() {
-    let (ctx, mut api, mut caches) = testing::context();
-    caches.pool(pool());
-    caches.pod(pod("edge-a", "1", None));
-    let pass = run(pending(), ctx.clone()).await;
+    let (ctx, mut api, pass) = pending_with_one_warm_pod().await;
     expect_claim(&mut api, "edge-a", "1").await.refuse(409, "Conflict");
     expect_pod_read(&mut api, "edge-a", "5", None).await;
     expect_claim(&mut api, "edge-a", "5").await.refuse(409, "Conflict");
@@ -177,10 +173,7 @@ async fn a_second_409_loses_the_claim() {
 
 #[tokio::test]
 async fn a_claim_on_a_pod_that_is_gone_is_lost_without_a_read() {
-    let (ctx, mut api, mut caches) = testing::context();
-    caches.pool(pool());
-    caches.pod(pod("edge-a", "1", None));
-    let pass = run(pending(), ctx.clone()).await;
+    let (ctx, mut api, pass) = pending_with_one_warm_pod().await;
     expect_claim(&mut api, "edge-a", "1").await.refuse(404, "NotFound");
     assert_eq!(pass.await.unwrap().unwrap(), Action::requeue(super::LOST_RETRY));
     api.expect_nothing(Duration::from_millis(100)).await;
