@@ -10,6 +10,7 @@
 pub mod clock;
 pub mod conditions;
 pub mod context;
+pub mod creators;
 pub mod error;
 pub mod events;
 pub mod fleet;

@@ -312,6 +312,7 @@ async fn main() -> ExitCode {
         backends: shared.backends.clone(),
         nodes: shared.nodes.clone(),
         sessions_per_caller: args.sessions_per_caller,
+        creators: shared.creators.clone(),
         ready_deadline: Duration::from_secs_f64(args.ready_deadline_seconds.max(0.1)),
         ready: Default::default(),
         fleet: fleet.clone(),

@@ -14,6 +14,7 @@ use tidepool_crds::{Backend, TestSession, WarmPool};
 
 use crate::clock::SystemClock;
 use crate::context::{Context, Settings};
+use crate::creators::Creators;
 use crate::error::Error;
 use crate::fleet::Fleet;
 use crate::keys::Keys;
@@ -41,6 +42,8 @@ pub struct Clients {
 pub struct Shared {
     pub pools: Caches<WarmPool>,
     pub sessions: Caches<TestSession>,
+    /// Live sessions per creator, kept by the session watch.
+    pub creators: Creators,
     /// Backends and Nodes, for agent reports (cluster-scoped, few).
     pub backends: Store<Backend>,
     pub nodes: Store<Node>,
@@ -48,9 +51,15 @@ pub struct Shared {
 
 /// Starts the caches of pools and sessions under `supervisor`.
 pub fn shared_caches(supervisor: &mut Supervisor, scope: &Scope, client: &Client) -> Shared {
+    let creators = Creators::default();
+    let tap = creators.clone();
+    let sessions = scope::watch(supervisor, scope, client, "session-cache", Default::default(), move |watch, event| {
+        tap.apply(watch, event)
+    });
     Shared {
         pools: scope::watch(supervisor, scope, client, "pool-cache", Default::default(), |_, _| {}),
-        sessions: scope::watch(supervisor, scope, client, "session-cache", Default::default(), |_, _| {}),
+        sessions,
+        creators,
         backends: scope::watch_cluster(supervisor, client, "backend-cache"),
         nodes: scope::watch_cluster(supervisor, client, "node-cache"),
     }

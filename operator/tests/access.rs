@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::{Cluster, TOKEN};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tidepool_crds::TestSession;
@@ -276,6 +277,20 @@ async fn callers_act_with_their_own_kubernetes_rights_and_no_more() {
         let series = format!("tidepool_api_refusals_total{{reason=\"{reason}\",route=\"{route}\"}}");
         assert!(metric(&metrics, &series) >= 1.0, "{series} not counted");
     }
+
+    // A burst of creates from one caller, all at once, before the cache
+    // shows any of them: exactly the cap gets through.
+    let dave = plane.service_account_token("default", "dave", AUDIENCE, None).await.unwrap();
+    grant(client, "default", "dave", &["create", "get"]).await;
+    let burst = (0..8).map(|_| http.create(&dave, json!({ "pool": "edge", "ttlSeconds": 60 })));
+    let codes: Vec<u16> = futures::future::join_all(burst).await.into_iter().map(|(code, _)| code).collect();
+    let through = codes.iter().filter(|&&code| code != 429).count();
+    assert_eq!(through, 2, "{codes:?}");
+    assert!(codes.iter().all(|&code| matches!(code, 201 | 504 | 429)), "{codes:?}");
+    let all = sessions.list(&ListParams::default()).await.unwrap().items;
+    let daves =
+        all.iter().filter(|s| s.annotations().get("tidepool.dev/created-by").is_some_and(|c| c.ends_with(":dave")));
+    assert_eq!(daves.count(), 2, "the burst made more sessions than the cap");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,11 +18,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::{StreamExt, TryStreamExt};
+use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams, WatchEvent, WatchParams};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tidepool_crds::test_session::Phase;
 use tidepool_crds::{API_VERSION, TestSession, WarmPool};
 use tidepool_protocol::api::{CreateSession, NamespaceQuery, NotReadyInTime, SessionView};
@@ -33,19 +32,8 @@ use super::access::{Ask, Caller};
 use super::reply::{Refused, json_body, kube_refusal, retry_later};
 use super::state::ApiState;
 use super::{deny, refuse};
+use crate::creators::{CREATED_BY_ANNOTATION, CREATOR_LABEL, Reservation, creator_label};
 use crate::{conditions, names};
-
-/// On a TestSession made through the API: who asked for it (a label, so
-/// sessions can be counted per caller; a digest, since a user name is not a
-/// label value).
-pub const CREATOR_LABEL: &str = "tidepool.dev/creator";
-/// On a TestSession made through the API: who asked for it, as named.
-pub const CREATED_BY_ANNOTATION: &str = "tidepool.dev/created-by";
-
-/// The label value for a caller: 16 hex digits of the SHA-256 of its name.
-pub fn creator_label(caller: &str) -> String {
-    Sha256::digest(caller.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
-}
 
 pub async fn create(
     State(state): State<Arc<ApiState>>,
@@ -82,13 +70,18 @@ pub async fn create(
         return refuse(&state, "create", Refused::new(StatusCode::UNPROCESSABLE_ENTITY, "ttl_over_cap", message));
     }
     let creator = creator_label(caller.name());
-    let held = live_sessions_of(&state, &creator);
-    if held >= state.sessions_per_caller {
-        state.metrics.api_refusals.with_label_values(&["create", "caller_limit"]).inc();
-        let message = format!("{} holds {held} live sessions, the most one caller may; end one first", caller.name());
-        return retry_later(StatusCode::TOO_MANY_REQUESTS, message, 30);
-    }
-    match make_session(&state, &request, &namespace, &caller, &creator, &pool).await {
+    // The place is taken before the create, so a burst of creates from one
+    // caller cannot pass the cap while the cache catches up.
+    let reservation = match state.creators.reserve(&creator, state.sessions_per_caller) {
+        Ok(reservation) => reservation,
+        Err(held) => {
+            state.metrics.api_refusals.with_label_values(&["create", "caller_limit"]).inc();
+            let message =
+                format!("{} holds {held} live sessions, the most one caller may; end one first", caller.name());
+            return retry_later(StatusCode::TOO_MANY_REQUESTS, message, 30);
+        }
+    };
+    match make_session(&state, &request, &namespace, &caller, reservation, &pool).await {
         Ok(response) => response,
         Err(refused) => refuse(&state, "create", refused),
     }
@@ -116,7 +109,7 @@ async fn make_session(
     request: &CreateSession,
     namespace: &str,
     caller: &Caller,
-    creator: &str,
+    reservation: Reservation,
     pool: &WarmPool,
 ) -> Result<Response, Refused> {
     // The request's fields are the spec's, by name and spelling.
@@ -131,7 +124,7 @@ async fn make_session(
         "metadata": {
             "generateName": "session-",
             "namespace": namespace,
-            "labels": { CREATOR_LABEL: creator },
+            "labels": { CREATOR_LABEL: reservation.creator() },
             "annotations": { CREATED_BY_ANNOTATION: caller.name() },
         },
         "spec": spec,
@@ -143,6 +136,7 @@ async fn make_session(
     let dynamic: Api<DynamicObject> = Api::namespaced_with(state.client.clone(), namespace, &session_resource());
     let created =
         dynamic.create(&PostParams::default(), &object).await.map_err(|e| kube_refusal(e, "creating the session"))?;
+    reservation.created(namespace, &created.name_any());
     let created: TestSession = serde_json::to_value(created).and_then(serde_json::from_value).map_err(|e| {
         Refused::new(StatusCode::BAD_GATEWAY, "unreadable", format!("the session made is unreadable: {e}"))
     })?;
@@ -164,18 +158,6 @@ async fn make_session(
             Ok((StatusCode::GATEWAY_TIMEOUT, Json(body)).into_response())
         }
     }
-}
-
-/// The caller's sessions that are neither over nor going, from the cache.
-fn live_sessions_of(state: &ApiState, creator: &str) -> usize {
-    state
-        .sessions
-        .state()
-        .iter()
-        .filter(|s| s.labels().get(CREATOR_LABEL).map(String::as_str) == Some(creator))
-        .filter(|s| s.meta().deletion_timestamp.is_none())
-        .filter(|s| !s.status.as_ref().is_some_and(|st| st.phase.has_ended()))
-        .count()
 }
 
 /// The namespace must be a name and the operator's; the object name (what
@@ -337,18 +319,4 @@ async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>)
 
 fn session_resource() -> ApiResource {
     ApiResource::erase::<TestSession>(&())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_creator_label_is_a_valid_label_value_and_tells_callers_apart() {
-        let label = creator_label("system:serviceaccount:team-a:alice");
-        assert_eq!(label.len(), 16);
-        assert!(label.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_ne!(label, creator_label("system:serviceaccount:team-a:bob"));
-        assert_eq!(label, creator_label("system:serviceaccount:team-a:alice"));
-    }
 }

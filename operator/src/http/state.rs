@@ -10,6 +10,7 @@ use kube::runtime::reflector::Store;
 use tidepool_crds::{Backend, TestSession, WarmPool};
 
 use super::access::Access;
+use crate::creators::Creators;
 use crate::fleet::Fleet;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
@@ -34,8 +35,9 @@ pub struct ApiState {
     /// declares it can run), for agent reports.
     pub backends: Store<Backend>,
     pub nodes: Store<Node>,
-    /// Live sessions one caller may hold at once.
+    /// Live sessions one caller may hold at once, and how many each holds.
     pub sessions_per_caller: usize,
+    pub creators: Creators,
     /// How long POST waits for a session to turn Ready before answering 504.
     pub ready_deadline: Duration,
     /// Set once the API server has answered.
