@@ -91,7 +91,8 @@ async fn malformed_unauthorised_or_oversized_requests_are_refused_and_change_not
         "tidepool_session_create_to_ready_seconds_bucket{le=\"0.001\"}",
         "tidepool_session_binding_api_writes_count",
         "tidepool_pool_pods{namespace=\"default\",pool=\"edge\",state=\"assigned\"} 1",
-        "tidepool_api_requests_total{code=\"401\",route=\"create\"} 1",
+        // No token, and a token the API server does not accept.
+        "tidepool_api_requests_total{code=\"401\",route=\"create\"} 2",
         "tidepool_leader 1",
     ];
     // The pool's gauges follow its next pass, a moment after the binding.

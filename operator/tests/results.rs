@@ -45,6 +45,9 @@ fn report(results: Value, is_final: bool) -> Vec<u8> {
     serde_json::to_vec(&json!({ "results": results, "final": is_final })).unwrap()
 }
 
+/// The one answer to results credentials that do not fit the session.
+const NOT_YOURS: &str = "these credentials are not for this session";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_land_in_status_graded_and_a_final_report_completes_the_session() {
     let cluster = Cluster::start(1).await;
@@ -83,14 +86,14 @@ async fn results_land_in_status_graded_and_a_final_report_completes_the_session(
     let cases: Vec<Case> = vec![
         ("no credentials", None, None, report(figures.clone(), false), 401, "session token"),
         ("no ticket", Some(&one.token), None, report(figures.clone(), false), 401, "x-tidepool-binding"),
-        ("garbage token", Some("x.y"), Some(&one.binding), report(figures.clone(), false), 403, "session token"),
+        ("garbage token", Some("x.y"), Some(&one.binding), report(figures.clone(), false), 403, NOT_YOURS),
         (
             "another session's token",
             Some(&other.token),
             Some(&other.binding),
             report(figures.clone(), false),
             403,
-            "not for session",
+            NOT_YOURS,
         ),
         (
             "another session's ticket",
@@ -98,7 +101,7 @@ async fn results_land_in_status_graded_and_a_final_report_completes_the_session(
             Some(&other.binding),
             report(figures.clone(), false),
             403,
-            "binding ticket",
+            NOT_YOURS,
         ),
         ("not JSON", Some(&one.token), Some(&one.binding), b"latency=1".to_vec(), 400, "invalid request body"),
         ("out of range", Some(&one.token), Some(&one.binding), report(bad_loss, false), 422, "lossPercent"),
