@@ -153,11 +153,12 @@ impl PoolPublicKey {
         B64.encode(self.0.to_bytes())
     }
 
-    /// The key's id: the first 9 bytes of the SHA-256 of its bytes, base64url
-    /// (12 characters).
+    /// The key's id: the first 6 bytes of the SHA-256 of its bytes, in hex
+    /// (12 characters). Hex, because pods carry it as a label value, which
+    /// may not begin or end with base64url's `-` or `_`.
     pub fn kid(&self) -> String {
         use sha2::Digest;
-        B64.encode(&sha2::Sha256::digest(self.0.to_bytes())[..9])
+        sha2::Sha256::digest(self.0.to_bytes())[..6].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Checks a session token's signature and expiry (`now` in Unix seconds)
@@ -460,6 +461,13 @@ mod properties {
                 matches!(own.verify_session(&token, claims.exp), Err(TokenError::Expired { .. })),
                 "a token is dead at its expiry second"
             );
+        }
+
+        #[test]
+        fn a_key_id_is_a_label_value(seed in any::<[u8; 32]>()) {
+            let kid = PoolSigningKey::from_base64(&B64.encode(seed)).unwrap().public().kid();
+            prop_assert_eq!(kid.len(), 12);
+            prop_assert!(kid.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{}", kid);
         }
 
         #[test]

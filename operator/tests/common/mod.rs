@@ -8,7 +8,9 @@ pub mod invariants;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use tidepool_crds::WarmPool;
 use tidepool_tests::{ControlPlane, FakeNode, Options, Process, eventually, free_port};
@@ -130,15 +132,34 @@ impl Cluster {
         .unwrap()
     }
 
-    /// Waits until the pool reports `warm` warm pods.
+    /// Waits until the pool reports `warm` warm pods; on a timeout, says
+    /// what the pool and its pods look like.
     pub async fn wait_warm(&self, name: &str, warm: i32, limit: Duration) -> WarmPool {
         let pools: Api<WarmPool> = Api::namespaced(self.client.clone(), "default");
-        eventually(limit, &format!("pool {name} to have {warm} warm pods"), || async {
+        let waited = eventually(limit, &format!("pool {name} to have {warm} warm pods"), || async {
             let pool = pools.get(name).await.ok()?;
             (pool.status.as_ref()?.warm == warm).then_some(pool)
         })
-        .await
-        .unwrap()
+        .await;
+        match waited {
+            Ok(pool) => pool,
+            Err(e) => {
+                let status = pools.get(name).await.ok().and_then(|p| p.status);
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), "default");
+                let listed = pods.list(&ListParams::default().labels(&format!("tidepool.dev/pool={name}"))).await;
+                let pods: Vec<String> = listed
+                    .map(|l| l.items)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|p| {
+                        let phase = p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+                        let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+                        format!("{} {phase} on {node:?} {:?}", p.name_any(), p.labels())
+                    })
+                    .collect();
+                panic!("{e}\nthe pool's status: {status:#?}\nits pods: {pods:#?}")
+            }
+        }
     }
 }
 
