@@ -421,7 +421,11 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Creates a fake node and waits until kwok reports it Ready.
+    /// Creates a fake node and waits until kwok reports it Ready and the
+    /// node lifecycle controller has taken off the taints it puts on a node
+    /// not yet Ready (`node.kubernetes.io/not-ready`, `.../unreachable`):
+    /// until then nothing may be placed there, and a test that places pods
+    /// at once would find fewer nodes than it made.
     pub async fn add_node(&self, node: &FakeNode) -> Result<()> {
         let api: Api<Node> = Api::all(self.client().await?);
         let object = node.to_node();
@@ -436,9 +440,15 @@ impl ControlPlane {
         )
         .await?;
         let ready = await_condition(api, &node.name, |n: Option<&Node>| {
-            n.and_then(|n| n.status.as_ref())
+            let ready = n
+                .and_then(|n| n.status.as_ref())
                 .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let lifecycle_taints = n
+                .and_then(|n| n.spec.as_ref())
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|ts| ts.iter().any(|t| NOT_READY_TAINTS.contains(&t.key.as_str())));
+            ready && !lifecycle_taints
         });
         tokio::time::timeout(Duration::from_secs(30), ready)
             .await
@@ -580,6 +590,9 @@ impl Drop for ControlPlane {
         }
     }
 }
+
+/// The taints the node lifecycle controller puts on a node that is not Ready.
+const NOT_READY_TAINTS: [&str; 2] = ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"];
 
 /// A client from a kubeconfig file.
 pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
