@@ -289,7 +289,7 @@ async fn main() -> ExitCode {
     });
     let identity = lease.identity.clone();
     let mut supervisor = Supervisor::new(args.fault_end_task.clone());
-    let shared = run::shared_caches(&mut supervisor, &scope, &clients.watch);
+    let shared = run::shared_caches(&mut supervisor, &scope, &clients.watch, &fleet);
 
     let token_namespaces = if args.api_token_namespaces.is_empty() {
         vec![args.session_namespace.clone()]

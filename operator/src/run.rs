@@ -49,12 +49,15 @@ pub struct Shared {
     pub nodes: Store<Node>,
 }
 
-/// Starts the caches of pools and sessions under `supervisor`.
-pub fn shared_caches(supervisor: &mut Supervisor, scope: &Scope, client: &Client) -> Shared {
+/// Starts the caches of pools and sessions under `supervisor`. The session
+/// watch also keeps the per-creator index and teaches `fleet`'s router the
+/// sessions' sticky keys.
+pub fn shared_caches(supervisor: &mut Supervisor, scope: &Scope, client: &Client, fleet: &Arc<Fleet>) -> Shared {
     let creators = Creators::default();
-    let tap = creators.clone();
+    let (tap, fleet) = (creators.clone(), fleet.clone());
     let sessions = scope::watch(supervisor, scope, client, "session-cache", Default::default(), move |watch, event| {
-        tap.apply(watch, event)
+        tap.apply(watch, event);
+        fleet.learn_from(event);
     });
     Shared {
         pools: scope::watch(supervisor, scope, client, "pool-cache", Default::default(), |_, _| {}),

@@ -22,20 +22,22 @@ const AGENT_IMAGE: &str = "tidepool-agent:test";
 
 /// Starts the operator with fast probes, after the agents' ServiceAccount exists.
 async fn operator(cluster: &Cluster, name: &str) -> Operator {
+    operator_on(cluster, name, free_port().unwrap()).await
+}
+
+/// Like [`operator`], on a chosen port (where the agents report).
+async fn operator_on(cluster: &Cluster, name: &str, port: u16) -> Operator {
     cluster.plane.service_account_token("default", "tidepool-agent", "tidepool", None).await.unwrap();
-    cluster
-        .operator(
-            name,
-            &[
-                &format!("--agent-image={AGENT_IMAGE}"),
-                "--health-probe-interval-seconds=2",
-                "--health-probe-timeout-seconds=1",
-                "--backend-status-refresh-seconds=5",
-                // The harness's nodes are all at 127.0.0.1.
-                "--allow-local-backend-addresses",
-            ],
-        )
-        .await
+    let agent_image = format!("--agent-image={AGENT_IMAGE}");
+    let args = [
+        agent_image.as_str(),
+        "--health-probe-interval-seconds=2",
+        "--health-probe-timeout-seconds=1",
+        "--backend-status-refresh-seconds=5",
+        // The harness's nodes are all at 127.0.0.1.
+        "--allow-local-backend-addresses",
+    ];
+    cluster.operator_on(name, port, &args).await
 }
 
 /// The agent DaemonSet's pod on `node`: (name, uid), once the DaemonSet controller made it.
@@ -120,6 +122,8 @@ async fn start_agent(
         "--report-interval-ms=200".to_string(),
         "--sample-interval-ms=200".to_string(),
         "--windows=10s,60s".to_string(),
+        // A failover's 503s open the breaker; the tests wait 1 s for it, not 30.
+        "--breaker-open-seconds=1".to_string(),
         format!("--proc-root={}", proc_root.display()),
         format!("--disk-path={}", dir.display()),
     ];
@@ -282,6 +286,60 @@ async fn agents_feed_backends_and_sessions_follow_the_load() {
         (condition(b, "Ready").as_deref() == Some("True")).then_some(())
     })
     .await;
+    drop(agents);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_keys_outlive_the_leader_that_picked_them() {
+    let cluster = Cluster::start(3).await;
+    let port = free_port().unwrap();
+    let mut first = operator_on(&cluster, "first", port).await;
+    let loads = [("node-0", 80), ("node-1", 20), ("node-2", 50)];
+    let mut agents = Vec::new();
+    for (node, memory) in loads {
+        agents.push(start_agent(&cluster, &first, node, memory, None).await);
+    }
+    for (node, _) in loads {
+        wait_backend(&cluster, node, "Ready", Duration::from_secs(30), |b| {
+            (condition(b, "Ready").as_deref() == Some("True")).then_some(())
+        })
+        .await;
+    }
+    spread_pool(&cluster, "cpu", 8, json!({ "vcpu": 1, "memoryMiB": 64 })).await;
+    cluster.wait_warm("cpu", 8, Duration::from_secs(60)).await;
+
+    // node-1 is the least loaded; once two picks wait on it, the key lands on node-2.
+    assert_eq!(session_node(&first, "cpu").await, "node-1");
+    assert_eq!(session_node(&first, "cpu").await, "node-1");
+    let keyed = json!({ "pool": "cpu", "stickyKey": "household-9" });
+    let (code, body) = post_session(&first, keyed.clone()).await;
+    assert_eq!((code, body["node"].as_str()), (201, Some("node-2")), "{body}");
+
+    // A new leader, at the address the agents report to, has no picks of
+    // its own: it learns the key from the session that carries it.
+    first.process.kill();
+    let second = operator_on(&cluster, "second", port).await;
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), "the new leader to have reports from every node", || async {
+        let body: Value = http
+            .post(format!("{}/api/v1/route", second.url))
+            .bearer_auth(TOKEN)
+            .json(&json!({ "tier": { "vcpu": 1, "memoryMiB": 64 } }))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let routable = body["backend"].as_str().is_some();
+        routable.then_some(())
+    })
+    .await
+    .unwrap();
+    let (code, body) = post_session(&second, keyed).await;
+    assert_eq!((code, body["node"].as_str()), (201, Some("node-2")), "the key's backend after the failover: {body}");
+    // Without the key, placement would have chosen node-1.
+    assert_eq!(session_node(&second, "cpu").await, "node-1");
     drop(agents);
 }
 

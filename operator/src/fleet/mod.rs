@@ -22,7 +22,11 @@ pub mod status;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::watcher::Event;
+use tidepool_crds::TestSession;
 
 use crate::placement::{Router, RouterSettings};
 
@@ -92,10 +96,90 @@ impl Fleet {
         self.leading.load(Ordering::Relaxed)
     }
 
+    /// Teaches the router the sticky key of a session the session watch
+    /// shows, so keys survive a failover with no store but the sessions:
+    /// every replica's router knows them before it leads.
+    pub fn learn_from(&self, event: &Event<TestSession>) {
+        let (Event::Apply(session) | Event::InitApply(session)) = event else { return };
+        let Some(assignment) = StickyAssignment::of(session) else { return };
+        let age = Timestamp::now().duration_since(assignment.assigned);
+        let age = if age.is_negative() { Duration::ZERO } else { age.unsigned_abs() };
+        // Older than the machine's clock can say: too old to matter.
+        let Some(assigned) = Instant::now().checked_sub(age) else { return };
+        self.with_router(|router| router.learn_sticky(assignment.key, assignment.backend, assigned));
+    }
+
     /// Runs `f` on the router. A poisoned lock (a panic while held) still
     /// holds consistent data: every change to it is a single assignment.
     pub fn with_router<T>(&self, f: impl FnOnce(&mut Router) -> T) -> T {
         let mut router = self.router.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut router)
+    }
+}
+
+/// A session's sticky key and the backend it was bound to, when.
+#[derive(Debug, PartialEq)]
+struct StickyAssignment<'a> {
+    key: &'a str,
+    backend: &'a str,
+    assigned: Timestamp,
+}
+
+impl<'a> StickyAssignment<'a> {
+    /// Only a session with a key that placement has bound to a backend has one.
+    fn of(session: &'a TestSession) -> Option<Self> {
+        let key = session.spec.sticky_key.as_deref()?;
+        let status = session.status.as_ref()?;
+        let backend = status.backend.as_deref()?;
+        let assigned = status.assigned_at.as_ref()?.0;
+        Some(Self { key, backend, assigned })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn session(sticky: Option<&str>, backend: Option<&str>, assigned: Option<i64>) -> TestSession {
+        let mut session: TestSession = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tidepool.dev/v1alpha1", "kind": "TestSession",
+            "metadata": { "name": "s", "namespace": "default" },
+            "spec": { "pool": "p" },
+            "status": {}
+        }))
+        .unwrap();
+        session.spec.sticky_key = sticky.map(String::from);
+        let status = session.status.get_or_insert_default();
+        status.backend = backend.map(String::from);
+        status.assigned_at = assigned.map(|s| Time(Timestamp::from_second(s).unwrap()));
+        session
+    }
+
+    #[test]
+    fn only_a_bound_session_with_a_key_teaches_one() {
+        let bound = session(Some("user-1"), Some("node-2"), Some(1_000));
+        let assignment = StickyAssignment::of(&bound).unwrap();
+        assert_eq!((assignment.key, assignment.backend), ("user-1", "node-2"));
+        assert_eq!(assignment.assigned, Timestamp::from_second(1_000).unwrap());
+        assert_eq!(StickyAssignment::of(&session(None, Some("node-2"), Some(1_000))), None);
+        assert_eq!(StickyAssignment::of(&session(Some("user-1"), None, Some(1_000))), None);
+        assert_eq!(StickyAssignment::of(&session(Some("user-1"), Some("node-2"), None)), None);
+    }
+
+    #[test]
+    fn the_watch_teaches_the_router() {
+        let fleet = Fleet::new(FleetSettings::default());
+        let an_hour_ago = Timestamp::now().as_second() - 3600;
+        fleet.learn_from(&Event::InitApply(session(Some("user-1"), Some("node-2"), Some(an_hour_ago))));
+        fleet.learn_from(&Event::Delete(session(Some("user-2"), Some("node-3"), Some(an_hour_ago))));
+        fleet.learn_from(&Event::Apply(session(Some("user-1"), Some("node-1"), Some(an_hour_ago - 60))));
+        fleet.with_router(|router| {
+            assert_eq!(router.sticky_backend("user-1"), Some("node-2"));
+            assert_eq!(router.sticky_backend("user-2"), None);
+        });
+        // A clock ahead of ours counts as now.
+        fleet.learn_from(&Event::Apply(session(Some("user-1"), Some("node-3"), Some(an_hour_ago + 7200))));
+        fleet.with_router(|router| assert_eq!(router.sticky_backend("user-1"), Some("node-3")));
     }
 }

@@ -397,7 +397,32 @@ impl Router {
         None
     }
 
-    fn remember_sticky(&mut self, key: &str, need: Need, backend: &str, now: Instant) {
+    /// Learns a sticky key's backend from a session that carries it, bound
+    /// there at `assigned`: so a key outlives the replica that picked it
+    /// (a new leader learns every key from the session cache). A newer
+    /// assignment replaces what is known; an older one changes nothing.
+    pub fn learn_sticky(&mut self, key: &str, backend: &str, assigned: Instant) {
+        if let Some(known) = self.sticky.get_mut(key) {
+            if known.used.is_some_and(|used| used >= assigned) {
+                return;
+            }
+            // What the key had for other tiers is older than this assignment.
+            known.per_need.retain(|(_, b)| b == backend);
+            known.latest = backend.to_owned();
+            known.used = Some(assigned);
+            return;
+        }
+        self.make_room_for_sticky(key);
+        let learned = Sticky { per_need: Vec::new(), latest: backend.to_owned(), used: Some(assigned) };
+        self.sticky.insert(key.to_owned(), learned);
+    }
+
+    /// The backend a sticky key goes to first, if it has one.
+    pub fn sticky_backend(&self, key: &str) -> Option<&str> {
+        self.sticky.get(key).map(|s| s.latest.as_str())
+    }
+
+    fn make_room_for_sticky(&mut self, key: &str) {
         if self.sticky.len() >= STICKY_CAPACITY && !self.sticky.contains_key(key) {
             let mut ages: Vec<Instant> = self.sticky.values().filter_map(|s| s.used).collect();
             ages.sort_unstable();
@@ -405,6 +430,10 @@ impl Router {
                 self.sticky.retain(|_, s| s.used.is_some_and(|u| u > cut));
             }
         }
+    }
+
+    fn remember_sticky(&mut self, key: &str, need: Need, backend: &str, now: Instant) {
+        self.make_room_for_sticky(key);
         let entry = self.sticky.entry(key.to_owned()).or_default();
         match entry.per_need.iter_mut().find(|(n, _)| *n == need) {
             Some(slot) => slot.1 = backend.to_owned(),
@@ -799,6 +828,35 @@ mod tests {
         }
         let moved = router.route(&req, now).unwrap();
         assert_eq!((moved.backend.as_str(), moved.sticky), ("b", false));
+    }
+
+    #[test]
+    fn learned_sticky_keys_follow_the_newest_assignment() {
+        let now = Instant::now();
+        let earlier = now - Duration::from_secs(60);
+        let mut router = Router::with_seed(RouterSettings::default(), 1);
+        router.ingest(report("a", 8, 10.0, 10), now);
+        router.ingest(report("b", 8, 50.0, 50), now);
+        let weights = PlacementWeights::default();
+        let mut req = request(SMALL, &weights);
+        req.sticky = Some("user-1");
+        // Learned from a session a former leader bound to b: the key goes
+        // to b, though a is less loaded.
+        router.learn_sticky("user-1", "b", earlier);
+        let pick = router.route(&req, now).unwrap();
+        assert_eq!((pick.backend.as_str(), pick.sticky), ("b", true));
+        // An older session (seen later) changes nothing.
+        router.learn_sticky("user-1", "a", earlier - Duration::from_secs(1));
+        assert_eq!(router.sticky_backend("user-1"), Some("b"));
+        // A newer one moves the key, its tiers' earlier picks included.
+        router.learn_sticky("user-1", "a", now + Duration::from_secs(1));
+        assert_eq!(router.sticky_backend("user-1"), Some("a"));
+        assert_eq!(router.route(&req, now).unwrap().backend, "a");
+        // A learned key whose backend is not known yet falls through to a normal pick.
+        router.learn_sticky("user-2", "gone", now);
+        req.sticky = Some("user-2");
+        let pick = router.route(&req, now).unwrap();
+        assert_eq!((pick.backend.as_str(), pick.sticky), ("a", false));
     }
 
     #[test]

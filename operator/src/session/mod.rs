@@ -134,10 +134,13 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
                     // Claimed by an earlier pass that stopped before the status write.
                     tracing::info!(session = %session.name_any(), %pod, "adopting a pod claimed earlier");
                 }
-                let facts = match claimed.as_deref() {
+                let mut facts = match claimed.as_deref() {
                     Some(won) if won.name_any() == pod => pod_facts_of(&pod, Some(won), ctx.settings.session_port),
                     _ => pod_facts(&ctx, &namespace, &pod, &pods_api).await?,
                 };
+                // A node's Backend bears its name; placement chose it when agents report there.
+                facts.backend =
+                    facts.node.clone().filter(|node| ctx.fleet.with_router(|router| router.view(node).is_some()));
                 let times = Times {
                     created: observed_created(&session, observed.now),
                     expires: observed.expires,
@@ -301,6 +304,7 @@ fn pod_facts_of(name: &str, pod: Option<&Pod>, default_port: u16) -> PodFacts {
     PodFacts {
         name: name.to_owned(),
         node: pod.and_then(pods::node_of).map(String::from),
+        backend: None,
         endpoint: pod.and_then(|p| pods::endpoint(p, default_port)),
         key_id: pod.and_then(|p| p.labels().get(labels::KEY_ID)).cloned(),
     }

@@ -13,6 +13,8 @@ use crate::error::{Error, Result};
 pub struct PodFacts {
     pub name: String,
     pub node: Option<String>,
+    /// The Backend placement knows for the pod's node, when agents report.
+    pub backend: Option<String>,
     pub endpoint: Option<String>,
     /// The pool key the pod holds.
     pub key_id: Option<String>,
@@ -33,6 +35,7 @@ pub fn ready(mut status: TestSessionStatus, pod: &PodFacts, times: Times, reboun
     status.phase = Phase::Ready;
     status.pod = Some(pod.name.clone());
     status.node = pod.node.clone();
+    status.backend = pod.backend.clone();
     status.endpoint = pod.endpoint.clone();
     status.key_id = pod.key_id.clone();
     status.created_at = Some(Time(created));
@@ -70,6 +73,7 @@ pub fn waiting(
     status.phase = Phase::Pending;
     status.pod = None;
     status.node = None;
+    status.backend = None;
     status.endpoint = None;
     status.observed_generation = generation;
     status.created_at = created_at;
@@ -156,6 +160,7 @@ mod tests {
         PodFacts {
             name: "edge-a".into(),
             node: Some("n1".into()),
+            backend: Some("n1".into()),
             endpoint: Some("http://10.0.0.1:8080".into()),
             key_id: Some("k1".into()),
         }
@@ -168,6 +173,7 @@ mod tests {
             (status.phase, status.pod.as_deref(), status.node.as_deref()),
             (Phase::Ready, Some("edge-a"), Some("n1"))
         );
+        assert_eq!(status.backend.as_deref(), Some("n1"));
         assert_eq!(status.expires_at, Some(Time(at(1_300))));
         assert_eq!(conditions::reason(&status.conditions, conditions::BOUND), Some(reason::BOUND));
         assert!(conditions::is_true(&status.conditions, conditions::READY));
@@ -192,7 +198,7 @@ mod tests {
         // A session that lost its pod waits again, and its pod is cleared.
         let bound = ready(TestSessionStatus::default(), &pod(), times(), false);
         let lost = waiting(bound, reason::POOL_EMPTY, "no pod".into(), None, Some(1), at(8)).unwrap();
-        assert_eq!((lost.pod, lost.endpoint), (None, None));
+        assert_eq!((lost.pod, lost.endpoint, lost.backend), (None, None, None));
     }
 
     #[test]
