@@ -8,11 +8,13 @@ cd "$(dirname "$0")/.."
 
 # What the tests run besides our own programs, from Debian's packages:
 # cc for the fake NVML library of the GPU tests, ip and tc for the shaped
-# network namespaces of the accuracy tests, promtool to check /metrics.
+# network namespaces of the accuracy tests, promtool to check /metrics,
+# sshd as the peer of the ssh probe.
 missing=()
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
 command -v ip >/dev/null && command -v tc >/dev/null || missing+=(iproute2)
 command -v promtool >/dev/null || missing+=(prometheus)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi

@@ -175,7 +175,7 @@ fn probes_table(probes: &[ProbeResult]) -> Table {
         "total ms",
         "dns",
         "connect",
-        "tls",
+        "tls/kex",
         "first byte",
         "protocol",
         "note",
@@ -195,7 +195,8 @@ fn probes_table(probes: &[ProbeResult]) -> Table {
             ms(total).into(),
             ms(timings.dns_ms).into(),
             ms(timings.connect_ms).into(),
-            ms(timings.tls_ms).into(),
+            // tls for tls and https, the key exchange for ssh.
+            ms(timings.tls_ms.or(timings.kex_ms)).into(),
             ms(timings.first_byte_ms).into(),
             probe.protocol.clone().unwrap_or_default().into(),
             // Why it failed, or what else it found (hops, loss, days left).
@@ -434,8 +435,8 @@ videoCall         10.0     31.3       2.50      100  mild
         assert_eq!(
             probes_table(&results.probes).render(false),
             "\
-probe  target                result  tier  total ms   dns  connect  tls  first byte  protocol  note
-http   https://example.com/  ok         1     120.0  1.50                            h2        certificate expires in 60 days
+probe  target                result  tier  total ms   dns  connect  tls/kex  first byte  protocol  note
+http   https://example.com/  ok         1     120.0  1.50                                h2        certificate expires in 60 days
 "
         );
     }

@@ -160,6 +160,8 @@ pub enum ProbeKind {
     Icmp,
     /// The route to the host.
     Traceroute,
+    /// An SSH server's banner and key exchange (port 22 when none is given).
+    Ssh,
 }
 
 /// Where a session is in its life.
@@ -466,6 +468,10 @@ pub struct ProbeTimings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub first_byte_ms: Option<f64>,
+    /// ssh: the key exchange, from our KEXINIT to the server's reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub kex_ms: Option<f64>,
     #[schemars(range(min = 0.0))]
     pub total_ms: f64,
 }

@@ -88,6 +88,7 @@ mod tests {
                 Just(ProbeKind::Dns),
                 Just(ProbeKind::Icmp),
                 Just(ProbeKind::Traceroute),
+                Just(ProbeKind::Ssh),
             ];
             (kind, proptest::option::of("\\PC{0,40}"), proptest::option::of("[a-z0-9.:-]{1,30}"), any::<Option<i32>>())
                 .prop_map(|(kind, url, host, port)| ProbeTarget { kind, url, host, port })

@@ -139,6 +139,7 @@ pub fn validate(results: &SessionResults) -> Result<(), InvalidField> {
                 ("connectMs", t.connect_ms),
                 ("tlsMs", t.tls_ms),
                 ("firstByteMs", t.first_byte_ms),
+                ("kexMs", t.kex_ms),
             ];
             for (name, value) in
                 optional.into_iter().filter_map(|(name, v)| Some((name, v?))).chain([("totalMs", t.total_ms)])

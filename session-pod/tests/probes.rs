@@ -1,6 +1,6 @@
 //! The outbound probes against real servers on loopback: HTTP/1.1, HTTPS
-//! with h2 under a CA made here, TCP, TLS, a UDP echo, DNS, ICMP echo, the
-//! tiers, and continuous mode; the egress policy that refuses loopback unless
+//! with h2 under a CA made here, TCP, TLS, Debian's sshd, a UDP echo, DNS,
+//! ICMP echo, the tiers, and continuous mode; the egress policy that refuses loopback unless
 //! a rule allows it, and the byte budget.
 #![cfg(target_os = "linux")]
 
@@ -153,7 +153,7 @@ fn trusting(ca: &CertificateDer<'static>) -> ProbeSettings {
 
 /// Every step timed, none negative, in the order they happen.
 fn assert_timings_ordered(result: &ProbeResult, tls: bool) {
-    let ProbeTimings { dns_ms, connect_ms, tls_ms, first_byte_ms, total_ms } = result.timings.clone().unwrap();
+    let ProbeTimings { dns_ms, connect_ms, tls_ms, first_byte_ms, total_ms, .. } = result.timings.clone().unwrap();
     let (dns, connect) = (dns_ms.unwrap(), connect_ms.unwrap());
     let (first_byte, handshake) = (first_byte_ms.unwrap(), tls_ms.unwrap_or(0.0));
     assert_eq!(tls_ms.is_some(), tls, "{result:?}");
@@ -493,6 +493,7 @@ async fn a_name_that_resolves_to_loopback_is_refused_for_every_kind_that_sends()
         target(ProbeKind::Tcp, "localhost", Some(port)),
         target(ProbeKind::Tls, "localhost", Some(port)),
         target(ProbeKind::Udp, "localhost", Some(port)),
+        target(ProbeKind::Ssh, "localhost", Some(port)),
         target(ProbeKind::Icmp, "localhost", None),
         target(ProbeKind::Traceroute, "localhost", None),
         // The IPv6 forms that carry a loopback address are loopback too.
@@ -548,4 +549,177 @@ async fn the_byte_budget_cuts_a_download_and_then_every_probe() {
     let used = budget.used();
     // The request (about 80 bytes) and the answer (its head and 26 bytes of body).
     assert!((100..1_000).contains(&used), "{used} bytes counted");
+}
+
+/// Debian's sshd (the openssh-server package) on a free loopback port, with
+/// a host key made for it. Killed when dropped.
+struct Sshd {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Sshd {
+    async fn start() -> Self {
+        let binary = std::path::Path::new("/usr/sbin/sshd");
+        assert!(binary.exists(), "the ssh probe's test needs Debian's openssh-server (tests/run.sh installs it)");
+        // As root, sshd wants its privilege separation directory, which the
+        // package's service would make.
+        if is_root() {
+            std::fs::create_dir_all("/run/sshd").unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("tidepool-sshd-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("host_ed25519");
+        let made = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .expect("ssh-keygen (openssh-client) makes the host key");
+        assert!(made.success());
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile none\nUsePAM no\nStrictModes no\n",
+                key.display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(binary)
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let sshd = Self { child, port, dir };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return sshd;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("sshd did not listen on port {port} within 5 s");
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+#[tokio::test]
+async fn ssh_times_the_banner_and_key_exchange_of_a_real_sshd() {
+    let sshd = Sshd::start().await;
+    let outcome = probe(&target(ProbeKind::Ssh, "127.0.0.1", Some(sshd.port)), &settings()).await;
+    let result = &outcome.result;
+    assert!(result.ok, "{result:?}");
+    assert_eq!(result.protocol.as_deref(), Some("SSH-2.0"));
+    let facts = outcome.facts.ssh.clone().unwrap();
+    assert!(facts.banner.as_deref().unwrap().starts_with("SSH-2.0-OpenSSH_"), "{facts:?}");
+    assert_eq!(facts.kex.as_deref(), Some("curve25519-sha256"));
+    assert_eq!(facts.host_key.as_deref(), Some("ssh-ed25519"));
+    let timings = result.timings.clone().unwrap();
+    let (dns, connect, banner, kex) =
+        (timings.dns_ms.unwrap(), timings.connect_ms.unwrap(), timings.first_byte_ms.unwrap(), timings.kex_ms.unwrap());
+    assert!(dns + connect <= banner && banner + kex <= timings.total_ms, "{timings:?}");
+    assert!(timings.tls_ms.is_none());
+    let detail = outcome.into_result().detail.unwrap();
+    assert!(
+        detail.starts_with("banner SSH-2.0-OpenSSH_")
+            && detail.ends_with("kex curve25519-sha256, host key ssh-ed25519"),
+        "{detail}"
+    );
+}
+
+/// A TCP server that answers each connection with `bytes` and then reads
+/// until the client goes.
+async fn answering(bytes: Vec<u8>) -> (u16, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                let _ = stream.write_all(&bytes).await;
+                let mut sink = [0u8; 1024];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (port, task)
+}
+
+/// An unencrypted SSH packet around `payload`, padded as the RFC asks.
+fn ssh_packet(payload: &[u8]) -> Vec<u8> {
+    let mut padding = 8 - (5 + payload.len()) % 8;
+    if padding < 4 {
+        padding += 8;
+    }
+    let mut out = ((1 + payload.len() + padding) as u32).to_be_bytes().to_vec();
+    out.push(padding as u8);
+    out.extend_from_slice(payload);
+    out.extend(std::iter::repeat_n(0, padding));
+    out
+}
+
+#[tokio::test]
+async fn ssh_names_what_a_server_got_wrong() {
+    let probe_port = |port: u16| async move {
+        let outcome = probe(&target(ProbeKind::Ssh, "127.0.0.1", Some(port)), &settings()).await;
+        assert!(!outcome.result.ok, "{:?}", outcome.result);
+        outcome.result.error.unwrap()
+    };
+    // Not an SSH server at all.
+    let (port, _http) = answering(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()).await;
+    let error = probe_port(port).await;
+    assert!(error.contains("the server's version"), "{error}");
+    // SSH 1 only.
+    let (port, _old) = answering(b"SSH-1.5-ancient\r\n".to_vec()).await;
+    assert_eq!(probe_port(port).await, r#"the server speaks "SSH-1.5-ancient", not SSH 2.0"#);
+    // Only key exchanges the probe does not speak.
+    let mut kexinit = vec![20u8];
+    kexinit.extend_from_slice(&[0; 16]);
+    for list in [
+        "diffie-hellman-group14-sha256",
+        "rsa-sha2-256",
+        "aes128-ctr",
+        "aes128-ctr",
+        "hmac-sha2-256",
+        "hmac-sha2-256",
+        "none",
+        "none",
+        "",
+        "",
+    ] {
+        kexinit.extend_from_slice(&(list.len() as u32).to_be_bytes());
+        kexinit.extend_from_slice(list.as_bytes());
+    }
+    kexinit.extend_from_slice(&[0; 5]);
+    let mut answer = b"SSH-2.0-Odd\r\n".to_vec();
+    answer.extend_from_slice(&ssh_packet(&kexinit));
+    let (port, _odd) = answering(answer).await;
+    let error = probe_port(port).await;
+    let banner = probe(&target(ProbeKind::Ssh, "127.0.0.1", Some(port)), &settings()).await.facts.ssh.unwrap().banner;
+    assert_eq!(error, "no key exchange in common: the server offers diffie-hellman-group14-sha256");
+    assert_eq!(banner.as_deref(), Some("SSH-2.0-Odd"));
+    // A packet far over the limit is refused before it is read.
+    let mut answer = b"SSH-2.0-Huge\r\n".to_vec();
+    answer.extend_from_slice(&[0x7f, 0xff, 0xff, 0xff, 4]);
+    let (port, _huge) = answering(answer).await;
+    assert_eq!(probe_port(port).await, "a packet of 2147483647 bytes, over the 35000 the protocol asks a peer to take");
+    // A server that says nothing is bounded by the probe's timeout.
+    let (port, _mute) = answering(Vec::new()).await;
+    let error = probe_port(port).await;
+    assert!(error.contains("reading the server's version"), "{error}");
 }

@@ -22,6 +22,7 @@ mod net;
 mod outcome;
 mod series;
 mod settings;
+mod ssh;
 mod tls;
 mod traceroute;
 mod udp;
@@ -36,7 +37,7 @@ use tokio::task::JoinSet;
 pub use budget::{BudgetSpent, TrafficBudget};
 pub use continuous::{Continuous, ContinuousRun, ContinuousSettings, spawn_continuous};
 pub use escalate::{Job, MAX_TIER, MIN_JUDGED_BYTES, Observations, Stage, Thresholds, escalation_reasons, plan};
-pub use outcome::{Download, Facts, Hop, IcmpSocket, ProbeOutcome, RttStats};
+pub use outcome::{Download, Facts, Hop, IcmpSocket, ProbeOutcome, RttStats, SshFacts};
 pub use settings::{MAX_HOPS, MAX_SAMPLE_BYTES, ProbeSettings};
 pub use traceroute::BASE_PORT as TRACEROUTE_BASE_PORT;
 
@@ -190,6 +191,10 @@ async fn probe_target(ctx: &Context, target: &ProbeTarget) -> ProbeOutcome {
             },
             Err(error) => failed(error),
         },
+        ProbeKind::Ssh => match host_and_port(target) {
+            Ok((host, port)) => ssh::ssh_probe(ctx, host, port).await,
+            Err(error) => failed(error),
+        },
         ProbeKind::Dns | ProbeKind::Icmp | ProbeKind::Traceroute => match target.host.as_deref() {
             Some(host) => match target.kind {
                 ProbeKind::Dns => net::dns_probe(ctx, host).await,
@@ -204,18 +209,23 @@ async fn probe_target(ctx: &Context, target: &ProbeTarget) -> ProbeOutcome {
 fn host_and_port(target: &ProbeTarget) -> Result<(&str, u16), String> {
     let kind = kind_name(target.kind);
     let host = target.host.as_deref().ok_or_else(|| format!("the {kind} probe needs a host"))?;
-    let port = target.port.ok_or_else(|| format!("the {kind} probe needs a port"))?;
+    let port = target.port.or(default_port(target.kind)).ok_or_else(|| format!("the {kind} probe needs a port"))?;
     match u16::try_from(port) {
         Ok(port) if port > 0 => Ok((host, port)),
         _ => Err(format!("port {port} is outside 1 to 65535")),
     }
 }
 
+/// The port of a probe kind that has one by default: ssh's 22.
+fn default_port(kind: ProbeKind) -> Option<i32> {
+    (kind == ProbeKind::Ssh).then_some(22)
+}
+
 /// What a result names as its target: the URL, `host:port`, or the host.
 fn target_label(target: &ProbeTarget) -> String {
-    match (target.kind, &target.url, &target.host, target.port) {
+    match (target.kind, &target.url, &target.host, target.port.or(default_port(target.kind))) {
         (ProbeKind::Http, Some(url), _, _) => url.clone(),
-        (ProbeKind::Tcp | ProbeKind::Tls | ProbeKind::Udp, _, Some(host), Some(port)) => {
+        (ProbeKind::Tcp | ProbeKind::Tls | ProbeKind::Udp | ProbeKind::Ssh, _, Some(host), Some(port)) => {
             u16::try_from(port).map_or_else(|_| format!("{host}:{port}"), |port| net::host_port(host, port))
         }
         (_, _, Some(host), _) => host.clone(),
@@ -240,6 +250,7 @@ fn kind_name(kind: ProbeKind) -> &'static str {
         ProbeKind::Dns => "dns",
         ProbeKind::Icmp => "icmp",
         ProbeKind::Traceroute => "traceroute",
+        ProbeKind::Ssh => "ssh",
     }
 }
 
@@ -262,6 +273,9 @@ mod tests {
         );
         assert_eq!(target_label(&target(ProbeKind::Tls, Some("::1"), Some(443))), "[::1]:443");
         assert_eq!(target_label(&target(ProbeKind::Icmp, Some("h"), None)), "h");
+        assert_eq!(host_and_port(&target(ProbeKind::Ssh, Some("h"), None)), Ok(("h", 22)));
+        assert_eq!(target_label(&target(ProbeKind::Ssh, Some("h"), None)), "h:22");
+        assert_eq!(target_label(&target(ProbeKind::Ssh, Some("h"), Some(2222))), "h:2222");
         assert_eq!(target_label(&target(ProbeKind::Http, None, None)), "");
     }
 

@@ -38,6 +38,8 @@ pub struct Facts {
     pub capped_at: Option<u64>,
     /// The bandwidth sample and the long download: what came and how fast.
     pub download: Option<Download>,
+    /// ssh: what the server said of itself.
+    pub ssh: Option<SshFacts>,
     /// The egress policy refused every address of the target: the reason's
     /// metric label (`loopback`, `private`, `cluster`, ...).
     pub egress_refused: Option<&'static str>,
@@ -78,6 +80,17 @@ impl RttStats {
     pub fn loss_percent(&self) -> f64 {
         if self.sent == 0 { 0.0 } else { 100.0 * f64::from(self.sent - self.received) / f64::from(self.sent) }
     }
+}
+
+/// What an SSH server said of itself, as far as the probe got.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SshFacts {
+    /// Its version line, for example `SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10`.
+    pub banner: Option<String>,
+    /// The key exchange agreed on.
+    pub kex: Option<String>,
+    /// The type of the host key it answered with.
+    pub host_key: Option<String>,
 }
 
 /// The kind of socket ICMP echo went out on.
@@ -176,6 +189,12 @@ impl Facts {
             } else {
                 format!("certificate expires in {days:.1} days")
             });
+        }
+        if let Some(ssh) = &self.ssh {
+            let parts_of = [("banner", &ssh.banner), ("kex", &ssh.kex), ("host key", &ssh.host_key)];
+            let said: Vec<String> =
+                parts_of.iter().filter_map(|(name, value)| Some(format!("{name} {}", value.as_ref()?))).collect();
+            parts.push(said.join(", "));
         }
         if let Some(bytes) = self.capped_at {
             parts.push(format!("body cut off at {bytes} bytes"));
