@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::{SinkExt, StreamExt};
-use tidepool_crds::test_session::{ProbeTarget, Profile, SessionResults};
+use tidepool_crds::test_session::{ClientHints, ProbeTarget, Profile, SessionResults};
 use tidepool_protocol::grading;
 use tidepool_protocol::pod::{ClientMessage, LATENCY_WS_PATH, PodInfo, ServerMessage};
 use tokio::sync::watch;
@@ -72,6 +72,22 @@ struct PlacementArgs {
     /// Sessions with the same key go to the same backend while it has room.
     #[arg(long, value_name = "KEY")]
     sticky_key: Option<String>,
+    /// Where you are, in degrees, so placement picks a backend near you
+    /// (else the operator may place you by your address).
+    #[arg(long, value_name = "LAT,LON", value_parser = parse_location)]
+    location: Option<(f64, f64)>,
+}
+
+/// `LAT,LON` in degrees: latitude -90 to 90, longitude -180 to 180.
+fn parse_location(text: &str) -> std::result::Result<(f64, f64), String> {
+    let expected = || format!("{text:?}: expected LATITUDE,LONGITUDE in degrees, as 48.86,2.35");
+    let (latitude, longitude) = text.split_once(',').ok_or_else(expected)?;
+    let latitude: f64 = latitude.trim().parse().map_err(|_| expected())?;
+    let longitude: f64 = longitude.trim().parse().map_err(|_| expected())?;
+    if !((-90.0..=90.0).contains(&latitude) && (-180.0..=180.0).contains(&longitude)) {
+        return Err(format!("{text:?}: latitude is -90 to 90 and longitude -180 to 180"));
+    }
+    Ok((latitude, longitude))
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -397,7 +413,11 @@ fn create_request(
         profile,
         ttl_seconds: placement.ttl,
         sticky_key: placement.sticky_key.clone(),
-        client: None,
+        client: placement.location.map(|(latitude, longitude)| ClientHints {
+            address: None,
+            latitude: Some(latitude),
+            longitude: Some(longitude),
+        }),
         probes,
     })
 }
@@ -538,6 +558,9 @@ fn report(
         namespace: view.map(|v| v.namespace.clone()).or_else(|| known(&info.namespace)),
         pod: view.and_then(|v| v.pod.clone()).or_else(|| known(&info.pod)),
         node: view.and_then(|v| v.node.clone()),
+        backend: view.and_then(|v| v.backend.clone()),
+        region: view.and_then(|v| v.region.clone()),
+        distance_km: view.and_then(|v| v.distance_km),
         endpoint: endpoint(pod),
         profile,
         reported: None,
@@ -906,10 +929,15 @@ mod tests {
     fn sessions_need_a_pool() {
         let args = run_args(&["--operator", "http://op", "--namespace", "ns", "--ttl", "60"]);
         assert_eq!(create_request(&args.placement, None, Vec::new()).unwrap_err().exit_code(), 2);
-        let args = run_args(&["--pool", "edge", "--sticky-key", "alice", "--ttl", "60"]);
+        let args = run_args(&["--pool", "edge", "--sticky-key", "alice", "--ttl", "60", "--location", "48.86, 2.35"]);
         let request = create_request(&args.placement, Some(Profile::Speed), Vec::new()).unwrap();
         assert_eq!(request.ttl_seconds, Some(60));
         assert_eq!(request.sticky_key.as_deref(), Some("alice"));
+        let client = request.client.unwrap();
+        assert_eq!((client.latitude, client.longitude, client.address), (Some(48.86), Some(2.35), None));
+        for bad in ["48.86", "91,0", "0,181", "north,east", "NaN,0"] {
+            assert!(parse_location(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

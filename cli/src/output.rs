@@ -18,6 +18,14 @@ pub struct Report {
     pub pod: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The Backend placement chose, its region, and how far it is from the
+    /// client (when both have coordinates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distance_km: Option<f64>,
     pub endpoint: String,
     pub profile: Profile,
     /// Whether the operator took the results into the TestSession; absent
@@ -55,6 +63,18 @@ pub fn table(report: &Report, color: bool) -> String {
     sections.join("\n")
 }
 
+/// `node-2 in eu-west, 340 km away`: which backend, where, how far.
+fn served_by(report: &Report) -> Option<String> {
+    let mut line = report.backend.clone()?;
+    if let Some(region) = &report.region {
+        line.push_str(&format!(" in {region}"));
+    }
+    if let Some(km) = report.distance_km {
+        line.push_str(&format!(", {km:.0} km away"));
+    }
+    Some(line)
+}
+
 fn session_table(report: &Report) -> Table {
     let mut table = Table::new(&[Align::Left, Align::Left]);
     if let Some(name) = &report.name {
@@ -70,6 +90,9 @@ fn session_table(report: &Report) -> Table {
             None => pod.clone(),
         };
         table.row(["pod".into(), pod.into()]);
+    }
+    if let Some(served) = served_by(report) {
+        table.row(["served by".into(), served.into()]);
     }
     table.row(["endpoint".into(), report.endpoint.clone().into()]);
     let profile = serde_json::to_value(report.profile).ok().and_then(|v| v.as_str().map(String::from));
@@ -341,6 +364,9 @@ mod tests {
             namespace: Some("default".into()),
             pod: Some("edge-abc12".into()),
             node: Some("worker-1".into()),
+            backend: Some("worker-1".into()),
+            region: Some("eu-west".into()),
+            distance_km: Some(343.4),
             endpoint: "http://10.0.0.5:8080".into(),
             profile: Profile::Bufferbloat,
             reported: Some(true),
@@ -374,11 +400,12 @@ mod tests {
     #[test]
     fn the_table_aligns_figures_and_grades() {
         let expected = "\
-session   default/session-x7k2p
-pod       edge-abc12 on worker-1
-endpoint  http://10.0.0.5:8080
-profile   bufferbloat
-results   reported to the operator
+session    default/session-x7k2p
+pod        edge-abc12 on worker-1
+served by  worker-1 in eu-west, 343 km away
+endpoint   http://10.0.0.5:8080
+profile    bufferbloat
+results    reported to the operator
 
 latency          12.3  ms      p95 15.1 ms, p99 18.0 ms, 20 samples
 jitter           0.80  ms

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use tidepool_operator::context::Settings;
 use tidepool_operator::fleet::daemonset::AgentSettings;
+use tidepool_operator::fleet::geo::{GeoIp, RegionTable};
 use tidepool_operator::fleet::{self, Fleet, FleetSettings};
 use tidepool_operator::http::access::{Access, StaticToken};
 use tidepool_operator::http::{self, ApiState};
@@ -196,6 +197,14 @@ struct FleetArgs {
     /// With more backends than this, placement samples two instead of scanning all.
     #[arg(long, env = "TIDEPOOL_TWO_CHOICES_ABOVE", default_value_t = 64)]
     two_choices_above: usize,
+    /// Coordinates of a region nodes are labelled with
+    /// (`topology.kubernetes.io/region`): `NAME=LATITUDE,LONGITUDE`, repeated.
+    #[arg(long = "region-coordinates", value_name = "NAME=LAT,LON")]
+    region_coordinates: Vec<String>,
+    /// A GeoIP database in the MaxMind DB format (GeoLite2-City, say): where
+    /// a client is when it does not say.
+    #[arg(long, env = "TIDEPOOL_GEOIP_DATABASE")]
+    geoip_database: Option<std::path::PathBuf>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -255,6 +264,17 @@ async fn main() -> ExitCode {
         return fail("--health-probe-timeout-seconds must be shorter than --health-probe-interval-seconds".into());
     }
     let agent_namespace = args.fleet.agent_namespace.clone().unwrap_or_else(|| args.lease_namespace.clone());
+    let regions = match RegionTable::parse(&args.fleet.region_coordinates) {
+        Ok(regions) => regions,
+        Err(e) => return fail(format!("--region-coordinates {e}")),
+    };
+    let geoip = match &args.fleet.geoip_database {
+        Some(path) => match GeoIp::open(path) {
+            Ok(geoip) => Some(Arc::new(geoip)),
+            Err(e) => return fail(format!("--geoip-database {e}")),
+        },
+        None => None,
+    };
     let fleet = Arc::new(Fleet::new(FleetSettings {
         agent_namespace: agent_namespace.clone(),
         agent_service_account: args.fleet.agent_service_account.clone(),
@@ -269,6 +289,7 @@ async fn main() -> ExitCode {
             two_choices_above: args.fleet.two_choices_above,
         },
         allow_local_addresses: args.fleet.allow_local_backend_addresses,
+        regions,
     }));
     let agents = (!args.fleet.no_agent_daemonset).then(|| AgentSettings {
         name: args.fleet.agent_daemonset.clone(),
@@ -316,6 +337,7 @@ async fn main() -> ExitCode {
         ready_deadline: Duration::from_secs_f64(args.ready_deadline_seconds.max(0.1)),
         ready: Default::default(),
         fleet: fleet.clone(),
+        geoip,
     });
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
@@ -325,7 +347,12 @@ async fn main() -> ExitCode {
     let router = http::router(state.clone());
     let refusals = metrics.clone();
     let server = tidepool_serve::Server::new(args.server.limits())
-        .on_refusal(move |refusal| refusals.connection_refusals.with_label_values(&[refusal.reason()]).inc());
+        .on_refusal(move |refusal| refusals.connection_refusals.with_label_values(&[refusal.reason()]).inc())
+        .on_connection(|_, peer| {
+            let mut extensions = axum::http::Extensions::new();
+            extensions.insert(http::Peer(peer));
+            extensions
+        });
     supervisor.spawn("api-server", server.serve(listener, router, std::future::pending()));
     if let Err(e) = clients.request.apiserver_version().await {
         return fail(format!("the Kubernetes API does not answer: {e}"));

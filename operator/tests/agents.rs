@@ -15,7 +15,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use tidepool_crds::Backend;
-use tidepool_tests::{FakeNode, Process, eventually, free_port, workspace_binary};
+use tidepool_tests::{FakeNode, Process, eventually, free_port, mmdb, workspace_binary};
 use tidepool_wire::report::{AgentReport, Capacity, ReportKind, Window};
 
 const AGENT_IMAGE: &str = "tidepool-agent:test";
@@ -27,9 +27,14 @@ async fn operator(cluster: &Cluster, name: &str) -> Operator {
 
 /// Like [`operator`], on a chosen port (where the agents report).
 async fn operator_on(cluster: &Cluster, name: &str, port: u16) -> Operator {
+    operator_with(cluster, name, port, &[]).await
+}
+
+/// Like [`operator_on`], with more arguments.
+async fn operator_with(cluster: &Cluster, name: &str, port: u16, extra: &[&str]) -> Operator {
     cluster.plane.service_account_token("default", "tidepool-agent", "tidepool", None).await.unwrap();
     let agent_image = format!("--agent-image={AGENT_IMAGE}");
-    let args = [
+    let mut args = vec![
         agent_image.as_str(),
         "--health-probe-interval-seconds=2",
         "--health-probe-timeout-seconds=1",
@@ -37,6 +42,7 @@ async fn operator_on(cluster: &Cluster, name: &str, port: u16) -> Operator {
         // The harness's nodes are all at 127.0.0.1.
         "--allow-local-backend-addresses",
     ];
+    args.extend_from_slice(extra);
     cluster.operator_on(name, port, &args).await
 }
 
@@ -340,6 +346,108 @@ async fn sticky_keys_outlive_the_leader_that_picked_them() {
     assert_eq!((code, body["node"].as_str()), (201, Some("node-2")), "the key's backend after the failover: {body}");
     // Without the key, placement would have chosen node-1.
     assert_eq!(session_node(&second, "cpu").await, "node-1");
+    drop(agents);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_placed_in_their_own_region() {
+    let cluster = Cluster::start(0).await;
+    let region = "topology.kubernetes.io/region";
+    cluster.plane.add_node(&FakeNode::new("eu-0").label(region, "eu-west")).await.unwrap();
+    cluster.plane.add_node(&FakeNode::new("us-0").label(region, "us-east")).await.unwrap();
+    // A label value may not begin with "-": south is written with its hemisphere.
+    let sydney =
+        FakeNode::new("au-0").label("tidepool.dev/latitude", "33.87S").label("tidepool.dev/longitude", "151.21E");
+    cluster.plane.add_node(&sydney).await.unwrap();
+    // A GeoIP database of the test's own: two documentation networks, and
+    // loopback (where this test's requests come from), in Paris.
+    let (paris, new_york) = ((48.86, 2.35), (40.71, -74.0));
+    let network = |address: [u8; 4], prefix: u8, (latitude, longitude): (f64, f64)| mmdb::Network {
+        address: address.into(),
+        prefix,
+        latitude,
+        longitude,
+    };
+    let database = cluster.plane.dir().join("geoip.mmdb");
+    let networks = [
+        network([198, 51, 100, 0], 24, paris),
+        network([203, 0, 113, 0], 24, new_york),
+        network([127, 0, 0, 0], 8, paris),
+    ];
+    std::fs::write(&database, mmdb::city_database(&networks)).unwrap();
+    let geoip = format!("--geoip-database={}", database.display());
+    let extra = ["--region-coordinates=eu-west=50.11,8.68", "--region-coordinates=us-east=39.04,-77.49", &geoip];
+    let operator = operator_with(&cluster, "op", free_port().unwrap(), &extra).await;
+    // Europe's node is the busier: load alone would send everyone to us-0,
+    // and the GPU-free Sydney node is busier still.
+    let mut agents = Vec::new();
+    for (node, memory) in [("eu-0", 80), ("us-0", 20), ("au-0", 90)] {
+        agents.push(start_agent(&cluster, &operator, node, memory, None).await);
+    }
+    // Each Backend is where its Node's labels say.
+    let places = [
+        ("eu-0", Some("eu-west"), (50.11, 8.68)),
+        ("us-0", Some("us-east"), (39.04, -77.49)),
+        ("au-0", None, (-33.87, 151.21)),
+    ];
+    for (node, region, (latitude, longitude)) in places {
+        wait_backend(&cluster, node, "placed where its labels say", Duration::from_secs(30), |b| {
+            let c = b.spec.coordinates.as_ref()?;
+            let placed = b.spec.region.as_deref() == region && c.latitude == latitude && c.longitude == longitude;
+            (placed && condition(b, "Ready").as_deref() == Some("True")).then_some(())
+        })
+        .await;
+    }
+    spread_pool(&cluster, "cpu", 6, json!({ "vcpu": 1, "memoryMiB": 64 })).await;
+    cluster.wait_warm("cpu", 6, Duration::from_secs(60)).await;
+
+    let placed = |client: Value| {
+        let operator = &operator;
+        async move {
+            let (code, body) = post_session(operator, json!({ "pool": "cpu", "client": client })).await;
+            assert_eq!(code, 201, "{body}");
+            body
+        }
+    };
+    // By the address a client gives: Paris goes to Frankfurt, New York to Ashburn.
+    let from_paris = placed(json!({ "address": "198.51.100.7" })).await;
+    assert_eq!(
+        (from_paris["node"].as_str(), from_paris["region"].as_str()),
+        (Some("eu-0"), Some("eu-west")),
+        "{from_paris}"
+    );
+    let km = from_paris["distanceKm"].as_f64().unwrap();
+    assert!((470.0..490.0).contains(&km), "Paris to Frankfurt: {km} km");
+    let from_new_york = placed(json!({ "address": "203.0.113.9" })).await;
+    assert_eq!(from_new_york["node"].as_str(), Some("us-0"), "{from_new_york}");
+    assert!((300.0..360.0).contains(&from_new_york["distanceKm"].as_f64().unwrap()), "{from_new_york}");
+    // By the address the request came from, when the client says nothing.
+    let (code, by_connection) = post_session(&operator, json!({ "pool": "cpu" })).await;
+    assert_eq!((code, by_connection["node"].as_str()), (201, Some("eu-0")), "{by_connection}");
+    // Coordinates the client gives win over any address.
+    let near_sydney = placed(json!({ "address": "198.51.100.7", "latitude": -37.81, "longitude": 144.96 })).await;
+    assert_eq!(near_sydney["node"].as_str(), Some("au-0"), "{near_sydney}");
+    // An address the database does not know: placement by load, as without geography.
+    let unknown = placed(json!({ "address": "192.0.2.1" })).await;
+    assert_eq!(unknown["node"].as_str(), Some("us-0"), "{unknown}");
+    assert!(unknown.get("distanceKm").is_none(), "{unknown}");
+
+    // The router places clients outside the cluster by their address too.
+    let (code, routed) = {
+        let response = reqwest::Client::new()
+            .post(format!("{}/api/v1/route", operator.url))
+            .bearer_auth(TOKEN)
+            .json(&json!({ "tier": { "vcpu": 1, "memoryMiB": 64 }, "clientAddress": "198.51.100.20" }))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json::<Value>().await.unwrap())
+    };
+    assert_eq!(
+        (code, routed["backend"].as_str(), routed["region"].as_str()),
+        (200, Some("eu-0"), Some("eu-west")),
+        "{routed}"
+    );
     drop(agents);
 }
 

@@ -37,7 +37,7 @@ pub struct CreateSession {
 }
 
 /// What the operator answers about a session.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionView {
     pub name: String,
@@ -62,6 +62,15 @@ pub struct SessionView {
     /// Why the session is not Ready, when it is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The Backend that serves it, when placement chose one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// That backend's region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// How far the backend is from the client, when both have coordinates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distance_km: Option<f64>,
 }
 
 impl SessionView {
@@ -78,7 +87,7 @@ impl SessionView {
 
 /// The answer when a session did not turn Ready in time (504): the reason,
 /// and the session as it stands, which is kept.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct NotReadyInTime {
     pub error: String,
     pub code: u16,

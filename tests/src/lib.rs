@@ -20,6 +20,7 @@ pub use process::dies_with_parent;
 
 pub mod control_plane;
 pub mod external_crds;
+pub mod mmdb;
 pub mod netns;
 pub mod proxy;
 

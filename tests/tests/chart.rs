@@ -556,6 +556,34 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option() {
     assert!(!inventory(&own).iter().any(|o| o.starts_with("Secret ")));
     let pod = &find(&own, "Deployment", "tidepool-operator")["spec"]["template"]["spec"];
     assert_eq!(str_of(&pod["volumes"][0]["secret"]["secretName"]), "my-token");
+
+    // Geography: the regions' coordinates as flags, the GeoIP database from
+    // the volume given, mounted read-only.
+    let placed = render(&[
+        "--set-json",
+        r#"fleet.regionCoordinates={"eu-west":{"latitude":50.11,"longitude":8.68}}"#,
+        "--set-json",
+        r#"fleet.geoip={"volume":{"persistentVolumeClaim":{"claimName":"geoip"}},"file":"GeoLite2-City.mmdb"}"#,
+    ]);
+    let args = operator_args(&placed);
+    for arg in
+        ["--region-coordinates=eu-west=50.11,8.68", "--geoip-database=/var/lib/tidepool/geoip/GeoLite2-City.mmdb"]
+    {
+        assert!(args.iter().any(|a| a == arg), "no {arg} in {args:?}");
+    }
+    let pod = &find(&placed, "Deployment", "tidepool-operator")["spec"]["template"]["spec"];
+    let volume = pod["volumes"].as_sequence().unwrap().iter().find(|v| str_of(&v["name"]) == "geoip").unwrap();
+    assert_eq!(str_of(&volume["persistentVolumeClaim"]["claimName"]), "geoip");
+    let mount = &pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| str_of(&m["name"]) == "geoip")
+        .cloned()
+        .unwrap();
+    assert_eq!((str_of(&mount["mountPath"]), mount["readOnly"].as_bool()), ("/var/lib/tidepool/geoip", Some(true)));
+    let without_file = template(RELEASE, NAMESPACE, &["--set-json", r#"fleet.geoip={"volume":{"emptyDir":{}}}"#]);
+    assert!(without_file.expect_err("a database with no file").contains("fleet.geoip.file"));
 }
 
 #[test]

@@ -18,6 +18,7 @@ use tidepool_wire::report::{AgentReport, ReportKind};
 
 use super::Fleet;
 use super::auth::Caller;
+use super::geo::Place;
 
 /// Why an agent may not send a report.
 #[derive(Debug, PartialEq, Eq)]
@@ -60,13 +61,14 @@ impl Refusal {
     }
 }
 
-/// What a Node declares it can run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a Node declares it can run, and where its labels say it is.
+#[derive(Clone, Debug, PartialEq)]
 pub struct NodeCapacity {
     pub cores: u32,
     pub memory_bytes: u64,
     /// `nvidia.com/gpu`, as the device plugin advertises it.
     pub gpus: u32,
+    pub place: Place,
 }
 
 /// What the cluster says, as the checks need it.
@@ -97,7 +99,14 @@ pub fn admit(
             let declared = registry
                 .node(node)
                 .ok_or_else(|| Refusal::UnknownNode(format!("node {node} is not known yet; try again")))?;
-            clamp(&mut report, declared);
+            clamp(&mut report, &declared);
+            // What the agent was told of its place wins; else the Node's labels say.
+            if report.region.is_none() {
+                report.region = declared.place.region;
+            }
+            if report.coordinates.is_none() {
+                report.coordinates = declared.place.coordinates;
+            }
         }
         (ReportKind::Node, Some(node)) => {
             return Err(Refusal::WrongNode(format!(
@@ -145,7 +154,7 @@ pub fn admit(
 }
 
 /// Cuts what a node report claims down to what its Node declares.
-fn clamp(report: &mut AgentReport, declared: NodeCapacity) {
+fn clamp(report: &mut AgentReport, declared: &NodeCapacity) {
     let capacity = &mut report.capacity;
     capacity.cores = capacity.cores.min(declared.cores.max(1));
     capacity.memory_bytes = capacity.memory_bytes.min(declared.memory_bytes.max(1));
@@ -191,7 +200,7 @@ mod tests {
     use crate::fleet::FleetSettings;
     use std::collections::HashMap;
     use std::time::Instant;
-    use tidepool_wire::report::{Capacity, Gpu, Window};
+    use tidepool_wire::report::{Capacity, Coordinates, Gpu, Window};
 
     #[derive(Default)]
     struct Cluster {
@@ -204,13 +213,14 @@ mod tests {
             self.externals.get(name).cloned()
         }
         fn node(&self, name: &str) -> Option<NodeCapacity> {
-            self.nodes.get(name).copied()
+            self.nodes.get(name).cloned()
         }
     }
 
     fn cluster() -> Cluster {
         let mut cluster = Cluster::default();
-        cluster.nodes.insert("n1".into(), NodeCapacity { cores: 8, memory_bytes: 32 << 30, gpus: 1 });
+        let place = Place { region: Some("eu-west".into()), coordinates: Some(PARIS) };
+        cluster.nodes.insert("n1".into(), NodeCapacity { cores: 8, memory_bytes: 32 << 30, gpus: 1, place });
         cluster.externals.insert("ext".into(), Some("203.0.113.7:8443".into()));
         cluster
     }
@@ -254,6 +264,20 @@ mod tests {
         assert_eq!(unknown.reason(), "unknown_node");
     }
 
+    const PARIS: Coordinates = Coordinates { latitude: 48.86, longitude: 2.35 };
+
+    #[test]
+    fn a_node_report_is_placed_where_its_node_is_unless_the_agent_says() {
+        let placed = check(&agent(Some("n1")), report(ReportKind::Node, "n1")).unwrap();
+        assert_eq!((placed.region.as_deref(), placed.coordinates), (Some("eu-west"), Some(PARIS)));
+        let sydney = Coordinates { latitude: -33.87, longitude: 151.21 };
+        let mut told = report(ReportKind::Node, "n1");
+        told.region = Some("au-east".into());
+        told.coordinates = Some(sydney);
+        let placed = check(&agent(Some("n1")), told).unwrap();
+        assert_eq!((placed.region.as_deref(), placed.coordinates), (Some("au-east"), Some(sydney)));
+    }
+
     #[test]
     fn a_node_cannot_claim_more_than_its_node_declares() {
         let mut claims = report(ReportKind::Node, "n1");
@@ -268,8 +292,11 @@ mod tests {
         assert_eq!((believed.capacity.cores, believed.capacity.memory_bytes), (8, 32 << 30));
         assert_eq!(believed.capacity.gpus.len(), 1);
         assert_eq!(believed.windows[0].cores.len(), 8);
-        // A report within what the node declares is believed as it is.
-        let modest = report(ReportKind::Node, "n1");
+        // A report within what the node declares is believed as it is
+        // (placed where its node is).
+        let mut modest = report(ReportKind::Node, "n1");
+        modest.region = Some("eu-west".into());
+        modest.coordinates = Some(PARIS);
         assert_eq!(check(&agent(Some("n1")), modest.clone()).unwrap(), modest);
     }
 

@@ -17,6 +17,7 @@
 pub mod admission;
 pub mod auth;
 pub mod daemonset;
+pub mod geo;
 pub mod probe;
 pub mod status;
 
@@ -49,6 +50,8 @@ pub struct FleetSettings {
     /// Believe backends at loopback, link-local or unspecified addresses
     /// (the local harness's nodes are all at 127.0.0.1).
     pub allow_local_addresses: bool,
+    /// Coordinates of the regions nodes are labelled with.
+    pub regions: geo::RegionTable,
 }
 
 impl Default for FleetSettings {
@@ -63,6 +66,7 @@ impl Default for FleetSettings {
             probe_timeout: Duration::from_secs(2),
             router: RouterSettings::default(),
             allow_local_addresses: false,
+            regions: geo::RegionTable::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 use tidepool_crds::Backend;
 use tidepool_crds::backend::BackendKind;
@@ -24,6 +25,7 @@ use super::state::ApiState;
 use crate::fleet::admission::{self, Refusal as Admission};
 use crate::fleet::admission::{NodeCapacity, Registry};
 use crate::fleet::auth::{AuthError, Expected};
+use crate::fleet::geo::{self, RegionTable};
 
 /// Why a report is refused, with the status code it gets.
 #[derive(Debug, PartialEq, Eq)]
@@ -95,7 +97,7 @@ async fn take(state: &ApiState, headers: &HeaderMap, body: Result<Bytes, BytesRe
     let report: AgentReport = tidepool_protocol::parse_json(&body)
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, "malformed", format!("the report is not valid: {e}")))?;
     report.validate().map_err(|e| refuse(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string()))?;
-    let registry = Cluster { backends: &state.backends, nodes: &state.nodes };
+    let registry = Cluster { backends: &state.backends, nodes: &state.nodes, regions: &fleet.settings.regions };
     let report = admission::admit(fleet, &caller, report, &registry, fleet.settings.allow_local_addresses)?;
     let now = Instant::now();
     fleet.with_router(|router| router.ingest(report, now));
@@ -106,6 +108,7 @@ async fn take(state: &ApiState, headers: &HeaderMap, body: Result<Bytes, BytesRe
 struct Cluster<'a> {
     backends: &'a Store<Backend>,
     nodes: &'a Store<Node>,
+    regions: &'a RegionTable,
 }
 
 impl Registry for Cluster<'_> {
@@ -122,6 +125,7 @@ impl Registry for Cluster<'_> {
             cores: quantity("cpu").and_then(parse_cores).unwrap_or(0),
             memory_bytes: quantity("memory").and_then(parse_bytes).unwrap_or(0),
             gpus: quantity("nvidia.com/gpu").and_then(|q| q.parse().ok()).unwrap_or(0),
+            place: geo::node_place(node.labels(), node.annotations(), self.regions),
         })
     }
 }

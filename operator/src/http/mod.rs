@@ -29,7 +29,7 @@ use tidepool_protocol::results::{OPERATOR_RESULTS_PATH, RESULTS_BODY_LIMIT};
 use tidepool_wire::report::{MAX_REPORT_BYTES, REPORT_PATH};
 
 pub use reply::error;
-pub use state::ApiState;
+pub use state::{ApiState, Peer};
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT: usize = 16 * 1024;

@@ -40,13 +40,13 @@ pub async fn route(
     let weights = request.weights.clone().unwrap_or_default();
     let sticky = request.sticky_key.as_deref().or(request.client_address.as_deref());
     // A client asking again replaces its own reservation rather than adding one.
-    let asked = Request {
-        need: Need::from(&request.tier),
-        weights: &weights,
-        client: request.coordinates,
-        sticky,
-        replaces_own: true,
-    };
+    // Where the client is: as it says, or as the GeoIP database places its address.
+    let located = request.coordinates.or_else(|| {
+        let address = request.client_address.as_deref()?.parse::<std::net::IpAddr>().ok()?;
+        state.geoip.as_ref()?.locate(address.to_canonical())
+    });
+    let asked =
+        Request { need: Need::from(&request.tier), weights: &weights, client: located, sticky, replaces_own: true };
     let answer: Result<RouteAnswer, crate::placement::NoFit> = fleet.with_router(|router| {
         let pick = router.route(&asked, Instant::now())?;
         let view = router.view(&pick.backend);

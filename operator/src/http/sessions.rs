@@ -9,6 +9,7 @@
 //! cache), the TTL is within the pool's cap, and the caller holds fewer live
 //! sessions than allowed.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -22,28 +23,36 @@ use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams, WatchEvent, WatchParams};
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
-use tidepool_crds::test_session::Phase;
+use tidepool_crds::test_session::{ClientHints, Phase};
 use tidepool_crds::{API_VERSION, TestSession, WarmPool};
 use tidepool_protocol::api::{CreateSession, NamespaceQuery, NotReadyInTime, SessionView};
 use tidepool_protocol::pod::probes_digest;
+use tidepool_wire::report::Coordinates;
 use tidepool_wire::token::SessionClaims;
 
 use super::access::{Ask, Caller};
 use super::reply::{Refused, json_body, kube_refusal, retry_later};
-use super::state::ApiState;
+use super::state::{ApiState, Peer};
 use super::{deny, refuse};
 use crate::creators::{CREATED_BY_ANNOTATION, CREATOR_LABEL, Reservation, creator_label};
+use crate::fleet::geo::GeoIp;
+use crate::placement::view::distance_km;
 use crate::{conditions, names};
 
 pub async fn create(
     State(state): State<Arc<ApiState>>,
     Extension(caller): Extension<Caller>,
+    peer: Option<Extension<Peer>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let request: CreateSession = match json_body(body) {
+    let mut request: CreateSession = match json_body(body) {
         Ok(request) => request,
         Err(refused) => return refuse(&state, "create", refused),
     };
+    if let Some(geoip) = &state.geoip {
+        let peer = peer.map(|Extension(Peer(address))| address.ip());
+        request.client = locate(geoip, request.client.take(), peer);
+    }
     let namespace = request.namespace.clone().unwrap_or_else(|| state.namespace.clone());
     if let Err(refused) = check_names(&state, &namespace, Some(("WarmPool", &request.pool))) {
         return refuse(&state, "create", refused);
@@ -85,6 +94,23 @@ pub async fn create(
         Ok(response) => response,
         Err(refused) => refuse(&state, "create", refused),
     }
+}
+
+/// The client's coordinates from the GeoIP database when it gave none: by
+/// the address it gave, else by the one its connection came from (which
+/// behind a proxy is the proxy's: proxies should pass `client.address`).
+/// Only the coordinates are kept: an address the client did not give is
+/// not written into the session.
+fn locate(geoip: &GeoIp, client: Option<ClientHints>, peer: Option<IpAddr>) -> Option<ClientHints> {
+    if client.as_ref().is_some_and(|c| c.latitude.is_some() && c.longitude.is_some()) {
+        return client;
+    }
+    let given = client.as_ref().and_then(|c| c.address.as_deref()).and_then(|a| a.parse::<IpAddr>().ok());
+    let Some(found) = given.or(peer).and_then(|address| geoip.locate(address.to_canonical())) else {
+        return client;
+    };
+    let address = client.and_then(|c| c.address);
+    Some(ClientHints { address, latitude: Some(found.latitude), longitude: Some(found.longitude) })
 }
 
 /// The pool from this replica's cache, or, when the cache has not seen it
@@ -261,6 +287,16 @@ fn no_session(namespace: &str, name: &str) -> Refused {
 async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>) -> SessionView {
     let namespace = session.namespace().unwrap_or_default();
     let status = session.status.clone().unwrap_or_default();
+    let client =
+        session.spec.client.as_ref().and_then(|c| Some(Coordinates { latitude: c.latitude?, longitude: c.longitude? }));
+    let (region, distance_km) = status.backend.as_deref().map_or((None, None), |backend| {
+        state.fleet.with_router(|router| {
+            let Some(served) = router.view(backend) else { return (None, None) };
+            let distance =
+                client.zip(served.coordinates).map(|(client, here)| (distance_km(client, here) * 10.0).round() / 10.0);
+            (served.region.clone(), distance)
+        })
+    });
     let mut view = SessionView {
         name: session.name_any(),
         namespace: namespace.clone(),
@@ -270,6 +306,9 @@ async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>)
         node: status.node.clone(),
         endpoint: status.endpoint.clone(),
         expires_at: status.expires_at.as_ref().map(|t| t.0.to_string()),
+        backend: status.backend.clone(),
+        region,
+        distance_km,
         ..SessionView::default()
     };
     if status.phase != Phase::Ready {

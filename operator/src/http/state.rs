@@ -12,9 +12,14 @@ use tidepool_crds::{Backend, TestSession, WarmPool};
 use super::access::Access;
 use crate::creators::Creators;
 use crate::fleet::Fleet;
+use crate::fleet::geo::GeoIp;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::scope::{Caches, Scope};
+
+/// The address a request's connection came from (a proxy's, behind one).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
 
 pub struct ApiState {
     pub client: Client,
@@ -44,4 +49,6 @@ pub struct ApiState {
     pub ready: AtomicBool,
     /// Agents' reports and the router.
     pub fleet: Arc<Fleet>,
+    /// Where clients are that do not say.
+    pub geoip: Option<Arc<GeoIp>>,
 }
