@@ -4,11 +4,11 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{Backend, TestSession, Tube, WarmPool};
+use crate::{Backend, Monitor, TestSession, Tube, WarmPool};
 
 /// Every Tidepool CRD, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![WarmPool::crd(), TestSession::crd(), Backend::crd(), Tube::crd()]
+    vec![WarmPool::crd(), TestSession::crd(), Backend::crd(), Tube::crd(), Monitor::crd()]
 }
 
 /// The file name a CRD is rendered to: `<plural>.<group>.yaml`.

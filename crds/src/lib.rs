@@ -12,6 +12,7 @@ pub mod backend;
 pub mod common;
 #[cfg(feature = "resource")]
 pub mod generate;
+pub mod monitor;
 pub mod test_session;
 pub mod tube;
 pub mod warm_pool;
@@ -19,6 +20,9 @@ pub mod warm_pool;
 #[cfg(feature = "resource")]
 pub use backend::Backend;
 pub use backend::{BackendSpec, BackendStatus};
+#[cfg(feature = "resource")]
+pub use monitor::Monitor;
+pub use monitor::{MonitorSpec, MonitorStatus};
 #[cfg(feature = "resource")]
 pub use test_session::TestSession;
 pub use test_session::{TestSessionSpec, TestSessionStatus};

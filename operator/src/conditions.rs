@@ -52,6 +52,12 @@ pub mod reason {
     pub const STALE: &str = "Stale";
     pub const UNHEALTHY: &str = "Unhealthy";
     pub const MISSED_REPORTS: &str = "MissedReports";
+    // Monitor
+    pub const SCHEDULED: &str = "Scheduled";
+    pub const SUSPENDED: &str = "Suspended";
+    pub const INVALID_SCHEDULE: &str = "InvalidSchedule";
+    pub const RUN_FINISHED: &str = "RunFinished";
+    pub const RUN_FAILED: &str = "RunFailed";
 }
 
 /// Sets condition `type_` in `conditions`, keeping its transition time when

@@ -58,6 +58,8 @@ pub struct Context {
     pub memory: Memory,
     /// Claims by session, warm pods by pool, pods by node: from the pod watch.
     pub pod_index: Arc<Mutex<PodIndex>>,
+    /// Monitors' calls to their runs' pods.
+    pub monitor_http: reqwest::Client,
 }
 
 impl Context {

@@ -14,5 +14,7 @@ pub const SESSION_UID: &str = "tidepool.dev/session-uid";
 pub const TEMPLATE_HASH: &str = "tidepool.dev/template-hash";
 /// On every pod of a pool: the id of the pool key it was given.
 pub const KEY_ID: &str = "tidepool.dev/key-id";
+/// On every session a Monitor makes: the monitor's name.
+pub const MONITOR: &str = "tidepool.dev/monitor";
 /// The field manager of every write the operator makes.
 pub const MANAGER: &str = "tidepool-operator";

@@ -20,6 +20,7 @@ pub mod labels;
 pub mod leader;
 pub mod memory;
 pub mod metrics;
+pub mod monitor;
 pub mod names;
 pub mod placement;
 pub mod pod_index;

@@ -382,7 +382,12 @@ async fn main() -> ExitCode {
         cluster_cidrs: args.cluster_cidrs.clone(),
         fault_claim_delay: args.fault_claim_delay_ms.map(Duration::from_millis),
     };
-    let parts = run::Parts { settings, metrics: metrics.clone(), keys, fleet: fleet.clone(), identity };
+    // Each run's call is bounded on its own (monitor::drive::RUN_TIMEOUT).
+    let monitor_http = match reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build() {
+        Ok(client) => client,
+        Err(e) => return fail(format!("an HTTP client for monitors: {e}")),
+    };
+    let parts = run::Parts { monitor_http, settings, metrics: metrics.clone(), keys, fleet: fleet.clone(), identity };
     run::start(&mut supervisor, &scope, clients, shared, parts);
     let code = tokio::select! {
         ended = supervisor.ended() => {

@@ -2,8 +2,8 @@
 //! error kinds, routes, and the pools people create.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the operator serves on /metrics.
@@ -25,6 +25,9 @@ pub struct Metrics {
     pub backend_writes: IntCounter,
     pub placements: IntCounterVec,
     pub placement_view_age: Histogram,
+    pub monitor_runs: IntCounterVec,
+    pub monitor_tier: IntGaugeVec,
+    pub monitor_last_run: GaugeVec,
 }
 
 impl Metrics {
@@ -109,6 +112,24 @@ impl Metrics {
             )
             .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0]),
         )?;
+        let monitor_runs = IntCounterVec::new(
+            Opts::new(
+                "tidepool_monitor_runs_total",
+                "Monitor runs recorded, by monitor and result (Succeeded, Degraded, Failed)",
+            ),
+            &["namespace", "monitor", "result"],
+        )?;
+        let monitor_tier = IntGaugeVec::new(
+            Opts::new("tidepool_monitor_tier", "The tier a monitor's next run starts in"),
+            &["namespace", "monitor"],
+        )?;
+        let monitor_last_run = GaugeVec::new(
+            Opts::new("tidepool_monitor_last_run_timestamp_seconds", "When a monitor last recorded a run (Unix time)"),
+            &["namespace", "monitor"],
+        )?;
+        registry.register(Box::new(monitor_runs.clone()))?;
+        registry.register(Box::new(monitor_tier.clone()))?;
+        registry.register(Box::new(monitor_last_run.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -143,6 +164,9 @@ impl Metrics {
             backend_writes,
             placements,
             placement_view_age,
+            monitor_runs,
+            monitor_tier,
+            monitor_last_run,
         })
     }
 

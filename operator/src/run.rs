@@ -10,7 +10,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Client, ResourceExt};
-use tidepool_crds::{Backend, TestSession, WarmPool};
+use tidepool_crds::{Backend, Monitor, TestSession, WarmPool};
 
 use crate::clock::SystemClock;
 use crate::context::{Context, Settings};
@@ -24,7 +24,7 @@ use crate::placement::Spread;
 use crate::pod_index::PodIndex;
 use crate::scope::{self, Caches, Scope};
 use crate::supervisor::Supervisor;
-use crate::{labels, pool, session};
+use crate::{labels, monitor, pool, session};
 
 /// The clients the controllers use.
 #[derive(Clone)]
@@ -70,6 +70,8 @@ pub fn shared_caches(supervisor: &mut Supervisor, scope: &Scope, client: &Client
 
 /// What the controllers run with, beside the caches.
 pub struct Parts {
+    /// For monitors' calls to their runs' pods.
+    pub monitor_http: reqwest::Client,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub keys: Arc<Keys>,
@@ -107,6 +109,7 @@ pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, share
         fleet: parts.fleet,
         memory: Memory::new(Arc::new(SystemClock)),
         pod_index,
+        monitor_http: parts.monitor_http,
     });
 
     // One wait, shared: kube's store readiness wakes only one waiter.
@@ -131,13 +134,14 @@ pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, share
     // A controller polls all its reconciles inside one task. Giving each
     // controller its own task lets a long pool pass and session binding run
     // on both cores.
-    let (pods_apis, sessions_apis, pools_apis) = (
+    let (pods_apis, sessions_apis, pools_apis, monitors_apis) = (
         scope.apis::<Pod>(&clients.watch),
         scope.apis::<TestSession>(&clients.watch),
         scope.apis::<WarmPool>(&clients.watch),
+        scope.apis::<Monitor>(&clients.watch),
     );
-    for (((namespace, pods_api), (_, sessions_api)), (_, pools_api)) in
-        pods_apis.into_iter().zip(sessions_apis).zip(pools_apis)
+    for ((((namespace, pods_api), (_, sessions_api)), (_, pools_api)), (_, monitors_api)) in
+        pods_apis.into_iter().zip(sessions_apis).zip(pools_apis).zip(monitors_apis)
     {
         let suffix = namespace.map(|ns| format!("/{ns}")).unwrap_or_default();
         let (pool_ctx, pool_synced, pool_metrics) = (ctx.clone(), synced.clone(), parts.metrics.clone());
@@ -152,6 +156,19 @@ pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, share
                     Some(ObjectRef::<WarmPool>::new(&s.spec.pool).within(&s.namespace().unwrap_or_default()))
                 })
                 .run(timed("warmpool", pool::reconcile, pool_metrics), pool::error_policy, pool_ctx)
+                .for_each(|_| async {})
+                .await;
+        });
+        // Monitors: each run is a session the monitor owns; a change to one wakes its monitor.
+        let (monitor_ctx, monitor_synced, monitor_metrics) = (ctx.clone(), synced.clone(), parts.metrics.clone());
+        let monitor_sessions = sessions_api.clone();
+        supervisor.spawn(format!("monitor-controller{suffix}"), async move {
+            if !monitor_synced.await {
+                return;
+            }
+            Controller::new(monitors_api, Default::default())
+                .owns(monitor_sessions, watcher::Config::default().labels(labels::MONITOR))
+                .run(timed("monitor", monitor::reconcile, monitor_metrics), monitor::error_policy, monitor_ctx)
                 .for_each(|_| async {})
                 .await;
         });

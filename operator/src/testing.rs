@@ -135,6 +135,7 @@ pub fn context() -> (Arc<Context>, ApiServer, Caches) {
         fleet: Arc::new(Fleet::new(FleetSettings::default())),
         memory: Memory::new(Arc::new(SystemClock)),
         pod_index: index.clone(),
+        monitor_http: reqwest::Client::new(),
     };
     let caches = Caches { pods: pods_writer, pools: pools_writer, index };
     (Arc::new(ctx), ApiServer(handle), caches)

@@ -282,6 +282,22 @@ pub struct ProbeRequest {
 #[serde(rename_all = "camelCase")]
 pub struct ProbeResponse {
     pub results: Vec<ProbeResult>,
+    /// Each step up a tier: the tier left and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub escalations: Vec<Escalation>,
+    /// For a run that started above tier 1: what still trips the rules
+    /// into its start tier. Empty means the line no longer calls for that
+    /// tier, so a monitor brings its next run down one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holding: Vec<String>,
+}
+
+/// One step up a tier, and why.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Escalation {
+    pub from: u8,
+    pub reasons: Vec<String>,
 }
 
 /// The digest of a session's probe targets, as the operator signs it into

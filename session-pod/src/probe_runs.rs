@@ -23,7 +23,7 @@ use crate::error::{ApiError, Reason, json_response, parse_query};
 use crate::probes::{self, ContinuousRun, ContinuousSettings, Run};
 use crate::session::BoundSession;
 use crate::state::PodState;
-use tidepool_protocol::pod::{ProbeRequest, ProbeResponse, probes_digest};
+use tidepool_protocol::pod::{Escalation, ProbeRequest, ProbeResponse, probes_digest};
 use tidepool_protocol::results::ResultsSubmission;
 
 /// A probe request is a list of at most 32 targets; this is plenty.
@@ -88,7 +88,13 @@ pub async fn run(
             state.metrics.probe_runs.with_label_values(&["once"]).inc();
             let run = probes::run(&request.targets, tier, &runs.settings()).await;
             count_run(&state, &run);
-            Ok(json_response(StatusCode::OK, &ProbeResponse { results: run.results() }))
+            let escalations = run
+                .escalations
+                .iter()
+                .map(|(from, reasons)| Escalation { from: *from, reasons: reasons.clone() })
+                .collect();
+            let response = ProbeResponse { results: run.results(), escalations, holding: run.holding.clone() };
+            Ok(json_response(StatusCode::OK, &response))
         }
         Some(every) if !(MIN_EVERY_SECONDS..=MAX_EVERY_SECONDS).contains(&every) => Err(ApiError::new(
             Reason::ProbeInterval,

@@ -150,4 +150,15 @@ ClusterRole with rbac.clusterWide. docs/operating.md lists them too.
 - apiGroups: [tidepool.dev]
   resources: [testsessions/status]
   verbs: [patch]
+# Monitors: read, their status written; each run is a session the monitor
+# owns with blockOwnerDeletion, as a pool owns its pods.
+- apiGroups: [tidepool.dev]
+  resources: [monitors]
+  verbs: [get, list, watch]
+- apiGroups: [tidepool.dev]
+  resources: [monitors/status]
+  verbs: [patch]
+- apiGroups: [tidepool.dev]
+  resources: [monitors/finalizers]
+  verbs: [update]
 {{- end }}

@@ -58,6 +58,9 @@ pub struct Run {
     pub outcomes: Vec<ProbeOutcome>,
     /// Each step up: the tier left and why.
     pub escalations: Vec<(u8, Vec<String>)>,
+    /// For a run that started above tier 1: the reasons its start tier is
+    /// still called for (the rules into it, judged on this run's figures).
+    pub holding: Vec<String>,
 }
 
 impl Run {
@@ -84,7 +87,11 @@ pub async fn run(targets: &[ProbeTarget], start_tier: u8, settings: &ProbeSettin
         tier += 1;
         outcomes.extend(run_jobs(&ctx, plan(targets, tier), tier).await);
     }
-    Run { tier, outcomes, escalations }
+    let holding = match start {
+        1 => Vec::new(),
+        _ => escalation_reasons(start - 1, &Observations::from_outcomes(&outcomes), &settings.thresholds),
+    };
+    Run { tier, outcomes, escalations, holding }
 }
 
 /// One probe of `target`, in tier 1.
