@@ -51,6 +51,7 @@ async fn main() {
     let args = [
         format!("--listen=127.0.0.1:{port}"),
         format!("--session-namespace={NAMESPACE}"),
+        format!("--namespaces={NAMESPACE}"),
         "--create-batch=100".to_string(),
         "--lease-namespace=tidepool".to_string(),
     ];
@@ -166,6 +167,8 @@ async fn operator_kubeconfig(plane: &ControlPlane) -> std::path::PathBuf {
         .args(["template", "tidepool"])
         .arg(chart)
         .args(["--namespace", "tidepool", "--kube-version", "1.36.3"])
+        // The chart's rights are per namespace: the lease's and the sessions'.
+        .args(["--set", &format!("rbac.namespaces={{tidepool,{NAMESPACE}}}")])
         .args(["--show-only", "templates/rbac.yaml", "--show-only", "templates/serviceaccounts.yaml"]));
     let rbac_file = plane.dir().join("operator-rbac.yaml");
     std::fs::write(&rbac_file, rbac).expect("rbac file");
