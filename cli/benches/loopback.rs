@@ -592,6 +592,7 @@ impl Pod {
             exp,
             probes: None,
             tier: 1,
+            thresholds: None,
             kid: String::new(),
         };
         let port = free_tcp_port();

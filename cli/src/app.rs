@@ -1003,6 +1003,7 @@ mod tests {
             exp,
             probes: None,
             tier: 1,
+            thresholds: None,
             kid: String::new(),
         };
         let token = key.sign_session(&claims);

@@ -62,6 +62,7 @@ impl Pod {
             exp,
             probes: probes_digest(probes),
             tier: 1,
+            thresholds: None,
             kid: String::new(),
         };
         Credentials { token: self.key.sign_session(&claims), binding: self.key.sign_binding(SID, pod) }

@@ -67,6 +67,48 @@ pub struct MonitorSpec {
     #[serde(default = "default_failed_history")]
     #[schemars(range(min = 0, max = 100))]
     pub failed_runs_history_limit: i32,
+    /// The escalation rules of this monitor's runs; a rule not given is the
+    /// pods' default (docs/probes.md#escalation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<EscalationThresholds>,
+}
+
+/// When a run goes up a tier. Whole units; each absent one is the default.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EscalationThresholds {
+    /// Tier 1 to 2: an ICMP mean round trip above this, in ms (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub ping_ms: Option<i32>,
+    /// Tier 1 to 2: ICMP or UDP loss above this, percent (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub loss_percent: Option<i32>,
+    /// Tier 1 to 2: an HTTP probe's total time above this, in ms (default 2000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub http_total_ms: Option<i32>,
+    /// Tier 1 to 2: a DNS lookup above this, in ms (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub dns_ms: Option<i32>,
+    /// Tier 2 to 3: a bandwidth sample below this, in kbit/s (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000000))]
+    pub bandwidth_kbps: Option<i32>,
+    /// Tier 2 to 3: jitter above this, in ms (default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 60000))]
+    pub jitter_ms: Option<i32>,
+    /// Tier 2 to 3: more hops than this (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 255))]
+    pub hops: Option<i32>,
+    /// Tier 2 to 3: a certificate with fewer days left than this (default 7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3650))]
+    pub cert_days: Option<i32>,
 }
 
 fn default_run_ttl() -> i64 {

@@ -18,8 +18,9 @@ use tidepool_tests::{PodRunner, eventually, workspace_binary};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// An HTTP target on loopback that answers after 2.2 s while `slow` is set
-/// (over the 2 s that takes a run from tier 1 to 2), at once otherwise.
+/// An HTTP target on loopback that answers after 0.8 s while `slow` is set
+/// (over the monitor's own 0.5 s rule, under the pods' default 2 s), at
+/// once otherwise.
 async fn target(slow: Arc<AtomicBool>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/", listener.local_addr().unwrap());
@@ -30,7 +31,7 @@ async fn target(slow: Arc<AtomicBool>) -> String {
                 let mut request = [0u8; 2048];
                 let _ = stream.read(&mut request).await;
                 if slow.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(2_200)).await;
+                    tokio::time::sleep(Duration::from_millis(800)).await;
                 }
                 let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
                 let _ = stream.write_all(answer.as_bytes()).await;
@@ -84,7 +85,8 @@ async fn a_monitor_runs_on_schedule_carries_its_tier_and_keeps_its_history() {
         "spec": {
             "pool": "probers", "schedule": "@every 10s",
             "probes": [{ "type": "http", "url": url }],
-            "successfulRunsHistoryLimit": 2
+            "successfulRunsHistoryLimit": 2,
+            "thresholds": { "httpTotalMs": 500 }
         }
     });
     monitors.patch("edge-watch", &PatchParams::apply("test").force(), &Patch::Apply(&monitor)).await.unwrap();
@@ -100,11 +102,12 @@ async fn a_monitor_runs_on_schedule_carries_its_tier_and_keeps_its_history() {
         }
     };
 
-    // Run 1: the slow answer takes it from tier 1 to 2, and the next run starts there.
+    // Run 1: the slow answer trips the monitor's own rule (the pods' default
+    // would not), takes the run from tier 1 to 2, and the next run starts there.
     let first = runs_at_least(1).await;
     let run = &status(&first).runs[0];
     assert_eq!((run.start_tier, run.end_tier, run.result), (1, 2, RunResult::Succeeded), "{run:?}");
-    assert!(run.reasons.iter().any(|r| r.starts_with("tier 1: HTTP total")), "{run:?}");
+    assert!(run.reasons.iter().any(|r| r.starts_with("tier 1: HTTP total") && r.ends_with("> 500 ms")), "{run:?}");
     assert_eq!(status(&first).current_tier, 2);
     assert!(status(&first).next_run_at.is_some());
     let ready = status(&first).conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();

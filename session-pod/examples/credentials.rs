@@ -24,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         exp: now + 24 * 3600,
         probes: None,
         tier: 1,
+        thresholds: None,
         kid: String::new(),
     };
     println!("export TIDEPOOL_POOL_PUBLIC_KEY={}", key.public().to_base64());

@@ -149,6 +149,7 @@ mod tests {
             exp,
             probes: None,
             tier: 1,
+            thresholds: None,
             kid: String::new(),
         }
     }

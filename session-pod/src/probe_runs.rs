@@ -20,9 +20,9 @@ use tidepool_crds::test_session::SessionResults;
 
 use crate::body::{parse_json, read_body};
 use crate::error::{ApiError, Reason, json_response, parse_query};
-use crate::probes::{self, ContinuousRun, ContinuousSettings, Run};
+use crate::probes::{self, ContinuousRun, ContinuousSettings, ProbeSettings, Run};
 use crate::session::BoundSession;
-use crate::state::PodState;
+use crate::state::{PodState, ProbeRuns};
 use tidepool_protocol::pod::{Escalation, ProbeRequest, ProbeResponse, probes_digest};
 use tidepool_protocol::results::ResultsSubmission;
 
@@ -86,7 +86,7 @@ pub async fn run(
             };
             runs.start_run()?;
             state.metrics.probe_runs.with_label_values(&["once"]).inc();
-            let run = probes::run(&request.targets, tier, &runs.settings()).await;
+            let run = probes::run(&request.targets, tier, &session_settings(runs, &session)).await;
             count_run(&state, &run);
             let escalations = run
                 .escalations
@@ -128,7 +128,8 @@ pub async fn run(
                 let (state, session) = (sink_state.clone(), sink_session.clone());
                 async move { report(&state, &session, run).await }
             };
-            let handle = probes::spawn_continuous(request.targets, runs.settings(), every_settings, sink);
+            let handle =
+                probes::spawn_continuous(request.targets, session_settings(runs, &session), every_settings, sink);
             runs.set_continuous(handle);
             Ok(json_response(StatusCode::ACCEPTED, &ContinuousStarted { every_seconds: every, start_tier: tier }))
         }
@@ -207,4 +208,14 @@ async fn report(state: &PodState, session: &BoundSession, run: ContinuousRun) {
     if let Err(e) = state.reporter.report(session, &submission).await {
         tracing::warn!(run = run.number, error = %e, "continuous probe results not reported to the operator");
     }
+}
+
+/// The pod's probe settings, with the escalation rules the session's token
+/// carries when it carries any (a monitor's; only the operator signs them).
+fn session_settings(runs: &ProbeRuns, session: &BoundSession) -> ProbeSettings {
+    let mut settings = runs.settings();
+    if let Some(thresholds) = session.claims.thresholds {
+        settings.thresholds = thresholds.into();
+    }
+    settings
 }

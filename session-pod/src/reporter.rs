@@ -127,6 +127,7 @@ mod tests {
                 exp: 0,
                 probes: None,
                 tier: 1,
+                thresholds: None,
                 kid: String::new(),
             },
             token: String::new(),

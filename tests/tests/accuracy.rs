@@ -99,6 +99,7 @@ fn bench(prefix: &str, subnet: u8, queue_ms: u32, congestion: &'static str) -> O
         exp,
         probes: None,
         tier: 1,
+        thresholds: None,
         kid: String::new(),
     };
     let bench =

@@ -68,6 +68,10 @@ pub struct SessionClaims {
     /// the operator raises it. Escalation past it is the pod's own decision.
     #[serde(default = "first_tier")]
     pub tier: u8,
+    /// The escalation rules the session's probe runs use, when not the
+    /// pod's own: signed, so only the operator sets them (a monitor's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<ThresholdClaims>,
     /// The id of the key that signed the token; set by the signer.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kid: String,
@@ -75,6 +79,39 @@ pub struct SessionClaims {
 
 fn first_tier() -> u8 {
     1
+}
+
+/// Escalation rules in whole units, as a token carries them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThresholdClaims {
+    /// Tier 1 to 2: ICMP mean round trip above this (ms), loss above this
+    /// (%), an HTTP probe's total above this (ms), a DNS lookup above this (ms).
+    pub ping_ms: u32,
+    pub loss_percent: u32,
+    pub http_total_ms: u32,
+    pub dns_ms: u32,
+    /// Tier 2 to 3: a bandwidth sample below this (kbit/s), jitter above
+    /// this (ms), more hops than this, a certificate with fewer days left.
+    pub bandwidth_kbps: u32,
+    pub jitter_ms: u32,
+    pub hops: u32,
+    pub cert_days: u32,
+}
+
+impl Default for ThresholdClaims {
+    /// The performance platform's rules (docs/probes.md#escalation).
+    fn default() -> Self {
+        Self {
+            ping_ms: 100,
+            loss_percent: 5,
+            http_total_ms: 2_000,
+            dns_ms: 1_000,
+            bandwidth_kbps: 10_000,
+            jitter_ms: 50,
+            hops: 20,
+            cert_days: 7,
+        }
+    }
 }
 
 /// The hex SHA-256 of the probe targets' compact JSON (`json`), or `None`
@@ -276,6 +313,7 @@ mod tests {
             exp: 2_000,
             probes: None,
             tier: 1,
+            thresholds: None,
             kid: String::new(),
         }
     }
@@ -414,6 +452,7 @@ mod properties {
                 exp,
                 probes: None,
                 tier,
+                thresholds: None,
                 kid: String::new(),
             })
     }

@@ -339,6 +339,7 @@ async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>)
                 exp: u64::try_from(expires.0.as_second()).unwrap_or(0),
                 probes: probes_digest(&session.spec.probes),
                 tier: 1,
+                thresholds: None,
                 kid: String::new(),
             };
             // Signed with the key the bound pod holds (the previous one, for a

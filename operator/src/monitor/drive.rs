@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 use tidepool_crds::TestSession;
+use tidepool_crds::monitor::EscalationThresholds;
 use tidepool_crds::test_session::{ProbeResult, SessionResults};
 use tidepool_protocol::BINDING_HEADER;
 use tidepool_protocol::pod::{PROBES_PATH, ProbeRequest, ProbeResponse, probes_digest};
-use tidepool_wire::token::SessionClaims;
+use tidepool_wire::token::{SessionClaims, ThresholdClaims};
 
 use crate::keys::PoolKeys;
 
@@ -44,12 +45,13 @@ pub struct RunOutcome {
     pub holding: bool,
 }
 
-/// Runs `session`'s probes on its pod, from `tier`.
+/// Runs `session`'s probes on its pod, from `tier`, under `thresholds`.
 pub async fn run(
     http: &reqwest::Client,
     keys: &PoolKeys,
     session: &TestSession,
     tier: u8,
+    thresholds: ThresholdClaims,
 ) -> Result<RunOutcome, DriveError> {
     let status = session.status.clone().unwrap_or_default();
     let endpoint = status.endpoint.ok_or(DriveError::NotBound("endpoint"))?;
@@ -65,6 +67,7 @@ pub async fn run(
         exp: u64::try_from(expires.0.as_second()).unwrap_or(0),
         probes: probes_digest(&session.spec.probes),
         tier,
+        thresholds: Some(thresholds),
         kid: String::new(),
     };
     let signer = keys.signer_for(status.key_id.as_deref());
@@ -91,6 +94,23 @@ pub async fn run(
         return Err(DriveError::Refused { status: response.status().as_u16(), message });
     }
     outcome(&body, tier)
+}
+
+/// A monitor's rules as the token carries them: each one not given is the default.
+pub fn thresholds(given: Option<&EscalationThresholds>) -> ThresholdClaims {
+    let defaults = ThresholdClaims::default();
+    let Some(given) = given else { return defaults };
+    let or = |value: Option<i32>, default: u32| value.and_then(|v| u32::try_from(v).ok()).unwrap_or(default);
+    ThresholdClaims {
+        ping_ms: or(given.ping_ms, defaults.ping_ms),
+        loss_percent: or(given.loss_percent, defaults.loss_percent),
+        http_total_ms: or(given.http_total_ms, defaults.http_total_ms),
+        dns_ms: or(given.dns_ms, defaults.dns_ms),
+        bandwidth_kbps: or(given.bandwidth_kbps, defaults.bandwidth_kbps),
+        jitter_ms: or(given.jitter_ms, defaults.jitter_ms),
+        hops: or(given.hops, defaults.hops),
+        cert_days: or(given.cert_days, defaults.cert_days),
+    }
 }
 
 /// The pod's answer, checked as the results route checks a client's.
@@ -131,6 +151,16 @@ mod tests {
         assert_eq!(outcome.results.len(), 2);
         let held = json!({ "results": [probe(2, true)], "holding": ["DNS 1200.0 ms > 1000 ms"] });
         assert!(super::outcome(held.to_string().as_bytes(), 2).unwrap().holding);
+    }
+
+    #[test]
+    fn a_monitor_sets_the_rules_it_names_and_keeps_the_rest() {
+        assert_eq!(thresholds(None), ThresholdClaims::default());
+        let given =
+            EscalationThresholds { http_total_ms: Some(500), hops: Some(12), ..EscalationThresholds::default() };
+        let claims = thresholds(Some(&given));
+        assert_eq!((claims.http_total_ms, claims.hops), (500, 12));
+        assert_eq!(claims, ThresholdClaims { http_total_ms: 500, hops: 12, ..ThresholdClaims::default() });
     }
 
     #[test]

@@ -27,6 +27,7 @@ use serde_json::json;
 use tidepool_crds::monitor::{MonitorRun, MonitorStatus, RunResult};
 use tidepool_crds::test_session::{Phase, Profile, SessionResults, TestSessionSpec};
 use tidepool_crds::{Monitor, TestSession};
+use tidepool_wire::token::ThresholdClaims;
 
 use crate::conditions::{self, reason};
 use crate::context::Context;
@@ -90,7 +91,8 @@ pub async fn reconcile(monitor: Arc<Monitor>, ctx: Arc<Context>) -> Result<Actio
         Step::Drive(name) => {
             let Some(session) = session(&ctx, &namespace, &name) else { return Ok(Action::requeue(AGAIN)) };
             let tier = u8::try_from(status.current_tier.clamp(1, 3)).unwrap_or(1);
-            let outcome = run_probes(&ctx, &session, tier).await;
+            let thresholds = drive::thresholds(monitor.spec.thresholds.as_ref());
+            let outcome = run_probes(&ctx, &session, tier, thresholds).await;
             // The session gets the results (or none), final: it completes and frees its pod.
             let results = SessionResults {
                 probes: outcome.as_ref().map(|o| o.results.clone()).unwrap_or_default(),
@@ -265,7 +267,12 @@ async fn finish(
 }
 
 /// Runs the session's probes on its pod, with credentials signed by its pool's key.
-async fn run_probes(ctx: &Context, session: &TestSession, tier: u8) -> Result<RunOutcome, drive::DriveError> {
+async fn run_probes(
+    ctx: &Context,
+    session: &TestSession,
+    tier: u8,
+    thresholds: ThresholdClaims,
+) -> Result<RunOutcome, drive::DriveError> {
     let namespace = session.namespace().unwrap_or_default();
     let pool = ctx.pools.get(&ObjectRef::new(&session.spec.pool).within(&namespace));
     let pool_uid = pool.and_then(|p| p.uid()).ok_or(drive::DriveError::NotBound("pool"))?;
@@ -274,7 +281,7 @@ async fn run_probes(ctx: &Context, session: &TestSession, tier: u8) -> Result<Ru
         Ok(None) => return Err(drive::DriveError::NotBound("pool key")),
         Err(e) => return Err(drive::DriveError::Unreachable(format!("reading the pool's key: {e}"))),
     };
-    drive::run(&ctx.monitor_http, &keys, session, tier).await
+    drive::run(&ctx.monitor_http, &keys, session, tier, thresholds).await
 }
 
 /// Writes the run's final results into its session's status.

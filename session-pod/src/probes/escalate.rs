@@ -42,6 +42,21 @@ pub struct Thresholds {
     pub cert_days: f64,
 }
 
+impl From<tidepool_wire::token::ThresholdClaims> for Thresholds {
+    fn from(claims: tidepool_wire::token::ThresholdClaims) -> Self {
+        Self {
+            ping_ms: f64::from(claims.ping_ms),
+            loss_percent: f64::from(claims.loss_percent),
+            http_total_ms: f64::from(claims.http_total_ms),
+            dns_ms: f64::from(claims.dns_ms),
+            bandwidth_mbps: f64::from(claims.bandwidth_kbps) / 1000.0,
+            jitter_ms: f64::from(claims.jitter_ms),
+            hops: claims.hops as usize,
+            cert_days: f64::from(claims.cert_days),
+        }
+    }
+}
+
 impl Default for Thresholds {
     fn default() -> Self {
         Self {
@@ -239,6 +254,11 @@ fn target(kind: ProbeKind, host: String, port: Option<i32>) -> ProbeTarget {
 mod tests {
     use super::*;
     use crate::probes::outcome::{Download, Hop, RttStats};
+
+    #[test]
+    fn the_default_rules_are_the_same_whether_the_pod_or_a_token_gives_them() {
+        assert_eq!(Thresholds::from(tidepool_wire::token::ThresholdClaims::default()), Thresholds::default());
+    }
     use tidepool_crds::test_session::ProbeTimings;
 
     fn outcome(kind: ProbeKind) -> ProbeOutcome {

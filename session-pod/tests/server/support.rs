@@ -43,6 +43,7 @@ pub fn claims(sid: &str, exp: u64) -> SessionClaims {
         exp,
         probes: None,
         tier: 1,
+        thresholds: None,
         kid: String::new(),
     }
 }
