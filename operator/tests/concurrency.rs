@@ -16,7 +16,7 @@ use tidepool_tests::eventually;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_sessions_at_once_get_two_hundred_distinct_pods() {
     let cluster = Cluster::start(2).await;
-    let _operator = cluster.operator("operator-0", &["--create-batch=100"]).await;
+    let operator = cluster.operator("operator-0", &["--create-batch=100"]).await;
     cluster.pool("big", 200).await;
     cluster.wait_warm("big", 200, Duration::from_secs(120)).await;
 
@@ -40,8 +40,21 @@ async fn two_hundred_sessions_at_once_get_two_hundred_distinct_pods() {
             all.into_iter().filter(|s| s.status.as_ref().is_some_and(|st| st.phase == Phase::Ready)).collect();
         (ready.len() == 200).then_some(ready)
     })
-    .await
-    .unwrap();
+    .await;
+    let ready = match ready {
+        Ok(ready) => ready,
+        Err(e) => {
+            // Say where the sessions stopped, and what the operator said.
+            let all = sessions.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+            let mut waiting = std::collections::BTreeMap::<String, usize>::new();
+            for session in &all {
+                let status = session.status.clone().unwrap_or_default();
+                let why = status.conditions.iter().find(|c| c.type_ == "Bound").map(|c| c.reason.clone());
+                *waiting.entry(format!("{} {}", status.phase, why.unwrap_or_default())).or_default() += 1;
+            }
+            panic!("{e}\nsessions by phase and reason: {waiting:?}\n{}", operator.process.log_tail(60));
+        }
+    };
     let pods: HashSet<String> = ready.iter().filter_map(|s| s.status.as_ref()?.pod.clone()).collect();
     assert_eq!(pods.len(), 200, "some sessions share a pod");
     let problems = common::invariants::violations(&cluster.client, "default", true).await;

@@ -11,7 +11,7 @@ fn tidepool_dev_brings_up_the_cluster_and_says_what_next() {
     assert!(stdout.contains("export KUBECONFIG="), "{stdout}");
     // The CLI ran a bufferbloat test on a real session pod through the
     // operator, and the pod's report completed the session.
-    assert!(stdout.contains("results   reported to the operator"), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("results ") && l.ends_with(" reported to the operator")), "{stdout}");
     assert!(stdout.contains("bufferbloat grade"), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("session-") && l.contains("Completed")), "{stdout}");
     // An agent per node reported: Backends exist and the router answers.
