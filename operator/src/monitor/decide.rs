@@ -36,6 +36,11 @@ pub struct Observed {
     pub suspended: bool,
     /// When the latest run was due; the monitor's creation before any.
     pub last_due: Timestamp,
+    /// The run the status says is in progress (the session cache may not
+    /// show a run made a moment ago yet).
+    pub active: Option<String>,
+    /// How long a run may take before a missing one counts as gone.
+    pub run_ttl: Duration,
     /// Its runs, newest first.
     pub runs: Vec<RunSession>,
     pub successful_history: usize,
@@ -72,13 +77,25 @@ pub fn decide(observed: &Observed) -> Step {
     if !prune.is_empty() {
         return Step::Prune(prune);
     }
-    let active = observed.runs.iter().find(|r| !r.phase.has_ended() && !r.has_results);
+    let active = observed.runs.iter().find(|r| !r.phase.has_ended() && !r.has_results && !r.recorded);
     if let Some(run) = active {
         if run.ready {
             return Step::Drive(run.name.clone());
         }
         // Runs never overlap: the next waits for this one.
         return Step::Wait { recheck: RUN_RECHECK, next_due: schedule.next_after(observed.last_due) };
+    }
+    if let Some(name) = &observed.active {
+        let listed = observed.runs.iter().any(|r| &r.name == name);
+        if !listed {
+            // Made a moment ago and not in the cache yet, or deleted by
+            // someone: wait for it, until it has had its whole TTL.
+            let age = observed.now.duration_since(observed.last_due).unsigned_abs();
+            if age > observed.run_ttl + RUN_RECHECK * 12 {
+                return Step::Record(name.clone());
+            }
+            return Step::Wait { recheck: RUN_RECHECK, next_due: schedule.next_after(observed.last_due) };
+        }
     }
     if observed.suspended {
         return Step::Wait { recheck: IDLE_RECHECK, next_due: None };
@@ -139,6 +156,8 @@ mod tests {
             schedule: Schedule::parse("@every 60s"),
             suspended: false,
             last_due: at(60),
+            active: None,
+            run_ttl: Duration::from_secs(300),
             runs,
             successful_history: 2,
             failed_history: 1,
@@ -185,6 +204,20 @@ mod tests {
     fn runs_never_overlap() {
         let late = Observed { now: at(1_000), ..observed(vec![run("active", Phase::Pending)]) };
         assert_eq!(decide(&late), Step::Wait { recheck: RUN_RECHECK, next_due: Some(at(120)) });
+        // A run the status names but the cache does not show yet is waited for.
+        let unseen = Observed { now: at(130), active: Some("new".into()), ..observed(vec![]) };
+        assert_eq!(decide(&unseen), Step::Wait { recheck: RUN_RECHECK, next_due: Some(at(120)) });
+        // Past its whole TTL it is gone (deleted): recorded, so runs go on.
+        let gone = Observed { now: at(60 + 300 + 61), active: Some("new".into()), ..observed(vec![]) };
+        assert_eq!(decide(&gone), Step::Record("new".into()));
+    }
+
+    #[test]
+    fn a_recorded_run_is_not_driven_twice() {
+        // The session cache may lag the results written a moment ago; the
+        // monitor's own status (read fresh) already has the run.
+        let stale = RunSession { ready: true, recorded: true, succeeded: true, ..run("done", Phase::Ready) };
+        assert!(matches!(decide(&observed(vec![stale])), Step::Wait { .. } | Step::Start(_)));
     }
 
     #[test]

@@ -43,8 +43,14 @@ const STATUS_RUNS: usize = 10;
 /// After a step that changed something, look again at once.
 const AGAIN: Duration = Duration::from_millis(100);
 
-pub async fn reconcile(monitor: Arc<Monitor>, ctx: Arc<Context>) -> Result<Action> {
-    let namespace = monitor.namespace().ok_or(Error::Missing("Monitor", "namespace"))?;
+pub async fn reconcile(cached: Arc<Monitor>, ctx: Arc<Context>) -> Result<Action> {
+    let namespace = cached.namespace().ok_or(Error::Missing("Monitor", "namespace"))?;
+    // Read fresh: a pass right after this controller's own status write may
+    // be handed the object from before it, and would record or start a run
+    // twice. A monitor passes a few times per run, so the read is cheap.
+    let api: Api<Monitor> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(monitor) = api.get_opt(&cached.name_any()).await? else { return Ok(Action::await_change()) };
+    let monitor = Arc::new(monitor);
     let uid = monitor.uid().ok_or(Error::Missing("Monitor", "uid"))?;
     let status = monitor.status.clone().unwrap_or_default();
     let now = Timestamp::now();
@@ -55,6 +61,8 @@ pub async fn reconcile(monitor: Arc<Monitor>, ctx: Arc<Context>) -> Result<Actio
         schedule: Schedule::parse(&monitor.spec.schedule),
         suspended: monitor.spec.suspend,
         last_due: status.last_schedule_time.as_ref().map_or(created, |t| t.0),
+        active: status.active.clone(),
+        run_ttl: Duration::from_secs(u64::try_from(monitor.spec.run_ttl_seconds).unwrap_or(300)),
         runs,
         successful_history: usize::try_from(monitor.spec.successful_runs_history_limit).unwrap_or(0),
         failed_history: usize::try_from(monitor.spec.failed_runs_history_limit).unwrap_or(0),
