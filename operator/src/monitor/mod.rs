@@ -207,8 +207,11 @@ fn recorded(name: &str, session: Option<&TestSession>, status: &MonitorStatus, n
         (false, 0) => RunResult::Succeeded,
         _ => RunResult::Degraded,
     };
-    let reasons = match result {
-        RunResult::Failed => vec![format!("the run's session ended {} before its probes ran", session_status.phase)],
+    let reasons = match (result, session) {
+        (RunResult::Failed, Some(_)) => {
+            vec![format!("the run's session ended {} before its probes ran", session_status.phase)]
+        }
+        (RunResult::Failed, None) => vec!["the run's session is gone (deleted before its probes ran)".to_owned()],
         _ => Vec::new(),
     };
     MonitorRun {
