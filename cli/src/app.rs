@@ -1,4 +1,4 @@
-//! The command line: `tidepool run`, `tidepool ping` and `tidepool session`.
+//! The command line: `tidepool run`, `tidepool ping`, `tidepool session` and `tidepool results`.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use futures::{SinkExt, StreamExt};
 use tidepool_crds::test_session::{ClientHints, ProbeTarget, Profile, SessionResults};
 use tidepool_protocol::grading;
 use tidepool_protocol::pod::{ClientMessage, LATENCY_WS_PATH, PodInfo, ServerMessage};
+use tidepool_protocol::stored::ResultsQuery;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -45,6 +46,38 @@ enum Command {
     /// Create, show or delete sessions through the operator's API (prints JSON).
     #[command(subcommand)]
     Session(SessionCommand),
+    /// List ended sessions' results from the results store, newest first.
+    Results(ResultsArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct ResultsArgs {
+    #[command(flatten)]
+    operator: OperatorArgs,
+    /// Only this WarmPool's sessions.
+    #[arg(long, value_name = "POOL")]
+    pool: Option<String>,
+    /// The namespace (the operator's own when absent).
+    #[arg(long, short = 'n', value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// Sessions that ended since: an RFC 3339 time or a span back from now (90m, 2h, 7d) [default: 24h].
+    #[arg(long, value_name = "WHEN")]
+    since: Option<String>,
+    /// Sessions that ended until: as --since [default: now].
+    #[arg(long, value_name = "WHEN")]
+    until: Option<String>,
+    /// Only these overall grades, comma-separated (D,F).
+    #[arg(long, value_name = "GRADES")]
+    grade: Option<String>,
+    /// Only this client: its address, or the identity that created the session.
+    #[arg(long, value_name = "CLIENT")]
+    client: Option<String>,
+    /// At most this many results.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=500))]
+    limit: Option<u32>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -332,8 +365,32 @@ impl Cli {
             Command::Run(args) => run(args).await,
             Command::Ping(args) => ping(args).await,
             Command::Session(command) => session(command).await,
+            Command::Results(args) => results(args).await,
         }
     }
+}
+
+/// `tidepool results`: stored results through the operator, as a table or JSON.
+async fn results(args: ResultsArgs) -> Result<()> {
+    let operator = operator_client(&args.operator, api_token_env())?;
+    let query = ResultsQuery {
+        namespace: args.namespace,
+        pool: args.pool,
+        since: args.since,
+        until: args.until,
+        grade: args.grade,
+        client: args.client,
+        limit: args.limit.map(|n| n as usize),
+    };
+    let page = operator.stored_results(&query).await?;
+    let text = if args.json {
+        // A tree of plain structs, strings and finite numbers always serialises.
+        serde_json::to_string_pretty(&page).unwrap_or_default() + "\n"
+    } else {
+        output::stored_table(&page, std::io::stdout().is_terminal())
+    };
+    print!("{text}");
+    Ok(())
 }
 
 /// Where a command finds its session.

@@ -6,6 +6,7 @@ use reqwest::{Client, Method, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 pub use tidepool_protocol::api::{CreateSession, SessionView};
 use tidepool_protocol::api::{NamespaceQuery, SESSIONS_PATH};
+use tidepool_protocol::stored::{ResultsPage, ResultsQuery, STORED_RESULTS_PATH};
 
 use crate::error::{Error, Result, chain, error_message};
 
@@ -86,6 +87,19 @@ impl OperatorClient {
         Ok(())
     }
 
+    /// Stored results of ended sessions, as the query filters them.
+    pub async fn stored_results(&self, query: &ResultsQuery) -> Result<ResultsPage> {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(STORED_RESULTS_PATH.split('/').filter(|s| !s.is_empty()));
+        }
+        url.query_pairs_mut().extend_pairs(query_pairs(query));
+        let (status, bytes) = self.send::<()>(Method::GET, url, None, None, REQUEST_TIMEOUT).await?;
+        let body = json(status, &bytes)?;
+        ResultsPage::deserialize(&body)
+            .map_err(|e| Error::Protocol(format!("the operator's stored results are unreadable: {e}")))
+    }
+
     /// Sends a request; an answer of any status is `Ok`.
     async fn send<B: Serialize>(
         &self,
@@ -123,6 +137,20 @@ impl OperatorClient {
     }
 }
 
+/// The query's fields that are set, as URL pairs.
+fn query_pairs(query: &ResultsQuery) -> Vec<(&'static str, String)> {
+    let texts = [
+        ("namespace", query.namespace.clone()),
+        ("pool", query.pool.clone()),
+        ("since", query.since.clone()),
+        ("until", query.until.clone()),
+        ("grade", query.grade.clone()),
+        ("client", query.client.clone()),
+        ("limit", query.limit.map(|n| n.to_string())),
+    ];
+    texts.into_iter().filter_map(|(name, value)| Some((name, value?))).collect()
+}
+
 /// A successful answer's JSON, or the operator's error.
 fn json(status: StatusCode, bytes: &[u8]) -> Result<serde_json::Value> {
     if !status.is_success() {
@@ -158,6 +186,14 @@ mod tests {
         assert_eq!(prefixed.url(&["s"]).as_str(), "http://gw/tidepool/api/v1/sessions/s");
         assert!(matches!(OperatorClient::new("http://gw", " \n"), Err(Error::Usage(_))));
         assert!(matches!(OperatorClient::new("gw:80", "t"), Err(Error::Usage(_))));
+    }
+
+    #[test]
+    fn a_results_query_sends_only_what_is_set() {
+        let query =
+            ResultsQuery { pool: Some("edge".into()), grade: Some("D,F".into()), limit: Some(5), ..Default::default() };
+        assert_eq!(query_pairs(&query), [("pool", "edge".to_string()), ("grade", "D,F".into()), ("limit", "5".into())]);
+        assert!(query_pairs(&ResultsQuery::default()).is_empty());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use tidepool_crds::test_session::{Grade, ProbeResult, Profile, SessionResults, Severity};
+use tidepool_protocol::stored::ResultsPage;
 
 /// A run's outcome: where it ran and what it measured. Its JSON is the
 /// `SessionResults` of the TestSession's status with these fields beside
@@ -239,6 +240,51 @@ fn grade_cell(grade: Grade) -> Cell {
     Cell::painted(text, paint)
 }
 
+/// Stored results as one aligned table, newest first; grades in colour when `color`.
+pub fn stored_table(page: &ResultsPage, color: bool) -> String {
+    if page.items.is_empty() {
+        return "no stored results match\n".to_string();
+    }
+    let mut table = Table::new(&[
+        Align::Left,
+        Align::Left,
+        Align::Left,
+        Align::Left,
+        Align::Left,
+        Align::Right,
+        Align::Right,
+        Align::Right,
+        Align::Left,
+    ]);
+    table.header(["ENDED", "POOL", "SESSION", "PHASE", "GRADE", "P50 MS", "DOWN MBPS", "UP MBPS", "CLIENT"]);
+    let figure = |value: Option<f64>| Cell::from(value.map(number).unwrap_or_else(|| "-".into()));
+    for item in &page.items {
+        let results = item.results.as_ref();
+        let grade = item.overall_grade().map(grade_cell).unwrap_or_else(|| "-".into());
+        let client = item.client.address.clone().or_else(|| item.client.created_by.clone());
+        let session = match &item.monitor {
+            Some(monitor) => format!("{} (monitor {monitor})", item.name),
+            None => item.name.clone(),
+        };
+        table.row([
+            item.ended_at.clone().into(),
+            item.pool.clone().into(),
+            session.into(),
+            item.phase.to_string().into(),
+            grade,
+            figure(results.and_then(|r| r.latency.as_ref()).map(|l| l.p50_ms)),
+            figure(results.and_then(|r| r.download_mbps)),
+            figure(results.and_then(|r| r.upload_mbps)),
+            client.unwrap_or_else(|| "-".into()).into(),
+        ]);
+    }
+    let mut out = table.render(color);
+    if page.truncated {
+        out.push_str("(more matched: narrow --since and --until, filter, or raise --limit)\n");
+    }
+    out
+}
+
 /// A change, with its sign.
 fn signed(value: f64) -> String {
     if value >= 0.0 { format!("+{}", number(value)) } else { number(value) }
@@ -354,6 +400,50 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_results_are_one_row_each_newest_first_and_say_when_cut() {
+        use tidepool_crds::test_session::{Grades, LatencySummary, Phase};
+        use tidepool_protocol::stored::{StoredClient, StoredResult};
+        let item = |name: &str, monitor: Option<&str>, results: Option<SessionResults>| StoredResult {
+            api_version: "tidepool.dev/v1alpha1".into(),
+            kind: "TestSessionResult".into(),
+            namespace: "default".into(),
+            name: name.into(),
+            uid: "u".into(),
+            pool: "edge".into(),
+            profile: Profile::Bufferbloat,
+            phase: if results.is_some() { Phase::Completed } else { Phase::Expired },
+            created_at: None,
+            ended_at: "2026-12-05T14:40:12Z".into(),
+            pod: None,
+            node: None,
+            backend: None,
+            client: StoredClient { address: Some("192.0.2.44".into()), created_by: None },
+            monitor: monitor.map(String::from),
+            results,
+        };
+        let measured = SessionResults {
+            latency: Some(LatencySummary { p50_ms: 10.0, ..Default::default() }),
+            download_mbps: Some(20.0),
+            upload_mbps: Some(5.0),
+            grades: Some(Grades { overall: Some(Grade::C), ..Default::default() }),
+            ..Default::default()
+        };
+        let page = ResultsPage {
+            items: vec![item("s1", Some("edge-watch"), Some(measured)), item("s2", None, None)],
+            truncated: true,
+        };
+        let text = stored_table(&page, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("ENDED") && lines[0].contains("GRADE"), "{text}");
+        assert!(lines[1].contains("s1 (monitor edge-watch)") && lines[1].contains(" C "), "{text}");
+        assert!(lines[1].contains("10.0") && lines[1].contains("20.0") && lines[1].contains("192.0.2.44"), "{text}");
+        assert!(lines[2].contains("s2") && lines[2].contains("Expired") && lines[2].contains(" - "), "{text}");
+        assert!(lines[3].starts_with("(more matched"), "{text}");
+        assert_eq!(stored_table(&ResultsPage::default(), false), "no stored results match\n");
+    }
     use tidepool_crds::test_session::{
         Grades, HouseholdUserResult, LatencySummary, LoadedLatency, ProbeKind, ProbeTimings,
     };

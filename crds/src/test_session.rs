@@ -260,7 +260,13 @@ pub struct TestSessionStatus {
     /// The summary of what the session measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub results: Option<SessionResults>,
-    /// Bound, Ready and the reasons for waiting or failing.
+    /// When the operator stored the ended session's results in the results
+    /// store (when one is configured); until then it does not delete the
+    /// session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_date_time")]
+    pub exported_at: Option<Time>,
+    /// Bound, Ready, Exported and the reasons for waiting or failing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions")]
     pub conditions: Conditions,

@@ -13,6 +13,8 @@ pub const BOUND: &str = "Bound";
 pub const PROGRESSING: &str = "Progressing";
 /// WarmPool: something keeps the pool from its goal.
 pub const DEGRADED: &str = "Degraded";
+/// TestSession: its results are in the results store.
+pub const EXPORTED: &str = "Exported";
 /// Backend: its agent stopped reporting.
 pub const STALE: &str = "Stale";
 
@@ -32,6 +34,10 @@ pub mod reason {
     pub const EXPIRED: &str = "Expired";
     /// Failed: its pod went away more often than the pool's `maxRebinds`.
     pub const TOO_MANY_REBINDS: &str = "TooManyRebinds";
+    /// Its results are in the results store.
+    pub const STORED: &str = "Stored";
+    /// The results store did not take them; the operator retries.
+    pub const STORE_UNAVAILABLE: &str = "StoreUnavailable";
     // WarmPool
     pub const FILLED: &str = "Filled";
     pub const FILLING: &str = "Filling";
@@ -94,6 +100,11 @@ pub fn set(
 /// Whether condition `type_` is present and True.
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// When condition `type_` last changed, if present.
+pub fn last_transition(conditions: &[Condition], type_: &str) -> Option<Timestamp> {
+    conditions.iter().find(|c| c.type_ == type_).map(|c| c.last_transition_time.0)
 }
 
 /// The reason of condition `type_`, if present.

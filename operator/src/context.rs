@@ -60,6 +60,8 @@ pub struct Context {
     pub pod_index: Arc<Mutex<PodIndex>>,
     /// Monitors' calls to their runs' pods.
     pub monitor_http: reqwest::Client,
+    /// Where ended sessions' results are stored, when a store is configured.
+    pub exporter: Option<Arc<crate::export::Exporter>>,
 }
 
 impl Context {

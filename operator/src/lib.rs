@@ -13,6 +13,7 @@ pub mod context;
 pub mod creators;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod fleet;
 pub mod http;
 pub mod keys;

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use tidepool_operator::context::Settings;
+use tidepool_operator::export::Exporter;
+use tidepool_operator::export::s3::{S3Config, S3Store};
 use tidepool_operator::fleet::daemonset::AgentSettings;
 use tidepool_operator::fleet::geo::{GeoIp, RegionTable};
 use tidepool_operator::fleet::{self, Fleet, FleetSettings};
@@ -102,6 +104,57 @@ struct Args {
     fault_end_task: Option<String>,
     #[command(flatten)]
     fleet: FleetArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// The results store: an S3-compatible bucket every ended session's
+/// results are written to. Off unless an endpoint and a bucket are given.
+#[derive(clap::Args, Debug)]
+struct StoreArgs {
+    /// The store's URL (`https://s3.eu-west-1.amazonaws.com`, `http://seaweedfs:8333`).
+    #[arg(long, env = "TIDEPOOL_RESULTS_STORE_ENDPOINT", requires = "results_store_bucket")]
+    results_store_endpoint: Option<String>,
+    #[arg(long, env = "TIDEPOOL_RESULTS_STORE_BUCKET", requires = "results_store_endpoint")]
+    results_store_bucket: Option<String>,
+    /// Keys start with this (then namespace/pool/day/session).
+    #[arg(long, env = "TIDEPOOL_RESULTS_STORE_PREFIX", default_value = "tidepool/")]
+    results_store_prefix: String,
+    /// The region requests are signed for.
+    #[arg(long, env = "TIDEPOOL_RESULTS_STORE_REGION", default_value = "us-east-1")]
+    results_store_region: String,
+    /// Address the bucket as a host name (`bucket.endpoint`), not a path.
+    #[arg(long, env = "TIDEPOOL_RESULTS_STORE_VIRTUAL_HOSTED")]
+    results_store_virtual_hosted: bool,
+    /// The access key, from the chart's Secret.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    results_store_access_key_id: Option<String>,
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    results_store_secret_access_key: Option<String>,
+}
+
+impl StoreArgs {
+    fn exporter(&self, metrics: Arc<Metrics>) -> Result<Option<Arc<Exporter>>, String> {
+        let (Some(endpoint), Some(bucket)) = (&self.results_store_endpoint, &self.results_store_bucket) else {
+            return Ok(None);
+        };
+        let (Some(access_key_id), Some(secret_access_key)) =
+            (&self.results_store_access_key_id, &self.results_store_secret_access_key)
+        else {
+            return Err("the results store needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into());
+        };
+        let endpoint = reqwest::Url::parse(endpoint).map_err(|e| format!("--results-store-endpoint: {e}"))?;
+        let config = S3Config {
+            endpoint,
+            bucket: bucket.clone(),
+            region: self.results_store_region.clone(),
+            access_key_id: access_key_id.clone(),
+            secret_access_key: secret_access_key.clone(),
+            virtual_hosted: self.results_store_virtual_hosted,
+        };
+        let store = S3Store::new(config).map_err(|e| e.to_string())?;
+        Ok(Some(Arc::new(Exporter::new(store, &self.results_store_prefix, metrics))))
+    }
 }
 
 /// The HTTP server's limits.
@@ -260,6 +313,10 @@ async fn main() -> ExitCode {
         Err(e) => return fail(format!("metrics: {e}")),
     };
     let keys = Arc::new(Keys::default());
+    let exporter = match args.store.exporter(metrics.clone()) {
+        Ok(exporter) => exporter,
+        Err(e) => return fail(format!("results store: {e}")),
+    };
     if args.fleet.health_probe_timeout_seconds >= args.fleet.health_probe_interval_seconds {
         return fail("--health-probe-timeout-seconds must be shorter than --health-probe-interval-seconds".into());
     }
@@ -338,6 +395,7 @@ async fn main() -> ExitCode {
         ready: Default::default(),
         fleet: fleet.clone(),
         geoip,
+        exporter: exporter.clone(),
     });
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
@@ -387,7 +445,8 @@ async fn main() -> ExitCode {
         Ok(client) => client,
         Err(e) => return fail(format!("an HTTP client for monitors: {e}")),
     };
-    let parts = run::Parts { monitor_http, settings, metrics: metrics.clone(), keys, fleet: fleet.clone(), identity };
+    let parts =
+        run::Parts { monitor_http, exporter, settings, metrics: metrics.clone(), keys, fleet: fleet.clone(), identity };
     run::start(&mut supervisor, &scope, clients, shared, parts);
     let code = tokio::select! {
         ended = supervisor.ended() => {

@@ -28,6 +28,11 @@ pub struct Metrics {
     pub monitor_runs: IntCounterVec,
     pub monitor_tier: IntGaugeVec,
     pub monitor_last_run: GaugeVec,
+    pub exports: IntCounterVec,
+    pub export_call: Histogram,
+    pub export_delay: Histogram,
+    pub export_backlog: IntGauge,
+    pub export_oldest_pending: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -127,6 +132,35 @@ impl Metrics {
             Opts::new("tidepool_monitor_last_run_timestamp_seconds", "When a monitor last recorded a run (Unix time)"),
             &["namespace", "monitor"],
         )?;
+        let exports = IntCounterVec::new(
+            Opts::new(
+                "tidepool_results_exports_total",
+                "Calls to store an ended session's results, by result (stored, failed)",
+            ),
+            &["result"],
+        )?;
+        let export_call = Histogram::with_opts(
+            HistogramOpts::new("tidepool_results_export_call_seconds", "How long one store call took")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )?;
+        let export_delay = Histogram::with_opts(
+            HistogramOpts::new(
+                "tidepool_results_export_delay_seconds",
+                "From a session's end to its results being stored",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]),
+        )?;
+        let export_backlog =
+            IntGauge::new("tidepool_results_export_backlog", "Ended sessions whose results are not stored yet")?;
+        let export_oldest_pending = prometheus::Gauge::new(
+            "tidepool_results_export_oldest_pending_seconds",
+            "How long the oldest ended session has waited for its results to be stored",
+        )?;
+        registry.register(Box::new(exports.clone()))?;
+        registry.register(Box::new(export_call.clone()))?;
+        registry.register(Box::new(export_delay.clone()))?;
+        registry.register(Box::new(export_backlog.clone()))?;
+        registry.register(Box::new(export_oldest_pending.clone()))?;
         registry.register(Box::new(monitor_runs.clone()))?;
         registry.register(Box::new(monitor_tier.clone()))?;
         registry.register(Box::new(monitor_last_run.clone()))?;
@@ -167,6 +201,11 @@ impl Metrics {
             monitor_runs,
             monitor_tier,
             monitor_last_run,
+            exports,
+            export_call,
+            export_delay,
+            export_backlog,
+            export_oldest_pending,
         })
     }
 

@@ -72,6 +72,7 @@ pub fn shared_caches(supervisor: &mut Supervisor, scope: &Scope, client: &Client
 pub struct Parts {
     /// For monitors' calls to their runs' pods.
     pub monitor_http: reqwest::Client,
+    pub exporter: Option<Arc<crate::export::Exporter>>,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub keys: Arc<Keys>,
@@ -110,7 +111,12 @@ pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, share
         memory: Memory::new(Arc::new(SystemClock)),
         pod_index,
         monitor_http: parts.monitor_http,
+        exporter: parts.exporter.clone(),
     });
+    if parts.exporter.is_some() {
+        let (sessions, metrics) = (shared.sessions.clone(), parts.metrics.clone());
+        supervisor.spawn("export-backlog", crate::export::watch_backlog(sessions, metrics));
+    }
 
     // One wait, shared: kube's store readiness wakes only one waiter.
     let synced = {

@@ -136,6 +136,7 @@ pub fn context() -> (Arc<Context>, ApiServer, Caches) {
         memory: Memory::new(Arc::new(SystemClock)),
         pod_index: index.clone(),
         monitor_http: reqwest::Client::new(),
+        exporter: None,
     };
     let caches = Caches { pods: pods_writer, pools: pools_writer, index };
     (Arc::new(ctx), ApiServer(handle), caches)

@@ -5,7 +5,8 @@
 //! - [`results`]: measured results, from the client to the pod and from the
 //!   pod to the operator, and the checks both apply;
 //! - [`grading`]: the grading rules every side applies to results;
-//! - [`egress`]: what a pool's session pods may reach with their probes.
+//! - [`egress`]: what a pool's session pods may reach with their probes;
+//! - [`stored`]: results kept in object storage, and the route that reads them.
 //!
 //! Session tokens, binding tickets and agent reports live in `tidepool-wire`.
 
@@ -14,6 +15,7 @@ pub mod egress;
 pub mod grading;
 pub mod pod;
 pub mod results;
+pub mod stored;
 
 use serde::{Deserialize, Serialize};
 

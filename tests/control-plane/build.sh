@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real control plane that every Tidepool test runs against, from the
 # Go modules: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-# etcd, kwok and helm. Idempotent; everything is cached by version outside the
+# etcd, kwok and helm; and SeaweedFS, the S3 server the results store is
+# tested against. Idempotent; everything is cached by version outside the
 # checkout, so a second run costs seconds. Prints the bin directory last.
 set -euo pipefail
 
@@ -9,6 +10,8 @@ K8S_VERSION=${K8S_VERSION:-v1.36.3}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.21.4}
+# SeaweedFS publishes no tagged module versions: this is its commit of 2026-11-09 (4.53).
+SEAWEEDFS_VERSION=${SEAWEEDFS_VERSION:-v0.0.0-20261109003541-7506e5f91cd6}
 
 CACHE=${TIDEPOOL_CACHE:-$HOME/.cache/tidepool}
 BIN="$CACHE/control-plane/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION/bin"
@@ -21,7 +24,7 @@ export CGO_ENABLED=0
 log() { printf '[control-plane] %s\n' "$*" >&2; }
 
 have_all() {
-  for b in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm; do
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm "weed-$SEAWEEDFS_VERSION"; do
     [ -x "$BIN/$b" ] || return 1
   done
 }
@@ -138,7 +141,25 @@ build_go_install() {
   mv "$work/gobin/$name" "$BIN/$name"
 }
 
+build_seaweedfs() {
+  local name="weed-$SEAWEEDFS_VERSION"
+  [ -x "$BIN/$name" ] && return 0
+  log "building SeaweedFS $SEAWEEDFS_VERSION"
+  # Its go.mod has replace directives, which `go install pkg@version` refuses:
+  # build from a copy of the module, where they apply.
+  local dir
+  dir=$(go mod download -json "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  cp -r "$dir" "$work/seaweedfs"
+  chmod -R u+w "$work/seaweedfs"
+  (
+    cd "$work/seaweedfs"
+    go build -ldflags "-s -w" -o "$BIN/$name.tmp" ./weed
+    mv "$BIN/$name.tmp" "$BIN/$name"
+  )
+}
+
 build_etcd
+build_seaweedfs
 build_go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 build_go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
 build_kubernetes

@@ -23,6 +23,7 @@ pub mod external_crds;
 pub mod mmdb;
 pub mod netns;
 pub mod proxy;
+pub mod s3;
 
 pub use binaries::workspace_binary;
 pub use control_plane::{ControlPlane, Options, free_port};

@@ -589,7 +589,33 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option() {
     assert_eq!((str_of(&mount["mountPath"]), mount["readOnly"].as_bool()), ("/var/lib/tidepool/geoip", Some(true)));
     let without_file = template(RELEASE, NAMESPACE, &["--set-json", r#"fleet.geoip={"volume":{"emptyDir":{}}}"#]);
     assert!(without_file.expect_err("a database with no file").contains("fleet.geoip.file"));
+
+    // The results store: its flags, and its keys from the Secret named, never in the args.
+    assert!(!operator_args(&render(&[])).iter().any(|a| a.starts_with("--results-store")));
+    let stored = render(&["--set-json", RESULTS_STORE]);
+    let args = operator_args(&stored);
+    for arg in [
+        "--results-store-endpoint=https://s3.eu-west-1.amazonaws.com",
+        "--results-store-bucket=tidepool-results",
+        "--results-store-prefix=tidepool/",
+        "--results-store-region=eu-west-1",
+        "--results-store-virtual-hosted",
+    ] {
+        assert!(args.iter().any(|a| a == arg), "no {arg} in {args:?}");
+    }
+    let env = &find(&stored, "Deployment", "tidepool-operator")["spec"]["template"]["spec"]["containers"][0]["env"];
+    for (name, key) in [("AWS_ACCESS_KEY_ID", "accessKeyId"), ("AWS_SECRET_ACCESS_KEY", "secretAccessKey")] {
+        let var = env.as_sequence().unwrap().iter().find(|e| str_of(&e["name"]) == name).unwrap();
+        let from = &var["valueFrom"]["secretKeyRef"];
+        assert_eq!((str_of(&from["name"]), str_of(&from["key"])), ("s3-keys", key));
+    }
+    let keyless =
+        template(RELEASE, NAMESPACE, &["--set", "resultsStore.endpoint=http://s3:8333,resultsStore.bucket=results"]);
+    assert!(keyless.expect_err("a store with no keys").contains("resultsStore.credentialsSecret"));
 }
+
+/// A results store with every option set.
+const RESULTS_STORE: &str = r#"resultsStore={"endpoint":"https://s3.eu-west-1.amazonaws.com","bucket":"tidepool-results","prefix":"tidepool/","region":"eu-west-1","virtualHosted":true,"credentialsSecret":"s3-keys"}"#;
 
 #[test]
 fn chart_refuses_wrong_values_with_the_schemas_message() {
@@ -601,6 +627,8 @@ fn chart_refuses_wrong_values_with_the_schemas_message() {
         ("agent.reportIntervalMs=-5", &["/agent/reportIntervalMs", "minimum: got -5, want 50"]),
         ("agent.windows=10x", &["/agent/windows", "does not match pattern"]),
         ("agent.enabled=maybe", &["/agent/enabled", "want boolean"]),
+        ("resultsStore.endpoint=s3.example.com", &["/resultsStore/endpoint", "does not match pattern"]),
+        ("resultsStore.bucket=My_Bucket", &["/resultsStore/bucket", "does not match pattern"]),
         ("service.port=70000", &["/service/port", "maximum"]),
         ("images.pullPolicy=Sometimes", &["/images/pullPolicy", "must be one of"]),
         ("examplePool.tier.vcpu=0", &["/examplePool/tier/vcpu", "minimum"]),
@@ -679,6 +707,7 @@ fn chart_arguments_are_ones_the_operator_accepts() {
             "--set-json",
             r#"fleet.geoip={"volume":{"emptyDir":{}},"file":"GeoLite2-City.mmdb"}"#,
         ]),
+        render(&["--set-json", RESULTS_STORE]),
     ];
     for objects in &renders {
         let args = operator_args(objects);

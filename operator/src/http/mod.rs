@@ -4,7 +4,7 @@
 //! which the leader's controllers act on.
 //!
 //! - [`state`]: what the handlers share; [`reply`]: error answers.
-//! - [`sessions`], [`results`], [`agents`], [`route`]: one module per route.
+//! - [`sessions`], [`results`], [`agents`], [`route`], [`stored`]: one module per route.
 
 pub mod access;
 pub mod agents;
@@ -13,6 +13,7 @@ pub mod results;
 pub mod route;
 pub mod sessions;
 pub mod state;
+pub mod stored;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tidepool_protocol::api::{ROUTE_PATH, SESSION_PATH, SESSIONS_PATH};
 use tidepool_protocol::results::{OPERATOR_RESULTS_PATH, RESULTS_BODY_LIMIT};
+use tidepool_protocol::stored::STORED_RESULTS_PATH;
 use tidepool_wire::report::{MAX_REPORT_BYTES, REPORT_PATH};
 
 pub use reply::error;
@@ -43,6 +45,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route(SESSIONS_PATH, post(sessions::create))
         .route(SESSION_PATH, get(sessions::get).delete(sessions::delete))
         .route(ROUTE_PATH, post(route::route))
+        .route(STORED_RESULTS_PATH, get(stored::list))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), |state, request: Request, next: Next| {

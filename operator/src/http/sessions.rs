@@ -188,7 +188,11 @@ async fn make_session(
 
 /// The namespace must be a name and the operator's; the object name (what
 /// kind it names) a name too. Checked before anything reaches an API path.
-fn check_names(state: &ApiState, namespace: &str, object: Option<(&'static str, &str)>) -> Result<(), Refused> {
+pub(super) fn check_names(
+    state: &ApiState,
+    namespace: &str,
+    object: Option<(&'static str, &str)>,
+) -> Result<(), Refused> {
     let bad = |e: names::BadName| Refused::new(StatusCode::BAD_REQUEST, "bad_name", e.to_string());
     names::namespace(namespace).map_err(bad)?;
     if let Some((what, name)) = object {

@@ -51,4 +51,6 @@ pub struct ApiState {
     pub fleet: Arc<Fleet>,
     /// Where clients are that do not say.
     pub geoip: Option<Arc<GeoIp>>,
+    /// The results store, for reading stored results back.
+    pub exporter: Option<Arc<crate::export::Exporter>>,
 }

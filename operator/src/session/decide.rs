@@ -30,6 +30,8 @@ pub struct Observed {
     pub ended_at: Option<Timestamp>,
     /// How long an ended session keeps its results.
     pub retention: Duration,
+    /// Where storing an ended session's results stands.
+    pub export: Export,
     /// False when the session's WarmPool does not exist.
     pub pool_exists: bool,
     /// When the session's TTL runs out.
@@ -44,6 +46,26 @@ pub struct Observed {
     /// pool lets it.
     pub rebinds: i32,
     pub max_rebinds: i32,
+}
+
+impl Observed {
+    /// What this pass wrote when it ended the session.
+    pub fn ended(&mut self, status: &tidepool_crds::test_session::TestSessionStatus) {
+        self.phase = status.phase;
+        self.ended_at = super::status::ended_at(status);
+        self.bound = None;
+    }
+}
+
+/// Where storing an ended session's results stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Export {
+    /// No results store is configured.
+    Off,
+    /// `status.exportedAt` is set.
+    Done,
+    /// Not stored yet; the store may be tried now.
+    Due,
 }
 
 /// The pod claimed for a session.
@@ -63,6 +85,8 @@ pub enum Step {
     Idle(Requeue),
     /// An ended session's retention is over: delete the TestSession.
     Delete,
+    /// An ended session's results are not stored yet: store them.
+    Export,
     /// Its final results are in: release its pod and end it Completed.
     Complete { release: Option<String> },
     /// Its TTL ran out: release its pod and end it Expired.
@@ -99,6 +123,10 @@ pub fn decide(observed: &Observed, pool_name: &str) -> Step {
         return Step::Idle(Requeue::OnChange);
     }
     if observed.phase.has_ended() {
+        // Never deleted before its results are stored, however long that takes.
+        if observed.export == Export::Due {
+            return Step::Export;
+        }
         let ended = observed.ended_at.unwrap_or(now);
         let retention = SignedDuration::try_from(observed.retention).unwrap_or(SignedDuration::ZERO);
         let delete_at = ended + retention;
@@ -179,6 +207,7 @@ mod tests {
             results_final: false,
             ended_at: None,
             retention: Duration::from_secs(3600),
+            export: Export::Off,
             pool_exists: true,
             expires: at(400),
             bound: None,
@@ -206,6 +235,26 @@ mod tests {
         // No Ready condition to date it: it ended now.
         let undated = Observed { phase: Phase::Expired, retention: Duration::ZERO, ..fresh() };
         assert_eq!(decide(&undated, "edge"), Step::Delete);
+    }
+
+    #[test]
+    fn an_ended_session_is_stored_before_anything_else_and_never_deleted_unstored() {
+        for phase in [Phase::Completed, Phase::Expired, Phase::Failed] {
+            let ended = Observed { phase, ended_at: Some(at(90)), export: Export::Due, ..fresh() };
+            assert_eq!(decide(&ended, "edge"), Step::Export);
+            // Long past its retention: still stored first, not deleted.
+            let overdue = Observed { now: at(100_000), ..ended.clone() };
+            assert_eq!(decide(&overdue, "edge"), Step::Export);
+            // Stored: its retention runs as usual.
+            let stored = Observed { export: Export::Done, ..overdue };
+            assert_eq!(decide(&stored, "edge"), Step::Delete);
+        }
+        // A live session is not stored yet, whatever the flag says.
+        let live = Observed { export: Export::Due, ..fresh() };
+        assert_eq!(decide(&live, "edge"), Step::Claim { replacing: None });
+        // Being deleted (by someone else): left alone.
+        let deleting = Observed { deleting: true, phase: Phase::Completed, export: Export::Due, ..fresh() };
+        assert_eq!(decide(&deleting, "edge"), Step::Idle(Requeue::OnChange));
     }
 
     #[test]

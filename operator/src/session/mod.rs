@@ -36,12 +36,13 @@ use crate::conditions::{self, reason};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::events::{self, Notice};
+use crate::export::{Outcome, record};
 use crate::labels;
 use crate::memory::Binding;
 use crate::pods;
 use crate::scope::Caches;
 use claim::Claim;
-use decide::{BoundPod, Observed, Requeue, Step};
+use decide::{BoundPod, Export, Observed, Requeue, Step};
 use status::{PodFacts, Times};
 
 /// A pass takes at most this many steps; each step changes what the next
@@ -76,13 +77,43 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
                 return Ok(Action::await_change());
             }
             Step::Complete { release } => {
-                return end(&ctx, &session, status, Phase::Completed, release.as_deref(), &pods_api).await;
+                status = end(&ctx, &session, status, Phase::Completed, release.as_deref(), &pods_api).await?;
+                observed.ended(&status);
             }
             Step::Expire { release } => {
-                return end(&ctx, &session, status, Phase::Expired, release.as_deref(), &pods_api).await;
+                status = end(&ctx, &session, status, Phase::Expired, release.as_deref(), &pods_api).await?;
+                observed.ended(&status);
             }
             Step::Fail { release } => {
-                return end(&ctx, &session, status, Phase::Failed, release.as_deref(), &pods_api).await;
+                status = end(&ctx, &session, status, Phase::Failed, release.as_deref(), &pods_api).await?;
+                observed.ended(&status);
+            }
+            Step::Export => {
+                let Some(exporter) = ctx.exporter.as_deref() else { return Ok(Action::await_change()) };
+                let ended_at = status::ended_at(&status).unwrap_or(observed.now);
+                let document = record::record(&session, &status, ended_at);
+                let generation = session.meta().generation;
+                match exporter.store(&document, ended_at).await {
+                    Outcome::Stored { key } => {
+                        let next = status::exported(status.clone(), &key, generation, Timestamp::now());
+                        write_status(&ctx, &session, &next).await?;
+                        status = next;
+                        observed.export = Export::Done;
+                    }
+                    Outcome::Later { after, failure } => {
+                        let why = failure.map(|f| f.to_string());
+                        let next = why
+                            .as_deref()
+                            .and_then(|why| status::export_failed(status.clone(), why, generation, Timestamp::now()));
+                        if let (Some(next), Some(why)) = (next, why) {
+                            write_status(&ctx, &session, &next).await?;
+                            let note = format!("the results store did not take the results ({why}); retrying");
+                            let notice = Notice::warning(reason::STORE_UNAVAILABLE, note);
+                            events::publish(&ctx.recorder, session.as_ref(), &notice).await;
+                        }
+                        return Ok(Action::requeue(after));
+                    }
+                }
             }
             Step::Wait { reason, message } => return wait(&ctx, &session, status, reason, message).await,
             Step::Claim { replacing } => {
@@ -234,6 +265,11 @@ async fn observe(
         results_final: status.results.as_ref().is_some_and(|r| r.is_final),
         ended_at: status::ended_at(&status),
         retention: ctx.settings.result_retention,
+        export: match (&ctx.exporter, &status.exported_at) {
+            (None, _) => Export::Off,
+            (Some(_), Some(_)) => Export::Done,
+            (Some(_), None) => Export::Due,
+        },
         pool_exists: pool.is_some(),
         expires,
         bound,
@@ -310,7 +346,8 @@ fn pod_facts_of(name: &str, pod: Option<&Pod>, default_port: u16) -> PodFacts {
     }
 }
 
-/// Ends the session (Completed or Expired), releasing its pod.
+/// Ends the session (Completed, Expired or Failed), releasing its pod.
+/// Returns the status written.
 async fn end(
     ctx: &Context,
     session: &TestSession,
@@ -318,7 +355,7 @@ async fn end(
     phase: Phase,
     release: Option<&str>,
     pods_api: &Api<Pod>,
-) -> Result<Action> {
+) -> Result<TestSessionStatus> {
     let namespace = session.namespace().unwrap_or_default();
     if let Some(pod) = release {
         delete_pod(pods_api, &pod_uid(ctx, &namespace, pod), pod).await?;
@@ -337,7 +374,7 @@ async fn end(
         }
         _ => {}
     }
-    Ok(Action::requeue(ctx.settings.result_retention))
+    Ok(next)
 }
 
 /// Marks the session as waiting (once; later passes change nothing).

@@ -100,6 +100,38 @@ pub fn ended(
     status
 }
 
+/// Stored as `key` in the results store.
+pub fn exported(
+    mut status: TestSessionStatus,
+    key: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> TestSessionStatus {
+    status.exported_at = Some(Time(now));
+    let message = format!("results stored as {key}");
+    conditions::set(&mut status.conditions, conditions::EXPORTED, true, reason::STORED, message, generation, now);
+    status
+}
+
+/// The results store failed (`why`); None when the status already says so:
+/// one write per outage, not one per retry.
+pub fn export_failed(
+    mut status: TestSessionStatus,
+    why: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Option<TestSessionStatus> {
+    if conditions::reason(&status.conditions, conditions::EXPORTED) == Some(reason::STORE_UNAVAILABLE) {
+        return None;
+    }
+    let message = format!(
+        "the results store did not take the results ({why}); retrying with backoff, and the session is kept until they are stored"
+    );
+    let exported = conditions::EXPORTED;
+    conditions::set(&mut status.conditions, exported, false, reason::STORE_UNAVAILABLE, message, generation, now);
+    Some(status)
+}
+
 /// The message of a Completed session's Ready condition and Event.
 pub const COMPLETED_MESSAGE: &str = "the session's tests finished; the results are in status.results";
 /// The message of a session failed for its rebinds.
@@ -108,12 +140,12 @@ pub const TOO_MANY_REBINDS_MESSAGE: &str =
 
 /// When an ended session ended: its Ready condition's last transition.
 pub fn ended_at(status: &TestSessionStatus) -> Option<Timestamp> {
-    status.conditions.iter().find(|c| c.type_ == conditions::READY).map(|c| c.last_transition_time.0)
+    conditions::last_transition(&status.conditions, conditions::READY)
 }
 
 /// The status fields the controller owns. A merge patch keeps what it does
 /// not name, so each of these it leaves unset is sent as null.
-pub const OWNED_STATUS_FIELDS: [&str; 13] = [
+pub const OWNED_STATUS_FIELDS: [&str; 14] = [
     "phase",
     "pod",
     "node",
@@ -125,6 +157,7 @@ pub const OWNED_STATUS_FIELDS: [&str; 13] = [
     "expiresAt",
     "keyId",
     "rebinds",
+    "exportedAt",
     "conditions",
     "observedGeneration",
 ];
@@ -216,6 +249,22 @@ mod tests {
         );
     }
 
+    #[test]
+    fn storing_is_recorded_once_and_an_outage_is_said_once() {
+        let done = ended(TestSessionStatus::default(), Phase::Completed, Some(1), at(2_000));
+        let failing = export_failed(done.clone(), "the store answered 503", Some(1), at(2_001)).unwrap();
+        assert_eq!(conditions::reason(&failing.conditions, conditions::EXPORTED), Some(reason::STORE_UNAVAILABLE));
+        assert!(failing.exported_at.is_none());
+        // Retries that fail again write nothing more.
+        assert_eq!(export_failed(failing.clone(), "timeout", Some(1), at(2_030)), None);
+        let stored = exported(failing, "ns/p/2026-11-22/s-u.json", Some(1), at(2_040));
+        assert_eq!(stored.exported_at, Some(Time(at(2_040))));
+        assert!(conditions::is_true(&stored.conditions, conditions::EXPORTED));
+        assert_eq!(conditions::reason(&stored.conditions, conditions::EXPORTED), Some(reason::STORED));
+        // The Ready condition (when it ended) is untouched.
+        assert_eq!(ended_at(&stored), Some(at(2_000)));
+    }
+
     /// Every status field but `results` is named in each write, so a field
     /// the controller unsets is removed, whatever its cache showed.
     #[test]
@@ -224,7 +273,7 @@ mod tests {
             "phase": "Ready", "pod": "p", "node": "n", "backend": "b", "endpoint": "http://e",
             "createdAt": "2026-11-22T10:00:00Z", "assignedAt": "2026-11-22T10:00:00Z",
             "readyAt": "2026-11-22T10:00:00Z", "expiresAt": "2026-11-22T10:05:00Z", "rebinds": 2, "keyId": "k",
-            "results": { "final": true },
+            "results": { "final": true }, "exportedAt": "2026-11-22T10:06:00Z",
             "conditions": [{ "type": "Ready", "status": "True", "reason": "Bound", "message": "m",
                 "lastTransitionTime": "2026-11-22T10:00:00Z" }],
             "observedGeneration": 1,
