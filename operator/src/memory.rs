@@ -1,6 +1,7 @@
 //! What the leading replica remembers between passes, beside its caches:
 //! pods it reserved for a binding, bindings it wrote that the caches may not
-//! show yet, each binding's progress, the pacing of pool passes, sweeps and
+//! show yet, the statuses of sessions it ended (and stored) that the caches
+//! may not show yet, each binding's progress, the pacing of pool passes, sweeps and
 //! status writes, and pods it created that the cache has not shown.
 //!
 //! One structure behind one lock, with one rule for a poisoned lock: every
@@ -15,6 +16,8 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+
+use tidepool_crds::test_session::TestSessionStatus;
 
 use crate::clock::Clock;
 
@@ -61,6 +64,9 @@ struct Maps {
     reserved: HashMap<String, Instant>,
     /// Session UID → the binding and when it was made.
     bindings: HashMap<String, (Binding, Instant)>,
+    /// Session UID → the status this process wrote when it ended the
+    /// session or stored its results, and when.
+    ended: HashMap<String, (TestSessionStatus, Instant)>,
     /// Session UID → first sight and writes.
     progress: HashMap<String, (Instant, u32)>,
     /// Pool UID → when its last full pass started.
@@ -127,6 +133,33 @@ impl Memory {
 
     pub fn forget(&self, uid: &str) {
         self.maps().bindings.remove(uid);
+    }
+
+    /// Remembers the status written when session `uid` ended, or when its
+    /// results were stored, until the cache shows it.
+    pub fn remember_ended(&self, uid: &str, status: TestSessionStatus) {
+        let now = self.now();
+        let mut maps = self.maps();
+        insert_bounded(&mut maps.ended, uid.to_owned(), (status, now), now, |(_, at)| *at, CACHE_LAG_LIMIT);
+    }
+
+    /// The status a pass starts from: the cached one, or the one this
+    /// process wrote when it ended the session (or stored its results) if
+    /// the cache does not show that yet. A pass handed the older object
+    /// would otherwise end the session a second time, writing its old
+    /// conditions back and dropping `exportedAt`.
+    pub fn newest_status(&self, uid: &str, cached: TestSessionStatus) -> TestSessionStatus {
+        let now = self.now();
+        let mut maps = self.maps();
+        let Some((written, at)) = maps.ended.get(uid) else { return cached };
+        let fresh = now.saturating_duration_since(*at) < CACHE_LAG_LIMIT;
+        let cache_behind = !cached.phase.has_ended() || (written.exported_at.is_some() && cached.exported_at.is_none());
+        if fresh && cache_behind {
+            return written.clone();
+        }
+        // The cache caught up (or the entry is too old to trust).
+        maps.ended.remove(uid);
+        cached
     }
 
     /// Notes that session `uid` is seen still binding; the first sight
@@ -284,6 +317,31 @@ mod tests {
         clock.advance(CACHE_LAG_LIMIT);
         assert!(!memory.is_reserved("ns/a"));
         assert!(memory.reserve("ns/a"));
+    }
+
+    #[test]
+    fn an_ended_status_stands_in_for_a_cache_that_lags_until_it_catches_up() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use tidepool_crds::test_session::Phase;
+        let (memory, clock) = memory();
+        let ready = TestSessionStatus { phase: Phase::Ready, ..Default::default() };
+        // Nothing remembered: the cache's.
+        assert_eq!(memory.newest_status("s1", ready.clone()), ready);
+        let ended = TestSessionStatus { phase: Phase::Completed, ..Default::default() };
+        memory.remember_ended("s1", ended.clone());
+        assert_eq!(memory.newest_status("s1", ready.clone()), ended);
+        // Stored too, and the cache shows it ended but not stored.
+        let stored =
+            TestSessionStatus { exported_at: Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)), ..ended.clone() };
+        memory.remember_ended("s1", stored.clone());
+        assert_eq!(memory.newest_status("s1", ended.clone()), stored);
+        // The cache caught up: its own, and the entry goes.
+        assert_eq!(memory.newest_status("s1", stored.clone()), stored);
+        assert_eq!(memory.newest_status("s1", ready.clone()), ready);
+        // An entry older than the caches ever lag is not trusted.
+        memory.remember_ended("s2", ended.clone());
+        clock.advance(CACHE_LAG_LIMIT);
+        assert_eq!(memory.newest_status("s2", ready.clone()), ready);
     }
 
     #[test]

@@ -14,6 +14,15 @@ fn tidepool_dev_brings_up_the_cluster_and_says_what_next() {
     assert!(stdout.lines().any(|l| l.starts_with("results ") && l.ends_with(" reported to the operator")), "{stdout}");
     assert!(stdout.contains("bufferbloat grade"), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("session-") && l.contains("Completed")), "{stdout}");
+    // Its results went to the results store (SeaweedFS) and read back from there.
+    assert!(
+        stdout.lines().any(|l| l.starts_with("testsession.tidepool.dev/") && l.ends_with("condition met")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("20") && l.contains(" edge ") && l.contains("Completed")),
+        "no stored result in:\n{stdout}"
+    );
     // An agent per node reported: Backends exist and the router answers.
     assert!(stdout.contains("backend.tidepool.dev/kwok-gpu-0 condition met"), "{stdout}");
     assert!(stdout.contains("\"backend\":\"kwok-"), "{stdout}");

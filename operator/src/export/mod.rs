@@ -84,6 +84,7 @@ impl Exporter {
         match put {
             Ok(()) => {
                 self.breaker().succeeded();
+                tracing::debug!(session = %record.name, %key, "results stored");
                 self.metrics.exports.with_label_values(&["stored"]).inc();
                 let delay = Timestamp::now().duration_since(ended_at).as_secs_f64().max(0.0);
                 self.metrics.export_delay.observe(delay);
@@ -164,6 +165,33 @@ mod tests {
         status.exported_at = exported.then_some(Time(at));
         session.status = Some(status);
         Arc::new(session)
+    }
+
+    fn exporter() -> Exporter {
+        let config = s3::S3Config {
+            endpoint: "http://127.0.0.1:1".parse().unwrap(),
+            bucket: "results".into(),
+            region: "us-east-1".into(),
+            access_key_id: "k".into(),
+            secret_access_key: "s".into(),
+            virtual_hosted: false,
+        };
+        Exporter::new(S3Store::new(config).unwrap(), "tidepool", Arc::new(Metrics::new().unwrap()))
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_be_reached_is_tried_once_then_held_back() {
+        let exporter = exporter();
+        let record =
+            record::record(&session(Phase::Completed, 900, false), &TestSessionStatus::default(), Timestamp::now());
+        let Outcome::Later { after, failure: Some(_) } = exporter.store(&record, Timestamp::now()).await else {
+            panic!("a store on a closed port took the results")
+        };
+        assert_eq!(after, breaker::FIRST_BACKOFF);
+        // The next session waits its turn instead of calling.
+        let Outcome::Later { failure: None, .. } = exporter.store(&record, Timestamp::now()).await else {
+            panic!("a second call went through an open breaker")
+        };
     }
 
     #[test]

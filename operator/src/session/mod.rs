@@ -61,8 +61,8 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
     let uid = session.uid().ok_or(Error::Missing("TestSession", "uid"))?;
     let pool = ctx.pools.get(&ObjectRef::new(&session.spec.pool).within(&namespace));
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut observed = observe(&ctx, &session, pool.as_deref(), &pods_api, &uid).await?;
-    let mut status = session.status.clone().unwrap_or_default();
+    let mut status = ctx.memory.newest_status(&uid, session.status.clone().unwrap_or_default());
+    let mut observed = observe(&ctx, &session, &status, pool.as_deref(), &pods_api, &uid).await?;
     let mut claimed: Option<Arc<Pod>> = None;
     // Pods this pass deleted: the cache shows them a while longer.
     let mut released: Vec<String> = Vec::new();
@@ -97,6 +97,7 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
                     Outcome::Stored { key } => {
                         let next = status::exported(status.clone(), &key, generation, Timestamp::now());
                         write_status(&ctx, &session, &next).await?;
+                        ctx.memory.remember_ended(&uid, next.clone());
                         status = next;
                         observed.export = Export::Done;
                     }
@@ -107,6 +108,7 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
                             .and_then(|why| status::export_failed(status.clone(), why, generation, Timestamp::now()));
                         if let (Some(next), Some(why)) = (next, why) {
                             write_status(&ctx, &session, &next).await?;
+                            ctx.memory.remember_ended(&uid, next);
                             let note = format!("the results store did not take the results ({why}); retrying");
                             let notice = Notice::warning(reason::STORE_UNAVAILABLE, note);
                             events::publish(&ctx.recorder, session.as_ref(), &notice).await;
@@ -222,13 +224,13 @@ pub fn error_policy(_session: Arc<TestSession>, error: &Error, _ctx: Arc<Context
 async fn observe(
     ctx: &Context,
     session: &TestSession,
+    status: &TestSessionStatus,
     pool: Option<&WarmPool>,
     pods_api: &Api<Pod>,
     uid: &str,
 ) -> Result<Observed> {
     let now = Timestamp::now();
     let namespace = session.namespace().unwrap_or_default();
-    let status = session.status.clone().unwrap_or_default();
     let written = ctx.memory.binding(uid);
     if status.phase != Phase::Ready && written.as_ref().is_none_or(|b| !b.ready) {
         ctx.memory.binding_seen(uid);
@@ -263,7 +265,7 @@ async fn observe(
         phase: status.phase,
         status_pod: status.pod.clone(),
         results_final: status.results.as_ref().is_some_and(|r| r.is_final),
-        ended_at: status::ended_at(&status),
+        ended_at: status::ended_at(status),
         retention: ctx.settings.result_retention,
         export: match (&ctx.exporter, &status.exported_at) {
             (None, _) => Export::Off,
@@ -363,6 +365,7 @@ async fn end(
     ctx.memory.forget(&session.uid().unwrap_or_default());
     let next = status::ended(status, phase, session.meta().generation, Timestamp::now());
     write_status(ctx, session, &next).await?;
+    ctx.memory.remember_ended(&session.uid().unwrap_or_default(), next.clone());
     match phase {
         Phase::Completed => {
             let notice = Notice::normal(reason::COMPLETED, status::COMPLETED_MESSAGE);

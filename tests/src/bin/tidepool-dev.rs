@@ -5,9 +5,10 @@
 //! the example WarmPool), and runs our programs as the processes behind it:
 //! the operator with the chart's arguments and its ServiceAccount's rights,
 //! an agent for each node with a token bound to its DaemonSet pod, and the
-//! session pod behind every pool pod. Then it runs a bufferbloat test with
-//! the `tidepool` CLI through the operator's API, shows the TestSession with
-//! its results, the Backends and a routing answer, starts Debian's
+//! session pod behind every pool pod; SeaweedFS is the results store. Then
+//! it runs a bufferbloat test with the `tidepool` CLI through the operator's
+//! API, shows the TestSession with its results, the same results read back
+//! from the store, the Backends and a routing answer, starts Debian's
 //! Prometheus (when installed) on all of them, prints where to look, and
 //! keeps running until Ctrl-C. `--check` stops after showing (for CI).
 
@@ -19,9 +20,12 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use tidepool_tests::control_plane::bin_dir;
+use tidepool_tests::s3::{self, S3Server};
 use tidepool_tests::{ControlPlane, FakeNode, HarnessError, Options, PodRunner, Process, eventually, free_port};
 
 const NAMESPACE: &str = "tidepool";
+const RESULTS_BUCKET: &str = "tidepool-results";
+const RESULTS_SECRET: &str = "tidepool-results-store";
 const NODES: [&str; 3] = ["kwok-node-0", "kwok-node-1", "kwok-gpu-0"];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -46,11 +50,36 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     // The chart brings the CRDs.
     let plane = ControlPlane::start_with(Options { nodes, crds: false, ..Options::default() }).await?;
     let client = plane.client().await?;
+    eprintln!("Starting SeaweedFS, the results store...");
+    let store = S3Server::start(RESULTS_BUCKET).await?;
     let chart = repo().join("helm/tidepool");
     let kubeconfig = plane.kubeconfig().display().to_string();
-    println!("$ helm install tidepool helm/tidepool --namespace {NAMESPACE} --create-namespace");
+    let store_values = format!(
+        "resultsStore.endpoint={},resultsStore.bucket={RESULTS_BUCKET},resultsStore.credentialsSecret={RESULTS_SECRET}",
+        store.endpoint()
+    );
+    println!("$ helm install tidepool helm/tidepool --namespace {NAMESPACE} --create-namespace --set {store_values}");
     let install = ["install", "tidepool", path(&chart), "--namespace", NAMESPACE, "--create-namespace"];
-    command(Command::new(bin_dir()?.join("helm")).args(install).args(["--kubeconfig", &kubeconfig, "--wait=false"]))?;
+    command(Command::new(bin_dir()?.join("helm")).args(install).args([
+        "--set",
+        &store_values,
+        "--kubeconfig",
+        &kubeconfig,
+        "--wait=false",
+    ]))?;
+    kubectl(
+        &plane,
+        &[
+            "-n",
+            NAMESPACE,
+            "create",
+            "secret",
+            "generic",
+            RESULTS_SECRET,
+            &format!("--from-literal=accessKeyId={}", s3::ACCESS_KEY_ID),
+            &format!("--from-literal=secretAccessKey={}", s3::SECRET_ACCESS_KEY),
+        ],
+    )?;
 
     eprintln!("Building tidepool-operator, tidepool-agent, tidepool-session and tidepool...");
     let operator_bin = tidepool_tests::workspace_binary("tidepool-operator", "tidepool-operator")?;
@@ -71,7 +100,7 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     std::fs::write(&token_file, &token).map_err(HarnessError::io("writing the API token"))?;
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}");
-    let args: Vec<String> = chart_operator_args(&chart)?
+    let args: Vec<String> = chart_operator_args(&chart, &store_values)?
         .into_iter()
         .map(|arg| match arg.split_once('=') {
             Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
@@ -85,7 +114,13 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
         .chain(["--allow-local-backend-addresses".to_string()])
         .collect();
     let operator_kubeconfig = plane.service_account_kubeconfig(NAMESPACE, "tidepool-operator").await?;
-    let env = [("KUBECONFIG", operator_kubeconfig.to_str().unwrap_or_default()), ("POD_NAME", "tidepool-operator-0")];
+    // The store's keys as the Deployment passes them, from the Secret.
+    let env = [
+        ("KUBECONFIG", operator_kubeconfig.to_str().unwrap_or_default()),
+        ("POD_NAME", "tidepool-operator-0"),
+        ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", s3::SECRET_ACCESS_KEY),
+    ];
     eprintln!("Starting the operator with the chart's arguments...");
     let operator = plane.spawn("tidepool-operator", &operator_bin, &args, &env)?;
     let runner =
@@ -117,6 +152,11 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     kubectl(&plane, &["-n", NAMESPACE, "get", "testsessions"])?;
+    // The ended session's results, stored in SeaweedFS and read back through the operator.
+    kubectl(&plane, &["-n", NAMESPACE, "wait", "testsessions", "--all", "--for=condition=Exported", "--timeout=60s"])?;
+    let results_args = ["results", "--operator", &url, "--api-token-file", &token_path, "-n", NAMESPACE];
+    println!("$ tidepool {}", results_args.join(" "));
+    command(Command::new(&cli).args(results_args))?;
     kubectl(&plane, &["wait", "backends", "--all", "--for=condition=Ready", "--timeout=30s"])?;
     kubectl(&plane, &["get", "backends"])?;
     let route = r#"{"tier":{"vcpu":1,"memoryMiB":256}}"#;
@@ -143,7 +183,9 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     println!(
         "  tidepool ping --operator {url} --api-token-file {token_path} --pool edge -n {NAMESPACE} --terminate-after 5"
     );
+    println!("  tidepool {}", results_args.join(" "));
     println!("  curl -s {url}/metrics | grep tidepool_");
+    println!("  The results store (SeaweedFS, S3): {} bucket {RESULTS_BUCKET}", store.endpoint());
     if let Some((_, prometheus_url)) = &prometheus {
         println!("  Prometheus: {prometheus_url}/graph?g0.expr=tidepool_session_create_to_ready_seconds_count");
     }
@@ -168,10 +210,11 @@ fn with_log(e: HarnessError, operator: &Process) -> HarnessError {
     HarnessError::Other(format!("{e}\nthe operator's log:\n{}", operator.log_tail(20)))
 }
 
-/// The operator container's arguments as the chart renders them.
-fn chart_operator_args(chart: &Path) -> tidepool_tests::Result<Vec<String>> {
+/// The operator container's arguments as the chart renders them with `values` (`--set`).
+fn chart_operator_args(chart: &Path, values: &str) -> tidepool_tests::Result<Vec<String>> {
     let rendered = Command::new(bin_dir()?.join("helm"))
         .args(["template", "tidepool", path(chart), "--namespace", NAMESPACE, "--kube-version", "1.36.3"])
+        .args(["--set", values])
         .output()
         .map_err(HarnessError::io("running helm template"))?;
     let text = String::from_utf8_lossy(&rendered.stdout);

@@ -1,0 +1,311 @@
+//! 1,000 Monitors on a one-minute schedule, against 1,000 CronJobs on the
+//! same schedule (Kubernetes' own "a resource that makes runs on a clock").
+//!
+//! `cargo bench -p tidepool-operator --bench monitors` starts the harness
+//! (kwok nodes, etcd with fsync on, the API server's audit log), then, one
+//! after the other in the same run:
+//!
+//! - 1,000 Monitors (`* * * * *`, one TCP probe each) over a WarmPool of
+//!   1,000: every run is a TestSession that takes a warm pod, the operator
+//!   calls the pod (a kwok pod: nobody answers, so the run fails at once,
+//!   completes its session and frees the pod), and records it;
+//! - 1,000 CronJobs (`* * * * *`, `concurrencyPolicy: Forbid`, a Job whose
+//!   pod is ended by `activeDeadlineSeconds: 20`).
+//!
+//! For each, over TIDEPOOL_BENCH_MINUTES (default 3) whole minutes after a
+//! first minute of warm-up: runs (or Jobs) made per minute, CPU seconds per
+//! minute of the process that drives them (the operator; the
+//! controller-manager and the scheduler) and of the API server and etcd,
+//! each above what it used idle, the driver's peak RSS, and its API writes
+//! per minute from the audit log.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kube::Client;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::json;
+use tidepool_crds::{Monitor, WarmPool};
+use tidepool_tests::{ControlPlane, FakeNode, Options, eventually, free_port};
+
+const MONITORS: usize = 1_000;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let minutes: u64 = std::env::var("TIDEPOOL_BENCH_MINUTES").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let nodes = (0..4).map(|i| FakeNode::new(&format!("node-{i}")).pods(2000)).collect();
+    let plane = ControlPlane::start_with(Options { fsync: true, audit: true, nodes, ..Options::default() })
+        .await
+        .expect("control plane");
+    let admin = plane.client().await.expect("admin client");
+    let kubeconfig = plane.admin_kubeconfig_as("tidepool-operator", plane.server()).expect("operator kubeconfig");
+    let port = free_port().expect("port");
+    let args = [format!("--listen=127.0.0.1:{port}"), "--create-batch=200".to_string()];
+    let program = std::path::Path::new(env!("CARGO_BIN_EXE_tidepool-operator"));
+    let env = [("RUST_LOG", "warn"), ("KUBECONFIG", &kubeconfig.display().to_string())];
+    let operator = plane.spawn("tidepool-operator", program, &args, &env).expect("operator");
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), "the operator", || async {
+        http.get(&metrics_url).send().await.ok()?.status().is_success().then_some(())
+    })
+    .await
+    .expect("operator up");
+    let pids: HashMap<String, u32> = plane.pids().into_iter().collect();
+    let processes = [
+        ("tidepool-operator", operator.pid()),
+        ("kube-controller-manager", pids["kube-controller-manager"]),
+        ("kube-scheduler", pids["kube-scheduler"]),
+        ("kube-apiserver", pids["kube-apiserver"]),
+        ("etcd", pids["etcd"]),
+    ];
+    println!(
+        "Tidepool monitors against CronJobs, {MONITORS} each on `* * * * *`, {minutes} min measured, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    // 1. Monitors.
+    pool(&admin, MONITORS as i32).await;
+    let idle = cpu_rates(&processes, Duration::from_secs(20)).await;
+    let monitors: Api<Monitor> = Api::namespaced(admin.clone(), "default");
+    for i in 0..MONITORS {
+        let monitor: Monitor = serde_json::from_value(json!({
+            "apiVersion": tidepool_crds::API_VERSION, "kind": "Monitor",
+            "metadata": { "name": format!("watch-{i:04}") },
+            "spec": {
+                "pool": "edge", "schedule": "* * * * *",
+                "probes": [{ "type": "tcp", "host": "192.0.2.1", "port": 443 }],
+                "successfulRunsHistoryLimit": 1, "failedRunsHistoryLimit": 1
+            }
+        }))
+        .expect("monitor");
+        monitors.create(&PostParams::default(), &monitor).await.expect("create monitor");
+    }
+    let runs = || async {
+        let text = http.get(&metrics_url).send().await.ok()?.text().await.ok()?;
+        Some(metric_sum(&text, "tidepool_monitor_runs_total"))
+    };
+    let measured = measure(&plane, &processes, minutes, || async { runs().await.unwrap_or(0.0) }).await;
+    report("Monitors", "tidepool-operator", "tidepool-operator", &measured, &idle, minutes);
+
+    // Clean up: the monitors and their runs go, the pool empties.
+    monitors.delete_collection(&DeleteParams::background(), &ListParams::default()).await.expect("delete monitors");
+    pool(&admin, 0).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+
+    // 2. CronJobs.
+    let idle = cpu_rates(&processes, Duration::from_secs(20)).await;
+    let cronjob = ApiResource::from_gvk(&GroupVersionKind::gvk("batch", "v1", "CronJob"));
+    let cronjobs: Api<DynamicObject> = Api::namespaced_with(admin.clone(), "default", &cronjob);
+    for i in 0..MONITORS {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "batch/v1", "kind": "CronJob",
+            "metadata": { "name": format!("watch-{i:04}") },
+            "spec": {
+                "schedule": "* * * * *", "concurrencyPolicy": "Forbid",
+                "successfulJobsHistoryLimit": 1, "failedJobsHistoryLimit": 1,
+                "jobTemplate": { "spec": {
+                    "activeDeadlineSeconds": 20, "backoffLimit": 0,
+                    "template": { "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [{ "name": "probe", "image": "busybox",
+                            "resources": { "requests": { "cpu": "1m", "memory": "1Mi" } } }]
+                    } }
+                } }
+            }
+        }))
+        .expect("cronjob");
+        cronjobs.create(&PostParams::default(), &object).await.expect("create cronjob");
+    }
+    let audit = plane.audit_log();
+    let measured = measure(&plane, &processes, minutes, || {
+        let audit = audit.clone();
+        async move { creates_of(&audit, "jobs") as f64 }
+    })
+    .await;
+    report("CronJobs", "kube-controller-manager", "system:kube-controller-manager", &measured, &idle, minutes);
+    println!(
+        "\n(the scheduler places the Jobs' pods: {:.2} CPU s/min above idle; Monitors' pods are placed by the operator)",
+        above_idle(&measured, &idle, "kube-scheduler", minutes)
+    );
+}
+
+/// What one phase measured.
+struct Measured {
+    /// CPU seconds used in the window, by process.
+    cpu: HashMap<&'static str, f64>,
+    /// Peak RSS in MiB, by process.
+    rss: HashMap<&'static str, f64>,
+    /// Runs (or Jobs) made in the window.
+    made: f64,
+    /// Writes in the window, by user.
+    writes: HashMap<String, usize>,
+}
+
+/// Waits for the first minute boundary to pass (the warm-up minute), then
+/// measures `minutes` whole minutes from the next boundary plus 5 s.
+async fn measure<F, Fut>(plane: &ControlPlane, processes: &[(&'static str, u32)], minutes: u64, mut made: F) -> Measured
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = f64>,
+{
+    sleep_to_next_minute().await;
+    sleep_to_next_minute().await;
+    let start_wall = std::time::SystemTime::now();
+    let cpu_before: HashMap<_, _> = processes.iter().map(|(name, pid)| (*name, cpu_seconds(*pid))).collect();
+    let made_before = made().await;
+    let mut rss: HashMap<&'static str, f64> = HashMap::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(60 * minutes);
+    while tokio::time::Instant::now() < end {
+        for (name, pid) in processes {
+            let now = rss_mib(*pid);
+            let peak = rss.entry(name).or_insert(0.0);
+            *peak = peak.max(now);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let cpu = processes.iter().map(|(name, pid)| (*name, cpu_seconds(*pid) - cpu_before[name])).collect();
+    let made = made().await - made_before;
+    let writes = writes_since(&plane.audit_log(), start_wall, std::time::SystemTime::now());
+    Measured { cpu, rss, made, writes }
+}
+
+async fn sleep_to_next_minute() {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let into = now.as_secs_f64() % 60.0;
+    tokio::time::sleep(Duration::from_secs_f64(60.0 - into + 5.0)).await;
+}
+
+fn above_idle(measured: &Measured, idle: &HashMap<&'static str, f64>, process: &str, minutes: u64) -> f64 {
+    let used = measured.cpu.get(process).copied().unwrap_or(0.0) / minutes as f64;
+    used - idle.get(process).copied().unwrap_or(0.0) * 60.0
+}
+
+fn report(what: &str, driver: &str, user: &str, measured: &Measured, idle: &HashMap<&'static str, f64>, minutes: u64) {
+    let per_minute = |n: f64| n / minutes as f64;
+    println!("\n{what}: {:.0} runs made per minute", per_minute(measured.made));
+    println!(
+        "  {driver}: {:.2} CPU s/min above idle ({:.1} % of a core), peak RSS {:.0} MiB, {:.0} API writes/min",
+        above_idle(measured, idle, driver, minutes),
+        above_idle(measured, idle, driver, minutes) / 60.0 * 100.0,
+        measured.rss.get(driver).copied().unwrap_or(0.0),
+        per_minute(measured.writes.get(user).copied().unwrap_or(0) as f64)
+    );
+    for process in ["kube-apiserver", "etcd"] {
+        println!("  {process}: {:.2} CPU s/min above idle", above_idle(measured, idle, process, minutes));
+    }
+}
+
+/// CPU seconds a second each process uses over `window`, idle.
+async fn cpu_rates(processes: &[(&'static str, u32)], window: Duration) -> HashMap<&'static str, f64> {
+    let before: HashMap<_, _> = processes.iter().map(|(name, pid)| (*name, cpu_seconds(*pid))).collect();
+    tokio::time::sleep(window).await;
+    processes.iter().map(|(name, pid)| (*name, (cpu_seconds(*pid) - before[name]) / window.as_secs_f64())).collect()
+}
+
+/// User and system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat (11 and 12 counted from
+    // the state after the name), in clock ticks: 100 a second on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Writes (create, update, patch, delete) by user, between two times, from the audit log.
+fn writes_since(
+    audit: &std::path::Path,
+    from: std::time::SystemTime,
+    to: std::time::SystemTime,
+) -> HashMap<String, usize> {
+    let (from, to) = (unix(from), unix(to));
+    let mut writes = HashMap::new();
+    for event in audit_events(audit) {
+        let verb = event["verb"].as_str().unwrap_or_default();
+        if !matches!(verb, "create" | "update" | "patch" | "delete") {
+            continue;
+        }
+        let at = event["stageTimestamp"].as_str().and_then(|t| t.parse::<jiff_like::Stamp>().ok());
+        if at.is_none_or(|at| at.0 < from || at.0 > to) {
+            continue;
+        }
+        let user = event["user"]["username"].as_str().unwrap_or_default().to_string();
+        *writes.entry(user).or_insert(0) += 1;
+    }
+    writes
+}
+
+/// Jobs (or any resource) created so far, from the audit log.
+fn creates_of(audit: &std::path::Path, resource: &str) -> usize {
+    audit_events(audit)
+        .filter(|e| {
+            e["verb"] == "create" && e["objectRef"]["resource"] == resource && e["responseStatus"]["code"] == 201
+        })
+        .count()
+}
+
+fn audit_events(audit: &std::path::Path) -> impl Iterator<Item = serde_json::Value> {
+    let text = std::fs::read_to_string(audit).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).collect::<Vec<_>>().into_iter()
+}
+
+fn unix(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+/// RFC 3339 times from the audit log, as Unix seconds.
+mod jiff_like {
+    pub struct Stamp(pub f64);
+
+    impl std::str::FromStr for Stamp {
+        type Err = ();
+        fn from_str(text: &str) -> Result<Self, ()> {
+            let at: k8s_openapi::jiff::Timestamp = text.parse().map_err(|_| ())?;
+            Ok(Stamp(at.as_millisecond() as f64 / 1e3))
+        }
+    }
+}
+
+async fn pool(admin: &Client, size: i32) {
+    let pools: Api<WarmPool> = Api::namespaced(admin.clone(), "default");
+    let pool = json!({
+        "apiVersion": tidepool_crds::API_VERSION, "kind": "WarmPool",
+        "metadata": { "name": "edge" },
+        "spec": {
+            "size": size, "maxSize": 5000, "nodeAssignment": "Operator",
+            "tier": { "vcpu": 1, "memoryMiB": 64 },
+            "template": { "spec": { "containers": [{
+                "name": "session", "image": "tidepool/session:bench",
+                "ports": [{ "containerPort": 9000 }],
+                "resources": { "requests": { "cpu": "1m", "memory": "1Mi" } }
+            }] } }
+        }
+    });
+    pools.patch("edge", &PatchParams::apply("bench").force(), &Patch::Apply(&pool)).await.expect("pool");
+    eventually(Duration::from_secs(600), "the pool to reach its size", || async {
+        let status = pools.get("edge").await.ok()?.status?;
+        (status.warm == size && status.replicas == size).then_some(())
+    })
+    .await
+    .expect("pool at size");
+}
