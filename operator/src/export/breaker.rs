@@ -23,6 +23,8 @@ pub struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
     trial_since: Option<Instant>,
+    /// Why the last call failed, for the sessions held back meanwhile.
+    last_failure: Option<String>,
 }
 
 /// Whether a call may go now.
@@ -58,7 +60,8 @@ impl Breaker {
     }
 
     /// Returns how long until the next trial.
-    pub fn failed(&mut self, now: Instant) -> Duration {
+    pub fn failed(&mut self, now: Instant, why: String) -> Duration {
+        self.last_failure = Some(why);
         self.failures = self.failures.saturating_add(1);
         let wait = backoff(self.failures);
         self.open_until = Some(now + wait);
@@ -69,6 +72,11 @@ impl Breaker {
     /// Failures in a row so far.
     pub fn failures(&self) -> u32 {
         self.failures
+    }
+
+    /// Why the store last failed, while it is failing.
+    pub fn last_failure(&self) -> Option<&str> {
+        self.last_failure.as_deref()
     }
 }
 
@@ -97,15 +105,16 @@ mod tests {
     fn after_a_failure_calls_wait_then_one_trial_goes() {
         let mut breaker = Breaker::default();
         let t0 = Instant::now();
-        assert_eq!(breaker.failed(t0), FIRST_BACKOFF);
+        assert_eq!(breaker.failed(t0, "down".into()), FIRST_BACKOFF);
         assert_eq!(breaker.admit(t0 + Duration::from_millis(100)), Admit::Wait(Duration::from_millis(400)));
         let later = t0 + FIRST_BACKOFF;
         assert_eq!(breaker.admit(later), Admit::Go);
         // Only one trial at a time.
         assert_eq!(breaker.admit(later), Admit::Wait(TRIAL_WAIT));
         // It fails: the wait doubles.
-        assert_eq!(breaker.failed(later), Duration::from_secs(1));
+        assert_eq!(breaker.failed(later, "down again".into()), Duration::from_secs(1));
         assert_eq!(breaker.failures(), 2);
+        assert_eq!(breaker.last_failure(), Some("down again"));
         assert_eq!(breaker.admit(later), Admit::Wait(Duration::from_secs(1)));
     }
 
@@ -113,10 +122,10 @@ mod tests {
     fn a_trial_that_succeeds_closes_the_breaker() {
         let mut breaker = Breaker::default();
         let t0 = Instant::now();
-        breaker.failed(t0);
+        breaker.failed(t0, "down".into());
         assert_eq!(breaker.admit(t0 + FIRST_BACKOFF), Admit::Go);
         breaker.succeeded();
-        assert_eq!(breaker.failures(), 0);
+        assert_eq!((breaker.failures(), breaker.last_failure()), (0, None));
         assert_eq!(breaker.admit(t0 + FIRST_BACKOFF), Admit::Go);
         assert_eq!(breaker.admit(t0 + FIRST_BACKOFF), Admit::Go);
     }
@@ -125,7 +134,7 @@ mod tests {
     fn a_lost_trial_lets_another_go() {
         let mut breaker = Breaker::default();
         let t0 = Instant::now();
-        breaker.failed(t0);
+        breaker.failed(t0, "down".into());
         let trial = t0 + FIRST_BACKOFF;
         assert_eq!(breaker.admit(trial), Admit::Go);
         assert_eq!(breaker.admit(trial + TRIAL_LOST_AFTER - Duration::from_millis(1)), Admit::Wait(TRIAL_WAIT));

@@ -45,9 +45,9 @@ pub struct Exporter {
 pub enum Outcome {
     /// Stored under this key.
     Stored { key: String },
-    /// Not stored: try again after this long. `failure` is set when this
-    /// call tried and failed (not when it was held back).
-    Later { after: Duration, failure: Option<S3Error> },
+    /// Not stored: try again after this long. `why` is this call's failure,
+    /// or, when it was held back, the failure that opened the breaker.
+    Later { after: Duration, why: String },
 }
 
 impl Exporter {
@@ -66,8 +66,12 @@ impl Exporter {
     /// Stores `record` (of a session that ended at `ended_at`), unless the
     /// store is failing and it is not this call's turn to try.
     pub async fn store(&self, record: &StoredResult, ended_at: Timestamp) -> Outcome {
-        if let Admit::Wait(after) = self.breaker().admit(Instant::now()) {
-            return Outcome::Later { after, failure: None };
+        {
+            let mut breaker = self.breaker();
+            if let Admit::Wait(after) = breaker.admit(Instant::now()) {
+                let why = breaker.last_failure().unwrap_or("the store is failing").to_owned();
+                return Outcome::Later { after, why };
+            }
         }
         let key = record::object_key(&self.prefix, record, ended_at);
         let body = match serde_json::to_vec(record) {
@@ -96,9 +100,10 @@ impl Exporter {
 
     fn failed(&self, failure: S3Error) -> Outcome {
         self.metrics.exports.with_label_values(&["failed"]).inc();
-        let after = self.breaker().failed(Instant::now());
+        let why = failure.to_string();
+        let after = self.breaker().failed(Instant::now(), why.clone());
         tracing::warn!(error = %failure, retry_in = ?after, "the results store failed");
-        Outcome::Later { after, failure: Some(failure) }
+        Outcome::Later { after, why }
     }
 
     fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
@@ -184,14 +189,18 @@ mod tests {
         let exporter = exporter();
         let record =
             record::record(&session(Phase::Completed, 900, false), &TestSessionStatus::default(), Timestamp::now());
-        let Outcome::Later { after, failure: Some(_) } = exporter.store(&record, Timestamp::now()).await else {
+        let Outcome::Later { after, why } = exporter.store(&record, Timestamp::now()).await else {
             panic!("a store on a closed port took the results")
         };
         assert_eq!(after, breaker::FIRST_BACKOFF);
-        // The next session waits its turn instead of calling.
-        let Outcome::Later { failure: None, .. } = exporter.store(&record, Timestamp::now()).await else {
+        assert!(why.starts_with("the store did not answer"), "{why}");
+        // The next session waits its turn instead of calling, and is told why.
+        let Outcome::Later { why: held, .. } = exporter.store(&record, Timestamp::now()).await else {
             panic!("a second call went through an open breaker")
         };
+        assert_eq!(held, why);
+        let failed = exporter.metrics.exports.with_label_values(&["failed"]).get();
+        assert_eq!(failed, 1, "the held-back call was not made");
     }
 
     #[test]

@@ -49,11 +49,15 @@ pub struct Observed {
 }
 
 impl Observed {
-    /// What this pass wrote when it ended the session.
+    /// What this pass wrote when it ended the session (and, when it could,
+    /// stored its results in the same write).
     pub fn ended(&mut self, status: &tidepool_crds::test_session::TestSessionStatus) {
         self.phase = status.phase;
         self.ended_at = super::status::ended_at(status);
         self.bound = None;
+        if self.export == Export::Due && status.exported_at.is_some() {
+            self.export = Export::Done;
+        }
     }
 }
 
@@ -255,6 +259,30 @@ mod tests {
         // Being deleted (by someone else): left alone.
         let deleting = Observed { deleting: true, phase: Phase::Completed, export: Export::Due, ..fresh() };
         assert_eq!(decide(&deleting, "edge"), Step::Idle(Requeue::OnChange));
+    }
+
+    #[test]
+    fn ending_a_session_takes_what_its_write_said_of_the_store() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use tidepool_crds::test_session::TestSessionStatus;
+        let live = Observed { results_final: true, bound: Some(pod("a")), export: Export::Due, ..fresh() };
+        // Stored in the same write: nothing left but the retention.
+        let mut stored = live.clone();
+        stored.ended(&TestSessionStatus {
+            phase: Phase::Completed,
+            exported_at: Some(Time(at(100))),
+            ..Default::default()
+        });
+        assert_eq!((stored.phase, stored.bound.clone(), stored.export), (Phase::Completed, None, Export::Done));
+        assert_eq!(decide(&stored, "edge"), Step::Idle(Requeue::After(Duration::from_secs(3600))));
+        // Not stored: storing is the next step.
+        let mut unstored = live.clone();
+        unstored.ended(&TestSessionStatus { phase: Phase::Completed, ..Default::default() });
+        assert_eq!(decide(&unstored, "edge"), Step::Export);
+        // No store configured: it stays off.
+        let mut off = Observed { export: Export::Off, ..live };
+        off.ended(&TestSessionStatus { phase: Phase::Expired, ..Default::default() });
+        assert_eq!(off.export, Export::Off);
     }
 
     #[test]

@@ -89,32 +89,16 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
                 observed.ended(&status);
             }
             Step::Export => {
-                let Some(exporter) = ctx.exporter.as_deref() else { return Ok(Action::await_change()) };
-                let ended_at = status::ended_at(&status).unwrap_or(observed.now);
-                let document = record::record(&session, &status, ended_at);
-                let generation = session.meta().generation;
-                match exporter.store(&document, ended_at).await {
-                    Outcome::Stored { key } => {
-                        let next = status::exported(status.clone(), &key, generation, Timestamp::now());
-                        write_status(&ctx, &session, &next).await?;
-                        ctx.memory.remember_ended(&uid, next.clone());
-                        status = next;
-                        observed.export = Export::Done;
-                    }
-                    Outcome::Later { after, failure } => {
-                        let why = failure.map(|f| f.to_string());
-                        let next = why
-                            .as_deref()
-                            .and_then(|why| status::export_failed(status.clone(), why, generation, Timestamp::now()));
-                        if let (Some(next), Some(why)) = (next, why) {
-                            write_status(&ctx, &session, &next).await?;
-                            ctx.memory.remember_ended(&uid, next);
-                            let note = format!("the results store did not take the results ({why}); retrying");
-                            let notice = Notice::warning(reason::STORE_UNAVAILABLE, note);
-                            events::publish(&ctx.recorder, session.as_ref(), &notice).await;
-                        }
-                        return Ok(Action::requeue(after));
-                    }
+                let (next, stored) = store_results(&ctx, &session, status.clone()).await;
+                if next != status {
+                    write_status(&ctx, &session, &next).await?;
+                    ctx.memory.remember_ended(&uid, next.clone());
+                    publish_export_failure(&ctx, &session, &status, &next).await;
+                }
+                status = next;
+                match stored {
+                    Ok(()) => observed.export = Export::Done,
+                    Err(after) => return Ok(Action::requeue(after)),
                 }
             }
             Step::Wait { reason, message } => return wait(&ctx, &session, status, reason, message).await,
@@ -363,9 +347,17 @@ async fn end(
         delete_pod(pods_api, &pod_uid(ctx, &namespace, pod), pod).await?;
     }
     ctx.memory.forget(&session.uid().unwrap_or_default());
-    let next = status::ended(status, phase, session.meta().generation, Timestamp::now());
+    let ended = status::ended(status, phase, session.meta().generation, Timestamp::now());
+    // Stored before the status is written, so one write says both that the
+    // session ended and that its results are stored: a watcher never sees
+    // one without the other, and the API server takes one write, not two.
+    let next = match ctx.exporter {
+        Some(_) => store_results(ctx, session, ended.clone()).await.0,
+        None => ended.clone(),
+    };
     write_status(ctx, session, &next).await?;
     ctx.memory.remember_ended(&session.uid().unwrap_or_default(), next.clone());
+    publish_export_failure(ctx, session, &ended, &next).await;
     match phase {
         Phase::Completed => {
             let notice = Notice::normal(reason::COMPLETED, status::COMPLETED_MESSAGE);
@@ -378,6 +370,49 @@ async fn end(
         _ => {}
     }
     Ok(next)
+}
+
+/// Stores an ended session's results. Returns its status with `exportedAt`
+/// and the `Exported` condition as they now stand (unchanged when the store
+/// fails and the status already says so), and either that they are stored
+/// or how long to wait before trying again.
+async fn store_results(
+    ctx: &Context,
+    session: &TestSession,
+    status: TestSessionStatus,
+) -> (TestSessionStatus, std::result::Result<(), Duration>) {
+    let Some(exporter) = ctx.exporter.as_deref() else { return (status, Ok(())) };
+    let ended_at = status::ended_at(&status).unwrap_or_else(Timestamp::now);
+    let document = record::record(session, &status, ended_at);
+    let generation = session.meta().generation;
+    match exporter.store(&document, ended_at).await {
+        Outcome::Stored { key } => (status::exported(status, &key, generation, Timestamp::now()), Ok(())),
+        Outcome::Later { after, why } => {
+            let next = status::export_failed(status.clone(), &why, generation, Timestamp::now()).unwrap_or(status);
+            (next, Err(after))
+        }
+    }
+}
+
+/// A Warning Event when this write is the one that says the store failed.
+async fn publish_export_failure(
+    ctx: &Context,
+    session: &TestSession,
+    before: &TestSessionStatus,
+    after: &TestSessionStatus,
+) {
+    let failing = |s: &TestSessionStatus| {
+        conditions::reason(&s.conditions, conditions::EXPORTED) == Some(reason::STORE_UNAVAILABLE)
+    };
+    if failing(after) && !failing(before) {
+        let message = after
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::EXPORTED)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        events::publish(&ctx.recorder, session, &Notice::warning(reason::STORE_UNAVAILABLE, message)).await;
+    }
 }
 
 /// Marks the session as waiting (once; later passes change nothing).
