@@ -14,16 +14,18 @@
 //!
 //! Set TIDEPOOL_BENCH_SESSIONS to change the 200.
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
+use kube::api::{Api, WatchEvent, WatchParams};
 use serde_json::json;
+use tidepool_crds::TestSession;
 use tidepool_crds::test_session::{Grade, Grades, LatencySummary, LoadedLatency, Phase, Profile, SessionResults};
-use tidepool_crds::{TestSession, WarmPool};
 use tidepool_operator::export::s3::{S3Config, S3Store};
 use tidepool_protocol::stored::{StoredClient, StoredResult};
 use tidepool_tests::s3::{ACCESS_KEY_ID, S3Server, SECRET_ACCESS_KEY};
@@ -237,14 +239,7 @@ async fn exporter(server: &S3Server) {
     })
     .await
     .expect("operator up");
-    pool(&admin, sessions_wanted as i32).await;
-    let pools: Api<WarmPool> = Api::namespaced(admin.clone(), "default");
-    eventually(Duration::from_secs(120), "the pool's warm pods", || async {
-        let warm = pools.get("edge").await.ok()?.status?.warm;
-        (warm >= sessions_wanted as i32).then_some(())
-    })
-    .await
-    .expect("pool warm");
+    support::pool(&admin, sessions_wanted as i32).await;
 
     // Sessions through the API, 20 at once, all Ready before the clock starts.
     let credentials: Vec<(String, String, String)> = futures::stream::iter(0..sessions_wanted)
@@ -378,22 +373,4 @@ async fn watch(sessions: Api<TestSession>, seen: Arc<Mutex<Seen>>) {
             }
         }
     }
-}
-
-async fn pool(admin: &Client, size: i32) {
-    let pools: Api<WarmPool> = Api::namespaced(admin.clone(), "default");
-    let pool = json!({
-        "apiVersion": tidepool_crds::API_VERSION, "kind": "WarmPool",
-        "metadata": { "name": "edge" },
-        "spec": {
-            "size": size, "maxSize": 5000, "nodeAssignment": "Operator",
-            "tier": { "vcpu": 1, "memoryMiB": 64 },
-            "template": { "spec": { "containers": [{
-                "name": "session", "image": "tidepool/session:bench",
-                "ports": [{ "containerPort": 9000 }],
-                "resources": { "requests": { "cpu": "1m", "memory": "1Mi" } }
-            }] } }
-        }
-    });
-    pools.patch("edge", &PatchParams::apply("bench").force(), &Patch::Apply(&pool)).await.expect("pool");
 }

@@ -19,14 +19,15 @@
 //! each above what it used idle, the driver's peak RSS, and its API writes
 //! per minute from the audit log.
 
+mod support;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
-use kube::Client;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
-use tidepool_crds::{Monitor, WarmPool};
+use tidepool_crds::Monitor;
 use tidepool_tests::{ControlPlane, FakeNode, Options, eventually, free_port};
 
 const MONITORS: usize = 1_000;
@@ -69,7 +70,7 @@ async fn main() {
     );
 
     // 1. Monitors.
-    pool(&admin, MONITORS as i32).await;
+    support::pool(&admin, MONITORS as i32).await;
     let idle = cpu_rates(&processes, Duration::from_secs(20)).await;
     let monitors: Api<Monitor> = Api::namespaced(admin.clone(), "default");
     for i in 0..MONITORS {
@@ -97,7 +98,7 @@ async fn main() {
 
     // Clean up: the monitors and their runs go, the pool empties.
     monitors.delete_collection(&DeleteParams::background(), &ListParams::default()).await.expect("delete monitors");
-    pool(&admin, 0).await;
+    support::pool(&admin, 0).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
 
     // 2. CronJobs.
@@ -298,28 +299,4 @@ mod jiff_like {
             Ok(Stamp(at.as_millisecond() as f64 / 1e3))
         }
     }
-}
-
-async fn pool(admin: &Client, size: i32) {
-    let pools: Api<WarmPool> = Api::namespaced(admin.clone(), "default");
-    let pool = json!({
-        "apiVersion": tidepool_crds::API_VERSION, "kind": "WarmPool",
-        "metadata": { "name": "edge" },
-        "spec": {
-            "size": size, "maxSize": 5000, "nodeAssignment": "Operator",
-            "tier": { "vcpu": 1, "memoryMiB": 64 },
-            "template": { "spec": { "containers": [{
-                "name": "session", "image": "tidepool/session:bench",
-                "ports": [{ "containerPort": 9000 }],
-                "resources": { "requests": { "cpu": "1m", "memory": "1Mi" } }
-            }] } }
-        }
-    });
-    pools.patch("edge", &PatchParams::apply("bench").force(), &Patch::Apply(&pool)).await.expect("pool");
-    eventually(Duration::from_secs(600), "the pool to reach its size", || async {
-        let status = pools.get("edge").await.ok()?.status?;
-        (status.warm == size && status.replicas == size).then_some(())
-    })
-    .await
-    .expect("pool at size");
 }
