@@ -267,7 +267,7 @@ pub fn stored_table(page: &ResultsPage, color: bool) -> String {
             None => item.name.clone(),
         };
         table.row([
-            item.ended_at.clone().into(),
+            whole_seconds(&item.ended_at).into(),
             item.pool.clone().into(),
             session.into(),
             item.phase.to_string().into(),
@@ -283,6 +283,18 @@ pub fn stored_table(page: &ResultsPage, color: bool) -> String {
         out.push_str("(more matched: narrow --since and --until, filter, or raise --limit)\n");
     }
     out
+}
+
+/// An RFC 3339 time without its fraction of a second (`…T14:40:12.25Z` → `…T14:40:12Z`).
+fn whole_seconds(time: &str) -> String {
+    match time.split_once('.') {
+        Some((whole, fraction))
+            if fraction.ends_with('Z') && fraction[..fraction.len() - 1].bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            format!("{whole}Z")
+        }
+        _ => time.to_owned(),
+    }
 }
 
 /// A change, with its sign.
@@ -415,7 +427,7 @@ mod tests {
             profile: Profile::Bufferbloat,
             phase: if results.is_some() { Phase::Completed } else { Phase::Expired },
             created_at: None,
-            ended_at: "2026-12-05T14:40:12Z".into(),
+            ended_at: "2026-12-05T14:40:12.250190096Z".into(),
             pod: None,
             node: None,
             backend: None,
@@ -438,6 +450,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].starts_with("ENDED") && lines[0].contains("GRADE"), "{text}");
+        assert!(lines[1].starts_with("2026-12-05T14:40:12Z  edge"), "{text}");
         assert!(lines[1].contains("s1 (monitor edge-watch)") && lines[1].contains(" C "), "{text}");
         assert!(lines[1].contains("10.0") && lines[1].contains("20.0") && lines[1].contains("192.0.2.44"), "{text}");
         assert!(lines[2].contains("s2") && lines[2].contains("Expired") && lines[2].contains(" - "), "{text}");

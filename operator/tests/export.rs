@@ -202,6 +202,11 @@ async fn ended_sessions_are_stored_once_and_wait_out_a_store_outage() {
     let (code, body) = read_back(&operator, "", Some(TOKEN)).await;
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["error"], "the results store is not answering; try again later");
+    let metrics_text = metrics.get(format!("{}/metrics", operator.url)).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics_text.contains(r#"tidepool_api_refusals_total{reason="store_unavailable",route="stored_results"} 1"#),
+        "{metrics_text}"
+    );
 
     // It comes back: every waiting result arrives, once, and the sessions go.
     server.start_again().await.unwrap();
@@ -246,7 +251,8 @@ async fn ended_sessions_are_stored_once_and_wait_out_a_store_outage() {
         ("?grade=E", Some(TOKEN), 422, "grade"),
         ("?pool=../etc", Some(TOKEN), 400, ""),
         ("?namespace=kube-system", Some(TOKEN), 403, ""),
-        ("?colour=red", Some(TOKEN), 400, ""),
+        ("?colour=red", Some(TOKEN), 400, "unknown field `colour`"),
+        ("?limit=many", Some(TOKEN), 400, "limit"),
     ] {
         let (status, body) = read_back(&operator, query, token).await;
         assert_eq!(status, code, "{query}: {body}");

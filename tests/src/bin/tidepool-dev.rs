@@ -151,9 +151,11 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
         eprintln!("(trying again in 5 s: placement needs an idle core, and this machine is busy)");
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    kubectl(&plane, &["-n", NAMESPACE, "get", "testsessions"])?;
-    // The ended session's results, stored in SeaweedFS and read back through the operator.
+    // The final report ends the session a moment after the CLI returns, with
+    // its results stored in SeaweedFS in the same write: wait for that.
     kubectl(&plane, &["-n", NAMESPACE, "wait", "testsessions", "--all", "--for=condition=Exported", "--timeout=60s"])?;
+    kubectl(&plane, &["-n", NAMESPACE, "get", "testsessions"])?;
+    // Read back from the store through the operator.
     let results_args = ["results", "--operator", &url, "--api-token-file", &token_path, "-n", NAMESPACE];
     println!("$ tidepool {}", results_args.join(" "));
     command(Command::new(&cli).args(results_args))?;
