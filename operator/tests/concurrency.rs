@@ -16,7 +16,11 @@ use tidepool_tests::eventually;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_sessions_at_once_get_two_hundred_distinct_pods() {
     let cluster = Cluster::start(2).await;
-    let operator = cluster.operator("operator-0", &["--create-batch=100"]).await;
+    // One replica, so no failover to hurry: a lease that outlasts the API
+    // server's slowest answer under this burst on a busy machine. With the
+    // tests' usual 3 s (a 2 s renew deadline) it was missed once in CI, and
+    // the operator exited as it should, leaving half the sessions unbound.
+    let operator = cluster.operator("operator-0", &["--create-batch=100", "--lease-seconds=15"]).await;
     cluster.pool("big", 200).await;
     cluster.wait_warm("big", 200, Duration::from_secs(120)).await;
 
