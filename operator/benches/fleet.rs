@@ -14,6 +14,8 @@
 //!
 //! Set TIDEPOOL_BENCH_SECONDS (default 60) to shorten each measurement.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -111,16 +113,6 @@ fn agents(target: &Target, prefix: &str, count: usize, interval: Duration, stop:
     }
 }
 
-/// User plus system CPU time of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
 async fn metric(http: &reqwest::Client, url: &str, name: &str) -> f64 {
     let text = http.get(url).send().await.unwrap().text().await.unwrap();
     text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
@@ -213,14 +205,14 @@ async fn main() {
     agents(&target, "sim", 1000, Duration::from_secs(1), stop.clone());
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (cpu_before, writes_before, reports_before) = (
-        cpu_seconds(operator.pid()),
+        support::cpu_seconds(operator.pid()),
         metric(&http, &metrics_url, "tidepool_backend_writes_total").await,
         metric(&http, &metrics_url, "tidepool_agent_reports_total{result=\"accepted\"}").await,
     );
     let started = Instant::now();
     let ages_1s = route_ages(&http, &route_url, seconds).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = (cpu_seconds(operator.pid()) - cpu_before) / elapsed * 100.0;
+    let cpu = (support::cpu_seconds(operator.pid()) - cpu_before) / elapsed * 100.0;
     let writes = (metric(&http, &metrics_url, "tidepool_backend_writes_total").await - writes_before) / elapsed;
     let reports = (metric(&http, &metrics_url, "tidepool_agent_reports_total{result=\"accepted\"}").await
         - reports_before)

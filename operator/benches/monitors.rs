@@ -160,7 +160,7 @@ where
     sleep_to_next_minute().await;
     sleep_to_next_minute().await;
     let start_wall = std::time::SystemTime::now();
-    let cpu_before: HashMap<_, _> = processes.iter().map(|(name, pid)| (*name, cpu_seconds(*pid))).collect();
+    let cpu_before: HashMap<_, _> = processes.iter().map(|(name, pid)| (*name, support::cpu_seconds(*pid))).collect();
     let made_before = made().await;
     let mut rss: HashMap<&'static str, f64> = HashMap::new();
     let end = tokio::time::Instant::now() + Duration::from_secs(60 * minutes);
@@ -172,7 +172,7 @@ where
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let cpu = processes.iter().map(|(name, pid)| (*name, cpu_seconds(*pid) - cpu_before[name])).collect();
+    let cpu = processes.iter().map(|(name, pid)| (*name, support::cpu_seconds(*pid) - cpu_before[name])).collect();
     let made = made().await - made_before;
     let writes = writes_since(&plane.audit_log(), start_wall, std::time::SystemTime::now());
     Measured { cpu, rss, made, writes }
@@ -214,21 +214,12 @@ fn report(what: &str, driver: &str, users: &str, measured: &Measured, idle: &Has
 
 /// CPU seconds a second each process uses over `window`, idle.
 async fn cpu_rates(processes: &[(&'static str, u32)], window: Duration) -> HashMap<&'static str, f64> {
-    let before: HashMap<_, _> = processes.iter().map(|(name, pid)| (*name, cpu_seconds(*pid))).collect();
+    let before: HashMap<_, _> = processes.iter().map(|(name, pid)| (*name, support::cpu_seconds(*pid))).collect();
     tokio::time::sleep(window).await;
-    processes.iter().map(|(name, pid)| (*name, (cpu_seconds(*pid) - before[name]) / window.as_secs_f64())).collect()
-}
-
-/// User and system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat (11 and 12 counted from
-    // the state after the name), in clock ticks: 100 a second on Linux.
-    (ticks(11) + ticks(12)) / 100.0
+    processes
+        .iter()
+        .map(|(name, pid)| (*name, (support::cpu_seconds(*pid) - before[name]) / window.as_secs_f64()))
+        .collect()
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -260,8 +251,8 @@ fn writes_since(
         if !matches!(verb, "create" | "update" | "patch" | "delete") {
             continue;
         }
-        let at = event["stageTimestamp"].as_str().and_then(|t| t.parse::<jiff_like::Stamp>().ok());
-        if at.is_none_or(|at| at.0 < from || at.0 > to) {
+        let at = event["stageTimestamp"].as_str().and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+        if at.is_none_or(|at| unix_of(at) < from || unix_of(at) > to) {
             continue;
         }
         let user = event["user"]["username"].as_str().unwrap_or_default().to_string();
@@ -284,19 +275,10 @@ fn audit_events(audit: &std::path::Path) -> impl Iterator<Item = serde_json::Val
     text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).collect::<Vec<_>>().into_iter()
 }
 
-fn unix(t: std::time::SystemTime) -> f64 {
-    t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+fn unix_of(at: k8s_openapi::jiff::Timestamp) -> f64 {
+    at.as_millisecond() as f64 / 1e3
 }
 
-/// RFC 3339 times from the audit log, as Unix seconds.
-mod jiff_like {
-    pub struct Stamp(pub f64);
-
-    impl std::str::FromStr for Stamp {
-        type Err = ();
-        fn from_str(text: &str) -> Result<Self, ()> {
-            let at: k8s_openapi::jiff::Timestamp = text.parse().map_err(|_| ())?;
-            Ok(Stamp(at.as_millisecond() as f64 / 1e3))
-        }
-    }
+fn unix(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }

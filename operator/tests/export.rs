@@ -79,6 +79,38 @@ async fn the_store_client_speaks_s3_to_a_real_server() {
     assert_eq!(store(&server, SECRET_ACCESS_KEY).get("t/x.json").await.unwrap(), None);
 }
 
+/// A query stops at its listing budget and says so; one within it reads everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_results_query_stops_at_its_listing_budget() {
+    use tidepool_operator::export::{Exporter, history};
+    use tidepool_protocol::stored::ResultsQuery;
+    let server = S3Server::start(BUCKET).await.unwrap();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let day = now.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC).date();
+    let s3 = store(&server, SECRET_ACCESS_KEY);
+    let count = history::MAX_LISTS + 5;
+    for i in 0..count {
+        let document = json!({
+            "apiVersion": "tidepool.dev/v1alpha1", "kind": "TestSessionResult", "namespace": "ns",
+            "name": format!("s-{i:03}"), "uid": "u", "pool": "edge", "profile": "latency", "phase": "Completed",
+            "endedAt": now.to_string(),
+        });
+        let key = format!("tidepool/ns/edge/{day}/s-{i:03}-u.json");
+        s3.put(&key, serde_json::to_vec(&document).unwrap(), "application/json").await.unwrap();
+    }
+    let metrics = std::sync::Arc::new(tidepool_operator::metrics::Metrics::new().unwrap());
+    let query = ResultsQuery { pool: Some("edge".into()), limit: Some(500), ..Default::default() };
+    let plan = history::plan(&query, "ns".into(), now + k8s_openapi::jiff::SignedDuration::from_secs(1)).unwrap();
+    // One key a page: the budget runs out before the last page.
+    let paged = Exporter::new(store(&server, SECRET_ACCESS_KEY).with_page_size(1), "tidepool", metrics.clone());
+    let page = history::read(&paged, &plan).await.unwrap();
+    assert_eq!((page.items.len(), page.truncated), (history::MAX_LISTS, true));
+    // The store's own pages: one call lists them all.
+    let whole = Exporter::new(store(&server, SECRET_ACCESS_KEY), "tidepool", metrics);
+    let page = history::read(&whole, &plan).await.unwrap();
+    assert_eq!((page.items.len(), page.truncated), (count, false));
+}
+
 /// Reports final results for a session made through the API: it completes.
 async fn complete(operator: &common::Operator, download_mbps: f64, uplift_ms: f64) -> String {
     let (code, body) = post_session(operator, json!({ "pool": "edge", "profile": "bufferbloat" })).await;

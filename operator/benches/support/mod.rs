@@ -1,4 +1,5 @@
-//! What the harness benchmarks share.
+//! What the harness benchmarks share. Each uses part of it.
+#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -32,4 +33,15 @@ pub async fn pool(admin: &Client, size: i32) {
     })
     .await
     .expect("pool at size");
+}
+
+/// User plus system CPU time of a process so far, in seconds: fields 14 and
+/// 15 of `/proc/<pid>/stat` (11 and 12 after the command name, which may
+/// hold spaces), in clock ticks of 100 a second.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }

@@ -23,6 +23,9 @@ pub const MAX_SCANNED: usize = 2_000;
 pub const MAX_DAYS: i64 = 31;
 /// Pools one namespace-wide query lists at most.
 const MAX_POOLS: usize = 1_000;
+/// Listing calls one query makes at most: a query over every pool of a
+/// busy namespace for a month would otherwise make one per pool and day.
+pub const MAX_LISTS: usize = 100;
 /// Documents fetched at once.
 const FETCHES_AT_ONCE: usize = 16;
 /// How far back a query reaches when it does not say.
@@ -125,11 +128,14 @@ pub fn select(plan: &Plan, documents: Vec<StoredResult>) -> (Vec<StoredResult>, 
 pub async fn read(exporter: &Exporter, plan: &Plan) -> Result<ResultsPage, S3Error> {
     let store = exporter.store_handle();
     let prefix = exporter.prefix();
+    let mut lists_left = MAX_LISTS;
+    let mut stopped_short = false;
     let pools = match &plan.pool {
         Some(pool) => vec![pool.clone()],
         None => {
             let under = namespace_prefix(prefix, &plan.namespace);
-            let folders = list_all(exporter, &under, Some("/"), MAX_POOLS).await?.1;
+            let (_, folders, whole) = list_all(exporter, &under, Some("/"), MAX_POOLS, &mut lists_left).await?;
+            stopped_short |= !whole;
             folders
                 .iter()
                 .filter_map(|f| f.strip_prefix(&under)?.strip_suffix('/').map(String::from))
@@ -137,13 +143,17 @@ pub async fn read(exporter: &Exporter, plan: &Plan) -> Result<ResultsPage, S3Err
         }
     };
     let mut keys = Vec::new();
-    let mut stopped_short = false;
     'days: for day in days(plan) {
         for pool in &pools {
+            if lists_left == 0 {
+                stopped_short = true;
+                break 'days;
+            }
             let room = MAX_SCANNED - keys.len();
-            let (found, _) =
-                list_all(exporter, &day_prefix(prefix, &plan.namespace, pool, day), None, room + 1).await?;
+            let under = day_prefix(prefix, &plan.namespace, pool, day);
+            let (found, _, whole) = list_all(exporter, &under, None, room + 1, &mut lists_left).await?;
             keys.extend(found);
+            stopped_short |= !whole;
             if keys.len() > MAX_SCANNED {
                 keys.truncate(MAX_SCANNED);
                 stopped_short = true;
@@ -154,7 +164,16 @@ pub async fn read(exporter: &Exporter, plan: &Plan) -> Result<ResultsPage, S3Err
     // Owned futures: a stream of borrowing ones does not satisfy axum's Send bound.
     let fetches = keys.into_iter().map(|key| {
         let store = store.clone();
-        async move { store.get(&key).await }
+        async move {
+            match store.get(&key).await {
+                // Not ours (nothing we store is that large): skipped, like any other stranger.
+                Err(S3Error::TooLarge) => {
+                    tracing::warn!(%key, "a stored object is too large to be a results document; skipped");
+                    Ok(None)
+                }
+                other => other,
+            }
+        }
     });
     let documents: Vec<Option<Vec<u8>>> =
         futures::stream::iter(fetches).buffer_unordered(FETCHES_AT_ONCE).try_collect().await?;
@@ -174,22 +193,29 @@ pub async fn read(exporter: &Exporter, plan: &Plan) -> Result<ResultsPage, S3Err
 }
 
 /// Every key (and with a delimiter, every common prefix) under `prefix`,
-/// page after page, stopping once `at_most` keys or prefixes are in.
+/// page after page, stopping once `at_most` keys or prefixes are in or
+/// `lists_left` (each page takes one) runs out; the flag is false when the
+/// budget ran out with pages left.
 async fn list_all(
     exporter: &Exporter,
     prefix: &str,
     delimiter: Option<&str>,
     at_most: usize,
-) -> Result<(Vec<String>, Vec<String>), S3Error> {
+    lists_left: &mut usize,
+) -> Result<(Vec<String>, Vec<String>, bool), S3Error> {
     let (mut keys, mut prefixes) = (Vec::new(), Vec::new());
     let mut token: Option<String> = None;
     loop {
+        if *lists_left == 0 {
+            return Ok((keys, prefixes, false));
+        }
+        *lists_left -= 1;
         let page = exporter.store_handle().list(prefix, delimiter, token.as_deref()).await?;
         keys.extend(page.keys);
         prefixes.extend(page.common_prefixes);
         token = page.next_token;
         if token.is_none() || keys.len() >= at_most || prefixes.len() >= at_most {
-            return Ok((keys, prefixes));
+            return Ok((keys, prefixes, true));
         }
     }
 }

@@ -49,6 +49,8 @@ pub enum S3Error {
     Listing(&'static str),
     #[error("invalid store configuration: {0}")]
     Config(String),
+    #[error("the object is larger than a results document can be")]
+    TooLarge,
 }
 
 /// One page of a listing.
@@ -118,7 +120,7 @@ impl S3Store {
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > MAX_OBJECT_BYTES {
-                return Err(S3Error::Listing("an object is larger than a results document can be"));
+                return Err(S3Error::TooLarge);
             }
             body.extend_from_slice(&chunk);
         }
