@@ -17,6 +17,15 @@ pub const SECRET_ACCESS_KEY: &str = "tidepool-tests-secret-key-0123456789";
 
 /// SeaweedFS serves gRPC on each HTTP port plus this.
 const GRPC_OFFSET: u16 = 10_000;
+/// HTTP ports come from here, so that they and their gRPC twins sit below
+/// the kernel's ephemeral range (32768 up): a port found free and released
+/// cannot then be taken by some process's outbound connection before
+/// SeaweedFS binds it, which failed a CI run.
+const FIRST_PORT: u16 = 12_000;
+const LAST_PORT: u16 = 32_767 - GRPC_OFFSET;
+/// Another test may still pick the same ports in the moment between our
+/// check and SeaweedFS's bind; a start that fails so is tried afresh.
+const STARTS: usize = 3;
 
 pub struct S3Server {
     process: Option<Managed>,
@@ -30,6 +39,23 @@ impl S3Server {
     /// Starts a server with `bucket` made, and waits until it answers.
     pub async fn start(bucket: &str) -> Result<Self> {
         weed_binary()?;
+        let mut last_error = None;
+        for _ in 0..STARTS {
+            let mut server = Self::prepare(bucket)?;
+            match server.start_again().await {
+                Ok(()) => return Ok(server),
+                // A lost port race; the failed try's directory goes with it.
+                Err(error @ HarnessError::Exited { .. }) if error.to_string().contains("address already in use") => {
+                    last_error = Some(error)
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| HarnessError::Other("SeaweedFS did not start".into())))
+    }
+
+    /// A directory with the identity's config, and fresh ports.
+    fn prepare(bucket: &str) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("tidepool-s3-{}-{}", std::process::id(), unique()));
         let data = dir.join("data");
         std::fs::create_dir_all(&data).map_err(HarnessError::io(format!("creating {}", data.display())))?;
@@ -64,9 +90,7 @@ impl S3Server {
             format!("-bucket={bucket}"),
         ]
         .to_vec();
-        let mut server = Self { process: None, dir, args, port: s3, bucket: bucket.to_string() };
-        server.start_again().await?;
-        Ok(server)
+        Ok(Self { process: None, dir, args, port: s3, bucket: bucket.to_string() })
     }
 
     /// The endpoint clients use.
@@ -129,16 +153,23 @@ fn weed_binary() -> Result<PathBuf> {
         .ok_or_else(|| HarnessError::Build(format!("no weed-* binary in {}", dir.display())))
 }
 
-/// Five HTTP ports whose gRPC twins (port + 10000) are free too.
+/// Five HTTP ports whose gRPC twins (port + 10000) are free too, all below
+/// the ephemeral range, starting from a point that differs per process and call.
 fn ports() -> Result<[u16; 5]> {
+    let span = u32::from(LAST_PORT - FIRST_PORT) + 1;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let seed = std::process::id().wrapping_mul(7919) ^ nanos ^ unique().wrapping_mul(104_729);
     let mut found = Vec::new();
     let mut held = Vec::new();
-    for _ in 0..200 {
-        let listener =
-            std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(HarnessError::io("a free port"))?;
-        let port = listener.local_addr().map_err(HarnessError::io("a port"))?.port();
-        let Some(twin_port) = port.checked_add(GRPC_OFFSET) else { continue };
-        let Ok(twin) = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, twin_port)) else { continue };
+    for step in 0..span {
+        let Ok(port) = u16::try_from(u32::from(FIRST_PORT) + (seed.wrapping_add(step.wrapping_mul(17))) % span) else {
+            continue;
+        };
+        if found.contains(&port) {
+            continue;
+        }
+        let Ok(listener) = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)) else { continue };
+        let Ok(twin) = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port + GRPC_OFFSET)) else { continue };
         found.push(port);
         // Held until all five are found, so none is handed out twice.
         held.push((listener, twin));
@@ -146,7 +177,7 @@ fn ports() -> Result<[u16; 5]> {
             return Ok([found[0], found[1], found[2], found[3], found[4]]);
         }
     }
-    Err(HarnessError::Other("no five free port pairs on loopback".into()))
+    Err(HarnessError::Other("no five free port pairs on loopback below the ephemeral range".into()))
 }
 
 fn unique() -> u32 {
