@@ -95,6 +95,11 @@ pub struct WarmPoolSpec {
     /// operator itself (no scheduling round trip; see docs/operator.md).
     #[serde(default)]
     pub node_assignment: NodeAssignment,
+    /// Whether people without a Kubernetes identity may start sessions on
+    /// this pool through the gateway, within the gateway's limits for
+    /// anonymous clients (docs/gateway.md). Off unless set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
 }
 
 /// Who puts a pool's new pods on nodes.

@@ -22,7 +22,7 @@ pub mod leader;
 pub mod memory;
 pub mod metrics;
 pub mod monitor;
-pub mod names;
+pub use tidepool_protocol::names;
 pub mod placement;
 pub mod pod_index;
 pub mod pods;

@@ -48,6 +48,11 @@ struct Args {
     /// Live sessions one caller may hold at once.
     #[arg(long, env = "TIDEPOOL_SESSIONS_PER_CALLER", default_value_t = 20)]
     sessions_per_caller: usize,
+    /// Callers (user names, comma-separated) whose creates are not capped:
+    /// a front door such as the gateway, which keeps its own limits per
+    /// client and creates sessions for many of them.
+    #[arg(long, env = "TIDEPOOL_UNCAPPED_CALLERS", value_delimiter = ',')]
+    uncapped_callers: Vec<String>,
     #[command(flatten)]
     server: ServerArgs,
     /// Namespace for sessions whose request names none.
@@ -390,6 +395,7 @@ async fn main() -> ExitCode {
         backends: shared.backends.clone(),
         nodes: shared.nodes.clone(),
         sessions_per_caller: args.sessions_per_caller,
+        uncapped_callers: args.uncapped_callers.iter().cloned().collect(),
         creators: shared.creators.clone(),
         ready_deadline: Duration::from_secs_f64(args.ready_deadline_seconds.max(0.1)),
         ready: Default::default(),

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod egress;
 pub mod grading;
+pub mod names;
 pub mod pod;
 pub mod results;
 pub mod stored;

@@ -81,7 +81,8 @@ pub async fn create(
     let creator = creator_label(caller.name());
     // The place is taken before the create, so a burst of creates from one
     // caller cannot pass the cap while the cache catches up.
-    let reservation = match state.creators.reserve(&creator, state.sessions_per_caller) {
+    let cap = if state.uncapped_callers.contains(caller.name()) { usize::MAX } else { state.sessions_per_caller };
+    let reservation = match state.creators.reserve(&creator, cap) {
         Ok(reservation) => reservation,
         Err(held) => {
             state.metrics.api_refusals.with_label_values(&["create", "caller_limit"]).inc();

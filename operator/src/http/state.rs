@@ -42,6 +42,8 @@ pub struct ApiState {
     pub nodes: Store<Node>,
     /// Live sessions one caller may hold at once, and how many each holds.
     pub sessions_per_caller: usize,
+    /// Callers the cap does not apply to (front doors with limits of their own).
+    pub uncapped_callers: std::collections::HashSet<String>,
     pub creators: Creators,
     /// How long POST waits for a session to turn Ready before answering 504.
     pub ready_deadline: Duration,

@@ -1,0 +1,158 @@
+//! The gateway's command line. Every flag can come from the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use tidepool_protocol::egress::{Cidr, parse_deny};
+
+use crate::anonymous;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "tidepool-gateway",
+    about = "Tidepool's front door: sessions and their streams, proxied to their pods"
+)]
+pub struct Flags {
+    /// Where users reach the gateway.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// `/metrics`, `/healthz` and `/readyz`: kept off the users' port.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// The operator's API, which creates sessions and signs their credentials.
+    #[arg(long, env = "TIDEPOOL_OPERATOR_URL", default_value = "http://tidepool-operator:8080")]
+    pub operator_url: String,
+    /// The gateway's own token for the operator's API (its ServiceAccount's,
+    /// read again before each use, as the kubelet rotates it).
+    #[arg(
+        long,
+        env = "TIDEPOOL_GATEWAY_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub token_file: PathBuf,
+    /// The namespaces whose sessions the gateway serves (comma-separated).
+    #[arg(long, env = "TIDEPOOL_NAMESPACES", value_delimiter = ',', default_value = "default")]
+    pub namespaces: Vec<String>,
+    /// The namespace of a create that names none.
+    #[arg(long, env = "TIDEPOOL_SESSION_NAMESPACE", default_value = "default")]
+    pub session_namespace: String,
+    /// The URL users reach the gateway at, for the session endpoints it
+    /// hands out; when not set, the scheme and Host of each request.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Proxies whose `X-Forwarded-For` is believed (comma-separated CIDRs):
+    /// the Ingress controller's or load balancer's addresses.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
+    /// When set, only these addresses (comma-separated CIDRs) may start anonymous sessions.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ANONYMOUS_ALLOW", default_value = "")]
+    pub anonymous_allow: String,
+    /// Anonymous sessions one client address may start in an hour.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ANONYMOUS_SESSIONS_PER_HOUR", default_value_t = 30)]
+    pub anonymous_sessions_per_hour: u32,
+    /// Anonymous sessions one client address may hold at once.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ANONYMOUS_CONCURRENT_SESSIONS", default_value_t = 2)]
+    pub anonymous_concurrent_sessions: u32,
+    /// Streams (HTTP requests and WebSockets) one session may have open through this replica.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_STREAMS_PER_SESSION", default_value_t = 16)]
+    pub streams_per_session: usize,
+    /// Connections open at once; one beyond is closed unanswered.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// A request head must come in full within this many seconds.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_HEADER_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub header_timeout_seconds: u64,
+    /// A request body may pause at most this many seconds.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_BODY_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub body_timeout_seconds: u64,
+    /// A kept-alive connection with nothing coming is closed after this many seconds.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_IDLE_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub idle_timeout_seconds: u64,
+}
+
+/// A flag that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {reason}")]
+pub struct BadFlag {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+/// The settings the server runs with, parsed from [`Flags`].
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub operator_url: String,
+    pub token_file: PathBuf,
+    pub namespaces: Vec<String>,
+    pub session_namespace: String,
+    pub public_url: Option<String>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub anonymous_allow: Vec<Cidr>,
+    pub anonymous: anonymous::Limits,
+    pub streams_per_session: usize,
+    pub limits: tidepool_serve::Limits,
+}
+
+impl Flags {
+    pub fn settings(&self) -> Result<Settings, BadFlag> {
+        let cidrs =
+            |flag: &'static str, text: &str| parse_deny(text).map_err(|e| BadFlag { flag, reason: e.to_string() });
+        for namespace in self.namespaces.iter().chain([&self.session_namespace]) {
+            tidepool_protocol::names::namespace(namespace)
+                .map_err(|e| BadFlag { flag: "namespaces", reason: e.to_string() })?;
+        }
+        if !self.namespaces.contains(&self.session_namespace) {
+            return Err(BadFlag { flag: "session-namespace", reason: "must be one of --namespaces".into() });
+        }
+        Ok(Settings {
+            operator_url: self.operator_url.trim_end_matches('/').to_string(),
+            token_file: self.token_file.clone(),
+            namespaces: self.namespaces.clone(),
+            session_namespace: self.session_namespace.clone(),
+            public_url: self.public_url.as_ref().map(|u| u.trim_end_matches('/').to_string()),
+            trusted_proxies: cidrs("trusted-proxies", &self.trusted_proxies)?,
+            anonymous_allow: cidrs("anonymous-allow", &self.anonymous_allow)?,
+            anonymous: anonymous::Limits {
+                sessions_per_hour: self.anonymous_sessions_per_hour,
+                concurrent_sessions: self.anonymous_concurrent_sessions,
+            },
+            streams_per_session: self.streams_per_session.max(1),
+            limits: tidepool_serve::Limits {
+                max_connections: self.max_connections.max(1),
+                header_timeout: Duration::from_secs(self.header_timeout_seconds.max(1)),
+                // Uploads stream for as long as a test runs; each pause is bounded.
+                body_timeout: tidepool_serve::BodyTimeout::Pause(Duration::from_secs(self.body_timeout_seconds.max(1))),
+                idle_timeout: Duration::from_secs(self.idle_timeout_seconds.max(1)),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Flags {
+        Flags::try_parse_from([&["tidepool-gateway"], args].concat()).unwrap()
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let settings = parse(&[]).settings().unwrap();
+        assert_eq!(settings.namespaces, ["default"]);
+        assert!(settings.trusted_proxies.is_empty() && settings.anonymous_allow.is_empty());
+        assert_eq!(settings.anonymous.concurrent_sessions, 2);
+    }
+
+    #[test]
+    fn bad_ranges_and_names_are_refused_by_flag() {
+        let error = parse(&["--trusted-proxies", "10.0.0.0/8,nonsense"]).settings().unwrap_err();
+        assert_eq!(error.flag, "trusted-proxies");
+        let error = parse(&["--namespaces", "Not_A_Name"]).settings().unwrap_err();
+        assert_eq!(error.flag, "namespaces");
+        let error = parse(&["--namespaces", "a,b", "--session-namespace", "c"]).settings().unwrap_err();
+        assert_eq!(error.flag, "session-namespace");
+    }
+}

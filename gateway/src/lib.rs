@@ -1,0 +1,18 @@
+//! `tidepool-gateway`: the one thing users reach. It serves the session API
+//! (relaying identified callers to the operator, starting anonymous
+//! sessions on public pools within per-address limits) and proxies each
+//! session's streams to the pod bound to it now (docs/gateway.md).
+
+pub mod anonymous;
+pub mod api;
+pub mod cache;
+pub mod client;
+pub mod flags;
+pub mod metrics;
+pub mod operator;
+pub mod proxy;
+pub mod reply;
+pub mod server;
+pub mod state;
+pub mod target;
+pub mod tasks;

@@ -1,0 +1,125 @@
+//! `tidepool-gateway`: Tidepool's front door.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Parser;
+use tidepool_gateway::cache::Caches;
+use tidepool_gateway::flags::Flags;
+use tidepool_gateway::metrics::Metrics;
+use tidepool_gateway::operator::OperatorApi;
+use tidepool_gateway::proxy::pod_client;
+use tidepool_gateway::server::{admin_router, public_router, serve};
+use tidepool_gateway::state::Gateway;
+use tidepool_gateway::tasks::Tasks;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(run(flags)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(flags: Flags) -> ExitCode {
+    let settings = match flags.settings() {
+        Ok(settings) => settings,
+        Err(e) => {
+            tracing::error!(error = %e, "bad flag");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot reach the Kubernetes API");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = match Metrics::new() {
+        Ok(metrics) => Arc::new(metrics),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register the metrics");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (public, admin) = match (
+        tokio::net::TcpListener::bind(flags.listen).await,
+        tokio::net::TcpListener::bind(flags.admin_listen).await,
+    ) {
+        (Ok(public), Ok(admin)) => (public, admin),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut tasks = Tasks::default();
+    let caches = Caches::start(&client, &settings.namespaces, &mut tasks);
+    let gateway = Arc::new(Gateway {
+        operator: OperatorApi::new(settings.operator_url.clone(), settings.token_file.clone()),
+        settings,
+        caches: caches.clone(),
+        pods: pod_client(),
+        streams: Default::default(),
+        pending: Default::default(),
+        metrics,
+    });
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    tasks.spawn(
+        "the users' server".into(),
+        serve(gateway.clone(), public, public_router(gateway.clone()), until_stopped(stopping.clone())),
+    );
+    tasks.spawn(
+        "the admin server".into(),
+        serve(gateway.clone(), admin, admin_router(gateway.clone(), ready.clone()), until_stopped(stopping.clone())),
+    );
+    tracing::info!(listen = %flags.listen, admin = %flags.admin_listen, "serving");
+    let synced = async {
+        caches.wait_until_ready().await;
+        ready.store(true, Ordering::Relaxed);
+        tracing::info!("caches synced; ready");
+        std::future::pending::<()>().await
+    };
+    let code = tokio::select! {
+        () = terminate_signal() => {
+            tracing::info!("shutting down");
+            ExitCode::SUCCESS
+        }
+        ended = tasks.ended() => {
+            tracing::error!(task = %ended, "a supervised task ended; exiting");
+            ExitCode::FAILURE
+        }
+        () = synced => ExitCode::FAILURE,
+    };
+    ready.store(false, Ordering::Relaxed);
+    let _ = stop.send(true);
+    code
+}
+
+async fn terminate_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut sigterm) => {
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! A session's streams, proxied to the pod bound to it now: plain requests
+//! with their bodies streamed both ways as they come (nothing is held to be
+//! sent later), and WebSockets as the raw bytes of the upgraded connection.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use prometheus::{IntCounter, IntGauge};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::reply::{self, Refused};
+use crate::state::{Gateway, now_unix};
+use crate::target::{self, NoTarget, Target};
+
+/// Where a session's streams are served on the gateway; the rest of the
+/// path is the pod's own.
+pub const PREFIX: &str = "/s";
+/// The pod's answer must start within this (a download's first bytes
+/// come at once; an upload is answered after its body).
+const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(90);
+/// The header that carries the binding ticket to the pod.
+const BINDING: HeaderName = HeaderName::from_static("x-tidepool-binding");
+
+/// The client of session pods.
+pub type PodClient = Client<HttpConnector, Counted<Body>>;
+
+pub fn pod_client() -> PodClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(3)));
+    connector.set_nodelay(true);
+    Client::builder(hyper_util::rt::TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector)
+}
+
+/// Streams open per session on this replica.
+#[derive(Default)]
+pub struct OpenStreams(Mutex<HashMap<String, usize>>);
+
+impl OpenStreams {
+    /// Takes a place for one more stream of session `sid`, unless it has `cap` already.
+    fn open(self: &Arc<Self>, sid: &str, cap: usize, gauge: IntGauge) -> Option<StreamGuard> {
+        let mut open = self.0.lock().ok()?;
+        let count = open.entry(sid.to_string()).or_default();
+        if *count >= cap {
+            return None;
+        }
+        *count += 1;
+        gauge.inc();
+        Some(StreamGuard { streams: self.clone(), sid: sid.to_string(), gauge })
+    }
+
+    /// How many streams session `sid` has open here.
+    pub fn of(&self, sid: &str) -> usize {
+        self.0.lock().map(|open| open.get(sid).copied().unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+/// One open stream: its place is given back when the stream ends, however.
+pub struct StreamGuard {
+    streams: Arc<OpenStreams>,
+    sid: String,
+    gauge: IntGauge,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+        if let Ok(mut open) = self.streams.0.lock()
+            && let Some(count) = open.get_mut(&self.sid)
+        {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.sid);
+            }
+        }
+    }
+}
+
+/// `ANY /s/...`: the request goes to the session's pod.
+pub async fn stream(State(gateway): State<Arc<Gateway>>, request: Request<Body>) -> Response<Body> {
+    match forward(&gateway, request).await {
+        Ok(response) => {
+            gateway.metrics.requests.with_label_values(&["streams", response.status().as_str()]).inc();
+            response
+        }
+        Err(refused) => reply::refuse(&gateway.metrics, "streams", refused),
+    }
+}
+
+async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<Response<Body>, Refused> {
+    let client = gateway.client_address(&request)?;
+    let token = token_of(&request).ok_or_else(|| {
+        Refused::new(StatusCode::UNAUTHORIZED, "no_token", "a session token is needed: Authorization: Bearer <token>")
+    })?;
+    let target = find_target(gateway, &token)?;
+    let guard = gateway
+        .streams
+        .open(&target.claims.sid, gateway.settings.streams_per_session, gateway.metrics.open_streams.clone())
+        .ok_or_else(|| {
+            Refused::new(StatusCode::TOO_MANY_REQUESTS, "streams_per_session", "this session has too many streams open")
+                .retry_after(1)
+        })?;
+    let ticket = gateway
+        .operator
+        .ticket(&target.claims.ns, &target.claims.name, &target.claims.sid, &target.pod)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, session = %target.claims.name, "no binding ticket");
+            Refused::new(StatusCode::SERVICE_UNAVAILABLE, "no_ticket", "the session's pod cannot be reached now")
+                .retry_after(1)
+        })?;
+
+    let upgrade = wants_upgrade(request.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (parts, body) = request.into_parts();
+    let uri = pod_uri(&target, &parts.uri)?;
+    let mut headers = forwarded_headers(&parts.headers, upgrade);
+    headers.insert(header::AUTHORIZATION, bearer(&token)?);
+    headers.insert(BINDING, HeaderValue::try_from(ticket).map_err(|_| internal())?);
+    headers.insert(
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderValue::try_from(client.to_string()).map_err(|_| internal())?,
+    );
+    let to_pod = gateway.metrics.proxied_bytes.with_label_values(&["to_pod"]);
+    let mut upstream = Request::builder()
+        .method(parts.method)
+        .uri(uri)
+        .body(Counted::new(body, to_pod, None))
+        .map_err(|_| internal())?;
+    *upstream.headers_mut() = headers;
+
+    let response = tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, gateway.pods.request(upstream))
+        .await
+        .map_err(|_| unreachable_pod("pod_timeout"))?
+        .map_err(|e| {
+            tracing::debug!(error = %e, pod = %target.pod, "the pod did not answer");
+            unreachable_pod("pod_unreachable")
+        })?;
+    let to_client = gateway.metrics.proxied_bytes.with_label_values(&["to_client"]);
+    if let Some(client_upgrade) = client_upgrade
+        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        return Ok(join_upgraded(client_upgrade, response, to_pod_counter(gateway), to_client, guard));
+    }
+    let (parts, body) = response.into_parts();
+    let mut answer = Response::new(Body::new(Counted::new(body, to_client, Some(guard))));
+    *answer.status_mut() = parts.status;
+    *answer.headers_mut() = forwarded_headers(&parts.headers, false);
+    Ok(answer)
+}
+
+fn to_pod_counter(gateway: &Gateway) -> IntCounter {
+    gateway.metrics.proxied_bytes.with_label_values(&["to_pod"])
+}
+
+/// The session the token names, checked and routed (see [`target::decide`]).
+fn find_target(gateway: &Gateway, token: &str) -> Result<Target, Refused> {
+    let claims = target::claimed(token).map_err(no_target)?;
+    if !gateway.caches.serves(&claims.ns) {
+        return Err(no_target(NoTarget::NotAccepted));
+    }
+    let session = gateway.caches.session(&claims.ns, &claims.name);
+    let pod_name = session.as_ref().and_then(|s| s.status.as_ref()).and_then(|s| s.pod.clone());
+    let pod = pod_name.and_then(|name| gateway.caches.pod(&claims.ns, &name));
+    target::decide(token, session.as_deref(), pod.as_deref(), now_unix()).map_err(no_target)
+}
+
+pub fn no_target(why: NoTarget) -> Refused {
+    let status = match why {
+        NoTarget::Malformed | NoTarget::Expired => StatusCode::UNAUTHORIZED,
+        NoTarget::NotAccepted => StatusCode::FORBIDDEN,
+        NoTarget::Ended(_) => StatusCode::GONE,
+        NoTarget::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let refused = Refused::new(status, why.reason(), why.to_string());
+    if why == NoTarget::NotReady { refused.retry_after(1) } else { refused }
+}
+
+fn unreachable_pod(reason: &'static str) -> Refused {
+    Refused::new(StatusCode::BAD_GATEWAY, reason, "the session's pod did not answer").retry_after(1)
+}
+
+fn internal() -> Refused {
+    Refused::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request could not be forwarded")
+}
+
+/// The session token: from `Authorization: Bearer`, else `?token=` (a
+/// browser cannot set headers on a WebSocket).
+fn token_of(request: &Request<Body>) -> Option<String> {
+    let from_header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    from_header.or_else(|| {
+        let query = request.uri().query()?;
+        serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+            .ok()?
+            .into_iter()
+            .find_map(|(key, value)| (key == "token").then_some(value))
+    })
+}
+
+fn bearer(token: &str) -> Result<HeaderValue, Refused> {
+    HeaderValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| Refused::new(StatusCode::UNAUTHORIZED, "token_malformed", "the session token is malformed"))
+}
+
+/// The pod's URI: its endpoint, and the request's path past [`PREFIX`] with its query.
+fn pod_uri(target: &Target, uri: &Uri) -> Result<Uri, Refused> {
+    let path = uri.path().strip_prefix(PREFIX).filter(|p| p.starts_with('/')).unwrap_or("/");
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    format!("{}{path}{query}", target.endpoint.trim_end_matches('/')).parse().map_err(|_| internal())
+}
+
+/// Whether the client asks to switch protocols (a WebSocket).
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The headers to pass on: the end-to-end ones. Hop-by-hop headers (and
+/// those the `Connection` header names) stay on their hop, except the
+/// upgrade's own pair when the connection is being upgraded; the client's
+/// credentials and forwarding claims are replaced by the gateway's.
+fn forwarded_headers(headers: &HeaderMap, upgrade: bool) -> HeaderMap {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let hop = matches!(
+            name.as_str(),
+            "connection"
+                | "keep-alive"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+                | "host"
+                | "authorization"
+                | "x-tidepool-binding"
+                | "x-forwarded-for"
+        ) || named.iter().any(|n| n == name.as_str());
+        if !hop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if upgrade {
+        out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(protocol) = headers.get(header::UPGRADE) {
+            out.insert(header::UPGRADE, protocol.clone());
+        }
+    }
+    out
+}
+
+/// Answers the client's upgrade with the pod's 101 and joins the two
+/// upgraded connections byte for byte, until either side closes.
+fn join_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    mut response: Response<hyper::body::Incoming>,
+    to_pod: IntCounter,
+    to_client: IntCounter,
+    guard: StreamGuard,
+) -> Response<Body> {
+    let pod = hyper::upgrade::on(&mut response);
+    let mut answer = Response::new(Body::empty());
+    *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *answer.headers_mut() = forwarded_headers(response.headers(), true);
+    tokio::spawn(async move {
+        let _guard = guard;
+        let (client, pod) = match tokio::try_join!(client, pod) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(error = %e, "an upgrade did not complete");
+                return;
+            }
+        };
+        let mut client = CountedIo { inner: TokioIo::new(client), read: to_pod };
+        let mut pod = CountedIo { inner: TokioIo::new(pod), read: to_client };
+        // Either side closing ends both; the error says only which went first.
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut pod).await;
+    });
+    answer
+}
+
+/// A body that counts the bytes passing through it and, when it is a
+/// stream's answer, holds the stream's place until it ends.
+pub struct Counted<B> {
+    inner: B,
+    bytes: IntCounter,
+    _guard: Option<StreamGuard>,
+}
+
+impl<B> Counted<B> {
+    fn new(inner: B, bytes: IntCounter, guard: Option<StreamGuard>) -> Self {
+        Self { inner, bytes, _guard: guard }
+    }
+}
+
+impl<B> http_body::Body for Counted<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.inc_by(data.len() as u64);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An upgraded connection that counts what is read from it.
+struct CountedIo<T> {
+    inner: T,
+    read: IntCounter,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        self.read.inc_by(read as u64);
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(HeaderName::try_from(*name).unwrap(), HeaderValue::try_from(*value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_and_credentials_stay_behind() {
+        let given = headers(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("authorization", "Bearer client"),
+            ("x-tidepool-binding", "forged"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("host", "gateway"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "application/octet-stream"),
+            ("accept", "a"),
+            ("accept", "b"),
+        ]);
+        let out = forwarded_headers(&given, false);
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-type", "accept"]);
+        assert_eq!(out.get_all("accept").iter().count(), 2);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_own_pair() {
+        let given = headers(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("sec-websocket-key", "k")]);
+        assert!(wants_upgrade(&given));
+        let out = forwarded_headers(&given, true);
+        assert_eq!(out["connection"], "upgrade");
+        assert_eq!(out["upgrade"], "websocket");
+        assert_eq!(out["sec-websocket-key"], "k");
+        assert!(!wants_upgrade(&headers(&[("upgrade", "websocket")])));
+        assert!(!wants_upgrade(&headers(&[("connection", "upgrade")])));
+    }
+
+    #[test]
+    fn the_pods_uri_keeps_the_path_past_the_prefix_and_the_query() {
+        let target = Target {
+            claims: serde_json::from_value(serde_json::json!({
+                "sid": "u", "ns": "default", "name": "s", "pool": "p", "profile": "speed", "exp": 1
+            }))
+            .unwrap(),
+            pod: "p-1".into(),
+            endpoint: "http://10.0.0.7:9000/".into(),
+        };
+        let uri = |text: &str| pod_uri(&target, &text.parse().unwrap()).unwrap().to_string();
+        assert_eq!(uri("/s/download?seconds=5"), "http://10.0.0.7:9000/download?seconds=5");
+        assert_eq!(uri("/s/ws/household/gaming"), "http://10.0.0.7:9000/ws/household/gaming");
+        assert_eq!(uri("/s"), "http://10.0.0.7:9000/");
+        // A path that only looks like the prefix goes to the pod's root, not a neighbour.
+        assert_eq!(uri("/session/x"), "http://10.0.0.7:9000/");
+    }
+
+    #[test]
+    fn the_token_comes_from_the_header_first_then_the_query() {
+        let request = |uri: &str, auth: Option<&str>| {
+            let mut builder = Request::builder().uri(uri);
+            if let Some(auth) = auth {
+                builder = builder.header("authorization", auth);
+            }
+            builder.body(Body::empty()).unwrap()
+        };
+        assert_eq!(token_of(&request("/s/ws?token=q", Some("Bearer h"))).as_deref(), Some("h"));
+        assert_eq!(token_of(&request("/s/ws?token=q%2Bx&binding=b", None)).as_deref(), Some("q+x"));
+        assert_eq!(token_of(&request("/s/ws", Some("Basic x"))), None);
+        assert_eq!(token_of(&request("/s/ws", None)), None);
+    }
+
+    #[test]
+    fn a_session_holds_at_most_its_cap_of_streams_and_gets_them_back() {
+        let streams = Arc::new(OpenStreams::default());
+        let gauge = IntGauge::new("g", "g").unwrap();
+        let first = streams.open("a", 2, gauge.clone()).unwrap();
+        let second = streams.open("a", 2, gauge.clone()).unwrap();
+        assert!(streams.open("a", 2, gauge.clone()).is_none());
+        assert!(streams.open("b", 2, gauge.clone()).is_some());
+        assert_eq!((streams.of("a"), gauge.get()), (2, 2));
+        drop(first);
+        assert_eq!(streams.of("a"), 1);
+        drop(second);
+        assert_eq!((streams.of("a"), gauge.get()), (0, 0));
+        assert!(streams.0.lock().unwrap().is_empty());
+    }
+}

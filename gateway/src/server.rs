@@ -1,0 +1,95 @@
+//! The gateway's two listeners: the users' (the session API and the
+//! streams) and the admin one (`/metrics`, `/healthz`, `/readyz`), each a
+//! `tidepool-serve` server within the gateway's limits.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, Response, StatusCode, header};
+use axum::routing::{any, get, post};
+use tidepool_serve::Refusal;
+use tokio::net::TcpListener;
+
+use crate::reply::{self, Refused};
+use crate::state::{Gateway, Peer};
+use crate::{api, proxy};
+
+/// The users' routes.
+pub fn public_router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/api/v1/sessions", post(api::create))
+        .route("/api/v1/sessions/{name}", get(api::get).delete(api::delete))
+        .route(proxy::PREFIX, any(proxy::stream))
+        .route(&format!("{}/{{*rest}}", proxy::PREFIX), any(proxy::stream))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(gateway)
+}
+
+/// The admin routes: kept off the users' port.
+pub fn admin_router(gateway: Arc<Gateway>, ready: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::Relaxed);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+                    }
+                }
+            }),
+        )
+        .route("/metrics", get(metrics))
+        .with_state(gateway)
+}
+
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response<Body> {
+    let mut response = Response::new(Body::from(gateway.metrics.render()));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+}
+
+async fn not_found(State(gateway): State<Arc<Gateway>>) -> Response<Body> {
+    reply::refuse(&gateway.metrics, "other", Refused::new(StatusCode::NOT_FOUND, "not_found", "no such route"))
+}
+
+/// Headers every answer carries: no sniffing, no framing, no referrer, no caching.
+async fn security_headers(mut response: Response<Body>) -> Response<Body> {
+    let headers = response.headers_mut();
+    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    headers.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Serves `router` on `listener` within the gateway's limits, counting
+/// refusals and open connections, until `shutdown`.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let metrics = gateway.metrics.clone();
+    let open = metrics.open_connections.clone();
+    let server = tidepool_serve::Server::new(gateway.settings.limits)
+        .tune_http1(|http| {
+            http.max_buf_size(1 << 20).writev(true);
+        })
+        .on_connection(|_, peer| {
+            let mut extensions = axum::http::Extensions::new();
+            extensions.insert(Peer(peer));
+            extensions
+        })
+        .on_open_change(move |change| open.add(change))
+        .on_refusal(move |refusal: Refusal| metrics.refused(refusal.reason()));
+    server.serve(listener, router, shutdown).await;
+}

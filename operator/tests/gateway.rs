@@ -1,0 +1,248 @@
+//! The front door on the harness: the gateway in front of the operator and
+//! the real session pods behind kwok's pods. An anonymous client starts a
+//! session on a public pool, reaches its pod only through the gateway (HTTP,
+//! a streamed download, the latency WebSocket), keeps the same token when
+//! the pod is killed and the session heals onto another, and meets the
+//! limits for anonymous clients; identified callers are relayed as they
+//! are; hostile requests get clear errors and change nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, TOKEN};
+use futures_util::{SinkExt, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use tidepool_crds::TestSession;
+use tidepool_tests::{PodRunner, Process, eventually, free_port, workspace_binary};
+use tokio_tungstenite::tungstenite::Message;
+
+struct Gateway {
+    process: Process,
+    url: String,
+    admin: String,
+}
+
+async fn start_gateway(cluster: &Cluster, operator_url: &str) -> Gateway {
+    let (port, admin_port) = (free_port().unwrap(), free_port().unwrap());
+    let args = [
+        format!("--listen=127.0.0.1:{port}"),
+        format!("--admin-listen=127.0.0.1:{admin_port}"),
+        format!("--operator-url={operator_url}"),
+        // The static token stands in for the gateway's ServiceAccount token.
+        format!("--token-file={}", cluster.token_file().display()),
+        "--namespaces=default".into(),
+        "--anonymous-sessions-per-hour=3".into(),
+        "--anonymous-concurrent-sessions=2".into(),
+        "--streams-per-session=4".into(),
+    ];
+    let program = workspace_binary("tidepool-gateway", "tidepool-gateway").unwrap();
+    let process = cluster.plane.spawn("gateway", &program, &args, &[]).unwrap();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), "the gateway's /readyz", || async {
+        let r = http.get(format!("{admin}/readyz")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", process.log_tail(40)));
+    Gateway { process, url: format!("http://127.0.0.1:{port}"), admin }
+}
+
+async fn post(url: &str, token: Option<&str>, body: Value) -> (u16, Value, Option<String>) {
+    let mut request = reqwest::Client::new().post(format!("{url}/api/v1/sessions")).json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let retry = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+    (status, response.json().await.unwrap_or(Value::Null), retry)
+}
+
+async fn info(endpoint: &str, token: &str) -> (u16, Value) {
+    let response =
+        reqwest::Client::new().get(format!("{endpoint}/api/v1/info")).bearer_auth(token).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+async fn metric(gateway: &Gateway, line_start: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", gateway.admin)).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_sessions_reach_their_pods_only_through_the_gateway_and_follow_them_when_they_heal() {
+    let cluster = Cluster::start(1).await;
+    let port = free_port().unwrap();
+    let operator_url = format!("http://127.0.0.1:{port}");
+    let results_url = format!("--results-url={operator_url}");
+    // One session per caller at the operator: the gateway's own creates
+    // must not be held to it, as it makes them for many clients.
+    let operator = cluster
+        .operator_on("operator-0", port, &[&results_url, "--sessions-per-caller=1", "--uncapped-callers=static-token"])
+        .await;
+    let session_bin = workspace_binary("tidepool-session", "tidepool-session").unwrap();
+    let _runner = PodRunner::start(
+        cluster.client.clone(),
+        "default",
+        "tidepool.dev/pool",
+        session_bin,
+        cluster.plane.dir().to_path_buf(),
+    );
+    cluster.pool("open", 4).await;
+    cluster.pool("closed", 1).await;
+    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
+    pools.patch("open", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "public": true } }))).await.unwrap();
+    cluster.wait_warm("open", 4, Duration::from_secs(30)).await;
+    cluster.wait_warm("closed", 1, Duration::from_secs(30)).await;
+    let gateway = start_gateway(&cluster, &operator.url).await;
+    let sessions: Api<TestSession> = Api::namespaced(cluster.client.clone(), "default");
+
+    // A pool not marked public takes no anonymous session, and says nothing of whether it exists.
+    let (status, body, _) = post(&gateway.url, None, json!({ "pool": "closed" })).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, missing, _) = post(&gateway.url, None, json!({ "pool": "nowhere" })).await;
+    assert_eq!((status, missing["error"].as_str().map(|e| e.contains("no public pool"))), (401, Some(true)));
+    assert!(body["error"].as_str().unwrap().contains("no public pool"), "{body}");
+
+    // An anonymous session on the public pool: made for the address the
+    // request came from (not the one the body claims), its endpoint the gateway's.
+    let (status, view, _) =
+        post(&gateway.url, None, json!({ "pool": "open", "client": { "address": "198.51.100.9" } })).await;
+    assert_eq!(status, 201, "{view}\n{}", gateway.process.log_tail(20));
+    let endpoint = view["endpoint"].as_str().unwrap().to_string();
+    assert_eq!(endpoint, format!("{}/s", gateway.url));
+    let token = view["token"].as_str().unwrap().to_string();
+    let name = view["name"].as_str().unwrap().to_string();
+    let first_pod = view["pod"].as_str().unwrap().to_string();
+    let made = sessions.get(&name).await.unwrap();
+    assert_eq!(made.spec.client.as_ref().and_then(|c| c.address.as_deref()), Some("127.0.0.1"));
+
+    // HTTP through the gateway reaches the session's pod, without the client holding a binding ticket.
+    let (status, pod_info) = info(&endpoint, &token).await;
+    assert_eq!((status, pod_info["pod"].as_str()), (200, Some(first_pod.as_str())), "{pod_info}");
+
+    // A download streams through.
+    let download =
+        reqwest::Client::new().get(format!("{endpoint}/download?seconds=1")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(download.status(), 200);
+    let bytes = download.bytes().await.unwrap();
+    assert!(bytes.len() > 1 << 20, "a second of download gave {} bytes", bytes.len());
+
+    // The latency WebSocket, with the token in the query as a browser sends it.
+    let ws_url = format!("{}/ws?token={token}", endpoint.replacen("http://", "ws://", 1));
+    let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    socket.send(Message::text(json!({ "type": "ping", "seq": 1, "clientTimeUs": 5 }).to_string())).await.unwrap();
+    let pong = loop {
+        match socket.next().await.unwrap().unwrap() {
+            Message::Text(text) => break serde_json::from_str::<Value>(&text).unwrap(),
+            _ => continue,
+        }
+    };
+    assert_eq!((pong["type"].as_str(), pong["seq"].as_u64()), (Some("pong"), Some(1)), "{pong}");
+    assert_eq!(pong["pod"].as_str(), Some(first_pod.as_str()));
+    drop(socket);
+
+    // The session's own token reads the session back through the gateway.
+    let read = reqwest::Client::new()
+        .get(format!("{}/api/v1/sessions/{name}", gateway.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    let read: Value = read.json().await.unwrap();
+    assert_eq!((read["name"].as_str(), read["endpoint"].as_str()), (Some(name.as_str()), Some(endpoint.as_str())));
+    // ...but not another session's, and it cannot delete its own.
+    let other = reqwest::Client::new()
+        .get(format!("{}/api/v1/sessions/someone-else", gateway.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 403);
+    let delete = reqwest::Client::new()
+        .delete(format!("{}/api/v1/sessions/{name}", gateway.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 403);
+
+    // Kill the pod: the session heals onto another, and the same token
+    // reaches the new pod through the gateway.
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    pods.delete(&first_pod, &DeleteParams::default().grace_period(0)).await.unwrap();
+    let healed = eventually(Duration::from_secs(30), "the session to answer from a new pod", || async {
+        let (status, pod_info) = info(&endpoint, &token).await;
+        let pod = pod_info["pod"].as_str()?.to_string();
+        (status == 200 && pod != first_pod).then_some(pod)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", gateway.process.log_tail(30)));
+    assert_eq!(sessions.get(&name).await.unwrap().status.unwrap().pod.as_deref(), Some(healed.as_str()));
+
+    // Limits per client address: two live at once...
+    let (status, second, _) = post(&gateway.url, None, json!({ "pool": "open" })).await;
+    assert_eq!(status, 201, "{second}");
+    let (status, refused, retry) = post(&gateway.url, None, json!({ "pool": "open" })).await;
+    assert_eq!(status, 429, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("live sessions"), "{refused}");
+    let retry: u64 = retry.expect("Retry-After").parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // ...and three started an hour: end one, start a third, and the fourth is refused for the hour.
+    sessions.delete(second["name"].as_str().unwrap(), &DeleteParams::default()).await.unwrap();
+    let (status, third, _) = eventually(Duration::from_secs(10), "a place for a third session", || async {
+        let answer = post(&gateway.url, None, json!({ "pool": "open" })).await;
+        (answer.0 != 429 || answer.1["error"].as_str()?.contains("last hour")).then_some(answer)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{third}");
+
+    // An identified caller goes to the operator as it is (its token, its rights, its limits).
+    let (status, identified, _) = post(&gateway.url, Some(TOKEN), json!({ "pool": "closed" })).await;
+    assert_eq!(status, 201, "{identified}");
+    assert_eq!(identified["endpoint"].as_str(), Some(endpoint.as_str()));
+    let (status, _, _) = post(&gateway.url, Some("not-a-token"), json!({ "pool": "closed" })).await;
+    assert_eq!(status, 401);
+
+    // Hostile requests: clear errors, and nothing made.
+    let before = sessions.list(&Default::default()).await.unwrap().items.len();
+    let (status, _, _) = post(&gateway.url, None, json!({ "pool": "open", "namespace": "kube-system" })).await;
+    assert_eq!(status, 403);
+    let (status, _, _) = post(&gateway.url, None, json!({ "pool": "../secrets" })).await;
+    assert_eq!(status, 400);
+    let (status, _, _) = post(&gateway.url, None, json!({ "pool": "open", "bogus": 1 })).await;
+    assert_eq!(status, 422);
+    let http = reqwest::Client::new();
+    let big = http.post(format!("{}/api/v1/sessions", gateway.url)).body(vec![b' '; 64 * 1024]).send().await.unwrap();
+    assert_eq!(big.status(), 413);
+    let (status, _) = info(&endpoint, "garbage").await;
+    assert_eq!(status, 401);
+    // A token whose claims were changed (another session's name) is not accepted.
+    let (payload, signature) = token.split_once('.').unwrap();
+    let forged = format!("{payload}x.{signature}");
+    let (status, _) = info(&endpoint, &forged).await;
+    assert!(status == 401 || status == 403, "{status}");
+    let no_token = http.get(format!("{endpoint}/api/v1/info")).send().await.unwrap();
+    assert_eq!(no_token.status(), 401);
+    let nowhere = http.get(format!("{}/admin", gateway.url)).send().await.unwrap();
+    assert_eq!(nowhere.status(), 404);
+    assert_eq!(nowhere.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(sessions.list(&Default::default()).await.unwrap().items.len(), before);
+
+    // What Prometheus sees.
+    assert!(metric(&gateway, "tidepool_gateway_proxied_bytes_total{direction=\"to_client\"}").await > 1e6);
+    assert!(metric(&gateway, "tidepool_gateway_refusals_total{reason=\"concurrent_sessions\"}").await >= 1.0);
+    assert!(metric(&gateway, "tidepool_gateway_refusals_total{reason=\"not_public\"}").await >= 2.0);
+    assert_eq!(metric(&gateway, "tidepool_gateway_anonymous_sessions_total").await, 3.0);
+    assert_eq!(metric(&gateway, "tidepool_gateway_open_streams").await, 0.0);
+}
