@@ -5,6 +5,7 @@
 #   docker build --target operator -t tidepool-operator:0.1.0 .
 #   docker build --target agent    -t tidepool-agent:0.1.0 .
 #   docker build --target session  -t tidepool-session:0.1.0 .
+#   docker build --target gateway  -t tidepool-gateway:0.1.0 .
 #
 # Each image holds one release binary on distroless (glibc, CA certificates,
 # no shell, no package manager) and runs as the non-root user 65532.
@@ -18,9 +19,10 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
-        --bin tidepool-operator --bin tidepool-agent --bin tidepool-session \
+        --bin tidepool-operator --bin tidepool-agent --bin tidepool-session --bin tidepool-gateway \
     && mkdir /out \
-    && cp target/release/tidepool-operator target/release/tidepool-agent target/release/tidepool-session /out/
+    && cp target/release/tidepool-operator target/release/tidepool-agent target/release/tidepool-session \
+        target/release/tidepool-gateway /out/
 
 # Debian 12, like the build stage, so the binaries find the glibc they were linked with.
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
@@ -41,3 +43,9 @@ FROM runtime AS session
 COPY --from=build /out/tidepool-session /usr/local/bin/tidepool-session
 EXPOSE 8080/tcp 8080/udp
 ENTRYPOINT ["/usr/local/bin/tidepool-session"]
+
+# The users' port, and the admin port (/metrics, /healthz, /readyz).
+FROM runtime AS gateway
+COPY --from=build /out/tidepool-gateway /usr/local/bin/tidepool-gateway
+EXPOSE 8080 9090
+ENTRYPOINT ["/usr/local/bin/tidepool-gateway"]

@@ -16,8 +16,10 @@
 //!   The real operator, run as the chart's ServiceAccount with the chart's
 //!   arguments, fills the example pool, binds a session, makes the agent
 //!   DaemonSet and takes a real agent's reports. The session binary runs
-//!   behind the pool's pods with the environment they get. Each program's
-//!   /metrics passes promtool.
+//!   behind the pool's pods with the environment they get. The real
+//!   gateway, as the chart's gateway account with the chart's arguments,
+//!   syncs its watches and creates a session through the operator. Each
+//!   program's /metrics passes promtool.
 //! - The Argo CD manifests pass a server-side dry run against Argo CD's CRDs.
 //! - The Dockerfile builds one small non-root image per program.
 
@@ -77,6 +79,31 @@ metrics:
   prometheusRule: { enabled: true }
 examplePool:
   tier: { vcpu: 2, memoryMiB: 1048576 }
+gateway:
+  enabled: true
+  logLevel: debug
+  publicUrl: https://sessions.example.com
+  trustedProxies: [10.0.0.0/8, fd00::/8]
+  anonymous: { allow: [203.0.113.0/24, 2001:db8::/32], sessionsPerHour: 10, concurrentSessions: 1 }
+  streamsPerSession: 8
+  maxConnections: 10000
+  podAnnotations: { team: edge }
+  nodeSelector: { kubernetes.io/os: linux }
+  tolerations: [{ key: dedicated, operator: Exists, effect: NoSchedule }]
+  affinity: { nodeAffinity: {} }
+  service: { type: LoadBalancer, port: 8000 }
+  autoscaling: { enabled: true, minReplicas: 3, maxReplicas: 20, targetCPUUtilizationPercentage: 60 }
+  ingress:
+    enabled: true
+    className: nginx
+    host: sessions.example.com
+    tlsSecretName: sessions-tls
+    annotations: { nginx.ingress.kubernetes.io/proxy-read-timeout: "3600" }
+  # The harness has no Gateway API CRDs: its dry run leaves this out.
+  httpRoute:
+    enabled: true
+    parentRefs: [{ name: public, namespace: gateways, sectionName: https }]
+    hostnames: [sessions.example.com]
 "#;
 
 fn repo() -> PathBuf {
@@ -182,6 +209,12 @@ fn operator_args(objects: &[Value]) -> Vec<String> {
     strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"])
 }
 
+/// The gateway container's arguments.
+fn gateway_args(objects: &[Value]) -> Vec<String> {
+    let deployment = find(objects, "Deployment", "tidepool-gateway");
+    strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+}
+
 /// A pod spec that runs as non-root on a read-only root, with no privilege,
 /// no capability, the runtime's seccomp profile, and bounded resources.
 fn assert_hardened(what: &str, pod: &Value) {
@@ -263,6 +296,33 @@ const NAMESPACED_GRANTS: &[&str] = &[
     "watch pods",
     "watch testsessions.tidepool.dev",
     "watch warmpools.tidepool.dev",
+];
+
+/// What the gateway may do in each namespace it serves, sorted: read pools,
+/// sessions and pods, and the session verbs the operator's API reviews.
+const GATEWAY_GRANTS: &[&str] = &[
+    "create testsessions.tidepool.dev",
+    "delete testsessions.tidepool.dev",
+    "get pods",
+    "get testsessions.tidepool.dev",
+    "get warmpools.tidepool.dev",
+    "list pods",
+    "list testsessions.tidepool.dev",
+    "list warmpools.tidepool.dev",
+    "watch pods",
+    "watch testsessions.tidepool.dev",
+    "watch warmpools.tidepool.dev",
+];
+
+/// The objects the gateway adds to a release with the defaults otherwise.
+const GATEWAY_OBJECTS: &[&str] = &[
+    "Deployment tidepool/tidepool-gateway",
+    "NetworkPolicy tidepool/tidepool-gateway",
+    "PodDisruptionBudget tidepool/tidepool-gateway",
+    "Role tidepool/tidepool-gateway",
+    "RoleBinding tidepool/tidepool-gateway",
+    "Service tidepool/tidepool-gateway",
+    "ServiceAccount tidepool/tidepool-gateway",
 ];
 
 /// A NetworkPolicy rule's ports as "port/protocol".
@@ -377,6 +437,8 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option() {
             "WarmPool tidepool/edge",
         ]
     );
+    // The gateway is off by default: nothing of it, and the operator caps every caller.
+    assert!(!operator_args(&defaults).iter().any(|a| a.starts_with("--uncapped-callers")));
 
     // The operator: two replicas, leader election with the pod's name, probes,
     // the token as a file from the chart's Secret, results to its own Service.
@@ -612,6 +674,216 @@ fn chart_lints_and_renders_with_defaults_and_with_every_option() {
     let keyless =
         template(RELEASE, NAMESPACE, &["--set", "resultsStore.endpoint=http://s3:8333,resultsStore.bucket=results"]);
     assert!(keyless.expect_err("a store with no keys").contains("resultsStore.credentialsSecret"));
+
+    gateway_renders(&defaults, &all);
+}
+
+/// The gateway's objects: with the defaults otherwise, and with every option.
+fn gateway_renders(defaults: &[Value], all: &[Value]) {
+    // On with the defaults: exactly its own objects besides the rest.
+    let on = render(&["--set", "gateway.enabled=true"]);
+    let mut expected: Vec<String> =
+        inventory(defaults).into_iter().chain(GATEWAY_OBJECTS.iter().map(|o| o.to_string())).collect();
+    expected.sort();
+    assert_eq!(inventory(&on), expected);
+    // The operator leaves the gateway's account out of its per-caller cap.
+    assert!(
+        operator_args(&on).iter().any(|a| a == "--uncapped-callers=system:serviceaccount:tidepool:tidepool-gateway")
+    );
+
+    let deployment = find(&on, "Deployment", "tidepool-gateway");
+    assert_eq!(deployment["spec"]["replicas"].as_u64(), Some(2));
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_hardened("gateway", pod);
+    assert_eq!(str_of(&pod["serviceAccountName"]), "tidepool-gateway");
+    // Its token reads the watches and is shown to the operator's API, from the default path.
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(true));
+    let container = &pod["containers"][0];
+    assert_eq!(str_of(&container["image"]), "tidepool-gateway:0.1.0");
+    assert_eq!(
+        gateway_args(&on),
+        [
+            "--listen=0.0.0.0:8080",
+            "--admin-listen=0.0.0.0:9090",
+            "--operator-url=http://tidepool-operator.tidepool.svc:8080",
+            "--namespaces=tidepool",
+            "--session-namespace=tidepool",
+            "--anonymous-sessions-per-hour=30",
+            "--anonymous-concurrent-sessions=2",
+            "--streams-per-session=16",
+            "--max-connections=4096",
+        ]
+    );
+    let named_ports: Vec<(String, u64)> = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (str_of(&p["name"]).to_string(), p["containerPort"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(named_ports, [("http".to_string(), 8080), ("admin".to_string(), 9090)]);
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(str_of(&container[probe]["httpGet"]["path"]), path, "{probe}");
+        assert_eq!(str_of(&container[probe]["httpGet"]["port"]), "admin", "{probe}");
+    }
+    let gateway_pods = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert!(selects(&deployment["spec"]["selector"], gateway_pods));
+    let operator_pods = &find(&on, "Deployment", "tidepool-operator")["spec"]["template"]["metadata"]["labels"];
+    assert!(
+        !selects(&deployment["spec"]["selector"], operator_pods),
+        "the gateway's selector takes the operator's pods"
+    );
+
+    // Its own account, with only reading and the session verbs, in the namespaces it serves.
+    assert!(find(&on, "ServiceAccount", "tidepool-gateway")["automountServiceAccountToken"].is_null());
+    assert_eq!(grants(find(&on, "Role", "tidepool-gateway")), GATEWAY_GRANTS, "the gateway Role's rules");
+    let binding = find(&on, "RoleBinding", "tidepool-gateway");
+    assert_eq!(
+        (str_of(&binding["roleRef"]["kind"]), str_of(&binding["roleRef"]["name"])),
+        ("Role", "tidepool-gateway")
+    );
+    assert_eq!(str_of(&binding["subjects"][0]["name"]), "tidepool-gateway");
+    assert_eq!(str_of(&binding["subjects"][0]["namespace"]), NAMESPACE);
+
+    // The Service: users on port 80, Prometheus on the admin port.
+    let service = find(&on, "Service", "tidepool-gateway");
+    let service_ports: Vec<(String, u64, String)> = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (str_of(&p["name"]).to_string(), p["port"].as_u64().unwrap(), str_of(&p["targetPort"]).to_string()))
+        .collect();
+    assert_eq!(service_ports, [("http".into(), 80, "http".into()), ("admin".into(), 9090, "admin".into())]);
+    let mut selector = serde_yaml::Mapping::new();
+    selector.insert("matchLabels".into(), service["spec"]["selector"].clone());
+    assert!(selects(&Value::Mapping(selector), gateway_pods), "the Service misses the gateway's pods");
+    let budget = &find(&on, "PodDisruptionBudget", "tidepool-gateway")["spec"];
+    assert_eq!(budget["maxUnavailable"].as_u64(), Some(1));
+    assert!(selects(&budget["selector"], gateway_pods));
+
+    // Its pods take connections on their two ports only. The operator's API
+    // and the session port already let anyone in, the gateway too.
+    let policy = &find(&on, "NetworkPolicy", "tidepool-gateway")["spec"];
+    assert_eq!(strings(&policy["policyTypes"]), ["Ingress"]);
+    assert_eq!(ports(&policy["ingress"][0]["ports"]), ["8080/TCP", "9090/TCP"]);
+    assert!(selects(&policy["podSelector"], gateway_pods), "the gateway's policy misses its pods");
+    for name in ["tidepool-operator", "tidepool-sessions"] {
+        let ingress = &find(&on, "NetworkPolicy", name)["spec"]["ingress"];
+        assert!(
+            ingress.as_sequence().unwrap().iter().all(|rule| rule["from"].is_null()),
+            "{name} keeps the gateway out"
+        );
+    }
+
+    // One replica: no budget, which would block every drain.
+    let one = render(&["--set", "gateway.enabled=true,gateway.replicas=1"]);
+    assert!(!inventory(&one).iter().any(|o| o.starts_with("PodDisruptionBudget tidepool/tidepool-gateway")));
+
+    // Every option on: its flags, the autoscaler instead of a replica
+    // count, a Role in each of the operator's namespaces, the Ingress, the
+    // HTTPRoute and the ServiceMonitor on the admin port.
+    let listed = inventory(all);
+    for object in [
+        "HorizontalPodAutoscaler tidepool/tidepool-gateway",
+        "Ingress tidepool/tidepool-gateway",
+        "HTTPRoute tidepool/tidepool-gateway",
+        "ServiceMonitor tidepool/tidepool-gateway",
+        "Role team-a/tidepool-gateway",
+        "RoleBinding team-b/tidepool-gateway",
+        "PodDisruptionBudget tidepool/tidepool-gateway",
+    ] {
+        assert!(listed.iter().any(|o| o == object), "no {object} in {listed:?}");
+    }
+    assert!(!listed.iter().any(|o| o.starts_with("ClusterRole") && o.contains("gateway")), "{listed:?}");
+    assert_eq!(grants(find(all, "Role", "tidepool-gateway")), GATEWAY_GRANTS);
+    assert_eq!(
+        gateway_args(all),
+        [
+            "--listen=0.0.0.0:8080",
+            "--admin-listen=0.0.0.0:9090",
+            "--operator-url=http://tidepool-operator.tidepool.svc:8080",
+            "--namespaces=tidepool,tidepool-check,team-a,team-b",
+            "--session-namespace=tidepool",
+            "--public-url=https://sessions.example.com",
+            "--trusted-proxies=10.0.0.0/8,fd00::/8",
+            "--anonymous-allow=203.0.113.0/24,2001:db8::/32",
+            "--anonymous-sessions-per-hour=10",
+            "--anonymous-concurrent-sessions=1",
+            "--streams-per-session=8",
+            "--max-connections=10000",
+        ]
+    );
+    let deployment = find(all, "Deployment", "tidepool-gateway");
+    assert!(deployment["spec"]["replicas"].is_null(), "the autoscaler sets the replicas");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_hardened("gateway", pod);
+    assert_eq!(str_of(&pod["containers"][0]["image"]), "registry.example.com/tidepool/tidepool-gateway:0.1.0-rc.1");
+    assert_eq!(str_of(&pod["nodeSelector"]["kubernetes.io/os"]), "linux");
+    assert_eq!(str_of(&pod["tolerations"][0]["key"]), "dedicated");
+    let env = pod["containers"][0]["env"].as_sequence().unwrap();
+    let log = env.iter().find(|e| str_of(&e["name"]) == "RUST_LOG").unwrap();
+    assert_eq!(str_of(&log["value"]), "debug,kube=warn");
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!((str_of(&annotations["team"]), str_of(&annotations["prometheus.io/port"])), ("edge", "9090"));
+    assert_eq!(str_of(&find(all, "ServiceAccount", "tidepool-gateway")["imagePullSecrets"][0]["name"]), "regcred");
+    let service = &find(all, "Service", "tidepool-gateway")["spec"];
+    assert_eq!((str_of(&service["type"]), service["ports"][0]["port"].as_u64()), ("LoadBalancer", Some(8000)));
+
+    let autoscaler = &find(all, "HorizontalPodAutoscaler", "tidepool-gateway")["spec"];
+    assert_eq!(str_of(&autoscaler["scaleTargetRef"]["name"]), "tidepool-gateway");
+    assert_eq!(str_of(&autoscaler["scaleTargetRef"]["kind"]), "Deployment");
+    assert_eq!((autoscaler["minReplicas"].as_u64(), autoscaler["maxReplicas"].as_u64()), (Some(3), Some(20)));
+    let cpu = &autoscaler["metrics"][0]["resource"];
+    assert_eq!((str_of(&cpu["name"]), cpu["target"]["averageUtilization"].as_u64()), ("cpu", Some(60)));
+
+    let ingress = find(all, "Ingress", "tidepool-gateway");
+    assert_eq!(str_of(&ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]), "3600");
+    let spec = &ingress["spec"];
+    assert_eq!(str_of(&spec["ingressClassName"]), "nginx");
+    assert_eq!(str_of(&spec["tls"][0]["secretName"]), "sessions-tls");
+    assert_eq!(strings(&spec["tls"][0]["hosts"]), ["sessions.example.com"]);
+    assert_eq!(str_of(&spec["rules"][0]["host"]), "sessions.example.com");
+    let path = &spec["rules"][0]["http"]["paths"][0];
+    assert_eq!((str_of(&path["path"]), str_of(&path["pathType"])), ("/", "Prefix"));
+    let backend = &path["backend"]["service"];
+    assert_eq!((str_of(&backend["name"]), str_of(&backend["port"]["name"])), ("tidepool-gateway", "http"));
+
+    let route = &find(all, "HTTPRoute", "tidepool-gateway")["spec"];
+    let parent = &route["parentRefs"][0];
+    assert_eq!(
+        (str_of(&parent["name"]), str_of(&parent["namespace"]), str_of(&parent["sectionName"])),
+        ("public", "gateways", "https")
+    );
+    assert_eq!(strings(&route["hostnames"]), ["sessions.example.com"]);
+    let backend = &route["rules"][0]["backendRefs"][0];
+    assert_eq!((str_of(&backend["name"]), backend["port"].as_u64()), ("tidepool-gateway", Some(8000)));
+
+    let monitor = &find(all, "ServiceMonitor", "tidepool-gateway");
+    assert_eq!(str_of(&monitor["metadata"]["labels"]["release"]), "prometheus");
+    assert_eq!(str_of(&monitor["spec"]["endpoints"][0]["port"]), "admin");
+    let gateway_service = find(all, "Service", "tidepool-gateway");
+    assert!(
+        selects(&monitor["spec"]["selector"], &gateway_service["metadata"]["labels"]),
+        "the monitor misses the Service"
+    );
+    let operator_service = find(all, "Service", "tidepool-operator");
+    assert!(!selects(&monitor["spec"]["selector"], &operator_service["metadata"]["labels"]));
+
+    // Fewer namespaces than the operator's, each with its Role.
+    let fewer = render(&[
+        "--set",
+        "gateway.enabled=true,rbac.namespaces={tidepool,team-a,team-b},gateway.namespaces={tidepool,team-a}",
+    ]);
+    assert!(gateway_args(&fewer).iter().any(|a| a == "--namespaces=tidepool,team-a"));
+    let roles: Vec<String> =
+        inventory(&fewer).into_iter().filter(|o| o.starts_with("Role ") && o.ends_with("/tidepool-gateway")).collect();
+    assert_eq!(roles, ["Role team-a/tidepool-gateway", "Role tidepool/tidepool-gateway"]);
+    // A cluster-wide operator: the gateway still names its namespaces (the
+    // session namespace by default), with a Role in each and no ClusterRole.
+    let wide = render(&["--set", "gateway.enabled=true,rbac.clusterWide=true,operator.sessionNamespace=team-a"]);
+    assert!(gateway_args(&wide).iter().any(|a| a == "--namespaces=team-a"));
+    assert!(gateway_args(&wide).iter().any(|a| a == "--session-namespace=team-a"));
+    assert_eq!(grants(find(&wide, "Role", "tidepool-gateway")), GATEWAY_GRANTS);
+    assert_eq!(str_of(&find(&wide, "Role", "tidepool-gateway")["metadata"]["namespace"]), "team-a");
 }
 
 /// A results store with every option set.
@@ -652,6 +924,33 @@ fn chart_refuses_wrong_values_with_the_schemas_message() {
         ("admissionPolicy.validationActions={Deny,Warn}", &["Deny and Warn may not be used together"]),
         ("fleet.healthProbeTimeoutSeconds=20", &["healthProbeTimeoutSeconds must be shorter than"]),
         ("examplePool.maxSize=1", &["examplePool.maxSize must be at least examplePool.size"]),
+        ("gateway.replicas=two", &["/gateway/replicas", "got string, want integer"]),
+        ("gateway.trustedProxies={10.0.0.0/33}", &["/gateway/trustedProxies/0", "does not match pattern"]),
+        ("gateway.anonymous.allow={anywhere}", &["/gateway/anonymous/allow/0", "does not match pattern"]),
+        ("gateway.publicUrl=sessions.example.com", &["/gateway/publicUrl", "does not match pattern"]),
+        (
+            "gateway.autoscaling.targetCPUUtilizationPercentage=0",
+            &["/gateway/autoscaling/targetCPUUtilizationPercentage", "minimum"],
+        ),
+        ("gateway.ingress.tls=true", &["/gateway/ingress", "additional properties 'tls' not allowed"]),
+        (
+            "gateway.enabled=true,gateway.namespaces={team-c}",
+            &["gateway.namespaces lists team-c, which is not one of the operator's namespaces [tidepool]"],
+        ),
+        (
+            "gateway.enabled=true,rbac.namespaces={tidepool,team-a},gateway.namespaces={team-a}",
+            &[
+                "the gateway's session namespace tidepool (operator.sessionNamespace) must be one of gateway.namespaces [team-a]",
+            ],
+        ),
+        (
+            "gateway.enabled=true,gateway.httpRoute.enabled=true",
+            &["gateway.httpRoute.parentRefs must name the Gateway"],
+        ),
+        (
+            "gateway.enabled=true,gateway.autoscaling.enabled=true,gateway.autoscaling.minReplicas=5,gateway.autoscaling.maxReplicas=3",
+            &["gateway.autoscaling.minReplicas must be at most gateway.autoscaling.maxReplicas"],
+        ),
     ];
     for (value, words) in cases {
         let error = template(RELEASE, NAMESPACE, &["--set", value]).expect_err(value);
@@ -686,6 +985,28 @@ fn accepts(program: &Path, args: &[String]) -> Result<String, String> {
     run(Command::new(program).args(args).arg("--help"))
 }
 
+/// Whether the gateway takes `args` all the way: past clap and past its own
+/// checks (the CIDRs, the names, the session namespace among the served
+/// ones), to where it looks for the Kubernetes API, which it cannot find
+/// here: a kubeconfig that does not parse, and no in-cluster environment.
+fn gateway_settles(gateway: &Path, args: &[String]) -> Result<(), String> {
+    let kubeconfig = scratch("no-kubeconfig", "not: [a kubeconfig");
+    let output = Command::new(gateway)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("NO_COLOR", "1")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", gateway.display()));
+    let log = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    if log.contains("cannot reach the Kubernetes API") && !log.contains("bad flag") {
+        Ok(())
+    } else {
+        Err(format!("{}: {log}", output.status))
+    }
+}
+
 #[test]
 fn chart_arguments_are_ones_the_operator_accepts() {
     let operator = workspace_binary("tidepool-operator", "tidepool-operator").unwrap();
@@ -708,11 +1029,39 @@ fn chart_arguments_are_ones_the_operator_accepts() {
             r#"fleet.geoip={"volume":{"emptyDir":{}},"file":"GeoLite2-City.mmdb"}"#,
         ]),
         render(&["--set-json", RESULTS_STORE]),
+        render(&["--set", "gateway.enabled=true"]),
+        render(&["--set", "gateway.enabled=true,rbac.clusterWide=true,operator.sessionNamespace=team-a"]),
+        render(&[
+            "--set",
+            "gateway.enabled=true,rbac.namespaces={tidepool,team-a},gateway.namespaces={team-a,tidepool}",
+            "--set-json",
+            r#"gateway.anonymous={"allow":["192.0.2.7/32"],"sessionsPerHour":0,"concurrentSessions":0}"#,
+        ]),
     ];
     for objects in &renders {
         let args = operator_args(objects);
         accepts(&operator, &args).unwrap_or_else(|e| panic!("the operator refuses {args:?}: {e}"));
     }
+    // The gateway takes what the chart gives it, wherever it is on.
+    let gateway = workspace_binary("tidepool-gateway", "tidepool-gateway").unwrap();
+    let with_gateway: Vec<&Vec<Value>> = renders
+        .iter()
+        .filter(|objects| inventory(objects).iter().any(|o| o == "Deployment tidepool/tidepool-gateway"))
+        .collect();
+    assert_eq!(with_gateway.len(), 4, "the renders with the gateway on");
+    for objects in with_gateway {
+        let args = gateway_args(objects);
+        accepts(&gateway, &args).unwrap_or_else(|e| panic!("the gateway refuses {args:?}: {e}"));
+        gateway_settles(&gateway, &args).unwrap_or_else(|e| panic!("the gateway refuses {args:?}: {e}"));
+    }
+    // Both gateway checks can fail: clap's on an unknown flag, the gateway's own on a bad range.
+    let mut unknown = gateway_args(&renders[1]);
+    unknown.push("--no-such-flag".into());
+    assert!(accepts(&gateway, &unknown).expect_err("an unknown flag").contains("--no-such-flag"));
+    let mut bad = gateway_args(&render(&["--set", "gateway.enabled=true"]));
+    bad.push("--trusted-proxies=10.0.0.0/33".into());
+    accepts(&gateway, &bad).expect("clap takes any text here");
+    assert!(gateway_settles(&gateway, &bad).expect_err("a bad range").contains("trusted-proxies"));
     // The check can fail: an unknown flag or a bad value stops clap before --help.
     let mut unknown = operator_args(&renders[0]);
     unknown.push("--no-such-flag".into());
@@ -886,6 +1235,54 @@ const NOBODY_MAY: &[&str] = &[
     "create serviceaccounts --subresource=token -n tidepool",
 ];
 
+/// What the gateway does, each of which it must be allowed, in the
+/// namespace it serves.
+const GATEWAY_MAY: &[&str] = &[
+    "list testsessions.tidepool.dev -n tidepool",
+    "watch testsessions.tidepool.dev -n tidepool",
+    "get testsessions.tidepool.dev -n tidepool",
+    "create testsessions.tidepool.dev -n tidepool",
+    "delete testsessions.tidepool.dev -n tidepool",
+    "list warmpools.tidepool.dev -n tidepool",
+    "watch warmpools.tidepool.dev -n tidepool",
+    "get warmpools.tidepool.dev -n tidepool",
+    "list pods -n tidepool",
+    "watch pods -n tidepool",
+    "get pods -n tidepool",
+];
+
+/// What the gateway never needs: Secrets, writing pods, pools or sessions
+/// other than through the operator, and any namespace it does not serve.
+const GATEWAY_MAY_NOT: &[&str] = &[
+    "get secrets -n tidepool",
+    "list secrets -n tidepool",
+    "create pods -n tidepool",
+    "delete pods -n tidepool",
+    "patch pods -n tidepool",
+    "create pods --subresource=exec -n tidepool",
+    "create pods --subresource=portforward -n tidepool",
+    "update testsessions.tidepool.dev -n tidepool",
+    "patch testsessions.tidepool.dev -n tidepool",
+    "patch testsessions.tidepool.dev --subresource=status -n tidepool",
+    "create warmpools.tidepool.dev -n tidepool",
+    "patch warmpools.tidepool.dev -n tidepool",
+    "delete warmpools.tidepool.dev -n tidepool",
+    "list testsessions.tidepool.dev -n team-x",
+    "create testsessions.tidepool.dev -n team-x",
+    "list warmpools.tidepool.dev -n team-x",
+    "list pods -n team-x",
+    "list pods --all-namespaces",
+    "list testsessions.tidepool.dev --all-namespaces",
+    "get nodes",
+    "get backends.tidepool.dev",
+    "create tokenreviews.authentication.k8s.io",
+    "create subjectaccessreviews.authorization.k8s.io",
+    "create serviceaccounts --subresource=token -n tidepool",
+    "get leases.coordination.k8s.io -n tidepool",
+    "get configmaps -n tidepool",
+    "impersonate users",
+];
+
 /// Installs the chart into the harness and checks what it grants, by asking
 /// the API server; then runs the real operator and a real agent with the
 /// chart's ServiceAccounts and arguments.
@@ -904,12 +1301,19 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
     let notes = run(helm().args(["install", RELEASE]).arg(chart()).args(install)).unwrap();
     assert!(notes.contains("The operator works only in tidepool (rbac.namespaces)"), "{notes}");
     assert!(notes.contains("tidepool.dev/session-service-accounts="), "{notes}");
-    // An upgrade keeps the API token the install made.
+    // An upgrade that turns the gateway on installs it, and keeps the API
+    // token the install made.
     let token = || {
         run(plane.kubectl().args(["get", "secret", "tidepool-api-token", "-n", NAMESPACE, "-o=jsonpath={.data.token}"]))
     };
     let first = token().unwrap();
-    run(helm().args(["upgrade", RELEASE]).arg(chart()).args(install)).unwrap();
+    let notes =
+        run(helm().args(["upgrade", RELEASE]).arg(chart()).args(install).args(["--set", "gateway.enabled=true"]))
+            .unwrap();
+    assert!(
+        notes.contains("The gateway serves sessions in tidepool at\nhttp://tidepool-gateway.tidepool.svc:80."),
+        "{notes}"
+    );
     assert_eq!(token().unwrap(), first, "helm upgrade changed the API token");
 
     // Every option on, as a second release: the API server takes every
@@ -918,7 +1322,9 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
     let allow = "tidepool.dev/session-service-accounts=check-tidepool-session";
     run(plane.kubectl().args(["annotate", "namespace", "tidepool-check", allow])).unwrap();
     let all_on = scratch("all-on-dry-run.yaml", ALL_ON);
-    let rendered = template("check", "tidepool-check", &["-f", all_on.to_str().unwrap()]).unwrap();
+    // The harness has no Gateway API CRDs, so the HTTPRoute is checked by rendering only.
+    let no_route = ["-f", all_on.to_str().unwrap(), "--set", "gateway.httpRoute.enabled=false"];
+    let rendered = template("check", "tidepool-check", &no_route).unwrap();
     let rendered = scratch("check.yaml", &rendered);
     run(plane.kubectl().args(["apply", "--dry-run=server", "-f"]).arg(&rendered)).unwrap();
 
@@ -940,6 +1346,17 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
     for question in CLUSTER_WIDE_OPERATOR_MAY_NOT {
         assert!(!can_i_as(&plane, wide_operator, question), "the cluster-wide operator may {question}");
     }
+    // The gateway reads pools, sessions and pods, and has the session
+    // verbs the operator's API reviews, where it serves and nowhere else.
+    for question in GATEWAY_MAY {
+        assert!(can_i(&plane, "tidepool-gateway", question), "the gateway may not {question}");
+    }
+    for question in GATEWAY_MAY_NOT {
+        assert!(!can_i(&plane, "tidepool-gateway", question), "the gateway may {question}");
+    }
+    let gateway_user = format!("system:serviceaccount:{NAMESPACE}:tidepool-gateway");
+    let unbound = rights(&plane, &format!("system:serviceaccount:{NAMESPACE}:nobody"), "default");
+    assert_eq!(rights(&plane, &gateway_user, "default"), unbound, "the gateway's rights in default");
     // The agents and the session pods have what every account has, nothing more.
     for account in ["tidepool-agent", "tidepool-session"] {
         for question in NOBODY_MAY {
@@ -961,10 +1378,15 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
     })
     .await
     .unwrap();
-    let objects = render(&[]);
+    let objects = render(&["--set", "gateway.enabled=true"]);
     let deployment = find(&objects, "Deployment", "tidepool-operator");
     let pool = find(&objects, "WarmPool", "edge");
-    for (name, template) in [("operator", &deployment["spec"]["template"]), ("session", &pool["spec"]["template"])] {
+    let gateway = find(&objects, "Deployment", "tidepool-gateway");
+    for (name, template) in [
+        ("operator", &deployment["spec"]["template"]),
+        ("session", &pool["spec"]["template"]),
+        ("gateway", &gateway["spec"]["template"]),
+    ] {
         pod_security(&plane, name, template).unwrap_or_else(|e| panic!("the {name} pod is not restricted: {e}"));
     }
 
@@ -986,6 +1408,10 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
     assert!(selects(&operator_policy["podSelector"], operator_pods), "the operator's policy misses its pods");
     let agent_policy = kept("tidepool-agent").await;
     assert_eq!(ports(&agent_policy["ingress"][0]["ports"]), ["9101/TCP"]);
+    let gateway_policy = kept("tidepool-gateway").await;
+    assert_eq!(ports(&gateway_policy["ingress"][0]["ports"]), ["8080/TCP", "9090/TCP"]);
+    let gateway_pods = &gateway["spec"]["template"]["metadata"]["labels"];
+    assert!(selects(&gateway_policy["podSelector"], gateway_pods), "the gateway's policy misses its pods");
 
     run_the_operator_and_an_agent(&plane, &client, &agent_policy).await;
 }
@@ -1017,8 +1443,9 @@ async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Clie
     let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
     let token_file = scratch("api-token", &token);
     let port = free_port().unwrap();
-    // The chart's arguments, but listening on loopback and reading the token from here.
-    let mut args: Vec<String> = operator_args(&render(&[]))
+    // The installed release's arguments (the gateway on), but listening on
+    // loopback and reading the token from here.
+    let mut args: Vec<String> = operator_args(&render(&["--set", "gateway.enabled=true"]))
         .into_iter()
         .map(|arg| match arg.split_once('=') {
             Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
@@ -1092,6 +1519,7 @@ async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Clie
         .await
         .unwrap();
     assert_eq!(created.status().as_u16(), 201, "{}", created.text().await.unwrap());
+    run_the_gateway(plane, &url).await;
 
     let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
     let daemonset = eventually(Duration::from_secs(30), "the agent DaemonSet", || async {
@@ -1207,6 +1635,66 @@ async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Clie
 
     let log = std::fs::read_to_string(&operator.log).unwrap();
     assert!(!log.to_lowercase().contains("forbidden"), "the operator was refused something:\n{log}");
+}
+
+/// The real gateway with the chart's arguments, as the chart's gateway
+/// account, in front of the real operator at `operator_url`: its watches
+/// sync with its Role's rights, and the operator's reviews let its own
+/// token create, read and delete a session, as they do for the sessions it
+/// starts for anonymous clients.
+async fn run_the_gateway(plane: &ControlPlane, operator_url: &str) {
+    let (port, admin_port) = (free_port().unwrap(), free_port().unwrap());
+    let audience = "https://kubernetes.default.svc.cluster.local";
+    let token = plane.service_account_token(NAMESPACE, "tidepool-gateway", audience, None).await.unwrap();
+    let token_file = scratch("gateway-token", &token);
+    let mut args: Vec<String> = gateway_args(&render(&["--set", "gateway.enabled=true"]))
+        .into_iter()
+        .map(|arg| match arg.split_once('=') {
+            Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
+            Some(("--admin-listen", _)) => format!("--admin-listen=127.0.0.1:{admin_port}"),
+            // The Service's name does not resolve here.
+            Some(("--operator-url", _)) => format!("--operator-url={operator_url}"),
+            _ => arg,
+        })
+        .collect();
+    // Where the kubelet would mount the account's token.
+    args.push(format!("--token-file={}", token_file.display()));
+    let kubeconfig = plane.service_account_kubeconfig(NAMESPACE, "tidepool-gateway").await.unwrap();
+    let binary = workspace_binary("tidepool-gateway", "tidepool-gateway").unwrap();
+    let env = [("KUBECONFIG", kubeconfig.to_str().unwrap()), ("NO_COLOR", "1")];
+    let mut gateway = plane.spawn("gateway", &binary, &args, &env).unwrap();
+    let (url, admin) = (format!("http://127.0.0.1:{port}"), format!("http://127.0.0.1:{admin_port}"));
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), "the gateway's caches to sync", || async {
+        http.get(format!("{admin}/readyz")).send().await.ok()?.status().is_success().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_tail(30)));
+
+    let created = http
+        .post(format!("{url}/api/v1/sessions"))
+        .bearer_auth(token.trim())
+        .json(&serde_json::json!({ "pool": "edge" }))
+        .send()
+        .await
+        .unwrap();
+    let status = created.status().as_u16();
+    let view: serde_json::Value = created.json().await.unwrap();
+    assert_eq!(status, 201, "a create through the gateway: {view}\n{}", gateway.log_tail(30));
+    // The session's streams come back through the gateway.
+    assert!(view["endpoint"].as_str().unwrap_or_default().starts_with(&url), "{view}");
+    let name = view["name"].as_str().unwrap();
+    let one = format!("{url}/api/v1/sessions/{name}?namespace={NAMESPACE}");
+    let read = http.get(&one).bearer_auth(token.trim()).send().await.unwrap();
+    assert_eq!(read.status().as_u16(), 200, "{}", read.text().await.unwrap());
+    let ended = http.delete(&one).bearer_auth(token.trim()).send().await.unwrap();
+    assert!(ended.status().is_success(), "{}: {}", ended.status(), ended.text().await.unwrap());
+
+    let metrics = http.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    check_metrics("gateway", &metrics);
+    gateway.stop(Duration::from_secs(5));
+    let log = std::fs::read_to_string(&gateway.log).unwrap();
+    assert!(!log.to_lowercase().contains("forbidden"), "the gateway was refused something:\n{log}");
 }
 
 /// Debian's Prometheus, scraping fixed targets every second.
@@ -1398,6 +1886,12 @@ fn the_argocd_project_allows_every_object_the_chart_makes() {
         "ValidatingAdmissionPolicyBinding",
     ];
     let mut objects = render(&["--include-crds"]);
+    // The gateway's objects too, each optional one on.
+    let gateway = "gateway.enabled=true,gateway.autoscaling.enabled=true,gateway.ingress.enabled=true,\
+                   gateway.httpRoute.enabled=true,gateway.httpRoute.parentRefs[0].name=public";
+    objects.extend(
+        render(&["--set", gateway]).into_iter().filter(|o| str_of(&o["metadata"]["name"]).ends_with("-gateway")),
+    );
     // The namespace itself, which the Application's CreateNamespace makes.
     objects.push(
         serde_yaml::from_str(&format!("{{apiVersion: v1, kind: Namespace, metadata: {{name: {NAMESPACE}}}}}")).unwrap(),
@@ -1454,7 +1948,9 @@ fn chart_images_come_from_a_dockerfile_target_per_program() {
     let defaults: Value = serde_yaml::from_str(&std::fs::read_to_string(chart().join("values.yaml")).unwrap()).unwrap();
     let cargo = build.2.iter().find(|i| i.contains("cargo build")).expect("a cargo build");
     assert!(cargo.contains("--release --locked"), "{cargo}");
-    for (target, value) in [("operator", "operator"), ("agent", "agent"), ("session", "session")] {
+    for (target, value) in
+        [("operator", "operator"), ("agent", "agent"), ("session", "session"), ("gateway", "gateway")]
+    {
         // The chart's image name is the program's name.
         let program = str_of(&defaults["images"][value]);
         assert!(cargo.contains(&format!("--bin {program}")), "{program} is not built: {cargo}");
@@ -1467,6 +1963,8 @@ fn chart_images_come_from_a_dockerfile_target_per_program() {
         // One binary each: nothing else is copied in.
         assert_eq!(instructions.iter().filter(|i| i.starts_with("COPY")).count(), 1, "{target}");
     }
+    // The gateway's users' and admin ports, as the chart's Deployment names them.
+    assert!(stage("gateway").2.contains(&"EXPOSE 8080 9090".to_string()), "{:?}", stage("gateway").2);
     let ignored = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
     for path in ["target", ".git"] {
         assert!(ignored.lines().any(|l| l.trim() == path), ".dockerignore leaves {path} in the build context");

@@ -20,10 +20,16 @@ when it already holds the chart's name, else "<release>-<chart>".
 {{- end }}
 {{- end }}
 
-{{/* Names of the three parts; each is also the name of its ServiceAccount. */}}
+{{/* Names of the four parts; each is also the name of its ServiceAccount. */}}
 {{- define "tidepool.operator" -}}{{ include "tidepool.fullname" . }}-operator{{- end }}
 {{- define "tidepool.agent" -}}{{ include "tidepool.fullname" . }}-agent{{- end }}
 {{- define "tidepool.session" -}}{{ include "tidepool.fullname" . }}-session{{- end }}
+{{- define "tidepool.gateway" -}}{{ include "tidepool.fullname" . }}-gateway{{- end }}
+
+{{/* The gateway's Kubernetes user name, which the operator leaves uncapped. */}}
+{{- define "tidepool.gatewayUser" -}}
+system:serviceaccount:{{ .Release.Namespace }}:{{ include "tidepool.gateway" . }}
+{{- end }}
 
 {{/* The Secret holding the API's bearer token. */}}
 {{- define "tidepool.apiTokenSecret" -}}
@@ -49,6 +55,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/name: {{ include "tidepool.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* The gateway pods' selector. */}}
+{{- define "tidepool.gatewaySelector" -}}
+app.kubernetes.io/name: {{ include "tidepool.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
 {{- end }}
 
 {{/* An image reference: (list $ "name"). */}}
@@ -80,6 +93,21 @@ release namespace; none (the whole cluster) with rbac.clusterWide.
 {{- end }}
 
 {{/*
+The namespaces the gateway serves, as JSON: gateway.namespaces, else the
+operator's; with rbac.clusterWide, the session namespace. The gateway
+watches each one by name, so it needs a list even when the operator has none.
+*/}}
+{{- define "tidepool.gatewayNamespaces" -}}
+{{- if .Values.gateway.namespaces }}
+{{- .Values.gateway.namespaces | toJson }}
+{{- else if .Values.rbac.clusterWide }}
+{{- list (.Values.operator.sessionNamespace | default .Release.Namespace) | toJson }}
+{{- else }}
+{{- include "tidepool.namespaces" . }}
+{{- end }}
+{{- end }}
+
+{{/*
 Refuses values that contradict each other, with a message that names them.
 Each template that depends on these values includes it.
 */}}
@@ -105,6 +133,30 @@ Each template that depends on these values includes it.
 {{- end }}
 {{- if and .Values.examplePool.enabled (not (has .Release.Namespace $namespaces)) }}
 {{- fail (printf "examplePool is in the release namespace %s, which rbac.namespaces %v does not list: list it, or set examplePool.enabled=false" .Release.Namespace $namespaces) }}
+{{- end }}
+{{- if .Values.gateway.enabled }}
+{{- range .Values.gateway.namespaces }}
+{{- if not (has . $namespaces) }}
+{{- fail (printf "gateway.namespaces lists %s, which is not one of the operator's namespaces %v (rbac.namespaces)" . $namespaces) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.gateway.enabled }}
+{{- $sessions := .Values.operator.sessionNamespace | default .Release.Namespace }}
+{{- $served := include "tidepool.gatewayNamespaces" . | fromJsonArray }}
+{{- if not (has $sessions $served) }}
+{{- fail (printf "the gateway's session namespace %s (operator.sessionNamespace) must be one of gateway.namespaces %v" $sessions $served) }}
+{{- end }}
+{{- with .Values.gateway.httpRoute }}
+{{- if and .enabled (not .parentRefs) }}
+{{- fail "gateway.httpRoute.parentRefs must name the Gateway the route attaches to" }}
+{{- end }}
+{{- end }}
+{{- with .Values.gateway.autoscaling }}
+{{- if and .enabled (gt (int .minReplicas) (int .maxReplicas)) }}
+{{- fail "gateway.autoscaling.minReplicas must be at most gateway.autoscaling.maxReplicas" }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
