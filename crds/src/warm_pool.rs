@@ -100,6 +100,12 @@ pub struct WarmPoolSpec {
     /// anonymous clients (docs/gateway.md). Off unless set.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub public: bool,
+    /// When set, a session started through the gateway whose client has had
+    /// no stream open through it for this many seconds is ended early
+    /// (`Expired`, reason `ClientGone`), freeing its pod before its TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub release_when_client_gone_seconds: Option<i32>,
 }
 
 /// Who puts a pool's new pods on nodes.

@@ -41,6 +41,9 @@ async fn create_session(gateway: &Gateway, request: Request<Body>) -> Result<axu
     if let Some(authorization) = authorization {
         // A Kubernetes identity: the operator decides, as if asked directly.
         let answer = gateway.operator.relay(Method::POST, "/api/v1/sessions", authorization, body).await;
+        if let Ok(answer) = &answer {
+            first_sighting(gateway, answer).await;
+        }
         return pass_on(gateway, answer, host.as_deref());
     }
     let mut create: CreateSession = tidepool_protocol::parse_json(&body).map_err(|e| {
@@ -83,10 +86,29 @@ async fn create_session(gateway: &Gateway, request: Request<Body>) -> Result<axu
         && answer.status.is_success()
     {
         reservation.made(format!("{}/{}", view.namespace, view.name));
+        first_sighting(gateway, answer).await;
         gateway.metrics.anonymous_sessions.inc();
         tracing::info!(session = %view.name, namespace = %view.namespace, %client, "anonymous session");
     }
     pass_on(gateway, answer, host.as_deref())
+}
+
+/// A session made through the gateway on a pool that releases sessions of
+/// clients that went away is marked seen now, so that a client that never
+/// opens a stream is released after the grace too. A failed write is
+/// logged: the session then lives to its TTL, as before the gateway.
+async fn first_sighting(gateway: &Gateway, answer: &Answer) {
+    let Ok(view) = serde_json::from_slice::<SessionView>(&answer.body) else { return };
+    if !answer.status.is_success() {
+        return;
+    }
+    let releases =
+        gateway.caches.pool(&view.namespace, &view.pool).and_then(|p| p.spec.release_when_client_gone_seconds);
+    if releases.is_some()
+        && let Err(e) = crate::seen::write(&gateway.kube, &view.namespace, &view.name).await
+    {
+        tracing::warn!(error = %e, session = %view.name, "cannot mark the session's client seen");
+    }
 }
 
 /// `GET /api/v1/sessions/{name}`.

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod operator;
 pub mod proxy;
 pub mod reply;
+pub mod seen;
 pub mod server;
 pub mod state;
 pub mod target;

@@ -66,6 +66,7 @@ async fn run(flags: Flags) -> ExitCode {
     let gateway = Arc::new(Gateway {
         operator: OperatorApi::new(settings.operator_url.clone(), settings.token_file.clone()),
         settings,
+        kube: client.clone(),
         caches: caches.clone(),
         pods: pod_client(),
         streams: Default::default(),
@@ -85,6 +86,7 @@ async fn run(flags: Flags) -> ExitCode {
         "the admin server".into(),
         serve(gateway.clone(), admin, admin_router(gateway.clone(), ready.clone()), until_stopped(stopping.clone())),
     );
+    tasks.spawn("the sightings of clients".into(), tidepool_gateway::seen::keep_writing(gateway.clone()));
     tracing::info!(listen = %flags.listen, admin = %flags.admin_listen, "serving");
     let synced = async {
         caches.wait_until_ready().await;

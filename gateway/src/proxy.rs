@@ -42,26 +42,50 @@ pub fn pod_client() -> PodClient {
     Client::builder(hyper_util::rt::TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector)
 }
 
-/// Streams open per session on this replica.
+/// Streams open per session on this replica, and the sessions whose last
+/// stream closed since they were last looked at (for the sightings the
+/// gateway writes, `seen.rs`).
 #[derive(Default)]
-pub struct OpenStreams(Mutex<HashMap<String, usize>>);
+pub struct OpenStreams(Mutex<Streams>);
+
+#[derive(Default)]
+struct Streams {
+    open: HashMap<String, (usize, SessionRef)>,
+    closed: Vec<SessionRef>,
+}
+
+/// A session as the streams know it: its UID, namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRef {
+    pub sid: String,
+    pub namespace: String,
+    pub name: String,
+}
 
 impl OpenStreams {
-    /// Takes a place for one more stream of session `sid`, unless it has `cap` already.
-    fn open(self: &Arc<Self>, sid: &str, cap: usize, gauge: IntGauge) -> Option<StreamGuard> {
-        let mut open = self.0.lock().ok()?;
-        let count = open.entry(sid.to_string()).or_default();
+    /// Takes a place for one more stream of `session`, unless it has `cap` already.
+    fn open(self: &Arc<Self>, session: &SessionRef, cap: usize, gauge: IntGauge) -> Option<StreamGuard> {
+        let mut streams = self.0.lock().ok()?;
+        let (count, _) = streams.open.entry(session.sid.clone()).or_insert_with(|| (0, session.clone()));
         if *count >= cap {
             return None;
         }
         *count += 1;
         gauge.inc();
-        Some(StreamGuard { streams: self.clone(), sid: sid.to_string(), gauge })
+        Some(StreamGuard { streams: self.clone(), sid: session.sid.clone(), gauge })
     }
 
     /// How many streams session `sid` has open here.
     pub fn of(&self, sid: &str) -> usize {
-        self.0.lock().map(|open| open.get(sid).copied().unwrap_or(0)).unwrap_or(0)
+        self.0.lock().map(|s| s.open.get(sid).map_or(0, |(count, _)| *count)).unwrap_or(0)
+    }
+
+    /// The sessions with a stream open now, and those whose last stream
+    /// closed since the last call.
+    pub fn sightings(&self) -> (Vec<SessionRef>, Vec<SessionRef>) {
+        let Ok(mut streams) = self.0.lock() else { return (Vec::new(), Vec::new()) };
+        let open = streams.open.values().map(|(_, session)| session.clone()).collect();
+        (open, std::mem::take(&mut streams.closed))
     }
 }
 
@@ -75,12 +99,14 @@ pub struct StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.gauge.dec();
-        if let Ok(mut open) = self.streams.0.lock()
-            && let Some(count) = open.get_mut(&self.sid)
+        if let Ok(mut streams) = self.streams.0.lock()
+            && let Some((count, _)) = streams.open.get_mut(&self.sid)
         {
             *count -= 1;
-            if *count == 0 {
-                open.remove(&self.sid);
+            if *count == 0
+                && let Some((_, session)) = streams.open.remove(&self.sid)
+            {
+                streams.closed.push(session);
             }
         }
     }
@@ -103,9 +129,14 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
         Refused::new(StatusCode::UNAUTHORIZED, "no_token", "a session token is needed: Authorization: Bearer <token>")
     })?;
     let target = find_target(gateway, &token)?;
+    let session = SessionRef {
+        sid: target.claims.sid.clone(),
+        namespace: target.claims.ns.clone(),
+        name: target.claims.name.clone(),
+    };
     let guard = gateway
         .streams
-        .open(&target.claims.sid, gateway.settings.streams_per_session, gateway.metrics.open_streams.clone())
+        .open(&session, gateway.settings.streams_per_session, gateway.metrics.open_streams.clone())
         .ok_or_else(|| {
             Refused::new(StatusCode::TOO_MANY_REQUESTS, "streams_per_session", "this session has too many streams open")
                 .retry_after(1)
@@ -455,19 +486,28 @@ mod tests {
         assert_eq!(token_of(&request("/s/ws", None)), None);
     }
 
+    fn session(sid: &str) -> SessionRef {
+        SessionRef { sid: sid.into(), namespace: "default".into(), name: format!("s-{sid}") }
+    }
+
     #[test]
     fn a_session_holds_at_most_its_cap_of_streams_and_gets_them_back() {
         let streams = Arc::new(OpenStreams::default());
         let gauge = IntGauge::new("g", "g").unwrap();
-        let first = streams.open("a", 2, gauge.clone()).unwrap();
-        let second = streams.open("a", 2, gauge.clone()).unwrap();
-        assert!(streams.open("a", 2, gauge.clone()).is_none());
-        assert!(streams.open("b", 2, gauge.clone()).is_some());
+        let first = streams.open(&session("a"), 2, gauge.clone()).unwrap();
+        let second = streams.open(&session("a"), 2, gauge.clone()).unwrap();
+        assert!(streams.open(&session("a"), 2, gauge.clone()).is_none());
+        assert!(streams.open(&session("b"), 2, gauge.clone()).is_some());
         assert_eq!((streams.of("a"), gauge.get()), (2, 2));
+        // a is open; b opened and closed.
+        assert_eq!(streams.sightings(), (vec![session("a")], vec![session("b")]));
         drop(first);
         assert_eq!(streams.of("a"), 1);
         drop(second);
         assert_eq!((streams.of("a"), gauge.get()), (0, 0));
-        assert!(streams.0.lock().unwrap().is_empty());
+        // Each closing is told once.
+        assert_eq!(streams.sightings(), (vec![], vec![session("a")]));
+        assert_eq!(streams.sightings(), (vec![], vec![]));
+        assert!(streams.0.lock().unwrap().open.is_empty());
     }
 }

@@ -21,6 +21,8 @@ pub struct Peer(pub SocketAddr);
 
 pub struct Gateway {
     pub settings: Settings,
+    /// For the sightings of clients the gateway writes on sessions.
+    pub kube: kube::Client,
     pub caches: Caches,
     pub operator: OperatorApi,
     pub pods: PodClient,

@@ -32,6 +32,9 @@ pub mod reason {
     pub const POOL_NOT_FOUND: &str = "PoolNotFound";
     pub const COMPLETED: &str = "Completed";
     pub const EXPIRED: &str = "Expired";
+    /// Ended early: its client had no stream open through the gateway for
+    /// the pool's `releaseWhenClientGoneSeconds`.
+    pub const CLIENT_GONE: &str = "ClientGone";
     /// Failed: its pod went away more often than the pool's `maxRebinds`.
     pub const TOO_MANY_REBINDS: &str = "TooManyRebinds";
     /// Its results are in the results store.

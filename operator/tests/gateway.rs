@@ -246,3 +246,81 @@ async fn anonymous_sessions_reach_their_pods_only_through_the_gateway_and_follow
     assert_eq!(metric(&gateway, "tidepool_gateway_anonymous_sessions_total").await, 3.0);
     assert_eq!(metric(&gateway, "tidepool_gateway_open_streams").await, 0.0);
 }
+
+/// The Ready condition's reason.
+fn ready_reason(session: &TestSession) -> Option<String> {
+    let status = session.status.as_ref()?;
+    status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_client_went_away_is_released_before_its_ttl() {
+    let cluster = Cluster::start(1).await;
+    let port = free_port().unwrap();
+    let operator_url = format!("http://127.0.0.1:{port}");
+    let results_url = format!("--results-url={operator_url}");
+    let operator = cluster.operator_on("operator-0", port, &[&results_url, "--uncapped-callers=static-token"]).await;
+    let session_bin = workspace_binary("tidepool-session", "tidepool-session").unwrap();
+    let _runner = PodRunner::start(
+        cluster.client.clone(),
+        "default",
+        "tidepool.dev/pool",
+        session_bin,
+        cluster.plane.dir().to_path_buf(),
+    );
+    cluster.pool("open", 3).await;
+    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
+    let spec = json!({ "spec": { "public": true, "releaseWhenClientGoneSeconds": 10 } });
+    pools.patch("open", &PatchParams::default(), &Patch::Merge(spec)).await.unwrap();
+    cluster.wait_warm("open", 3, Duration::from_secs(30)).await;
+    let gateway = start_gateway(&cluster, &operator.url).await;
+    let sessions: Api<TestSession> = Api::namespaced(cluster.client.clone(), "default");
+
+    // One client keeps a WebSocket open past the grace; one never opens a
+    // stream; one session is made around the gateway, which never sees its client.
+    let (status, kept, _) = post(&gateway.url, None, json!({ "pool": "open" })).await;
+    assert_eq!(status, 201, "{kept}");
+    let (status, idle, _) = post(&gateway.url, None, json!({ "pool": "open" })).await;
+    assert_eq!(status, 201, "{idle}");
+    let (status, direct) = common::post_session(&operator, json!({ "pool": "open" })).await;
+    assert_eq!(status, 201, "{direct}");
+    let token = kept["token"].as_str().unwrap().to_string();
+    let [kept, idle, direct] = [&kept, &idle, &direct].map(|v| v["name"].as_str().unwrap().to_string());
+    let ws_url = format!("{}/s/ws?token={token}", gateway.url.replacen("http://", "ws://", 1));
+    let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    let opened = std::time::Instant::now();
+
+    // The one that never opened a stream is released after the grace.
+    let released = eventually(Duration::from_secs(30), "the idle session to be released", || async {
+        let session = sessions.get(&idle).await.ok()?;
+        (ready_reason(&session).as_deref() == Some("ClientGone")).then_some(session)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", gateway.process.log_tail(20)));
+    assert_eq!(released.status.as_ref().map(|s| s.phase.to_string()).as_deref(), Some("Expired"));
+
+    // The one with an open socket lives on past the grace, pinging.
+    let mut seq = 0;
+    while opened.elapsed() < Duration::from_secs(15) {
+        seq += 1;
+        socket.send(Message::text(json!({ "type": "ping", "seq": seq, "clientTimeUs": 1 }).to_string())).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let alive = sessions.get(&kept).await.unwrap();
+    assert_eq!(alive.status.as_ref().map(|s| s.phase.to_string()).as_deref(), Some("Ready"), "{:?}", alive.status);
+    // Its client leaves: released within the grace and a tick or two.
+    drop(socket);
+    let left = std::time::Instant::now();
+    eventually(Duration::from_secs(30), "the session whose client left to be released", || async {
+        let session = sessions.get(&kept).await.ok()?;
+        (ready_reason(&session).as_deref() == Some("ClientGone")).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(left.elapsed() >= Duration::from_secs(7), "released {:?} after its client left", left.elapsed());
+
+    // The session made around the gateway keeps its pod: nothing says its client went.
+    let untouched = sessions.get(&direct).await.unwrap();
+    assert_eq!(untouched.status.as_ref().map(|s| s.phase.to_string()).as_deref(), Some("Ready"));
+    assert!(!untouched.metadata.annotations.unwrap_or_default().contains_key("tidepool.dev/client-seen"));
+}

@@ -10,6 +10,12 @@ use tidepool_wire::report::Coordinates;
 /// POST: create a session and wait for it to be Ready ([`CreateSession`] →
 /// [`SessionView`]).
 pub const SESSIONS_PATH: &str = "/api/v1/sessions";
+
+/// The annotation the gateway keeps on a session it serves: when (RFC 3339)
+/// its client last had a stream open. With the pool's
+/// `releaseWhenClientGoneSeconds`, the operator ends a session whose client
+/// has been gone that long; a session without it is never ended so.
+pub const CLIENT_SEEN_ANNOTATION: &str = "tidepool.dev/client-seen";
 /// GET or DELETE one session, with `?namespace=`.
 pub const SESSION_PATH: &str = "/api/v1/sessions/{name}";
 /// POST: the best backend for a client outside the cluster ([`RouteRequest`]

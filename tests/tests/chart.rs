@@ -309,6 +309,7 @@ const GATEWAY_GRANTS: &[&str] = &[
     "list pods",
     "list testsessions.tidepool.dev",
     "list warmpools.tidepool.dev",
+    "patch testsessions.tidepool.dev",
     "watch pods",
     "watch testsessions.tidepool.dev",
     "watch warmpools.tidepool.dev",
@@ -1243,6 +1244,7 @@ const GATEWAY_MAY: &[&str] = &[
     "get testsessions.tidepool.dev -n tidepool",
     "create testsessions.tidepool.dev -n tidepool",
     "delete testsessions.tidepool.dev -n tidepool",
+    "patch testsessions.tidepool.dev -n tidepool",
     "list warmpools.tidepool.dev -n tidepool",
     "watch warmpools.tidepool.dev -n tidepool",
     "get warmpools.tidepool.dev -n tidepool",
@@ -1252,7 +1254,8 @@ const GATEWAY_MAY: &[&str] = &[
 ];
 
 /// What the gateway never needs: Secrets, writing pods, pools or sessions
-/// other than through the operator, and any namespace it does not serve.
+/// other than through the operator (but for the sightings of clients it
+/// patches onto sessions), and any namespace it does not serve.
 const GATEWAY_MAY_NOT: &[&str] = &[
     "get secrets -n tidepool",
     "list secrets -n tidepool",
@@ -1262,8 +1265,8 @@ const GATEWAY_MAY_NOT: &[&str] = &[
     "create pods --subresource=exec -n tidepool",
     "create pods --subresource=portforward -n tidepool",
     "update testsessions.tidepool.dev -n tidepool",
-    "patch testsessions.tidepool.dev -n tidepool",
     "patch testsessions.tidepool.dev --subresource=status -n tidepool",
+    "patch testsessions.tidepool.dev -n team-x",
     "create warmpools.tidepool.dev -n tidepool",
     "patch warmpools.tidepool.dev -n tidepool",
     "delete warmpools.tidepool.dev -n tidepool",

@@ -36,6 +36,10 @@ pub struct Observed {
     pub pool_exists: bool,
     /// When the session's TTL runs out.
     pub expires: Timestamp,
+    /// When the session is to be released because its client went away:
+    /// the gateway's last sighting of it plus the pool's grace. None when
+    /// the pool sets no grace or the gateway does not serve the session.
+    pub client_gone_at: Option<Timestamp>,
     /// The pod claimed for the session, if one is.
     pub bound: Option<BoundPod>,
     /// Other live pods claimed for it (a claim whose answer was lost).
@@ -95,6 +99,8 @@ pub enum Step {
     Complete { release: Option<String> },
     /// Its TTL ran out: release its pod and end it Expired.
     Expire { release: Option<String> },
+    /// Its client went away: release its pod and end it Expired, early.
+    ClientGone { release: Option<String> },
     /// It cannot be bound now; say why in its status.
     Wait { reason: &'static str, message: String },
     /// No live pod holds it: claim a warm one, deleting the dead one first.
@@ -150,6 +156,9 @@ pub fn decide(observed: &Observed, pool_name: &str) -> Step {
     if now >= observed.expires {
         return Step::Expire { release };
     }
+    if observed.client_gone_at.is_some_and(|gone| now >= gone) {
+        return Step::ClientGone { release };
+    }
     let pod = match &observed.bound {
         Some(pod) if pod.alive => pod,
         dead => {
@@ -164,7 +173,8 @@ pub fn decide(observed: &Observed, pool_name: &str) -> Step {
     if !observed.extra_claims.is_empty() {
         return Step::ReleaseExtras(observed.extra_claims.clone());
     }
-    let recheck = observed.expires.duration_since(now).unsigned_abs().min(SETTLED_RECHECK);
+    let next_end = observed.client_gone_at.map_or(observed.expires, |gone| gone.min(observed.expires));
+    let recheck = next_end.duration_since(now).unsigned_abs().min(SETTLED_RECHECK);
     if observed.phase == Phase::Ready && observed.status_pod.as_deref() == Some(pod.name.as_str()) {
         return Step::Settled { forget: pod.in_cache, recheck };
     }
@@ -214,6 +224,7 @@ mod tests {
             export: Export::Off,
             pool_exists: true,
             expires: at(400),
+            client_gone_at: None,
             bound: None,
             extra_claims: vec![],
             written: None,
@@ -307,6 +318,25 @@ mod tests {
         assert_eq!(decide(&observed, "edge"), Step::Expire { release: Some("a".into()) });
         let waiting = Observed { now: at(401), ..fresh() };
         assert_eq!(decide(&waiting, "edge"), Step::Expire { release: None });
+    }
+
+    #[test]
+    fn a_session_whose_client_went_away_ends_early_and_is_rechecked_in_time() {
+        let ready = Observed { bound: Some(pod("a")), phase: Phase::Ready, status_pod: Some("a".into()), ..fresh() };
+        let gone = Observed { client_gone_at: Some(at(100)), ..ready.clone() };
+        assert_eq!(decide(&gone, "edge"), Step::ClientGone { release: Some("a".into()) });
+        // Waiting for a pod, it still ends: nothing is there to serve.
+        let waiting = Observed { client_gone_at: Some(at(90)), ..fresh() };
+        assert_eq!(decide(&waiting, "edge"), Step::ClientGone { release: None });
+        // Not gone yet: looked at again when it would be.
+        let soon = Observed { client_gone_at: Some(at(103)), ..ready.clone() };
+        assert_eq!(decide(&soon, "edge"), Step::Settled { forget: true, recheck: Duration::from_secs(3) });
+        // The TTL first, when both are due.
+        let both = Observed { now: at(400), client_gone_at: Some(at(300)), ..ready };
+        assert_eq!(decide(&both, "edge"), Step::Expire { release: Some("a".into()) });
+        // Final results win over both.
+        let done = Observed { results_final: true, client_gone_at: Some(at(50)), ..fresh() };
+        assert_eq!(decide(&done, "edge"), Step::Complete { release: None });
     }
 
     #[test]

@@ -43,7 +43,8 @@ use crate::pods;
 use crate::scope::Caches;
 use claim::Claim;
 use decide::{BoundPod, Export, Observed, Requeue, Step};
-use status::{PodFacts, Times};
+use status::{Ending, PodFacts, Times};
+use tidepool_protocol::api::CLIENT_SEEN_ANNOTATION;
 
 /// A pass takes at most this many steps; each step changes what the next
 /// decision sees, and no path needs more than four.
@@ -77,15 +78,19 @@ pub async fn reconcile(session: Arc<TestSession>, ctx: Arc<Context>) -> Result<A
                 return Ok(Action::await_change());
             }
             Step::Complete { release } => {
-                status = end(&ctx, &session, status, Phase::Completed, release.as_deref(), &pods_api).await?;
+                status = end(&ctx, &session, status, Ending::Completed, release.as_deref(), &pods_api).await?;
                 observed.ended(&status);
             }
             Step::Expire { release } => {
-                status = end(&ctx, &session, status, Phase::Expired, release.as_deref(), &pods_api).await?;
+                status = end(&ctx, &session, status, Ending::Expired, release.as_deref(), &pods_api).await?;
+                observed.ended(&status);
+            }
+            Step::ClientGone { release } => {
+                status = end(&ctx, &session, status, Ending::ClientGone, release.as_deref(), &pods_api).await?;
                 observed.ended(&status);
             }
             Step::Fail { release } => {
-                status = end(&ctx, &session, status, Phase::Failed, release.as_deref(), &pods_api).await?;
+                status = end(&ctx, &session, status, Ending::Failed, release.as_deref(), &pods_api).await?;
                 observed.ended(&status);
             }
             Step::Export => {
@@ -202,6 +207,15 @@ pub fn error_policy(_session: Arc<TestSession>, error: &Error, _ctx: Arc<Context
     }
 }
 
+/// When a session served by the gateway is to be released for want of its
+/// client: the gateway's last sighting plus the pool's grace. A sighting
+/// that does not parse counts as none, so the session is not released by it.
+fn client_gone_at(session: &TestSession, pool: Option<&WarmPool>) -> Option<Timestamp> {
+    let grace = pool?.spec.release_when_client_gone_seconds?;
+    let seen: Timestamp = session.annotations().get(CLIENT_SEEN_ANNOTATION)?.parse().ok()?;
+    Some(seen + SignedDuration::from_secs(i64::from(grace.max(1))))
+}
+
 /// Everything a decision needs, from the caches and the memory; the API
 /// server is asked only for a pod this process claimed that the cache does
 /// not show yet.
@@ -229,6 +243,7 @@ async fn observe(
         None => session.spec.ttl_seconds.unwrap_or(0),
     };
     let expires = observed_created(session, now) + SignedDuration::from_secs(ttl);
+    let client_gone_at = client_gone_at(session, pool);
     let claimed = claimed_in_cache(ctx, &namespace, uid);
     let names: Vec<String> = claimed.iter().map(|p| p.name_any()).collect();
     let remembered = written.as_ref().map(|b| b.pod.as_str());
@@ -258,6 +273,7 @@ async fn observe(
         },
         pool_exists: pool.is_some(),
         expires,
+        client_gone_at,
         bound,
         extra_claims,
         written,
@@ -338,7 +354,7 @@ async fn end(
     ctx: &Context,
     session: &TestSession,
     status: TestSessionStatus,
-    phase: Phase,
+    ending: Ending,
     release: Option<&str>,
     pods_api: &Api<Pod>,
 ) -> Result<TestSessionStatus> {
@@ -347,7 +363,7 @@ async fn end(
         delete_pod(pods_api, &pod_uid(ctx, &namespace, pod), pod).await?;
     }
     ctx.memory.forget(&session.uid().unwrap_or_default());
-    let ended = status::ended(status, phase, session.meta().generation, Timestamp::now());
+    let ended = status::ended(status, ending, session.meta().generation, Timestamp::now());
     // Stored before the status is written, so one write says both that the
     // session ended and that its results are stored: a watcher never sees
     // one without the other, and the API server takes one write, not two.
@@ -358,16 +374,20 @@ async fn end(
     write_status(ctx, session, &next).await?;
     ctx.memory.remember_ended(&session.uid().unwrap_or_default(), next.clone());
     publish_export_failure(ctx, session, &ended, &next).await;
-    match phase {
-        Phase::Completed => {
+    match ending {
+        Ending::Completed => {
             let notice = Notice::normal(reason::COMPLETED, status::COMPLETED_MESSAGE);
             events::publish(&ctx.recorder, session, &notice).await;
         }
-        Phase::Failed => {
+        Ending::Failed => {
             let notice = Notice::warning(reason::TOO_MANY_REBINDS, status::TOO_MANY_REBINDS_MESSAGE);
             events::publish(&ctx.recorder, session, &notice).await;
         }
-        _ => {}
+        Ending::ClientGone => {
+            let notice = Notice::normal(reason::CLIENT_GONE, status::CLIENT_GONE_MESSAGE);
+            events::publish(&ctx.recorder, session, &notice).await;
+        }
+        Ending::Expired => {}
     }
     Ok(next)
 }

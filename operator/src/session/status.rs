@@ -82,23 +82,49 @@ pub fn waiting(
     Some(status)
 }
 
-/// Over: Completed (its final results are in), Expired (its TTL ran out) or
-/// Failed (its pods went away more often than its pool allows).
+/// How a session ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Its final results are in.
+    Completed,
+    /// Its TTL ran out.
+    Expired,
+    /// Its client has been gone past its pool's grace: Expired, early.
+    ClientGone,
+    /// Its pods went away more often than its pool allows.
+    Failed,
+}
+
+impl Ending {
+    pub fn phase(self) -> Phase {
+        match self {
+            Self::Completed => Phase::Completed,
+            Self::Expired | Self::ClientGone => Phase::Expired,
+            Self::Failed => Phase::Failed,
+        }
+    }
+}
+
+/// Over, as `ending` says, with the Ready condition saying why.
 pub fn ended(
     mut status: TestSessionStatus,
-    phase: Phase,
+    ending: Ending,
     generation: Option<i64>,
     now: Timestamp,
 ) -> TestSessionStatus {
-    let (why, message) = match phase {
-        Phase::Completed => (reason::COMPLETED, COMPLETED_MESSAGE),
-        Phase::Failed => (reason::TOO_MANY_REBINDS, TOO_MANY_REBINDS_MESSAGE),
-        _ => (reason::EXPIRED, "the session's TTL ran out"),
+    let (why, message) = match ending {
+        Ending::Completed => (reason::COMPLETED, COMPLETED_MESSAGE),
+        Ending::Failed => (reason::TOO_MANY_REBINDS, TOO_MANY_REBINDS_MESSAGE),
+        Ending::Expired => (reason::EXPIRED, "the session's TTL ran out"),
+        Ending::ClientGone => (reason::CLIENT_GONE, CLIENT_GONE_MESSAGE),
     };
-    status.phase = phase;
+    status.phase = ending.phase();
     conditions::set(&mut status.conditions, conditions::READY, false, why, message, generation, now);
     status
 }
+
+/// The message of a session released because its client went away.
+pub const CLIENT_GONE_MESSAGE: &str = "its client had no stream open for the pool's releaseWhenClientGoneSeconds";
 
 /// Stored as `key` in the results store.
 pub fn exported(
@@ -237,21 +263,26 @@ mod tests {
     #[test]
     fn an_ended_session_says_how_and_when() {
         let bound = ready(TestSessionStatus::default(), &pod(), times(), false);
-        let done = ended(bound.clone(), Phase::Completed, Some(1), at(2_000));
+        let done = ended(bound.clone(), Ending::Completed, Some(1), at(2_000));
         assert_eq!(conditions::reason(&done.conditions, conditions::READY), Some(reason::COMPLETED));
         assert_eq!(ended_at(&done), Some(at(2_000)));
-        let failed = ended(bound.clone(), Phase::Failed, Some(1), at(2_002));
+        let failed = ended(bound.clone(), Ending::Failed, Some(1), at(2_002));
         assert_eq!(conditions::reason(&failed.conditions, conditions::READY), Some(reason::TOO_MANY_REBINDS));
-        let expired = ended(bound, Phase::Expired, Some(1), at(2_001));
+        let expired = ended(bound.clone(), Ending::Expired, Some(1), at(2_001));
         assert_eq!(
             (expired.phase, conditions::reason(&expired.conditions, conditions::READY)),
             (Phase::Expired, Some(reason::EXPIRED))
+        );
+        let gone = ended(bound, Ending::ClientGone, Some(1), at(2_003));
+        assert_eq!(
+            (gone.phase, conditions::reason(&gone.conditions, conditions::READY)),
+            (Phase::Expired, Some(reason::CLIENT_GONE))
         );
     }
 
     #[test]
     fn storing_is_recorded_once_and_an_outage_is_said_once() {
-        let done = ended(TestSessionStatus::default(), Phase::Completed, Some(1), at(2_000));
+        let done = ended(TestSessionStatus::default(), Ending::Completed, Some(1), at(2_000));
         let failing = export_failed(done.clone(), "the store answered 503", Some(1), at(2_001)).unwrap();
         assert_eq!(conditions::reason(&failing.conditions, conditions::EXPORTED), Some(reason::STORE_UNAVAILABLE));
         assert!(failing.exported_at.is_none());
