@@ -58,6 +58,17 @@ pub struct Flags {
     /// Streams (HTTP requests and WebSockets) one session may have open through this replica.
     #[arg(long, env = "TIDEPOOL_GATEWAY_STREAMS_PER_SESSION", default_value_t = 16)]
     pub streams_per_session: usize,
+    /// Serve TLS with this PEM certificate chain (a mounted Secret's
+    /// `tls.crt`), read again every few seconds so renewals take effect.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert-file` (the Secret's `tls.key`).
+    #[arg(long, env = "TIDEPOOL_GATEWAY_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Origins (comma-separated, `https://host[:port]`) whose pages may call
+    /// the gateway from a browser; none when empty.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
     /// Connections open at once; one beyond is closed unanswered.
     #[arg(long, env = "TIDEPOOL_GATEWAY_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
@@ -93,6 +104,11 @@ pub struct Settings {
     pub anonymous: anonymous::Limits,
     pub streams_per_session: usize,
     pub limits: tidepool_serve::Limits,
+    pub tls: Option<crate::tls::Files>,
+    pub cors_origins: Vec<String>,
+    /// Send `Strict-Transport-Security`: the gateway serves TLS, or its
+    /// public URL is https (TLS ends in front of it).
+    pub hsts: bool,
 }
 
 impl Flags {
@@ -106,7 +122,24 @@ impl Flags {
         if !self.namespaces.contains(&self.session_namespace) {
             return Err(BadFlag { flag: "session-namespace", reason: "must be one of --namespaces".into() });
         }
+        let cors_origins = self
+            .cors_origins
+            .iter()
+            .filter(|o| !o.trim().is_empty())
+            .map(|o| crate::cors::parse_origin(o.trim()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BadFlag { flag: "cors-origins", reason: e.to_string() })?;
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(certificate), Some(key)) => {
+                Some(crate::tls::Files { certificate: certificate.clone(), key: key.clone() })
+            }
+            _ => None,
+        };
+        let https_url = self.public_url.as_deref().is_some_and(|u| u.starts_with("https://"));
         Ok(Settings {
+            hsts: tls.is_some() || https_url,
+            tls,
+            cors_origins,
             operator_url: self.operator_url.trim_end_matches('/').to_string(),
             token_file: self.token_file.clone(),
             namespaces: self.namespaces.clone(),
@@ -154,5 +187,17 @@ mod tests {
         assert_eq!(error.flag, "namespaces");
         let error = parse(&["--namespaces", "a,b", "--session-namespace", "c"]).settings().unwrap_err();
         assert_eq!(error.flag, "session-namespace");
+        let error = parse(&["--cors-origins", "https://ok.example,*"]).settings().unwrap_err();
+        assert_eq!(error.flag, "cors-origins");
+        // A certificate needs its key.
+        assert!(Flags::try_parse_from(["tidepool-gateway", "--tls-cert-file", "/c"]).is_err());
+    }
+
+    #[test]
+    fn strict_transport_security_goes_with_tls_here_or_in_front() {
+        assert!(!parse(&[]).settings().unwrap().hsts);
+        assert!(parse(&["--public-url", "https://speed.example.com"]).settings().unwrap().hsts);
+        let tls = parse(&["--tls-cert-file", "/c", "--tls-key-file", "/k"]).settings().unwrap();
+        assert!(tls.hsts && tls.tls.is_some());
     }
 }

@@ -62,6 +62,13 @@ async fn run(flags: Flags) -> ExitCode {
         }
     };
     let mut tasks = Tasks::default();
+    let tls = match settings.tls.clone().map(tidepool_gateway::tls::Reloading::load).transpose() {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve TLS");
+            return ExitCode::FAILURE;
+        }
+    };
     let caches = Caches::start(&client, &settings.namespaces, &mut tasks);
     let gateway = Arc::new(Gateway {
         operator: OperatorApi::new(settings.operator_url.clone(), settings.token_file.clone()),
@@ -80,12 +87,27 @@ async fn run(flags: Flags) -> ExitCode {
     };
     tasks.spawn(
         "the users' server".into(),
-        serve(gateway.clone(), public, public_router(gateway.clone()), until_stopped(stopping.clone())),
+        serve(
+            gateway.clone(),
+            public,
+            public_router(gateway.clone()),
+            tls.as_ref().map(|tls| tls.server_config()),
+            until_stopped(stopping.clone()),
+        ),
     );
     tasks.spawn(
         "the admin server".into(),
-        serve(gateway.clone(), admin, admin_router(gateway.clone(), ready.clone()), until_stopped(stopping.clone())),
+        serve(
+            gateway.clone(),
+            admin,
+            admin_router(gateway.clone(), ready.clone()),
+            None,
+            until_stopped(stopping.clone()),
+        ),
     );
+    if let Some(tls) = tls {
+        tasks.spawn("the TLS reloader".into(), tls.keep_reloading(gateway.metrics.tls_reloads.clone()));
+    }
     tasks.spawn("the sightings of clients".into(), tidepool_gateway::seen::keep_writing(gateway.clone()));
     tracing::info!(listen = %flags.listen, admin = %flags.admin_listen, "serving");
     let synced = async {

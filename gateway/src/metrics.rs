@@ -17,6 +17,8 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     /// Anonymous sessions started.
     pub anonymous_sessions: IntCounter,
+    /// `outcome`: reloaded, failed; reads of the TLS files that found a change.
+    pub tls_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -46,6 +48,11 @@ impl Metrics {
         )?;
         let open_streams = gauge("tidepool_gateway_open_streams", "Proxied requests and WebSockets open now")?;
         let open_connections = gauge("tidepool_gateway_open_connections", "Client connections open now")?;
+        let tls_reloads = counter_vec(
+            "tidepool_gateway_tls_reloads_total",
+            "Changed TLS certificates served, or refused and the old one kept",
+            &["outcome"],
+        )?;
         let anonymous_sessions =
             IntCounter::new("tidepool_gateway_anonymous_sessions_total", "Anonymous sessions started")?;
         registry.register(Box::new(anonymous_sessions.clone()))?;
@@ -53,7 +60,16 @@ impl Metrics {
         for direction in ["to_pod", "to_client"] {
             proxied_bytes.with_label_values(&[direction]);
         }
-        Ok(Self { registry, requests, refusals, proxied_bytes, open_streams, open_connections, anonymous_sessions })
+        Ok(Self {
+            registry,
+            requests,
+            refusals,
+            proxied_bytes,
+            open_streams,
+            open_connections,
+            anonymous_sessions,
+            tls_reloads,
+        })
     }
 
     pub fn refused(&self, reason: &str) {

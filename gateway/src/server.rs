@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 
 use crate::reply::{self, Refused};
 use crate::state::{Gateway, Peer};
-use crate::{api, proxy};
+use crate::{api, cors, proxy};
 
 /// The users' routes.
 pub fn public_router(gateway: Arc<Gateway>) -> Router {
@@ -25,7 +25,8 @@ pub fn public_router(gateway: Arc<Gateway>) -> Router {
         .route(proxy::PREFIX, any(proxy::stream))
         .route(&format!("{}/{{*rest}}", proxy::PREFIX), any(proxy::stream))
         .fallback(not_found)
-        .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::from_fn_with_state(gateway.clone(), cross_origin))
+        .layer(axum::middleware::map_response_with_state(gateway.clone(), security_headers))
         .with_state(gateway)
 }
 
@@ -60,13 +61,54 @@ async fn not_found(State(gateway): State<Arc<Gateway>>) -> Response<Body> {
     reply::refuse(&gateway.metrics, "other", Refused::new(StatusCode::NOT_FOUND, "not_found", "no such route"))
 }
 
-/// Headers every answer carries: no sniffing, no framing, no referrer, no caching.
-async fn security_headers(mut response: Response<Body>) -> Response<Body> {
+/// Headers every answer carries: no sniffing, no framing, no referrer, no
+/// caching, and with TLS (here or in front), HTTPS only from now on.
+async fn security_headers(State(gateway): State<Arc<Gateway>>, mut response: Response<Body>) -> Response<Body> {
     let headers = response.headers_mut();
+    if gateway.settings.hsts {
+        headers.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    }
     headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
     headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     headers.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Cross-origin requests from listed origins: a preflight is answered here,
+/// and the answer to the request itself names the origin. An unlisted
+/// origin's preflight is refused; its other requests get no CORS headers,
+/// so its page cannot read the answer.
+async fn cross_origin(
+    State(gateway): State<Arc<Gateway>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response<Body> {
+    let origin = request.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()).map(str::to_string);
+    let allowed = cors::allowed(origin.as_deref(), &gateway.settings.cors_origins).map(str::to_string);
+    let preflight = request.method() == axum::http::Method::OPTIONS
+        && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut response = if preflight {
+        if allowed.is_none() {
+            let refused = Refused::new(StatusCode::FORBIDDEN, "cors_origin", "this origin may not call the gateway");
+            return reply::refuse(&gateway.metrics, "other", refused);
+        }
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(cors::ALLOW_METHODS));
+        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(cors::ALLOW_HEADERS));
+        headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static(cors::MAX_AGE_SECONDS));
+        response
+    } else {
+        next.run(request).await
+    };
+    if let Some(origin) = allowed.and_then(|o| HeaderValue::try_from(o).ok()) {
+        response.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    }
+    if !gateway.settings.cors_origins.is_empty() {
+        response.headers_mut().append(header::VARY, HeaderValue::from_static("origin"));
+    }
     response
 }
 
@@ -76,6 +118,7 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     listener: TcpListener,
     router: Router,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let metrics = gateway.metrics.clone();
@@ -91,5 +134,9 @@ pub async fn serve(
         })
         .on_open_change(move |change| open.add(change))
         .on_refusal(move |refusal: Refusal| metrics.refused(refusal.reason()));
+    let server = match tls {
+        Some(config) => server.tls(tokio_rustls::TlsAcceptor::from(config)),
+        None => server,
+    };
     server.serve(listener, router, shutdown).await;
 }

@@ -56,7 +56,8 @@ impl Gateway {
         let sane = !host.is_empty()
             && host.len() <= 255
             && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
-        sane.then(|| format!("http://{host}"))
+        let scheme = if self.settings.tls.is_some() { "https" } else { "http" };
+        sane.then(|| format!("{scheme}://{host}"))
     }
 }
 

@@ -26,8 +26,12 @@ struct Gateway {
 }
 
 async fn start_gateway(cluster: &Cluster, operator_url: &str) -> Gateway {
+    start_gateway_with(cluster, operator_url, "gateway", &[]).await
+}
+
+async fn start_gateway_with(cluster: &Cluster, operator_url: &str, name: &str, extra: &[String]) -> Gateway {
     let (port, admin_port) = (free_port().unwrap(), free_port().unwrap());
-    let args = [
+    let mut args = vec![
         format!("--listen=127.0.0.1:{port}"),
         format!("--admin-listen=127.0.0.1:{admin_port}"),
         format!("--operator-url={operator_url}"),
@@ -38,8 +42,9 @@ async fn start_gateway(cluster: &Cluster, operator_url: &str) -> Gateway {
         "--anonymous-concurrent-sessions=2".into(),
         "--streams-per-session=4".into(),
     ];
+    args.extend(extra.iter().cloned());
     let program = workspace_binary("tidepool-gateway", "tidepool-gateway").unwrap();
-    let process = cluster.plane.spawn("gateway", &program, &args, &[]).unwrap();
+    let process = cluster.plane.spawn(name, &program, &args, &[]).unwrap();
     let admin = format!("http://127.0.0.1:{admin_port}");
     let http = reqwest::Client::new();
     eventually(Duration::from_secs(30), "the gateway's /readyz", || async {
@@ -245,6 +250,65 @@ async fn anonymous_sessions_reach_their_pods_only_through_the_gateway_and_follow
     assert!(metric(&gateway, "tidepool_gateway_refusals_total{reason=\"not_public\"}").await >= 2.0);
     assert_eq!(metric(&gateway, "tidepool_gateway_anonymous_sessions_total").await, 3.0);
     assert_eq!(metric(&gateway, "tidepool_gateway_open_streams").await, 0.0);
+
+    // A second replica serving TLS from a certificate on disk, with CORS for
+    // one origin: the same token reaches the same session through it.
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (cluster.plane.dir().join("tls.crt"), cluster.plane.dir().join("tls.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let extra = [
+        format!("--tls-cert-file={}", cert.display()),
+        format!("--tls-key-file={}", key.display()),
+        "--cors-origins=https://speed.example.com".to_string(),
+    ];
+    let secure = start_gateway_with(&cluster, &operator.url, "gateway-tls", &extra).await;
+    let port = secure.url.rsplit(':').next().unwrap().to_string();
+    let https = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", format!("127.0.0.1:{port}").parse().unwrap())
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{port}");
+    let answer = https
+        .get(format!("{base}/s/api/v1/info"))
+        .bearer_auth(&token)
+        .header("origin", "https://speed.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["strict-transport-security"], "max-age=31536000");
+    assert_eq!(answer.headers()["access-control-allow-origin"], "https://speed.example.com");
+    assert_eq!(answer.json::<Value>().await.unwrap()["pod"].as_str(), Some(healed.as_str()));
+    // Another origin gets no CORS answer, and its preflight is refused.
+    let other = https.get(format!("{base}/s/api/v1/info")).bearer_auth(&token).header("origin", "https://evil.test");
+    assert!(!other.send().await.unwrap().headers().contains_key("access-control-allow-origin"));
+    let preflight = |origin: &str| {
+        https
+            .request(reqwest::Method::OPTIONS, format!("{base}/api/v1/sessions"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+    };
+    assert_eq!(preflight("https://evil.test").await.unwrap().status(), 403);
+    let allowed = preflight("https://speed.example.com").await.unwrap();
+    assert_eq!(allowed.status(), 204);
+    assert!(allowed.headers()["access-control-allow-headers"].to_str().unwrap().contains("authorization"));
+    // Plain HTTP to the TLS port is not served.
+    assert!(reqwest::get(format!("http://127.0.0.1:{port}/s/api/v1/info")).await.is_err());
+    // Sessions read through it point at its HTTPS address.
+    let read: Value = https
+        .get(format!("{base}/api/v1/sessions/{name}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["endpoint"].as_str(), Some(format!("{base}/s").as_str()));
 }
 
 /// The Ready condition's reason.

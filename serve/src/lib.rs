@@ -87,11 +87,15 @@ pub enum Refusal {
     Idle,
     /// A request body that broke [`Limits::body_timeout`].
     SlowBody,
+    /// A TLS handshake that failed or did not finish within
+    /// [`Limits::header_timeout`] (servers with TLS only).
+    TlsHandshake,
 }
 
 impl Refusal {
     /// Every refusal, for metrics that show each from the start.
-    pub const ALL: [Refusal; 4] = [Self::ConnectionCap, Self::HeaderTimeout, Self::Idle, Self::SlowBody];
+    pub const ALL: [Refusal; 5] =
+        [Self::ConnectionCap, Self::HeaderTimeout, Self::Idle, Self::SlowBody, Self::TlsHandshake];
 
     /// The bounded metric label.
     pub fn reason(self) -> &'static str {
@@ -100,6 +104,7 @@ impl Refusal {
             Self::HeaderTimeout => "header_timeout",
             Self::Idle => "idle",
             Self::SlowBody => "slow_body",
+            Self::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct Server {
     on_refusal: OnRefusal,
     on_open_change: OnOpenChange,
     on_connection: Option<OnConnection>,
+    #[cfg(feature = "tls")]
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Server {
@@ -45,7 +47,18 @@ impl Server {
             on_refusal: Arc::new(|_| {}),
             on_open_change: Arc::new(|_| {}),
             on_connection: None,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
+    }
+
+    /// Serves TLS: each connection's handshake must finish within the header
+    /// timeout, and its certificate comes from `acceptor`'s configuration
+    /// (whose resolver may change it between handshakes).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, acceptor: tokio_rustls::TlsAcceptor) -> Self {
+        self.tls = Some(acceptor);
+        self
     }
 
     /// At shutdown, how long open requests get to finish.
@@ -89,10 +102,22 @@ impl Server {
     /// Serves `router` on `listener` until `shutdown` resolves, then lets
     /// open requests finish for up to the grace period and returns.
     pub async fn serve(self, listener: TcpListener, router: Router, shutdown: impl Future<Output = ()>) {
+        #[cfg(feature = "tls")]
+        let Self { limits, grace, mut http, on_refusal, on_open_change, on_connection, tls } = self;
+        #[cfg(not(feature = "tls"))]
         let Self { limits, grace, mut http, on_refusal, on_open_change, on_connection } = self;
         // hyper's timer would also run while a kept-alive connection waits.
         http.header_read_timeout(None).keep_alive(true);
-        let shared = Arc::new(Shared { http, router, limits, grace, on_refusal, on_connection });
+        let shared = Arc::new(Shared {
+            http,
+            router,
+            limits,
+            grace,
+            on_refusal,
+            on_connection,
+            #[cfg(feature = "tls")]
+            tls,
+        });
         let slots = Arc::new(Semaphore::new(limits.max_connections.min(Semaphore::MAX_PERMITS)));
         let (stopping, stop) = watch::channel(false);
         // Every connection's task holds a sender: when all are gone, all are done.
@@ -137,6 +162,8 @@ struct Shared {
     grace: Duration,
     on_refusal: OnRefusal,
     on_connection: Option<OnConnection>,
+    #[cfg(feature = "tls")]
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Serves one connection until it ends, times out, or the server stops.
@@ -145,13 +172,43 @@ async fn connection(
     peer: SocketAddr,
     slot: Slot,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     _open: mpsc::Sender<()>,
 ) {
     // Small answers and frames must not wait for Nagle.
     let _ = stream.set_nodelay(true);
     let extensions = shared.on_connection.as_ref().map(|extensions| extensions(&stream, peer));
     let extensions = extensions.filter(|extensions| !extensions.is_empty());
+    #[cfg(feature = "tls")]
+    if let Some(acceptor) = shared.tls.clone() {
+        // The handshake is the start of the head: bounded by the same timeout.
+        match tokio::time::timeout(shared.limits.header_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => serve_io(tls, peer, slot, extensions, shared, stop).await,
+            Ok(Err(e)) => {
+                (shared.on_refusal)(Refusal::TlsHandshake);
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                (shared.on_refusal)(Refusal::TlsHandshake);
+                tracing::debug!(%peer, "TLS handshake timed out");
+            }
+        }
+        return;
+    }
+    serve_io(stream, peer, slot, extensions, shared, stop).await;
+}
+
+/// Serves HTTP/1 on one connection's stream, plain or TLS.
+async fn serve_io<S>(
+    stream: S,
+    peer: SocketAddr,
+    slot: Slot,
+    extensions: Option<Extensions>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Activity::new();
     let io = TokioIo::new(Watched::new(stream, activity.clone(), slot));
     let service = {

@@ -328,5 +328,5 @@ async fn at_shutdown_a_request_past_the_grace_is_cut() {
 #[test]
 fn every_refusal_has_its_label() {
     let labels: Vec<&str> = Refusal::ALL.iter().map(|r| r.reason()).collect();
-    assert_eq!(labels, ["connection_cap", "header_timeout", "idle", "slow_body"]);
+    assert_eq!(labels, ["connection_cap", "header_timeout", "idle", "slow_body", "tls_handshake"]);
 }

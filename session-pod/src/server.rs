@@ -363,6 +363,8 @@ async fn serve_http(listener: TcpListener, router: Router, state: Arc<PodState>,
             Refusal::Idle => idle_timeouts.inc(),
             // Counted where it is answered: a 408, `body_timeout`.
             Refusal::SlowBody => {}
+            // The pod serves plain HTTP.
+            Refusal::TlsHandshake => {}
         });
     let mut shutdown = state.shutdown_signal();
     server.serve(listener, router, until_shutdown(&mut shutdown)).await;

@@ -87,6 +87,8 @@ gateway:
   anonymous: { allow: [203.0.113.0/24, 2001:db8::/32], sessionsPerHour: 10, concurrentSessions: 1 }
   streamsPerSession: 8
   maxConnections: 10000
+  tlsSecretName: gateway-tls
+  corsOrigins: [https://speed.example.com, http://localhost:5173]
   podAnnotations: { team: edge }
   nodeSelector: { kubernetes.io/os: linux }
   tolerations: [{ key: dedicated, operator: Exists, effect: NoSchedule }]
@@ -811,6 +813,9 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
             "--anonymous-concurrent-sessions=1",
             "--streams-per-session=8",
             "--max-connections=10000",
+            "--tls-cert-file=/etc/tidepool/tls/tls.crt",
+            "--tls-key-file=/etc/tidepool/tls/tls.key",
+            "--cors-origins=https://speed.example.com,http://localhost:5173",
         ]
     );
     let deployment = find(all, "Deployment", "tidepool-gateway");
@@ -818,6 +823,10 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
     let pod = &deployment["spec"]["template"]["spec"];
     assert_hardened("gateway", pod);
     assert_eq!(str_of(&pod["containers"][0]["image"]), "registry.example.com/tidepool/tidepool-gateway:0.1.0-rc.1");
+    // The TLS Secret is mounted whole (no subPath), so renewals reach the files.
+    assert_eq!(str_of(&pod["volumes"][0]["secret"]["secretName"]), "gateway-tls");
+    let mount = &pod["containers"][0]["volumeMounts"][0];
+    assert_eq!((str_of(&mount["mountPath"]), mount["subPath"].is_null()), ("/etc/tidepool/tls", true));
     assert_eq!(str_of(&pod["nodeSelector"]["kubernetes.io/os"]), "linux");
     assert_eq!(str_of(&pod["tolerations"][0]["key"]), "dedicated");
     let env = pod["containers"][0]["env"].as_sequence().unwrap();
@@ -926,6 +935,7 @@ fn chart_refuses_wrong_values_with_the_schemas_message() {
         ("fleet.healthProbeTimeoutSeconds=20", &["healthProbeTimeoutSeconds must be shorter than"]),
         ("examplePool.maxSize=1", &["examplePool.maxSize must be at least examplePool.size"]),
         ("gateway.replicas=two", &["/gateway/replicas", "got string, want integer"]),
+        ("gateway.corsOrigins={*}", &["/gateway/corsOrigins/0", "does not match pattern"]),
         ("gateway.trustedProxies={10.0.0.0/33}", &["/gateway/trustedProxies/0", "does not match pattern"]),
         ("gateway.anonymous.allow={anywhere}", &["/gateway/anonymous/allow/0", "does not match pattern"]),
         ("gateway.publicUrl=sessions.example.com", &["/gateway/publicUrl", "does not match pattern"]),
