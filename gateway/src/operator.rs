@@ -61,23 +61,12 @@ impl OperatorApi {
         Self { base, token_file, http, tickets: Mutex::new(HashMap::new()) }
     }
 
-    /// Sends a request with `authorization` as given (a caller's own, relayed).
-    pub async fn relay(
-        &self,
-        method: Method,
-        path: &str,
-        authorization: HeaderValue,
-        body: Bytes,
-    ) -> Result<Answer, OperatorError> {
-        self.call(method, path, authorization, body).await
-    }
-
     /// Sends a request as the gateway itself.
     pub async fn as_gateway(&self, method: Method, path: &str, body: Bytes) -> Result<Answer, OperatorError> {
         let token = tokio::fs::read_to_string(&self.token_file).await.map_err(OperatorError::Token)?;
         let authorization = HeaderValue::try_from(format!("Bearer {}", token.trim()))
             .map_err(|e| OperatorError::Token(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-        self.call(method, path, authorization, body).await
+        self.relay(method, path, authorization, body).await
     }
 
     /// The ticket that binds session `name` (UID `uid`) to `pod`.
@@ -107,7 +96,8 @@ impl OperatorApi {
         Ok(ticket)
     }
 
-    async fn call(
+    /// Sends a request with `authorization` as given (a caller's own, or the gateway's).
+    pub async fn relay(
         &self,
         method: Method,
         path: &str,

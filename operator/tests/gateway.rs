@@ -56,6 +56,38 @@ async fn start_gateway_with(cluster: &Cluster, operator_url: &str, name: &str, e
     Gateway { process, url: format!("http://127.0.0.1:{port}"), admin }
 }
 
+/// A cluster with the operator, real session pods behind every pool pod,
+/// the pools (name, size, spec fields added to the test pool's) warm, and
+/// the gateway in front.
+struct Stage {
+    cluster: Cluster,
+    operator: common::Operator,
+    gateway: Gateway,
+    _runner: PodRunner,
+}
+
+async fn stage(operator_extra: &[&str], pools: &[(&str, i32, Value)]) -> Stage {
+    let cluster = Cluster::start(1).await;
+    let port = free_port().unwrap();
+    let results_url = format!("--results-url=http://127.0.0.1:{port}");
+    let mut args = vec![results_url.as_str(), "--uncapped-callers=static-token"];
+    args.extend_from_slice(operator_extra);
+    let operator = cluster.operator_on("operator-0", port, &args).await;
+    let session_bin = workspace_binary("tidepool-session", "tidepool-session").unwrap();
+    let dir = cluster.plane.dir().to_path_buf();
+    let runner = PodRunner::start(cluster.client.clone(), "default", "tidepool.dev/pool", session_bin, dir);
+    let api: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
+    for (name, size, spec) in pools {
+        cluster.pool(name, *size).await;
+        api.patch(name, &PatchParams::default(), &Patch::Merge(json!({ "spec": spec }))).await.unwrap();
+    }
+    for (name, size, _) in pools {
+        cluster.wait_warm(name, *size, Duration::from_secs(30)).await;
+    }
+    let gateway = start_gateway(&cluster, &operator.url).await;
+    Stage { cluster, operator, gateway, _runner: runner }
+}
+
 async fn post(url: &str, token: Option<&str>, body: Value) -> (u16, Value, Option<String>) {
     let mut request = reqwest::Client::new().post(format!("{url}/api/v1/sessions")).json(&body);
     if let Some(token) = token {
@@ -84,30 +116,10 @@ async fn metric(gateway: &Gateway, line_start: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_sessions_reach_their_pods_only_through_the_gateway_and_follow_them_when_they_heal() {
-    let cluster = Cluster::start(1).await;
-    let port = free_port().unwrap();
-    let operator_url = format!("http://127.0.0.1:{port}");
-    let results_url = format!("--results-url={operator_url}");
     // One session per caller at the operator: the gateway's own creates
     // must not be held to it, as it makes them for many clients.
-    let operator = cluster
-        .operator_on("operator-0", port, &[&results_url, "--sessions-per-caller=1", "--uncapped-callers=static-token"])
-        .await;
-    let session_bin = workspace_binary("tidepool-session", "tidepool-session").unwrap();
-    let _runner = PodRunner::start(
-        cluster.client.clone(),
-        "default",
-        "tidepool.dev/pool",
-        session_bin,
-        cluster.plane.dir().to_path_buf(),
-    );
-    cluster.pool("open", 4).await;
-    cluster.pool("closed", 1).await;
-    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
-    pools.patch("open", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "public": true } }))).await.unwrap();
-    cluster.wait_warm("open", 4, Duration::from_secs(30)).await;
-    cluster.wait_warm("closed", 1, Duration::from_secs(30)).await;
-    let gateway = start_gateway(&cluster, &operator.url).await;
+    let pools = [("open", 4, json!({ "public": true })), ("closed", 1, json!({}))];
+    let Stage { cluster, operator, gateway, _runner } = stage(&["--sessions-per-caller=1"], &pools).await;
     let sessions: Api<TestSession> = Api::namespaced(cluster.client.clone(), "default");
 
     // A pool not marked public takes no anonymous session, and says nothing of whether it exists.
@@ -319,25 +331,8 @@ fn ready_reason(session: &TestSession) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_whose_client_went_away_is_released_before_its_ttl() {
-    let cluster = Cluster::start(1).await;
-    let port = free_port().unwrap();
-    let operator_url = format!("http://127.0.0.1:{port}");
-    let results_url = format!("--results-url={operator_url}");
-    let operator = cluster.operator_on("operator-0", port, &[&results_url, "--uncapped-callers=static-token"]).await;
-    let session_bin = workspace_binary("tidepool-session", "tidepool-session").unwrap();
-    let _runner = PodRunner::start(
-        cluster.client.clone(),
-        "default",
-        "tidepool.dev/pool",
-        session_bin,
-        cluster.plane.dir().to_path_buf(),
-    );
-    cluster.pool("open", 3).await;
-    let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
-    let spec = json!({ "spec": { "public": true, "releaseWhenClientGoneSeconds": 10 } });
-    pools.patch("open", &PatchParams::default(), &Patch::Merge(spec)).await.unwrap();
-    cluster.wait_warm("open", 3, Duration::from_secs(30)).await;
-    let gateway = start_gateway(&cluster, &operator.url).await;
+    let pools = [("open", 3, json!({ "public": true, "releaseWhenClientGoneSeconds": 10 }))];
+    let Stage { cluster, operator, gateway, _runner } = stage(&[], &pools).await;
     let sessions: Api<TestSession> = Api::namespaced(cluster.client.clone(), "default");
 
     // One client keeps a WebSocket open past the grace; one never opens a
