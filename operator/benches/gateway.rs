@@ -173,7 +173,7 @@ async fn main() {
     }
 
     let gateway_pid = gateway_process.pid();
-    let held = idle_sockets(&ws(&paths[1].1), IDLE_SOCKETS, || rss_kib(&[gateway_pid])).await;
+    let held = idle_sockets(&ws(paths[1].1), IDLE_SOCKETS, || rss_kib(&[gateway_pid])).await;
     println!(
         "idle ws  gateway  {IDLE_SOCKETS} sockets: {} → {} MiB ({:.1} KiB a socket)",
         held.0 / 1024,
@@ -181,7 +181,7 @@ async fn main() {
         (held.1 as f64 - held.0 as f64) / IDLE_SOCKETS as f64
     );
     let nginx_pids = nginx_process.pids();
-    let held = idle_sockets(&ws(&paths[2].1), IDLE_SOCKETS, || rss_kib(&nginx_pids)).await;
+    let held = idle_sockets(&ws(paths[2].1), IDLE_SOCKETS, || rss_kib(&nginx_pids)).await;
     println!(
         "idle ws  nginx    {IDLE_SOCKETS} sockets: {} → {} MiB ({:.1} KiB a socket)",
         held.0 / 1024,
