@@ -23,6 +23,14 @@ fn tidepool_dev_brings_up_the_cluster_and_says_what_next() {
         stdout.lines().any(|l| l.starts_with("20") && l.contains(" edge ") && l.contains("Completed")),
         "no stored result in:\n{stdout}"
     );
+    // The gateway, run with the chart's arguments and rights, gave an
+    // anonymous session on the example pool and reached its pod.
+    assert!(stdout.lines().any(|l| l.contains("\"endpoint\":\"http://127.0.0.1:") && l.contains("/s\"")), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with('{') && l.contains("\"pool\":\"edge\"") && l.contains("\"udpPort\"")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("The gateway: http://127.0.0.1:"), "{stdout}");
     // An agent per node reported: Backends exist and the router answers.
     assert!(stdout.contains("backend.tidepool.dev/kwok-gpu-0 condition met"), "{stdout}");
     assert!(stdout.contains("\"backend\":\"kwok-"), "{stdout}");

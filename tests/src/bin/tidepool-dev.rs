@@ -55,7 +55,7 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     let chart = repo().join("helm/tidepool");
     let kubeconfig = plane.kubeconfig().display().to_string();
     let store_values = format!(
-        "resultsStore.endpoint={},resultsStore.bucket={RESULTS_BUCKET},resultsStore.credentialsSecret={RESULTS_SECRET}",
+        "resultsStore.endpoint={},resultsStore.bucket={RESULTS_BUCKET},resultsStore.credentialsSecret={RESULTS_SECRET},gateway.enabled=true",
         store.endpoint()
     );
     println!("$ helm install tidepool helm/tidepool --namespace {NAMESPACE} --create-namespace --set {store_values}");
@@ -81,8 +81,9 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
         ],
     )?;
 
-    eprintln!("Building tidepool-operator, tidepool-agent, tidepool-session and tidepool...");
+    eprintln!("Building tidepool-operator, tidepool-gateway, tidepool-agent, tidepool-session and tidepool...");
     let operator_bin = tidepool_tests::workspace_binary("tidepool-operator", "tidepool-operator")?;
+    let gateway_bin = tidepool_tests::workspace_binary("tidepool-gateway", "tidepool-gateway")?;
     let agent_bin = tidepool_tests::workspace_binary("tidepool-agent", "tidepool-agent")?;
     let session_bin = tidepool_tests::workspace_binary("tidepool-session", "tidepool-session")?;
     let cli = tidepool_tests::workspace_binary("tidepool-cli", "tidepool")?;
@@ -100,7 +101,7 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     std::fs::write(&token_file, &token).map_err(HarnessError::io("writing the API token"))?;
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}");
-    let args: Vec<String> = chart_operator_args(&chart, &store_values)?
+    let args: Vec<String> = chart_args(&chart, &store_values, "tidepool-operator")?
         .into_iter()
         .map(|arg| match arg.split_once('=') {
             Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
@@ -159,6 +160,44 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     let results_args = ["results", "--operator", &url, "--api-token-file", &token_path, "-n", NAMESPACE];
     println!("$ tidepool {}", results_args.join(" "));
     command(Command::new(&cli).args(results_args))?;
+    // The front door: the gateway with the chart's arguments and its
+    // ServiceAccount's rights; the example pool opened to anonymous users.
+    let (gateway, gateway_url, gateway_admin) =
+        start_gateway(&plane, &chart, &store_values, &gateway_bin, &url).await?;
+    kubectl(&plane, &["-n", NAMESPACE, "patch", "wp", "edge", "--type=merge", "-p", r#"{"spec":{"public":true}}"#])?;
+    let anonymous = format!(r#"{{"pool":"edge","namespace":"{NAMESPACE}"}}"#);
+    println!("$ curl -s -X POST {gateway_url}/api/v1/sessions -d '{anonymous}'");
+    let view: serde_json::Value = eventually(Duration::from_secs(60), "an anonymous session", || async {
+        let answer = reqwest::Client::new()
+            .post(format!("{gateway_url}/api/v1/sessions"))
+            .header("content-type", "application/json")
+            .body(anonymous.clone())
+            .send()
+            .await
+            .ok()?;
+        // Placement may wait for an idle core on a busy machine: ask again.
+        if answer.status() != 201 {
+            return None;
+        }
+        answer.json().await.ok()
+    })
+    .await
+    .map_err(|e| HarnessError::Other(format!("{e}\nthe gateway's log:\n{}", gateway.log_tail(20))))?;
+    println!("{view}");
+    let session_token = view["token"].as_str().unwrap_or_default().to_string();
+    let endpoint = view["endpoint"].as_str().unwrap_or_default().to_string();
+    println!("$ curl -s {endpoint}/api/v1/info -H 'Authorization: Bearer <its token>'");
+    let info = reqwest::Client::new()
+        .get(format!("{endpoint}/api/v1/info"))
+        .bearer_auth(&session_token)
+        .send()
+        .await
+        .map_err(|e| HarnessError::Other(format!("the session through the gateway: {e}")))?
+        .text()
+        .await
+        .map_err(|e| HarnessError::Other(format!("the session through the gateway: {e}")))?;
+    println!("{info}");
+
     kubectl(&plane, &["wait", "backends", "--all", "--for=condition=Ready", "--timeout=30s"])?;
     kubectl(&plane, &["get", "backends"])?;
     let route = r#"{"tier":{"vcpu":1,"memoryMiB":256}}"#;
@@ -187,6 +226,7 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     );
     println!("  tidepool {}", results_args.join(" "));
     println!("  curl -s {url}/metrics | grep tidepool_");
+    println!("  The gateway: {gateway_url} (anonymous sessions on pool edge); its metrics: {gateway_admin}/metrics");
     println!("  The results store (SeaweedFS, S3): {} bucket {RESULTS_BUCKET}", store.endpoint());
     if let Some((_, prometheus_url)) = &prometheus {
         println!("  Prometheus: {prometheus_url}/graph?g0.expr=tidepool_session_create_to_ready_seconds_count");
@@ -212,8 +252,48 @@ fn with_log(e: HarnessError, operator: &Process) -> HarnessError {
     HarnessError::Other(format!("{e}\nthe operator's log:\n{}", operator.log_tail(20)))
 }
 
-/// The operator container's arguments as the chart renders them with `values` (`--set`).
-fn chart_operator_args(chart: &Path, values: &str) -> tidepool_tests::Result<Vec<String>> {
+/// Runs the gateway as the chart's Deployment would, on loopback: its
+/// arguments, its ServiceAccount's token and rights, the local operator.
+/// Returns the process, its URL and its admin URL once it is ready.
+async fn start_gateway(
+    plane: &ControlPlane,
+    chart: &Path,
+    values: &str,
+    binary: &Path,
+    operator_url: &str,
+) -> tidepool_tests::Result<(Process, String, String)> {
+    let (port, admin_port) = (free_port()?, free_port()?);
+    let audience = "https://kubernetes.default.svc.cluster.local";
+    let token = plane.service_account_token(NAMESPACE, "tidepool-gateway", audience, None).await?;
+    let token_file = plane.dir().join("gateway-token");
+    std::fs::write(&token_file, token.trim()).map_err(HarnessError::io("writing the gateway's token"))?;
+    let args: Vec<String> = chart_args(chart, values, "tidepool-gateway")?
+        .into_iter()
+        .map(|arg| match arg.split_once('=') {
+            Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
+            Some(("--admin-listen", _)) => format!("--admin-listen=127.0.0.1:{admin_port}"),
+            Some(("--operator-url", _)) => format!("--operator-url={operator_url}"),
+            _ => arg,
+        })
+        // Where the kubelet would mount the account's token.
+        .chain([format!("--token-file={}", token_file.display())])
+        .collect();
+    let kubeconfig = plane.service_account_kubeconfig(NAMESPACE, "tidepool-gateway").await?;
+    eprintln!("Starting the gateway with the chart's arguments...");
+    let gateway = plane.spawn("tidepool-gateway", binary, &args, &[("KUBECONFIG", path(&kubeconfig))])?;
+    let (url, admin) = (format!("http://127.0.0.1:{port}"), format!("http://127.0.0.1:{admin_port}"));
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), "the gateway's /readyz", || async {
+        http.get(format!("{admin}/readyz")).send().await.ok()?.status().is_success().then_some(())
+    })
+    .await
+    .map_err(|e| HarnessError::Other(format!("{e}\nthe gateway's log:\n{}", gateway.log_tail(20))))?;
+    Ok((gateway, url, admin))
+}
+
+/// The first container's arguments of Deployment `name` as the chart renders
+/// it with `values` (`--set`).
+fn chart_args(chart: &Path, values: &str, name: &str) -> tidepool_tests::Result<Vec<String>> {
     let rendered = Command::new(bin_dir()?.join("helm"))
         .args(["template", "tidepool", path(chart), "--namespace", NAMESPACE, "--kube-version", "1.36.3"])
         .args(["--set", values])
@@ -222,13 +302,13 @@ fn chart_operator_args(chart: &Path, values: &str) -> tidepool_tests::Result<Vec
     let text = String::from_utf8_lossy(&rendered.stdout);
     for document in text.split("\n---") {
         let Ok(value) = serde_yaml::from_str::<serde_yaml::Value>(document) else { continue };
-        if value["kind"].as_str() == Some("Deployment") {
+        if value["kind"].as_str() == Some("Deployment") && value["metadata"]["name"].as_str() == Some(name) {
             let args = &value["spec"]["template"]["spec"]["containers"][0]["args"];
             return Ok(args.as_sequence().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)).collect());
         }
     }
     Err(HarnessError::Other(format!(
-        "helm template rendered no Deployment: {}",
+        "helm template rendered no Deployment {name}: {}",
         String::from_utf8_lossy(&rendered.stderr)
     )))
 }
