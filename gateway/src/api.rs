@@ -37,7 +37,7 @@ async fn create_session(gateway: &Gateway, request: Request<Body>) -> Result<axu
     let client = gateway.client_address(&request)?;
     let host = host_of(&request);
     let authorization = request.headers().get(header::AUTHORIZATION).cloned();
-    let body = read_body(request.into_body()).await?;
+    let body = read_body(request.into_body(), gateway.settings.body_deadline).await?;
     if let Some(authorization) = authorization {
         // A Kubernetes identity: the operator decides, as if asked directly.
         let answer = gateway.operator.relay(Method::POST, "/api/v1/sessions", authorization, body).await;
@@ -201,15 +201,21 @@ fn check_names(gateway: &Gateway, namespace: &str, name: &str) -> Result<(), Ref
     Ok(())
 }
 
-async fn read_body(body: Body) -> Result<Bytes, Refused> {
-    match Limited::new(body, MAX_CREATE_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Refused::new(
+/// A create's body, whole within `deadline`: the server cuts only a body
+/// that pauses (uploads stream for long), so a small body that trickles in
+/// a byte at a time is cut here.
+async fn read_body(body: Body, deadline: std::time::Duration) -> Result<Bytes, Refused> {
+    let slow = || Refused::new(StatusCode::REQUEST_TIMEOUT, "slow_body", "the request body came too slowly");
+    match tokio::time::timeout(deadline, Limited::new(body, MAX_CREATE_BYTES).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Refused::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             format!("the body is over {MAX_CREATE_BYTES} bytes"),
         )),
-        Err(_) => Err(Refused::new(StatusCode::REQUEST_TIMEOUT, "body_unread", "the body did not come in time")),
+        // The server cut it for a pause, and counted that.
+        Ok(Err(_)) => Err(slow().already_counted()),
+        Err(_) => Err(slow()),
     }
 }
 

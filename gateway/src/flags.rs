@@ -104,6 +104,8 @@ pub struct Settings {
     pub anonymous: anonymous::Limits,
     pub streams_per_session: usize,
     pub limits: tidepool_serve::Limits,
+    /// A create's body must come in full within this.
+    pub body_deadline: Duration,
     pub tls: Option<crate::tls::Files>,
     pub cors_origins: Vec<String>,
     /// Send `Strict-Transport-Security`: the gateway serves TLS, or its
@@ -152,6 +154,7 @@ impl Flags {
                 concurrent_sessions: self.anonymous_concurrent_sessions,
             },
             streams_per_session: self.streams_per_session.max(1),
+            body_deadline: Duration::from_secs(self.body_timeout_seconds.max(1)),
             limits: tidepool_serve::Limits {
                 max_connections: self.max_connections.max(1),
                 header_timeout: Duration::from_secs(self.header_timeout_seconds.max(1)),

@@ -62,8 +62,14 @@ async fn run(flags: Flags) -> ExitCode {
         }
     };
     let mut tasks = Tasks::default();
-    let tls = match settings.tls.clone().map(tidepool_gateway::tls::Reloading::load).transpose() {
-        Ok(tls) => tls,
+    let tls = settings.tls.clone().map(|files| {
+        let reloading = tidepool_gateway::tls::Reloading::load(files)?;
+        let config = reloading.server_config()?;
+        Ok::<_, tidepool_gateway::tls::TlsError>((reloading, config))
+    });
+    let (tls, tls_config) = match tls.transpose() {
+        Ok(Some((reloading, config))) => (Some(reloading), Some(config)),
+        Ok(None) => (None, None),
         Err(e) => {
             tracing::error!(error = %e, "cannot serve TLS");
             return ExitCode::FAILURE;
@@ -87,13 +93,7 @@ async fn run(flags: Flags) -> ExitCode {
     };
     tasks.spawn(
         "the users' server".into(),
-        serve(
-            gateway.clone(),
-            public,
-            public_router(gateway.clone()),
-            tls.as_ref().map(|tls| tls.server_config()),
-            until_stopped(stopping.clone()),
-        ),
+        serve(gateway.clone(), public, public_router(gateway.clone()), tls_config, until_stopped(stopping.clone())),
     );
     tasks.spawn(
         "the admin server".into(),

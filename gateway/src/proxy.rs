@@ -76,7 +76,8 @@ impl OpenStreams {
     }
 
     /// How many streams session `sid` has open here.
-    pub fn of(&self, sid: &str) -> usize {
+    #[cfg(test)]
+    fn of(&self, sid: &str) -> usize {
         self.0.lock().map(|s| s.open.get(sid).map_or(0, |(count, _)| *count)).unwrap_or(0)
     }
 
@@ -166,7 +167,7 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
     let mut upstream = Request::builder()
         .method(parts.method)
         .uri(uri)
-        .body(Counted::new(body, to_pod, None))
+        .body(Counted::new(body, to_pod.clone(), None))
         .map_err(|_| internal())?;
     *upstream.headers_mut() = headers;
 
@@ -174,6 +175,11 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
         .await
         .map_err(|_| unreachable_pod("pod_timeout"))?
         .map_err(|e| {
+            if caused_by_slow_body(&e) {
+                // The server cut the client's body for a pause, and counted it.
+                return Refused::new(StatusCode::REQUEST_TIMEOUT, "slow_body", "the request body came too slowly")
+                    .already_counted();
+            }
             tracing::debug!(error = %e, pod = %target.pod, "the pod did not answer");
             unreachable_pod("pod_unreachable")
         })?;
@@ -181,7 +187,7 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
     if let Some(client_upgrade) = client_upgrade
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {
-        return Ok(join_upgraded(client_upgrade, response, to_pod_counter(gateway), to_client, guard));
+        return Ok(join_upgraded(client_upgrade, response, to_pod, to_client, guard));
     }
     let (parts, body) = response.into_parts();
     let mut answer = Response::new(Body::new(Counted::new(body, to_client, Some(guard))));
@@ -190,8 +196,16 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
     Ok(answer)
 }
 
-fn to_pod_counter(gateway: &Gateway) -> IntCounter {
-    gateway.metrics.proxied_bytes.with_label_values(&["to_pod"])
+/// Whether forwarding failed because the server cut the client's body.
+fn caused_by_slow_body(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<tidepool_serve::BodyTimedOut>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// The session the token names, checked and routed (see [`target::decide`]).

@@ -5,6 +5,8 @@
 use axum::body::Body;
 use axum::http::{HeaderValue, Response, StatusCode, header};
 
+use tidepool_protocol::ErrorBody;
+
 use crate::metrics::Metrics;
 
 /// A request the gateway will not serve, and why.
@@ -15,11 +17,19 @@ pub struct Refused {
     pub reason: &'static str,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// Already counted where it happened (a body the server cut for its
+    /// pauses): answered, but not counted again.
+    pub counted: bool,
 }
 
 impl Refused {
     pub fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { status, reason, message: message.into(), retry_after: None }
+        Self { status, reason, message: message.into(), retry_after: None, counted: false }
+    }
+
+    pub fn already_counted(mut self) -> Self {
+        self.counted = true;
+        self
     }
 
     pub fn retry_after(mut self, seconds: u64) -> Self {
@@ -30,10 +40,12 @@ impl Refused {
 
 /// Answers a refusal and counts it.
 pub fn refuse(metrics: &Metrics, route: &str, refused: Refused) -> Response<Body> {
-    metrics.refused(refused.reason);
+    if !refused.counted {
+        metrics.refused(refused.reason);
+    }
     metrics.requests.with_label_values(&[route, refused.status.as_str()]).inc();
-    let body = serde_json::json!({ "error": refused.message, "code": refused.status.as_u16() });
-    let mut response = json(refused.status, body.to_string());
+    let body = ErrorBody { error: refused.message, code: Some(refused.status.as_u16()) };
+    let mut response = json(refused.status, serde_json::to_vec(&body).unwrap_or_default());
     if let Some(seconds) = refused.retry_after {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
@@ -69,5 +81,9 @@ mod tests {
         assert_eq!(metrics.refusals.with_label_values(&["sessions_per_hour"]).get(), 1);
         let unauthorized = refuse(&metrics, "streams", Refused::new(StatusCode::UNAUTHORIZED, "no_token", "no"));
         assert_eq!(unauthorized.headers()["www-authenticate"], "Bearer");
+        // A refusal the server already counted is answered, not counted twice.
+        let cut = Refused::new(StatusCode::REQUEST_TIMEOUT, "slow_body", "slow").already_counted();
+        assert_eq!(refuse(&metrics, "sessions", cut).status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(metrics.refusals.with_label_values(&["slow_body"]).get(), 0);
     }
 }

@@ -32,6 +32,8 @@ pub enum TlsError {
     BadKey(String),
     #[error("the private key does not match the certificate: {0}")]
     Mismatch(String),
+    #[error("no TLS configuration: {0}")]
+    Config(String),
 }
 
 /// Where the pair lives.
@@ -56,14 +58,14 @@ impl Reloading {
     }
 
     /// A server configuration that asks this resolver at every handshake.
-    pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .unwrap_or_else(|_| ServerConfig::builder());
+            .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = builder.with_no_client_auth().with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Arc::new(config)
+        Ok(Arc::new(config))
     }
 
     /// Reads the files again; Ok(true) when a new pair is now served.

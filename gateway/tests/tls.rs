@@ -59,13 +59,13 @@ async fn the_certificate_is_served_reloaded_when_its_files_change_and_kept_when_
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = Server::new(limits).tls(tokio_rustls::TlsAcceptor::from(reloading.server_config())).on_refusal(
-        move |refusal| {
+    let server = Server::new(limits)
+        .tls(tokio_rustls::TlsAcceptor::from(reloading.server_config().unwrap()))
+        .on_refusal(move |refusal| {
             if refusal == Refusal::TlsHandshake {
                 counted.fetch_add(1, Ordering::Relaxed);
             }
-        },
-    );
+        });
     let router = Router::new().route("/", get(|| async { "served" }));
     tokio::spawn(server.serve(listener, router, std::future::pending()));
 

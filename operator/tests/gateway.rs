@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, TOKEN};
+use common::{Cluster, TOKEN, until_closed};
 use futures_util::{SinkExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -105,13 +105,12 @@ async fn info(endpoint: &str, token: &str) -> (u16, Value) {
     (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
 }
 
-async fn metric(gateway: &Gateway, line_start: &str) -> f64 {
+/// The value of the series `series` (name and labels), which must be exported.
+async fn metric(gateway: &Gateway, series: &str) -> f64 {
     let text = reqwest::get(format!("{}/metrics", gateway.admin)).await.unwrap().text().await.unwrap();
     text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,6 +320,88 @@ async fn anonymous_sessions_reach_their_pods_only_through_the_gateway_and_follow
         .await
         .unwrap();
     assert_eq!(read["endpoint"].as_str(), Some(format!("{base}/s").as_str()));
+}
+
+/// An HTTP/1 request on `stream` and the start of its answer.
+fn ask(stream: &mut std::net::TcpStream) -> String {
+    use std::io::{Read, Write};
+    stream.write_all(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = [0u8; 512];
+    let n = stream.read(&mut answer).unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_listener_cuts_slow_heads_slow_bodies_idle_connections_and_one_too_many() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let cluster = Cluster::start(1).await;
+    let operator = cluster.operator("operator-0", &[]).await;
+    let limits =
+        ["--max-connections=3", "--header-timeout-seconds=1", "--body-timeout-seconds=1", "--idle-timeout-seconds=1"]
+            .map(String::from);
+    let gateway = start_gateway_with(&cluster, &operator.url, "gateway", &limits).await;
+    let address = gateway.url.trim_start_matches("http://").to_string();
+
+    tokio::task::spawn_blocking(move || {
+        let address = address.as_str();
+        // A half-sent head is dropped after the header timeout, unanswered.
+        let mut slow_head = TcpStream::connect(address).unwrap();
+        slow_head.write_all(b"GET /nothing HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let (took, answer) = until_closed(&mut slow_head, Duration::from_secs(5));
+        assert!(took >= Duration::from_millis(900) && answer.is_empty(), "{answer:?} after {took:?}");
+
+        let create_head = "POST /api/v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                           Content-Length: 100\r\n\r\n{\"pool\"";
+        // A body that stops coming is answered 408.
+        let mut stalled = TcpStream::connect(address).unwrap();
+        stalled.write_all(create_head.as_bytes()).unwrap();
+        let (took, answer) = until_closed(&mut stalled, Duration::from_secs(5));
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(took >= Duration::from_millis(900), "cut after {took:?}");
+        // So is a create's body that keeps coming but not in time: a byte at
+        // 0.3, 0.6 and 0.9 s never pauses for the 1 s the server allows, yet
+        // the whole body is due within 1 s; the pause alone would cut at 1.9 s.
+        let mut trickle = TcpStream::connect(address).unwrap();
+        trickle.write_all(create_head.as_bytes()).unwrap();
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(300));
+            trickle.write_all(b" ").unwrap();
+        }
+        let (_, answer) = until_closed(&mut trickle, Duration::from_secs(5));
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(started.elapsed() < Duration::from_millis(1800), "cut after {:?}", started.elapsed());
+
+        // A kept-alive connection that goes quiet is closed.
+        let mut idle = TcpStream::connect(address).unwrap();
+        assert!(ask(&mut idle).starts_with("HTTP/1.1 404"));
+        let (took, _) = until_closed(&mut idle, Duration::from_secs(5));
+        assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+
+        // Three open connections fill the cap: a fourth is closed
+        // unanswered, and the three are still served.
+        let mut held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(address).unwrap()).collect();
+        for stream in &mut held {
+            assert!(ask(stream).starts_with("HTTP/1.1 404"));
+        }
+        let mut fourth = TcpStream::connect(address).unwrap();
+        let _ = fourth.write_all(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (took, answer) = until_closed(&mut fourth, Duration::from_secs(2));
+        assert!(answer.is_empty() && took < Duration::from_millis(900), "{answer:?} after {took:?}");
+        assert!(ask(&mut held[0]).starts_with("HTTP/1.1 404"));
+    })
+    .await
+    .unwrap();
+
+    // Each cut is counted under its reason: the stalled body once by the
+    // server, the trickled one by the create route.
+    for reason in ["header_timeout", "idle", "connection_cap"] {
+        let series = format!("tidepool_gateway_refusals_total{{reason=\"{reason}\"}}");
+        assert!(metric(&gateway, &series).await >= 1.0, "no {reason} counted");
+    }
+    assert_eq!(metric(&gateway, "tidepool_gateway_refusals_total{reason=\"slow_body\"}").await, 2.0);
+    assert_eq!(metric(&gateway, "tidepool_gateway_requests_total{code=\"408\",route=\"sessions\"}").await, 2.0);
 }
 
 /// The Ready condition's reason.

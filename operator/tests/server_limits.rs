@@ -7,23 +7,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Cluster, TOKEN};
-
-/// Reads until the operator closes the connection: how long that took, and what came.
-fn until_closed(stream: &mut TcpStream, limit: Duration) -> (Duration, String) {
-    let started = Instant::now();
-    stream.set_read_timeout(Some(limit)).unwrap();
-    let mut answer = Vec::new();
-    // A reset (the server closed with our request unread) is closed too; a
-    // timeout is not.
-    if let Err(e) = stream.read_to_end(&mut answer) {
-        let timed_out = matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
-        assert!(!timed_out, "still open after {limit:?}");
-    }
-    (started.elapsed(), String::from_utf8_lossy(&answer).into_owned())
-}
+use common::{Cluster, TOKEN, until_closed};
 
 fn healthz(stream: &mut TcpStream) -> String {
     stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();

@@ -166,6 +166,21 @@ impl Cluster {
     }
 }
 
+/// Reads until the server closes the connection: how long that took, and what came.
+pub fn until_closed(stream: &mut std::net::TcpStream, limit: Duration) -> (Duration, String) {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut answer = Vec::new();
+    // A reset (the server closed with our request unread) is closed too; a
+    // timeout is not.
+    if let Err(e) = stream.read_to_end(&mut answer) {
+        let timed_out = matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
+        assert!(!timed_out, "still open after {limit:?}");
+    }
+    (started.elapsed(), String::from_utf8_lossy(&answer).into_owned())
+}
+
 /// POSTs `body` to `/api/v1/sessions` and returns the status and JSON.
 pub async fn post_session(operator: &Operator, body: Value) -> (u16, Value) {
     let response = reqwest::Client::new()
