@@ -35,6 +35,21 @@ pub use proxy::Proxy;
 /// A result whose error is a [`HarnessError`].
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
+/// A program's arguments as rendered for a cluster, with the flags in `set`
+/// given the values they need on this machine (`--flag=value`; loopback
+/// addresses, local files); the others as they are.
+pub fn with_flags(args: Vec<String>, set: &[(&str, String)]) -> Vec<String> {
+    args.into_iter()
+        .map(|arg| {
+            let flag = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
+            match set.iter().find(|(name, _)| *name == flag) {
+                Some((name, value)) => format!("{name}={value}"),
+                None => arg,
+            }
+        })
+        .collect()
+}
+
 /// Polls `probe` every 100 ms until it yields a value, or fails after `limit`.
 pub async fn eventually<T, F, Fut>(limit: std::time::Duration, what: &str, mut probe: F) -> Result<T>
 where
@@ -50,5 +65,18 @@ where
             return Err(HarnessError::Timeout { what: what.to_string(), seconds: limit.as_secs() });
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flags_are_set_by_name_and_the_rest_kept() {
+        let rendered = ["--listen=0.0.0.0:8080", "--namespaces=a", "--listener=x", "--flag"].map(String::from).to_vec();
+        let set = [("--listen", "127.0.0.1:9".to_string()), ("--flag", "on".to_string())];
+        assert_eq!(
+            super::with_flags(rendered, &set),
+            ["--listen=127.0.0.1:9", "--namespaces=a", "--listener=x", "--flag=on"]
+        );
     }
 }

@@ -1458,16 +1458,13 @@ async fn run_the_operator_and_an_agent(plane: &ControlPlane, client: &kube::Clie
     let port = free_port().unwrap();
     // The installed release's arguments (the gateway on), but listening on
     // loopback and reading the token from here.
-    let mut args: Vec<String> = operator_args(&render(&["--set", "gateway.enabled=true"]))
-        .into_iter()
-        .map(|arg| match arg.split_once('=') {
-            Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
-            Some(("--api-token-file", _)) => format!("--api-token-file={}", token_file.display()),
-            // The Service's name does not resolve here; the operator's own address does.
-            Some(("--results-url", _)) => format!("--results-url=http://127.0.0.1:{port}"),
-            _ => arg,
-        })
-        .collect();
+    // The Service's name does not resolve here; the operator's own address does.
+    let set = [
+        ("--listen", format!("127.0.0.1:{port}")),
+        ("--api-token-file", token_file.display().to_string()),
+        ("--results-url", format!("http://127.0.0.1:{port}")),
+    ];
+    let mut args = tidepool_tests::with_flags(operator_args(&render(&["--set", "gateway.enabled=true"])), &set);
     let kubeconfig = plane.service_account_kubeconfig(NAMESPACE, "tidepool-operator").await.unwrap();
     let binary = workspace_binary("tidepool-operator", "tidepool-operator").unwrap();
     // Every node and agent of the harness is on loopback.
@@ -1660,16 +1657,13 @@ async fn run_the_gateway(plane: &ControlPlane, operator_url: &str) {
     let audience = "https://kubernetes.default.svc.cluster.local";
     let token = plane.service_account_token(NAMESPACE, "tidepool-gateway", audience, None).await.unwrap();
     let token_file = scratch("gateway-token", &token);
-    let mut args: Vec<String> = gateway_args(&render(&["--set", "gateway.enabled=true"]))
-        .into_iter()
-        .map(|arg| match arg.split_once('=') {
-            Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
-            Some(("--admin-listen", _)) => format!("--admin-listen=127.0.0.1:{admin_port}"),
-            // The Service's name does not resolve here.
-            Some(("--operator-url", _)) => format!("--operator-url={operator_url}"),
-            _ => arg,
-        })
-        .collect();
+    // The Service's name does not resolve here.
+    let set = [
+        ("--listen", format!("127.0.0.1:{port}")),
+        ("--admin-listen", format!("127.0.0.1:{admin_port}")),
+        ("--operator-url", operator_url.to_string()),
+    ];
+    let mut args = tidepool_tests::with_flags(gateway_args(&render(&["--set", "gateway.enabled=true"])), &set);
     // Where the kubelet would mount the account's token.
     args.push(format!("--token-file={}", token_file.display()));
     let kubeconfig = plane.service_account_kubeconfig(NAMESPACE, "tidepool-gateway").await.unwrap();

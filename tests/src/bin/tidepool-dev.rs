@@ -101,16 +101,14 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     std::fs::write(&token_file, &token).map_err(HarnessError::io("writing the API token"))?;
     let port = free_port()?;
     let url = format!("http://127.0.0.1:{port}");
-    let args: Vec<String> = chart_args(&chart, &store_values, "tidepool-operator")?
+    let set = [
+        ("--listen", format!("127.0.0.1:{port}")),
+        ("--api-token-file", token_file.display().to_string()),
+        ("--results-url", url.clone()),
+        ("--agent-operator-url", url.clone()),
+    ];
+    let args: Vec<String> = tidepool_tests::with_flags(chart_args(&chart, &store_values, "tidepool-operator")?, &set)
         .into_iter()
-        .map(|arg| match arg.split_once('=') {
-            Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
-            Some(("--api-token-file", _)) => format!("--api-token-file={}", token_file.display()),
-            Some(("--results-url" | "--agent-operator-url", _)) => {
-                format!("{}={url}", arg.split('=').next().unwrap_or(""))
-            }
-            _ => arg,
-        })
         // The agents here are processes on this machine, at 127.0.0.1.
         .chain(["--allow-local-backend-addresses".to_string()])
         .collect();
@@ -267,14 +265,13 @@ async fn start_gateway(
     let token = plane.service_account_token(NAMESPACE, "tidepool-gateway", audience, None).await?;
     let token_file = plane.dir().join("gateway-token");
     std::fs::write(&token_file, token.trim()).map_err(HarnessError::io("writing the gateway's token"))?;
-    let args: Vec<String> = chart_args(chart, values, "tidepool-gateway")?
+    let set = [
+        ("--listen", format!("127.0.0.1:{port}")),
+        ("--admin-listen", format!("127.0.0.1:{admin_port}")),
+        ("--operator-url", operator_url.to_string()),
+    ];
+    let args: Vec<String> = tidepool_tests::with_flags(chart_args(chart, values, "tidepool-gateway")?, &set)
         .into_iter()
-        .map(|arg| match arg.split_once('=') {
-            Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
-            Some(("--admin-listen", _)) => format!("--admin-listen=127.0.0.1:{admin_port}"),
-            Some(("--operator-url", _)) => format!("--operator-url={operator_url}"),
-            _ => arg,
-        })
         // Where the kubelet would mount the account's token.
         .chain([format!("--token-file={}", token_file.display())])
         .collect();
