@@ -19,6 +19,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# A fresh clone gains nothing from incremental compilation, and its caches
+# would double the target directory (3.4 GiB of 7.4 GiB measured), which is
+# more disk than a CI machine may have free. Report the free space up front so
+# a full disk reads as that, not as a compiler crash.
+if [ "${CI:-}" = true ]; then
+    export CARGO_INCREMENTAL=0
+fi
+df -h . | awk 'NR == 2 { print "tidepool: " $4 " free on " $6 " before the build" }'
+
 # Formatting and lints first: they are cheap and fail fast.
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
