@@ -79,6 +79,15 @@ impl Caches {
         store.state().into_iter().filter(|p| p.labels().get(POOL_LABEL).map(String::as_str) == Some(pool)).collect()
     }
 
+    /// The pools their owners made public, in every served namespace, by
+    /// namespace and name.
+    pub fn public_pools(&self) -> Vec<Arc<WarmPool>> {
+        let mut pools: Vec<Arc<WarmPool>> =
+            self.pools.values().flat_map(|store| store.state()).filter(|p| p.spec.public).collect();
+        pools.sort_by_key(|p| (p.namespace(), p.name_any()));
+        pools
+    }
+
     /// Every session made for client address `ip`, in any served namespace.
     /// A scan: the anonymous create path is rare next to the streams.
     pub fn sessions_for(&self, ip: IpAddr) -> (Vec<Seen>, Vec<String>) {

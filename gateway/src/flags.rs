@@ -69,6 +69,10 @@ pub struct Flags {
     /// the gateway from a browser; none when empty.
     #[arg(long, env = "TIDEPOOL_GATEWAY_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// Serve the web UI from this directory (`npm --prefix web run build`
+    /// leaves it in `web/dist`); no UI when unset.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_UI_DIR")]
+    pub ui_dir: Option<PathBuf>,
     /// Connections open at once; one beyond is closed unanswered.
     #[arg(long, env = "TIDEPOOL_GATEWAY_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
@@ -108,6 +112,7 @@ pub struct Settings {
     pub body_deadline: Duration,
     pub tls: Option<crate::tls::Files>,
     pub cors_origins: Vec<String>,
+    pub ui_dir: Option<PathBuf>,
     /// Send `Strict-Transport-Security`: the gateway serves TLS, or its
     /// public URL is https (TLS ends in front of it).
     pub hsts: bool,
@@ -142,6 +147,7 @@ impl Flags {
             hsts: tls.is_some() || https_url,
             tls,
             cors_origins,
+            ui_dir: self.ui_dir.clone(),
             operator_url: self.operator_url.trim_end_matches('/').to_string(),
             token_file: self.token_file.clone(),
             namespaces: self.namespaces.clone(),

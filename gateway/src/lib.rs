@@ -19,3 +19,4 @@ pub mod state;
 pub mod target;
 pub mod tasks;
 pub mod tls;
+pub mod ui;

@@ -75,6 +75,13 @@ async fn run(flags: Flags) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let ui = match settings.ui_dir.as_deref().map(tidepool_gateway::ui::Ui::load).transpose() {
+        Ok(ui) => ui,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve the web UI");
+            return ExitCode::FAILURE;
+        }
+    };
     let caches = Caches::start(&client, &settings.namespaces, &mut tasks);
     let gateway = Arc::new(Gateway {
         operator: OperatorApi::new(settings.operator_url.clone(), settings.token_file.clone()),
@@ -84,6 +91,7 @@ async fn run(flags: Flags) -> ExitCode {
         pods: pod_client(),
         streams: Default::default(),
         pending: Default::default(),
+        ui,
         metrics,
     });
     let ready = Arc::new(AtomicBool::new(false));

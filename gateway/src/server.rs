@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, Response, StatusCode, header};
+use axum::http::{HeaderValue, Method, Response, StatusCode, Uri, header};
+use kube::ResourceExt;
 use axum::routing::{any, get, post};
 use tidepool_serve::Refusal;
 use tokio::net::TcpListener;
@@ -20,6 +21,7 @@ use crate::{api, cors, proxy};
 /// The users' routes.
 pub fn public_router(gateway: Arc<Gateway>) -> Router {
     Router::new()
+        .route("/api/v1/pools", get(public_pools))
         .route("/api/v1/sessions", post(api::create))
         .route("/api/v1/sessions/{name}", get(api::get).delete(api::delete))
         .route(proxy::PREFIX, any(proxy::stream))
@@ -57,12 +59,46 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response<Body> {
     response
 }
 
-async fn not_found(State(gateway): State<Arc<Gateway>>) -> Response<Body> {
-    reply::refuse(&gateway.metrics, "other", Refused::new(StatusCode::NOT_FOUND, "not_found", "no such route"))
+/// Anything not routed: a file of the web UI, if there is one by that path.
+async fn not_found(State(gateway): State<Arc<Gateway>>, method: Method, uri: Uri) -> Response<Body> {
+    let asset = (method == Method::GET || method == Method::HEAD)
+        .then(|| gateway.ui.as_ref().and_then(|ui| ui.get(uri.path())))
+        .flatten();
+    let Some(asset) = asset else {
+        return reply::refuse(&gateway.metrics, "other", Refused::new(StatusCode::NOT_FOUND, "not_found", "no such route"));
+    };
+    let mut response = Response::new(if method == Method::HEAD { Body::empty() } else { Body::from(asset.body.clone()) });
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
+    let caching = if asset.immutable { "public, max-age=31536000, immutable" } else { "no-cache" };
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(caching));
+    gateway.metrics.requests.with_label_values(&["ui", "200"]).inc();
+    response
 }
 
-/// Headers every answer carries: no sniffing, no framing, no referrer, no
-/// caching, and with TLS (here or in front), HTTPS only from now on.
+/// `GET /api/v1/pools`: the pools anyone may start a session on, for the
+/// web UI's test. Private pools are never listed.
+async fn public_pools(State(gateway): State<Arc<Gateway>>) -> Response<Body> {
+    let pools: Vec<serde_json::Value> = gateway
+        .caches
+        .public_pools()
+        .iter()
+        .map(|pool| {
+            let warm = pool.status.as_ref().map_or(0, |s| s.warm);
+            serde_json::json!({
+                "namespace": pool.namespace(),
+                "name": pool.name_any(),
+                "tier": pool.spec.tier,
+                "warm": warm,
+            })
+        })
+        .collect();
+    gateway.metrics.requests.with_label_values(&["pools", "200"]).inc();
+    reply::json(StatusCode::OK, serde_json::json!({ "pools": pools }).to_string())
+}
+
+/// Headers every answer carries: no sniffing, no framing, no referrer, only
+/// this origin's scripts, no caching unless the answer says otherwise, and with TLS (here or in front), HTTPS only from now on.
 async fn security_headers(State(gateway): State<Arc<Gateway>>, mut response: Response<Body>) -> Response<Body> {
     let headers = response.headers_mut();
     if gateway.settings.hsts {
@@ -71,6 +107,7 @@ async fn security_headers(State(gateway): State<Arc<Gateway>>, mut response: Res
     headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
     headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    headers.insert("content-security-policy", HeaderValue::from_static(crate::ui::CONTENT_SECURITY_POLICY));
     headers.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
     response
 }

@@ -29,6 +29,8 @@ pub struct Gateway {
     pub streams: Arc<OpenStreams>,
     pub pending: Pending,
     pub metrics: Arc<Metrics>,
+    /// The web UI's files, when `--ui-dir` names a build.
+    pub ui: Option<crate::ui::Ui>,
 }
 
 impl Gateway {

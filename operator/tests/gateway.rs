@@ -25,10 +25,6 @@ struct Gateway {
     admin: String,
 }
 
-async fn start_gateway(cluster: &Cluster, operator_url: &str) -> Gateway {
-    start_gateway_with(cluster, operator_url, "gateway", &[]).await
-}
-
 async fn start_gateway_with(cluster: &Cluster, operator_url: &str, name: &str, extra: &[String]) -> Gateway {
     let (port, admin_port) = (free_port().unwrap(), free_port().unwrap());
     let mut args = vec![
@@ -42,6 +38,9 @@ async fn start_gateway_with(cluster: &Cluster, operator_url: &str, name: &str, e
         "--anonymous-concurrent-sessions=2".into(),
         "--streams-per-session=4".into(),
     ];
+    // A flag in `extra` replaces the default above.
+    let flag = |arg: &str| arg.split('=').next().unwrap_or("").to_string();
+    args.retain(|arg| !extra.iter().any(|e| flag(e) == flag(arg)));
     args.extend(extra.iter().cloned());
     let program = workspace_binary("tidepool-gateway", "tidepool-gateway").unwrap();
     let process = cluster.plane.spawn(name, &program, &args, &[]).unwrap();
@@ -67,6 +66,10 @@ struct Stage {
 }
 
 async fn stage(operator_extra: &[&str], pools: &[(&str, i32, Value)]) -> Stage {
+    stage_with(operator_extra, pools, &[]).await
+}
+
+async fn stage_with(operator_extra: &[&str], pools: &[(&str, i32, Value)], gateway_extra: &[String]) -> Stage {
     let cluster = Cluster::start(1).await;
     let port = free_port().unwrap();
     let results_url = format!("--results-url=http://127.0.0.1:{port}");
@@ -84,7 +87,7 @@ async fn stage(operator_extra: &[&str], pools: &[(&str, i32, Value)]) -> Stage {
     for (name, size, _) in pools {
         cluster.wait_warm(name, *size, Duration::from_secs(30)).await;
     }
-    let gateway = start_gateway(&cluster, &operator.url).await;
+    let gateway = start_gateway_with(&cluster, &operator.url, "gateway", gateway_extra).await;
     Stage { cluster, operator, gateway, _runner: runner }
 }
 
@@ -463,4 +466,83 @@ async fn a_session_whose_client_went_away_is_released_before_its_ttl() {
     let untouched = sessions.get(&direct).await.unwrap();
     assert_eq!(untouched.status.as_ref().map(|s| s.phase.to_string()).as_deref(), Some("Ready"));
     assert!(!untouched.metadata.annotations.unwrap_or_default().contains_key("tidepool.dev/client-seen"));
+}
+
+/// The web UI in Debian's Chromium, driven by playwright-core
+/// (web/tests/browser.mjs) through the gateway: one click runs the
+/// bufferbloat test and the household, the grades land in the TestSession
+/// and its link reads them back; the live graph moves, its pod is killed
+/// and the session heals onto another. Screenshots stay in
+/// target/tmp/browser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromium() {
+    let web = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+    let dist = web.join("dist");
+    assert!(
+        dist.join("index.html").is_file() && web.join("node_modules/playwright-core").is_dir(),
+        "the UI is not built: run `npm --prefix web ci && npm --prefix web run build` (tests/run.sh does)"
+    );
+    let pools = [("open", 2, json!({ "public": true }))];
+    // A browser's test holds up to eight streams: the latency socket, three
+    // downloads and three uploads, and a download that is closing.
+    let gateway_flags = [format!("--ui-dir={}", dist.display()), "--streams-per-session=16".into()];
+    let Stage { cluster, operator: _operator, gateway, _runner } = stage_with(&[], &pools, &gateway_flags).await;
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    let _ = std::fs::remove_dir_all(&out);
+
+    let run = tokio::process::Command::new("node")
+        .arg(web.join("tests/browser.mjs"))
+        .arg(&gateway.url)
+        .arg(&out)
+        .kill_on_drop(true)
+        .output();
+    let output =
+        tokio::time::timeout(Duration::from_secs(300), run).await.expect("the browser run took over 5 minutes");
+    let output = output.expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let context = || format!("stdout: {stdout}\nstderr: {stderr}\ngateway: {}", gateway.process.log_tail(30));
+    assert!(output.status.success(), "the browser run failed\n{}", context());
+    let report: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    assert_eq!(report["pageErrors"], json!([]), "{}", context());
+
+    // The grades on the page are the pod's, and the TestSession holds them.
+    let results = &report["results"];
+    let grades = &results["grades"];
+    for grade in ["bufferbloat", "household", "overall"] {
+        let letter = grades[grade].as_str().unwrap_or_else(|| panic!("no {grade} grade\n{}", context()));
+        assert!(["A+", "A", "B", "C", "D", "F"].contains(&letter), "{letter}");
+        assert_eq!(report["shownGrades"][grade].as_str(), Some(letter), "{}", context());
+    }
+    assert_eq!(results["household"].as_array().map(Vec::len), Some(4), "{}", context());
+    assert!(results["downloadMbps"].as_f64().unwrap() > 0.0 && results["uploadMbps"].as_f64().unwrap() > 0.0);
+    assert!(results["latency"]["samples"].as_i64().unwrap() > 0);
+    let name = report["session"]["name"].as_str().unwrap();
+    let sessions: Api<TestSession> = Api::namespaced(cluster.client.clone(), "default");
+    let session = sessions.get(name).await.unwrap();
+    let status = serde_json::to_value(session.status.unwrap()).unwrap();
+    assert_eq!(status["phase"], "Completed", "{status}");
+    assert_eq!(status["results"]["final"], true);
+    assert_eq!(&status["results"]["grades"], grades);
+    assert_eq!(status["results"]["downloadMbps"], results["downloadMbps"]);
+    let users =
+        |v: &Value| serde_json::from_value::<Vec<tidepool_crds::test_session::HouseholdUserResult>>(v.clone()).unwrap();
+    assert_eq!(users(&status["results"]["household"]), users(&results["household"]));
+    assert!(report["linkStatus"].as_str().unwrap().contains("Completed"), "{}", context());
+    assert_eq!(report["linkGrades"]["bufferbloat"], grades["bufferbloat"]);
+    assert_eq!(report["linkGrades"]["household"], grades["household"]);
+
+    // The live graph moved, lost its pod and went on from another.
+    let live = &report["live"];
+    let heal = &live["heals"][0];
+    assert_ne!(heal["from"], heal["to"], "{}", context());
+    assert!(heal["gapMs"].as_f64().unwrap() > 0.0);
+    assert!(live["points"].as_u64().unwrap() > live["pointsBeforeKill"].as_u64().unwrap() + 10, "{live}");
+    assert!(live["frames"].as_u64().unwrap() > 0);
+    for shot in ["test-household-running", "test-results", "results-link", "live", "live-healed"] {
+        assert!(out.join(format!("{shot}.png")).is_file(), "no {shot}.png");
+    }
+    assert!(metric(&gateway, r#"tidepool_gateway_requests_total{code="200",route="ui"}"#).await >= 3.0);
+    println!("browser: {report}");
 }

@@ -77,6 +77,10 @@ pub struct SessionView {
     /// How far the backend is from the client, when both have coordinates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distance_km: Option<f64>,
+    /// The results in the session's status, graded, once any were reported:
+    /// the web UI's results link reads them back here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<tidepool_crds::test_session::SessionResults>,
 }
 
 impl SessionView {

@@ -314,6 +314,7 @@ async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>)
         backend: status.backend.clone(),
         region,
         distance_km,
+        results: status.results.clone(),
         ..SessionView::default()
     };
     if status.phase != Phase::Ready {

@@ -1,0 +1,340 @@
+// The page: the connection test (`#/`), the live latency graph (`#/live`)
+// and a test's results read back (`#/results/<namespace>/<name>/<token>`).
+
+import "./style.css";
+import {
+  ApiError,
+  type PublicPool,
+  type SessionResults,
+  type SessionView,
+  SessionStreams,
+  createSession,
+  opened,
+  publicPools,
+  readSession,
+} from "./api";
+import { LatencyChart } from "./chart";
+import { DEFAULT_SETTINGS, type Observer, bufferbloat, household, nowUs } from "./engine";
+import { HOUSEHOLD, type HouseholdUser } from "./measure";
+
+/** What the browser tests read back. */
+interface Exposed {
+  results?: SessionResults;
+  session?: SessionView;
+  chart?: LatencyChart;
+  heals: Array<{ from: string; to: string; gapMs: number }>;
+}
+const exposed: Exposed = { heals: [] };
+(window as unknown as { tidepool: Exposed }).tidepool = exposed;
+
+type Child = Node | string | undefined | false;
+
+/** An element with attributes and children; text is always text, never HTML. */
+function h(tag: string, attributes: Record<string, string> = {}, ...children: Child[]): HTMLElement {
+  const element = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+  for (const child of children) if (child !== undefined && child !== false) element.append(child);
+  return element;
+}
+
+const app = document.getElementById("app") as HTMLElement;
+
+function show(...children: Child[]) {
+  exposed.chart?.stop();
+  app.replaceChildren(
+    h(
+      "header",
+      {},
+      h("h1", {}, "Tidepool"),
+      h("nav", {}, h("a", { href: "#/" }, "Test my connection"), h("a", { href: "#/live" }, "Live latency")),
+    ),
+    h("main", {}, ...children),
+  );
+}
+
+function describe(error: unknown): string {
+  if (error instanceof ApiError && error.retryAfterSeconds) {
+    return `${error.message} (try again in ${error.retryAfterSeconds} s)`;
+  }
+  return error instanceof Error ? error.message : String(error);
+}
+
+async function firstPool(): Promise<PublicPool> {
+  const pools = await publicPools();
+  const pool = pools.find((p) => p.warm > 0) ?? pools[0];
+  if (!pool) throw new Error("no pool on this cluster is open to anonymous tests");
+  return pool;
+}
+
+const mbps = (value?: number) => (value === undefined ? "–" : `${value.toFixed(value >= 100 ? 0 : 1)} Mbit/s`);
+const ms = (value?: number) => (value === undefined ? "–" : `${value.toFixed(1)} ms`);
+
+function resultsBlock(results: SessionResults): HTMLElement {
+  const grades = results.grades ?? {};
+  const grade = (label: string, id: string, value?: string) =>
+    h("div", { class: "grade" }, h("span", { class: "letter", id }, value ?? "–"), h("span", {}, label));
+  const row = (label: string, value: string, id: string) => h("tr", {}, h("th", {}, label), h("td", { id }, value));
+  const loaded = results.loadedLatency ?? {};
+  return h(
+    "section",
+    { class: "results", id: "results" },
+    h(
+      "div",
+      { class: "grades" },
+      grade("bufferbloat", "grade-bufferbloat", grades.bufferbloat),
+      grade("household", "grade-household", grades.household),
+      grade("overall", "grade-overall", grades.overall),
+    ),
+    h(
+      "table",
+      {},
+      row("Idle latency (median)", ms(results.latency?.p50Ms), "idle-ms"),
+      row("Jitter", ms(results.latency?.jitterMs), "jitter-ms"),
+      row("Latency while downloading", ms(loaded.downloadMs), "download-ms"),
+      row("Latency while uploading", ms(loaded.uploadMs), "upload-ms"),
+      row("Latency both ways", ms(loaded.bidirectionalMs), "both-ms"),
+      row("Download", mbps(results.downloadMbps), "download-mbps"),
+      row("Upload", mbps(results.uploadMbps), "upload-mbps"),
+    ),
+    householdCards(results.household ?? []),
+  );
+}
+
+const RISE: Record<string, string> = {
+  none: "no latency rise",
+  mild: "a mild latency rise",
+  moderate: "a moderate latency rise",
+  severe: "a severe latency rise",
+};
+
+function householdCards(users: NonNullable<SessionResults["household"]>): HTMLElement {
+  const labels: Record<HouseholdUser, string> = {
+    gaming: "Gaming",
+    videoCall: "Video call",
+    streaming: "Streaming",
+    bulk: "Bulk download",
+  };
+  return h(
+    "div",
+    { class: "household", id: "household" },
+    ...HOUSEHOLD.map((user) => {
+      const result = users.find((u) => u.user === user);
+      return h(
+        "div",
+        { class: `card ${result?.severity ?? ""}`, id: `user-${user}` },
+        h("h3", {}, labels[user]),
+        h("p", { class: "live" }, result ? `${result.meanMs.toFixed(1)} ms mean` : "waiting"),
+        h("p", {}, result ? `baseline ${result.baselineMs.toFixed(1)} ms, jitter ${result.jitterMs.toFixed(1)} ms` : ""),
+        h("p", { class: "severity" }, result ? `${RISE[result.severity] ?? result.severity}, ${result.sharePercent.toFixed(0)} % of its share` : ""),
+      );
+    }),
+  );
+}
+
+function testView() {
+  const button = h("button", { id: "start" }, "Test my connection") as HTMLButtonElement;
+  const status = h("p", { id: "status", class: "status" }, "One click: a session of your own, then the bufferbloat test and your household.");
+  const canvas = h("canvas", { id: "test-chart", class: "chart" }) as HTMLCanvasElement;
+  const rates = h("p", { id: "rates", class: "rates" });
+  const output = h("div", { id: "output" });
+  show(h("section", { class: "panel" }, button, status, canvas, rates), output);
+  button.addEventListener("click", () => void runTest(button, status, canvas, rates, output));
+}
+
+async function runTest(
+  button: HTMLButtonElement,
+  status: HTMLElement,
+  canvas: HTMLCanvasElement,
+  rates: HTMLElement,
+  output: HTMLElement,
+) {
+  button.disabled = true;
+  const chart = new LatencyChart(canvas, 15_000);
+  exposed.chart = chart;
+  const began = nowUs();
+  const live = { down: 0, up: 0 };
+  const cards = householdCards([]);
+  const observer: Observer = {
+    phase: (label, length) => (status.textContent = `Measuring: ${label} (${(length / 1000).toFixed(1)} s)`),
+    rtt: (rtt, pod) => chart.add((nowUs() - began) / 1000, rtt, pod),
+    rate: (direction, value) => {
+      live[direction] = value;
+      rates.textContent = `down ${mbps(live.down)} · up ${mbps(live.up)}`;
+    },
+    user: (user, rtt, down) => {
+      const card = cards.querySelector(`#user-${user} .live`);
+      if (card) card.textContent = `${rtt.toFixed(1)} ms now, ${mbps(down)}`;
+    },
+  };
+  try {
+    status.textContent = "Getting a session…";
+    const pool = await firstPool();
+    const session = await createSession(pool, "bufferbloat");
+    exposed.session = session;
+    const streams = new SessionStreams(session as SessionView & { token: string });
+    status.textContent = `Session ${session.name} on pod ${session.pod ?? "?"}`;
+    const measured = await bufferbloat(streams, DEFAULT_SETTINGS, observer);
+    const first = await streams.submit(measured, false);
+    output.replaceChildren(resultsBlock(first.results));
+    output.append(cards);
+    const line = measured.downloadMbps ?? 0;
+    if (line <= 0) throw new Error("the download phase received nothing, so the household cannot run");
+    const users = await household(streams, line, DEFAULT_SETTINGS, observer);
+    const final = await streams.submit({ ...measured, household: users }, true);
+    exposed.results = final.results;
+    const link = `${location.origin}${location.pathname}#/results/${session.namespace}/${session.name}/${session.token}`;
+    const linkBox = h("input", { id: "results-link", readonly: "", value: link }) as HTMLInputElement;
+    const copy = h("button", { id: "copy-link" }, "Copy link");
+    copy.addEventListener("click", () => void navigator.clipboard?.writeText(link));
+    output.replaceChildren(resultsBlock(final.results), h("p", { class: "link" }, "Your results: ", linkBox, copy));
+    status.textContent = final.reported
+      ? `Done. The results are in TestSession ${session.namespace}/${session.name}.`
+      : `Done, but the results did not reach the cluster: ${final.reportError ?? "unknown"}`;
+    status.classList.add("done");
+  } catch (error) {
+    status.textContent = `The test stopped: ${describe(error)}`;
+    status.classList.add("failed");
+  } finally {
+    button.disabled = false;
+  }
+}
+
+/** The showcase: pings plotted as they arrive, and a button that kills the
+ * pod serving the session so the graph shows the gap and the heal. */
+function liveView() {
+  const start = h("button", { id: "live-start" }, "Start") as HTMLButtonElement;
+  const kill = h("button", { id: "kill", class: "danger" }, "Kill my pod") as HTMLButtonElement;
+  kill.disabled = true;
+  const rate = h("select", { id: "hz" }, ...[10, 20, 50, 100].map((hz) => h("option", { value: String(hz) }, `${hz} pings/s`))) as HTMLSelectElement;
+  rate.value = "20";
+  const status = h("p", { id: "live-status", class: "status" }, "A session of your own, pinged over its WebSocket.");
+  const canvas = h("canvas", { id: "live-chart", class: "chart tall" }) as HTMLCanvasElement;
+  const legend = h("ul", { id: "pods", class: "legend" });
+  show(h("section", { class: "panel" }, h("div", { class: "controls" }, start, rate, kill), status, canvas, legend));
+  start.addEventListener("click", () => void runLive(start, kill, rate, status, canvas, legend));
+}
+
+async function runLive(
+  start: HTMLButtonElement,
+  kill: HTMLButtonElement,
+  rate: HTMLSelectElement,
+  status: HTMLElement,
+  canvas: HTMLCanvasElement,
+  legend: HTMLElement,
+) {
+  start.disabled = true;
+  rate.disabled = true;
+  const chart = new LatencyChart(canvas);
+  exposed.chart = chart;
+  const began = performance.now();
+  const hz = Number(rate.value);
+  let session: SessionView;
+  try {
+    status.textContent = "Getting a session…";
+    session = await createSession(await firstPool(), "latency");
+  } catch (error) {
+    status.textContent = `No session: ${describe(error)}`;
+    start.disabled = false;
+    rate.disabled = false;
+    return;
+  }
+  exposed.session = session;
+  const streams = new SessionStreams(session as SessionView & { token: string });
+  const seen = new Set<string>();
+  let pod = session.pod ?? "";
+  let lostAt: number | undefined;
+  let seq = 0;
+  const sent = new Map<number, number>();
+  const note = (name: string) => {
+    if (seen.has(name)) return;
+    seen.add(name);
+    const swatch = h("span", { class: "swatch" });
+    swatch.style.background = chart.colour(name);
+    legend.append(h("li", {}, swatch, name));
+  };
+  const connect = async (): Promise<WebSocket> => {
+    for (;;) {
+      const socket = streams.websocket("/ws");
+      try {
+        await opened(socket, 3000);
+        return socket;
+      } catch {
+        await new Promise((resolve) => setTimeout(resolve, 250));
+      }
+    }
+  };
+  let socket = await connect();
+  const attach = (current: WebSocket) => {
+    current.addEventListener("message", (event) => {
+      if (typeof event.data !== "string") return;
+      const message = JSON.parse(event.data);
+      if (message.type === "terminating") status.textContent = `Pod ${message.pod} is going away…`;
+      if (message.type !== "pong") return;
+      const sentAt = sent.get(message.seq);
+      if (sentAt === undefined) return;
+      sent.delete(message.seq);
+      const now = performance.now();
+      note(message.pod);
+      if (lostAt !== undefined && message.pod !== pod) {
+        const gapMs = now - lostAt;
+        exposed.heals.push({ from: pod, to: message.pod, gapMs });
+        status.textContent = `Healed onto pod ${message.pod} after ${gapMs.toFixed(0)} ms without an answer.`;
+        chart.gap(lostAt - began, now - began);
+        lostAt = undefined;
+      }
+      pod = message.pod;
+      chart.add(now - began, now - sentAt, message.pod);
+    });
+    current.addEventListener("close", () => {
+      if (socket !== current) return;
+      lostAt ??= performance.now();
+      chart.gap(lostAt - began);
+      status.textContent = `Pod ${pod} stopped answering; the session is healing…`;
+      void connect().then((next) => {
+        socket = next;
+        attach(next);
+      });
+    });
+  };
+  attach(socket);
+  status.textContent = `Pinging pod ${pod} ${hz} times a second.`;
+  kill.disabled = false;
+  kill.addEventListener("click", () => {
+    if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "terminate" }));
+  });
+  setInterval(() => {
+    if (socket.readyState !== WebSocket.OPEN) return;
+    const now = performance.now();
+    sent.set(seq, now);
+    // Pongs that never came (the pod died) are forgotten after 10 s.
+    for (const [old, at] of sent) if (now - at > 10_000) sent.delete(old);
+    socket.send(JSON.stringify({ type: "ping", seq, clientTimeUs: Math.round(now * 1000) }));
+    seq++;
+  }, 1000 / hz);
+}
+
+async function resultsView(namespace: string, name: string, token: string) {
+  show(h("p", { class: "status", id: "status" }, "Reading the results…"));
+  try {
+    const session = await readSession(namespace, name, token);
+    exposed.session = session;
+    exposed.results = session.results;
+    if (!session.results) {
+      show(h("p", { class: "status", id: "status" }, `Session ${namespace}/${name} has no results yet (${session.phase}).`));
+      return;
+    }
+    show(h("p", { class: "status done", id: "status" }, `TestSession ${namespace}/${name}, ${session.phase}`), resultsBlock(session.results));
+  } catch (error) {
+    show(h("p", { class: "status failed", id: "status" }, `Cannot read the results: ${describe(error)}`));
+  }
+}
+
+function route() {
+  const [view, ...rest] = location.hash.replace(/^#\/?/, "").split("/");
+  if (view === "live") return liveView();
+  if (view === "results" && rest.length === 3) return void resultsView(...(rest.map(decodeURIComponent) as [string, string, string]));
+  testView();
+}
+
+window.addEventListener("hashchange", route);
+route();

@@ -1,0 +1,119 @@
+// Drives Debian's Chromium through the web UI, as a user would, against a
+// gateway: the connection test with its household, the results link, and the
+// live latency graph with its pod killed and healed. Prints one JSON report
+// on stdout for the Rust test that started it, and leaves screenshots in the
+// output directory.
+//
+//   node tests/browser.mjs <gateway URL> <output directory>
+
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+const [url, out] = process.argv.slice(2);
+if (!url || !out) {
+  console.error("usage: node tests/browser.mjs <gateway URL> <output directory>");
+  process.exit(2);
+}
+mkdirSync(out, { recursive: true });
+
+// Chromium as root on a closed network: no sandbox, no calls home.
+const browser = await chromium.launch({
+  executablePath: process.env.TIDEPOOL_CHROMIUM ?? "/usr/bin/chromium",
+  args: [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+const report = { consoleErrors: [], pageErrors: [] };
+const fail = async (page, what) => {
+  await page.screenshot({ path: join(out, "failure.png"), fullPage: true }).catch(() => {});
+  report.failure = `${what}: ${(await page.textContent("body").catch(() => "")) ?? ""}`.slice(0, 2000);
+  console.log(JSON.stringify(report));
+  await browser.close();
+  process.exit(1);
+};
+
+try {
+  const page = await browser.newPage({ viewport: { width: 1100, height: 1000 } });
+  page.on("console", (message) => {
+    if (message.type() === "error") report.consoleErrors.push(message.text());
+  });
+  page.on("pageerror", (error) => report.pageErrors.push(String(error)));
+
+  // The connection test: one click, then the grades and the household.
+  await page.goto(`${url}/#/`);
+  await page.click("#start");
+  await page.waitForSelector("#household", { timeout: 60_000 }).catch(() => fail(page, "no bufferbloat results"));
+  await page.waitForTimeout(4_000);
+  await page.screenshot({ path: join(out, "test-household-running.png"), fullPage: true });
+  await page
+    .waitForSelector("#status.done, #status.failed", { timeout: 90_000 })
+    .catch(() => fail(page, "the test did not finish"));
+  report.status = await page.textContent("#status");
+  await page.screenshot({ path: join(out, "test-results.png"), fullPage: true });
+  if (await page.$("#status.failed")) await fail(page, "the test failed");
+  const exposed = await page.evaluate(() => {
+    const { results, session } = window.tidepool;
+    return { results, session: { name: session.name, namespace: session.namespace, pod: session.pod } };
+  });
+  report.results = exposed.results;
+  report.session = exposed.session;
+  report.shownGrades = {
+    bufferbloat: await page.textContent("#grade-bufferbloat"),
+    household: await page.textContent("#grade-household"),
+    overall: await page.textContent("#grade-overall"),
+  };
+  report.link = await page.inputValue("#results-link");
+
+  // The link reads the results back from the TestSession.
+  await page.goto(report.link);
+  await page.waitForSelector("#status.done, #status.failed", { timeout: 20_000 });
+  report.linkStatus = await page.textContent("#status");
+  report.linkGrades = {
+    bufferbloat: await page.textContent("#grade-bufferbloat").catch(() => null),
+    household: await page.textContent("#grade-household").catch(() => null),
+  };
+  await page.screenshot({ path: join(out, "results-link.png"), fullPage: true });
+
+  // The live graph: points as they come, then the pod killed and healed.
+  await page.goto(`${url}/#/live`);
+  await page.click("#live-start");
+  await page
+    .waitForFunction(() => (window.tidepool.chart?.stats.points ?? 0) >= 40, null, { timeout: 30_000 })
+    .catch(() => fail(page, "the live graph got no points"));
+  await page.screenshot({ path: join(out, "live.png"), fullPage: true });
+  const before = await page.evaluate(() => window.tidepool.chart.stats.points);
+  await page.click("#kill");
+  await page
+    .waitForFunction(() => window.tidepool.heals.length > 0, null, { timeout: 60_000 })
+    .catch(() => fail(page, "the session did not heal"));
+  await page.waitForTimeout(3_000);
+  await page.screenshot({ path: join(out, "live-healed.png"), fullPage: true });
+  const live = await page.evaluate(() => {
+    const { chart, heals, session } = window.tidepool;
+    const draws = [...chart.stats.drawMs].sort((a, b) => a - b);
+    return {
+      heals,
+      pod: session.pod,
+      points: chart.stats.points,
+      frames: chart.stats.frames,
+      drawMsP50: draws[Math.floor(draws.length * 0.5)] ?? 0,
+      drawMsP99: draws[Math.min(draws.length - 1, Math.floor(draws.length * 0.99))] ?? 0,
+    };
+  });
+  report.live = { ...live, pointsBeforeKill: before };
+  report.liveStatus = await page.textContent("#live-status");
+  console.log(JSON.stringify(report));
+  await browser.close();
+} catch (error) {
+  report.failure = String(error?.stack ?? error);
+  console.log(JSON.stringify(report));
+  await browser.close();
+  process.exit(1);
+}
