@@ -11,6 +11,15 @@
 # no shell, no package manager) and runs as the non-root user 65532.
 
 ARG RUST_VERSION=1.95
+ARG NODE_VERSION=20
+
+# The web UI: packages from npm at build time, nothing built committed.
+FROM docker.io/library/node:${NODE_VERSION}-bookworm AS web
+WORKDIR /web
+COPY web/package.json web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY web/ ./
+RUN npm run build
 
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
@@ -44,8 +53,10 @@ COPY --from=build /out/tidepool-session /usr/local/bin/tidepool-session
 EXPOSE 8080/tcp 8080/udp
 ENTRYPOINT ["/usr/local/bin/tidepool-session"]
 
-# The users' port, and the admin port (/metrics, /healthz, /readyz).
+# The users' port, and the admin port (/metrics, /healthz, /readyz). The
+# web UI's build is where the chart's --ui-dir points.
 FROM runtime AS gateway
 COPY --from=build /out/tidepool-gateway /usr/local/bin/tidepool-gateway
+COPY --from=web /web/dist /usr/share/tidepool/ui
 EXPOSE 8080 9090
 ENTRYPOINT ["/usr/local/bin/tidepool-gateway"]

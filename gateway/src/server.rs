@@ -9,8 +9,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, Method, Response, StatusCode, Uri, header};
-use kube::ResourceExt;
 use axum::routing::{any, get, post};
+use kube::ResourceExt;
 use tidepool_serve::Refusal;
 use tokio::net::TcpListener;
 
@@ -65,9 +65,14 @@ async fn not_found(State(gateway): State<Arc<Gateway>>, method: Method, uri: Uri
         .then(|| gateway.ui.as_ref().and_then(|ui| ui.get(uri.path())))
         .flatten();
     let Some(asset) = asset else {
-        return reply::refuse(&gateway.metrics, "other", Refused::new(StatusCode::NOT_FOUND, "not_found", "no such route"));
+        return reply::refuse(
+            &gateway.metrics,
+            "other",
+            Refused::new(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        );
     };
-    let mut response = Response::new(if method == Method::HEAD { Body::empty() } else { Body::from(asset.body.clone()) });
+    let mut response =
+        Response::new(if method == Method::HEAD { Body::empty() } else { Body::from(asset.body.clone()) });
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
     let caching = if asset.immutable { "public, max-age=31536000, immutable" } else { "no-cache" };

@@ -177,7 +177,10 @@ mod tests {
         let ui = Ui::load(&dir.0).unwrap();
         assert_eq!(ui.len(), 3);
         let index = ui.get("/").unwrap();
-        assert_eq!((index.content_type, index.immutable, &index.body[..]), ("text/html; charset=utf-8", false, &b"<html>"[..]));
+        assert_eq!(
+            (index.content_type, index.immutable, &index.body[..]),
+            ("text/html; charset=utf-8", false, &b"<html>"[..])
+        );
         let script = ui.get("/assets/index-1a2b.js").unwrap();
         assert_eq!((script.content_type, script.immutable), ("text/javascript; charset=utf-8", true));
         assert_eq!(ui.get("/assets/index-1a2b.css").unwrap().content_type, "text/css; charset=utf-8");

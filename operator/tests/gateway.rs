@@ -546,3 +546,128 @@ async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromiu
     assert!(metric(&gateway, r#"tidepool_gateway_requests_total{code="200",route="ui"}"#).await >= 3.0);
     println!("browser: {report}");
 }
+
+/// What a 20 Mbit/s `tbf` lets through as TCP payload (1448 bytes of 1514
+/// on the wire), which is what any application can measure.
+const SHAPED_PAYLOAD_MBIT: f64 = 20.0 * 1448.0 / 1514.0;
+
+/// The web UI on a shaped line: the whole cluster (control plane, operator,
+/// session pods, gateway) runs in the server namespace of a path shaped to
+/// 20 Mbit/s, and Chromium in the client namespace, so every byte the
+/// browser measures crosses the shaper. Once with a deep buffer and once
+/// with a shallow one, the browser's rates are within 10 % of the line and
+/// its bufferbloat grade is the letter the CLI gets on the same line,
+/// through the same gateway. The senders use Reno, which fills a buffer
+/// the way most of the internet's senders do; the buffers are sized so the
+/// rises sit inside a grade's band, not on a cut-point (300 ms: about 300
+/// ms one way and 600 both ways, a D; 15 ms: 5 to 30, an A), so the
+/// letters compare what was measured, not noise at the edge of a band.
+#[test]
+fn on_a_shaped_line_the_browser_measures_the_line_and_grades_as_the_cli_does() {
+    use tidepool_tests::netns::{Shape, ShapedPath, namespaces_available};
+    if let Err(why) = namespaces_available() {
+        panic!("this test needs network namespaces (run as root), but: {why}");
+    }
+    let mut grades = Vec::new();
+    for (prefix, subnet, queue_ms) in [("tpbd", 237, 300), ("tpbs", 238, 15)] {
+        let shape = Shape { rate_mbit: 20, queue_ms, congestion: Some("reno") };
+        let path = ShapedPath::create(prefix, subnet, shape).unwrap();
+        let outcome = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // This thread, the runtime's threads and every process
+                    // they start live in the server namespace.
+                    path.enter(&path.server_ns()).unwrap();
+                    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+                    runtime.unwrap().block_on(browser_and_cli_on(&path, queue_ms))
+                })
+                .join()
+        });
+        match outcome {
+            Ok(grade) => grades.push(grade),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+    let rank = |grade: &str| ["A+", "A", "B", "C", "D", "F"].iter().position(|g| *g == grade);
+    assert!(rank(&grades[0]) > rank(&grades[1]), "the deep buffer graded {}, the shallow one {}", grades[0], grades[1]);
+}
+
+/// Runs the browser's test and the CLI's on `path`; the letter they agree on.
+async fn browser_and_cli_on(path: &tidepool_tests::netns::ShapedPath, queue_ms: u32) -> String {
+    let web = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+    assert!(web.join("dist/index.html").is_file(), "the UI is not built: run `npm --prefix web run build`");
+    let port = free_port().unwrap();
+    let flags = [
+        format!("--ui-dir={}", web.join("dist").display()),
+        "--streams-per-session=16".into(),
+        // Reached from the client namespace, across the shaper.
+        format!("--listen=0.0.0.0:{port}"),
+    ];
+    let pools = [("open", 2, json!({ "public": true }))];
+    let Stage { cluster, operator: _operator, gateway, _runner } = stage_with(&[], &pools, &flags).await;
+    let url = format!("http://{}:{port}", path.server_ip);
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("browser-shaped-{queue_ms}ms"));
+    let _ = std::fs::remove_dir_all(&out);
+    let in_client = |program: &std::path::Path| {
+        let mut command = tokio::process::Command::new("ip");
+        command.args(["netns", "exec", &path.client_ns()]).arg(program).kill_on_drop(true);
+        command
+    };
+
+    let browser = in_client(std::path::Path::new("node"))
+        .arg(web.join("tests/browser.mjs"))
+        .args([url.as_str(), out.to_str().unwrap(), "test"])
+        .output();
+    let browser = tokio::time::timeout(Duration::from_secs(180), browser).await.expect("the browser took 3 minutes");
+    let browser = browser.unwrap();
+    let context = format!(
+        "{}\n{}\ngateway: {}",
+        String::from_utf8_lossy(&browser.stdout),
+        String::from_utf8_lossy(&browser.stderr),
+        gateway.process.log_tail(20)
+    );
+    assert!(browser.status.success(), "the browser run failed on the {queue_ms} ms line\n{context}");
+    let report: Value = serde_json::from_slice(browser.stdout.split(|b| *b == b'\n').rfind(|l| !l.is_empty()).unwrap())
+        .unwrap_or_else(|e| panic!("{e}\n{context}"));
+    let results = &report["results"];
+
+    let cli = workspace_binary("tidepool-cli", "tidepool").unwrap();
+    let token_file = cluster.token_file().display().to_string();
+    let args = ["run", "--operator", &url, "--api-token-file", &token_file, "--pool", "open"];
+    let run = in_client(&cli).args(args).args(["--profile", "bufferbloat", "--json"]).output();
+    let run = tokio::time::timeout(Duration::from_secs(120), run).await.expect("the CLI took 2 minutes").unwrap();
+    let cli_out = String::from_utf8_lossy(&run.stdout);
+    if !run.status.success() {
+        let mut pods = String::new();
+        for entry in std::fs::read_dir(cluster.plane.dir()).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("pod-") {
+                let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                pods.push_str(&format!("--- {name}\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+            }
+        }
+        panic!(
+            "the CLI failed: {cli_out}\n{}\ngateway: {}\n{pods}",
+            String::from_utf8_lossy(&run.stderr),
+            gateway.process.log_tail(30)
+        );
+    }
+    let cli_results: Value = serde_json::from_str(cli_out.trim()).unwrap_or_else(|e| panic!("{e}: {cli_out}"));
+    let cli_results = cli_results.get("results").unwrap_or(&cli_results);
+    eprintln!("{queue_ms} ms buffer: browser {results}\nCLI {cli_results}");
+
+    for direction in ["downloadMbps", "uploadMbps"] {
+        let rate = results[direction].as_f64().unwrap_or_else(|| panic!("no {direction}: {results}"));
+        let off = (rate - SHAPED_PAYLOAD_MBIT).abs() / SHAPED_PAYLOAD_MBIT;
+        assert!(
+            off <= 0.10,
+            "{queue_ms} ms buffer: the browser's {direction} {rate:.2} is {:.1} % off the line",
+            off * 100.0
+        );
+    }
+    let grade = |results: &Value| results["grades"]["bufferbloat"].as_str().map(str::to_string);
+    assert!(grade(results).is_some(), "{results}");
+    assert_eq!(grade(results), grade(cli_results), "{queue_ms} ms buffer: browser {results}\nCLI {cli_results}");
+    grade(results).unwrap_or_default()
+}

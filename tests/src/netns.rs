@@ -117,6 +117,21 @@ impl ShapedPath {
         Managed::spawn_with_env(name, Path::new("ip"), &full, env, dir)
     }
 
+    /// Moves the calling thread into the namespace `ns`. The threads and
+    /// processes it starts from then on start there too, so a test can run
+    /// a whole cluster behind the shaped line.
+    pub fn enter(&self, ns: &str) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/var/run/netns/{ns}");
+        let file = std::fs::File::open(&path).map_err(HarnessError::io(format!("opening {path}")))?;
+        // SAFETY: setns only reads the descriptor, which `file` keeps open
+        // for the call; it changes nothing but this thread's namespace.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(HarnessError::Other(format!("entering {ns}: {}", std::io::Error::last_os_error())));
+        }
+        Ok(())
+    }
+
     /// Runs `program` inside `ns` to the end and returns its stdout.
     pub fn output_in(&self, ns: &str, program: &Path, args: &[String], env: &[(String, String)]) -> Result<String> {
         let output = Command::new("ip")

@@ -133,6 +133,7 @@ fn scratch(name: &str, text: &str) -> PathBuf {
         dir
     });
     let path = dir.join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -715,6 +716,7 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
             "--anonymous-concurrent-sessions=2",
             "--streams-per-session=16",
             "--max-connections=4096",
+            "--ui-dir=/usr/share/tidepool/ui",
         ]
     );
     let named_ports: Vec<(String, u64)> = container["ports"]
@@ -816,6 +818,7 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
             "--tls-cert-file=/etc/tidepool/tls/tls.crt",
             "--tls-key-file=/etc/tidepool/tls/tls.key",
             "--cors-origins=https://speed.example.com,http://localhost:5173",
+            "--ui-dir=/usr/share/tidepool/ui",
         ]
     );
     let deployment = find(all, "Deployment", "tidepool-gateway");
@@ -1657,11 +1660,14 @@ async fn run_the_gateway(plane: &ControlPlane, operator_url: &str) {
     let audience = "https://kubernetes.default.svc.cluster.local";
     let token = plane.service_account_token(NAMESPACE, "tidepool-gateway", audience, None).await.unwrap();
     let token_file = scratch("gateway-token", &token);
+    // The image's UI build stands in as one page.
+    let ui_index = scratch("ui/index.html", "<!doctype html><title>Tidepool</title>");
     // The Service's name does not resolve here.
     let set = [
         ("--listen", format!("127.0.0.1:{port}")),
         ("--admin-listen", format!("127.0.0.1:{admin_port}")),
         ("--operator-url", operator_url.to_string()),
+        ("--ui-dir", ui_index.parent().unwrap().display().to_string()),
     ];
     let mut args = tidepool_tests::with_flags(gateway_args(&render(&["--set", "gateway.enabled=true"])), &set);
     // Where the kubelet would mount the account's token.
@@ -1677,6 +1683,12 @@ async fn run_the_gateway(plane: &ControlPlane, operator_url: &str) {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_tail(30)));
+
+    // The web UI, from the directory the chart names.
+    let page = http.get(format!("{url}/")).send().await.unwrap();
+    let html = page.headers()["content-type"] == "text/html; charset=utf-8";
+    let page = page.text().await.unwrap();
+    assert!(html && page.contains("<title>Tidepool</title>"), "{page}\n{args:?}");
 
     let created = http
         .post(format!("{url}/api/v1/sessions"))
@@ -1967,13 +1979,21 @@ fn chart_images_come_from_a_dockerfile_target_per_program() {
         assert!(instructions.contains(&copy), "{target}: {instructions:?}");
         let entrypoint = format!("ENTRYPOINT [\"/usr/local/bin/{program}\"]");
         assert!(instructions.contains(&entrypoint), "{target}: {instructions:?}");
-        // One binary each: nothing else is copied in.
-        assert_eq!(instructions.iter().filter(|i| i.starts_with("COPY")).count(), 1, "{target}");
+        // One binary each, and the gateway the web UI: nothing else is copied in.
+        let copies = if target == "gateway" { 2 } else { 1 };
+        assert_eq!(instructions.iter().filter(|i| i.starts_with("COPY")).count(), copies, "{target}");
     }
+    // The web UI is built from npm's packages in a stage of its own and
+    // lands where the chart's --ui-dir points.
+    let web = stage("web");
+    assert!(web.2.iter().any(|i| i.contains("npm ci")) && web.2.iter().any(|i| i.contains("npm run build")), "{web:?}");
+    assert!(stage("gateway").2.contains(&"COPY --from=web /web/dist /usr/share/tidepool/ui".to_string()));
+    let rendered = render(&["--set", "gateway.enabled=true"]);
+    assert!(gateway_args(&rendered).contains(&"--ui-dir=/usr/share/tidepool/ui".to_string()));
     // The gateway's users' and admin ports, as the chart's Deployment names them.
     assert!(stage("gateway").2.contains(&"EXPOSE 8080 9090".to_string()), "{:?}", stage("gateway").2);
     let ignored = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
-    for path in ["target", ".git"] {
+    for path in ["target", ".git", "web/node_modules", "web/dist"] {
         assert!(ignored.lines().any(|l| l.trim() == path), ".dockerignore leaves {path} in the build context");
     }
 }

@@ -30,7 +30,13 @@ fn tidepool_dev_brings_up_the_cluster_and_says_what_next() {
         stdout.lines().any(|l| l.starts_with('{') && l.contains("\"pool\":\"edge\"") && l.contains("\"udpPort\"")),
         "{stdout}"
     );
-    assert!(stdout.contains("The gateway: http://127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("The web UI: http://127.0.0.1:"), "{stdout}");
+    // The web UI, driven in Chromium, graded a test and healed its live graph.
+    assert!(stdout.lines().any(|l| l.starts_with("The web UI in Chromium: bufferbloat grade ")), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("The live latency graph: pod ") && l.contains("healed onto pod")),
+        "{stdout}"
+    );
     // An agent per node reported: Backends exist and the router answers.
     assert!(stdout.contains("backend.tidepool.dev/kwok-gpu-0 condition met"), "{stdout}");
     assert!(stdout.contains("\"backend\":\"kwok-"), "{stdout}");

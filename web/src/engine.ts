@@ -148,8 +148,13 @@ async function upload(streams: SessionStreams, untilUs: number, series: Series[]
       body: uploadBody(size),
     });
     if (!response.ok) throw new Error(`the upload was refused (${response.status})`);
-    const report: { bytes: number; samples: Array<[number, number]> } = await response.json();
-    series.push(reportSeries(started, report.samples));
+    const report: { bytes: number; elapsedUs: number; samples: Array<[number, number]> } = await response.json();
+    // The pod times its samples from the first byte it got, which left here
+    // a queue's delay after `started` once the line is loaded. Its answer
+    // leaves right after the last byte and comes back on the idle direction,
+    // so the report is pinned to its arrival instead.
+    const finished = nowUs();
+    series.push(reportSeries(finished - report.elapsedUs, report.samples));
     sent.bytes += report.bytes;
     size = nextUploadBytes(size, (nowUs() - started) / 1000);
   }

@@ -4,15 +4,17 @@
 // on stdout for the Rust test that started it, and leaves screenshots in the
 // output directory.
 //
-//   node tests/browser.mjs <gateway URL> <output directory>
+//   node tests/browser.mjs <gateway URL> <output directory> [all|test]
+//
+// `test` stops after the connection test.
 
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 
-const [url, out] = process.argv.slice(2);
-if (!url || !out) {
-  console.error("usage: node tests/browser.mjs <gateway URL> <output directory>");
+const [url, out, mode = "all"] = process.argv.slice(2);
+if (!url || !out || !["all", "test"].includes(mode)) {
+  console.error("usage: node tests/browser.mjs <gateway URL> <output directory> [all|test]");
   process.exit(2);
 }
 mkdirSync(out, { recursive: true });
@@ -70,6 +72,11 @@ try {
     overall: await page.textContent("#grade-overall"),
   };
   report.link = await page.inputValue("#results-link");
+  if (mode === "test") {
+    console.log(JSON.stringify(report));
+    await browser.close();
+    process.exit(0);
+  }
 
   // The link reads the results back from the TestSession.
   await page.goto(report.link);

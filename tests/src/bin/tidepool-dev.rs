@@ -81,6 +81,7 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
         ],
     )?;
 
+    let web_ui = build_web_ui()?;
     eprintln!("Building tidepool-operator, tidepool-gateway, tidepool-agent, tidepool-session and tidepool...");
     let operator_bin = tidepool_tests::workspace_binary("tidepool-operator", "tidepool-operator")?;
     let gateway_bin = tidepool_tests::workspace_binary("tidepool-gateway", "tidepool-gateway")?;
@@ -161,7 +162,7 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     // The front door: the gateway with the chart's arguments and its
     // ServiceAccount's rights; the example pool opened to anonymous users.
     let (gateway, gateway_url, gateway_admin) =
-        start_gateway(&plane, &chart, &store_values, &gateway_bin, &url).await?;
+        start_gateway(&plane, &chart, &store_values, &gateway_bin, &url, &web_ui).await?;
     kubectl(&plane, &["-n", NAMESPACE, "patch", "wp", "edge", "--type=merge", "-p", r#"{"spec":{"public":true}}"#])?;
     let anonymous = format!(r#"{{"pool":"edge","namespace":"{NAMESPACE}"}}"#);
     println!("$ curl -s -X POST {gateway_url}/api/v1/sessions -d '{anonymous}'");
@@ -195,6 +196,7 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
         .await
         .map_err(|e| HarnessError::Other(format!("the session through the gateway: {e}")))?;
     println!("{info}");
+    show_web_ui(&plane, &gateway_url)?;
 
     kubectl(&plane, &["wait", "backends", "--all", "--for=condition=Ready", "--timeout=30s"])?;
     kubectl(&plane, &["get", "backends"])?;
@@ -224,7 +226,9 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     );
     println!("  tidepool {}", results_args.join(" "));
     println!("  curl -s {url}/metrics | grep tidepool_");
-    println!("  The gateway: {gateway_url} (anonymous sessions on pool edge); its metrics: {gateway_admin}/metrics");
+    println!(
+        "  The web UI: {gateway_url}/ (anonymous sessions on pool edge); the gateway's metrics: {gateway_admin}/metrics"
+    );
     println!("  The results store (SeaweedFS, S3): {} bucket {RESULTS_BUCKET}", store.endpoint());
     if let Some((_, prometheus_url)) = &prometheus {
         println!("  Prometheus: {prometheus_url}/graph?g0.expr=tidepool_session_create_to_ready_seconds_count");
@@ -250,6 +254,77 @@ fn with_log(e: HarnessError, operator: &Process) -> HarnessError {
     HarnessError::Other(format!("{e}\nthe operator's log:\n{}", operator.log_tail(20)))
 }
 
+/// Builds the web UI into `web/dist` with npm (its packages from the npm
+/// registry the first time), as the gateway image's build stage does.
+fn build_web_ui() -> tidepool_tests::Result<PathBuf> {
+    let web = repo().join("web");
+    let npm = |args: &[&str]| -> tidepool_tests::Result<()> {
+        let status = Command::new("npm")
+            .args(args)
+            .current_dir(&web)
+            .status()
+            .map_err(HarnessError::io("running npm (the web UI needs Node.js 20 and npm)"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(HarnessError::Other(format!("npm {} failed in {}", args.join(" "), web.display())))
+        }
+    };
+    if !web.join("node_modules").is_dir() {
+        eprintln!("Installing the web UI's packages from npm...");
+        npm(&["ci", "--no-audit", "--no-fund"])?;
+    }
+    eprintln!("Building the web UI...");
+    npm(&["run", "build", "--silent"])?;
+    Ok(web.join("dist"))
+}
+
+/// Opens the web UI in Debian's Chromium (web/tests/browser.mjs drives it
+/// as a user would): the connection test, its results link, and the live
+/// latency graph with the pod killed and healed. Prints what it saw.
+fn show_web_ui(plane: &ControlPlane, gateway_url: &str) -> tidepool_tests::Result<()> {
+    println!("$ open {gateway_url}/");
+    if !Path::new("/usr/bin/chromium").exists() {
+        println!("(Chromium is not installed: `apt-get install chromium` to have the web UI driven here.)");
+        return Ok(());
+    }
+    let screenshots = plane.dir().join("browser");
+    let output = Command::new("node")
+        .arg(repo().join("web/tests/browser.mjs"))
+        .arg(gateway_url)
+        .arg(&screenshots)
+        .output()
+        .map_err(HarnessError::io("running the browser"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_default();
+    if !output.status.success() {
+        return Err(HarnessError::Other(format!(
+            "the web UI in Chromium: {}\n{}",
+            report["failure"].as_str().unwrap_or("no report"),
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    let grades = &report["results"]["grades"];
+    let session = &report["session"];
+    println!(
+        "The web UI in Chromium: bufferbloat grade {}, household grade {}, {:.0} Mbit/s down, in TestSession {}/{}",
+        grades["bufferbloat"].as_str().unwrap_or("?"),
+        grades["household"].as_str().unwrap_or("?"),
+        report["results"]["downloadMbps"].as_f64().unwrap_or(0.0),
+        session["namespace"].as_str().unwrap_or("?"),
+        session["name"].as_str().unwrap_or("?"),
+    );
+    let heal = &report["live"]["heals"][0];
+    println!(
+        "The live latency graph: pod {} killed, healed onto pod {} after {:.0} ms",
+        heal["from"].as_str().unwrap_or("?"),
+        heal["to"].as_str().unwrap_or("?"),
+        heal["gapMs"].as_f64().unwrap_or(0.0),
+    );
+    println!("Screenshots: {}", screenshots.display());
+    Ok(())
+}
+
 /// Runs the gateway as the chart's Deployment would, on loopback: its
 /// arguments, its ServiceAccount's token and rights, the local operator.
 /// Returns the process, its URL and its admin URL once it is ready.
@@ -259,6 +334,7 @@ async fn start_gateway(
     values: &str,
     binary: &Path,
     operator_url: &str,
+    web_ui: &Path,
 ) -> tidepool_tests::Result<(Process, String, String)> {
     let (port, admin_port) = (free_port()?, free_port()?);
     let audience = "https://kubernetes.default.svc.cluster.local";
@@ -269,6 +345,7 @@ async fn start_gateway(
         ("--listen", format!("127.0.0.1:{port}")),
         ("--admin-listen", format!("127.0.0.1:{admin_port}")),
         ("--operator-url", operator_url.to_string()),
+        ("--ui-dir", web_ui.display().to_string()),
     ];
     let args: Vec<String> = tidepool_tests::with_flags(chart_args(chart, values, "tidepool-gateway")?, &set)
         .into_iter()
