@@ -7,6 +7,7 @@ pub mod anonymous;
 pub mod api;
 pub mod cache;
 pub mod client;
+pub mod cluster;
 pub mod cors;
 pub mod flags;
 pub mod metrics;

@@ -5,7 +5,7 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     registry: Registry,
-    /// `route`: sessions, session, streams, pools, ui, other; `code`: the HTTP status.
+    /// `route`: sessions, session, streams, pools, cluster, ui, other; `code`: the HTTP status.
     pub requests: IntCounterVec,
     /// `reason`: why a request or connection was refused.
     pub refusals: IntCounterVec,

@@ -96,6 +96,26 @@ impl OperatorApi {
         Ok(ticket)
     }
 
+    /// A GET relayed with the caller's `authorization` whose answer is a
+    /// stream (the cluster view's events): the head within the call
+    /// timeout, the body passed on as it comes.
+    pub async fn stream(
+        &self,
+        path: &str,
+        authorization: HeaderValue,
+    ) -> Result<axum::http::Response<hyper::body::Incoming>, OperatorError> {
+        let mut request = Request::builder()
+            .method(Method::GET)
+            .uri(format!("{}{path}", self.base))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| OperatorError::Unreachable(e.to_string()))?;
+        request.headers_mut().insert(header::AUTHORIZATION, authorization);
+        tokio::time::timeout(CALL_TIMEOUT, self.http.request(request))
+            .await
+            .map_err(|_| OperatorError::TimedOut(CALL_TIMEOUT))?
+            .map_err(|e| OperatorError::Unreachable(e.to_string()))
+    }
+
     /// Sends a request with `authorization` as given (a caller's own, or the gateway's).
     pub async fn relay(
         &self,

@@ -16,12 +16,13 @@ use tokio::net::TcpListener;
 
 use crate::reply::{self, Refused};
 use crate::state::{Gateway, Peer};
-use crate::{api, cors, proxy};
+use crate::{api, cluster, cors, proxy};
 
 /// The users' routes.
 pub fn public_router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/api/v1/pools", get(public_pools))
+        .route(tidepool_protocol::cluster::CLUSTER_PATH, get(cluster::view))
         .route("/api/v1/sessions", post(api::create))
         .route("/api/v1/sessions/{name}", get(api::get).delete(api::delete))
         .route(proxy::PREFIX, any(proxy::stream))

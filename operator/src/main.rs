@@ -402,6 +402,7 @@ async fn main() -> ExitCode {
         fleet: fleet.clone(),
         geoip,
         exporter: exporter.clone(),
+        cluster_streams: Arc::new(tokio::sync::Semaphore::new(http::cluster::MAX_STREAMS)),
     });
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,

@@ -472,7 +472,8 @@ async fn a_session_whose_client_went_away_is_released_before_its_ttl() {
 /// (web/tests/browser.mjs) through the gateway: one click runs the
 /// bufferbloat test and the household, the grades land in the TestSession
 /// and its link reads them back; the live graph moves, its pod is killed
-/// and the session heals onto another. Screenshots stay in
+/// and the session heals onto another; the cluster view, with an
+/// operator's token, lists the pool and the session. Screenshots stay in
 /// target/tmp/browser.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromium() {
@@ -494,6 +495,8 @@ async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromiu
         .arg(web.join("tests/browser.mjs"))
         .arg(&gateway.url)
         .arg(&out)
+        // The harness's static token stands in for an operator's own.
+        .env("TIDEPOOL_CLUSTER_TOKEN", TOKEN)
         .kill_on_drop(true)
         .output();
     let output =
@@ -540,7 +543,35 @@ async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromiu
     assert!(heal["gapMs"].as_f64().unwrap() > 0.0);
     assert!(live["points"].as_u64().unwrap() > live["pointsBeforeKill"].as_u64().unwrap() + 10, "{live}");
     assert!(live["frames"].as_u64().unwrap() > 0);
-    for shot in ["test-household-running", "test-results", "results-link", "live", "live-healed"] {
+    // The cluster view listed the pool and the test's session with its grade.
+    let cluster = &report["cluster"];
+    assert!(
+        cluster["pools"].as_array().unwrap().iter().any(|p| p["name"] == "open" && p["public"] == true),
+        "{cluster}"
+    );
+    let listed = cluster["sessions"].as_array().unwrap().iter().find(|s| s["name"] == name).cloned();
+    let listed = listed.unwrap_or_else(|| panic!("the test's session is not in the cluster view: {cluster}"));
+    assert_eq!((&listed["phase"], &listed["grade"]), (&json!("Completed"), &grades["overall"]), "{cluster}");
+    assert!(cluster["backends"].is_array());
+    // The cluster view is for Kubernetes identities only, and its query is checked.
+    let session_token = report["link"].as_str().unwrap().rsplit('/').next().unwrap().to_string();
+    let http = reqwest::Client::new();
+    let cluster_url = format!("{}/api/v1/cluster", gateway.url);
+    for (bearer, query, code) in [
+        (None, "", 401),
+        (Some("not-a-token"), "", 401),
+        (Some(session_token.as_str()), "", 403),
+        (Some(TOKEN), "?namespace=Not_A_Namespace", 400),
+        (Some(TOKEN), "?namespace=elsewhere", 403),
+    ] {
+        let mut request = http.get(format!("{cluster_url}{query}"));
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        let answer = request.send().await.unwrap();
+        assert_eq!(answer.status().as_u16(), code, "{bearer:?} {query}: {}", answer.text().await.unwrap());
+    }
+    for shot in ["test-household-running", "test-results", "results-link", "live", "live-healed", "cluster"] {
         assert!(out.join(format!("{shot}.png")).is_file(), "no {shot}.png");
     }
     assert!(metric(&gateway, r#"tidepool_gateway_requests_total{code="200",route="ui"}"#).await >= 3.0);

@@ -6,11 +6,13 @@
 //!   pod to the operator, and the checks both apply;
 //! - [`grading`]: the grading rules every side applies to results;
 //! - [`egress`]: what a pool's session pods may reach with their probes;
-//! - [`stored`]: results kept in object storage, and the route that reads them.
+//! - [`stored`]: results kept in object storage, and the route that reads them;
+//! - [`cluster`]: the operators' live view of pools, sessions and backends.
 //!
 //! Session tokens, binding tickets and agent reports live in `tidepool-wire`.
 
 pub mod api;
+pub mod cluster;
 pub mod egress;
 pub mod grading;
 pub mod names;

@@ -37,6 +37,7 @@ fn tidepool_dev_brings_up_the_cluster_and_says_what_next() {
         stdout.lines().any(|l| l.starts_with("The live latency graph: pod ") && l.contains("healed onto pod")),
         "{stdout}"
     );
+    assert!(stdout.lines().any(|l| l.starts_with("The cluster view: ") && !l.contains(" 0 sessions")), "{stdout}");
     // An agent per node reported: Backends exist and the router answers.
     assert!(stdout.contains("backend.tidepool.dev/kwok-gpu-0 condition met"), "{stdout}");
     assert!(stdout.contains("\"backend\":\"kwok-"), "{stdout}");

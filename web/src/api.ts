@@ -132,3 +132,70 @@ export function opened(socket: WebSocket, ms = 5000): Promise<void> {
     socket.addEventListener("error", () => (clearTimeout(timer), reject(new Error("the WebSocket failed"))), { once: true });
   });
 }
+
+/** One frame of the operators' cluster view (protocol/src/cluster.rs). */
+export interface ClusterView {
+  namespace: string;
+  pools: Array<{ name: string; size: number; warm: number; assigned: number; pending: number; public: boolean }>;
+  sessions: Array<{ name: string; pool: string; phase: string; pod?: string; createdUnix: number; grade?: Grade }>;
+  sessionsTotal: number;
+  backends: Array<{
+    name: string;
+    kind: string;
+    region?: string;
+    corePercent: number[];
+    memoryUsedPercent?: number;
+    gpuPercent?: number;
+    gpus: number;
+    health: string;
+    sampledAtMs?: number;
+    stale: boolean;
+  }>;
+}
+
+/** Splits server-sent events out of text as it arrives; keeps a partial event for the next call. */
+export class EventParser {
+  private buffer = "";
+
+  push(text: string): Array<{ event: string; data: string }> {
+    this.buffer += text.replace(/\r\n/g, "\n");
+    const events: Array<{ event: string; data: string }> = [];
+    let end: number;
+    while ((end = this.buffer.indexOf("\n\n")) >= 0) {
+      const block = this.buffer.slice(0, end);
+      this.buffer = this.buffer.slice(end + 2);
+      let event = "message";
+      const data: string[] = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") event = value;
+        else if (field === "data") data.push(value);
+      }
+      if (data.length > 0) events.push({ event, data: data.join("\n") });
+    }
+    return events;
+  }
+}
+
+/** Follows the cluster view with an operator's Kubernetes token until `signal`
+ * aborts it. EventSource cannot send a token, so this reads the stream itself. */
+export async function watchCluster(
+  token: string,
+  namespace: string,
+  signal: AbortSignal,
+  onView: (view: ClusterView) => void,
+): Promise<void> {
+  const query = namespace ? `?namespace=${encodeURIComponent(namespace)}` : "";
+  const response = await fetch(`/api/v1/cluster${query}`, { headers: { authorization: `Bearer ${token}` }, signal });
+  if (!response.ok || !response.body) await answer(response);
+  const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+  const parser = new EventParser();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) return;
+    for (const { event, data } of parser.push(value)) if (event === "cluster") onView(JSON.parse(data));
+  }
+}

@@ -48,6 +48,7 @@ const WARMUP = 0.25;
 const IDLE_SHARE = 0.8;
 const SAMPLE_MS = 100;
 const MAX_STREAM_SECONDS = 60;
+const MAX_UPLOAD_BODY = 32 * 1024 * 1024;
 
 export const nowUs = () => Math.round(performance.now() * 1000);
 const sleepUntil = (us: number) => new Promise((resolve) => setTimeout(resolve, Math.max(0, (us - nowUs()) / 1000)));
@@ -63,11 +64,23 @@ function random(): Uint8Array<ArrayBuffer> {
   return randomChunk;
 }
 
+/** Upload bodies by size, made once each: a new Blob per request would
+ * leave the browser's blob storage to the garbage collector, and Chromium
+ * refuses new blobs (ERR_BLOB_OUT_OF_MEMORY) long before it runs. Sizes are
+ * powers of two, so at most nine are ever made. */
+const bodies = new Map<number, Blob>();
 function uploadBody(bytes: number): Blob {
-  const chunk = random();
-  const parts: BlobPart[] = [];
-  for (let left = bytes; left > 0; left -= chunk.length) parts.push(left >= chunk.length ? chunk : chunk.subarray(0, left));
-  return new Blob(parts);
+  let size = 256 * 1024;
+  while (size < bytes && size < MAX_UPLOAD_BODY) size *= 2;
+  let body = bodies.get(size);
+  if (!body) {
+    const chunk = random();
+    const parts: BlobPart[] = [];
+    for (let left = size; left > 0; left -= chunk.length) parts.push(left >= chunk.length ? chunk : chunk.subarray(0, left));
+    body = new Blob(parts);
+    bodies.set(size, body);
+  }
+  return body;
 }
 
 /** Latency pings over the session's WebSocket, at `hz`, until finished. */
@@ -142,10 +155,11 @@ async function upload(streams: SessionStreams, untilUs: number, series: Series[]
   let size = 256 * 1024;
   while (nowUs() + 100_000 < untilUs) {
     const started = nowUs();
+    const body = uploadBody(size);
     const response = await fetch(streams.url(`/upload?seconds=${streamSeconds(untilUs)}`), {
       method: "POST",
       headers: streams.headers(),
-      body: uploadBody(size),
+      body,
     });
     if (!response.ok) throw new Error(`the upload was refused (${response.status})`);
     const report: { bytes: number; elapsedUs: number; samples: Array<[number, number]> } = await response.json();
@@ -156,7 +170,7 @@ async function upload(streams: SessionStreams, untilUs: number, series: Series[]
     const finished = nowUs();
     series.push(reportSeries(finished - report.elapsedUs, report.samples));
     sent.bytes += report.bytes;
-    size = nextUploadBytes(size, (nowUs() - started) / 1000);
+    size = nextUploadBytes(body.size, (nowUs() - started) / 1000);
   }
 }
 

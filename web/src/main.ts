@@ -8,10 +8,12 @@ import {
   type SessionResults,
   type SessionView,
   SessionStreams,
+  type ClusterView,
   createSession,
   opened,
   publicPools,
   readSession,
+  watchCluster,
 } from "./api";
 import { LatencyChart } from "./chart";
 import { DEFAULT_SETTINGS, type Observer, bufferbloat, household, nowUs } from "./engine";
@@ -19,6 +21,7 @@ import { HOUSEHOLD, type HouseholdUser } from "./measure";
 
 /** What the browser tests read back. */
 interface Exposed {
+  cluster?: ClusterView;
   results?: SessionResults;
   session?: SessionView;
   chart?: LatencyChart;
@@ -39,14 +42,23 @@ function h(tag: string, attributes: Record<string, string> = {}, ...children: Ch
 
 const app = document.getElementById("app") as HTMLElement;
 
+let stopWatching: AbortController | undefined;
+
 function show(...children: Child[]) {
   exposed.chart?.stop();
+  stopWatching?.abort();
   app.replaceChildren(
     h(
       "header",
       {},
       h("h1", {}, "Tidepool"),
-      h("nav", {}, h("a", { href: "#/" }, "Test my connection"), h("a", { href: "#/live" }, "Live latency")),
+      h(
+        "nav",
+        {},
+        h("a", { href: "#/" }, "Test my connection"),
+        h("a", { href: "#/live" }, "Live latency"),
+        h("a", { href: "#/cluster" }, "Cluster"),
+      ),
     ),
     h("main", {}, ...children),
   );
@@ -329,9 +341,92 @@ async function resultsView(namespace: string, name: string, token: string) {
   }
 }
 
+/** For operators: the namespace's pools and sessions and every backend,
+ * updated as the operator's watches see changes. Needs a Kubernetes token
+ * that may list TestSessions there and read Backends; it stays in this
+ * page's memory. */
+function clusterView() {
+  const token = h("input", { id: "cluster-token", type: "password", placeholder: "Kubernetes token", autocomplete: "off" }) as HTMLInputElement;
+  const namespace = h("input", { id: "cluster-namespace", placeholder: "namespace (the gateway's default)" }) as HTMLInputElement;
+  const connect = h("button", { id: "cluster-connect" }, "Watch") as HTMLButtonElement;
+  const status = h("p", { id: "cluster-status", class: "status" }, "For the cluster's operators: a token that may list TestSessions and read Backends.");
+  const tables = h("div", { id: "cluster-tables" });
+  show(h("section", { class: "panel" }, h("div", { class: "controls" }, token, namespace, connect), status), tables);
+  connect.addEventListener("click", () => {
+    stopWatching?.abort();
+    const abort = new AbortController();
+    stopWatching = abort;
+    status.textContent = "Connecting…";
+    const follow = async () => {
+      while (!abort.signal.aborted) {
+        try {
+          await watchCluster(token.value.trim(), namespace.value.trim(), abort.signal, (view) => {
+            exposed.cluster = view;
+            status.textContent = `Namespace ${view.namespace}: live, updated ${new Date().toLocaleTimeString()}`;
+            status.className = "status done";
+            tables.replaceChildren(...clusterTables(view));
+          });
+        } catch (error) {
+          if (abort.signal.aborted) return;
+          status.textContent = `The cluster view stopped: ${describe(error)}`;
+          status.className = "status failed";
+          if (error instanceof ApiError && error.status >= 400 && error.status < 500 && error.status !== 429) return;
+        }
+        // The operator ends a stream after ten minutes; carry on.
+        await new Promise((resolve) => setTimeout(resolve, 2000));
+      }
+    };
+    void follow();
+  });
+}
+
+function table(id: string, heads: string[], rows: string[][]): HTMLElement {
+  return h(
+    "table",
+    { id, class: "grid" },
+    h("thead", {}, h("tr", {}, ...heads.map((head) => h("th", {}, head)))),
+    h("tbody", {}, ...rows.map((row) => h("tr", {}, ...row.map((cell) => h("td", {}, cell))))),
+  );
+}
+
+function clusterTables(view: ClusterView): HTMLElement[] {
+  const age = (seconds: number) => (seconds < 120 ? `${seconds} s` : seconds < 7200 ? `${Math.round(seconds / 60)} min` : `${Math.round(seconds / 3600)} h`);
+  const percent = (value?: number) => (value === undefined ? "–" : `${value.toFixed(0)} %`);
+  return [
+    h("h2", {}, "Pools"),
+    table(
+      "pools",
+      ["pool", "size", "warm", "assigned", "pending", "public"],
+      view.pools.map((p) => [p.name, String(p.size), String(p.warm), String(p.assigned), String(p.pending), p.public ? "yes" : "no"]),
+    ),
+    h("h2", {}, `Sessions (${view.sessionsTotal})`),
+    table(
+      "sessions",
+      ["session", "pool", "phase", "pod", "age", "grade"],
+      view.sessions.map((s) => [s.name, s.pool, s.phase, s.pod ?? "–", age(Math.max(0, Math.round(Date.now() / 1000 - s.createdUnix))), s.grade ?? "–"]),
+    ),
+    h("h2", {}, "Backends"),
+    table(
+      "backends",
+      ["backend", "kind", "region", "CPU per core", "memory", "GPUs", "health", "reports"],
+      view.backends.map((b) => [
+        b.name,
+        b.kind,
+        b.region ?? "–",
+        b.corePercent.length === 0 ? "–" : b.corePercent.map((p) => p.toFixed(0)).join(" · "),
+        percent(b.memoryUsedPercent),
+        b.gpus === 0 ? "–" : `${b.gpus} at ${percent(b.gpuPercent)}`,
+        b.health,
+        b.stale ? "stale" : "fresh",
+      ]),
+    ),
+  ];
+}
+
 function route() {
   const [view, ...rest] = location.hash.replace(/^#\/?/, "").split("/");
   if (view === "live") return liveView();
+  if (view === "cluster") return clusterView();
   if (view === "results" && rest.length === 3) return void resultsView(...(rest.map(decodeURIComponent) as [string, string, string]));
   testView();
 }

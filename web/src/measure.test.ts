@@ -73,11 +73,11 @@ describe("rates", () => {
     expect(rateMbps([a], 10, 10)).toBe(0);
   });
 
-  it("sizes the next upload to last about 400 ms, within bounds", () => {
+  it("sizes the next upload to last about 400 ms, within 256 KiB and 32 MiB", () => {
     expect(nextUploadBytes(1_000_000, 100)).toBe(4_000_000);
     expect(nextUploadBytes(1_000_000, 10)).toBe(4_000_000);
     expect(nextUploadBytes(1_000_000, 4_000)).toBe(262_144);
-    expect(nextUploadBytes(60_000_000, 100)).toBe(64 * 1024 * 1024);
+    expect(nextUploadBytes(60_000_000, 100)).toBe(32 * 1024 * 1024);
     expect(nextUploadBytes(1_000, 0)).toBe(262_144);
   });
 });

@@ -99,11 +99,11 @@ export function reportSeries(firstByteUs: number, samples: Array<[number, number
 }
 
 /** The next upload body: sized so one request lasts about `targetMs` at the
- * rate the last one went, within 256 KiB and 64 MiB. Small bodies would
+ * rate the last one went, within 256 KiB and 32 MiB. Small bodies would
  * leave the line idle between requests; huge ones would overrun the phase. */
 export function nextUploadBytes(lastBytes: number, lastMs: number, targetMs = 400): number {
   const min = 256 * 1024;
-  const max = 64 * 1024 * 1024;
+  const max = 32 * 1024 * 1024;
   if (lastMs <= 0) return min;
   const next = (lastBytes * targetMs) / lastMs;
   return Math.round(Math.min(Math.max(next, min), Math.min(max, lastBytes * 4)));

@@ -116,6 +116,20 @@ try {
   });
   report.live = { ...live, pointsBeforeKill: before };
   report.liveStatus = await page.textContent("#live-status");
+
+  // The cluster view, with an operator's token: the pools and the sessions
+  // this run made, live.
+  const token = process.env.TIDEPOOL_CLUSTER_TOKEN;
+  if (!token) throw new Error("TIDEPOOL_CLUSTER_TOKEN must hold a token that may watch the cluster");
+  await page.goto(`${url}/#/cluster`);
+  await page.fill("#cluster-token", token);
+  if (process.env.TIDEPOOL_CLUSTER_NAMESPACE) await page.fill("#cluster-namespace", process.env.TIDEPOOL_CLUSTER_NAMESPACE);
+  await page.click("#cluster-connect");
+  await page
+    .waitForFunction(() => (window.tidepool.cluster?.sessions.length ?? 0) > 0, null, { timeout: 20_000 })
+    .catch(() => fail(page, "the cluster view showed no sessions"));
+  await page.screenshot({ path: join(out, "cluster.png"), fullPage: true });
+  report.cluster = await page.evaluate(() => window.tidepool.cluster);
   console.log(JSON.stringify(report));
   await browser.close();
 } catch (error) {

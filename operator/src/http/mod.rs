@@ -4,10 +4,11 @@
 //! which the leader's controllers act on.
 //!
 //! - [`state`]: what the handlers share; [`reply`]: error answers.
-//! - [`sessions`], [`results`], [`agents`], [`route`], [`stored`]: one module per route.
+//! - [`sessions`], [`results`], [`agents`], [`route`], [`stored`], [`cluster`]: one module per route.
 
 pub mod access;
 pub mod agents;
+pub mod cluster;
 pub mod reply;
 pub mod results;
 pub mod route;
@@ -46,6 +47,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route(SESSION_PATH, get(sessions::get).delete(sessions::delete))
         .route(ROUTE_PATH, post(route::route))
         .route(STORED_RESULTS_PATH, get(stored::list))
+        .route(tidepool_protocol::cluster::CLUSTER_PATH, get(cluster::events))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), |state, request: Request, next: Next| {

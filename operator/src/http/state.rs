@@ -55,4 +55,6 @@ pub struct ApiState {
     pub geoip: Option<Arc<GeoIp>>,
     /// The results store, for reading stored results back.
     pub exporter: Option<Arc<crate::export::Exporter>>,
+    /// Cluster views streaming now, against their cap.
+    pub cluster_streams: Arc<tokio::sync::Semaphore>,
 }

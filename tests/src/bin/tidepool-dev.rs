@@ -196,7 +196,7 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
         .await
         .map_err(|e| HarnessError::Other(format!("the session through the gateway: {e}")))?;
     println!("{info}");
-    show_web_ui(&plane, &gateway_url)?;
+    show_web_ui(&plane, &gateway_url, &token)?;
 
     kubectl(&plane, &["wait", "backends", "--all", "--for=condition=Ready", "--timeout=30s"])?;
     kubectl(&plane, &["get", "backends"])?;
@@ -280,9 +280,10 @@ fn build_web_ui() -> tidepool_tests::Result<PathBuf> {
 }
 
 /// Opens the web UI in Debian's Chromium (web/tests/browser.mjs drives it
-/// as a user would): the connection test, its results link, and the live
-/// latency graph with the pod killed and healed. Prints what it saw.
-fn show_web_ui(plane: &ControlPlane, gateway_url: &str) -> tidepool_tests::Result<()> {
+/// as a user would): the connection test, its results link, the live
+/// latency graph with the pod killed and healed, and the cluster view.
+/// Prints what it saw.
+fn show_web_ui(plane: &ControlPlane, gateway_url: &str, api_token: &str) -> tidepool_tests::Result<()> {
     println!("$ open {gateway_url}/");
     if !Path::new("/usr/bin/chromium").exists() {
         println!("(Chromium is not installed: `apt-get install chromium` to have the web UI driven here.)");
@@ -293,6 +294,9 @@ fn show_web_ui(plane: &ControlPlane, gateway_url: &str) -> tidepool_tests::Resul
         .arg(repo().join("web/tests/browser.mjs"))
         .arg(gateway_url)
         .arg(&screenshots)
+        // The chart's API token stands in for an operator's own, for the cluster view.
+        .env("TIDEPOOL_CLUSTER_TOKEN", api_token)
+        .env("TIDEPOOL_CLUSTER_NAMESPACE", NAMESPACE)
         .output()
         .map_err(HarnessError::io("running the browser"))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -320,6 +324,13 @@ fn show_web_ui(plane: &ControlPlane, gateway_url: &str) -> tidepool_tests::Resul
         heal["from"].as_str().unwrap_or("?"),
         heal["to"].as_str().unwrap_or("?"),
         heal["gapMs"].as_f64().unwrap_or(0.0),
+    );
+    let cluster = &report["cluster"];
+    println!(
+        "The cluster view: {} pools, {} sessions, {} backends, live",
+        cluster["pools"].as_array().map_or(0, Vec::len),
+        cluster["sessionsTotal"].as_u64().unwrap_or(0),
+        cluster["backends"].as_array().map_or(0, Vec::len),
     );
     println!("Screenshots: {}", screenshots.display());
     Ok(())
