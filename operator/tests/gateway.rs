@@ -589,10 +589,14 @@ const SHAPED_PAYLOAD_MBIT: f64 = 20.0 * 1448.0 / 1514.0;
 /// with a shallow one, the browser's rates are within 10 % of the line and
 /// its bufferbloat grade is the letter the CLI gets on the same line,
 /// through the same gateway. The senders use Reno, which fills a buffer
-/// the way most of the internet's senders do; the buffers are sized so the
-/// rises sit inside a grade's band, not on a cut-point (300 ms: about 300
-/// ms one way and 600 both ways, a D; 15 ms: 5 to 30, an A), so the
-/// letters compare what was measured, not noise at the edge of a band.
+/// the way most of the internet's senders do. The buffers are sized so the
+/// letters compare what was measured, not noise at a cut-point: 350 ms
+/// keeps each one-way rise under 400 (at most a D) and over 200 when the
+/// line is full, and the mean of the three phases stays a D even if one
+/// phase lands in C or F; 15 ms keeps every rise between 5 and 30, an A.
+/// (With 300 ms the rises sat at the 200 ms cut between C and D and the
+/// browser and the CLI landed on either side of it; with a full second,
+/// Reno's losses and timeouts cut the rates by a fifth.)
 #[test]
 fn on_a_shaped_line_the_browser_measures_the_line_and_grades_as_the_cli_does() {
     use tidepool_tests::netns::{Shape, ShapedPath, namespaces_available};
@@ -600,7 +604,7 @@ fn on_a_shaped_line_the_browser_measures_the_line_and_grades_as_the_cli_does() {
         panic!("this test needs network namespaces (run as root), but: {why}");
     }
     let mut grades = Vec::new();
-    for (prefix, subnet, queue_ms) in [("tpbd", 237, 300), ("tpbs", 238, 15)] {
+    for (prefix, subnet, queue_ms) in [("tpbd", 237, 350), ("tpbs", 238, 15)] {
         let shape = Shape { rate_mbit: 20, queue_ms, congestion: Some("reno") };
         let path = ShapedPath::create(prefix, subnet, shape).unwrap();
         let outcome = std::thread::scope(|scope| {
@@ -665,8 +669,23 @@ async fn browser_and_cli_on(path: &tidepool_tests::netns::ShapedPath, queue_ms: 
     let cli = workspace_binary("tidepool-cli", "tidepool").unwrap();
     let token_file = cluster.token_file().display().to_string();
     let args = ["run", "--operator", &url, "--api-token-file", &token_file, "--pool", "open"];
-    let run = in_client(&cli).args(args).args(["--profile", "bufferbloat", "--json"]).output();
-    let run = tokio::time::timeout(Duration::from_secs(120), run).await.expect("the CLI took 2 minutes").unwrap();
+    let mut run = None;
+    // Once in about seven runs on the deep line, one of the CLI's uploads
+    // through the gateway meets a connection reset that neither the
+    // gateway's nor the pod's log shows; it is being looked into. A second
+    // run is allowed for that one failure, never for a wrong grade.
+    for attempt in 0..2 {
+        let output = in_client(&cli).args(args).args(["--profile", "bufferbloat", "--json"]).output();
+        let output =
+            tokio::time::timeout(Duration::from_secs(120), output).await.expect("the CLI took 2 minutes").unwrap();
+        let reset = String::from_utf8_lossy(&output.stderr).contains("Connection reset by peer");
+        if output.status.success() || !reset || attempt == 1 {
+            run = Some(output);
+            break;
+        }
+        eprintln!("{queue_ms} ms buffer: the CLI's run met a connection reset; running it again");
+    }
+    let run = run.unwrap();
     let cli_out = String::from_utf8_lossy(&run.stdout);
     if !run.status.success() {
         let mut pods = String::new();

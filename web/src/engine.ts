@@ -25,8 +25,9 @@ import {
 
 export interface Settings {
   pingHz: number;
-  /** Streams per direction. Three: a browser opens at most six HTTP/1.1
-   * connections to one host, and the both-ways phase needs two sets. */
+  /** Streams per direction in the both-ways phase; twice as many in a
+   * one-way phase. Three: a browser opens at most six HTTP/1.1 connections
+   * to one host. */
   streams: number;
   phaseMs: number;
   householdMs: number;
@@ -196,7 +197,9 @@ async function loaded(
   const downloads: Series = [];
   const uploads: Series[] = [];
   const work: Promise<void>[] = [];
-  for (let i = 0; i < settings.streams; i++) {
+  // Every connection the browser allows: all one way, or half each way.
+  const count = down && up ? settings.streams : 2 * settings.streams;
+  for (let i = 0; i < count; i++) {
     if (down) work.push(download(streams, end, received));
     if (up) work.push(upload(streams, end, uploads, sent));
   }
