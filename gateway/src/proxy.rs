@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -164,10 +165,11 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
         HeaderValue::try_from(client.to_string()).map_err(|_| internal())?,
     );
     let to_pod = gateway.metrics.proxied_bytes.with_label_values(&["to_pod"]);
+    let body_ended = Arc::new(AtomicBool::new(false));
     let mut upstream = Request::builder()
         .method(parts.method)
         .uri(uri)
-        .body(Counted::new(body, to_pod.clone(), None))
+        .body(Counted::new(body, to_pod.clone(), None).telling(body_ended.clone()))
         .map_err(|_| internal())?;
     *upstream.headers_mut() = headers;
 
@@ -192,8 +194,22 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
     let (parts, body) = response.into_parts();
     let mut answer = Response::new(Body::new(Counted::new(body, to_client, Some(guard))));
     *answer.status_mut() = parts.status;
-    *answer.headers_mut() = forwarded_headers(&parts.headers, false);
+    *answer.headers_mut() = answer_headers(&parts.headers, body_ended.load(Ordering::Relaxed));
     Ok(answer)
+}
+
+/// The headers of the pod's answer as the client gets them. An answer that
+/// comes before the client's body has all come in (an upload the pod cut
+/// at its time limit) says `Connection: close`: the server must close the
+/// connection (the rest of the body is unread), and without the header the
+/// client would put it back in its pool, and its next request there would
+/// meet the reset that the unread bytes bring.
+fn answer_headers(pod: &HeaderMap, request_body_ended: bool) -> HeaderMap {
+    let mut headers = forwarded_headers(pod, false);
+    if !request_body_ended {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    headers
 }
 
 /// Whether forwarding failed because the server cut the client's body.
@@ -358,11 +374,22 @@ pub struct Counted<B> {
     inner: B,
     bytes: IntCounter,
     _guard: Option<StreamGuard>,
+    /// Set once the body has given its last frame.
+    ended: Option<Arc<AtomicBool>>,
 }
 
-impl<B> Counted<B> {
+impl<B: http_body::Body> Counted<B> {
     fn new(inner: B, bytes: IntCounter, guard: Option<StreamGuard>) -> Self {
-        Self { inner, bytes, _guard: guard }
+        Self { inner, bytes, _guard: guard, ended: None }
+    }
+
+    /// Also tells `ended` when the body is done (at once for an empty one).
+    fn telling(mut self, ended: Arc<AtomicBool>) -> Self {
+        if self.inner.is_end_stream() {
+            ended.store(true, Ordering::Relaxed);
+        }
+        self.ended = Some(ended);
+        self
     }
 }
 
@@ -379,6 +406,12 @@ where
             && let Some(data) = frame.data_ref()
         {
             self.bytes.inc_by(data.len() as u64);
+        }
+        // A sender may stop polling once the body says it has ended.
+        if let Some(ended) = &self.ended
+            && (matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream())
+        {
+            ended.store(true, Ordering::Relaxed);
         }
         polled
     }
@@ -432,6 +465,33 @@ mod tests {
             map.append(HeaderName::try_from(*name).unwrap(), HeaderValue::try_from(*value).unwrap());
         }
         map
+    }
+
+    #[test]
+    fn an_answer_before_the_body_ended_closes_the_connection() {
+        let pod = headers(&[("content-type", "application/json"), ("connection", "keep-alive")]);
+        let whole = answer_headers(&pod, true);
+        assert_eq!(whole.get("content-type").unwrap(), "application/json");
+        assert!(whole.get("connection").is_none());
+        assert_eq!(answer_headers(&pod, false).get("connection").unwrap(), "close");
+    }
+
+    #[tokio::test]
+    async fn a_body_tells_when_it_has_ended() {
+        use http_body_util::BodyExt;
+        let bytes = IntCounter::new("t", "t").unwrap();
+        let ended = Arc::new(AtomicBool::new(false));
+        let empty = Counted::new(http_body_util::Empty::<Bytes>::new(), bytes.clone(), None).telling(ended.clone());
+        assert!(ended.load(Ordering::Relaxed), "an empty body has ended before it is read");
+        drop(empty);
+        let ended = Arc::new(AtomicBool::new(false));
+        let full = http_body_util::Full::new(Bytes::from_static(b"abc"));
+        let mut body = Counted::new(full, bytes.clone(), None).telling(ended.clone());
+        assert!(!ended.load(Ordering::Relaxed));
+        assert!(body.frame().await.unwrap().is_ok());
+        // Its last frame, without the poll that would say so.
+        assert!(ended.load(Ordering::Relaxed));
+        assert_eq!(bytes.get(), 3);
     }
 
     #[test]
