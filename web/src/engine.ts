@@ -25,9 +25,8 @@ import {
 
 export interface Settings {
   pingHz: number;
-  /** Streams per direction in the both-ways phase; twice as many in a
-   * one-way phase. Three: a browser opens at most six HTTP/1.1 connections
-   * to one host. */
+  /** Streams per direction; twice as many uploads in the upload phase.
+   * Three: a browser opens at most six HTTP/1.1 connections to one host. */
   streams: number;
   phaseMs: number;
   householdMs: number;
@@ -197,12 +196,13 @@ async function loaded(
   const downloads: Series = [];
   const uploads: Series[] = [];
   const work: Promise<void>[] = [];
-  // Every connection the browser allows: all one way, or half each way.
-  const count = down && up ? settings.streams : 2 * settings.streams;
-  for (let i = 0; i < count; i++) {
-    if (down) work.push(download(streams, end, received));
-    if (up) work.push(upload(streams, end, uploads, sent));
-  }
+  // An upload is a run of requests, each waiting for its answer before the
+  // next, so alone it takes all six connections to keep a buffer as full as
+  // the CLI's long uploads do. Three downloads already fill the line; six
+  // lose more than they gain through a deep buffer.
+  const uploadCount = down ? settings.streams : 2 * settings.streams;
+  for (let i = 0; i < settings.streams; i++) if (down) work.push(download(streams, end, received));
+  for (let i = 0; i < uploadCount; i++) if (up) work.push(upload(streams, end, uploads, sent));
   const sampling = (async () => {
     let last: [number, number, number] = [nowUs(), 0, 0];
     while (nowUs() < end) {
