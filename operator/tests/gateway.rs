@@ -571,7 +571,28 @@ async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromiu
         let answer = request.send().await.unwrap();
         assert_eq!(answer.status().as_u16(), code, "{bearer:?} {query}: {}", answer.text().await.unwrap());
     }
-    for shot in ["test-household-running", "test-results", "results-link", "live", "live-healed", "cluster"] {
+    // Each error reaches the page as a sentence, not a stack.
+    let said = |key: &str| report[key].as_str().unwrap_or_default().to_string();
+    assert!(said("badLinkStatus").starts_with("Cannot read the results: "), "{}", said("badLinkStatus"));
+    assert!(said("clusterErrorStatus").starts_with("The cluster view stopped: "), "{}", said("clusterErrorStatus"));
+    // While uploading, the page shows the upload's rate, and only it.
+    assert!(said("uploadRates").starts_with("up ") && !said("uploadRates").contains("down"), "{}", said("uploadRates"));
+    let limit = said("limitStatus");
+    assert!(limit.starts_with("The test stopped: ") && limit.contains("try again in"), "{limit}");
+    for shot in [
+        "test-ready",
+        "test-running",
+        "test-running-upload",
+        "test-household-running",
+        "test-results",
+        "results-link",
+        "results-error",
+        "live",
+        "live-healed",
+        "cluster",
+        "cluster-error",
+        "test-error",
+    ] {
         assert!(out.join(format!("{shot}.png")).is_file(), "no {shot}.png");
     }
     assert!(metric(&gateway, r#"tidepool_gateway_requests_total{code="200",route="ui"}"#).await >= 3.0);

@@ -204,15 +204,15 @@ async function loaded(
   for (let i = 0; i < settings.streams; i++) if (down) work.push(download(streams, end, received));
   for (let i = 0; i < uploadCount; i++) if (up) work.push(upload(streams, end, uploads, sent));
   const sampling = (async () => {
-    let last: [number, number, number] = [nowUs(), 0, 0];
+    // Uploads count only when their report comes back, in lumps; over the
+    // phase so far, the rates shown are steady.
     while (nowUs() < end) {
       await sleepUntil(Math.min(nowUs() + SAMPLE_MS * 1000, end));
       const now = nowUs();
       downloads.push([now, received.bytes]);
-      const seconds = Math.max(now - last[0], 1);
-      if (down) observer.rate("down", ((received.bytes - last[1]) * 8) / seconds);
-      if (up) observer.rate("up", ((sent.bytes - last[2]) * 8) / seconds);
-      last = [now, received.bytes, sent.bytes];
+      const us = Math.max(now - start, 1);
+      if (down) observer.rate("down", (received.bytes * 8) / us);
+      if (up) observer.rate("up", (sent.bytes * 8) / us);
     }
   })();
   await Promise.all([...work, sampling]);

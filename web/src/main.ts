@@ -66,7 +66,9 @@ function show(...children: Child[]) {
 
 function describe(error: unknown): string {
   if (error instanceof ApiError && error.retryAfterSeconds) {
-    return `${error.message} (try again in ${error.retryAfterSeconds} s)`;
+    const after = error.retryAfterSeconds;
+    const when = after < 120 ? `${after} s` : `${Math.ceil(after / 60)} min`;
+    return `${error.message} (try again in ${when})`;
   }
   return error instanceof Error ? error.message : String(error);
 }
@@ -81,7 +83,9 @@ async function firstPool(): Promise<PublicPool> {
 const mbps = (value?: number) => (value === undefined ? "–" : `${value.toFixed(value >= 100 ? 0 : 1)} Mbit/s`);
 const ms = (value?: number) => (value === undefined ? "–" : `${value.toFixed(1)} ms`);
 
-function resultsBlock(results: SessionResults): HTMLElement {
+/** The grades, the figures and the household's cards (`cards`, when they
+ * are live cards still filling in, else the results' own). */
+function resultsBlock(results: SessionResults, cards?: HTMLElement): HTMLElement {
   const grades = results.grades ?? {};
   const grade = (label: string, id: string, value?: string) =>
     h("div", { class: "grade" }, h("span", { class: "letter", id }, value ?? "–"), h("span", {}, label));
@@ -108,7 +112,7 @@ function resultsBlock(results: SessionResults): HTMLElement {
       row("Download", mbps(results.downloadMbps), "download-mbps"),
       row("Upload", mbps(results.uploadMbps), "upload-mbps"),
     ),
-    householdCards(results.household ?? []),
+    cards ?? householdCards(results.household ?? []),
   );
 }
 
@@ -146,7 +150,8 @@ function householdCards(users: NonNullable<SessionResults["household"]>): HTMLEl
 function testView() {
   const button = h("button", { id: "start" }, "Test my connection") as HTMLButtonElement;
   const status = h("p", { id: "status", class: "status" }, "One click: a session of your own, then the bufferbloat test and your household.");
-  const canvas = h("canvas", { id: "test-chart", class: "chart" }) as HTMLCanvasElement;
+  // The graph appears once there is something to draw.
+  const canvas = h("canvas", { id: "test-chart", class: "chart hidden" }) as HTMLCanvasElement;
   const rates = h("p", { id: "rates", class: "rates" });
   const output = h("div", { id: "output" });
   show(h("section", { class: "panel" }, button, status, canvas, rates), output);
@@ -161,17 +166,24 @@ async function runTest(
   output: HTMLElement,
 ) {
   button.disabled = true;
+  canvas.classList.remove("hidden");
   const chart = new LatencyChart(canvas, 15_000);
   exposed.chart = chart;
   const began = nowUs();
   const live = { down: 0, up: 0 };
   const cards = householdCards([]);
   const observer: Observer = {
-    phase: (label, length) => (status.textContent = `Measuring: ${label} (${(length / 1000).toFixed(1)} s)`),
+    phase: (label, length) => {
+      status.textContent = `Measuring: ${label} (${(length / 1000).toFixed(1)} s)`;
+      live.down = 0;
+      live.up = 0;
+      rates.textContent = "";
+    },
     rtt: (rtt, pod) => chart.add((nowUs() - began) / 1000, rtt, pod),
     rate: (direction, value) => {
       live[direction] = value;
-      rates.textContent = `down ${mbps(live.down)} · up ${mbps(live.up)}`;
+      const shown = (["down", "up"] as const).filter((d) => live[d] > 0).map((d) => `${d} ${mbps(live[d])}`);
+      rates.textContent = shown.join(" · ");
     },
     user: (user, rtt, down) => {
       const card = cards.querySelector(`#user-${user} .live`);
@@ -187,8 +199,8 @@ async function runTest(
     status.textContent = `Session ${session.name} on pod ${session.pod ?? "?"}`;
     const measured = await bufferbloat(streams, DEFAULT_SETTINGS, observer);
     const first = await streams.submit(measured, false);
-    output.replaceChildren(resultsBlock(first.results));
-    output.append(cards);
+    output.replaceChildren(resultsBlock(first.results, cards));
+    rates.textContent = "";
     const line = measured.downloadMbps ?? 0;
     if (line <= 0) throw new Error("the download phase received nothing, so the household cannot run");
     const users = await household(streams, line, DEFAULT_SETTINGS, observer);
@@ -206,6 +218,7 @@ async function runTest(
   } catch (error) {
     status.textContent = `The test stopped: ${describe(error)}`;
     status.classList.add("failed");
+    if (chart.stats.points === 0) canvas.classList.add("hidden");
   } finally {
     button.disabled = false;
   }

@@ -50,7 +50,21 @@ try {
 
   // The connection test: one click, then the grades and the household.
   await page.goto(`${url}/#/`);
+  await page.waitForSelector("#start");
+  await page.screenshot({ path: join(out, "test-ready.png"), fullPage: true });
   await page.click("#start");
+  // While it measures: the phase, the live rates and the graph.
+  await page
+    .waitForFunction(() => document.querySelector("#status")?.textContent?.startsWith("Measuring: download"), null, { timeout: 30_000 })
+    .catch(() => fail(page, "the test never started measuring"));
+  await page.waitForTimeout(1_500);
+  await page.screenshot({ path: join(out, "test-running.png"), fullPage: true });
+  await page
+    .waitForFunction(() => document.querySelector("#status")?.textContent?.startsWith("Measuring: upload"), null, { timeout: 30_000 })
+    .catch(() => fail(page, "the test never measured the upload"));
+  await page.waitForTimeout(1_500);
+  await page.screenshot({ path: join(out, "test-running-upload.png"), fullPage: true });
+  report.uploadRates = await page.textContent("#rates");
   await page.waitForSelector("#household", { timeout: 60_000 }).catch(() => fail(page, "no bufferbloat results"));
   await page.waitForTimeout(4_000);
   await page.screenshot({ path: join(out, "test-household-running.png"), fullPage: true });
@@ -87,6 +101,11 @@ try {
     household: await page.textContent("#grade-household").catch(() => null),
   };
   await page.screenshot({ path: join(out, "results-link.png"), fullPage: true });
+  // A link whose token is wrong: the page says so, and shows nothing else.
+  await page.goto(report.link.replace(/\/[^/]+$/, "/not-a-token"));
+  await page.waitForSelector("#status.failed", { timeout: 20_000 }).catch(() => fail(page, "a bad link was not refused"));
+  report.badLinkStatus = await page.textContent("#status");
+  await page.screenshot({ path: join(out, "results-error.png"), fullPage: true });
 
   // The live graph: points as they come, then the pod killed and healed.
   await page.goto(`${url}/#/live`);
@@ -130,6 +149,31 @@ try {
     .catch(() => fail(page, "the cluster view showed no sessions"));
   await page.screenshot({ path: join(out, "cluster.png"), fullPage: true });
   report.cluster = await page.evaluate(() => window.tidepool.cluster);
+  // A token the operator does not accept: the page says so.
+  await page.goto(`${url}/#/`);
+  await page.goto(`${url}/#/cluster`);
+  await page.fill("#cluster-token", "not-a-kubernetes-token");
+  await page.click("#cluster-connect");
+  await page.waitForSelector("#cluster-status.failed", { timeout: 20_000 }).catch(() => fail(page, "a bad token was not refused"));
+  report.clusterErrorStatus = await page.textContent("#cluster-status");
+  await page.screenshot({ path: join(out, "cluster-error.png"), fullPage: true });
+
+  // The address's anonymous sessions used up (the live graph's is still
+  // open; one more made here): the test says why and when to try again.
+  await page.goto(`${url}/#/`);
+  await page.evaluate(async () => {
+    const pools = await (await fetch("/api/v1/pools")).json();
+    const pool = pools.pools[0];
+    await fetch("/api/v1/sessions", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ pool: pool.name, namespace: pool.namespace }),
+    });
+  });
+  await page.click("#start");
+  await page.waitForSelector("#status.failed", { timeout: 30_000 }).catch(() => fail(page, "the limit was not shown"));
+  report.limitStatus = await page.textContent("#status");
+  await page.screenshot({ path: join(out, "test-error.png"), fullPage: true });
   console.log(JSON.stringify(report));
   await browser.close();
 } catch (error) {
