@@ -345,8 +345,23 @@ async fn the_gateways_listener_cuts_slow_heads_slow_bodies_idle_connections_and_
             .map(String::from);
     let gateway = start_gateway_with(&cluster, &operator.url, "gateway", &limits).await;
     let address = gateway.url.trim_start_matches("http://").to_string();
+    let admin = gateway.admin.trim_start_matches("http://").to_string();
 
     tokio::task::spawn_blocking(move || {
+        // The admin port runs under the same limits: a half-sent head and a
+        // quiet kept-alive connection are cut there too.
+        let mut slow_head = TcpStream::connect(admin.as_str()).unwrap();
+        slow_head.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let (took, answer) = until_closed(&mut slow_head, Duration::from_secs(5));
+        assert!(took >= Duration::from_millis(900) && answer.is_empty(), "admin: {answer:?} after {took:?}");
+        let mut idle = TcpStream::connect(admin.as_str()).unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let (took, answer) = until_closed(&mut idle, Duration::from_secs(5));
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && took >= Duration::from_millis(900),
+            "admin: {answer:?} after {took:?}"
+        );
+
         let address = address.as_str();
         // A half-sent head is dropped after the header timeout, unanswered.
         let mut slow_head = TcpStream::connect(address).unwrap();
