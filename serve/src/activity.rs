@@ -179,25 +179,87 @@ impl Drop for Slot {
     }
 }
 
+/// How long, and for how many bytes, a closed connection goes on reading
+/// what its client still sends (see [`Watched`]'s drop).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024 * 1024;
+
 /// A connection's stream: its reads tell the [`Activity`], and it holds the
 /// connection's [`Slot`] for as long as the socket lives, after an upgrade
 /// too. Writes pass straight through.
-pub struct Watched<S> {
-    inner: S,
+///
+/// When it is dropped it closes gently: a server that answered before the
+/// request's body was all read (a refusal, an upload cut at its time limit)
+/// would otherwise close a socket with unread bytes, and the kernel answers
+/// those with a reset that can reach the client before the answer does, or
+/// break the next request of a client that pooled the connection. So the
+/// write side is shut (the answer, then FIN) and what still comes is read
+/// and dropped, for at most [`LINGER`] and [`LINGER_BYTES`].
+pub struct Watched<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Only `None` once dropped.
+    inner: Option<S>,
     activity: Arc<Activity>,
     _slot: Slot,
 }
 
-impl<S> Watched<S> {
+impl<S> Watched<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     pub fn new(inner: S, activity: Arc<Activity>, slot: Slot) -> Self {
-        Self { inner, activity, _slot: slot }
+        Self { inner: Some(inner), activity, _slot: slot }
+    }
+
+    fn stream(&mut self) -> io::Result<&mut S> {
+        self.inner.as_mut().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+impl<S> Drop for Watched<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn drop(&mut self) {
+        if let (Some(stream), Ok(runtime)) = (self.inner.take(), tokio::runtime::Handle::try_current()) {
+            // Bounded in time and bytes, and it owns nothing but the socket.
+            runtime.spawn(linger(stream));
+        }
+    }
+}
+
+/// Shuts the write side and reads what the peer still sends until it
+/// closes, [`LINGER`] passes or [`LINGER_BYTES`] came.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(LINGER, async {
+        if stream.shutdown().await.is_err() {
+            return;
+        }
+        let mut buffer = [0u8; 4096];
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
+}
+
+impl<S> AsyncRead for Watched<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        };
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.activity.bytes_read();
         }
@@ -205,9 +267,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+impl<S> AsyncWrite for Watched<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_write(cx, data),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     // Downloads go out as vectored writes of shared slices: keep them vectored.
@@ -216,19 +284,28 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(AsyncWrite::is_write_vectored)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 

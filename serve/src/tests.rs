@@ -61,6 +61,8 @@ fn router() -> Router {
                 }
             }),
         )
+        // Answers at once and never reads the body, as a refusal does.
+        .route("/early", post(|| async { "early" }))
         .route("/port", get(|Extension(PeerPort(port)): Extension<PeerPort>| async move { format!("port {port}") }))
         .route("/upgrade", get(upgrade))
 }
@@ -134,6 +136,30 @@ async fn open_becomes(seen: &Seen, expected: i64) {
         assert!(Instant::now() < deadline, "open: {} not {expected}", seen.open.load(Ordering::Relaxed));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test]
+async fn an_answer_before_the_body_is_read_reaches_the_client_without_a_reset() {
+    let server = start(Limits::default()).await;
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    const BODY: usize = 4 * 1024 * 1024;
+    // The client sends its whole body whatever the answer, as an upload does.
+    let sending = tokio::spawn(async move {
+        let head = format!("POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: {BODY}\r\n\r\n");
+        writer.write_all(head.as_bytes()).await?;
+        writer.write_all(&vec![b'x'; BODY]).await?;
+        writer.shutdown().await
+    });
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut answer)).await.unwrap();
+    // The answer, then a clean end: no reset, which would have cut the read
+    // (or the body's sending) with ECONNRESET.
+    assert!(read.is_ok(), "the read ended with {read:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("early"), "{answer}");
+    let sent = tokio::time::timeout(Duration::from_secs(5), sending).await.unwrap().unwrap();
+    assert!(sent.is_ok(), "sending the body met {sent:?}");
 }
 
 #[tokio::test]
