@@ -214,7 +214,9 @@ async fn read_body(body: Body, deadline: std::time::Duration) -> Result<Bytes, R
             format!("the body is over {MAX_CREATE_BYTES} bytes"),
         )),
         // The server cut it for a pause, and counted that.
-        Ok(Err(_)) => Err(slow().already_counted()),
+        Ok(Err(e)) if crate::proxy::caused_by_slow_body(e.as_ref()) => Err(slow().already_counted()),
+        // The client broke it off, or sent a body that is not HTTP.
+        Ok(Err(_)) => Err(Refused::new(StatusCode::BAD_REQUEST, "body_unread", "the request body could not be read")),
         Err(_) => Err(slow()),
     }
 }

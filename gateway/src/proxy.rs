@@ -213,7 +213,7 @@ fn answer_headers(pod: &HeaderMap, request_body_ended: bool) -> HeaderMap {
 }
 
 /// Whether forwarding failed because the server cut the client's body.
-fn caused_by_slow_body(error: &(dyn std::error::Error + 'static)) -> bool {
+pub fn caused_by_slow_body(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(error) = cause {
         if error.is::<tidepool_serve::BodyTimedOut>() {

@@ -72,10 +72,6 @@ pub struct BackendRow {
     pub gpus: u32,
     /// Healthy, Unhealthy or Unknown: the health probe's verdict.
     pub health: String,
-    /// When the agent took its newest sample (Unix ms, the agent's clock);
-    /// absent when no report came.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sampled_at_ms: Option<u64>,
     /// No report for three report intervals: placement leaves it out.
     pub stale: bool,
 }

@@ -148,7 +148,6 @@ export interface ClusterView {
     gpuPercent?: number;
     gpus: number;
     health: string;
-    sampledAtMs?: number;
     stale: boolean;
   }>;
 }
