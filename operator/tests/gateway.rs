@@ -524,6 +524,14 @@ async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromiu
     let report: Value =
         serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}\n{}", context()));
     assert_eq!(report["pageErrors"], json!([]), "{}", context());
+    // The content security policy lets the page do all it needs: a
+    // violation would show only as a console error.
+    let blocked = report["consoleErrors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e.as_str().unwrap_or("").contains("Content Security Policy"));
+    assert!(!blocked, "{}", context());
 
     // The grades on the page are the pod's, and the TestSession holds them.
     let results = &report["results"];

@@ -37,6 +37,11 @@ const server = createServer((request, response) => {
     response.writeHead(404).end();
   }
 });
+// Loopback only, for one browser, for the run: still bounded like any server.
+server.headersTimeout = 5_000;
+server.requestTimeout = 10_000;
+server.keepAliveTimeout = 5_000;
+server.maxConnections = 32;
 await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
 const base = `http://127.0.0.1:${server.address().port}`;
 

@@ -114,6 +114,12 @@ class Pinger {
     if (this.socket.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify({ type: "ping", seq, clientTimeUs: sentUs }));
   }
 
+  /** Stops pinging and closes the socket at once (a run that failed). */
+  stop() {
+    clearInterval(this.timer);
+    this.socket.close();
+  }
+
   /** Stops pinging and waits up to `graceMs` for the last pongs. */
   async finish(graceMs = 1000): Promise<Ping[]> {
     clearInterval(this.timer);
@@ -228,6 +234,15 @@ export async function bufferbloat(streams: SessionStreams, settings: Settings, o
   const socket = streams.websocket("/ws");
   await opened(socket);
   const pinger = new Pinger(socket, settings.pingHz, observer);
+  try {
+    return await phases(streams, settings, observer, pinger);
+  } catch (error) {
+    pinger.stop();
+    throw error;
+  }
+}
+
+async function phases(streams: SessionStreams, settings: Settings, observer: Observer, pinger: Pinger): Promise<SessionResults> {
   const idleStart = nowUs();
   const idleMs = settings.phaseMs * IDLE_SHARE;
   observer.phase("idle", idleMs);
@@ -261,7 +276,12 @@ export async function household(
   observer: Observer,
 ): Promise<HouseholdUserResult[]> {
   const sockets = HOUSEHOLD.map((user) => streams.websocket(`/ws/household/${user}`));
-  await Promise.all(sockets.map((socket) => opened(socket)));
+  try {
+    await Promise.all(sockets.map((socket) => opened(socket)));
+  } catch (error) {
+    sockets.forEach((socket) => socket.close());
+    throw error;
+  }
   const begin = nowUs();
   const start = begin + BASELINE_PINGS * BASELINE_INTERVAL_MS * 1000;
   const end = start + settings.householdMs * 1000;

@@ -42,11 +42,14 @@ function h(tag: string, attributes: Record<string, string> = {}, ...children: Ch
 
 const app = document.getElementById("app") as HTMLElement;
 
-let stopWatching: AbortController | undefined;
+/** Aborted when the page shows another view: what a view started (timers,
+ * sockets, streams) listens for it and stops. */
+let leaving = new AbortController();
 
 function show(...children: Child[]) {
   exposed.chart?.stop();
-  stopWatching?.abort();
+  leaving.abort();
+  leaving = new AbortController();
   app.replaceChildren(
     h(
       "header",
@@ -249,6 +252,7 @@ async function runLive(
 ) {
   start.disabled = true;
   rate.disabled = true;
+  const gone = leaving.signal;
   const chart = new LatencyChart(canvas);
   exposed.chart = chart;
   const began = performance.now();
@@ -277,18 +281,28 @@ async function runLive(
     swatch.style.background = chart.colour(name);
     legend.append(h("li", {}, swatch, name));
   };
-  const connect = async (): Promise<WebSocket> => {
-    for (;;) {
+  // Tries again every 250 ms while the session heals, for at most a minute
+  // and only while this view is shown.
+  const connect = async (): Promise<WebSocket | undefined> => {
+    const until = performance.now() + 60_000;
+    while (!gone.aborted && performance.now() < until) {
       const socket = streams.websocket("/ws");
       try {
         await opened(socket, 3000);
-        return socket;
+        if (!gone.aborted) return socket;
+        socket.close();
       } catch {
         await new Promise((resolve) => setTimeout(resolve, 250));
       }
     }
+    return undefined;
   };
-  let socket = await connect();
+  const first = await connect();
+  if (!first) {
+    status.textContent = "The session's pod could not be reached.";
+    return;
+  }
+  let socket = first;
   const attach = (current: WebSocket) => {
     current.addEventListener("message", (event) => {
       if (typeof event.data !== "string") return;
@@ -311,11 +325,15 @@ async function runLive(
       chart.add(now - began, now - sentAt, message.pod);
     });
     current.addEventListener("close", () => {
-      if (socket !== current) return;
+      if (socket !== current || gone.aborted) return;
       lostAt ??= performance.now();
       chart.gap(lostAt - began);
       status.textContent = `Pod ${pod} stopped answering; the session is healing…`;
       void connect().then((next) => {
+        if (!next) {
+          if (!gone.aborted) status.textContent = `The session did not come back within a minute.`;
+          return;
+        }
         socket = next;
         attach(next);
       });
@@ -327,7 +345,7 @@ async function runLive(
   kill.addEventListener("click", () => {
     if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "terminate" }));
   });
-  setInterval(() => {
+  const pinging = setInterval(() => {
     if (socket.readyState !== WebSocket.OPEN) return;
     const now = performance.now();
     sent.set(seq, now);
@@ -336,6 +354,10 @@ async function runLive(
     socket.send(JSON.stringify({ type: "ping", seq, clientTimeUs: Math.round(now * 1000) }));
     seq++;
   }, 1000 / hz);
+  gone.addEventListener("abort", () => {
+    clearInterval(pinging);
+    socket.close();
+  });
 }
 
 async function resultsView(namespace: string, name: string, token: string) {
@@ -365,10 +387,12 @@ function clusterView() {
   const status = h("p", { id: "cluster-status", class: "status" }, "For the cluster's operators: a token that may list TestSessions and read Backends.");
   const tables = h("div", { id: "cluster-tables" });
   show(h("section", { class: "panel" }, h("div", { class: "controls" }, token, namespace, connect), status), tables);
+  let watching: AbortController | undefined;
   connect.addEventListener("click", () => {
-    stopWatching?.abort();
+    watching?.abort();
     const abort = new AbortController();
-    stopWatching = abort;
+    watching = abort;
+    leaving.signal.addEventListener("abort", () => abort.abort());
     status.textContent = "Connecting…";
     const follow = async () => {
       while (!abort.signal.aborted) {

@@ -290,7 +290,10 @@ fn show_web_ui(plane: &ControlPlane, gateway_url: &str, api_token: &str) -> tide
         return Ok(());
     }
     let screenshots = plane.dir().join("browser");
-    let output = Command::new("node")
+    // The script bounds each of its waits; `timeout` bounds the whole.
+    let output = Command::new("timeout")
+        .arg("300")
+        .arg("node")
         .arg(repo().join("web/tests/browser.mjs"))
         .arg(gateway_url)
         .arg(&screenshots)
