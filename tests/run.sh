@@ -36,6 +36,8 @@ cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
 # The web UI: its packages from npm, its type check and build (web/dist,
 # which the gateway's tests serve), and its unit tests.
 web_log=$(mktemp)
+log=$(mktemp)
+trap 'rm -f "$log" "$web_log"' EXIT
 npm --prefix web ci --no-audit --no-fund --loglevel=error
 npm --prefix web run build --silent
 NO_COLOR=1 npm --prefix web test --silent 2>&1 | tee "$web_log"
@@ -43,8 +45,6 @@ NO_COLOR=1 npm --prefix web test --silent 2>&1 | tee "$web_log"
 TIDEPOOL_CONTROL_PLANE_BIN=$(tests/control-plane/build.sh)
 export TIDEPOOL_CONTROL_PLANE_BIN
 
-log=$(mktemp)
-trap 'rm -f "$log" "$web_log"' EXIT
 status=0
 cargo test --workspace --locked --no-fail-fast --lib --bins --tests "$@" 2>&1 | tee "$log" || status=$?
 

@@ -5,7 +5,8 @@ import type { HouseholdUser, LatencySummary } from "./measure";
 export interface PublicPool {
   namespace: string;
   name: string;
-  tier: string;
+  // The pool's Tier, as the WarmPool spells it.
+  tier: Record<string, unknown>;
   warm: number;
 }
 
