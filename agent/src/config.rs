@@ -263,6 +263,8 @@ impl Config {
                     args.header_timeout_seconds.max(1),
                 )),
                 idle_timeout: Duration::from_secs(args.idle_timeout_seconds.max(1)),
+                // What the agent serves is small: a client that takes none of it is gone.
+                write_timeout: Duration::from_secs(args.idle_timeout_seconds.max(1)),
             },
             report_interval: Duration::from_millis(args.report_interval_ms.into()),
             sample_interval: Duration::from_millis(args.sample_interval_ms.into()),

@@ -3,8 +3,9 @@
 //! creates this replica has in flight.
 //!
 //! The counts come from the TestSessions themselves (each carries its
-//! client's address in `spec.client.address`), so every replica sees every
-//! replica's sessions without a store of its own; a replica also counts the
+//! client's address in `spec.client.address`, and the bytes each replica
+//! proxied for it in an annotation of that replica's, `traffic.rs`), so
+//! every replica sees every replica's sessions without a store of its own; a replica also counts the
 //! creates it has made that its cache does not show yet, so a burst at one
 //! replica cannot pass a limit while the watch catches up.
 
@@ -24,6 +25,9 @@ pub struct Limits {
     pub sessions_per_hour: u32,
     /// Sessions live at once.
     pub concurrent_sessions: u32,
+    /// Bytes proxied (both ways, every replica) for the sessions started in
+    /// the last hour; 0: no limit.
+    pub bytes_per_hour: u64,
 }
 
 /// One session made for the address, as seen. Times are seconds since the
@@ -33,6 +37,8 @@ pub struct Seen {
     pub created: u64,
     /// Still live (not Completed, Expired or Failed), and when it will end at the latest.
     pub live_until: Option<u64>,
+    /// Bytes the gateway's replicas have proxied for it, as they wrote on it.
+    pub bytes: u64,
 }
 
 /// Why a session may not start now, and when to try again.
@@ -80,6 +86,32 @@ pub fn admit(limits: Limits, seen: &[Seen], in_flight: u32, now: u64) -> Result<
         });
     }
     Ok(())
+}
+
+/// Whether the address's sessions of the last hour are within its bytes:
+/// `seen` as the replicas wrote them, `unwritten` what this replica has
+/// proxied since it last wrote.
+pub fn within_bytes(limits: Limits, seen: &[Seen], unwritten: u64, now: u64) -> Result<(), Refusal> {
+    if limits.bytes_per_hour == 0 {
+        return Ok(());
+    }
+    let window_start = now.saturating_sub(HOUR.as_secs());
+    let in_window: Vec<&Seen> = seen.iter().filter(|s| s.created > window_start).collect();
+    let used = in_window.iter().map(|s| s.bytes).fold(unwritten, u64::saturating_add);
+    if used < limits.bytes_per_hour {
+        return Ok(());
+    }
+    // Room comes back when the oldest session that used any leaves the window.
+    let oldest = in_window.iter().filter(|s| s.bytes > 0).map(|s| s.created).min().unwrap_or(now);
+    Err(Refusal {
+        reason: "bytes_per_hour",
+        message: format!(
+            "this address's sessions moved {} MiB in the last hour, the most they may ({} MiB)",
+            used >> 20,
+            limits.bytes_per_hour >> 20
+        ),
+        retry_after_seconds: (oldest + HOUR.as_secs()).saturating_sub(now).max(1),
+    })
 }
 
 /// How long a create this replica made counts as in flight when its
@@ -175,14 +207,41 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_800_000_000;
-    const LIMITS: Limits = Limits { sessions_per_hour: 3, concurrent_sessions: 2 };
+    const LIMITS: Limits = Limits { sessions_per_hour: 3, concurrent_sessions: 2, bytes_per_hour: 0 };
 
     fn ended(ago: u64) -> Seen {
-        Seen { created: NOW - ago, live_until: None }
+        Seen { created: NOW - ago, live_until: None, bytes: 0 }
     }
 
     fn live(ago: u64, ends_in: u64) -> Seen {
-        Seen { created: NOW - ago, live_until: Some(NOW + ends_in) }
+        Seen { created: NOW - ago, live_until: Some(NOW + ends_in), bytes: 0 }
+    }
+
+    fn moved(ago: u64, bytes: u64) -> Seen {
+        Seen { bytes, ..ended(ago) }
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_bytes_of_the_hours_sessions_and_the_unwritten_ones_count() {
+        let limits = Limits { bytes_per_hour: 100 * MIB, ..LIMITS };
+        // Under: 60 + 30 written, 9 unwritten; the session of two hours ago does not count.
+        let seen = [moved(3000, 60 * MIB), moved(100, 30 * MIB), moved(7200, 500 * MIB)];
+        assert_eq!(within_bytes(limits, &seen, 9 * MIB, NOW), Ok(()));
+        // The unwritten megabyte that reaches the limit is refused, until the
+        // oldest session that used any leaves the hour.
+        let refused = within_bytes(limits, &seen, 10 * MIB, NOW).unwrap_err();
+        assert_eq!((refused.reason, refused.retry_after_seconds), ("bytes_per_hour", 600));
+        assert!(refused.message.contains("100 MiB in the last hour"), "{}", refused.message);
+        // A session that moved nothing does not set the retry.
+        let seen = [moved(3500, 0), moved(100, 100 * MIB)];
+        assert_eq!(within_bytes(limits, &seen, 0, NOW).unwrap_err().retry_after_seconds, 3500);
+    }
+
+    #[test]
+    fn no_bytes_limit_when_it_is_zero() {
+        assert_eq!(within_bytes(LIMITS, &[moved(10, u64::MAX)], u64::MAX, NOW), Ok(()));
     }
 
     #[test]
@@ -208,7 +267,7 @@ mod tests {
     #[test]
     fn creates_in_flight_count_against_both_limits() {
         assert_eq!(admit(LIMITS, &[ended(10)], 2, NOW).unwrap_err().reason, "sessions_per_hour");
-        let limits = Limits { sessions_per_hour: 10, concurrent_sessions: 2 };
+        let limits = Limits { sessions_per_hour: 10, concurrent_sessions: 2, bytes_per_hour: 0 };
         let refused = admit(limits, &[], 2, NOW).unwrap_err();
         assert_eq!(refused.reason, "concurrent_sessions");
         assert_eq!(refused.retry_after_seconds, 60);
@@ -216,7 +275,7 @@ mod tests {
 
     #[test]
     fn the_concurrent_limit_refuses_until_the_first_live_session_ends() {
-        let limits = Limits { sessions_per_hour: 10, concurrent_sessions: 2 };
+        let limits = Limits { sessions_per_hour: 10, concurrent_sessions: 2, bytes_per_hour: 0 };
         let seen = [live(100, 40), live(50, 500), ended(30)];
         let refused = admit(limits, &seen, 0, NOW).unwrap_err();
         assert_eq!(refused.reason, "concurrent_sessions");
@@ -231,7 +290,7 @@ mod tests {
     #[test]
     fn reservations_count_until_the_cache_shows_the_session() {
         let pending = Pending::default();
-        let limits = Limits { sessions_per_hour: 10, concurrent_sessions: 2 };
+        let limits = Limits { sessions_per_hour: 10, concurrent_sessions: 2, bytes_per_hour: 0 };
         let ip: IpAddr = "203.0.113.7".parse().unwrap();
         let other: IpAddr = "203.0.113.8".parse().unwrap();
         let Ok(first) = pending.reserve(ip, limits, &[], &[], NOW) else { panic!() };
@@ -256,7 +315,7 @@ mod tests {
 
     #[test]
     fn zero_limits_refuse_everything() {
-        let limits = Limits { sessions_per_hour: 0, concurrent_sessions: 0 };
+        let limits = Limits { sessions_per_hour: 0, concurrent_sessions: 0, bytes_per_hour: 0 };
         assert_eq!(admit(limits, &[], 0, NOW).unwrap_err().reason, "sessions_per_hour");
     }
 }

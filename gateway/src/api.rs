@@ -15,6 +15,7 @@ use tidepool_crds::test_session::ClientHints;
 use tidepool_protocol::api::{CreateSession, NamespaceQuery, SessionView};
 use tidepool_protocol::names;
 
+use crate::anonymous::{Refusal, within_bytes};
 use crate::client::allowed;
 use crate::operator::{Answer, OperatorError};
 use crate::reply::{self, Refused};
@@ -37,7 +38,7 @@ async fn create_session(gateway: &Gateway, request: Request<Body>) -> Result<axu
     let client = gateway.client_address(&request)?;
     let host = host_of(&request);
     let authorization = request.headers().get(header::AUTHORIZATION).cloned();
-    let body = read_body(request.into_body(), gateway.settings.body_deadline).await?;
+    let body = read_body(request.into_body(), gateway.settings.body_deadline, MAX_CREATE_BYTES).await?;
     if let Some(authorization) = authorization {
         // A Kubernetes identity: the operator decides, as if asked directly.
         let answer = gateway.operator.relay(Method::POST, "/api/v1/sessions", authorization, body).await;
@@ -66,10 +67,13 @@ async fn create_session(gateway: &Gateway, request: Request<Body>) -> Result<axu
         return Err(Refused::new(StatusCode::FORBIDDEN, "not_allowlisted", message));
     }
     let (seen, names) = gateway.caches.sessions_for(client);
+    let too_many = |r: Refusal| {
+        Refused::new(StatusCode::TOO_MANY_REQUESTS, r.reason, r.message).retry_after(r.retry_after_seconds)
+    };
+    let unwritten = gateway.streams.unwritten(&names);
+    within_bytes(gateway.settings.anonymous, &seen, unwritten, now_unix()).map_err(too_many)?;
     let reservation =
-        gateway.pending.reserve(client, gateway.settings.anonymous, &seen, &names, now_unix()).map_err(|r| {
-            Refused::new(StatusCode::TOO_MANY_REQUESTS, r.reason, r.message).retry_after(r.retry_after_seconds)
-        })?;
+        gateway.pending.reserve(client, gateway.settings.anonymous, &seen, &names, now_unix()).map_err(too_many)?;
     // The session is made for the address the request came from, whatever
     // the body says; a client may still say where it is.
     let hints = create.client.take();
@@ -201,17 +205,18 @@ fn check_names(gateway: &Gateway, namespace: &str, name: &str) -> Result<(), Ref
     Ok(())
 }
 
-/// A create's body, whole within `deadline`: the server cuts only a body
-/// that pauses (uploads stream for long), so a small body that trickles in
-/// a byte at a time is cut here.
-async fn read_body(body: Body, deadline: std::time::Duration) -> Result<Bytes, Refused> {
+/// A small body (a create's, a routed request's that names its tier), whole
+/// within `deadline`: the server cuts only a body that pauses (uploads
+/// stream for long), so a small body that trickles in a byte at a time is
+/// cut here.
+pub async fn read_body(body: Body, deadline: std::time::Duration, limit: usize) -> Result<Bytes, Refused> {
     let slow = || Refused::new(StatusCode::REQUEST_TIMEOUT, "slow_body", "the request body came too slowly");
-    match tokio::time::timeout(deadline, Limited::new(body, MAX_CREATE_BYTES).collect()).await {
+    match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Refused::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("the body is over {MAX_CREATE_BYTES} bytes"),
+            format!("the body is over {limit} bytes"),
         )),
         // The server cut it for a pause, and counted that.
         Ok(Err(e)) if crate::proxy::caused_by_slow_body(e.as_ref()) => Err(slow().already_counted()),

@@ -114,7 +114,8 @@ fn seen_of(session: &TestSession) -> Seen {
     let ended = status.is_some_and(|s| matches!(s.phase, Phase::Completed | Phase::Expired | Phase::Failed));
     let ttl = u64::try_from(session.spec.ttl_seconds.unwrap_or(3600)).unwrap_or(3600);
     let expires = status.and_then(|s| s.expires_at.as_ref()).map_or(created + ttl, |t| unix_seconds(t.0));
-    Seen { created, live_until: (!ended).then_some(expires) }
+    let bytes = crate::traffic::proxied_bytes(session.annotations());
+    Seen { created, live_until: (!ended).then_some(expires), bytes }
 }
 
 fn unix_seconds(time: k8s_openapi::jiff::Timestamp) -> u64 {

@@ -55,6 +55,15 @@ pub struct Flags {
     /// Anonymous sessions one client address may hold at once.
     #[arg(long, env = "TIDEPOOL_GATEWAY_ANONYMOUS_CONCURRENT_SESSIONS", default_value_t = 2)]
     pub anonymous_concurrent_sessions: u32,
+    /// Mebibytes the sessions one client address started in the last hour
+    /// may move through the gateway, both ways, every replica; 0: no limit.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ANONYMOUS_MIB_PER_HOUR", default_value_t = 51_200)]
+    pub anonymous_mib_per_hour: u64,
+    /// This replica's name, unique among the replicas (the chart gives the
+    /// pod's): the bytes it proxies are written on sessions under it.
+    /// Default: the host name.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_REPLICA")]
+    pub replica: Option<String>,
     /// Streams (HTTP requests and WebSockets) one session may have open through this replica.
     #[arg(long, env = "TIDEPOOL_GATEWAY_STREAMS_PER_SESSION", default_value_t = 16)]
     pub streams_per_session: usize,
@@ -73,6 +82,33 @@ pub struct Flags {
     /// leaves it in `web/dist`); no UI when unset.
     #[arg(long, env = "TIDEPOOL_GATEWAY_UI_DIR")]
     pub ui_dir: Option<PathBuf>,
+    /// Path prefixes (comma-separated, such as `/app`) proxied to the backend
+    /// the operator's router picks for each request's tier; none when empty.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ROUTED_PATHS", value_delimiter = ',')]
+    pub routed_paths: Vec<String>,
+    /// The routed requests' tiers by name, as JSON:
+    /// `{"small": {"vcpu": 1, "memoryMiB": 2048}}`.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ROUTED_TIERS", default_value = "{}")]
+    pub routed_tiers: String,
+    /// The tier of a routed request that names none; without it, such a request is refused.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ROUTED_DEFAULT_TIER")]
+    pub routed_default_tier: Option<String>,
+    /// The header in which a routed request names its tier.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ROUTED_TIER_HEADER", default_value = "x-tidepool-tier")]
+    pub routed_tier_header: String,
+    /// The query parameter in which a routed request names its tier.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ROUTED_TIER_QUERY", default_value = "tier")]
+    pub routed_tier_query: String,
+    /// The field of a JSON body in which a routed request names its tier
+    /// (read only when the header and query name none); empty: bodies are not read.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ROUTED_TIER_FIELD", default_value = "tier")]
+    pub routed_tier_field: String,
+    /// The header whose value keeps a client on one backend (the client's address does without it).
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ROUTED_STICKY_HEADER", default_value = "x-tidepool-sticky")]
+    pub routed_sticky_header: String,
+    /// The port of a routed backend whose address names none.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_ROUTED_BACKEND_PORT", default_value_t = 80)]
+    pub routed_backend_port: u16,
     /// Connections open at once; one beyond is closed unanswered.
     #[arg(long, env = "TIDEPOOL_GATEWAY_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
@@ -85,6 +121,10 @@ pub struct Flags {
     /// A kept-alive connection with nothing coming is closed after this many seconds.
     #[arg(long, env = "TIDEPOOL_GATEWAY_IDLE_TIMEOUT_SECONDS", default_value_t = 60)]
     pub idle_timeout_seconds: u64,
+    /// A client that takes no bytes of an answer (a download, a WebSocket's
+    /// frames) for this many seconds is cut.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_WRITE_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub write_timeout_seconds: u64,
 }
 
 /// A flag that does not parse.
@@ -107,12 +147,16 @@ pub struct Settings {
     pub anonymous_allow: Vec<Cidr>,
     pub anonymous: anonymous::Limits,
     pub streams_per_session: usize,
+    /// The annotation this replica writes its bytes under (`traffic.rs`).
+    pub bytes_key: String,
     pub limits: tidepool_serve::Limits,
     /// A create's body must come in full within this.
     pub body_deadline: Duration,
     pub tls: Option<crate::tls::Files>,
     pub cors_origins: Vec<String>,
     pub ui_dir: Option<PathBuf>,
+    /// The router's reverse proxy, when paths are routed.
+    pub routes: Option<crate::routed::Routes>,
     /// Send `Strict-Transport-Security`: the gateway serves TLS, or its
     /// public URL is https (TLS ends in front of it).
     pub hsts: bool,
@@ -142,12 +186,24 @@ impl Flags {
             }
             _ => None,
         };
+        let routes = crate::routed::Routes::parse(&crate::routed::RouteFlags {
+            prefixes: &self.routed_paths,
+            tiers_json: &self.routed_tiers,
+            default_tier: self.routed_default_tier.as_deref(),
+            tier_header: &self.routed_tier_header,
+            tier_query: &self.routed_tier_query,
+            tier_field: &self.routed_tier_field,
+            sticky_header: &self.routed_sticky_header,
+            backend_port: self.routed_backend_port,
+        })
+        .map_err(|reason| BadFlag { flag: "routed-paths", reason })?;
         let https_url = self.public_url.as_deref().is_some_and(|u| u.starts_with("https://"));
         Ok(Settings {
             hsts: tls.is_some() || https_url,
             tls,
             cors_origins,
             ui_dir: self.ui_dir.clone(),
+            routes,
             operator_url: self.operator_url.trim_end_matches('/').to_string(),
             token_file: self.token_file.clone(),
             namespaces: self.namespaces.clone(),
@@ -158,7 +214,9 @@ impl Flags {
             anonymous: anonymous::Limits {
                 sessions_per_hour: self.anonymous_sessions_per_hour,
                 concurrent_sessions: self.anonymous_concurrent_sessions,
+                bytes_per_hour: self.anonymous_mib_per_hour.saturating_mul(1 << 20),
             },
+            bytes_key: crate::traffic::annotation_key(&self.replica.clone().unwrap_or_else(host_name)),
             streams_per_session: self.streams_per_session.max(1),
             body_deadline: Duration::from_secs(self.body_timeout_seconds.max(1)),
             limits: tidepool_serve::Limits {
@@ -167,9 +225,20 @@ impl Flags {
                 // Uploads stream for as long as a test runs; each pause is bounded.
                 body_timeout: tidepool_serve::BodyTimeout::Pause(Duration::from_secs(self.body_timeout_seconds.max(1))),
                 idle_timeout: Duration::from_secs(self.idle_timeout_seconds.max(1)),
+                write_timeout: Duration::from_secs(self.write_timeout_seconds.max(1)),
             },
         })
     }
+}
+
+/// The host's name: in a pod, the pod's.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "gateway".to_string())
 }
 
 #[cfg(test)]
@@ -186,6 +255,12 @@ mod tests {
         assert_eq!(settings.namespaces, ["default"]);
         assert!(settings.trusted_proxies.is_empty() && settings.anonymous_allow.is_empty());
         assert_eq!(settings.anonymous.concurrent_sessions, 2);
+        assert!(settings.routes.is_none());
+        assert_eq!(settings.anonymous.bytes_per_hour, 50 << 30);
+        let named = parse(&["--replica", "gw-1"]).settings().unwrap();
+        assert_eq!(named.bytes_key, "bytes.tidepool.dev/gw-1");
+        let routed = parse(&["--routed-paths", "/app", "--routed-tiers", r#"{"small":{"vcpu":1,"memoryMiB":64}}"#]);
+        assert_eq!(routed.settings().unwrap().routes.unwrap().prefixes, ["/app"]);
     }
 
     #[test]
@@ -198,6 +273,8 @@ mod tests {
         assert_eq!(error.flag, "session-namespace");
         let error = parse(&["--cors-origins", "https://ok.example,*"]).settings().unwrap_err();
         assert_eq!(error.flag, "cors-origins");
+        let error = parse(&["--routed-paths", "/s"]).settings().unwrap_err();
+        assert_eq!(error.flag, "routed-paths");
         // A certificate needs its key.
         assert!(Flags::try_parse_from(["tidepool-gateway", "--tls-cert-file", "/c"]).is_err());
     }

@@ -1,7 +1,8 @@
 //! `tidepool-gateway`: the one thing users reach. It serves the session API
 //! (relaying identified callers to the operator, starting anonymous
 //! sessions on public pools within per-address limits) and proxies each
-//! session's streams to the pod bound to it now (docs/gateway.md).
+//! session's streams to the pod bound to it now; and, where paths are routed,
+//! it is the resource-aware router's reverse proxy (docs/gateway.md).
 
 pub mod anonymous;
 pub mod api;
@@ -14,10 +15,12 @@ pub mod metrics;
 pub mod operator;
 pub mod proxy;
 pub mod reply;
+pub mod routed;
 pub mod seen;
 pub mod server;
 pub mod state;
 pub mod target;
 pub mod tasks;
 pub mod tls;
+pub mod traffic;
 pub mod ui;

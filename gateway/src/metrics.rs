@@ -5,11 +5,12 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     registry: Registry,
-    /// `route`: sessions, session, streams, pools, cluster, ui, other; `code`: the HTTP status.
+    /// `route`: sessions, session, streams, pools, cluster, ui, routed, other; `code`: the HTTP status.
     pub requests: IntCounterVec,
     /// `reason`: why a request or connection was refused.
     pub refusals: IntCounterVec,
-    /// Bytes proxied to session pods (`to_pod`) and back (`to_client`).
+    /// Bytes proxied to session pods (`to_pod`) and back (`to_client`), and
+    /// to routed backends (`to_backend`) and back (`from_backend`).
     pub proxied_bytes: IntCounterVec,
     /// Streams (proxied requests and WebSockets) open now.
     pub open_streams: IntGauge,
@@ -43,7 +44,7 @@ impl Metrics {
             counter_vec("tidepool_gateway_refusals_total", "Requests and connections refused, by reason", &["reason"])?;
         let proxied_bytes = counter_vec(
             "tidepool_gateway_proxied_bytes_total",
-            "Bytes proxied between clients and session pods",
+            "Bytes proxied between clients and session pods or routed backends",
             &["direction"],
         )?;
         let open_streams = gauge("tidepool_gateway_open_streams", "Proxied requests and WebSockets open now")?;
@@ -57,7 +58,7 @@ impl Metrics {
             IntCounter::new("tidepool_gateway_anonymous_sessions_total", "Anonymous sessions started")?;
         registry.register(Box::new(anonymous_sessions.clone()))?;
         // Every direction from the start, so rates work before the first byte.
-        for direction in ["to_pod", "to_client"] {
+        for direction in ["to_pod", "to_client", "to_backend", "from_backend"] {
             proxied_bytes.with_label_values(&[direction]);
         }
         Ok(Self {

@@ -4,10 +4,10 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -17,6 +17,7 @@ use http_body::{Frame, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
+use kube::ResourceExt;
 use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -29,7 +30,7 @@ use crate::target::{self, NoTarget, Target};
 pub const PREFIX: &str = "/s";
 /// The pod's answer must start within this (a download's first bytes
 /// come at once; an upload is answered after its body).
-const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(90);
+pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(90);
 /// The header that carries the binding ticket to the pod.
 const BINDING: HeaderName = HeaderName::from_static("x-tidepool-binding");
 
@@ -43,9 +44,10 @@ pub fn pod_client() -> PodClient {
     Client::builder(hyper_util::rt::TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector)
 }
 
-/// Streams open per session on this replica, and the sessions whose last
+/// Streams open per session on this replica, the sessions whose last
 /// stream closed since they were last looked at (for the sightings the
-/// gateway writes, `seen.rs`).
+/// gateway writes, `seen.rs`), and the bytes proxied for each session (for
+/// the bytes the gateway writes, `traffic.rs`).
 #[derive(Default)]
 pub struct OpenStreams(Mutex<Streams>);
 
@@ -53,7 +55,25 @@ pub struct OpenStreams(Mutex<Streams>);
 struct Streams {
     open: HashMap<String, (usize, SessionRef)>,
     closed: Vec<SessionRef>,
+    /// By session UID.
+    tallies: HashMap<String, Tally>,
 }
+
+/// What this replica has proxied for one session, and how much of it is
+/// written on the session.
+struct Tally {
+    session: SessionRef,
+    counted: Arc<AtomicU64>,
+    written: u64,
+    written_at: Option<Instant>,
+    /// Since when it has had nothing to write and no stream open.
+    idle_since: Option<Instant>,
+}
+
+/// A session's tally is forgotten this long after its last byte was
+/// written and its last stream closed (by then the watch cache holds the
+/// written figure, which seeds a new tally).
+const FORGET_TALLY_AFTER: Duration = Duration::from_secs(600);
 
 /// A session as the streams know it: its UID, namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,8 +84,10 @@ pub struct SessionRef {
 }
 
 impl OpenStreams {
-    /// Takes a place for one more stream of `session`, unless it has `cap` already.
-    fn open(self: &Arc<Self>, session: &SessionRef, cap: usize, gauge: IntGauge) -> Option<StreamGuard> {
+    /// Takes a place for one more stream of `session`, unless it has `cap`
+    /// already. `written`: the bytes this replica last wrote on the session
+    /// (from the cache), where a new tally starts.
+    fn open(self: &Arc<Self>, session: &SessionRef, cap: usize, gauge: IntGauge, written: u64) -> Option<StreamGuard> {
         let mut streams = self.0.lock().ok()?;
         let (count, _) = streams.open.entry(session.sid.clone()).or_insert_with(|| (0, session.clone()));
         if *count >= cap {
@@ -73,7 +95,62 @@ impl OpenStreams {
         }
         *count += 1;
         gauge.inc();
-        Some(StreamGuard { streams: self.clone(), sid: session.sid.clone(), gauge })
+        let tally = streams.tallies.entry(session.sid.clone()).or_insert_with(|| Tally {
+            session: session.clone(),
+            counted: Arc::new(AtomicU64::new(written)),
+            written,
+            written_at: None,
+            idle_since: None,
+        });
+        let bytes = tally.counted.clone();
+        Some(StreamGuard { streams: self.clone(), sid: session.sid.clone(), gauge, bytes })
+    }
+
+    /// Bytes this replica proxied for the sessions named (`namespace/name`)
+    /// and has not written yet.
+    pub fn unwritten(&self, names: &[String]) -> u64 {
+        let Ok(streams) = self.0.lock() else { return 0 };
+        streams
+            .tallies
+            .values()
+            .filter(|t| names.iter().any(|n| *n == format!("{}/{}", t.session.namespace, t.session.name)))
+            .map(|t| t.counted.load(Ordering::Relaxed).saturating_sub(t.written))
+            .fold(0, u64::saturating_add)
+    }
+
+    /// The tallies to write now: those with unwritten bytes, written no
+    /// sooner than `spacing` after the last write, or at once when the
+    /// session has no stream open here. Tallies long settled are forgotten.
+    pub fn bytes_due(&self, now: Instant, spacing: Duration) -> Vec<(SessionRef, u64)> {
+        let Ok(mut streams) = self.0.lock() else { return Vec::new() };
+        let Streams { open, tallies, .. } = &mut *streams;
+        let mut due = Vec::new();
+        tallies.retain(|sid, tally| {
+            let counted = tally.counted.load(Ordering::Relaxed);
+            let streaming = open.contains_key(sid);
+            if counted == tally.written && !streaming {
+                let idle = *tally.idle_since.get_or_insert(now);
+                return now.duration_since(idle) < FORGET_TALLY_AFTER;
+            }
+            tally.idle_since = None;
+            if counted != tally.written
+                && (!streaming || tally.written_at.is_none_or(|at| now.duration_since(at) >= spacing))
+            {
+                due.push((tally.session.clone(), counted));
+            }
+            true
+        });
+        due
+    }
+
+    /// `written` bytes of session `sid` are on the session now.
+    pub fn bytes_written(&self, sid: &str, written: u64, now: Instant) {
+        if let Ok(mut streams) = self.0.lock()
+            && let Some(tally) = streams.tallies.get_mut(sid)
+        {
+            tally.written = tally.written.max(written);
+            tally.written_at = Some(now);
+        }
     }
 
     /// How many streams session `sid` has open here.
@@ -96,6 +173,8 @@ pub struct StreamGuard {
     streams: Arc<OpenStreams>,
     sid: String,
     gauge: IntGauge,
+    /// The session's tally of bytes proxied.
+    bytes: Arc<AtomicU64>,
 }
 
 impl Drop for StreamGuard {
@@ -136,9 +215,15 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
         namespace: target.claims.ns.clone(),
         name: target.claims.name.clone(),
     };
+    within_bytes(gateway, &session)?;
+    let written = gateway
+        .caches
+        .session(&session.namespace, &session.name)
+        .and_then(|s| s.annotations().get(&gateway.settings.bytes_key)?.parse().ok())
+        .unwrap_or(0);
     let guard = gateway
         .streams
-        .open(&session, gateway.settings.streams_per_session, gateway.metrics.open_streams.clone())
+        .open(&session, gateway.settings.streams_per_session, gateway.metrics.open_streams.clone(), written)
         .ok_or_else(|| {
             Refused::new(StatusCode::TOO_MANY_REQUESTS, "streams_per_session", "this session has too many streams open")
                 .retry_after(1)
@@ -169,7 +254,7 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
     let mut upstream = Request::builder()
         .method(parts.method)
         .uri(uri)
-        .body(Counted::new(body, to_pod.clone(), None).telling(body_ended.clone()))
+        .body(Counted::new(body, to_pod.clone(), None).tallying(guard.bytes.clone()).telling(body_ended.clone()))
         .map_err(|_| internal())?;
     *upstream.headers_mut() = headers;
 
@@ -189,7 +274,7 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
     if let Some(client_upgrade) = client_upgrade
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {
-        return Ok(join_upgraded(client_upgrade, response, to_pod, to_client, guard));
+        return Ok(join_upgraded(client_upgrade, response, to_pod, to_client, Some(guard)));
     }
     let (parts, body) = response.into_parts();
     let mut answer = Response::new(Body::new(Counted::new(body, to_client, Some(guard))));
@@ -204,7 +289,7 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
 /// connection (the rest of the body is unread), and without the header the
 /// client would put it back in its pool, and its next request there would
 /// meet the reset that the unread bytes bring.
-fn answer_headers(pod: &HeaderMap, request_body_ended: bool) -> HeaderMap {
+pub fn answer_headers(pod: &HeaderMap, request_body_ended: bool) -> HeaderMap {
     let mut headers = forwarded_headers(pod, false);
     if !request_body_ended {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -222,6 +307,25 @@ pub fn caused_by_slow_body(error: &(dyn std::error::Error + 'static)) -> bool {
         cause = error.source();
     }
     false
+}
+
+/// An anonymous client's sessions stay within its bytes per hour: a new
+/// stream of a session on a public pool is refused once the address's
+/// sessions of the hour have moved that much (a stream already open runs
+/// on; the session pod bounds each one).
+fn within_bytes(gateway: &Gateway, session: &SessionRef) -> Result<(), Refused> {
+    let limits = gateway.settings.anonymous;
+    if limits.bytes_per_hour == 0 {
+        return Ok(());
+    }
+    let Some(found) = gateway.caches.session(&session.namespace, &session.name) else { return Ok(()) };
+    let public = gateway.caches.pool(&session.namespace, &found.spec.pool).is_some_and(|p| p.spec.public);
+    let address = found.spec.client.as_ref().and_then(|c| c.address.as_deref()).and_then(|a| a.parse().ok());
+    let (true, Some(address)) = (public, address) else { return Ok(()) };
+    let (seen, names) = gateway.caches.sessions_for(crate::client::canonical(address));
+    crate::anonymous::within_bytes(limits, &seen, gateway.streams.unwritten(&names), now_unix()).map_err(|r| {
+        Refused::new(StatusCode::TOO_MANY_REQUESTS, r.reason, r.message).retry_after(r.retry_after_seconds)
+    })
 }
 
 /// The session the token names, checked and routed (see [`target::decide`]).
@@ -286,7 +390,7 @@ fn pod_uri(target: &Target, uri: &Uri) -> Result<Uri, Refused> {
 }
 
 /// Whether the client asks to switch protocols (a WebSocket).
-fn wants_upgrade(headers: &HeaderMap) -> bool {
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers
             .get_all(header::CONNECTION)
@@ -300,7 +404,7 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// those the `Connection` header names) stay on their hop, except the
 /// upgrade's own pair when the connection is being upgraded; the client's
 /// credentials and forwarding claims are replaced by the gateway's.
-fn forwarded_headers(headers: &HeaderMap, upgrade: bool) -> HeaderMap {
+pub fn forwarded_headers(headers: &HeaderMap, upgrade: bool) -> HeaderMap {
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -338,19 +442,21 @@ fn forwarded_headers(headers: &HeaderMap, upgrade: bool) -> HeaderMap {
     out
 }
 
-/// Answers the client's upgrade with the pod's 101 and joins the two
-/// upgraded connections byte for byte, until either side closes.
-fn join_upgraded(
+/// Answers the client's upgrade with the upstream's 101 (a pod's or a
+/// routed backend's) and joins the two upgraded connections byte for byte,
+/// until either side closes.
+pub fn join_upgraded(
     client: hyper::upgrade::OnUpgrade,
     mut response: Response<hyper::body::Incoming>,
-    to_pod: IntCounter,
+    to_upstream: IntCounter,
     to_client: IntCounter,
-    guard: StreamGuard,
+    guard: Option<StreamGuard>,
 ) -> Response<Body> {
     let pod = hyper::upgrade::on(&mut response);
     let mut answer = Response::new(Body::empty());
     *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *answer.headers_mut() = forwarded_headers(response.headers(), true);
+    let tally = guard.as_ref().map(|g| g.bytes.clone());
     tokio::spawn(async move {
         let _guard = guard;
         let (client, pod) = match tokio::try_join!(client, pod) {
@@ -360,8 +466,8 @@ fn join_upgraded(
                 return;
             }
         };
-        let mut client = CountedIo { inner: TokioIo::new(client), read: to_pod };
-        let mut pod = CountedIo { inner: TokioIo::new(pod), read: to_client };
+        let mut client = CountedIo { inner: TokioIo::new(client), read: to_upstream, tally: tally.clone() };
+        let mut pod = CountedIo { inner: TokioIo::new(pod), read: to_client, tally };
         // Either side closing ends both; the error says only which went first.
         let _ = tokio::io::copy_bidirectional(&mut client, &mut pod).await;
     });
@@ -373,18 +479,27 @@ fn join_upgraded(
 pub struct Counted<B> {
     inner: B,
     bytes: IntCounter,
+    /// The session's tally, when the body is a session's.
+    tally: Option<Arc<AtomicU64>>,
     _guard: Option<StreamGuard>,
     /// Set once the body has given its last frame.
     ended: Option<Arc<AtomicBool>>,
 }
 
 impl<B: http_body::Body> Counted<B> {
-    fn new(inner: B, bytes: IntCounter, guard: Option<StreamGuard>) -> Self {
-        Self { inner, bytes, _guard: guard, ended: None }
+    pub fn new(inner: B, bytes: IntCounter, guard: Option<StreamGuard>) -> Self {
+        let tally = guard.as_ref().map(|g| g.bytes.clone());
+        Self { inner, bytes, tally, _guard: guard, ended: None }
+    }
+
+    /// Also adds what passes to a session's tally.
+    pub fn tallying(mut self, tally: Arc<AtomicU64>) -> Self {
+        self.tally = Some(tally);
+        self
     }
 
     /// Also tells `ended` when the body is done (at once for an empty one).
-    fn telling(mut self, ended: Arc<AtomicBool>) -> Self {
+    pub fn telling(mut self, ended: Arc<AtomicBool>) -> Self {
         if self.inner.is_end_stream() {
             ended.store(true, Ordering::Relaxed);
         }
@@ -406,6 +521,9 @@ where
             && let Some(data) = frame.data_ref()
         {
             self.bytes.inc_by(data.len() as u64);
+            if let Some(tally) = &self.tally {
+                tally.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
         }
         // A sender may stop polling once the body says it has ended.
         if let Some(ended) = &self.ended
@@ -429,6 +547,7 @@ where
 struct CountedIo<T> {
     inner: T,
     read: IntCounter,
+    tally: Option<Arc<AtomicU64>>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {
@@ -437,6 +556,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
         self.read.inc_by(read as u64);
+        if let Some(tally) = &self.tally {
+            tally.fetch_add(read as u64, Ordering::Relaxed);
+        }
         polled
     }
 }
@@ -560,6 +682,41 @@ mod tests {
         assert_eq!(token_of(&request("/s/ws", None)), None);
     }
 
+    #[test]
+    fn a_sessions_bytes_are_written_spaced_at_once_when_its_streams_close_and_then_forgotten() {
+        let streams = Arc::new(OpenStreams::default());
+        let gauge = IntGauge::new("g", "g").unwrap();
+        let spacing = Duration::from_secs(5);
+        let start = Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        // A tally starts where this replica's last write left it.
+        let stream = streams.open(&session("a"), 2, gauge.clone(), 1000).unwrap();
+        assert!(streams.bytes_due(at(0), spacing).is_empty());
+        stream.bytes.fetch_add(500, Ordering::Relaxed);
+        assert_eq!(streams.unwritten(&["default/s-a".into()]), 500);
+        assert_eq!(streams.unwritten(&["default/s-b".into()]), 0);
+        // Due at once the first time, then not before the spacing.
+        assert_eq!(streams.bytes_due(at(1), spacing), [(session("a"), 1500)]);
+        streams.bytes_written("a", 1500, at(1));
+        assert_eq!(streams.unwritten(&["default/s-a".into()]), 0);
+        stream.bytes.fetch_add(1, Ordering::Relaxed);
+        assert!(streams.bytes_due(at(2), spacing).is_empty());
+        assert_eq!(streams.bytes_due(at(6), spacing), [(session("a"), 1501)]);
+        // Its last stream closed: due at once.
+        streams.bytes_written("a", 1501, at(6));
+        stream.bytes.fetch_add(9, Ordering::Relaxed);
+        drop(stream);
+        assert_eq!(streams.bytes_due(at(7), spacing), [(session("a"), 1510)]);
+        streams.bytes_written("a", 1510, at(7));
+        // Settled: kept a while (a new stream carries on the same tally), then forgotten.
+        assert!(streams.bytes_due(at(8), spacing).is_empty());
+        let again = streams.open(&session("a"), 2, gauge.clone(), 0).unwrap();
+        assert_eq!(again.bytes.load(Ordering::Relaxed), 1510);
+        drop(again);
+        assert!(streams.bytes_due(at(8 + 601), spacing).is_empty());
+        assert!(streams.0.lock().unwrap().tallies.is_empty());
+    }
+
     fn session(sid: &str) -> SessionRef {
         SessionRef { sid: sid.into(), namespace: "default".into(), name: format!("s-{sid}") }
     }
@@ -568,10 +725,10 @@ mod tests {
     fn a_session_holds_at_most_its_cap_of_streams_and_gets_them_back() {
         let streams = Arc::new(OpenStreams::default());
         let gauge = IntGauge::new("g", "g").unwrap();
-        let first = streams.open(&session("a"), 2, gauge.clone()).unwrap();
-        let second = streams.open(&session("a"), 2, gauge.clone()).unwrap();
-        assert!(streams.open(&session("a"), 2, gauge.clone()).is_none());
-        assert!(streams.open(&session("b"), 2, gauge.clone()).is_some());
+        let first = streams.open(&session("a"), 2, gauge.clone(), 0).unwrap();
+        let second = streams.open(&session("a"), 2, gauge.clone(), 0).unwrap();
+        assert!(streams.open(&session("a"), 2, gauge.clone(), 0).is_none());
+        assert!(streams.open(&session("b"), 2, gauge.clone(), 0).is_some());
         assert_eq!((streams.of("a"), gauge.get()), (2, 2));
         // a is open; b opened and closed.
         assert_eq!(streams.sightings(), (vec![session("a")], vec![session("b")]));

@@ -1,4 +1,4 @@
-//! Sightings of clients: the gateway writes on each session it serves when
+//! Sightings of clients, and the bytes proxied: the gateway writes on each session it serves when
 //! its client last had a stream open (`tidepool.dev/client-seen`), so the
 //! operator can release the session of a client that went away, on the
 //! pool's `releaseWhenClientGoneSeconds`. Every replica writes for the
@@ -49,7 +49,20 @@ pub async fn write(client: &kube::Client, namespace: &str, name: &str) -> Result
     api.patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch)).await.map(|_| ())
 }
 
-/// Writes sightings for as long as the gateway runs.
+/// Writes `bytes` as this replica's figure (`key`) on `namespace/name`.
+pub async fn write_bytes(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    bytes: u64,
+) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({ "metadata": { "annotations": { key: bytes.to_string() } } });
+    let api: Api<TestSession> = Api::namespaced(client.clone(), namespace);
+    api.patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch)).await.map(|_| ())
+}
+
+/// Writes sightings, and the bytes proxied, for as long as the gateway runs.
 pub async fn keep_writing(gateway: Arc<Gateway>) {
     let mut written: HashMap<String, Instant> = HashMap::new();
     let mut ticks = tokio::time::interval(TICK);
@@ -77,6 +90,15 @@ pub async fn keep_writing(gateway: Arc<Gateway>) {
                 // A session deleted meanwhile, or the API server away: the
                 // next tick tries again while its streams are open.
                 Err(e) => tracing::debug!(error = %e, session = %session.name, "cannot write a sighting"),
+            }
+        }
+        for (session, bytes) in gateway.streams.bytes_due(now, MIN_SPACING) {
+            let key = &gateway.settings.bytes_key;
+            match write_bytes(&gateway.kube, &session.namespace, &session.name, key, bytes).await {
+                Ok(()) => gateway.streams.bytes_written(&session.sid, bytes, now),
+                // Tried again at the next tick; a session deleted meanwhile is
+                // forgotten once its streams close.
+                Err(e) => tracing::debug!(error = %e, session = %session.name, "cannot write the bytes proxied"),
             }
         }
     }

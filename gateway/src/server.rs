@@ -16,11 +16,15 @@ use tokio::net::TcpListener;
 
 use crate::reply::{self, Refused};
 use crate::state::{Gateway, Peer};
-use crate::{api, cluster, cors, proxy};
+use crate::{api, cluster, cors, proxy, routed};
 
 /// The users' routes.
 pub fn public_router(gateway: Arc<Gateway>) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    for prefix in gateway.settings.routes.iter().flat_map(|r| &r.prefixes) {
+        router = router.route(prefix, any(routed::forward)).route(&format!("{prefix}/{{*rest}}"), any(routed::forward));
+    }
+    router
         .route("/api/v1/pools", get(public_pools))
         .route(tidepool_protocol::cluster::CLUSTER_PATH, get(cluster::view))
         .route("/api/v1/sessions", post(api::create))

@@ -56,6 +56,7 @@ async fn the_certificate_is_served_reloaded_when_its_files_change_and_kept_when_
         header_timeout: Duration::from_millis(500),
         body_timeout: BodyTimeout::Whole(Duration::from_secs(5)),
         idle_timeout: Duration::from_secs(5),
+        write_timeout: Duration::from_secs(5),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

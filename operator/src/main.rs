@@ -177,6 +177,10 @@ struct ServerArgs {
     /// Seconds a connection may sit between requests with nothing coming.
     #[arg(long, env = "TIDEPOOL_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout_seconds: u64,
+    /// Seconds a client may take no bytes of an answer (the cluster view's
+    /// event stream) before it is cut.
+    #[arg(long, env = "TIDEPOOL_WRITE_TIMEOUT", default_value_t = 60)]
+    write_timeout_seconds: u64,
 }
 
 impl ServerArgs {
@@ -187,6 +191,7 @@ impl ServerArgs {
             // Bodies here are small (256 KiB at most): the whole must come in time.
             body_timeout: tidepool_serve::BodyTimeout::Whole(Duration::from_secs(self.body_timeout_seconds.max(1))),
             idle_timeout: Duration::from_secs(self.idle_timeout_seconds.max(1)),
+            write_timeout: Duration::from_secs(self.write_timeout_seconds.max(1)),
         }
     }
 }

@@ -766,3 +766,333 @@ async fn browser_and_cli_on(path: &tidepool_tests::netns::ShapedPath, queue_ms: 
     assert_eq!(grade(results), grade(cli_results), "{queue_ms} ms buffer: browser {results}\nCLI {cli_results}");
     grade(results).unwrap_or_default()
 }
+
+/// An application behind the router's reverse proxy: a server on loopback
+/// that says who it is and what it was sent, streams server-sent events
+/// (the second only once the test says so), and echoes a WebSocket.
+struct App {
+    port: u16,
+    /// Lets the event stream send its second event.
+    release: std::sync::Arc<tokio::sync::Notify>,
+}
+
+async fn start_app(name: &'static str) -> App {
+    use axum::body::{Body, Bytes};
+    use axum::extract::ws::{Message as WsMessage, WebSocketUpgrade};
+    use axum::http::{HeaderMap, Method, Uri};
+    use axum::routing::{any, get};
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let echo = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| async move {
+        let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        axum::Json(json!({
+            "backend": name, "method": method.as_str(), "path": uri.path(), "query": uri.query(),
+            "authorization": header("authorization"), "forwardedFor": header("x-forwarded-for"),
+            "body": String::from_utf8_lossy(&body),
+        }))
+    };
+    let released = release.clone();
+    let events = move || async move {
+        let stream = futures_util::stream::unfold(0, move |step| {
+            let released = released.clone();
+            async move {
+                match step {
+                    0 => Some((Ok::<_, std::io::Error>(Bytes::from_static(b"data: one\n\n")), 1)),
+                    1 => {
+                        released.notified().await;
+                        Some((Ok(Bytes::from_static(b"data: two\n\n")), 2))
+                    }
+                    _ => None,
+                }
+            }
+        });
+        ([("content-type", "text/event-stream")], Body::from_stream(stream))
+    };
+    let ws = |upgrade: WebSocketUpgrade| async move {
+        upgrade.on_upgrade(|mut socket| async move {
+            while let Some(Ok(message)) = socket.recv().await {
+                if let WsMessage::Text(text) = message
+                    && socket.send(WsMessage::Text(text)).await.is_err()
+                {
+                    break;
+                }
+            }
+        })
+    };
+    let app =
+        axum::Router::new().route("/app/echo", any(echo)).route("/app/events", get(events)).route("/app/ws", get(ws));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    App { port, release }
+}
+
+/// The reports an external backend's agent would send: `cores` percent busy
+/// on each of 64 cores and `memory` percent of 16 GiB used, in a 1 s window
+/// (so the router's pending picks clear within a second or two).
+fn external_report(backend: &str, seq: u64, (cores, memory): (f32, u64)) -> tidepool_wire::report::AgentReport {
+    use tidepool_wire::report::{AgentReport, Capacity, ReportKind, Window};
+    let total: u64 = 16 << 30;
+    let capacity = Capacity { cores: 64, memory_bytes: total, disk_bytes: 1 << 40, gpus: vec![] };
+    let window = Window {
+        seconds: 1,
+        samples: 4,
+        cores: vec![cores; 64],
+        memory_used_bytes: total / 100 * memory,
+        ..Window::default()
+    };
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    // Where the agent says it is: the admin's Backend address wins.
+    let address = Some("agent.example:443".to_string());
+    let report = AgentReport::new(backend, ReportKind::External, capacity, vec![window]);
+    AgentReport { seq, sampled_at_ms: now_ms, interval_ms: 250, address, ..report }
+}
+
+/// The router's reverse proxy on the harness: two applications on loopback
+/// registered as external Backends, their load reported through the
+/// operator's API as their agents would, and the gateway routing `/app` by
+/// the request's tier (header, query or JSON body field) and sticky key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_paths_reach_the_backend_the_router_picks_for_the_tier_and_keep_a_sticky_key_there() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use tidepool_crds::Backend;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start(1).await;
+    let report_token =
+        cluster.plane.service_account_token("default", "tidepool-agent", "tidepool", None).await.unwrap();
+    let operator = cluster
+        .operator(
+            "operator-0",
+            &[
+                "--no-agent-daemonset",
+                "--allow-local-backend-addresses",
+                "--health-probe-interval-seconds=2",
+                "--health-probe-timeout-seconds=1",
+            ],
+        )
+        .await;
+    let (a, b) = (start_app("app-a").await, start_app("app-b").await);
+    let backends: Api<Backend> = Api::all(cluster.client.clone());
+    for (name, app) in [("app-a", &a), ("app-b", &b)] {
+        let backend: Backend = serde_json::from_value(json!({
+            "apiVersion": tidepool_crds::API_VERSION, "kind": "Backend",
+            "metadata": { "name": name },
+            "spec": { "kind": "external", "address": format!("127.0.0.1:{}", app.port),
+                      "healthCheck": { "type": "tcp", "port": app.port, "intervalSeconds": 2, "timeoutSeconds": 1 } }
+        }))
+        .unwrap();
+        backends.create(&Default::default(), &backend).await.unwrap();
+    }
+    // a: idle cores, but 70 % of its memory used (4.8 GiB free); b: busier
+    // cores, memory free. Small requests go to a; one that needs 6 GiB to b.
+    let loads = Arc::new(Mutex::new(HashMap::from([("app-a", (2.0, 70)), ("app-b", (78.0, 5))])));
+    let reporter = {
+        let (loads, url, token) = (loads.clone(), format!("{}/api/v1/agents/report", operator.url), report_token);
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for seq in 1.. {
+                let now: Vec<(&str, (f32, u64))> = loads.lock().unwrap().iter().map(|(k, v)| (*k, *v)).collect();
+                for (name, load) in now {
+                    let report = external_report(name, seq, load);
+                    // The operator stopping at the test's end is not a failure.
+                    let Ok(sent) = http.post(&url).bearer_auth(&token).json(&report).send().await else { return };
+                    assert!(sent.status().is_success(), "report for {name}: {}", sent.text().await.unwrap());
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    for name in ["app-a", "app-b"] {
+        eventually(Duration::from_secs(30), &format!("Backend {name} healthy"), || async {
+            let backend = backends.get(name).await.ok()?;
+            (backend.status?.health == tidepool_crds::backend::Health::Healthy).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    let tiers = r#"--routed-tiers={"small":{"vcpu":1,"memoryMiB":64},"large":{"vcpu":1,"memoryMiB":6144},"gpu":{"vcpu":1,"memoryMiB":64,"gpus":1}}"#;
+    let extra = ["--routed-paths=/app".to_string(), tiers.to_string()];
+    let gateway = start_gateway_with(&cluster, &operator.url, "gateway", &extra).await;
+
+    let http = reqwest::Client::new();
+    let ask = |path: &str, tier: Option<&str>, sticky: Option<&str>| {
+        let mut request = http.get(format!("{}{path}", gateway.url)).bearer_auth("the-apps-own-token");
+        if let Some(tier) = tier {
+            request = request.header("x-tidepool-tier", tier);
+        }
+        if let Some(sticky) = sticky {
+            request = request.header("x-tidepool-sticky", sticky);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let backend = response.headers().get("x-tidepool-backend").map(|v| v.to_str().unwrap().to_string());
+            (status, backend, response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // The tier in a header; the path, query, method and the app's own
+    // credentials reach the app; the gateway says who the client is.
+    let (status, backend, seen) = ask("/app/echo?x=1", Some("small"), Some("alice")).await;
+    assert_eq!((status, backend.as_deref()), (200, Some("app-a")), "{seen}");
+    assert_eq!(
+        (&seen["backend"], &seen["method"], &seen["path"], &seen["query"]),
+        (&json!("app-a"), &json!("GET"), &json!("/app/echo"), &json!("x=1")),
+        "{seen}"
+    );
+    assert_eq!(seen["authorization"], "Bearer the-apps-own-token");
+    assert_eq!(seen["forwardedFor"], "127.0.0.1");
+    // 6 GiB fits only b.
+    let (status, backend, seen) = ask("/app/echo", Some("large"), Some("alice")).await;
+    assert_eq!((status, backend.as_deref()), (200, Some("app-b")), "{seen}");
+    // The tier in the query.
+    let (status, backend, _) = ask("/app/echo?tier=small", None, Some("carol")).await;
+    assert_eq!((status, backend.as_deref()), (200, Some("app-a")));
+    // The tier in a JSON body, which reaches the app whole.
+    let body = json!({ "tier": "large", "payload": "x".repeat(1000) }).to_string();
+    let response = http
+        .post(format!("{}/app/echo", gateway.url))
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let seen: Value = response.json().await.unwrap();
+    assert_eq!(
+        (&seen["backend"], &seen["method"], seen["body"].as_str()),
+        (&json!("app-b"), &json!("POST"), Some(body.as_str()))
+    );
+
+    // No backend has a GPU: a 503 that says when to retry.
+    let response = http.get(format!("{}/app/echo", gateway.url)).header("x-tidepool-tier", "gpu").send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let refused: Value = response.json().await.unwrap();
+    assert!(refused["error"].as_str().unwrap().contains("no backend has room for tier gpu"), "{refused}");
+    // Requests that name no tier, an unknown one, a bad sticky key, or an
+    // overlong JSON body with the tier inside are refused and reach no app.
+    let refusals = [
+        (ask("/app/echo", None, None).await, 400, "name a tier"),
+        (ask("/app/echo", Some("huge"), None).await, 400, "not one this gateway routes"),
+        (ask("/app/echo?tier=huge", None, None).await, 400, "not one this gateway routes"),
+        (ask("/app/echo", Some("small"), Some(&"k".repeat(300))).await, 400, "x-tidepool-sticky"),
+    ];
+    for ((status, backend, body), code, says) in refusals {
+        assert_eq!((status, backend), (code, None), "{body}");
+        assert!(body["error"].as_str().unwrap().contains(says), "{body}");
+    }
+    let huge = json!({ "tier": "small", "payload": "x".repeat(100_000) }).to_string();
+    let response = http
+        .post(format!("{}/app/echo", gateway.url))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    // A path that only begins like the prefix is not routed.
+    let (status, backend, _) = ask("/apple", Some("small"), None).await;
+    assert_eq!((status, backend), (404, None));
+
+    // The loads turn round: new keys go to b now, and alice's small
+    // requests stay with a, where her key has been.
+    *loads.lock().unwrap() = HashMap::from([("app-a", (78.0, 70)), ("app-b", (2.0, 5))]);
+    let mut attempt = 0;
+    eventually(Duration::from_secs(20), "a new key routed to b", || {
+        attempt += 1;
+        let key = format!("dave-{attempt}");
+        let ask = &ask;
+        async move { (ask("/app/echo", Some("small"), Some(&key)).await.1.as_deref() == Some("app-b")).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let (status, backend, _) = ask("/app/echo", Some("small"), Some("alice")).await;
+    assert_eq!((status, backend.as_deref()), (200, Some("app-a")), "alice's key stays with a");
+
+    // Server-sent events come as they are sent: the first before the app sends the second.
+    let mut events = http
+        .get(format!("{}/app/events", gateway.url))
+        .header("x-tidepool-tier", "small")
+        .header("x-tidepool-sticky", "alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let first = tokio::time::timeout(Duration::from_secs(10), events.chunk()).await.expect("the first event came");
+    assert_eq!(first.unwrap().unwrap(), "data: one\n\n");
+    a.release.notify_one();
+    let rest = tokio::time::timeout(Duration::from_secs(10), events.text()).await.unwrap().unwrap();
+    assert_eq!(rest, "data: two\n\n");
+
+    // A WebSocket, through to the app and back.
+    let ws_url = format!("{}/app/ws?tier=small", gateway.url.replace("http://", "ws://"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    socket.send(Message::Text("ping 1".into())).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(10), socket.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(echoed, Message::Text("ping 1".into()));
+    drop(socket);
+
+    assert!(metric(&gateway, r#"tidepool_gateway_requests_total{code="200",route="routed"}"#).await >= 7.0);
+    assert_eq!(metric(&gateway, r#"tidepool_gateway_refusals_total{reason="unknown_tier"}"#).await, 2.0);
+    assert_eq!(metric(&gateway, r#"tidepool_gateway_refusals_total{reason="no_backend"}"#).await, 1.0);
+    assert!(metric(&gateway, r#"tidepool_gateway_proxied_bytes_total{direction="to_backend"}"#).await >= 1000.0);
+    assert!(metric(&gateway, r#"tidepool_gateway_proxied_bytes_total{direction="from_backend"}"#).await > 0.0);
+    reporter.abort();
+    drop(b);
+}
+
+/// The bytes one address's sessions may move in an hour are counted over
+/// every replica: each writes what it proxied on the session under its own
+/// name, and the other reads it from its watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_addresss_bytes_per_hour_are_shared_by_the_replicas() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let pools = [("open", 3, json!({ "public": true }))];
+    let limits = |replica: &str| {
+        vec![
+            "--anonymous-mib-per-hour=4".to_string(),
+            "--anonymous-concurrent-sessions=3".to_string(),
+            format!("--replica={replica}"),
+        ]
+    };
+    let Stage { cluster, operator, gateway, _runner } = stage_with(&[], &pools, &limits("gateway-1")).await;
+    let second = start_gateway_with(&cluster, &operator.url, "gateway-2", &limits("gateway-2")).await;
+    let sessions: Api<TestSession> = Api::namespaced(cluster.client.clone(), "default");
+
+    let (status, view, _) = post(&gateway.url, None, json!({ "pool": "open" })).await;
+    assert_eq!(status, 201, "{view}");
+    let (name, token) = (view["name"].as_str().unwrap().to_string(), view["token"].as_str().unwrap().to_string());
+    // A second of download through the first replica: far more than 4 MiB.
+    let download =
+        reqwest::Client::new().get(format!("{}/s/download?seconds=1", gateway.url)).bearer_auth(&token).send().await;
+    let downloaded = download.unwrap().bytes().await.unwrap().len() as u64;
+    assert!(downloaded > 4 << 20, "a second of download gave {downloaded} bytes");
+    // The first replica writes what it proxied on the session, under its name.
+    let written = eventually(Duration::from_secs(20), "the first replica's bytes on the session", || async {
+        let session = sessions.get(&name).await.ok()?;
+        let value: u64 = session.metadata.annotations?.get("bytes.tidepool.dev/gateway-1")?.parse().ok()?;
+        (value >= downloaded).then_some(value)
+    })
+    .await
+    .unwrap();
+    assert!(written < downloaded + (64 << 10), "{written} written for {downloaded} downloaded");
+
+    // The second replica, which proxied none of it, refuses the address a
+    // new stream and a new session, and says when to come back.
+    let refused = eventually(Duration::from_secs(20), "the second replica's refusal", || async {
+        let (status, body) = info(&format!("{}/s", second.url), &token).await;
+        (status == 429).then_some(body)
+    })
+    .await
+    .unwrap();
+    assert!(refused["error"].as_str().unwrap().contains("MiB in the last hour"), "{refused}");
+    let (status, body, retry) = post(&second.url, None, json!({ "pool": "open" })).await;
+    assert_eq!(status, 429, "{body}");
+    let retry: u64 = retry.unwrap().parse().unwrap();
+    assert!((3500..=3600).contains(&retry), "retry after {retry} s");
+    // The first replica too.
+    assert_eq!(info(&format!("{}/s", gateway.url), &token).await.0, 429);
+    assert!(metric(&second, r#"tidepool_gateway_refusals_total{reason="bytes_per_hour"}"#).await >= 2.0);
+    let sessions_now = sessions.list(&Default::default()).await.unwrap().items.len();
+    assert_eq!(sessions_now, 1, "a refused create made a session");
+}

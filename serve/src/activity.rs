@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
-use crate::{Limits, OnOpenChange, Refusal};
+use crate::{Limits, OnOpenChange, OnRefusal, Refusal};
 
 /// No head is coming.
 const NO_HEAD: u64 = u64::MAX;
@@ -179,6 +179,43 @@ impl Drop for Slot {
     }
 }
 
+/// A write that waits too long for the client to take bytes: armed when a
+/// write finds the socket full, disarmed by any write that goes through,
+/// and when it fires the connection's writes fail (once counted).
+pub struct WriteStall {
+    timeout: Duration,
+    on_refusal: OnRefusal,
+    armed: Option<Pin<Box<tokio::time::Sleep>>>,
+    fired: bool,
+}
+
+impl WriteStall {
+    pub fn new(timeout: Duration, on_refusal: OnRefusal) -> Self {
+        Self { timeout, on_refusal, armed: None, fired: false }
+    }
+
+    /// Passes on a write's outcome, or the stall's error once it has waited
+    /// past the timeout. The timer shares the write's waker, so a stalled
+    /// write is polled again when the timer fires.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if self.fired {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")));
+        }
+        if polled.is_ready() {
+            self.armed = None;
+            return polled;
+        }
+        let timeout = self.timeout;
+        let timer = self.armed.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.fired = true;
+            (self.on_refusal)(Refusal::WriteStalled);
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")));
+        }
+        Poll::Pending
+    }
+}
+
 /// How long, and for how many bytes, a closed connection goes on reading
 /// what its client still sends (see [`Watched`]'s drop).
 const LINGER: Duration = Duration::from_secs(1);
@@ -203,6 +240,7 @@ where
     inner: Option<S>,
     activity: Arc<Activity>,
     _slot: Slot,
+    stall: Option<WriteStall>,
 }
 
 impl<S> Watched<S>
@@ -210,7 +248,20 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     pub fn new(inner: S, activity: Arc<Activity>, slot: Slot) -> Self {
-        Self { inner: Some(inner), activity, _slot: slot }
+        Self { inner: Some(inner), activity, _slot: slot, stall: None }
+    }
+
+    /// Cuts the connection when a write waits on the client for too long.
+    pub fn with_write_stall(mut self, stall: WriteStall) -> Self {
+        self.stall = Some(stall);
+        self
+    }
+
+    fn watch_write<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match &mut self.stall {
+            Some(stall) => stall.watch(cx, polled),
+            None => polled,
+        }
     }
 
     fn stream(&mut self) -> io::Result<&mut S> {
@@ -272,10 +323,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        match self.stream() {
+        let polled = match self.stream() {
             Ok(stream) => Pin::new(stream).poll_write(cx, data),
             Err(e) => Poll::Ready(Err(e)),
-        }
+        };
+        self.watch_write(cx, polled)
     }
 
     // Downloads go out as vectored writes of shared slices: keep them vectored.
@@ -284,10 +336,11 @@ where
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.stream() {
+        let polled = match self.stream() {
             Ok(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
             Err(e) => Poll::Ready(Err(e)),
-        }
+        };
+        self.watch_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -295,10 +348,11 @@ where
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.stream() {
+        let polled = match self.stream() {
             Ok(stream) => Pin::new(stream).poll_flush(cx),
             Err(e) => Poll::Ready(Err(e)),
-        }
+        };
+        self.watch_write(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -51,6 +51,10 @@ pub struct Limits {
     pub body_timeout: BodyTimeout,
     /// Between requests, how long a connection may sit with nothing coming.
     pub idle_timeout: Duration,
+    /// How long a write may wait for the client to take bytes (an answer,
+    /// a download, an upgraded connection's frames): a client that stops
+    /// reading is cut after this, so it cannot hold its place for ever.
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -60,6 +64,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             body_timeout: BodyTimeout::Whole(Duration::from_secs(30)),
             idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -90,12 +95,14 @@ pub enum Refusal {
     /// A TLS handshake that failed or did not finish within
     /// [`Limits::header_timeout`] (servers with TLS only).
     TlsHandshake,
+    /// A client that took no bytes for [`Limits::write_timeout`].
+    WriteStalled,
 }
 
 impl Refusal {
     /// Every refusal, for metrics that show each from the start.
-    pub const ALL: [Refusal; 5] =
-        [Self::ConnectionCap, Self::HeaderTimeout, Self::Idle, Self::SlowBody, Self::TlsHandshake];
+    pub const ALL: [Refusal; 6] =
+        [Self::ConnectionCap, Self::HeaderTimeout, Self::Idle, Self::SlowBody, Self::TlsHandshake, Self::WriteStalled];
 
     /// The bounded metric label.
     pub fn reason(self) -> &'static str {
@@ -105,6 +112,7 @@ impl Refusal {
             Self::Idle => "idle",
             Self::SlowBody => "slow_body",
             Self::TlsHandshake => "tls_handshake",
+            Self::WriteStalled => "write_stalled",
         }
     }
 }

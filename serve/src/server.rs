@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tower::ServiceExt;
 
-use crate::activity::{Activity, AnsweredBody, Slot, Watched};
+use crate::activity::{Activity, AnsweredBody, Slot, Watched, WriteStall};
 use crate::body::TimedBody;
 use crate::{Limits, OnConnection, OnOpenChange, OnRefusal, Refusal};
 
@@ -210,7 +210,8 @@ async fn serve_io<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Activity::new();
-    let io = TokioIo::new(Watched::new(stream, activity.clone(), slot));
+    let stalled = WriteStall::new(shared.limits.write_timeout, shared.on_refusal.clone());
+    let io = TokioIo::new(Watched::new(stream, activity.clone(), slot).with_write_stall(stalled));
     let service = {
         let (shared, activity) = (shared.clone(), activity.clone());
         hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {

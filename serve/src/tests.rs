@@ -65,6 +65,15 @@ fn router() -> Router {
         .route("/early", post(|| async { "early" }))
         .route("/port", get(|Extension(PeerPort(port)): Extension<PeerPort>| async move { format!("port {port}") }))
         .route("/upgrade", get(upgrade))
+        // Bytes for as long as the client takes them, as a download gives.
+        .route(
+            "/flood",
+            get(|| async {
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                let endless = futures_util::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+                axum::body::Body::from_stream(endless)
+            }),
+        )
 }
 
 /// Upgrades, then holds the socket until the client closes it.
@@ -160,6 +169,54 @@ async fn an_answer_before_the_body_is_read_reaches_the_client_without_a_reset() 
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("early"), "{answer}");
     let sent = tokio::time::timeout(Duration::from_secs(5), sending).await.unwrap().unwrap();
     assert!(sent.is_ok(), "sending the body met {sent:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_the_write_timeout_and_one_that_reads_is_not() {
+    let server = start(Limits { write_timeout: SHORT, ..Limits::default() }).await;
+    // A client that asks for a download and reads a little, then nothing:
+    // the socket's buffers fill and the server's writes wait on it.
+    let mut stalled = TcpStream::connect(server.addr).await.unwrap();
+    stalled
+        .write_all(
+            b"GET /flood HTTP/1.1
+Host: t
+
+",
+        )
+        .await
+        .unwrap();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(2), stalled.read(&mut buffer)).await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.seen.refusals().is_empty() {
+        assert!(Instant::now() < deadline, "the stalled client was never cut");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.seen.refusals(), [Refusal::WriteStalled]);
+    // Its place under the cap is given back.
+    open_becomes(&server.seen, 0).await;
+    // A client that goes on reading, however long, is never cut: it reads
+    // for four write timeouts.
+    let mut reading = TcpStream::connect(server.addr).await.unwrap();
+    reading
+        .write_all(
+            b"GET /flood HTTP/1.1
+Host: t
+
+",
+        )
+        .await
+        .unwrap();
+    let until = Instant::now() + SHORT * 4;
+    let mut read = 0usize;
+    while Instant::now() < until {
+        let n = tokio::time::timeout(Duration::from_secs(2), reading.read(&mut buffer)).await.unwrap().unwrap();
+        assert!(n > 0, "the server closed a reading client");
+        read += n;
+    }
+    assert!(read > 1 << 20, "read {read} bytes");
+    assert_eq!(server.seen.refusals(), [Refusal::WriteStalled]);
 }
 
 #[tokio::test]
@@ -354,5 +411,5 @@ async fn at_shutdown_a_request_past_the_grace_is_cut() {
 #[test]
 fn every_refusal_has_its_label() {
     let labels: Vec<&str> = Refusal::ALL.iter().map(|r| r.reason()).collect();
-    assert_eq!(labels, ["connection_cap", "header_timeout", "idle", "slow_body", "tls_handshake"]);
+    assert_eq!(labels, ["connection_cap", "header_timeout", "idle", "slow_body", "tls_handshake", "write_stalled"]);
 }

@@ -99,6 +99,9 @@ pub struct Flags {
     /// Seconds a kept-alive connection may sit with no request.
     #[arg(long, env = "TIDEPOOL_IDLE_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
     pub idle_timeout: Duration,
+    /// Seconds a client may take no bytes of an answer before it is cut.
+    #[arg(long, env = "TIDEPOOL_WRITE_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    pub write_timeout: Duration,
     /// Runtime worker threads.
     #[arg(long, env = "TIDEPOOL_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
@@ -127,6 +130,7 @@ impl Flags {
                 header_read_timeout: self.header_read_timeout,
                 body_read_timeout: self.body_read_timeout,
                 idle_timeout: self.idle_timeout,
+                write_timeout: self.write_timeout,
             },
             egress: self.egress_allow.clone().with_deny(self.egress_deny.0.clone()),
             probe_limits: ProbeLimits {
@@ -280,6 +284,7 @@ mod tests {
                 header_read_timeout: Duration::from_millis(500),
                 body_read_timeout: Duration::from_secs(2),
                 idle_timeout: Duration::from_secs(7),
+                write_timeout: Duration::from_secs(60),
             }
         );
         let long = [egress::ALLOW_ENV, egress::DENY_ENV];

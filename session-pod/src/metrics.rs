@@ -11,6 +11,8 @@ use tidepool_protocol::pod::HouseholdUser;
 pub const HEADER_TIMEOUT: &str = "header_timeout";
 /// The `reason` of `connections_closed_total` for a connection idle past the idle timeout.
 pub const IDLE_TIMEOUT: &str = "idle_timeout";
+/// The `reason` of `connections_closed_total` for a client that stopped taking bytes.
+pub const WRITE_TIMEOUT: &str = "write_timeout";
 
 pub struct Metrics {
     registry: Registry,
@@ -191,7 +193,7 @@ impl Metrics {
         for outcome in ["echoed", "send_failed"] {
             self.udp_datagrams.with_label_values(&[outcome]);
         }
-        for closed in [HEADER_TIMEOUT, IDLE_TIMEOUT] {
+        for closed in [HEADER_TIMEOUT, IDLE_TIMEOUT, WRITE_TIMEOUT] {
             self.connections_closed.with_label_values(&[closed]);
         }
         for mode in ["once", "continuous"] {

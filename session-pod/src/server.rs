@@ -26,7 +26,7 @@ use crate::auth;
 use crate::connection::{ClientAddr, ConnectionSocket};
 use crate::error::{ApiError, Reason, json_response};
 use crate::limits::{Limiter, Limits, ProbeLimits, UdpCaps};
-use crate::metrics::{HEADER_TIMEOUT, IDLE_TIMEOUT, Metrics, route_label};
+use crate::metrics::{HEADER_TIMEOUT, IDLE_TIMEOUT, Metrics, WRITE_TIMEOUT, route_label};
 use crate::random::{NoRandomness, POOL_BYTES, RandomPool};
 use crate::reporter::OperatorReporter;
 use crate::session::BoundSession;
@@ -97,6 +97,9 @@ pub struct HttpLimits {
     pub body_read_timeout: Duration,
     /// Between requests, a connection with nothing coming is closed after this.
     pub idle_timeout: Duration,
+    /// A client that takes no bytes of an answer (a download, a WebSocket's
+    /// frames) for this long is cut.
+    pub write_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -106,6 +109,7 @@ impl Default for HttpLimits {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -118,6 +122,7 @@ impl HttpLimits {
             // Uploads stream for many seconds: only a pause is too slow.
             body_timeout: BodyTimeout::Pause(self.body_read_timeout),
             idle_timeout: self.idle_timeout,
+            write_timeout: self.write_timeout,
         }
     }
 }
@@ -342,6 +347,7 @@ async fn serve_http(listener: TcpListener, router: Router, state: Arc<PodState>,
     let open = metrics.open_connections.clone();
     let header_timeouts = metrics.connections_closed.with_label_values(&[HEADER_TIMEOUT]);
     let idle_timeouts = metrics.connections_closed.with_label_values(&[IDLE_TIMEOUT]);
+    let write_timeouts = metrics.connections_closed.with_label_values(&[WRITE_TIMEOUT]);
     let refusals = state.clone();
     let server = tidepool_serve::Server::new(limits.serve())
         .grace(grace)
@@ -361,6 +367,7 @@ async fn serve_http(listener: TcpListener, router: Router, state: Arc<PodState>,
             Refusal::ConnectionCap => refusals.count_refusal(Reason::MaxConnections),
             Refusal::HeaderTimeout => header_timeouts.inc(),
             Refusal::Idle => idle_timeouts.inc(),
+            Refusal::WriteStalled => write_timeouts.inc(),
             // Counted where it is answered: a 408, `body_timeout`.
             Refusal::SlowBody => {}
             // The pod serves plain HTTP.

@@ -84,11 +84,16 @@ gateway:
   logLevel: debug
   publicUrl: https://sessions.example.com
   trustedProxies: [10.0.0.0/8, fd00::/8]
-  anonymous: { allow: [203.0.113.0/24, 2001:db8::/32], sessionsPerHour: 10, concurrentSessions: 1 }
+  anonymous: { allow: [203.0.113.0/24, 2001:db8::/32], sessionsPerHour: 10, concurrentSessions: 1, mibPerHour: 2048 }
   streamsPerSession: 8
   maxConnections: 10000
   tlsSecretName: gateway-tls
   corsOrigins: [https://speed.example.com, http://localhost:5173]
+  routed:
+    paths: [/app, /browse]
+    tiers: { small: { vcpu: 1, memoryMiB: 2048 }, gpu: { vcpu: 4, memoryMiB: 16384, gpus: 1 } }
+    defaultTier: small
+    backendPort: 8080
   podAnnotations: { team: edge }
   nodeSelector: { kubernetes.io/os: linux }
   tolerations: [{ key: dedicated, operator: Exists, effect: NoSchedule }]
@@ -714,6 +719,7 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
             "--session-namespace=tidepool",
             "--anonymous-sessions-per-hour=30",
             "--anonymous-concurrent-sessions=2",
+            "--anonymous-mib-per-hour=51200",
             "--streams-per-session=16",
             "--max-connections=4096",
             "--ui-dir=/usr/share/tidepool/ui",
@@ -798,7 +804,13 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
     ] {
         assert!(listed.iter().any(|o| o == object), "no {object} in {listed:?}");
     }
-    assert!(!listed.iter().any(|o| o.starts_with("ClusterRole") && o.contains("gateway")), "{listed:?}");
+    // Routed paths add one cluster-wide right: reading Backends, which the
+    // operator's router reviews before it answers.
+    let router_role = find(all, "ClusterRole", "tidepool-gateway-router");
+    assert_eq!(grants(router_role), ["get backends.tidepool.dev"]);
+    let router_binding = find(all, "ClusterRoleBinding", "tidepool-gateway-router");
+    assert_eq!(str_of(&router_binding["roleRef"]["name"]), "tidepool-gateway-router");
+    assert_eq!(str_of(&router_binding["subjects"][0]["name"]), "tidepool-gateway");
     assert_eq!(grants(find(all, "Role", "tidepool-gateway")), GATEWAY_GRANTS);
     assert_eq!(
         gateway_args(all),
@@ -813,12 +825,17 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
             "--anonymous-allow=203.0.113.0/24,2001:db8::/32",
             "--anonymous-sessions-per-hour=10",
             "--anonymous-concurrent-sessions=1",
+            "--anonymous-mib-per-hour=2048",
             "--streams-per-session=8",
             "--max-connections=10000",
             "--tls-cert-file=/etc/tidepool/tls/tls.crt",
             "--tls-key-file=/etc/tidepool/tls/tls.key",
             "--cors-origins=https://speed.example.com,http://localhost:5173",
             "--ui-dir=/usr/share/tidepool/ui",
+            "--routed-paths=/app,/browse",
+            r#"--routed-tiers={"gpu":{"gpus":1,"memoryMiB":16384,"vcpu":4},"small":{"memoryMiB":2048,"vcpu":1}}"#,
+            "--routed-default-tier=small",
+            "--routed-backend-port=8080",
         ]
     );
     let deployment = find(all, "Deployment", "tidepool-gateway");
@@ -835,6 +852,9 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
     let env = pod["containers"][0]["env"].as_sequence().unwrap();
     let log = env.iter().find(|e| str_of(&e["name"]) == "RUST_LOG").unwrap();
     assert_eq!(str_of(&log["value"]), "debug,kube=warn");
+    // Each replica writes the bytes it proxies under its own pod's name.
+    let replica = env.iter().find(|e| str_of(&e["name"]) == "TIDEPOOL_GATEWAY_REPLICA").unwrap();
+    assert_eq!(str_of(&replica["valueFrom"]["fieldRef"]["fieldPath"]), "metadata.name");
     let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
     assert_eq!((str_of(&annotations["team"]), str_of(&annotations["prometheus.io/port"])), ("edge", "9090"));
     assert_eq!(str_of(&find(all, "ServiceAccount", "tidepool-gateway")["imagePullSecrets"][0]["name"]), "regcred");
@@ -939,6 +959,7 @@ fn chart_refuses_wrong_values_with_the_schemas_message() {
         ("examplePool.maxSize=1", &["examplePool.maxSize must be at least examplePool.size"]),
         ("gateway.replicas=two", &["/gateway/replicas", "got string, want integer"]),
         ("gateway.corsOrigins={*}", &["/gateway/corsOrigins/0", "does not match pattern"]),
+        ("gateway.routed.paths={app}", &["/gateway/routed/paths/0", "does not match pattern"]),
         ("gateway.trustedProxies={10.0.0.0/33}", &["/gateway/trustedProxies/0", "does not match pattern"]),
         ("gateway.anonymous.allow={anywhere}", &["/gateway/anonymous/allow/0", "does not match pattern"]),
         ("gateway.publicUrl=sessions.example.com", &["/gateway/publicUrl", "does not match pattern"]),
@@ -1049,7 +1070,7 @@ fn chart_arguments_are_ones_the_operator_accepts() {
             "--set",
             "gateway.enabled=true,rbac.namespaces={tidepool,team-a},gateway.namespaces={team-a,tidepool}",
             "--set-json",
-            r#"gateway.anonymous={"allow":["192.0.2.7/32"],"sessionsPerHour":0,"concurrentSessions":0}"#,
+            r#"gateway.anonymous={"allow":["192.0.2.7/32"],"sessionsPerHour":0,"concurrentSessions":0,"mibPerHour":0}"#,
         ]),
     ];
     for objects in &renders {
@@ -1373,6 +1394,24 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
     let gateway_user = format!("system:serviceaccount:{NAMESPACE}:tidepool-gateway");
     let unbound = rights(&plane, &format!("system:serviceaccount:{NAMESPACE}:nobody"), "default");
     assert_eq!(rights(&plane, &gateway_user, "default"), unbound, "the gateway's rights in default");
+    // Routed paths give it one right more, cluster-wide: reading Backends.
+    assert!(!can_i(&plane, "tidepool-gateway", "get backends.tidepool.dev"));
+    let routed = [
+        "--set",
+        "gateway.enabled=true,gateway.routed.paths={/app}",
+        "--set-json",
+        r#"gateway.routed.tiers={"small":{"vcpu":1,"memoryMiB":64}}"#,
+    ];
+    run(helm().args(["upgrade", RELEASE]).arg(chart()).args(install).args(routed)).unwrap();
+    assert!(can_i(&plane, "tidepool-gateway", "get backends.tidepool.dev"), "the routing gateway may not get backends");
+    for question in
+        ["list backends.tidepool.dev", "patch backends.tidepool.dev", "get backends.tidepool.dev --subresource=status"]
+    {
+        assert!(!can_i(&plane, "tidepool-gateway", question), "the routing gateway may {question}");
+    }
+    for question in GATEWAY_MAY_NOT.iter().filter(|q| !q.starts_with("get backends")) {
+        assert!(!can_i(&plane, "tidepool-gateway", question), "the routing gateway may {question}");
+    }
     // The agents and the session pods have what every account has, nothing more.
     for account in ["tidepool-agent", "tidepool-session"] {
         for question in NOBODY_MAY {
