@@ -171,21 +171,16 @@ async fn an_answer_before_the_body_is_read_reaches_the_client_without_a_reset() 
     assert!(sent.is_ok(), "sending the body met {sent:?}");
 }
 
+/// A request for an answer that never ends.
+const GET_FLOOD: &[u8] = b"GET /flood HTTP/1.1\r\nHost: t\r\n\r\n";
+
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_after_the_write_timeout_and_one_that_reads_is_not() {
     let server = start(Limits { write_timeout: SHORT, ..Limits::default() }).await;
     // A client that asks for a download and reads a little, then nothing:
     // the socket's buffers fill and the server's writes wait on it.
     let mut stalled = TcpStream::connect(server.addr).await.unwrap();
-    stalled
-        .write_all(
-            b"GET /flood HTTP/1.1
-Host: t
-
-",
-        )
-        .await
-        .unwrap();
+    stalled.write_all(GET_FLOOD).await.unwrap();
     let mut buffer = vec![0u8; 64 * 1024];
     let _ = tokio::time::timeout(Duration::from_secs(2), stalled.read(&mut buffer)).await.unwrap().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -199,15 +194,7 @@ Host: t
     // A client that goes on reading, however long, is never cut: it reads
     // for four write timeouts.
     let mut reading = TcpStream::connect(server.addr).await.unwrap();
-    reading
-        .write_all(
-            b"GET /flood HTTP/1.1
-Host: t
-
-",
-        )
-        .await
-        .unwrap();
+    reading.write_all(GET_FLOOD).await.unwrap();
     let until = Instant::now() + SHORT * 4;
     let mut read = 0usize;
     while Instant::now() < until {
