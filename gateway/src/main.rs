@@ -91,6 +91,7 @@ async fn run(flags: Flags) -> ExitCode {
         pods: pod_client(),
         streams: Default::default(),
         pending: Default::default(),
+        picks: Default::default(),
         ui,
         metrics,
     });

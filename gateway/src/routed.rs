@@ -4,10 +4,11 @@
 //! field), its path and query kept, its streams (server-sent events,
 //! WebSockets, long bodies) passed on as they come.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv6Addr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -26,6 +27,12 @@ const ROUTE: &str = "routed";
 pub const MAX_TIER_BODY_BYTES: usize = 64 << 10;
 /// The header that tells the client which backend answered.
 const BACKEND: HeaderName = HeaderName::from_static("x-tidepool-backend");
+/// A pick is used again for the same sticky key and tier for this long: a
+/// client's burst of requests costs one call to the router, not one each,
+/// and placement still follows the load within a second.
+pub const PICK_REUSE: Duration = Duration::from_secs(1);
+/// Picks kept at most; past this the cache starts again empty.
+const MAX_PICKS: usize = 10_000;
 /// Paths the gateway serves itself: a routed prefix may not shadow them.
 const RESERVED: [&str; 3] = ["/api", "/s", "/assets"];
 
@@ -169,6 +176,38 @@ impl Routes {
     }
 }
 
+/// The router's recent picks, by sticky key (or client address) and tier.
+#[derive(Default)]
+pub struct Picks(Mutex<HashMap<(String, String), (RouteAnswer, Instant)>>);
+
+impl Picks {
+    /// A pick for `key` and `tier` made less than [`PICK_REUSE`] ago.
+    pub fn get(&self, key: &str, tier: &str, now: Instant) -> Option<RouteAnswer> {
+        let picks = self.0.lock().ok()?;
+        let (pick, at) = picks.get(&(key.to_string(), tier.to_string()))?;
+        (now.saturating_duration_since(*at) < PICK_REUSE).then(|| pick.clone())
+    }
+
+    pub fn put(&self, key: &str, tier: &str, pick: RouteAnswer, now: Instant) {
+        if let Ok(mut picks) = self.0.lock() {
+            if picks.len() >= MAX_PICKS {
+                picks.retain(|_, (_, at)| now.saturating_duration_since(*at) < PICK_REUSE);
+                if picks.len() >= MAX_PICKS {
+                    picks.clear();
+                }
+            }
+            picks.insert((key.to_string(), tier.to_string()), (pick, now));
+        }
+    }
+
+    /// Forgets every pick of `backend`: it did not answer.
+    pub fn forget_backend(&self, backend: &str) {
+        if let Ok(mut picks) = self.0.lock() {
+            picks.retain(|_, (pick, _)| pick.backend != backend);
+        }
+    }
+}
+
 fn unknown_tier() -> Refused {
     Refused::new(StatusCode::BAD_REQUEST, "unknown_tier", "the tier named is not one this gateway routes")
 }
@@ -250,9 +289,22 @@ async fn route_and_forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -
         request = Request::from_parts(parts, Body::from(bytes));
     }
     let (tier_name, tier) = routes.or_default(named)?;
-    let asked =
-        RouteRequest { tier, client_address: Some(client.to_string()), coordinates: None, sticky_key, weights: None };
-    let picked = pick(gateway, &asked, &tier_name).await?;
+    let key = sticky_key.clone().unwrap_or_else(|| client.to_string());
+    let picked = match gateway.picks.get(&key, &tier_name, Instant::now()) {
+        Some(picked) => picked,
+        None => {
+            let asked = RouteRequest {
+                tier,
+                client_address: Some(client.to_string()),
+                coordinates: None,
+                sticky_key,
+                weights: None,
+            };
+            let picked = pick(gateway, &asked, &tier_name).await?;
+            gateway.picks.put(&key, &tier_name, picked.clone(), Instant::now());
+            picked
+        }
+    };
     let address = picked.address.as_deref().ok_or_else(|| {
         tracing::warn!(backend = %picked.backend, "the router picked a backend without an address");
         Refused::new(StatusCode::SERVICE_UNAVAILABLE, "no_backend", "no backend can take this request now")
@@ -291,6 +343,7 @@ async fn route_and_forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -
                     .already_counted();
             }
             tracing::debug!(error = %e, backend = %picked.backend, "the backend did not answer");
+            gateway.picks.forget_backend(&picked.backend);
             unreachable_backend("backend_unreachable")
         })?;
     let from_backend = gateway.metrics.proxied_bytes.with_label_values(&["from_backend"]);
@@ -479,6 +532,51 @@ mod tests {
         for bad in ["evil.example/x", "user@evil.example", "a b"] {
             assert_eq!(uri(bad), None, "{bad}");
         }
+    }
+
+    fn answer(backend: &str) -> RouteAnswer {
+        serde_json::from_value(serde_json::json!({
+            "backend": backend, "kind": "external", "address": "10.0.0.1:80", "score": 1.0,
+            "sticky": false, "reportAgeMs": 0, "sampleAgeMs": 0
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_pick_is_reused_for_its_key_and_tier_for_a_second_and_forgotten_with_its_backend() {
+        let picks = Picks::default();
+        let start = Instant::now();
+        picks.put("alice", "small", answer("a"), start);
+        picks.put("bob", "small", answer("b"), start);
+        assert_eq!(picks.get("alice", "small", start + Duration::from_millis(999)).unwrap().backend, "a");
+        // Another tier, or a second later, asks the router again.
+        assert!(picks.get("alice", "large", start).is_none());
+        assert!(picks.get("alice", "small", start + PICK_REUSE).is_none());
+        // A backend that did not answer loses its picks; others keep theirs.
+        picks.forget_backend("a");
+        assert!(picks.get("alice", "small", start).is_none());
+        assert_eq!(picks.get("bob", "small", start).unwrap().backend, "b");
+    }
+
+    #[test]
+    fn the_picks_stay_bounded() {
+        let picks = Picks::default();
+        let start = Instant::now();
+        for i in 0..MAX_PICKS {
+            picks.put(&format!("k{i}"), "small", answer("a"), start);
+        }
+        // Full of fresh picks: it starts again.
+        picks.put("one-more", "small", answer("a"), start);
+        assert_eq!(picks.0.lock().unwrap().len(), 1);
+        // Full of stale ones: only they go.
+        let picks = Picks::default();
+        for i in 0..MAX_PICKS {
+            picks.put(&format!("k{i}"), "small", answer("a"), start);
+        }
+        let later = start + PICK_REUSE;
+        picks.put("fresh", "small", answer("a"), later);
+        assert_eq!(picks.0.lock().unwrap().len(), 1);
+        assert!(picks.get("fresh", "small", later).is_some());
     }
 
     #[test]

@@ -14,6 +14,8 @@ use kube::ResourceExt;
 use tidepool_serve::Refusal;
 use tokio::net::TcpListener;
 
+use tidepool_protocol::api::{PublicPool, PublicPools};
+
 use crate::reply::{self, Refused};
 use crate::state::{Gateway, Peer};
 use crate::{api, cluster, cors, proxy, routed};
@@ -89,22 +91,19 @@ async fn not_found(State(gateway): State<Arc<Gateway>>, method: Method, uri: Uri
 /// `GET /api/v1/pools`: the pools anyone may start a session on, for the
 /// web UI's test. Private pools are never listed.
 async fn public_pools(State(gateway): State<Arc<Gateway>>) -> Response<Body> {
-    let pools: Vec<serde_json::Value> = gateway
+    let pools = gateway
         .caches
         .public_pools()
         .iter()
-        .map(|pool| {
-            let warm = pool.status.as_ref().map_or(0, |s| s.warm);
-            serde_json::json!({
-                "namespace": pool.namespace(),
-                "name": pool.name_any(),
-                "tier": pool.spec.tier,
-                "warm": warm,
-            })
+        .map(|pool| PublicPool {
+            namespace: pool.namespace().unwrap_or_default(),
+            name: pool.name_any(),
+            tier: pool.spec.tier.clone(),
+            warm: pool.status.as_ref().map_or(0, |s| s.warm),
         })
         .collect();
     gateway.metrics.requests.with_label_values(&["pools", "200"]).inc();
-    reply::json(StatusCode::OK, serde_json::json!({ "pools": pools }).to_string())
+    reply::json(StatusCode::OK, serde_json::to_vec(&PublicPools { pools }).unwrap_or_default())
 }
 
 /// Headers every answer carries: no sniffing, no framing, no referrer, only

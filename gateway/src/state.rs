@@ -28,6 +28,8 @@ pub struct Gateway {
     pub pods: PodClient,
     pub streams: Arc<OpenStreams>,
     pub pending: Pending,
+    /// The router's recent picks for routed requests.
+    pub picks: crate::routed::Picks,
     pub metrics: Arc<Metrics>,
     /// The web UI's files, when `--ui-dir` names a build.
     pub ui: Option<crate::ui::Ui>,

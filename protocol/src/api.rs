@@ -42,6 +42,25 @@ pub struct CreateSession {
     pub probes: Vec<ProbeTarget>,
 }
 
+/// `GET /api/v1/pools` on the gateway: the pools anyone may start a
+/// session on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PublicPools {
+    pub pools: Vec<PublicPool>,
+}
+
+/// One public pool, as the web UI picks one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PublicPool {
+    pub namespace: String,
+    pub name: String,
+    pub tier: Tier,
+    /// Warm pods now.
+    pub warm: i32,
+}
+
 /// What the operator answers about a session.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
