@@ -152,7 +152,7 @@ async fn one_session(
             Refused::new(StatusCode::UNAUTHORIZED, "no_token", "a token is needed: Authorization: Bearer <token>")
         })?;
         let path = format!("/api/v1/sessions/{name}?namespace={namespace}");
-        let token = authorization.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("").trim();
+        let token = authorization.to_str().ok().and_then(tidepool_protocol::bearer_token).unwrap_or("");
         let answer = match target::claimed(token) {
             // A session token: good for its own session only, which the
             // gateway then asks about as itself.

@@ -41,7 +41,7 @@ async fn relay(gateway: &Gateway, uri: &Uri, headers: &HeaderMap) -> Result<Resp
             "a Kubernetes token is needed: Authorization: Bearer <token>",
         )
     })?;
-    let token = authorization.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("").trim();
+    let token = authorization.to_str().ok().and_then(tidepool_protocol::bearer_token).unwrap_or("");
     if target::claimed(token).is_ok() {
         let message = "a session token cannot watch the cluster; use a Kubernetes token";
         return Err(Refused::new(StatusCode::FORBIDDEN, "session_token", message));

@@ -366,8 +366,8 @@ fn token_of(request: &Request<Body>) -> Option<String> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string());
+        .and_then(tidepool_protocol::bearer_token)
+        .map(str::to_string);
     from_header.or_else(|| {
         let query = request.uri().query()?;
         serde_urlencoded::from_str::<Vec<(String, String)>>(query)

@@ -26,6 +26,15 @@ use serde::{Deserialize, Serialize};
 /// operator's results route.
 pub const BINDING_HEADER: &str = "x-tidepool-binding";
 
+/// The token of an `Authorization: Bearer <token>` header's value: the
+/// scheme in any case (RFC 9110), the token trimmed; `None` for another
+/// scheme or an empty token.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Every error answer, from the pod or the operator: a short reason for the
 /// caller, and the HTTP status again.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -65,6 +74,17 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Body
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bearer_token_is_read_whatever_the_schemes_case() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token(""), None);
+    }
 
     #[test]
     fn bad_syntax_and_bad_fields_are_told_apart() {

@@ -69,10 +69,7 @@ struct CredentialQuery {
 /// (browsers cannot set headers on a WebSocket).
 pub fn presented_credentials(headers: &HeaderMap, query: Option<&str>) -> (Option<String>, Option<String>) {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-    let bearer = header(header::AUTHORIZATION.as_str()).and_then(|v| {
-        let (scheme, token) = v.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
-    });
+    let bearer = header(header::AUTHORIZATION.as_str()).and_then(tidepool_protocol::bearer_token).map(str::to_owned);
     let ticket = header(BINDING_HEADER).map(str::to_owned);
     if bearer.is_some() && ticket.is_some() {
         return (bearer, ticket);

@@ -81,9 +81,7 @@ async fn take(state: &ApiState, headers: &HeaderMap, body: Result<Bytes, BytesRe
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+        .and_then(tidepool_protocol::bearer_token)
         .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "unauthenticated", "a bearer token is required"))?;
     let subject =
         format!("system:serviceaccount:{}:{}", fleet.settings.agent_namespace, fleet.settings.agent_service_account);

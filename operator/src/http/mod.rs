@@ -118,7 +118,7 @@ async fn authenticate(State(state): State<Arc<ApiState>>, mut request: Request, 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(tidepool_protocol::bearer_token)
         .map(str::to_owned);
     let response = match state.access.authenticate(bearer.as_deref()).await {
         Ok(caller) => {

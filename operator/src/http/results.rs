@@ -71,7 +71,7 @@ async fn accept(
 ) -> Result<Response, Refused> {
     let namespace = namespace.unwrap_or_else(|| state.namespace.clone());
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let token = header(header::AUTHORIZATION.as_str()).and_then(|v| v.strip_prefix("Bearer "));
+    let token = header(header::AUTHORIZATION.as_str()).and_then(tidepool_protocol::bearer_token);
     let (Some(token), Some(ticket)) = (token, header(BINDING_HEADER)) else {
         let message = format!("results need the session token and the {BINDING_HEADER} ticket");
         return Err(Refused::new(StatusCode::UNAUTHORIZED, "no_credentials", message));
