@@ -886,6 +886,18 @@ async fn routed_paths_reach_the_backend_the_router_picks_for_the_tier_and_keep_a
     // a: idle cores, but 70 % of its memory used (4.8 GiB free); b: busier
     // cores, memory free. Small requests go to a; one that needs 6 GiB to b.
     let loads = Arc::new(Mutex::new(HashMap::from([("app-a", (2.0, 70)), ("app-b", (78.0, 5))])));
+    // The operator takes an external backend's reports once its watch has
+    // the Backend: until then a report is refused (403).
+    let reports = format!("{}/api/v1/agents/report", operator.url);
+    for name in ["app-a", "app-b"] {
+        eventually(Duration::from_secs(30), &format!("a report for {name} taken"), || async {
+            let report = external_report(name, 0, (50.0, 50));
+            let sent = reqwest::Client::new().post(&reports).bearer_auth(&report_token).json(&report).send().await;
+            sent.ok()?.status().is_success().then_some(())
+        })
+        .await
+        .unwrap();
+    }
     let reporter = {
         let (loads, url, token) = (loads.clone(), format!("{}/api/v1/agents/report", operator.url), report_token);
         tokio::spawn(async move {
