@@ -28,11 +28,15 @@
 //!   pool of 200 warm pods): each create's time to its 201, which the
 //!   gateway answers once the session is Ready, as a browser sees it.
 
-use std::path::{Path, PathBuf};
+#[path = "common/nginx.rs"]
+mod nginx;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
+use nginx::Nginx;
 use serde_json::{Value, json};
 use tidepool_crds::WarmPool;
 use tidepool_tests::{ControlPlane, FakeNode, Options, PodRunner, eventually, free_port, workspace_binary};
@@ -123,7 +127,7 @@ async fn main() {
     let direct = sessions.get(view["name"].as_str().unwrap()).await.unwrap().status.unwrap().endpoint.unwrap();
 
     let nginx_port = free_port().unwrap();
-    let nginx_process = Nginx::start(nginx, plane.dir(), nginx_port, direct.trim_start_matches("http://"));
+    let nginx_process = start_nginx(nginx, plane.dir(), nginx_port, direct.trim_start_matches("http://"));
     let through_nginx = format!("http://127.0.0.1:{nginx_port}");
     eventually(Duration::from_secs(10), "nginx to listen", || async {
         std::net::TcpStream::connect(("127.0.0.1", nginx_port)).ok().map(|_| ())
@@ -133,7 +137,7 @@ async fn main() {
 
     println!(
         "Tidepool gateway vs nginx {}, one stream each way to session pod {pod_name}, {} cores, {ROUNDS} rounds",
-        nginx_version(nginx),
+        nginx::version(nginx),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let paths = [("direct", direct.as_str()), ("gateway", &format!("{gateway}/s")), ("nginx", through_nginx.as_str())];
@@ -361,60 +365,18 @@ fn curl_upload(base: &str, token: &str, binding: &str, mib: u64) -> f64 {
     String::from_utf8_lossy(&output.stdout).trim().parse().expect("curl's rate")
 }
 
-fn nginx_version(nginx: &Path) -> String {
-    let output = Command::new(nginx).arg("-v").output().expect("nginx -v");
-    String::from_utf8_lossy(&output.stderr).trim().trim_start_matches("nginx version: ").to_string()
-}
-
-/// nginx as a reverse proxy for streams, in a directory of its own.
-struct Nginx {
-    child: std::process::Child,
-}
-
-impl Nginx {
-    fn start(nginx: &Path, dir: &Path, port: u16, upstream: &str) -> Self {
-        let dir: PathBuf = dir.join("nginx");
-        std::fs::create_dir_all(dir.join("logs")).expect("nginx dir");
-        // One worker per core, buffering off both ways, HTTP/1.1 with kept-alive
-        // upstream connections, WebSockets upgraded, room for 10,000 of them.
-        let config = format!(
-            "worker_processes auto;\nworker_rlimit_nofile 65536;\npid {dir}/nginx.pid;\n\
-             error_log {dir}/logs/error.log warn;\n\
-             events {{ worker_connections 30000; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
-             map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}\n\
-             fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
-             upstream pod {{ server {upstream}; keepalive 8; }}\n\
-             server {{\n    listen 127.0.0.1:{port};\n    client_max_body_size 0;\n\
-             location / {{\n      proxy_pass http://pod;\n      proxy_http_version 1.1;\n\
-             proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection $connection_upgrade;\n\
-             proxy_buffering off;\n      proxy_request_buffering off;\n\
-             proxy_read_timeout 120s;\n    }}\n  }}\n}}\n",
-            dir = dir.display()
-        );
-        let path = dir.join("nginx.conf");
-        std::fs::write(&path, config).expect("nginx.conf");
-        let child = Command::new(nginx)
-            .args(["-p", &dir.display().to_string(), "-c", &path.display().to_string(), "-g", "daemon off;"])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx");
-        Self { child }
-    }
-}
-
-impl Nginx {
-    /// The master and its workers.
-    fn pids(&self) -> Vec<u32> {
-        let master = self.child.id();
-        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")).unwrap_or_default();
-        std::iter::once(master).chain(children.split_whitespace().filter_map(|p| p.parse().ok())).collect()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// nginx as a reverse proxy for streams: one worker per core, buffering
+/// off both ways, HTTP/1.1 with kept-alive upstream connections, WebSockets
+/// upgraded, room for 10,000 of them.
+fn start_nginx(nginx: &Path, dir: &Path, port: u16, upstream: &str) -> Nginx {
+    let http = format!(
+        "map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}\n\
+         upstream pod {{ server {upstream}; keepalive 8; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    client_max_body_size 0;\n\
+         location / {{\n      proxy_pass http://pod;\n      proxy_http_version 1.1;\n\
+         proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection $connection_upgrade;\n\
+         proxy_buffering off;\n      proxy_request_buffering off;\n\
+         proxy_read_timeout 120s;\n    }}\n  }}"
+    );
+    Nginx::start(nginx, &dir.join("nginx"), 30_000, &http)
 }

@@ -17,11 +17,14 @@
 //! It prints each path's p50 and p99 per request and what the gateway and
 //! nginx add to direct.
 
+#[path = "common/nginx.rs"]
+mod nginx;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kube::api::Api;
+use nginx::Nginx;
 use serde_json::json;
 use tidepool_crds::Backend;
 use tidepool_tests::{ControlPlane, FakeNode, Options, eventually, free_port, workspace_binary};
@@ -121,7 +124,7 @@ async fn main() {
 
     println!(
         "Tidepool gateway's routed path vs nginx {}, {REQUESTS} kept-alive GETs a round, {ROUNDS} rounds, {} cores",
-        nginx_version(nginx),
+        nginx::version(nginx),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut samples = vec![Vec::new(); paths.len()];
@@ -185,43 +188,15 @@ fn report(seq: u64) -> AgentReport {
     AgentReport { seq, sampled_at_ms: now_ms, address, ..report }
 }
 
-fn nginx_version(nginx: &Path) -> String {
-    let output = Command::new(nginx).arg("-v").output().expect("nginx -v");
-    String::from_utf8_lossy(&output.stderr).trim().trim_start_matches("nginx version: ").to_string()
-}
-
 /// nginx with the application (a fixed small answer) and a reverse proxy
 /// to it, as one configures one for an API: HTTP/1.1 with kept-alive
 /// upstream connections.
-fn start_nginx(nginx: &Path, dir: &Path, app_port: u16, proxy_port: u16) -> KillOnDrop {
-    let dir = dir.join("nginx-routed");
-    std::fs::create_dir_all(dir.join("logs")).expect("nginx dir");
-    let config = format!(
-        "worker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/logs/error.log warn;\n\
-         events {{ worker_connections 1024; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
-         fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
-         upstream app {{ server 127.0.0.1:{app_port}; keepalive 8; }}\n\
+fn start_nginx(nginx: &Path, dir: &Path, app_port: u16, proxy_port: u16) -> Nginx {
+    let http = format!(
+        "upstream app {{ server 127.0.0.1:{app_port}; keepalive 8; }}\n\
          server {{ listen 127.0.0.1:{app_port}; location / {{ default_type text/plain; return 200 \"ok\\n\"; }} }}\n\
          server {{ listen 127.0.0.1:{proxy_port};\n\
-         location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
-        dir = dir.display()
+         location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, config).expect("nginx.conf");
-    let child = Command::new(nginx)
-        .args(["-p", &dir.display().to_string(), "-c", &path.display().to_string(), "-g", "daemon off;"])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx");
-    KillOnDrop(child)
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    Nginx::start(nginx, &dir.join("nginx-routed"), 1024, &http)
 }
