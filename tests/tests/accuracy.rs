@@ -210,7 +210,11 @@ fn the_household_feels_the_deep_buffer_and_not_the_shallow_one() {
         Some(results)
     };
     let Some(deep) = household("tphd", 233, 400) else { return };
-    let Some(shallow) = household("tphs", 234, 5) else { return };
+    // 20 ms, not the bufferbloat test's 5: the household's pings ride TCP,
+    // and through 5 ms the bulk user's losses hit them so often that on a
+    // slow machine a retransmitted ping (200 ms or more) can be the median.
+    // 20 ms still keeps every rise under the 50 ms of a mild one.
+    let Some(shallow) = household("tphs", 234, 20) else { return };
     let user = |results: &SessionResults, name: &str| {
         results.household.iter().find(|u| u.user == name).cloned().unwrap_or_else(|| panic!("no {name} in {results:?}"))
     };
