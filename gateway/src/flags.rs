@@ -18,6 +18,14 @@ pub struct Flags {
     /// Where users reach the gateway.
     #[arg(long, env = "TIDEPOOL_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// Where the UDP echo relay listens: `same` (the --listen address, as
+    /// UDP), an address, or `off`.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_UDP_LISTEN", default_value = "same")]
+    pub udp_listen: String,
+    /// The UDP port clients are told to send to (the Service's); by default
+    /// the one the relay listens on.
+    #[arg(long, env = "TIDEPOOL_GATEWAY_UDP_ADVERTISED_PORT")]
+    pub udp_advertised_port: Option<u16>,
     /// `/metrics`, `/healthz` and `/readyz`: kept off the users' port.
     #[arg(long, env = "TIDEPOOL_GATEWAY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
@@ -163,7 +171,20 @@ pub struct Settings {
 }
 
 impl Flags {
+    /// Where the UDP echo relay listens, if anywhere.
+    pub fn udp_address(&self) -> Result<Option<SocketAddr>, BadFlag> {
+        match self.udp_listen.trim() {
+            "same" => Ok(Some(self.listen)),
+            "off" => Ok(None),
+            address => address.parse().map(Some).map_err(|_| BadFlag {
+                flag: "udp-listen",
+                reason: format!("{address:?} is not `same`, `off` or an address with a port"),
+            }),
+        }
+    }
+
     pub fn settings(&self) -> Result<Settings, BadFlag> {
+        self.udp_address()?;
         let cidrs =
             |flag: &'static str, text: &str| parse_deny(text).map_err(|e| BadFlag { flag, reason: e.to_string() });
         for namespace in self.namespaces.iter().chain([&self.session_namespace]) {
@@ -259,6 +280,10 @@ mod tests {
         assert_eq!(settings.anonymous.bytes_per_hour, 50 << 30);
         let named = parse(&["--replica", "gw-1"]).settings().unwrap();
         assert_eq!(named.bytes_key, "bytes.tidepool.dev/gw-1");
+        assert_eq!(parse(&[]).udp_address().unwrap(), Some("0.0.0.0:8080".parse().unwrap()));
+        assert_eq!(parse(&["--udp-listen", "off"]).udp_address().unwrap(), None);
+        assert_eq!(parse(&["--udp-listen", "[::]:5000"]).udp_address().unwrap(), Some("[::]:5000".parse().unwrap()));
+        assert_eq!(parse(&["--udp-listen", "5000"]).settings().unwrap_err().flag, "udp-listen");
         let routed = parse(&["--routed-paths", "/app", "--routed-tiers", r#"{"small":{"vcpu":1,"memoryMiB":64}}"#]);
         assert_eq!(routed.settings().unwrap().routes.unwrap().prefixes, ["/app"]);
     }

@@ -2,7 +2,8 @@
 //! (relaying identified callers to the operator, starting anonymous
 //! sessions on public pools within per-address limits) and proxies each
 //! session's streams to the pod bound to it now; and, where paths are routed,
-//! it is the resource-aware router's reverse proxy (docs/gateway.md).
+//! it is the resource-aware router's reverse proxy; and it relays the
+//! session pods' UDP echo (docs/gateway.md).
 
 pub mod anonymous;
 pub mod api;
@@ -23,4 +24,5 @@ pub mod target;
 pub mod tasks;
 pub mod tls;
 pub mod traffic;
+pub mod udp_relay;
 pub mod ui;

@@ -13,6 +13,8 @@ use tidepool_gateway::proxy::pod_client;
 use tidepool_gateway::server::{admin_router, public_router, serve};
 use tidepool_gateway::state::Gateway;
 use tidepool_gateway::tasks::Tasks;
+use tidepool_gateway::udp_relay::UdpRelay;
+use tokio::net::UdpSocket;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -61,6 +63,24 @@ async fn run(flags: Flags) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let udp = match flags.udp_address() {
+        Ok(Some(address)) => match bind_udp(address).await {
+            Ok(sockets) => Some(sockets),
+            Err(e) => {
+                tracing::error!(error = %e, %address, "cannot listen for the UDP echo relay");
+                return ExitCode::FAILURE;
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            tracing::error!(error = %e, "bad flag");
+            return ExitCode::from(2);
+        }
+    };
+    let relay = udp.as_ref().map(|(public, _)| {
+        let bound = public.local_addr().map_or(0, |a| a.port());
+        Arc::new(UdpRelay::new(flags.udp_advertised_port.unwrap_or(bound)))
+    });
     let mut tasks = Tasks::default();
     let tls = settings.tls.clone().map(|files| {
         let reloading = tidepool_gateway::tls::Reloading::load(files)?;
@@ -93,6 +113,7 @@ async fn run(flags: Flags) -> ExitCode {
         pending: Default::default(),
         picks: Default::default(),
         ui,
+        udp: relay.clone(),
         metrics,
     });
     let ready = Arc::new(AtomicBool::new(false));
@@ -117,6 +138,11 @@ async fn run(flags: Flags) -> ExitCode {
     if let Some(tls) = tls {
         tasks.spawn("the TLS reloader".into(), tls.keep_reloading(gateway.metrics.tls_reloads.clone()));
     }
+    if let (Some((public, upstream)), Some(relay)) = (udp, relay) {
+        let datagrams = gateway.metrics.udp_datagrams.clone();
+        tasks
+            .spawn("the UDP echo relay".into(), tidepool_gateway::udp_relay::relay(relay, public, upstream, datagrams));
+    }
     tasks.spawn("the sightings of clients".into(), tidepool_gateway::seen::keep_writing(gateway.clone()));
     tracing::info!(listen = %flags.listen, admin = %flags.admin_listen, "serving");
     let synced = async {
@@ -139,6 +165,14 @@ async fn run(flags: Flags) -> ExitCode {
     ready.store(false, Ordering::Relaxed);
     let _ = stop.send(true);
     code
+}
+
+/// The relay's sockets: one for clients at `address`, one toward the pods.
+async fn bind_udp(address: std::net::SocketAddr) -> std::io::Result<(UdpSocket, UdpSocket)> {
+    let public = UdpSocket::bind(address).await?;
+    let any = if address.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let upstream = UdpSocket::bind(any).await?;
+    Ok((public, upstream))
 }
 
 async fn terminate_signal() {

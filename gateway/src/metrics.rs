@@ -20,6 +20,9 @@ pub struct Metrics {
     pub anonymous_sessions: IntCounter,
     /// `outcome`: reloaded, failed; reads of the TLS files that found a change.
     pub tls_reloads: IntCounterVec,
+    /// `direction`: to_pod, to_client; `outcome`: relayed, send_failed, or
+    /// why a datagram was dropped.
+    pub udp_datagrams: IntCounterVec,
 }
 
 impl Metrics {
@@ -54,6 +57,17 @@ impl Metrics {
             "Changed TLS certificates served, or refused and the old one kept",
             &["outcome"],
         )?;
+        let udp_datagrams = counter_vec(
+            "tidepool_gateway_udp_datagrams_total",
+            "UDP echo datagrams relayed or dropped, by direction and outcome",
+            &["direction", "outcome"],
+        )?;
+        for direction in ["to_pod", "to_client"] {
+            let dropped = crate::udp_relay::Dropped::ALL.map(|d| d.label());
+            for outcome in ["relayed", "send_failed"].into_iter().chain(dropped) {
+                udp_datagrams.with_label_values(&[direction, outcome]);
+            }
+        }
         let anonymous_sessions =
             IntCounter::new("tidepool_gateway_anonymous_sessions_total", "Anonymous sessions started")?;
         registry.register(Box::new(anonymous_sessions.clone()))?;
@@ -70,6 +84,7 @@ impl Metrics {
             open_connections,
             anonymous_sessions,
             tls_reloads,
+            udp_datagrams,
         })
     }
 

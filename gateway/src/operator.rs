@@ -36,6 +36,14 @@ pub enum OperatorError {
     NotASession(String),
 }
 
+/// What lets the gateway reach a session's pod: the binding ticket and,
+/// when the gateway may relay (the chart's RBAC), the relay ticket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tickets {
+    pub binding: String,
+    pub relay: Option<String>,
+}
+
 /// An answer from the operator, to pass on.
 pub struct Answer {
     pub status: StatusCode,
@@ -49,7 +57,7 @@ pub struct OperatorApi {
     http: Client<HttpConnector, Full<Bytes>>,
     /// Binding tickets by (session UID, pod): one operator call per pod a
     /// session is bound to, not one per stream.
-    tickets: Mutex<HashMap<(String, String), String>>,
+    tickets: Mutex<HashMap<(String, String), Tickets>>,
 }
 
 impl OperatorApi {
@@ -69,8 +77,8 @@ impl OperatorApi {
         self.relay(method, path, authorization, body).await
     }
 
-    /// The ticket that binds session `name` (UID `uid`) to `pod`.
-    pub async fn ticket(&self, namespace: &str, name: &str, uid: &str, pod: &str) -> Result<String, OperatorError> {
+    /// The tickets for session `name` (UID `uid`) at `pod`.
+    pub async fn tickets(&self, namespace: &str, name: &str, uid: &str, pod: &str) -> Result<Tickets, OperatorError> {
         let key = (uid.to_string(), pod.to_string());
         if let Some(ticket) = self.tickets.lock().ok().and_then(|t| t.get(&key).cloned()) {
             return Ok(ticket);
@@ -84,7 +92,7 @@ impl OperatorApi {
             serde_json::from_slice(&answer.body).map_err(|e| OperatorError::NotASession(e.to_string()))?;
         // The operator's view may already be of a newer pod: use it only for the one asked.
         let ticket = match (view.pod.as_deref(), view.binding) {
-            (Some(bound), Some(ticket)) if bound == pod => ticket,
+            (Some(bound), Some(binding)) if bound == pod => Tickets { binding, relay: view.relay },
             _ => return Err(OperatorError::Refused(StatusCode::CONFLICT)),
         };
         if let Ok(mut tickets) = self.tickets.lock() {

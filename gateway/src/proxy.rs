@@ -24,6 +24,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::reply::{self, Refused};
 use crate::state::{Gateway, now_unix};
 use crate::target::{self, NoTarget, Target};
+use crate::udp_relay::UdpRelay;
+use tidepool_protocol::pod::{UDP_GRANT_PATH, UdpGrant};
+use tidepool_protocol::relay::RelayKey;
+use tidepool_wire::token::relay_key;
 
 /// Where a session's streams are served on the gateway; the rest of the
 /// path is the pod's own.
@@ -33,6 +37,7 @@ pub const PREFIX: &str = "/s";
 pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(90);
 /// The header that carries the binding ticket to the pod.
 const BINDING: HeaderName = HeaderName::from_static("x-tidepool-binding");
+const RELAY: HeaderName = HeaderName::from_static("x-tidepool-relay");
 
 /// The client of session pods.
 pub type PodClient = Client<HttpConnector, Counted<Body>>;
@@ -228,9 +233,9 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
             Refused::new(StatusCode::TOO_MANY_REQUESTS, "streams_per_session", "this session has too many streams open")
                 .retry_after(1)
         })?;
-    let ticket = gateway
+    let tickets = gateway
         .operator
-        .ticket(&target.claims.ns, &target.claims.name, &target.claims.sid, &target.pod)
+        .tickets(&target.claims.ns, &target.claims.name, &target.claims.sid, &target.pod)
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, session = %target.claims.name, "no binding ticket");
@@ -242,9 +247,18 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let uri = pod_uri(&target, &parts.uri)?;
+    let relayed_grant = match (&gateway.udp, &tickets.relay) {
+        (Some(relay), Some(ticket)) if is_udp_grant(&parts.method, &parts.uri) => Some((relay.clone(), ticket.clone())),
+        _ => None,
+    };
     let mut headers = forwarded_headers(&parts.headers, upgrade);
     headers.insert(header::AUTHORIZATION, bearer(&token)?);
-    headers.insert(BINDING, HeaderValue::try_from(ticket).map_err(|_| internal())?);
+    headers.insert(BINDING, HeaderValue::try_from(&tickets.binding).map_err(|_| internal())?);
+    // With the relay ticket the pod takes X-Forwarded-For as the client's
+    // address (for its limits and the UDP cookie); without it, ours.
+    if let Some(relay) = &tickets.relay {
+        headers.insert(RELAY, HeaderValue::try_from(relay).map_err(|_| internal())?);
+    }
     headers.insert(
         HeaderName::from_static("x-forwarded-for"),
         HeaderValue::try_from(client.to_string()).map_err(|_| internal())?,
@@ -276,11 +290,59 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
     {
         return Ok(join_upgraded(client_upgrade, response, to_pod, to_client, Some(guard)));
     }
+    if let Some((relay, ticket)) = relayed_grant
+        && response.status() == StatusCode::OK
+    {
+        return relay_grant(&relay, &ticket, &target, response).await;
+    }
     let (parts, body) = response.into_parts();
     let mut answer = Response::new(Body::new(Counted::new(body, to_client, Some(guard))));
     *answer.status_mut() = parts.status;
     *answer.headers_mut() = answer_headers(&parts.headers, body_ended.load(Ordering::Relaxed));
     Ok(answer)
+}
+
+/// Whether a request asks its pod for a UDP grant.
+fn is_udp_grant(method: &axum::http::Method, uri: &Uri) -> bool {
+    method == axum::http::Method::POST && uri.path().strip_prefix(PREFIX) == Some(UDP_GRANT_PATH)
+}
+
+/// The most of a pod's grant answer read.
+const MAX_GRANT_BYTES: usize = 4096;
+
+/// The pod's UDP grant as the client gets it through the gateway: the
+/// gateway's UDP port in place of the pod's. The cookie's route is learned,
+/// so the relay passes the client's probes to that pod.
+async fn relay_grant(
+    relay: &UdpRelay,
+    ticket: &str,
+    target: &Target,
+    response: Response<hyper::body::Incoming>,
+) -> Result<Response<Body>, Refused> {
+    use http_body_util::{BodyExt, Limited};
+    let body = Limited::new(response.into_body(), MAX_GRANT_BYTES).collect();
+    let body = tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, body)
+        .await
+        .map_err(|_| unreachable_pod("pod_timeout"))?
+        .map_err(|_| unreachable_pod("pod_unreachable"))?
+        .to_bytes();
+    let grant: UdpGrant = serde_json::from_slice(&body).map_err(|_| unreachable_pod("pod_unreachable"))?;
+    let pod_ip = target
+        .endpoint
+        .parse::<Uri>()
+        .ok()
+        .and_then(|uri| uri.host()?.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok())
+        .ok_or_else(internal)?;
+    let key = relay_key(ticket).ok_or_else(internal)?;
+    let pod = std::net::SocketAddr::new(pod_ip, grant.port);
+    relay.routes().learn(grant.cookie, pod, Arc::new(RelayKey::new(&key)), target.claims.exp);
+    let answer = UdpGrant { port: relay.advertised_port, cookie: grant.cookie };
+    let body = serde_json::to_vec(&answer).map_err(|_| internal())?;
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .map_err(|_| internal())
 }
 
 /// The headers of the pod's answer as the client gets them. An answer that
@@ -427,6 +489,7 @@ pub fn forwarded_headers(headers: &HeaderMap, upgrade: bool) -> HeaderMap {
                 | "host"
                 | "authorization"
                 | "x-tidepool-binding"
+                | "x-tidepool-relay"
                 | "x-forwarded-for"
         ) || named.iter().any(|n| n == name.as_str());
         if !hop {
@@ -624,6 +687,7 @@ mod tests {
             ("x-secret-hop", "1"),
             ("authorization", "Bearer client"),
             ("x-tidepool-binding", "forged"),
+            ("x-tidepool-relay", "forged"),
             ("x-forwarded-for", "1.2.3.4"),
             ("host", "gateway"),
             ("transfer-encoding", "chunked"),

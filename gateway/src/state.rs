@@ -33,6 +33,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// The web UI's files, when `--ui-dir` names a build.
     pub ui: Option<crate::ui::Ui>,
+    /// The UDP echo relay, unless `--udp-listen=off`.
+    pub udp: Option<Arc<crate::udp_relay::UdpRelay>>,
 }
 
 impl Gateway {

@@ -1111,3 +1111,52 @@ async fn an_addresss_bytes_per_hour_are_shared_by_the_replicas() {
     let sessions_now = sessions.list(&Default::default()).await.unwrap().items.len();
     assert_eq!(sessions_now, 1, "a refused create made a session");
 }
+
+/// The UDP echo from outside the cluster: the CLI, given only the gateway,
+/// asks its pod for a grant through it and gets the gateway's UDP port;
+/// its probes are relayed to the pod with its address and the echoes come
+/// back, so loss and jitter come from UDP. Datagrams that are not probes,
+/// or carry a cookie no grant gave, reach no pod and get no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clis_udp_echo_is_relayed_by_the_gateway_and_stray_datagrams_go_nowhere() {
+    use tidepool_protocol::pod::UdpProbe;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let pools = [("open", 1, json!({ "public": true }))];
+    let Stage { cluster, operator: _operator, gateway, _runner } = stage(&[], &pools).await;
+    let relayed = |direction: &str| {
+        format!(r#"tidepool_gateway_udp_datagrams_total{{direction="{direction}",outcome="relayed"}}"#)
+    };
+    assert_eq!(metric(&gateway, &relayed("to_client")).await, 0.0);
+
+    let cli = workspace_binary("tidepool-cli", "tidepool").unwrap();
+    let token_file = cluster.token_file().display().to_string();
+    let args = ["run", "--operator", &gateway.url, "--api-token-file", &token_file, "--pool", "open"];
+    let run = tokio::process::Command::new(&cli).args(args).args(["--profile", "latency", "--json"]).output();
+    let run = tokio::time::timeout(Duration::from_secs(120), run).await.expect("the CLI took 2 minutes").unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "{stdout}\n{stderr}\ngateway: {}", gateway.process.log_tail(30));
+    assert!(!stderr.contains("no UDP echo"), "the CLI fell back to the WebSocket: {stderr}");
+    let out: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let results = out.get("results").unwrap_or(&out);
+    assert_eq!(results["latency"]["lossPercent"].as_f64(), Some(0.0), "{results}");
+    let (to_pod, to_client) =
+        (metric(&gateway, &relayed("to_pod")).await, metric(&gateway, &relayed("to_client")).await);
+    assert!(to_client >= 10.0 && to_client == to_pod, "relayed {to_pod} to the pod, {to_client} back");
+
+    // Stray datagrams at the relay's port (the gateway's port, as UDP).
+    let relay_port = gateway.url.rsplit(':').next().unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let relay = format!("127.0.0.1:{relay_port}");
+    let mut forged = [0u8; 64];
+    UdpProbe { cookie: 42, seq: 0, client_time_us: 1, server_time_us: 0 }.write(&mut forged).unwrap();
+    socket.send_to(b"not a probe at all", &relay).unwrap();
+    socket.send_to(&forged, &relay).unwrap();
+    let mut answer = [0u8; 2048];
+    assert!(socket.recv_from(&mut answer).is_err(), "a stray datagram was answered");
+    let dropped =
+        |outcome: &str| format!(r#"tidepool_gateway_udp_datagrams_total{{direction="to_pod",outcome="{outcome}"}}"#);
+    assert_eq!(metric(&gateway, &dropped("not_a_probe")).await, 1.0);
+    assert_eq!(metric(&gateway, &dropped("unknown_cookie")).await, 1.0);
+    assert_eq!(metric(&gateway, &relayed("to_pod")).await, to_pod, "nothing more reached a pod");
+}

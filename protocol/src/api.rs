@@ -81,6 +81,10 @@ pub struct SessionView {
     /// The binding ticket for the current pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binding: Option<String>,
+    /// The relay ticket for the current pod: only for callers that may
+    /// relay (`create` on `testsessions/relay`), that is the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
     /// RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,

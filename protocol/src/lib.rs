@@ -17,6 +17,7 @@ pub mod egress;
 pub mod grading;
 pub mod names;
 pub mod pod;
+pub mod relay;
 pub mod results;
 pub mod stored;
 
@@ -25,6 +26,11 @@ use serde::{Deserialize, Serialize};
 /// The header that carries the binding ticket, on the pod's routes and the
 /// operator's results route.
 pub const BINDING_HEADER: &str = "x-tidepool-binding";
+
+/// The header that carries a relay ticket: the gateway's proof to a pod
+/// that it may name the client's address (in `X-Forwarded-For`) and relay
+/// the client's UDP echo.
+pub const RELAY_HEADER: &str = "x-tidepool-relay";
 
 /// The token of an `Authorization: Bearer <token>` header's value: the
 /// scheme in any case (RFC 9110), the token trimmed; `None` for another

@@ -1,6 +1,7 @@
 //! Credentials: the session token and the binding ticket, from headers or
 //! the query string, and the lock that makes the pod serve one session.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -8,13 +9,15 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use tidepool_wire::token::{PublicKeys, SessionClaims, TokenError};
+use tidepool_protocol::relay::RelayKey;
+use tidepool_wire::token::{PublicKeys, SessionClaims, TokenError, relay_key};
 
 use crate::clock::unix_seconds;
+use crate::connection::ClientAddr;
 use crate::error::{ApiError, Reason};
 use crate::session::BoundSession;
 use crate::state::PodState;
-use tidepool_protocol::BINDING_HEADER;
+use tidepool_protocol::{BINDING_HEADER, RELAY_HEADER};
 
 /// Why a request's credentials were refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +34,10 @@ pub enum AuthError {
     WrongPool { session_pool: String, pod_pool: String },
     #[error("this pod serves session {0}")]
     OtherSession(String),
+    #[error("the relay ticket does not let its holder relay for session {sid} at pod {pod}")]
+    Relay { sid: String, pod: String },
+    #[error("a relayed request must name its client's address in X-Forwarded-For")]
+    RelayedClient,
 }
 
 impl AuthError {
@@ -39,6 +46,7 @@ impl AuthError {
             Self::MissingToken
             | Self::MissingTicket
             | Self::Token(TokenError::Expired { .. } | TokenError::Malformed) => StatusCode::UNAUTHORIZED,
+            Self::RelayedClient => StatusCode::BAD_REQUEST,
             _ => StatusCode::FORBIDDEN,
         }
     }
@@ -48,6 +56,7 @@ impl AuthError {
         match (self, self.status()) {
             (Self::OtherSession(_), _) => Reason::OtherSession,
             (_, StatusCode::UNAUTHORIZED) => Reason::Unauthenticated,
+            (Self::RelayedClient, _) => Reason::BadForwarded,
             _ => Reason::Forbidden,
         }
     }
@@ -100,18 +109,58 @@ pub fn verify(
     Ok(claims)
 }
 
+/// A request relayed by the gateway: the client's address it names, and
+/// the relay ticket that vouches for it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Relayed<'a> {
+    pub client: IpAddr,
+    pub ticket: &'a str,
+}
+
+/// Whether `headers` carry a relay ticket for session `sid` at pod `pod`
+/// and, if so, the client's address they name (the last `X-Forwarded-For`
+/// entry: the gateway sets it to the one address it saw). Without a
+/// ticket `X-Forwarded-For` is anyone's word and is not read.
+pub fn relayed<'a>(
+    keys: &PublicKeys,
+    sid: &str,
+    pod: &str,
+    headers: &'a HeaderMap,
+) -> Result<Option<Relayed<'a>>, AuthError> {
+    let Some(ticket) = headers.get(RELAY_HEADER) else { return Ok(None) };
+    let ticket = ticket.to_str().map_err(|_| AuthError::Relay { sid: sid.to_owned(), pod: pod.to_owned() })?.trim();
+    keys.verify_relay(ticket, sid, pod).map_err(|_| AuthError::Relay { sid: sid.to_owned(), pod: pod.to_owned() })?;
+    let forwarded = headers.get_all("x-forwarded-for").iter().next_back().and_then(|v| v.to_str().ok());
+    let last = forwarded.and_then(|v| v.rsplit(',').next()).map(str::trim).unwrap_or_default();
+    let client = last.parse::<IpAddr>().map_err(|_| AuthError::RelayedClient)?;
+    Ok(Some(Relayed { client: client.to_canonical(), ticket }))
+}
+
 /// Middleware: lets a request through only with credentials of the session
 /// this pod serves, binding the pod to the first such session, and hands
-/// the handlers that session as an `Arc<BoundSession>` extension.
+/// the handlers that session as an `Arc<BoundSession>` extension. A request
+/// the gateway relays is told its client's address instead of the gateway's.
 pub async fn require_session(State(state): State<Arc<PodState>>, mut request: Request, next: Next) -> Response {
-    match authorize(&state, request.headers(), request.uri().query()) {
-        Ok(session) => {
-            request.extensions_mut().insert(session);
-            next.run(request).await
-        }
+    let session = match authorize(&state, request.headers(), request.uri().query()) {
+        Ok(session) => session,
         // Counted by the request counter, by the answer's reason.
-        Err(error) => ApiError::from(error).into_response(),
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    match relayed(&state.public_keys, &session.claims.sid, &state.identity.pod, request.headers()) {
+        Ok(None) => {}
+        Ok(Some(relayed)) => {
+            if state.relay_key.get().is_none()
+                && let Some(key) = relay_key(relayed.ticket)
+            {
+                let _ = state.relay_key.set(RelayKey::new(&key));
+            }
+            let client = ClientAddr(SocketAddr::new(relayed.client, 0));
+            request.extensions_mut().insert(client);
+        }
+        Err(error) => return ApiError::from(error).into_response(),
     }
+    request.extensions_mut().insert(session);
+    next.run(request).await
 }
 
 fn authorize(state: &PodState, headers: &HeaderMap, query: Option<&str>) -> Result<Arc<BoundSession>, AuthError> {
@@ -190,5 +239,50 @@ mod tests {
             (Some("t.h".into()), Some("b.h".into()))
         );
         assert_eq!(presented_credentials(&HeaderMap::new(), Some("%%%")), (None, None));
+    }
+
+    #[test]
+    fn only_a_relay_ticket_for_this_session_and_pod_makes_forwarded_for_count() {
+        let key = PoolSigningKey::generate().unwrap();
+        let keys: PublicKeys = key.public().into();
+        let relay = key.sign_relay("sid-1", "pod-a");
+        let headers = |ticket: Option<&str>, forwarded: &[&str]| {
+            let mut headers = HeaderMap::new();
+            if let Some(ticket) = ticket {
+                headers.insert(RELAY_HEADER, HeaderValue::from_str(ticket).unwrap());
+            }
+            for value in forwarded {
+                headers.append("x-forwarded-for", HeaderValue::from_str(value).unwrap());
+            }
+            headers
+        };
+        let client = |h: &HeaderMap| relayed(&keys, "sid-1", "pod-a", h).map(|r| r.map(|r| r.client.to_string()));
+        // No ticket: X-Forwarded-For is anyone's word, and is not read.
+        assert_eq!(client(&headers(None, &["203.0.113.9"])), Ok(None));
+        assert_eq!(client(&headers(Some(&relay), &["203.0.113.9"])), Ok(Some("203.0.113.9".into())));
+        // The last entry of the last header: what the gateway set.
+        assert_eq!(
+            client(&headers(Some(&relay), &["10.0.0.1", "1.2.3.4, ::ffff:198.51.100.7"])),
+            Ok(Some("198.51.100.7".into()))
+        );
+        for bad in [&[][..], &["garbage"], &["203.0.113.9, "]] {
+            let refused = client(&headers(Some(&relay), bad)).unwrap_err();
+            assert_eq!(
+                (refused.status(), refused.reason()),
+                (StatusCode::BAD_REQUEST, Reason::BadForwarded),
+                "{bad:?}"
+            );
+        }
+        let foreign = [
+            key.sign_relay("sid-1", "pod-b"),
+            key.sign_relay("sid-2", "pod-a"),
+            key.sign_binding("sid-1", "pod-a"),
+            PoolSigningKey::generate().unwrap().sign_relay("sid-1", "pod-a"),
+            "garbage".into(),
+        ];
+        for ticket in foreign {
+            let refused = client(&headers(Some(&ticket), &["203.0.113.9"])).unwrap_err();
+            assert_eq!((refused.status(), refused.reason()), (StatusCode::FORBIDDEN, Reason::Forbidden), "{ticket}");
+        }
     }
 }

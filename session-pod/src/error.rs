@@ -21,6 +21,8 @@ pub enum Reason {
     Forbidden,
     /// Credentials of another session than the one the pod serves.
     OtherSession,
+    /// A relayed request without a sound client address.
+    BadForwarded,
     TestsPerHour,
     BytesPerHour,
     ConcurrentSockets,
@@ -72,10 +74,11 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 32] = [
         Self::Unauthenticated,
         Self::Forbidden,
         Self::OtherSession,
+        Self::BadForwarded,
         Self::TestsPerHour,
         Self::BytesPerHour,
         Self::ConcurrentSockets,
@@ -111,6 +114,7 @@ impl Reason {
             Self::Unauthenticated => "unauthenticated",
             Self::Forbidden => "forbidden",
             Self::OtherSession => "other_session",
+            Self::BadForwarded => "bad_forwarded_for",
             Self::TestsPerHour => "tests_per_hour",
             Self::BytesPerHour => "bytes_per_hour",
             Self::ConcurrentSockets => "concurrent_sockets",

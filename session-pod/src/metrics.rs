@@ -190,7 +190,7 @@ impl Metrics {
         for dropped in crate::udp_cookie::Dropped::ALL {
             self.udp_datagrams.with_label_values(&[dropped.label()]);
         }
-        for outcome in ["echoed", "send_failed"] {
+        for outcome in ["echoed", "relayed", "send_failed"] {
             self.udp_datagrams.with_label_values(&[outcome]);
         }
         for closed in [HEADER_TIMEOUT, IDLE_TIMEOUT, WRITE_TIMEOUT] {

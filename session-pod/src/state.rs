@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use prometheus::IntCounter;
 use tidepool_crds::test_session::SessionResults;
 use tidepool_protocol::egress::EgressPolicy;
+use tidepool_protocol::relay::RelayKey;
 use tidepool_wire::token::PublicKeys;
 use tokio::sync::{Notify, Semaphore, watch};
 
@@ -42,6 +43,9 @@ pub struct PodState {
     pub udp_port: u16,
     /// The UDP grants' cookies.
     pub udp_cookies: UdpCookies,
+    /// The key of datagrams relayed by the gateway, from the first relay
+    /// ticket this pod accepted (one session, one pod: one ticket).
+    pub relay_key: OnceLock<RelayKey>,
     pub reporter: OperatorReporter,
     /// How long a request body may take (JSON bodies in all; any body
     /// between two of its pieces).
@@ -168,6 +172,7 @@ impl PodState {
             random: parts.random,
             udp_port: parts.udp_port,
             udp_cookies: parts.udp_cookies,
+            relay_key: OnceLock::new(),
             reporter: parts.reporter,
             body_read_timeout: parts.body_read_timeout,
             latest_results: Mutex::new(None),

@@ -23,7 +23,8 @@ use crate::session::BoundSession;
 use crate::state::{PodState, until_shutdown};
 use crate::udp_cookie::LastCookie;
 pub use crate::udp_cookie::{Dropped, UdpCookies, check};
-use tidepool_protocol::pod::{UDP_MAX_BYTES, UdpGrant, UdpProbe};
+use tidepool_protocol::pod::{UdpGrant, UdpProbe};
+use tidepool_protocol::relay::{self, RELAY_HEADER_BYTES, RELAY_MAX_BYTES, RelayKey};
 
 /// The socket buffers we ask for: 4 MiB holds a third of a second at
 /// 100 Mbit/s, so a busy moment of the runtime drops nothing.
@@ -124,8 +125,8 @@ impl SessionTally {
 
 /// Echoes until shutdown.
 pub async fn echo(socket: UdpSocket, state: Arc<PodState>, caps: UdpCaps) {
-    // One byte more than the largest probe, so an oversized datagram shows.
-    let mut buffer = [0u8; UDP_MAX_BYTES + 1];
+    // One byte more than the largest datagram, so an oversized one shows.
+    let mut buffer = [0u8; RELAY_MAX_BYTES + 1];
     let mut shutdown = state.shutdown_signal();
     let mut tally = SessionTally::default();
     let mut last_cookie = LastCookie::default();
@@ -143,27 +144,45 @@ pub async fn echo(socket: UdpSocket, state: Arc<PodState>, caps: UdpCaps) {
             }
         };
         let datagram = &mut buffer[..len];
+        // Through the gateway the client is the one the wrapper names; the
+        // echo still goes back to the datagram's source, the gateway.
+        let (client, relay_key) = match relayed_client(datagram, state.relay_key.get()) {
+            Ok(Some((client, key))) => (client, Some(key)),
+            Ok(None) => (peer, None),
+            Err(dropped) => {
+                count(dropped.label());
+                continue;
+            }
+        };
+        let probe_at = if relay_key.is_some() { RELAY_HEADER_BYTES } else { 0 };
         let expected =
-            || state.session().map(|s| last_cookie.get(&state.udp_cookies, &s.claims.sid, peer.ip().to_canonical()));
-        if let Err(dropped) = check(datagram, expected, &state.udp_cookies) {
+            || state.session().map(|s| last_cookie.get(&state.udp_cookies, &s.claims.sid, client.ip().to_canonical()));
+        if let Err(dropped) = check(&datagram[probe_at..], expected, &state.udp_cookies) {
             count(dropped.label());
             continue;
         }
-        if let Err(dropped) = tally.allows(len, caps) {
+        let probe_len = len - probe_at;
+        if let Err(dropped) = tally.allows(probe_len, caps) {
             count(dropped.label());
             continue;
         }
         // Both ways cross the client's line.
-        if state.charge(peer.ip(), 2 * len as u64).is_err() {
+        if state.charge(client.ip(), 2 * probe_len as u64).is_err() {
             count(Dropped::OverLimit.label());
             continue;
         }
-        tally.record(len);
-        UdpProbe::stamp_server_time(datagram, unix_micros());
+        tally.record(probe_len);
+        UdpProbe::stamp_server_time(&mut datagram[probe_at..], unix_micros());
+        if let Some(key) = relay_key
+            && relay::seal(key, datagram).is_err()
+        {
+            count(Dropped::BadRelay.label());
+            continue;
+        }
         match socket.send_to(datagram, peer).await {
             Ok(_) => {
-                count("echoed");
-                state.metrics.udp_bytes.inc_by(len as u64);
+                count(if relay_key.is_some() { "relayed" } else { "echoed" });
+                state.metrics.udp_bytes.inc_by(probe_len as u64);
             }
             Err(e) => {
                 tracing::debug!(error = %e, %peer, "udp send failed");
@@ -172,9 +191,41 @@ pub async fn echo(socket: UdpSocket, state: Arc<PodState>, caps: UdpCaps) {
         }
     }
 }
+
+/// The client a relayed datagram names, with the key it was checked with;
+/// `None` for a datagram sent straight to the pod.
+fn relayed_client<'k>(
+    datagram: &[u8],
+    key: Option<&'k RelayKey>,
+) -> Result<Option<(SocketAddr, &'k RelayKey)>, Dropped> {
+    if !relay::is_relayed(datagram) {
+        return Ok(None);
+    }
+    let key = key.ok_or(Dropped::BadRelay)?;
+    let client = relay::open(key, datagram).map_err(|_| Dropped::BadRelay)?;
+    Ok(Some((client, key)))
+}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relayed_datagram_names_its_client_only_under_the_relay_key() {
+        let key = RelayKey::new(&[1; 32]);
+        let client: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let mut probe = [0u8; 64];
+        UdpProbe { cookie: 1, seq: 2, client_time_us: 3, server_time_us: 0 }.write(&mut probe).unwrap();
+        let mut wrapped = [0u8; RELAY_MAX_BYTES];
+        let len = relay::wrap(&key, client, &probe, &mut wrapped).unwrap();
+        assert_eq!(relayed_client(&probe, Some(&key)).map(|r| r.is_none()), Ok(true), "a direct probe");
+        assert_eq!(relayed_client(&probe, None).map(|r| r.is_none()), Ok(true));
+        assert_eq!(relayed_client(&wrapped[..len], Some(&key)).map(|r| r.map(|(c, _)| c)), Ok(Some(client)));
+        // Before the gateway's ticket reached the pod, or under another key.
+        assert_eq!(relayed_client(&wrapped[..len], None).map(|_| ()), Err(Dropped::BadRelay));
+        let other = RelayKey::new(&[2; 32]);
+        assert_eq!(relayed_client(&wrapped[..len], Some(&other)).map(|_| ()), Err(Dropped::BadRelay));
+        assert_eq!(relayed_client(b"TPR1 short", Some(&key)).map(|_| ()), Err(Dropped::BadRelay));
+    }
 
     #[test]
     fn the_session_caps_hold() {

@@ -100,11 +100,21 @@ pub enum Dropped {
     OverLimit,
     /// The session's datagrams or bytes are spent.
     SessionLimit,
+    /// A relayed datagram (`TPR1`) with a bad frame or tag, or before the
+    /// gateway's relay ticket reached the pod.
+    BadRelay,
 }
 
 impl Dropped {
-    pub const ALL: [Dropped; 6] =
-        [Self::BadSize, Self::BadMagic, Self::BadCookie, Self::WrongSource, Self::OverLimit, Self::SessionLimit];
+    pub const ALL: [Dropped; 7] = [
+        Self::BadSize,
+        Self::BadMagic,
+        Self::BadCookie,
+        Self::WrongSource,
+        Self::OverLimit,
+        Self::SessionLimit,
+        Self::BadRelay,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -114,6 +124,7 @@ impl Dropped {
             Self::WrongSource => "wrong_source",
             Self::OverLimit => "over_limit",
             Self::SessionLimit => "session_limit",
+            Self::BadRelay => "bad_relay",
         }
     }
 }

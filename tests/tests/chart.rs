@@ -310,6 +310,7 @@ const NAMESPACED_GRANTS: &[&str] = &[
 /// sessions and pods, and the session verbs the operator's API reviews.
 const GATEWAY_GRANTS: &[&str] = &[
     "create testsessions.tidepool.dev",
+    "create testsessions/relay.tidepool.dev",
     "delete testsessions.tidepool.dev",
     "get pods",
     "get testsessions.tidepool.dev",
@@ -714,6 +715,8 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
         [
             "--listen=0.0.0.0:8080",
             "--admin-listen=0.0.0.0:9090",
+            "--udp-listen=0.0.0.0:8080",
+            "--udp-advertised-port=80",
             "--operator-url=http://tidepool-operator.tidepool.svc:8080",
             "--namespaces=tidepool",
             "--session-namespace=tidepool",
@@ -731,7 +734,7 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
         .iter()
         .map(|p| (str_of(&p["name"]).to_string(), p["containerPort"].as_u64().unwrap()))
         .collect();
-    assert_eq!(named_ports, [("http".to_string(), 8080), ("admin".to_string(), 9090)]);
+    assert_eq!(named_ports, [("http".to_string(), 8080), ("udp".to_string(), 8080), ("admin".to_string(), 9090)]);
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         assert_eq!(str_of(&container[probe]["httpGet"]["path"]), path, "{probe}");
         assert_eq!(str_of(&container[probe]["httpGet"]["port"]), "admin", "{probe}");
@@ -763,7 +766,19 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
         .iter()
         .map(|p| (str_of(&p["name"]).to_string(), p["port"].as_u64().unwrap(), str_of(&p["targetPort"]).to_string()))
         .collect();
-    assert_eq!(service_ports, [("http".into(), 80, "http".into()), ("admin".into(), 9090, "admin".into())]);
+    assert_eq!(
+        service_ports,
+        [("http".into(), 80, "http".into()), ("udp".into(), 80, "udp".into()), ("admin".into(), 9090, "admin".into())]
+    );
+    // The UDP echo's routes live in the replica that passed on the grant.
+    assert_eq!(str_of(&service["spec"]["sessionAffinity"]), "ClientIP");
+    let without_udp = render(&["--set", "gateway.enabled=true,gateway.udp.enabled=false"]);
+    assert!(gateway_args(&without_udp).iter().any(|a| a == "--udp-listen=off"));
+    let service = find(&without_udp, "Service", "tidepool-gateway");
+    assert!(service["spec"]["sessionAffinity"].is_null());
+    assert_eq!(service["spec"]["ports"].as_sequence().unwrap().len(), 2, "no UDP port");
+    let policy = &find(&without_udp, "NetworkPolicy", "tidepool-gateway")["spec"];
+    assert_eq!(ports(&policy["ingress"][0]["ports"]), ["8080/TCP", "9090/TCP"]);
     let mut selector = serde_yaml::Mapping::new();
     selector.insert("matchLabels".into(), service["spec"]["selector"].clone());
     assert!(selects(&Value::Mapping(selector), gateway_pods), "the Service misses the gateway's pods");
@@ -775,7 +790,7 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
     // and the session port already let anyone in, the gateway too.
     let policy = &find(&on, "NetworkPolicy", "tidepool-gateway")["spec"];
     assert_eq!(strings(&policy["policyTypes"]), ["Ingress"]);
-    assert_eq!(ports(&policy["ingress"][0]["ports"]), ["8080/TCP", "9090/TCP"]);
+    assert_eq!(ports(&policy["ingress"][0]["ports"]), ["8080/TCP", "8080/UDP", "9090/TCP"]);
     assert!(selects(&policy["podSelector"], gateway_pods), "the gateway's policy misses its pods");
     for name in ["tidepool-operator", "tidepool-sessions"] {
         let ingress = &find(&on, "NetworkPolicy", name)["spec"]["ingress"];
@@ -817,6 +832,8 @@ fn gateway_renders(defaults: &[Value], all: &[Value]) {
         [
             "--listen=0.0.0.0:8080",
             "--admin-listen=0.0.0.0:9090",
+            "--udp-listen=0.0.0.0:8080",
+            "--udp-advertised-port=8000",
             "--operator-url=http://tidepool-operator.tidepool.svc:8080",
             "--namespaces=tidepool,tidepool-check,team-a,team-b",
             "--session-namespace=tidepool",
@@ -1279,6 +1296,7 @@ const GATEWAY_MAY: &[&str] = &[
     "create testsessions.tidepool.dev -n tidepool",
     "delete testsessions.tidepool.dev -n tidepool",
     "patch testsessions.tidepool.dev -n tidepool",
+    "create testsessions.tidepool.dev --subresource=relay -n tidepool",
     "list warmpools.tidepool.dev -n tidepool",
     "watch warmpools.tidepool.dev -n tidepool",
     "get warmpools.tidepool.dev -n tidepool",
@@ -1306,6 +1324,7 @@ const GATEWAY_MAY_NOT: &[&str] = &[
     "delete warmpools.tidepool.dev -n tidepool",
     "list testsessions.tidepool.dev -n team-x",
     "create testsessions.tidepool.dev -n team-x",
+    "create testsessions.tidepool.dev --subresource=relay -n team-x",
     "list warmpools.tidepool.dev -n team-x",
     "list pods -n team-x",
     "list pods --all-namespaces",
@@ -1464,7 +1483,7 @@ async fn chart_installs_and_each_account_has_only_what_it_needs() {
     let agent_policy = kept("tidepool-agent").await;
     assert_eq!(ports(&agent_policy["ingress"][0]["ports"]), ["9101/TCP"]);
     let gateway_policy = kept("tidepool-gateway").await;
-    assert_eq!(ports(&gateway_policy["ingress"][0]["ports"]), ["8080/TCP", "9090/TCP"]);
+    assert_eq!(ports(&gateway_policy["ingress"][0]["ports"]), ["8080/TCP", "8080/UDP", "9090/TCP"]);
     let gateway_pods = &gateway["spec"]["template"]["metadata"]["labels"];
     assert!(selects(&gateway_policy["podSelector"], gateway_pods), "the gateway's policy misses its pods");
 
@@ -1705,6 +1724,7 @@ async fn run_the_gateway(plane: &ControlPlane, operator_url: &str) {
     let set = [
         ("--listen", format!("127.0.0.1:{port}")),
         ("--admin-listen", format!("127.0.0.1:{admin_port}")),
+        ("--udp-listen", format!("127.0.0.1:{port}")),
         ("--operator-url", operator_url.to_string()),
         ("--ui-dir", ui_index.parent().unwrap().display().to_string()),
     ];
@@ -1744,7 +1764,11 @@ async fn run_the_gateway(plane: &ControlPlane, operator_url: &str) {
     let name = view["name"].as_str().unwrap();
     let one = format!("{url}/api/v1/sessions/{name}?namespace={NAMESPACE}");
     let read = http.get(&one).bearer_auth(token.trim()).send().await.unwrap();
-    assert_eq!(read.status().as_u16(), 200, "{}", read.text().await.unwrap());
+    assert_eq!(read.status().as_u16(), 200);
+    // The chart's Role lets the gateway relay (create testsessions/relay),
+    // so the operator signs it a relay ticket for the session's pod.
+    let read: serde_json::Value = read.json().await.unwrap();
+    assert!(read["relay"].as_str().is_some_and(|t| !t.is_empty()), "no relay ticket for the gateway: {read}");
     let ended = http.delete(&one).bearer_auth(token.trim()).send().await.unwrap();
     assert!(ended.status().is_success(), "{}: {}", ended.status(), ended.text().await.unwrap());
 

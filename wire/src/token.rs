@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 /// neither can be replayed as the other.
 const SESSION_DOMAIN: &[u8] = b"tidepool/session-token/v1\0";
 const BINDING_DOMAIN: &[u8] = b"tidepool/binding-ticket/v1\0";
+const RELAY_DOMAIN: &[u8] = b"tidepool/relay-ticket/v1\0";
+const RELAY_KEY_DOMAIN: &[u8] = b"tidepool/relay-key/v1\0";
 
 /// Why a credential was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -170,6 +172,14 @@ impl PoolSigningKey {
         let signature = B64.encode(self.0.sign(&binding_message(sid, pod)).to_bytes());
         format!("{}.{signature}", self.public().kid())
     }
+
+    /// Signs a relay ticket: its holder may speak for session `sid`'s
+    /// clients to pod `pod` (name their addresses, relay their datagrams).
+    /// The operator gives it only to callers allowed to relay: the gateway.
+    pub fn sign_relay(&self, sid: &str, pod: &str) -> String {
+        let signature = B64.encode(self.0.sign(&relay_message(sid, pod)).to_bytes());
+        format!("{}.{signature}", self.public().kid())
+    }
 }
 
 impl std::fmt::Debug for PoolSigningKey {
@@ -226,6 +236,13 @@ impl PoolPublicKey {
         let signature = decode_signature(signature)?;
         self.0.verify_strict(&binding_message(sid, pod), &signature).map_err(|_| TokenError::BadSignature)
     }
+
+    /// Checks that `ticket` lets its holder relay for session `sid` at pod `pod`.
+    pub fn verify_relay(&self, ticket: &str, sid: &str, pod: &str) -> Result<(), TokenError> {
+        let (_, signature) = split_ticket(ticket);
+        let signature = decode_signature(signature)?;
+        self.0.verify_strict(&relay_message(sid, pod), &signature).map_err(|_| TokenError::BadSignature)
+    }
 }
 
 /// The public keys a pod accepts: the pool's current one and, while a
@@ -272,6 +289,12 @@ impl PublicKeys {
         let (kid, _) = split_ticket(ticket);
         self.by_kid(kid.ok_or(TokenError::Malformed)?)?.verify_binding(ticket, sid, pod)
     }
+
+    /// Checks a relay ticket with the key it names.
+    pub fn verify_relay(&self, ticket: &str, sid: &str, pod: &str) -> Result<(), TokenError> {
+        let (kid, _) = split_ticket(ticket);
+        self.by_kid(kid.ok_or(TokenError::Malformed)?)?.verify_relay(ticket, sid, pod)
+    }
 }
 
 impl From<PoolPublicKey> for PublicKeys {
@@ -292,6 +315,23 @@ fn split_ticket(ticket: &str) -> (Option<&str>, &str) {
 fn binding_message(sid: &str, pod: &str) -> Vec<u8> {
     let sid_len = (sid.len() as u32).to_be_bytes();
     [BINDING_DOMAIN, &sid_len, sid.as_bytes(), pod.as_bytes()].concat()
+}
+
+fn relay_message(sid: &str, pod: &str) -> Vec<u8> {
+    let sid_len = (sid.len() as u32).to_be_bytes();
+    [RELAY_DOMAIN, &sid_len, sid.as_bytes(), pod.as_bytes()].concat()
+}
+
+/// The key that authenticates relayed datagrams between the gateway and
+/// the pod: SHA-256 of the relay ticket's signature. Both ends hold the
+/// ticket (Ed25519 signs deterministically, so every gateway replica gets
+/// the same one from the operator) and nobody else does, so no secret has
+/// to be stored or passed around. `None` for a ticket that does not parse.
+pub fn relay_key(ticket: &str) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let (_, signature) = split_ticket(ticket);
+    let signature = B64.decode(signature).ok().filter(|s| s.len() == 64)?;
+    Some(sha2::Sha256::digest([RELAY_KEY_DOMAIN, &signature].concat()).into())
 }
 
 fn decode_signature(text: &str) -> Result<Signature, TokenError> {
@@ -415,6 +455,36 @@ mod tests {
         assert!(key.public().verify_binding(signature, "4f6c-uid", "alice").is_err());
         let ticket = key.sign_binding("4f6c-uid", "alice");
         assert!(key.public().verify_session(&ticket, 0).is_err());
+    }
+
+    #[test]
+    fn a_relay_ticket_is_its_own_kind_and_binds_one_session_to_one_pod() {
+        let key = PoolSigningKey::generate().unwrap();
+        let keys = PublicKeys::from(key.public());
+        let relay = key.sign_relay("4f6c-uid", "alice");
+        assert_eq!(keys.verify_relay(&relay, "4f6c-uid", "alice"), Ok(()));
+        assert_eq!(keys.verify_relay(&relay, "4f6c-uid", "bob"), Err(TokenError::BadSignature));
+        assert_eq!(keys.verify_relay(&relay, "other-uid", "alice"), Err(TokenError::BadSignature));
+        // A binding ticket (which session owners get) does not relay, nor the reverse.
+        let binding = key.sign_binding("4f6c-uid", "alice");
+        assert_eq!(keys.verify_relay(&binding, "4f6c-uid", "alice"), Err(TokenError::BadSignature));
+        assert_eq!(keys.verify_binding(&relay, "4f6c-uid", "alice"), Err(TokenError::BadSignature));
+        let other = PoolSigningKey::generate().unwrap().sign_relay("4f6c-uid", "alice");
+        assert!(keys.verify_relay(&other, "4f6c-uid", "alice").is_err());
+        assert_eq!(keys.verify_relay("garbage", "4f6c-uid", "alice"), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn both_ends_of_a_relay_derive_one_key_and_another_ticket_another() {
+        let key = PoolSigningKey::generate().unwrap();
+        let ticket = key.sign_relay("4f6c-uid", "alice");
+        // Signed again (another gateway replica asking): the same ticket, the same key.
+        assert_eq!(key.sign_relay("4f6c-uid", "alice"), ticket);
+        let derived = relay_key(&ticket).unwrap();
+        assert_eq!(relay_key(&ticket), Some(derived));
+        assert_ne!(relay_key(&key.sign_relay("4f6c-uid", "bob")), Some(derived));
+        assert_eq!(relay_key("kid.not-base64!"), None);
+        assert_eq!(relay_key("kid.c2hvcnQ"), None);
     }
 
     #[test]

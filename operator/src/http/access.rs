@@ -67,6 +67,10 @@ pub enum Ask<'a> {
     Sessions { verb: &'static str, namespace: &'a str, name: Option<&'a str> },
     /// Routing a client: reading Backends.
     Route,
+    /// Speaking for sessions' clients to their pods (naming the client's
+    /// address, relaying its UDP echo): `create` on `testsessions/relay`,
+    /// which only the gateway is given.
+    Relay { namespace: &'a str },
 }
 
 /// Why a caller was turned away.
@@ -102,8 +106,17 @@ struct DecisionKey {
     identity: Arc<Identity>,
     verb: &'static str,
     resource: &'static str,
+    subresource: Option<&'static str>,
     namespace: Option<String>,
     name: Option<String>,
+}
+
+/// What a SubjectAccessReview asks about.
+struct Target<'a> {
+    resource: &'a str,
+    subresource: Option<&'a str>,
+    namespace: Option<&'a str>,
+    name: Option<&'a str>,
 }
 
 /// The access checks and their caches.
@@ -186,14 +199,16 @@ impl Access {
             Caller::Static => return self.static_may(ask),
             Caller::User(identity) => identity.clone(),
         };
-        let (verb, resource, namespace, name) = match ask {
-            Ask::Sessions { verb, namespace, name } => (verb, "testsessions", Some(namespace), name),
-            Ask::Route => ("get", "backends", None, None),
+        let (verb, resource, subresource, namespace, name) = match ask {
+            Ask::Sessions { verb, namespace, name } => (verb, "testsessions", None, Some(namespace), name),
+            Ask::Route => ("get", "backends", None, None, None),
+            Ask::Relay { namespace } => ("create", "testsessions", Some("relay"), Some(namespace), None),
         };
         let key = DecisionKey {
             identity: identity.clone(),
             verb,
             resource,
+            subresource,
             namespace: namespace.map(String::from),
             name: name.map(String::from),
         };
@@ -202,7 +217,8 @@ impl Access {
         let allowed = match cached {
             Some(allowed) => allowed,
             None => {
-                let allowed = self.review_access(&identity, verb, resource, namespace, name).await.map_err(|e| {
+                let target = Target { resource, subresource, namespace, name };
+                let allowed = self.review_access(&identity, verb, target).await.map_err(|e| {
                     tracing::warn!(error = %e, "SubjectAccessReview failed");
                     Denied::Unavailable
                 })?;
@@ -214,9 +230,13 @@ impl Access {
         if allowed {
             return Ok(());
         }
+        let resource = match subresource {
+            Some(sub) => format!("{resource}.{GROUP}/{sub}"),
+            None => format!("{resource}.{GROUP}"),
+        };
         Err(Denied::Forbidden(match namespace {
-            Some(ns) => format!("{} may not {verb} {resource}.{GROUP} in namespace {ns}", identity.username),
-            None => format!("{} may not {verb} {resource}.{GROUP}", identity.username),
+            Some(ns) => format!("{} may not {verb} {resource} in namespace {ns}", identity.username),
+            None => format!("{} may not {verb} {resource}", identity.username),
         }))
     }
 
@@ -224,8 +244,11 @@ impl Access {
         let namespaces = self.static_token.as_ref().map(|t| t.namespaces.as_slice()).unwrap_or_default();
         match ask {
             Ask::Route => Ok(()),
-            Ask::Sessions { namespace, .. } if namespaces.iter().any(|n| n == namespace) => Ok(()),
-            Ask::Sessions { namespace, .. } => {
+            // The static token's holder runs the small setup, gateway included.
+            Ask::Relay { namespace } | Ask::Sessions { namespace, .. } if namespaces.iter().any(|n| n == namespace) => {
+                Ok(())
+            }
+            Ask::Relay { namespace } | Ask::Sessions { namespace, .. } => {
                 Err(Denied::Forbidden(format!("the static token may not act in namespace {namespace}")))
             }
         }
@@ -250,14 +273,8 @@ impl Access {
         }))
     }
 
-    async fn review_access(
-        &self,
-        identity: &Identity,
-        verb: &str,
-        resource: &str,
-        namespace: Option<&str>,
-        name: Option<&str>,
-    ) -> Result<bool, kube::Error> {
+    async fn review_access(&self, identity: &Identity, verb: &str, target: Target<'_>) -> Result<bool, kube::Error> {
+        let Target { resource, subresource, namespace, name } = target;
         let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
@@ -268,6 +285,7 @@ impl Access {
                 resource_attributes: Some(ResourceAttributes {
                     group: Some(GROUP.into()),
                     resource: Some(resource.into()),
+                    subresource: subresource.map(String::from),
                     verb: Some(verb.into()),
                     namespace: namespace.map(String::from),
                     name: name.map(String::from),
@@ -318,6 +336,9 @@ mod tests {
         assert_eq!(access.authorize(&caller, create("team-a")).await, Ok(()));
         assert!(matches!(access.authorize(&caller, create("kube-system")).await, Err(Denied::Forbidden(_))));
         assert_eq!(access.authorize(&caller, Ask::Route).await, Ok(()));
+        assert_eq!(access.authorize(&caller, Ask::Relay { namespace: "team-a" }).await, Ok(()));
+        let elsewhere = Ask::Relay { namespace: "kube-system" };
+        assert!(matches!(access.authorize(&caller, elsewhere).await, Err(Denied::Forbidden(_))));
         // A token that differs from the static one is not it, however close.
         assert!(access.authenticate(Some("s3cret-statiC")).await.is_err());
     }
@@ -340,6 +361,7 @@ mod tests {
             identity: identity.clone(),
             verb: "get",
             resource: "testsessions",
+            subresource: None,
             namespace: Some("team-a".into()),
             name: Some("s1".into()),
         };

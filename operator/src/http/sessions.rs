@@ -171,11 +171,13 @@ async fn make_session(
     let name = created.name_any();
     let pool_uid = pool.uid();
     match tokio::time::timeout(state.ready_deadline, wait_ready(&api, &created)).await {
-        Ok(Ok(session)) => Ok((StatusCode::CREATED, Json(view(state, &session, pool_uid).await)).into_response()),
+        Ok(Ok(session)) => {
+            Ok((StatusCode::CREATED, Json(view(state, &session, pool_uid, false).await)).into_response())
+        }
         Ok(Err(e)) => Err(kube_refusal(e, "waiting for the session")),
         Err(_) => {
             let latest = api.get_opt(&name).await.ok().flatten().unwrap_or(created);
-            let session = view(state, &latest, pool_uid).await;
+            let session = view(state, &latest, pool_uid, false).await;
             let reason = session.reason.clone().unwrap_or_else(|| "no pod became ready in time".into());
             let body = NotReadyInTime {
                 error: format!("session {name} was not ready within {:?}: {reason}", state.ready_deadline),
@@ -239,7 +241,10 @@ pub async fn get(
     };
     let api: Api<TestSession> = Api::namespaced(state.client.clone(), &namespace);
     match api.get_opt(&name).await {
-        Ok(Some(session)) => Json(view(&state, &session, None).await).into_response(),
+        Ok(Some(session)) => {
+            let relay = state.access.authorize(&caller, Ask::Relay { namespace: &namespace }).await.is_ok();
+            Json(view(&state, &session, None, relay).await).into_response()
+        }
         Ok(None) => refuse(&state, "session", no_session(&namespace, &name)),
         Err(e) => refuse(&state, "session", kube_refusal(e, "reading the session")),
     }
@@ -288,8 +293,9 @@ fn no_session(namespace: &str, name: &str) -> Refused {
 }
 
 /// What the API shows of a session. `pool_uid` is the pool's UID when the
-/// caller has already read it; otherwise it comes from the pool cache.
-async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>) -> SessionView {
+/// caller has already read it; otherwise it comes from the pool cache. With
+/// `relay` (the caller may relay) it carries the pod's relay ticket too.
+async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>, relay: bool) -> SessionView {
     let namespace = session.namespace().unwrap_or_default();
     let status = session.status.clone().unwrap_or_default();
     let client =
@@ -353,6 +359,9 @@ async fn view(state: &ApiState, session: &TestSession, pool_uid: Option<String>)
             let signer = keys.signer_for(status.key_id.as_deref());
             view.token = Some(signer.sign_session(&claims));
             view.binding = Some(signer.sign_binding(&uid, pod));
+            if relay {
+                view.relay = Some(signer.sign_relay(&uid, pod));
+            }
         }
         Ok(None) => view.reason = Some("the pool's key is not readable; no credentials".into()),
         Err(e) => {
