@@ -65,6 +65,11 @@ impl Caches {
         self.sessions.get(namespace)?.get(&ObjectRef::new(name).within(namespace))
     }
 
+    /// Every watched session, in every served namespace.
+    pub fn all_sessions(&self) -> Vec<Arc<TestSession>> {
+        self.sessions.values().flat_map(|store| store.state()).collect()
+    }
+
     pub fn pool(&self, namespace: &str, name: &str) -> Option<Arc<WarmPool>> {
         self.pools.get(namespace)?.get(&ObjectRef::new(name).within(namespace))
     }

@@ -139,9 +139,13 @@ async fn run(flags: Flags) -> ExitCode {
         tasks.spawn("the TLS reloader".into(), tls.keep_reloading(gateway.metrics.tls_reloads.clone()));
     }
     if let (Some((public, upstream)), Some(relay)) = (udp, relay) {
+        use tidepool_gateway::udp_relay;
         let datagrams = gateway.metrics.udp_datagrams.clone();
-        tasks
-            .spawn("the UDP echo relay".into(), tidepool_gateway::udp_relay::relay(relay, public, upstream, datagrams));
+        let (queue, queued) = udp_relay::resolve_queue();
+        let relaying = udp_relay::relay(relay.clone(), public, upstream, queue, datagrams);
+        tasks.spawn("the UDP echo relay".into(), relaying);
+        tasks.spawn("the UDP routes' index".into(), udp_relay::keep_indexing(gateway.clone(), relay.clone()));
+        tasks.spawn("the UDP routes' resolver".into(), udp_relay::keep_resolving(gateway.clone(), relay, queued));
     }
     tasks.spawn("the sightings of clients".into(), tidepool_gateway::seen::keep_writing(gateway.clone()));
     tracing::info!(listen = %flags.listen, admin = %flags.admin_listen, "serving");

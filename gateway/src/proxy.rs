@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::reply::{self, Refused};
 use crate::state::{Gateway, now_unix};
 use crate::target::{self, NoTarget, Target};
-use crate::udp_relay::UdpRelay;
+use crate::udp_relay::{SharedRoute, UdpRelay, share};
 use tidepool_protocol::pod::{UDP_GRANT_PATH, UdpGrant};
 use tidepool_protocol::relay::RelayKey;
 use tidepool_wire::token::relay_key;
@@ -293,7 +293,7 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
     if let Some((relay, ticket)) = relayed_grant
         && response.status() == StatusCode::OK
     {
-        return relay_grant(&relay, &ticket, &target, response).await;
+        return relay_grant(gateway, &relay, &ticket, &target, response).await;
     }
     let (parts, body) = response.into_parts();
     let mut answer = Response::new(Body::new(Counted::new(body, to_client, Some(guard))));
@@ -307,6 +307,9 @@ fn is_udp_grant(method: &axum::http::Method, uri: &Uri) -> bool {
     method == axum::http::Method::POST && uri.path().strip_prefix(PREFIX) == Some(UDP_GRANT_PATH)
 }
 
+/// How long a grant waits to write its route on the session.
+const SHARE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The most of a pod's grant answer read.
 const MAX_GRANT_BYTES: usize = 4096;
 
@@ -314,6 +317,7 @@ const MAX_GRANT_BYTES: usize = 4096;
 /// gateway's UDP port in place of the pod's. The cookie's route is learned,
 /// so the relay passes the client's probes to that pod.
 async fn relay_grant(
+    gateway: &Gateway,
     relay: &UdpRelay,
     ticket: &str,
     target: &Target,
@@ -336,6 +340,16 @@ async fn relay_grant(
     let key = relay_key(ticket).ok_or_else(internal)?;
     let pod = std::net::SocketAddr::new(pod_ip, grant.port);
     relay.routes().learn(grant.cookie, pod, Arc::new(RelayKey::new(&key)), target.claims.exp);
+    // Written before the answer, so the other replicas may know the route
+    // by the client's first datagram; without it this replica still relays.
+    let shared = SharedRoute { cookie: grant.cookie, pod: target.pod.clone(), port: grant.port };
+    let written =
+        tokio::time::timeout(SHARE_TIMEOUT, share(&gateway.kube, &target.claims.ns, &target.claims.name, &shared));
+    match written.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, session = %target.claims.name, "cannot share a UDP route"),
+        Err(_) => tracing::warn!(session = %target.claims.name, "sharing a UDP route timed out"),
+    }
     let answer = UdpGrant { port: relay.advertised_port, cookie: grant.cookie };
     let body = serde_json::to_vec(&answer).map_err(|_| internal())?;
     Response::builder()

@@ -28,7 +28,7 @@ pub const MIN_SPACING: Duration = Duration::from_secs(5);
 /// streams are open: a thousand streaming sessions cost the API server
 /// under 70 writes a second, and a replica is at most this far behind.
 pub const BYTES_SPACING: Duration = Duration::from_secs(15);
-const FIELD_MANAGER: &str = "tidepool-gateway";
+pub const FIELD_MANAGER: &str = "tidepool-gateway";
 
 /// Whether a sighting of a session with an open stream is due: none was
 /// written yet, or the last is older than a third of the grace (and at

@@ -7,17 +7,34 @@
 //! ([`tidepool_protocol::relay`]) and sent to the pod, whose echo comes back
 //! wrapped and goes to that address, if it is one that sent that cookie.
 //!
-//! The routes live in this replica: a client's datagrams must reach the
-//! replica that passed on its grant (see docs/gateway.md).
+//! The replica that passed on a grant writes the cookie's route on the
+//! session ([`ROUTE_ANNOTATION`]); every replica indexes those from its
+//! watch, so a datagram that reaches another replica is routed too, once
+//! that replica has fetched the relay ticket for the pod.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
+use kube::ResourceExt;
 use prometheus::IntCounterVec;
+use tidepool_crds::TestSession;
+use tidepool_crds::test_session::Phase;
 use tidepool_protocol::pod::{UDP_HEADER_BYTES, UDP_MAX_BYTES, UdpProbe};
 use tidepool_protocol::relay::{self, RELAY_HEADER_BYTES, RELAY_MAX_BYTES, RelayKey};
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::state::Gateway;
+
+/// The annotation on a session that names its latest grant's route:
+/// `<cookie, 16 hex digits> <pod> <pod's UDP port>`.
+pub const ROUTE_ANNOTATION: &str = "udp.tidepool.dev/route";
+/// How often each replica indexes the routes on the sessions it watches.
+const INDEX_EVERY: Duration = Duration::from_millis(500);
+/// Cookies waiting for their relay ticket; more are dropped, not queued.
+const RESOLVE_QUEUE: usize = 64;
 
 /// Routes kept; the oldest goes when another comes.
 const MAX_ROUTES: usize = 10_000;
@@ -41,11 +58,13 @@ pub enum Dropped {
     BadRelay,
     /// An echo for an address that did not send that cookie.
     UnknownClient,
+    /// A cookie another replica granted, whose route this one is fetching.
+    Resolving,
 }
 
 impl Dropped {
-    pub const ALL: [Dropped; 5] =
-        [Self::NotAProbe, Self::UnknownCookie, Self::OverRate, Self::BadRelay, Self::UnknownClient];
+    pub const ALL: [Dropped; 6] =
+        [Self::NotAProbe, Self::UnknownCookie, Self::OverRate, Self::BadRelay, Self::UnknownClient, Self::Resolving];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -54,6 +73,7 @@ impl Dropped {
             Self::OverRate => "over_rate",
             Self::BadRelay => "bad_relay",
             Self::UnknownClient => "unknown_client",
+            Self::Resolving => "resolving",
         }
     }
 }
@@ -134,6 +154,10 @@ impl Routes {
         Ok(client)
     }
 
+    pub fn knows(&self, cookie: u64) -> bool {
+        self.by_cookie.contains_key(&cookie)
+    }
+
     pub fn len(&self) -> usize {
         self.by_cookie.len()
     }
@@ -143,27 +167,177 @@ impl Routes {
     }
 }
 
+/// A grant's route as the session carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedRoute {
+    pub cookie: u64,
+    pub pod: String,
+    pub port: u16,
+}
+
+impl SharedRoute {
+    pub fn annotation(&self) -> String {
+        format!("{:016x} {} {}", self.cookie, self.pod, self.port)
+    }
+
+    /// The route an annotation names; `None` for anything else (an
+    /// annotation is anyone's text who may patch the session).
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(' ');
+        let (cookie, pod, port) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || cookie.len() != 16 || tidepool_protocol::names::object("pod", pod).is_err() {
+            return None;
+        }
+        Some(Self { cookie: u64::from_str_radix(cookie, 16).ok()?, pod: pod.to_string(), port: port.parse().ok()? })
+    }
+}
+
+/// Where a cookie's session is, from the routes written on sessions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shared {
+    pub namespace: String,
+    pub name: String,
+    pub route: SharedRoute,
+}
+
 /// The relay's settings and routes, shared by the proxy (which learns
-/// routes from grants) and the relay task.
+/// routes from grants), the relay task and the indexer.
 pub struct UdpRelay {
     /// The port clients are told to send to.
     pub advertised_port: u16,
     routes: Mutex<Routes>,
+    /// Routes other replicas granted, by cookie, from the sessions.
+    shared: Mutex<HashMap<u64, Shared>>,
+    /// Cookies queued for their relay ticket.
+    pending: Mutex<HashSet<u64>>,
 }
 
 impl UdpRelay {
     pub fn new(advertised_port: u16) -> Self {
-        Self { advertised_port, routes: Mutex::new(Routes::default()) }
+        Self {
+            advertised_port,
+            routes: Mutex::new(Routes::default()),
+            shared: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashSet::new()),
+        }
     }
 
     /// A poisoned lock holds sound routes (each change is a few plain steps).
     pub fn routes(&self) -> MutexGuard<'_, Routes> {
         self.routes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    fn shared(&self) -> MutexGuard<'_, HashMap<u64, Shared>> {
+        self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether an unknown `cookie` is another replica's grant, queued (once)
+    /// to be resolved; a full queue drops it, to be asked again by the
+    /// client's next datagram.
+    fn resolve(&self, cookie: u64, queue: &mpsc::Sender<u64>) -> bool {
+        if !self.shared().contains_key(&cookie) {
+            return false;
+        }
+        let mut pending = self.pending();
+        if pending.insert(cookie) && queue.try_send(cookie).is_err() {
+            pending.remove(&cookie);
+        }
+        true
+    }
+}
+
+/// The routes written on `sessions`: the ones still running.
+pub fn index<'a>(sessions: impl IntoIterator<Item = &'a TestSession>) -> HashMap<u64, Shared> {
+    let mut index = HashMap::new();
+    for session in sessions {
+        let running = session.status.as_ref().is_some_and(|s| matches!(s.phase, Phase::Ready | Phase::Running));
+        let route = session.annotations().get(ROUTE_ANNOTATION).and_then(|a| SharedRoute::parse(a));
+        if let (true, Some(route)) = (running, route) {
+            let shared = Shared { namespace: session.namespace().unwrap_or_default(), name: session.name_any(), route };
+            index.insert(shared.route.cookie, shared);
+        }
+    }
+    index
+}
+
+/// Writes a grant's route on its session, for the other replicas.
+pub async fn share(client: &kube::Client, namespace: &str, name: &str, route: &SharedRoute) -> Result<(), kube::Error> {
+    use kube::api::{Api, Patch, PatchParams};
+    let patch = serde_json::json!({ "metadata": { "annotations": { ROUTE_ANNOTATION: route.annotation() } } });
+    let api: Api<TestSession> = Api::namespaced(client.clone(), namespace);
+    api.patch(name, &PatchParams::apply(crate::seen::FIELD_MANAGER), &Patch::Merge(&patch)).await.map(|_| ())
+}
+
+/// Indexes the routes on the watched sessions, for as long as the gateway runs.
+pub async fn keep_indexing(gateway: Arc<Gateway>, relay: Arc<UdpRelay>) {
+    let mut ticks = tokio::time::interval(INDEX_EVERY);
+    loop {
+        ticks.tick().await;
+        let sessions = gateway.caches.all_sessions();
+        let index = index(sessions.iter().map(|s| s.as_ref()));
+        *relay.shared() = index;
+    }
+}
+
+/// Fetches the relay ticket for each queued cookie and learns its route,
+/// for as long as the gateway runs.
+pub async fn keep_resolving(gateway: Arc<Gateway>, relay: Arc<UdpRelay>, mut queue: mpsc::Receiver<u64>) {
+    while let Some(cookie) = queue.recv().await {
+        if let Err(why) = resolve(&gateway, &relay, cookie).await {
+            tracing::debug!(cookie = format!("{cookie:016x}"), why, "no route for a shared cookie");
+        }
+        relay.pending().remove(&cookie);
+    }
+}
+
+async fn resolve(gateway: &Gateway, relay: &UdpRelay, cookie: u64) -> Result<(), String> {
+    if relay.routes().knows(cookie) {
+        return Ok(());
+    }
+    let shared = relay.shared().get(&cookie).cloned().ok_or("no longer shared")?;
+    let session = gateway.caches.session(&shared.namespace, &shared.name).ok_or("no such session")?;
+    let status = session.status.as_ref().ok_or("no status")?;
+    if status.pod.as_deref() != Some(shared.route.pod.as_str()) {
+        return Err("the session has moved to another pod".into());
+    }
+    let ip = status
+        .endpoint
+        .as_deref()
+        .and_then(|e| e.parse::<axum::http::Uri>().ok())
+        .and_then(|u| u.host()?.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok())
+        .ok_or("no pod address")?;
+    let expires = status.expires_at.as_ref().map_or(0, |t| u64::try_from(t.0.as_second()).unwrap_or(0));
+    let uid = session.uid().ok_or("no UID")?;
+    let tickets = gateway
+        .operator
+        .tickets(&shared.namespace, &shared.name, &uid, &shared.route.pod)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ticket = tickets.relay.ok_or("the operator gave no relay ticket")?;
+    let key = tidepool_wire::token::relay_key(&ticket).ok_or("a relay ticket that does not parse")?;
+    let pod = SocketAddr::new(ip, shared.route.port);
+    relay.routes().learn(cookie, pod, Arc::new(RelayKey::new(&key)), expires);
+    Ok(())
+}
+
+/// The queue of cookies to resolve: its sender for [`relay`], its receiver
+/// for [`keep_resolving`].
+pub fn resolve_queue() -> (mpsc::Sender<u64>, mpsc::Receiver<u64>) {
+    mpsc::channel(RESOLVE_QUEUE)
 }
 
 /// Relays until a socket fails: `public` faces the clients, `upstream` the pods.
-pub async fn relay(relay: Arc<UdpRelay>, public: UdpSocket, upstream: UdpSocket, datagrams: IntCounterVec) {
+pub async fn relay(
+    relay: Arc<UdpRelay>,
+    public: UdpSocket,
+    upstream: UdpSocket,
+    resolving: mpsc::Sender<u64>,
+    datagrams: IntCounterVec,
+) {
     // One byte more than the largest, so an oversized datagram shows.
     let mut inbound = [0u8; UDP_MAX_BYTES + 1];
     let mut wrapped = [0u8; RELAY_MAX_BYTES + 1];
@@ -177,6 +351,13 @@ pub async fn relay(relay: Arc<UdpRelay>, public: UdpSocket, upstream: UdpSocket,
                 let decided = relay.routes().inbound(&inbound[..len], from, now);
                 let (pod, key) = match decided {
                     Ok(route) => route,
+                    Err(Dropped::UnknownCookie) => {
+                        // Another replica's grant, perhaps: then its route is fetched.
+                        let cookie = UdpProbe::read(&inbound[..len]).map_or(0, |p| p.cookie);
+                        let shared = relay.resolve(cookie, &resolving);
+                        count("to_pod", if shared { Dropped::Resolving } else { Dropped::UnknownCookie }.label());
+                        continue;
+                    }
                     Err(dropped) => {
                         count("to_pod", dropped.label());
                         continue;
@@ -296,6 +477,67 @@ mod tests {
         }
         assert_eq!(routes.inbound(&probe(7), first, 20).map(|_| ()), Err(Dropped::OverRate));
         assert!(routes.inbound(&probe(7), first, 21).is_ok(), "the next second starts afresh");
+    }
+
+    #[test]
+    fn a_shared_route_round_trips_and_anything_else_is_ignored() {
+        let route = SharedRoute { cookie: 0xdead_beef_0000_0001, pod: "open-x7k2p".into(), port: 8080 };
+        assert_eq!(route.annotation(), "deadbeef00000001 open-x7k2p 8080");
+        assert_eq!(SharedRoute::parse(&route.annotation()), Some(route));
+        for bad in [
+            "",
+            "deadbeef00000001 open-x7k2p",
+            "deadbeef00000001 open-x7k2p 8080 extra",
+            "deadbeef0000001 open-x7k2p 8080",
+            "deadbeef0000000g open-x7k2p 8080",
+            "deadbeef00000001 Not_A_Pod 8080",
+            "deadbeef00000001 ../../x 8080",
+            "deadbeef00000001 open-x7k2p 70000",
+        ] {
+            assert_eq!(SharedRoute::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_index_holds_the_routes_of_running_sessions_only() {
+        let session = |name: &str, phase: &str, route: Option<&str>| -> TestSession {
+            let mut annotations = serde_json::Map::new();
+            if let Some(route) = route {
+                annotations.insert(ROUTE_ANNOTATION.into(), route.into());
+            }
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "tidepool.dev/v1alpha1",
+                "kind": "TestSession",
+                "metadata": { "name": name, "namespace": "default", "annotations": annotations },
+                "spec": { "pool": "open" },
+                "status": { "phase": phase },
+            }))
+            .unwrap()
+        };
+        let sessions = [
+            session("a", "Running", Some("0000000000000001 pod-a 8080")),
+            session("b", "Ready", Some("0000000000000002 pod-b 8080")),
+            session("c", "Completed", Some("0000000000000003 pod-c 8080")),
+            session("d", "Running", Some("garbage")),
+            session("e", "Running", None),
+        ];
+        let index = index(&sessions);
+        let mut names: Vec<&str> = index.values().map(|s| s.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(index[&2].route.pod, "pod-b");
+    }
+
+    #[test]
+    fn only_a_shared_cookie_is_queued_and_only_once() {
+        let relay = UdpRelay::new(8080);
+        let route = SharedRoute { cookie: 5, pod: "pod-a".into(), port: 8080 };
+        relay.shared().insert(5, Shared { namespace: "default".into(), name: "a".into(), route });
+        let (queue, mut queued) = mpsc::channel(1);
+        assert!(!relay.resolve(6, &queue), "an unknown cookie");
+        assert!(relay.resolve(5, &queue) && relay.resolve(5, &queue));
+        assert_eq!(queued.try_recv().ok(), Some(5));
+        assert!(queued.try_recv().is_err(), "queued once while pending");
     }
 
     #[test]

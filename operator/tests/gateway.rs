@@ -1116,13 +1116,15 @@ async fn an_addresss_bytes_per_hour_are_shared_by_the_replicas() {
 /// asks its pod for a grant through it and gets the gateway's UDP port;
 /// its probes are relayed to the pod with its address and the echoes come
 /// back, so loss and jitter come from UDP. Datagrams that are not probes,
-/// or carry a cookie no grant gave, reach no pod and get no answer.
+/// or carry a cookie no grant gave, reach no pod and get no answer. A
+/// grant through one replica is relayed by another too: the route is
+/// written on the session, and the second replica fetches its relay ticket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clis_udp_echo_is_relayed_by_the_gateway_and_stray_datagrams_go_nowhere() {
     use tidepool_protocol::pod::UdpProbe;
     let _alone = ONE_AT_A_TIME.lock().await;
     let pools = [("open", 1, json!({ "public": true }))];
-    let Stage { cluster, operator: _operator, gateway, _runner } = stage(&[], &pools).await;
+    let Stage { cluster, operator, gateway, _runner } = stage(&[], &pools).await;
     let relayed = |direction: &str| {
         format!(r#"tidepool_gateway_udp_datagrams_total{{direction="{direction}",outcome="relayed"}}"#)
     };
@@ -1159,4 +1161,34 @@ async fn the_clis_udp_echo_is_relayed_by_the_gateway_and_stray_datagrams_go_nowh
     assert_eq!(metric(&gateway, &dropped("not_a_probe")).await, 1.0);
     assert_eq!(metric(&gateway, &dropped("unknown_cookie")).await, 1.0);
     assert_eq!(metric(&gateway, &relayed("to_pod")).await, to_pod, "nothing more reached a pod");
+
+    // A grant through the first replica; the datagrams to a second one.
+    let second = start_gateway_with(&cluster, &operator.url, "gateway-b", &[]).await;
+    let (status, view, _) = post(&gateway.url, None, json!({ "pool": "open" })).await;
+    assert_eq!(status, 201, "{view}");
+    let token = view["token"].as_str().unwrap();
+    let grant =
+        reqwest::Client::new().post(format!("{}/s/api/v1/udp", gateway.url)).bearer_auth(token).send().await.unwrap();
+    assert_eq!(grant.status().as_u16(), 200);
+    let grant: Value = grant.json().await.unwrap();
+    assert_eq!(grant["port"].as_u64(), Some(relay_port.parse().unwrap()), "the gateway's port, not the pod's: {grant}");
+    let cookie = grant["cookie"].as_u64().unwrap();
+    let second_relay = format!("127.0.0.1:{}", second.url.rsplit(':').next().unwrap());
+    let mut seq = 0;
+    let echoed = eventually(Duration::from_secs(15), "an echo through the second replica", || {
+        seq += 1;
+        let mut probe = [0u8; 64];
+        UdpProbe { cookie, seq, client_time_us: 1, server_time_us: 0 }.write(&mut probe).unwrap();
+        socket.send_to(&probe, &second_relay).unwrap();
+        let mut answer = [0u8; 2048];
+        let got = socket.recv_from(&mut answer).ok().and_then(|(len, _)| UdpProbe::read(&answer[..len]).ok());
+        async move { got.filter(|p| p.cookie == cookie && p.server_time_us > 0) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nsecond replica: {}", second.process.log_tail(30)));
+    assert!(echoed.seq >= 1);
+    assert!(metric(&second, &relayed("to_client")).await >= 1.0);
+    // The first probes came before its route: counted while it was fetched.
+    let waited = r#"tidepool_gateway_udp_datagrams_total{direction="to_pod",outcome="resolving"}"#;
+    assert!(metric(&second, waited).await >= 1.0);
 }
