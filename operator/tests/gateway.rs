@@ -612,7 +612,8 @@ async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromiu
     // While uploading, the page shows the upload's rate, and only it.
     assert!(said("uploadRates").starts_with("up ") && !said("uploadRates").contains("down"), "{}", said("uploadRates"));
     let limit = said("limitStatus");
-    assert!(limit.starts_with("The test stopped: ") && limit.contains("try again in"), "{limit}");
+    assert!(limit.starts_with("The test stopped: ") && limit.contains("; try again in"), "{limit}");
+    assert!(!limit.contains(") ("), "two parentheses in a row: {limit}");
     for shot in [
         "test-ready",
         "test-running",

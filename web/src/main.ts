@@ -71,7 +71,8 @@ function describe(error: unknown): string {
   if (error instanceof ApiError && error.retryAfterSeconds) {
     const after = error.retryAfterSeconds;
     const when = after < 120 ? `${after} s` : `${Math.ceil(after / 60)} min`;
-    return `${error.message} (try again in ${when})`;
+    // The message may end in its own parenthesis (the limit): a clause reads better.
+    return `${error.message}; try again in ${when}`;
   }
   return error instanceof Error ? error.message : String(error);
 }
