@@ -1724,7 +1724,9 @@ async fn run_the_gateway(plane: &ControlPlane, operator_url: &str) {
     let set = [
         ("--listen", format!("127.0.0.1:{port}")),
         ("--admin-listen", format!("127.0.0.1:{admin_port}")),
+        // The relay's UDP beside the users' TCP port, as the chart has it.
         ("--udp-listen", format!("127.0.0.1:{port}")),
+        ("--udp-advertised-port", port.to_string()),
         ("--operator-url", operator_url.to_string()),
         ("--ui-dir", ui_index.parent().unwrap().display().to_string()),
     ];
