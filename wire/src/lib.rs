@@ -3,9 +3,12 @@
 //! - [`token`]: the session token the operator signs and the session pod
 //!   verifies, and the binding ticket that pins a session to one pod.
 //! - [`report`]: the node agent's report to the operator, and its checks.
+//! - [`tube`]: the frames a tube's two ends exchange over its data channel,
+//!   and the per-connection credit that keeps each connection's memory bounded.
 
 pub mod report;
 pub mod token;
+pub mod tube;
 
 /// An error and its sources on one line, `outer: inner: innermost`, for the
 /// messages the programs log and send each other (reqwest's own message is

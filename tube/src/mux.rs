@@ -1,0 +1,860 @@
+//! The multiplexer: one task drives the tube (reads every incoming frame,
+//! owns the connection table and the connection tasks); each connection is
+//! one task that pumps its TCP socket both ways within its credit.
+//!
+//! A stalled reader on one connection stops only that connection: its
+//! inbox fills to the window, no credit goes back, and its peer's sender
+//! waits, while the driver goes on delivering every other connection's
+//! frames (an inbox is never waited on).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tidepool_wire::tube::{CloseReason, Frame, FrameError, MAX_DATA, ReceiveWindow, Refusal, SendWindow};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Frames waiting for the channel. Small: the channel has its own buffer,
+/// and a short queue keeps a keystroke from waiting behind a bulk transfer.
+pub const OUTGOING_FRAMES: usize = 64;
+/// Requests to open connections waiting for the driver (the client's end).
+const COMMANDS: usize = 64;
+/// Control frames the driver may hold back while the channel is busy. The
+/// driver never waits to send: it must always take the next incoming frame,
+/// or two ends whose queues are full of data would wait on each other. A
+/// peer that makes it owe more (a flood of pings or refused opens) is cut.
+const CONTROL_BACKLOG: usize = 4096;
+
+/// The two queues a tube's messages pass through.
+pub struct Channel {
+    pub incoming: mpsc::Receiver<Bytes>,
+    pub outgoing: mpsc::Sender<Bytes>,
+}
+
+/// What one tube may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections open at once; an `OPEN` beyond is refused.
+    pub connections: usize,
+    /// Connections being dialled at once (the pod's end); more wait.
+    pub dialling: usize,
+    /// How long dialling a target may take.
+    pub connect_timeout: Duration,
+    /// How often the tube measures its round trip.
+    pub ping_every: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections: 256,
+            dialling: 16,
+            connect_timeout: Duration::from_secs(10),
+            ping_every: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the pod's end may dial: the pool's allowlist and the defaults.
+pub trait Policy: Send + Sync + 'static {
+    /// Whether a target named `host:port` may be asked for at all (before
+    /// its name is resolved).
+    fn allows_name(&self, host: &str, port: u16) -> bool;
+    /// Whether an address `host` resolved to may be dialled.
+    fn allows_address(&self, host: &str, address: SocketAddr) -> bool;
+}
+
+/// What a tube has carried, for its status and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Payload bytes sent into the tube.
+    pub sent: AtomicU64,
+    /// Payload bytes that came out of it.
+    pub received: AtomicU64,
+    pub open_connections: AtomicUsize,
+    /// The last round trip of a ping, µs; 0 before the first.
+    pub rtt_us: AtomicU64,
+}
+
+/// Why a tube ended.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Ended {
+    #[error("the channel closed")]
+    ChannelClosed,
+    #[error("the peer sent a bad frame: {0}")]
+    BadFrame(FrameError),
+    #[error("the peer broke the protocol: {0}")]
+    Protocol(&'static str),
+    #[error("the tube was closed")]
+    Closed,
+}
+
+/// A tube's end. Dropping it does not stop the tube; [`Mux::close`] does.
+#[derive(Clone)]
+pub struct Mux {
+    commands: mpsc::Sender<Command>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+}
+
+enum Command {
+    Open { tcp: TcpStream, host: String, port: u16, reply: oneshot::Sender<Result<(), Refusal>> },
+}
+
+impl Mux {
+    /// The client's end: it opens connections, and refuses every `OPEN`.
+    /// Returns the end and its driver, which the caller runs (and supervises).
+    pub fn client(channel: Channel, limits: Limits) -> (Self, impl Future<Output = Ended> + Send + 'static) {
+        Self::start(channel, limits, None::<Arc<NoPolicy>>)
+    }
+
+    /// The pod's end: it dials what `policy` allows for each `OPEN`.
+    pub fn server<P: Policy>(
+        channel: Channel,
+        limits: Limits,
+        policy: Arc<P>,
+    ) -> (Self, impl Future<Output = Ended> + Send + 'static) {
+        Self::start(channel, limits, Some(policy))
+    }
+
+    fn start<P: Policy>(
+        channel: Channel,
+        limits: Limits,
+        policy: Option<Arc<P>>,
+    ) -> (Self, impl Future<Output = Ended> + Send + 'static) {
+        let (commands, command_queue) = mpsc::channel(COMMANDS);
+        let stats = Arc::new(Stats::default());
+        let stop = CancellationToken::new();
+        let driver = Driver {
+            outgoing: channel.outgoing,
+            conns: HashMap::new(),
+            pending: HashMap::new(),
+            next_conn: 1,
+            tasks: JoinSet::new(),
+            stats: stats.clone(),
+            limits,
+            policy,
+            dialling: Arc::new(Semaphore::new(limits.dialling)),
+            pings: HashMap::new(),
+            control: std::collections::VecDeque::new(),
+        };
+        let run = driver.run(channel.incoming, command_queue, stop.clone());
+        (Self { commands, stats, stop }, run)
+    }
+
+    /// Carries `tcp` through the tube to `host:port`: once the pod has
+    /// dialled it, or with the pod's reason why not.
+    pub async fn open(&self, tcp: TcpStream, host: &str, port: u16) -> Result<(), Refusal> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Open { tcp, host: host.to_string(), port, reply };
+        self.commands.send(command).await.map_err(|_| Refusal::Failed)?;
+        answer.await.unwrap_or(Err(Refusal::Failed))
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Ends the tube: every connection closes, and the driver returns.
+    pub fn close(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// The client's end dials nothing.
+struct NoPolicy;
+
+impl Policy for NoPolicy {
+    fn allows_name(&self, _: &str, _: u16) -> bool {
+        false
+    }
+    fn allows_address(&self, _: &str, _: SocketAddr) -> bool {
+        false
+    }
+}
+
+/// One connection's state, shared by the driver and its task.
+struct Conn {
+    state: Mutex<ConnState>,
+    /// Credit came (the task's TCP reader waits on it).
+    credit: Notify,
+    /// Bytes, an EOF or the end came (the task's TCP writer waits on it).
+    inbox_changed: Notify,
+    /// The peer closed the connection, or the tube ends.
+    gone: CancellationToken,
+}
+
+#[derive(Default)]
+struct ConnState {
+    send: SendWindow,
+    receive: ReceiveWindow,
+    inbox: BytesMut,
+    /// The peer will send no more.
+    eof: bool,
+}
+
+impl Conn {
+    fn new(gone: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(ConnState::default()),
+            credit: Notify::new(),
+            inbox_changed: Notify::new(),
+            gone,
+        })
+    }
+
+    /// A poisoned lock holds sound state (each change is a few plain steps).
+    fn state(&self) -> MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+struct Driver<P> {
+    outgoing: mpsc::Sender<Bytes>,
+    conns: HashMap<u32, Arc<Conn>>,
+    /// The client's opens waiting for `OPENED` or `REFUSED`.
+    pending: HashMap<u32, (TcpStream, oneshot::Sender<Result<(), Refusal>>)>,
+    next_conn: u32,
+    /// The connection tasks and the pod's dialling tasks; each yields the
+    /// connection it served, so the driver forgets it.
+    tasks: JoinSet<Finished>,
+    stats: Arc<Stats>,
+    limits: Limits,
+    policy: Option<Arc<P>>,
+    dialling: Arc<Semaphore>,
+    /// Pings sent, by nonce, with when.
+    pings: HashMap<u64, tokio::time::Instant>,
+    /// Control frames not yet sent (see [`CONTROL_BACKLOG`]).
+    control: std::collections::VecDeque<Bytes>,
+}
+
+/// How a task of the driver's ended.
+enum Finished {
+    /// A connection is done: forget it.
+    Conn(u32),
+    /// The pod dialled (or failed to dial) a target.
+    Dialled { conn: u32, result: Result<TcpStream, Refusal> },
+}
+
+impl<P: Policy> Driver<P> {
+    async fn run(
+        mut self,
+        mut incoming: mpsc::Receiver<Bytes>,
+        mut commands: mpsc::Receiver<Command>,
+        stop: CancellationToken,
+    ) -> Ended {
+        let mut ping = tokio::time::interval(self.limits.ping_every);
+        let outgoing = self.outgoing.clone();
+        let ended = loop {
+            tokio::select! {
+                permit = outgoing.reserve(), if !self.control.is_empty() => {
+                    let Ok(permit) = permit else { break Ended::ChannelClosed };
+                    if let Some(frame) = self.control.pop_front() {
+                        permit.send(frame);
+                    }
+                }
+                message = incoming.recv() => {
+                    let Some(message) = message else { break Ended::ChannelClosed };
+                    if let Err(ended) = self.on_message(&message) {
+                        break ended;
+                    }
+                }
+                Some(command) = commands.recv() => {
+                    if let Err(ended) = self.on_command(command) {
+                        break ended;
+                    }
+                }
+                Some(finished) = self.tasks.join_next() => {
+                    if let Err(ended) = self.on_finished(finished) {
+                        break ended;
+                    }
+                }
+                _ = ping.tick() => {
+                    let nonce = rand_nonce(&self.pings);
+                    self.pings.insert(nonce, tokio::time::Instant::now());
+                    // At most a few outstanding: a peer that never answers costs nothing.
+                    if self.pings.len() > 4 && let Some(oldest) = self.pings.iter().min_by_key(|(_, at)| **at).map(|(n, _)| *n) {
+                        self.pings.remove(&oldest);
+                    }
+                    if let Err(ended) = self.send(&Frame::Ping { nonce }) {
+                        break ended;
+                    }
+                }
+                () = stop.cancelled() => break Ended::Closed,
+            }
+        };
+        // Every connection ends with the tube; their tasks see it and stop.
+        for conn in self.conns.values() {
+            conn.gone.cancel();
+        }
+        for (_, (_, reply)) in self.pending.drain() {
+            let _ = reply.send(Err(Refusal::Failed));
+        }
+        self.tasks.shutdown().await;
+        self.stats.open_connections.store(0, Ordering::Relaxed);
+        ended
+    }
+
+    /// Queues a control frame without waiting.
+    fn send(&mut self, frame: &Frame<'_>) -> Result<(), Ended> {
+        if self.control.len() >= CONTROL_BACKLOG {
+            return Err(Ended::Protocol("the peer is owed too many control frames"));
+        }
+        let mut message = Vec::new();
+        frame.encode(&mut message).map_err(Ended::BadFrame)?;
+        self.control.push_back(Bytes::from(message));
+        Ok(())
+    }
+
+    fn on_message(&mut self, message: &[u8]) -> Result<(), Ended> {
+        let frame = Frame::decode(message).map_err(Ended::BadFrame)?;
+        match frame {
+            Frame::Data { conn, bytes } => {
+                let Some(state) = self.conns.get(&conn) else { return Ok(()) };
+                let mut guard = state.state();
+                if guard.eof || guard.receive.receive(bytes.len()).is_err() {
+                    drop(guard);
+                    return self.close_conn(conn, CloseReason::FlowViolation);
+                }
+                guard.inbox.extend_from_slice(bytes);
+                drop(guard);
+                state.inbox_changed.notify_one();
+                self.stats.received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+            Frame::Credit { conn, bytes } => {
+                let Some(state) = self.conns.get(&conn) else { return Ok(()) };
+                let credited = state.state().send.credit(bytes);
+                if credited.is_err() {
+                    return self.close_conn(conn, CloseReason::FlowViolation);
+                }
+                state.credit.notify_one();
+            }
+            Frame::Eof { conn } => {
+                if let Some(state) = self.conns.get(&conn) {
+                    state.state().eof = true;
+                    state.inbox_changed.notify_one();
+                }
+            }
+            Frame::Close { conn, .. } => {
+                if let Some(state) = self.conns.remove(&conn) {
+                    state.gone.cancel();
+                }
+                if let Some((_, reply)) = self.pending.remove(&conn) {
+                    let _ = reply.send(Err(Refusal::Failed));
+                }
+            }
+            Frame::Ping { nonce } => self.send(&Frame::Pong { nonce })?,
+            Frame::Pong { nonce } => {
+                if let Some(sent) = self.pings.remove(&nonce) {
+                    let rtt = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    self.stats.rtt_us.store(rtt.max(1), Ordering::Relaxed);
+                }
+            }
+            Frame::Open { conn, host, port } => self.on_open(conn, host, port)?,
+            Frame::Opened { conn } => {
+                let (tcp, reply) = self.pending.remove(&conn).ok_or(Ended::Protocol("OPENED for no open"))?;
+                if reply.send(Ok(())).is_ok() {
+                    self.start_conn(conn, tcp);
+                } else {
+                    // The client gave up waiting: the pod's side goes too.
+                    self.send(&Frame::Close { conn, reason: CloseReason::Reset })?;
+                }
+            }
+            Frame::Refused { conn, reason } => {
+                let (_, reply) = self.pending.remove(&conn).ok_or(Ended::Protocol("REFUSED for no open"))?;
+                let _ = reply.send(Err(reason));
+            }
+            Frame::Datagram { .. } => {
+                // UDP ASSOCIATE rides this frame; this end relays no datagrams yet.
+                return Err(Ended::Protocol("DATAGRAM is not served"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The pod's end: dial `host:port` if the policy allows, in a task.
+    fn on_open(&mut self, conn: u32, host: &str, port: u16) -> Result<(), Ended> {
+        let Some(policy) = self.policy.clone() else { return Err(Ended::Protocol("OPEN sent to the client")) };
+        if self.conns.contains_key(&conn) || self.pending.contains_key(&conn) {
+            return Err(Ended::Protocol("OPEN for a connection in use"));
+        }
+        let refuse = |reason| Frame::Refused { conn, reason };
+        if self.conns.len() >= self.limits.connections {
+            return self.send(&refuse(Refusal::TooManyConnections));
+        }
+        if !policy.allows_name(host, port) {
+            return self.send(&refuse(Refusal::NotAllowed));
+        }
+        // Reserved now, so a second OPEN with this number is caught.
+        self.conns.insert(conn, Conn::new(CancellationToken::new()));
+        let (host, timeout, dialling) = (host.to_string(), self.limits.connect_timeout, self.dialling.clone());
+        // At most `dialling` at once; the others wait their turn (as many
+        // as the tube's connections, which are bounded above).
+        self.tasks.spawn(async move {
+            let Ok(_permit) = dialling.acquire_owned().await else {
+                return Finished::Dialled { conn, result: Err(Refusal::Failed) };
+            };
+            let result = tokio::time::timeout(timeout, dial(policy.as_ref(), &host, port)).await;
+            Finished::Dialled { conn, result: result.unwrap_or(Err(Refusal::HostUnreachable)) }
+        });
+        Ok(())
+    }
+
+    fn on_command(&mut self, command: Command) -> Result<(), Ended> {
+        let Command::Open { tcp, host, port, reply } = command;
+        if self.conns.len() + self.pending.len() >= self.limits.connections {
+            let _ = reply.send(Err(Refusal::TooManyConnections));
+            return Ok(());
+        }
+        let conn = self.next_conn;
+        self.next_conn = self.next_conn.checked_add(1).ok_or(Ended::Protocol("connection numbers ran out"))?;
+        match self.send(&Frame::Open { conn, host: &host, port }) {
+            Ok(()) => {
+                self.pending.insert(conn, (tcp, reply));
+                Ok(())
+            }
+            Err(ended) => {
+                let _ = reply.send(Err(Refusal::Failed));
+                Err(ended)
+            }
+        }
+    }
+
+    fn on_finished(&mut self, finished: Result<Finished, tokio::task::JoinError>) -> Result<(), Ended> {
+        match finished {
+            Ok(Finished::Conn(conn)) => {
+                self.conns.remove(&conn);
+                self.stats.open_connections.store(self.live_conns(), Ordering::Relaxed);
+            }
+            Ok(Finished::Dialled { conn, result }) => {
+                // The client may have closed it while it was being dialled.
+                if !self.conns.contains_key(&conn) {
+                    return Ok(());
+                }
+                match result {
+                    Ok(tcp) => {
+                        self.send(&Frame::Opened { conn })?;
+                        self.conns.remove(&conn);
+                        self.start_conn(conn, tcp);
+                    }
+                    Err(reason) => {
+                        self.conns.remove(&conn);
+                        self.send(&Frame::Refused { conn, reason })?;
+                    }
+                }
+            }
+            Err(e) if e.is_panic() => {
+                // A connection's task panicked: its connection is lost, the tube goes on.
+                tracing::error!(error = %e, "a tube connection's task panicked");
+            }
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    fn start_conn(&mut self, conn: u32, tcp: TcpStream) {
+        let state = Conn::new(CancellationToken::new());
+        self.conns.insert(conn, state.clone());
+        self.stats.open_connections.store(self.live_conns(), Ordering::Relaxed);
+        let (outgoing, stats) = (self.outgoing.clone(), self.stats.clone());
+        self.tasks.spawn(async move {
+            pump(conn, &state, tcp, &outgoing, &stats).await;
+            Finished::Conn(conn)
+        });
+    }
+
+    fn live_conns(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn close_conn(&mut self, conn: u32, reason: CloseReason) -> Result<(), Ended> {
+        if let Some(state) = self.conns.remove(&conn) {
+            state.gone.cancel();
+        }
+        self.send(&Frame::Close { conn, reason })
+    }
+}
+
+async fn send(outgoing: &mpsc::Sender<Bytes>, frame: &Frame<'_>) -> Result<(), Ended> {
+    let mut message = Vec::new();
+    frame.encode(&mut message).map_err(Ended::BadFrame)?;
+    outgoing.send(Bytes::from(message)).await.map_err(|_| Ended::ChannelClosed)
+}
+
+fn rand_nonce(used: &HashMap<u64, tokio::time::Instant>) -> u64 {
+    // Unique among the outstanding pings is all a nonce must be.
+    (0..).find(|n| !used.contains_key(n)).unwrap_or(0)
+}
+
+/// Resolves `host` and dials the first address the policy allows.
+async fn dial<P: Policy + ?Sized>(policy: &P, host: &str, port: u16) -> Result<TcpStream, Refusal> {
+    let addresses: Vec<SocketAddr> =
+        tokio::net::lookup_host((host, port)).await.map_err(|_| Refusal::HostUnreachable)?.collect();
+    let allowed: Vec<SocketAddr> = addresses.into_iter().filter(|a| policy.allows_address(host, *a)).collect();
+    if allowed.is_empty() {
+        return Err(Refusal::NotAllowed);
+    }
+    let mut last = Refusal::HostUnreachable;
+    for address in allowed {
+        match TcpStream::connect(address).await {
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Err(e) => last = refusal_of(&e),
+        }
+    }
+    Err(last)
+}
+
+fn refusal_of(error: &std::io::Error) -> Refusal {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::ConnectionRefused => Refusal::ConnectionRefused,
+        ErrorKind::NetworkUnreachable => Refusal::NetworkUnreachable,
+        ErrorKind::HostUnreachable | ErrorKind::TimedOut => Refusal::HostUnreachable,
+        _ => Refusal::Failed,
+    }
+}
+
+/// Pumps one connection both ways until both directions have ended, or
+/// either fails, or the peer or the tube ends it.
+async fn pump(conn: u32, state: &Conn, tcp: TcpStream, outgoing: &mpsc::Sender<Bytes>, stats: &Stats) {
+    let _ = tcp.set_nodelay(true);
+    let (mut reader, mut writer) = tcp.into_split();
+    let upstream = async {
+        let mut buffer = vec![0u8; MAX_DATA];
+        loop {
+            // Credit first: without it nothing is read, and TCP pushes back.
+            let allowed = loop {
+                let credit = state.credit.notified();
+                let allowed = state.state().send.allows(MAX_DATA);
+                if allowed > 0 {
+                    break allowed;
+                }
+                credit.await;
+            };
+            let read = reader.read(&mut buffer[..allowed]).await.map_err(|_| ())?;
+            if read == 0 {
+                return send(outgoing, &Frame::Eof { conn }).await.map_err(|_| ());
+            }
+            state.state().send.spend(read);
+            send(outgoing, &Frame::Data { conn, bytes: &buffer[..read] }).await.map_err(|_| ())?;
+            stats.sent.fetch_add(read as u64, Ordering::Relaxed);
+        }
+    };
+    let downstream = async {
+        loop {
+            let changed = state.inbox_changed.notified();
+            let (chunk, eof) = {
+                let mut guard = state.state();
+                (guard.inbox.split().freeze(), guard.eof)
+            };
+            if chunk.is_empty() {
+                if eof {
+                    return writer.shutdown().await.map_err(|_| ());
+                }
+                changed.await;
+                continue;
+            }
+            writer.write_all(&chunk).await.map_err(|_| ())?;
+            let credit = state.state().receive.written(chunk.len());
+            if let Some(bytes) = credit {
+                send(outgoing, &Frame::Credit { conn, bytes }).await.map_err(|_| ())?;
+            }
+        }
+    };
+    let both = async { tokio::try_join!(upstream, downstream) };
+    tokio::select! {
+        result = both => {
+            if result.is_err() {
+                // Our side failed: the peer's side goes too.
+                let _ = send(outgoing, &Frame::Close { conn, reason: CloseReason::Reset }).await;
+            }
+        }
+        () = state.gone.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Both ends in one process, joined by a pair of queues in place of the
+    //! data channel; real TCP targets on loopback.
+
+    use super::*;
+    use tidepool_wire::tube::WINDOW;
+    use tokio::net::TcpListener;
+
+    /// Allows loopback only (the real policy forbids it by default).
+    struct Loopback;
+
+    impl Policy for Loopback {
+        fn allows_name(&self, host: &str, _: u16) -> bool {
+            host == "127.0.0.1" || host == "localhost"
+        }
+        fn allows_address(&self, _: &str, address: SocketAddr) -> bool {
+            address.ip().is_loopback()
+        }
+    }
+
+    fn link() -> (Channel, Channel) {
+        let (a_out, b_in) = mpsc::channel(OUTGOING_FRAMES);
+        let (b_out, a_in) = mpsc::channel(OUTGOING_FRAMES);
+        (Channel { incoming: a_in, outgoing: a_out }, Channel { incoming: b_in, outgoing: b_out })
+    }
+
+    /// A client end and a pod end, joined, their drivers running.
+    struct Pair {
+        client: Mux,
+        server: Mux,
+        client_ended: tokio::task::JoinHandle<Ended>,
+        server_ended: tokio::task::JoinHandle<Ended>,
+    }
+
+    fn pair() -> Pair {
+        let (a, b) = link();
+        let (client, client_driver) = Mux::client(a, Limits::default());
+        let (server, server_driver) = Mux::server(b, Limits::default(), Arc::new(Loopback));
+        Pair { client, server, client_ended: tokio::spawn(client_driver), server_ended: tokio::spawn(server_driver) }
+    }
+
+    /// A TCP server on loopback that runs `serve` for each connection.
+    async fn target<F, Fut>(serve: F) -> u16
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let serve = Arc::new(serve);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(serve(tcp));
+            }
+        });
+        port
+    }
+
+    async fn echo_target() -> u16 {
+        target(|mut tcp: TcpStream| async move {
+            let (mut reader, mut writer) = tcp.split();
+            let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            let _ = writer.shutdown().await;
+        })
+        .await
+    }
+
+    /// A local TCP pair: the application's socket, and the one the tube carries.
+    async fn local_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (carried, _) = listener.accept().await.unwrap();
+        (app, carried)
+    }
+
+    /// Opens a connection through the tube to `port`; the application's socket.
+    async fn connect(mux: &Mux, port: u16) -> Result<TcpStream, Refusal> {
+        let (app, carried) = local_pair().await;
+        mux.open(carried, "127.0.0.1", port).await.map(|()| app)
+    }
+
+    fn pattern(seed: u32, len: usize) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                state as u8
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sixty_four_connections_at_once_carry_their_own_bytes_both_ways() {
+        let pair = pair();
+        let port = echo_target().await;
+        let mut connections = JoinSet::new();
+        for i in 0..64u32 {
+            let client = pair.client.clone();
+            connections.spawn(async move {
+                let app = connect(&client, port).await.unwrap();
+                let sent = pattern(i, 300_000 + i as usize * 1_000);
+                let (mut reader, mut writer) = app.into_split();
+                let to_send = sent.clone();
+                let writing = tokio::spawn(async move {
+                    writer.write_all(&to_send).await.unwrap();
+                    writer.shutdown().await.unwrap();
+                });
+                let mut echoed = Vec::new();
+                reader.read_to_end(&mut echoed).await.unwrap();
+                writing.await.unwrap();
+                assert!(echoed == sent, "connection {i}: {} bytes back of {}", echoed.len(), sent.len());
+            });
+        }
+        while let Some(done) = connections.join_next().await {
+            done.unwrap();
+        }
+        let total: u64 = (0..64u64).map(|i| 300_000 + i * 1_000).sum();
+        assert_eq!(pair.client.stats().sent.load(Ordering::Relaxed), total);
+        assert_eq!(pair.client.stats().received.load(Ordering::Relaxed), total);
+        assert_eq!(pair.server.stats().received.load(Ordering::Relaxed), total);
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_connection_still_gets_its_answer() {
+        let pair = pair();
+        // Reads until the client is done, then answers with what it counted.
+        let port = target(|mut tcp: TcpStream| async move {
+            let mut got = Vec::new();
+            tcp.read_to_end(&mut got).await.unwrap();
+            tcp.write_all(format!("got {}", got.len()).as_bytes()).await.unwrap();
+        })
+        .await;
+        let mut app = connect(&pair.client, port).await.unwrap();
+        app.write_all(&[1u8; 100_000]).await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut answer = String::new();
+        app.read_to_string(&mut answer).await.unwrap();
+        assert_eq!(answer, "got 100000");
+    }
+
+    #[tokio::test]
+    async fn a_refused_target_is_answered_with_its_reason() {
+        let pair = pair();
+        // A port nobody listens on: bound, then let go.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        assert_eq!(connect(&pair.client, closed).await.unwrap_err(), Refusal::ConnectionRefused);
+        let (_, carried) = local_pair().await;
+        let elsewhere = pair.client.open(carried, "10.1.2.3", 5432).await;
+        assert_eq!(elsewhere.unwrap_err(), Refusal::NotAllowed);
+        let (_, carried) = local_pair().await;
+        assert_eq!(pair.client.open(carried, "no-such-host.invalid", 80).await.unwrap_err(), Refusal::NotAllowed);
+        // The tube goes on.
+        let port = echo_target().await;
+        let mut app = connect(&pair.client, port).await.unwrap();
+        app.write_all(b"ping").await.unwrap();
+        let mut pong = [0u8; 4];
+        app.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"ping");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_reader_stops_only_its_own_connection() {
+        let pair = pair();
+        // Sends without end; its client never reads.
+        let flood = target(|mut tcp: TcpStream| async move {
+            let chunk = vec![7u8; 64 * 1024];
+            while tcp.write_all(&chunk).await.is_ok() {}
+        })
+        .await;
+        let _stalled = connect(&pair.client, flood).await.unwrap();
+        // The client's end writes on what it gets into the application's
+        // socket until the kernel's buffers are full, and credits that; then
+        // no credit goes back, and the pod's end stops sending.
+        let mut sent = 0;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = pair.server.stats().sent.load(Ordering::Relaxed);
+            if now == sent {
+                break;
+            }
+            sent = now;
+        }
+        assert_eq!(
+            pair.server.stats().sent.load(Ordering::Relaxed),
+            sent,
+            "still sending to a reader that takes nothing"
+        );
+        assert!(sent < 64 << 20, "the pod sent {sent} bytes to a reader that takes nothing");
+        // Another connection is served as if nothing were wrong.
+        let port = echo_target().await;
+        let mut app = connect(&pair.client, port).await.unwrap();
+        let data = pattern(9, 1 << 20);
+        let (mut reader, mut writer) = app.split();
+        let (_, echoed) = tokio::join!(async { writer.write_all(&data).await.unwrap() }, async {
+            let mut echoed = vec![0u8; data.len()];
+            reader.read_exact(&mut echoed).await.unwrap();
+            echoed
+        });
+        assert!(echoed == data);
+        assert_eq!(pair.server.stats().sent.load(Ordering::Relaxed), sent + (1 << 20));
+    }
+
+    #[tokio::test]
+    async fn when_the_peer_goes_its_connections_close_and_the_driver_says_why() {
+        let pair = pair();
+        let port = echo_target().await;
+        let mut app = connect(&pair.client, port).await.unwrap();
+        app.write_all(b"hello").await.unwrap();
+        let mut hello = [0u8; 5];
+        app.read_exact(&mut hello).await.unwrap();
+        pair.server.close();
+        assert_eq!(pair.server_ended.await.unwrap(), Ended::Closed);
+        assert_eq!(pair.client_ended.await.unwrap(), Ended::ChannelClosed);
+        // The application's socket ends rather than hanging.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the connection hung after its tube ended");
+        let (_, carried) = local_pair().await;
+        assert_eq!(pair.client.open(carried, "127.0.0.1", port).await, Err(Refusal::Failed));
+    }
+
+    /// A pod end fed frames by the test, its answers read back.
+    fn raw_server() -> (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>, tokio::task::JoinHandle<Ended>) {
+        let (to_server, incoming) = mpsc::channel(OUTGOING_FRAMES);
+        let (outgoing, from_server) = mpsc::channel(OUTGOING_FRAMES);
+        let (_, driver) = Mux::server(Channel { incoming, outgoing }, Limits::default(), Arc::new(Loopback));
+        (to_server, from_server, tokio::spawn(driver))
+    }
+
+    fn frame(frame: Frame<'_>) -> Bytes {
+        let mut out = Vec::new();
+        frame.encode(&mut out).unwrap();
+        Bytes::from(out)
+    }
+
+    #[tokio::test]
+    async fn a_malformed_frame_ends_the_tube() {
+        let (to_server, _from_server, ended) = raw_server();
+        to_server.send(Bytes::from_static(&[42, 0, 0, 0, 1])).await.unwrap();
+        assert_eq!(ended.await.unwrap(), Ended::BadFrame(FrameError::UnknownKind(42)));
+        let (to_server, _from_server, ended) = raw_server();
+        to_server.send(frame(Frame::Opened { conn: 1 })).await.unwrap();
+        assert_eq!(ended.await.unwrap(), Ended::Protocol("OPENED for no open"));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_beyond_its_credit_loses_the_connection() {
+        let (to_server, mut from_server, _ended) = raw_server();
+        let port = echo_target().await;
+        to_server.send(frame(Frame::Open { conn: 1, host: "127.0.0.1", port })).await.unwrap();
+        let opened = loop {
+            let answer = from_server.recv().await.unwrap();
+            if !matches!(Frame::decode(&answer).unwrap(), Frame::Ping { .. }) {
+                break answer;
+            }
+        };
+        assert_eq!(Frame::decode(&opened).unwrap(), Frame::Opened { conn: 1 });
+        // The echo target sends back; the test never credits it, and sends
+        // more than the window itself.
+        let chunk = vec![1u8; MAX_DATA];
+        for _ in 0..(WINDOW as usize / MAX_DATA + 1) {
+            to_server.send(frame(Frame::Data { conn: 1, bytes: &chunk })).await.unwrap();
+        }
+        let closed = loop {
+            let answer = from_server.recv().await.unwrap();
+            if let Frame::Close { conn, reason } = Frame::decode(&answer).unwrap() {
+                break (conn, reason);
+            }
+        };
+        assert_eq!(closed, (1, CloseReason::FlowViolation));
+    }
+}

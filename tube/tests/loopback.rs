@@ -1,0 +1,195 @@
+//! Tubes over real WebRTC on loopback: two peer connections in one
+//! process (host candidates only), a TCP echo target, the multiplexer on
+//! both ends. The offer and answer pass as text, as the Tube resource
+//! carries them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tidepool_tube::{BridgeEnded, Ended, Limits, Mux, Opened, Peer, PeerError, Policy, Settings};
+use tidepool_wire::tube::Refusal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Allows loopback only (the real policy forbids it by default).
+struct Loopback;
+
+impl Policy for Loopback {
+    fn allows_name(&self, host: &str, _: u16) -> bool {
+        host == "127.0.0.1"
+    }
+    fn allows_address(&self, _: &str, address: SocketAddr) -> bool {
+        address.ip().is_loopback()
+    }
+}
+
+/// A tube between a client and a pod end, both running. The pod's end
+/// runs on a runtime of its own, so a test can kill it as a pod dies:
+/// its sockets gone, no goodbye.
+struct Tube {
+    client: Mux,
+    client_ended: JoinHandle<Ended>,
+    client_bridge: JoinHandle<(BridgeEnded, Opened)>,
+    server: Mux,
+    server_runtime: tokio::runtime::Runtime,
+}
+
+/// Runs a peer's bridge; the peer comes back with how it ended, to be closed.
+fn run_bridge(mut opened: Opened) -> JoinHandle<(BridgeEnded, Opened)> {
+    tokio::spawn(async move {
+        let ended = opened.bridge().await;
+        (ended, opened)
+    })
+}
+
+async fn tube() -> Tube {
+    let settings = Settings::loopback();
+    let within = Duration::from_secs(10);
+    let client = Peer::new(&settings).await.unwrap();
+    let offer = client.offer().await.unwrap();
+
+    let server_runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let (answered, answer) = tokio::sync::oneshot::channel();
+    let (opened, server) = tokio::sync::oneshot::channel();
+    server_runtime.spawn(async move {
+        let server = Peer::new(&Settings::loopback()).await.unwrap();
+        let _ = answered.send(server.answer(&offer).await.unwrap());
+        let mut server = server.open(within).await.unwrap();
+        let (mux, driver) = Mux::server(server.take_channel().unwrap(), Limits::default(), Arc::new(Loopback));
+        let _ = opened.send(mux);
+        tokio::spawn(driver);
+        server.bridge().await;
+        server.close().await;
+    });
+    client.accept(&answer.await.unwrap()).await.unwrap();
+    let mut client = client.open(within).await.unwrap();
+    let server = server.await.unwrap();
+    let (client_mux, client_driver) = Mux::client(client.take_channel().unwrap(), Limits::default());
+    Tube {
+        client: client_mux,
+        client_ended: tokio::spawn(client_driver),
+        client_bridge: run_bridge(client),
+        server,
+        server_runtime,
+    }
+}
+
+async fn echo_target() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = tcp.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                let _ = writer.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// Opens a connection through the tube; the application's socket.
+async fn connect(mux: &Mux, port: u16) -> Result<TcpStream, Refusal> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (carried, _) = listener.accept().await.unwrap();
+    mux.open(carried, "127.0.0.1", port).await.map(|()| app)
+}
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_connections_through_one_tube_carry_their_own_bytes() {
+    let tube = tube().await;
+    let port = echo_target().await;
+    let mut connections = tokio::task::JoinSet::new();
+    for i in 0..64u32 {
+        let client = tube.client.clone();
+        connections.spawn(async move {
+            let app = connect(&client, port).await.unwrap();
+            let sent = pattern(i, 100_000 + i as usize * 997);
+            let (mut reader, mut writer) = app.into_split();
+            let to_send = sent.clone();
+            let writing = tokio::spawn(async move {
+                writer.write_all(&to_send).await.unwrap();
+                writer.shutdown().await.unwrap();
+            });
+            let mut echoed = Vec::new();
+            reader.read_to_end(&mut echoed).await.unwrap();
+            writing.await.unwrap();
+            assert!(echoed == sent, "connection {i}: {} bytes back of {}", echoed.len(), sent.len());
+        });
+    }
+    while let Some(done) = connections.join_next().await {
+        done.unwrap();
+    }
+    assert!(tube.client.stats().rtt_us.load(Ordering::Relaxed) > 0, "the first ping has been answered");
+    let total: u64 = (0..64u64).map(|i| 100_000 + i * 997).sum();
+    assert_eq!(tube.server.stats().received.load(Ordering::Relaxed), total);
+    tube.server_runtime.shutdown_background();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_target_says_why_and_the_tube_goes_on() {
+    let tube = tube().await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    assert_eq!(connect(&tube.client, closed).await.unwrap_err(), Refusal::ConnectionRefused);
+    let port = echo_target().await;
+    let mut app = connect(&tube.client, port).await.unwrap();
+    app.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    app.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+    tube.server_runtime.shutdown_background();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_pod_end_goes_mid_transfer_the_client_end_notices_and_its_connections_close() {
+    let tube = tube().await;
+    let port = echo_target().await;
+    let app = connect(&tube.client, port).await.unwrap();
+    let (mut reader, mut writer) = app.into_split();
+    // A transfer that is still going when the pod's end disappears.
+    let writing = tokio::spawn(async move {
+        let chunk = vec![5u8; 64 * 1024];
+        while writer.write_all(&chunk).await.is_ok() {}
+    });
+    let mut first = [0u8; 1024];
+    reader.read_exact(&mut first).await.unwrap();
+    // The pod's end goes without a word, as a killed pod's would: its
+    // sockets close and nothing answers ICE's consent checks.
+    tube.server_runtime.shutdown_background();
+    let (ended, client) = tokio::time::timeout(Duration::from_secs(20), tube.client_bridge).await.unwrap().unwrap();
+    assert!(matches!(ended, BridgeEnded::ConnectionFailed | BridgeEnded::ChannelClosed), "{ended:?}");
+    client.close().await;
+    drop(client);
+    let driver = tokio::time::timeout(Duration::from_secs(5), tube.client_ended).await.unwrap().unwrap();
+    assert_eq!(driver, Ended::ChannelClosed);
+    // The application's connection ends rather than hanging.
+    let mut rest = Vec::new();
+    let drained = tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut rest)).await;
+    assert!(drained.is_ok(), "the application's connection hung");
+    writing.abort();
+}
+
+#[tokio::test]
+async fn a_description_that_is_not_sdp_is_refused() {
+    let peer = Peer::new(&Settings::loopback()).await.unwrap();
+    assert!(matches!(peer.answer("not sdp at all").await, Err(PeerError::BadDescription(_))));
+    assert!(matches!(peer.accept("v=0\r\nnonsense").await, Err(PeerError::BadDescription(_)) | Err(PeerError::Rtc(_))));
+    peer.close().await;
+}
