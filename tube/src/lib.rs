@@ -16,4 +16,4 @@ pub mod mux;
 pub mod peer;
 
 pub use mux::{Channel, Ended, Limits, Mux, OUTGOING_FRAMES, Policy, Stats};
-pub use peer::{BridgeEnded, Opened, Peer, PeerError, Settings};
+pub use peer::{BridgeEnded, Closer, Opened, Peer, PeerError, Settings};

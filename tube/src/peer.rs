@@ -12,7 +12,10 @@
 //! - the UDP socket buffers are 4 MiB: at the default size a burst of
 //!   SCTP packets overflows the receive buffer, and SCTP's 1 s minimum
 //!   retransmission timeout turns each drop into a stall;
-//! - the SCTP receive window is 4 MiB and messages may be 64 KiB;
+//! - SCTP packets are 1,400 bytes, not 1,191 (fewer per message);
+//! - the SCTP receive window is 4 MiB, and a message may hold any frame;
+//! - SCTP's first INIT goes out as soon as DTLS is up, not on the next
+//!   ICE tick (see [`Peer::open`]);
 //! - the channel's send buffer is bounded, so `send` waits when the peer
 //!   falls behind, and the multiplexer's queue with it.
 
@@ -42,6 +45,9 @@ use crate::mux::{Channel, OUTGOING_FRAMES};
 /// Messages from the channel waiting for the multiplexer. When it is full
 /// the bridge stops taking messages, and SCTP's window pushes back.
 const INCOMING_MESSAGES: usize = 256;
+/// The largest message either side takes: the largest frame fits.
+const MAX_MESSAGE: u32 = 128 * 1024;
+const _: () = assert!(tidepool_wire::tube::MAX_FRAME <= MAX_MESSAGE as usize);
 /// The pre-negotiated channel's stream id, the same on both sides.
 const CHANNEL_ID: u16 = 0;
 
@@ -61,6 +67,9 @@ pub struct Settings {
     pub ice_keepalive: Duration,
     pub socket_buffer: usize,
     pub sctp_receive_buffer: u32,
+    /// SCTP's packet size: kept under 1500 with DTLS's overhead, which the
+    /// receiving side's 2,000-byte buffer assumes.
+    pub sctp_mtu: u32,
     /// Bytes the channel may hold unacknowledged before `send` waits.
     pub send_buffer: usize,
 }
@@ -76,6 +85,7 @@ impl Default for Settings {
             ice_keepalive: Duration::from_millis(500),
             socket_buffer: 4 << 20,
             sctp_receive_buffer: 4 << 20,
+            sctp_mtu: 1400,
             send_buffer: 1 << 20,
         }
     }
@@ -93,8 +103,9 @@ impl Settings {
             .with_network_types(vec![NetworkType::Udp4, NetworkType::Udp6])
             .with_ice_connection_attempts(Some(self.ice_check_interval), Some(self.ice_binding_requests))
             .with_ice_timeouts(Some(self.ice_disconnected), Some(self.ice_failed), Some(self.ice_keepalive))
-            .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(64 * 1024))
+            .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(MAX_MESSAGE))
             .with_sctp_max_receive_buffer_size(self.sctp_receive_buffer)
+            .with_sctp_mtu(self.sctp_mtu)
             .build()
     }
 }
@@ -217,9 +228,16 @@ impl Peer {
                         Some(_) => {}
                     },
                     changed = state.changed() => {
-                        let failed = matches!(*state.borrow(), RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed);
-                        if changed.is_err() || failed {
+                        let now = *state.borrow();
+                        if changed.is_err() || matches!(now, RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed) {
                             return Err(PeerError::Failed);
+                        }
+                        if now == RTCPeerConnectionState::Connected {
+                            // DTLS is up and SCTP's INIT is queued, but the
+                            // connection's task sends it only when something
+                            // wakes it: its next ICE tick, up to 200 ms on.
+                            // Setting a threshold (to the value it has) wakes it now.
+                            let _ = self.channel.set_buffered_amount_low_threshold(0).await;
                         }
                     }
                 }
@@ -310,6 +328,21 @@ impl Opened {
     /// Closes the connection (dropping it would not: its task would run on).
     pub async fn close(&self) {
         let _ = self.peer.connection.close().await;
+    }
+
+    /// A handle that closes the connection while its bridge runs elsewhere.
+    pub fn closer(&self) -> Closer {
+        Closer(self.peer.connection.clone())
+    }
+}
+
+/// Closes a peer connection from outside its bridge.
+#[derive(Clone)]
+pub struct Closer(Arc<dyn PeerConnection>);
+
+impl Closer {
+    pub async fn close(&self) {
+        let _ = self.0.close().await;
     }
 }
 
