@@ -13,28 +13,20 @@
 //! - resident memory per idle tube end (50 tubes) and per busy one;
 //! - 100 tubes set up at once: time to connected, p50 and p99.
 
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tidepool_tube::{Closer, Limits, Mux, Peer, Policy, Settings};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{Loopback, connect, echo_target};
+use tidepool_tube::{Closer, Limits, Mux, Peer, Settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const STREAM_BYTES: usize = 256 << 20;
-
-struct Loopback;
-
-impl Policy for Loopback {
-    fn allows_name(&self, host: &str, _: u16) -> bool {
-        host == "127.0.0.1"
-    }
-    fn allows_address(&self, _: &str, address: SocketAddr) -> bool {
-        address.ip().is_loopback()
-    }
-}
 
 /// Both ends of a tube in this process.
 struct Pair {
@@ -128,28 +120,9 @@ async fn sink() -> Sink {
     Sink { port, received, stall_next }
 }
 
-async fn echo() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let _ = tcp.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = tcp.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            });
-        }
-    });
-    port
-}
-
 /// An application socket carried through `mux` to `port`.
 async fn through(mux: &Mux, port: u16) -> TcpStream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-    let (carried, _) = listener.accept().await.unwrap();
-    mux.open(carried, "127.0.0.1", port).await.unwrap();
-    app
+    connect(mux, port).await.unwrap()
 }
 
 /// MiB/s of one stream of `STREAM_BYTES` from `app` into the sink.
@@ -305,7 +278,7 @@ async fn main() {
 /// The echo round trips and the sixteen connections.
 async fn others(tube: &Pair, sink: &Sink) {
     // One byte echoed, one at a time.
-    let echo_port = echo().await;
+    let echo_port = echo_target().await;
     let mut direct = TcpStream::connect(("127.0.0.1", echo_port)).await.unwrap();
     direct.set_nodelay(true).unwrap();
     let mut tubed = through(&tube.client, echo_port).await;
@@ -442,7 +415,7 @@ async fn memory(sink: &Sink) {
 /// Setup, one at a time.
 async fn setup() {
     let (mut setups, mut opens) = (Vec::new(), Vec::new());
-    let port = echo().await;
+    let port = echo_target().await;
     for _ in 0..30 {
         let start = Instant::now();
         let tube = pair().await;

@@ -3,28 +3,18 @@
 //! both ends. The offer and answer pass as text, as the Tube resource
 //! carries them.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tidepool_tube::{BridgeEnded, Ended, Limits, Mux, Opened, Peer, PeerError, Policy, Settings};
+mod common;
+
+use common::{Loopback, connect, echo_target, pattern};
+use tidepool_tube::{BridgeEnded, Ended, Limits, Mux, Opened, Peer, PeerError, Settings};
 use tidepool_wire::tube::Refusal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-
-/// Allows loopback only (the real policy forbids it by default).
-struct Loopback;
-
-impl Policy for Loopback {
-    fn allows_name(&self, host: &str, _: u16) -> bool {
-        host == "127.0.0.1"
-    }
-    fn allows_address(&self, _: &str, address: SocketAddr) -> bool {
-        address.ip().is_loopback()
-    }
-}
 
 /// A tube between a client and a pod end, both running. The pod's end
 /// runs on a runtime of its own, so a test can kill it as a pod dies:
@@ -75,41 +65,6 @@ async fn tube() -> Tube {
         server,
         server_runtime,
     }
-}
-
-async fn echo_target() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = tcp.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                let _ = writer.shutdown().await;
-            });
-        }
-    });
-    port
-}
-
-/// Opens a connection through the tube; the application's socket.
-async fn connect(mux: &Mux, port: u16) -> Result<TcpStream, Refusal> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-    let (carried, _) = listener.accept().await.unwrap();
-    mux.open(carried, "127.0.0.1", port).await.map(|()| app)
-}
-
-fn pattern(seed: u32, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            state as u8
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
