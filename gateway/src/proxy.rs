@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::reply::{self, Refused};
 use crate::state::{Gateway, now_unix};
 use crate::target::{self, NoTarget, Target};
-use crate::udp_relay::{SharedRoute, UdpRelay, share};
+use crate::udp_relay::{SharedRoute, UdpRelay, endpoint_ip, share};
 use tidepool_protocol::pod::{UDP_GRANT_PATH, UdpGrant};
 use tidepool_protocol::relay::RelayKey;
 use tidepool_wire::token::relay_key;
@@ -115,10 +115,11 @@ impl OpenStreams {
     /// and has not written yet.
     pub fn unwritten(&self, names: &[String]) -> u64 {
         let Ok(streams) = self.0.lock() else { return 0 };
+        let names: Vec<(&str, &str)> = names.iter().filter_map(|n| n.split_once('/')).collect();
         streams
             .tallies
             .values()
-            .filter(|t| names.iter().any(|n| *n == format!("{}/{}", t.session.namespace, t.session.name)))
+            .filter(|t| names.iter().any(|(ns, name)| t.session.namespace == *ns && t.session.name == *name))
             .map(|t| t.counted.load(Ordering::Relaxed).saturating_sub(t.written))
             .fold(0, u64::saturating_add)
     }
@@ -331,12 +332,7 @@ async fn relay_grant(
         .map_err(|_| unreachable_pod("pod_unreachable"))?
         .to_bytes();
     let grant: UdpGrant = serde_json::from_slice(&body).map_err(|_| unreachable_pod("pod_unreachable"))?;
-    let pod_ip = target
-        .endpoint
-        .parse::<Uri>()
-        .ok()
-        .and_then(|uri| uri.host()?.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok())
-        .ok_or_else(internal)?;
+    let pod_ip = endpoint_ip(&target.endpoint).ok_or_else(internal)?;
     let key = relay_key(ticket).ok_or_else(internal)?;
     let pod = std::net::SocketAddr::new(pod_ip, grant.port);
     relay.routes().learn(grant.cookie, pod, Arc::new(RelayKey::new(&key)), target.claims.exp);

@@ -304,12 +304,7 @@ async fn resolve(gateway: &Gateway, relay: &UdpRelay, cookie: u64) -> Result<(),
     if status.pod.as_deref() != Some(shared.route.pod.as_str()) {
         return Err("the session has moved to another pod".into());
     }
-    let ip = status
-        .endpoint
-        .as_deref()
-        .and_then(|e| e.parse::<axum::http::Uri>().ok())
-        .and_then(|u| u.host()?.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok())
-        .ok_or("no pod address")?;
+    let ip = status.endpoint.as_deref().and_then(endpoint_ip).ok_or("no pod address")?;
     let expires = status.expires_at.as_ref().map_or(0, |t| u64::try_from(t.0.as_second()).unwrap_or(0));
     let uid = session.uid().ok_or("no UID")?;
     let tickets = gateway
@@ -322,6 +317,12 @@ async fn resolve(gateway: &Gateway, relay: &UdpRelay, cookie: u64) -> Result<(),
     let pod = SocketAddr::new(ip, shared.route.port);
     relay.routes().learn(cookie, pod, Arc::new(RelayKey::new(&key)), expires);
     Ok(())
+}
+
+/// The address of a pod's endpoint, `http://<ip>:<port>`.
+pub fn endpoint_ip(endpoint: &str) -> Option<IpAddr> {
+    let uri = endpoint.parse::<axum::http::Uri>().ok()?;
+    uri.host()?.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
 /// The queue of cookies to resolve: its sender for [`relay`], its receiver
@@ -477,6 +478,14 @@ mod tests {
         }
         assert_eq!(routes.inbound(&probe(7), first, 20).map(|_| ()), Err(Dropped::OverRate));
         assert!(routes.inbound(&probe(7), first, 21).is_ok(), "the next second starts afresh");
+    }
+
+    #[test]
+    fn a_pods_address_comes_from_its_endpoint() {
+        assert_eq!(endpoint_ip("http://10.0.0.7:9000"), Some("10.0.0.7".parse().unwrap()));
+        assert_eq!(endpoint_ip("http://[fd00::7]:9000"), Some("fd00::7".parse().unwrap()));
+        assert_eq!(endpoint_ip("http://pod.example:9000"), None, "a name is not an address");
+        assert_eq!(endpoint_ip("not a url"), None);
     }
 
     #[test]
