@@ -335,7 +335,7 @@ async fn relay_grant(
     let pod_ip = endpoint_ip(&target.endpoint).ok_or_else(internal)?;
     let key = relay_key(ticket).ok_or_else(internal)?;
     let pod = std::net::SocketAddr::new(pod_ip, grant.port);
-    relay.routes().learn(grant.cookie, pod, Arc::new(RelayKey::new(&key)), target.claims.exp);
+    relay.routes().learn(grant.cookie, pod, Arc::new(RelayKey::new(&key)), target.claims.exp, now_unix());
     // Written before the answer, so the other replicas may know the route
     // by the client's first datagram; without it this replica still relays.
     let shared = SharedRoute { cookie: grant.cookie, pod: target.pod.clone(), port: grant.port };

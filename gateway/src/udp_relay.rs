@@ -41,6 +41,9 @@ const MAX_ROUTES: usize = 10_000;
 /// Client addresses one cookie answers to: a client that changes port (a
 /// NAT rebinding) keeps working, and a cookie cannot become a fan-out.
 const CLIENTS_PER_ROUTE: usize = 4;
+/// A route no datagram used for this long is forgotten: the UDP relay's
+/// idle timeout (a CLI run sends ten a second while it measures).
+const ROUTE_IDLE_SECONDS: u64 = 600;
 /// Datagrams one route passes to its pod in a second; the pod's own caps
 /// per session stay the real limit, this keeps a flood off the pod.
 const DATAGRAMS_PER_SECOND: u32 = 1_000;
@@ -85,7 +88,7 @@ struct Route {
     /// The session token's expiry, Unix seconds: the route ends with it.
     expires: u64,
     clients: VecDeque<SocketAddr>,
-    /// The second `sent` counts, Unix seconds.
+    /// The second `sent` counts, Unix seconds; the route's last use.
     second: u64,
     sent: u32,
 }
@@ -99,8 +102,8 @@ pub struct Routes {
 
 impl Routes {
     /// Learns the route of a granted cookie (again, after a new grant).
-    pub fn learn(&mut self, cookie: u64, pod: SocketAddr, key: Arc<RelayKey>, expires: u64) {
-        let route = Route { pod, key, expires, clients: VecDeque::new(), second: 0, sent: 0 };
+    pub fn learn(&mut self, cookie: u64, pod: SocketAddr, key: Arc<RelayKey>, expires: u64, now: u64) {
+        let route = Route { pod, key, expires, clients: VecDeque::new(), second: now, sent: 0 };
         if self.by_cookie.insert(cookie, route).is_none() {
             self.order.push_back(cookie);
         }
@@ -120,7 +123,8 @@ impl Routes {
         now: u64,
     ) -> Result<(SocketAddr, Arc<RelayKey>), Dropped> {
         let cookie = UdpProbe::read(probe).map_err(|_| Dropped::NotAProbe)?.cookie;
-        let route = self.by_cookie.get_mut(&cookie).filter(|r| r.expires > now).ok_or(Dropped::UnknownCookie)?;
+        let live = |r: &&mut Route| r.expires > now && now.saturating_sub(r.second) < ROUTE_IDLE_SECONDS;
+        let route = self.by_cookie.get_mut(&cookie).filter(live).ok_or(Dropped::UnknownCookie)?;
         if route.second != now {
             route.second = now;
             route.sent = 0;
@@ -315,7 +319,7 @@ async fn resolve(gateway: &Gateway, relay: &UdpRelay, cookie: u64) -> Result<(),
     let ticket = tickets.relay.ok_or("the operator gave no relay ticket")?;
     let key = tidepool_wire::token::relay_key(&ticket).ok_or("a relay ticket that does not parse")?;
     let pod = SocketAddr::new(ip, shared.route.port);
-    relay.routes().learn(cookie, pod, Arc::new(RelayKey::new(&key)), expires);
+    relay.routes().learn(cookie, pod, Arc::new(RelayKey::new(&key)), expires, crate::state::now_unix());
     Ok(())
 }
 
@@ -418,7 +422,7 @@ mod tests {
 
     fn routes_with(cookie: u64, key: &Arc<RelayKey>) -> Routes {
         let mut routes = Routes::default();
-        routes.learn(cookie, addr("10.0.0.5:8080"), key.clone(), 1_000);
+        routes.learn(cookie, addr("10.0.0.5:8080"), key.clone(), 1_000, 5);
         routes
     }
 
@@ -441,6 +445,21 @@ mod tests {
         assert_eq!(routes.inbound(&[0u8; UDP_MAX_BYTES + 1], client, 10).map(|_| ()), Err(Dropped::NotAProbe));
         assert_eq!(routes.inbound(&probe(8), client, 10).map(|_| ()), Err(Dropped::UnknownCookie));
         assert_eq!(routes.inbound(&probe(7), client, 1_000).map(|_| ()), Err(Dropped::UnknownCookie), "expired");
+    }
+
+    #[test]
+    fn a_route_left_idle_is_forgotten_and_one_in_use_is_not() {
+        let key = Arc::new(RelayKey::new(&[1; 32]));
+        let client = addr("198.51.100.7:40000");
+        let mut routes = Routes::default();
+        routes.learn(7, addr("10.0.0.5:8080"), key.clone(), 100_000, 0);
+        routes.learn(8, addr("10.0.0.5:8080"), key, 100_000, 0);
+        // Route 7 is used every 500 s, route 8 never.
+        for now in [500, 1_000, 1_500] {
+            assert!(routes.inbound(&probe(7), client, now).is_ok(), "in use at {now}");
+        }
+        assert_eq!(routes.inbound(&probe(8), client, ROUTE_IDLE_SECONDS).map(|_| ()), Err(Dropped::UnknownCookie));
+        assert!(routes.inbound(&probe(7), client, 1_500 + ROUTE_IDLE_SECONDS - 1).is_ok());
     }
 
     #[test]
@@ -554,11 +573,11 @@ mod tests {
         let key = Arc::new(RelayKey::new(&[1; 32]));
         let mut routes = Routes::default();
         for cookie in 0..(MAX_ROUTES as u64 + 5) {
-            routes.learn(cookie, addr("10.0.0.5:8080"), key.clone(), 1_000);
+            routes.learn(cookie, addr("10.0.0.5:8080"), key.clone(), 1_000, 5);
         }
         assert_eq!(routes.len(), MAX_ROUTES);
         assert_eq!(routes.inbound(&probe(0), addr("198.51.100.7:1"), 10).map(|_| ()), Err(Dropped::UnknownCookie));
-        routes.learn(MAX_ROUTES as u64 + 4, addr("10.0.0.6:8080"), key, 1_000);
+        routes.learn(MAX_ROUTES as u64 + 4, addr("10.0.0.6:8080"), key, 1_000, 5);
         assert_eq!(routes.len(), MAX_ROUTES);
         let moved = routes.inbound(&probe(MAX_ROUTES as u64 + 4), addr("198.51.100.7:1"), 10).unwrap();
         assert_eq!(moved.0, addr("10.0.0.6:8080"));

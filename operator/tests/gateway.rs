@@ -614,8 +614,12 @@ async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromiu
     let limit = said("limitStatus");
     assert!(limit.starts_with("The test stopped: ") && limit.contains("; try again in"), "{limit}");
     assert!(!limit.contains(") ("), "two parentheses in a row: {limit}");
+    // While its session is being made, the page says so and the button waits.
+    assert!(said("loadingStatus").starts_with("Getting a session"), "{}", said("loadingStatus"));
+    assert_eq!(report["loadingButtonDisabled"], true, "the button could start a second test");
     for shot in [
         "test-ready",
+        "test-loading",
         "test-running",
         "test-running-upload",
         "test-household-running",

@@ -143,6 +143,7 @@ impl Mux {
             policy,
             dialling: Arc::new(Semaphore::new(limits.dialling)),
             pings: HashMap::new(),
+            next_nonce: 0,
             control: std::collections::VecDeque::new(),
         };
         let run = driver.run(channel.incoming, command_queue, stop.clone());
@@ -231,6 +232,8 @@ struct Driver<P> {
     dialling: Arc<Semaphore>,
     /// Pings sent, by nonce, with when.
     pings: HashMap<u64, tokio::time::Instant>,
+    /// A counter: unique among the outstanding pings is all a nonce must be.
+    next_nonce: u64,
     /// Control frames not yet sent (see [`CONTROL_BACKLOG`]).
     control: std::collections::VecDeque<Bytes>,
 }
@@ -277,7 +280,8 @@ impl<P: Policy> Driver<P> {
                     }
                 }
                 _ = ping.tick() => {
-                    let nonce = rand_nonce(&self.pings);
+                    let nonce = self.next_nonce;
+                    self.next_nonce = self.next_nonce.wrapping_add(1);
                     self.pings.insert(nonce, tokio::time::Instant::now());
                     // At most a few outstanding: a peer that never answers costs nothing.
                     if self.pings.len() > 4 && let Some(oldest) = self.pings.iter().min_by_key(|(_, at)| **at).map(|(n, _)| *n) {
@@ -486,11 +490,6 @@ async fn send(outgoing: &mpsc::Sender<Bytes>, frame: &Frame<'_>) -> Result<(), E
     let mut message = Vec::new();
     frame.encode(&mut message).map_err(Ended::BadFrame)?;
     outgoing.send(Bytes::from(message)).await.map_err(|_| Ended::ChannelClosed)
-}
-
-fn rand_nonce(used: &HashMap<u64, tokio::time::Instant>) -> u64 {
-    // Unique among the outstanding pings is all a nonce must be.
-    (0..).find(|n| !used.contains_key(n)).unwrap_or(0)
 }
 
 /// Resolves `host` and dials the first address the policy allows.
