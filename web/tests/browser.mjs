@@ -53,22 +53,27 @@ try {
   await page.waitForSelector("#start");
   await page.screenshot({ path: join(out, "test-ready.png"), fullPage: true });
   // The session's create is held back until the page has been seen
-  // waiting for it: the loading state.
-  let release;
-  const held = new Promise((resolve) => (release = resolve));
-  await page.route("**/api/v1/sessions", async (route) => {
-    if (route.request().method() === "POST") await held;
-    await route.continue();
-  });
+  // waiting for it: the loading state. Only in the full run: the shaped
+  // line's run times its measurement, and is left as it was.
+  let release = () => {};
+  if (mode === "all") {
+    const held = new Promise((resolve) => (release = resolve));
+    await page.route("**/api/v1/sessions", async (route) => {
+      if (route.request().method() === "POST") await held;
+      await route.continue();
+    });
+  }
   await page.click("#start");
-  await page
-    .waitForFunction(() => document.querySelector("#status")?.textContent?.startsWith("Getting a session"), null, { timeout: 10_000 })
-    .catch(() => fail(page, "the page did not say it was getting a session"));
-  report.loadingStatus = await page.textContent("#status");
-  report.loadingButtonDisabled = await page.isDisabled("#start");
-  await page.screenshot({ path: join(out, "test-loading.png"), fullPage: true });
-  // Later creates pass straight through: the promise has resolved.
-  release();
+  if (mode === "all") {
+    await page
+      .waitForFunction(() => document.querySelector("#status")?.textContent?.startsWith("Getting a session"), null, { timeout: 10_000 })
+      .catch(() => fail(page, "the page did not say it was getting a session"));
+    report.loadingStatus = await page.textContent("#status");
+    report.loadingButtonDisabled = await page.isDisabled("#start");
+    await page.screenshot({ path: join(out, "test-loading.png"), fullPage: true });
+    // Later creates pass straight through: the promise has resolved.
+    release();
+  }
   // While it measures: the phase, the live rates and the graph.
   await page
     .waitForFunction(() => document.querySelector("#status")?.textContent?.startsWith("Measuring: download"), null, { timeout: 30_000 })
