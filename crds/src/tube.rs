@@ -6,7 +6,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Conditions, conditions};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::common::{Conditions, conditions, optional_date_time};
 
 /// A WebRTC tunnel: the client puts its SDP offer here, the session pod that
 /// terminates the tube answers through the status.
@@ -25,6 +27,8 @@ use crate::common::{Conditions, conditions};
         printcolumn(name = "Session", type_ = "string", json_path = ".spec.session"),
         printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
         printcolumn(name = "RTT(ms)", type_ = "number", json_path = ".status.rttMs"),
+        printcolumn(name = "Conns", type_ = "integer", json_path = ".status.openConnections"),
+        printcolumn(name = "Ended", type_ = "string", json_path = ".status.endReason"),
         printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
         doc = "A TCP or SOCKS5 tunnel over a WebRTC data channel"
     )
@@ -76,6 +80,15 @@ pub struct TubeSpec {
     /// Trickle ICE candidates (needed for ICE restarts).
     #[serde(default)]
     pub trickle: bool,
+    /// Seconds with no connection open and no byte carried before the tube
+    /// is closed (reason `Idle`).
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub idle_timeout_seconds: i64,
+}
+
+fn default_idle_timeout() -> i64 {
+    600
 }
 
 /// Kinds of tube.
@@ -174,6 +187,22 @@ pub struct TubeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub rtt_ms: Option<f64>,
+    /// TCP connections the tube carries now.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub open_connections: i32,
+    /// The TestSession the operator made to claim a pool's pod for this
+    /// tube (owned by the tube: it goes when the tube goes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// When the data channel opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_date_time")]
+    pub connected_at: Option<Time>,
+    /// Why the tube ended (`Idle`, `Deleted`, `SessionEnded`, `PodGone`,
+    /// `PeerGone`, ...), kept once it is Closed or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
     /// Ready and the reasons for failing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions")]

@@ -88,6 +88,11 @@ pub struct WarmPoolSpec {
     /// them.
     #[serde(default, skip_serializing_if = "Egress::is_empty")]
     pub egress: Egress,
+    /// Where the pool's tubes may lead. A tube reaches only what a rule
+    /// here allows; with no rule, the pool refuses tubes (a SOCKS5 tube
+    /// with no allowlist would be an open proxy into the cluster).
+    #[serde(default, skip_serializing_if = "TubeAccess::is_empty")]
+    pub tubes: TubeAccess,
     /// How placement weighs the parts of a backend's score (lower score wins).
     #[serde(default)]
     pub placement: PlacementWeights,
@@ -151,6 +156,23 @@ pub struct Egress {
 }
 
 impl Egress {
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty()
+    }
+}
+
+/// Where a pool's tubes may lead.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct TubeAccess {
+    /// Each rule allows an address range or a host name, on some ports.
+    /// Unlike probes, tubes get nothing by default: not even the public
+    /// internet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub allow: Vec<EgressRule>,
+}
+
+impl TubeAccess {
     pub fn is_empty(&self) -> bool {
         self.allow.is_empty()
     }

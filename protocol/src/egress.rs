@@ -400,6 +400,8 @@ pub enum Reason {
     Special(Special),
     /// In one of the cluster's ranges (`TIDEPOOL_EGRESS_DENY`).
     Cluster(Cidr),
+    /// No rule allows it, and nothing is allowed without one (tubes).
+    NotListed,
 }
 
 impl Reason {
@@ -408,6 +410,7 @@ impl Reason {
         match self {
             Self::Special(special) => special.range.label(),
             Self::Cluster(_) => "cluster",
+            Self::NotListed => "not_listed",
         }
     }
 }
@@ -438,6 +441,7 @@ impl fmt::Display for Refused {
                 write!(f, "{} {v4}, which is {}", form.describe(), range.describe())?
             }
             Reason::Cluster(cidr) => write!(f, "in the cluster's range {cidr}")?,
+            Reason::NotListed => f.write_str("not on the pool's allowlist")?,
         }
         if let Some(ports) = &self.rule_ports {
             let list: Vec<String> = ports.iter().map(u16::to_string).collect();
@@ -492,6 +496,42 @@ impl EgressPolicy {
             (None, None) => return Ok(()),
         };
         Err(Refused { host: host.to_owned(), ip, reason, rule_ports })
+    }
+
+    /// For tubes, which get nothing by default: whether a target named
+    /// `host` on `port` may be dialled at all, before its name is resolved
+    /// (a host rule names it, or a CIDR rule may hold its addresses).
+    pub fn lists_name(&self, host: &str, port: u16) -> bool {
+        let literal = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();
+        self.allow.iter().any(|rule| {
+            rule.matches_port(Some(port))
+                && match (&rule.what, literal) {
+                    (Allowed::Host(pattern), _) => pattern.matches(host),
+                    (Allowed::Cidr(cidr), Some(ip)) => cidr.contains(ip.to_canonical()),
+                    (Allowed::Cidr(_), None) => true,
+                }
+        })
+    }
+
+    /// For tubes: whether `host`, resolved to `ip`, may be dialled on
+    /// `port`. Only a rule allows it; the ranges refused by default are
+    /// refused unless a rule names them.
+    pub fn check_listed(&self, host: &str, ip: IpAddr, port: u16) -> Result<(), Refused> {
+        let ip = ip.to_canonical();
+        let embedded = match ip {
+            IpAddr::V6(v6) => embedded_ipv4(v6).map(|(_, v4)| v4),
+            IpAddr::V4(_) => None,
+        };
+        let mut rule_ports = None;
+        for rule in &self.allow {
+            if rule.matches_target(host, ip, embedded) {
+                if rule.matches_port(Some(port)) {
+                    return Ok(());
+                }
+                rule_ports = Some(rule.ports.clone());
+            }
+        }
+        Err(Refused { host: host.to_owned(), ip, reason: Reason::NotListed, rule_ports })
     }
 
     /// Whether any allow rule or cluster range is set.
@@ -749,6 +789,42 @@ mod tests {
         assert_eq!(policy.check("h", ip("::ffff:127.0.0.1"), None), Ok(()), "mapped: the IPv4 rule");
         assert!(policy.check("localhost", ip("::1"), None).is_err(), "an IPv4 rule allows no IPv6 address");
         assert!(!policy.is_default());
+    }
+
+    #[test]
+    fn tubes_reach_only_what_a_rule_lists() {
+        let rules = [
+            rule(Some("10.1.0.0/16"), None, &[5432]),
+            rule(None, Some("db.default.svc"), &[5432]),
+            rule(Some("127.0.0.1/32"), None, &[]),
+        ];
+        let policy = EgressPolicy::new(&rules, parse_deny("10.0.0.0/8").unwrap()).unwrap();
+        // Before resolution: a host rule names it, or some CIDR rule may hold it.
+        assert!(policy.lists_name("db.default.svc", 5432));
+        assert!(policy.lists_name("anything.example", 5432), "a CIDR rule on 5432 may hold its addresses");
+        assert!(policy.lists_name("127.0.0.1", 22));
+        assert!(policy.lists_name("[::ffff:127.0.0.1]", 22), "a mapped literal is its IPv4 address");
+        assert!(!policy.lists_name("10.2.0.1", 22), "a literal outside every every-port rule");
+        let narrow = EgressPolicy::new(&rules[..2], Vec::new()).unwrap();
+        assert!(!narrow.lists_name("db.default.svc", 22), "no rule on that port");
+        assert!(policy.lists_name("db.default.svc", 22), "the every-port CIDR rule may hold it");
+        // After resolution: a rule must allow the address, whatever its range.
+        assert_eq!(policy.check_listed("db.default.svc", ip("10.96.0.9"), 5432), Ok(()));
+        assert_eq!(policy.check_listed("x", ip("10.1.9.9"), 5432), Ok(()), "listed beats the cluster range");
+        assert_eq!(policy.check_listed("localhost", ip("127.0.0.1"), 8080), Ok(()));
+        let public = policy.check_listed("example.org", ip("93.184.216.34"), 5432).unwrap_err();
+        assert_eq!(public.reason, Reason::NotListed, "no public internet by default");
+        assert_eq!(public.reason.label(), "not_listed");
+        assert_eq!(
+            public.to_string(),
+            "refused by the pool's egress policy: example.org resolves to 93.184.216.34, which is not on the \
+             pool's allowlist"
+        );
+        let port = policy.check_listed("10.1.2.3", ip("10.1.2.3"), 22).unwrap_err();
+        assert_eq!(port.rule_ports, Some(vec![5432]));
+        let empty = EgressPolicy::default();
+        assert!(!empty.lists_name("example.org", 443));
+        assert!(empty.check_listed("example.org", ip("93.184.216.34"), 443).is_err());
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! - [`grading`]: the grading rules every side applies to results;
 //! - [`egress`]: what a pool's session pods may reach with their probes;
 //! - [`stored`]: results kept in object storage, and the route that reads them;
-//! - [`cluster`]: the operators' live view of pools, sessions and backends.
+//! - [`cluster`]: the operators' live view of pools, sessions and backends;
+//! - [`tube`]: tubes, between a client and the operator and between the
+//!   operator and the pod that terminates one.
 //!
 //! Session tokens, binding tickets and agent reports live in `tidepool-wire`.
 
@@ -20,6 +22,7 @@ pub mod pod;
 pub mod relay;
 pub mod results;
 pub mod stored;
+pub mod tube;
 
 use serde::{Deserialize, Serialize};
 

@@ -29,6 +29,7 @@ const SESSION_DOMAIN: &[u8] = b"tidepool/session-token/v1\0";
 const BINDING_DOMAIN: &[u8] = b"tidepool/binding-ticket/v1\0";
 const RELAY_DOMAIN: &[u8] = b"tidepool/relay-ticket/v1\0";
 const RELAY_KEY_DOMAIN: &[u8] = b"tidepool/relay-key/v1\0";
+const TUBE_DOMAIN: &[u8] = b"tidepool/tube-ticket/v1\0";
 
 /// Why a credential was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -116,6 +117,39 @@ impl Default for ThresholdClaims {
     }
 }
 
+/// What a tube ticket says: the operator's word to a pod that it may
+/// terminate this tube, and what the tube may reach. The pod takes the
+/// kind and the target from here, never from the request's body, so only
+/// the Tube's spec (which the operator read) decides them. Times are Unix
+/// seconds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TubeClaims {
+    /// The Tube's UID.
+    pub tube: String,
+    /// The Tube's namespace and name, for the pod's logs and metrics.
+    pub ns: String,
+    pub name: String,
+    /// The pod that terminates it.
+    pub pod: String,
+    /// `tunnel` (only `target` may be dialled) or `socks5`.
+    pub kind: String,
+    /// A tunnel's target, `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The pool's tube allowlist when the ticket was signed: a JSON array
+    /// of egress rules (`spec.tubes.allow`).
+    pub allow: String,
+    /// Seconds with no connection open and no byte carried before the pod
+    /// closes the tube.
+    pub idle: u64,
+    /// When the ticket stops being accepted (a few minutes after signing:
+    /// the operator signs one for each call).
+    pub exp: u64,
+    /// The id of the key that signed the ticket; set by the signer.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kid: String,
+}
+
 /// The hex SHA-256 of the probe targets' compact JSON (`json`), or `None`
 /// when there are no targets.
 pub fn probes_digest(json: &[u8], empty: bool) -> Option<String> {
@@ -180,6 +214,15 @@ impl PoolSigningKey {
         let signature = B64.encode(self.0.sign(&relay_message(sid, pod)).to_bytes());
         format!("{}.{signature}", self.public().kid())
     }
+
+    /// Signs a tube ticket, naming this key in it.
+    pub fn sign_tube(&self, claims: &TubeClaims) -> String {
+        let claims = TubeClaims { kid: self.public().kid(), ..claims.clone() };
+        // Serialising a plain struct of strings and integers cannot fail.
+        let payload = serde_json::to_vec(&claims).unwrap_or_default();
+        let signature = self.0.sign(&[TUBE_DOMAIN, &payload].concat());
+        format!("{}.{}", B64.encode(&payload), B64.encode(signature.to_bytes()))
+    }
 }
 
 impl std::fmt::Debug for PoolSigningKey {
@@ -243,6 +286,20 @@ impl PoolPublicKey {
         let signature = decode_signature(signature)?;
         self.0.verify_strict(&relay_message(sid, pod), &signature).map_err(|_| TokenError::BadSignature)
     }
+
+    /// Checks a tube ticket's signature and expiry (`now` in Unix seconds)
+    /// and returns its claims.
+    pub fn verify_tube(&self, ticket: &str, now: u64) -> Result<TubeClaims, TokenError> {
+        let (payload, signature) = ticket.split_once('.').ok_or(TokenError::Malformed)?;
+        let payload = B64.decode(payload).map_err(|_| TokenError::Malformed)?;
+        let signature = decode_signature(signature)?;
+        self.0.verify_strict(&[TUBE_DOMAIN, &payload].concat(), &signature).map_err(|_| TokenError::BadSignature)?;
+        let claims: TubeClaims = serde_json::from_slice(&payload).map_err(|_| TokenError::Malformed)?;
+        if claims.exp <= now {
+            return Err(TokenError::Expired { expired_at: claims.exp, now });
+        }
+        Ok(claims)
+    }
 }
 
 /// The public keys a pod accepts: the pool's current one and, while a
@@ -294,6 +351,14 @@ impl PublicKeys {
     pub fn verify_relay(&self, ticket: &str, sid: &str, pod: &str) -> Result<(), TokenError> {
         let (kid, _) = split_ticket(ticket);
         self.by_kid(kid.ok_or(TokenError::Malformed)?)?.verify_relay(ticket, sid, pod)
+    }
+
+    /// Checks a tube ticket with the key it names.
+    pub fn verify_tube(&self, ticket: &str, now: u64) -> Result<TubeClaims, TokenError> {
+        let (payload, _) = ticket.split_once('.').ok_or(TokenError::Malformed)?;
+        let payload = B64.decode(payload).map_err(|_| TokenError::Malformed)?;
+        let claims: TubeClaims = serde_json::from_slice(&payload).map_err(|_| TokenError::Malformed)?;
+        self.by_kid(&claims.kid)?.verify_tube(ticket, now)
     }
 }
 
@@ -401,6 +466,44 @@ mod tests {
         assert_eq!(both.verify_session(&format!("{payload}.{old_signature}"), 0), Err(TokenError::BadSignature));
         assert_eq!(both.to_base64_list(), format!("{},{}", new.public().to_base64(), old.public().to_base64()));
         assert!(PublicKeys::from_base64_list(" , ").is_err());
+    }
+
+    fn tube_claims() -> TubeClaims {
+        TubeClaims {
+            tube: "tube-uid".into(),
+            ns: "default".into(),
+            name: "db".into(),
+            pod: "edge-abc".into(),
+            kind: "tunnel".into(),
+            target: Some("db.default.svc:5432".into()),
+            allow: r#"[{"host":"db.default.svc"}]"#.into(),
+            idle: 600,
+            exp: 2_000,
+            kid: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_tube_ticket_is_accepted_only_whole_in_time_and_as_itself() {
+        let key = PoolSigningKey::generate().unwrap();
+        let keys = PublicKeys::new(vec![key.public()]);
+        let ticket = key.sign_tube(&tube_claims());
+        assert_eq!(keys.verify_tube(&ticket, 1_000).unwrap(), TubeClaims { kid: key.public().kid(), ..tube_claims() });
+        assert!(matches!(keys.verify_tube(&ticket, 2_000), Err(TokenError::Expired { .. })));
+        // Its claims changed under the signature: refused.
+        let (_, signature) = ticket.split_once('.').unwrap();
+        let mut wider = TubeClaims { kind: "socks5".into(), target: None, ..tube_claims() };
+        wider.kid = key.public().kid();
+        let forged = format!("{}.{signature}", B64.encode(serde_json::to_vec(&wider).unwrap()));
+        assert_eq!(keys.verify_tube(&forged, 1_000), Err(TokenError::BadSignature));
+        // A session token is not a tube ticket, nor the other way round.
+        let session = key.sign_session(&claims());
+        assert!(keys.verify_tube(&session, 1_000).is_err());
+        assert!(keys.verify_session(&ticket, 1_000).is_err());
+        // Another pool's key is unknown here.
+        let other = PoolSigningKey::generate().unwrap().sign_tube(&tube_claims());
+        assert!(matches!(keys.verify_tube(&other, 1_000), Err(TokenError::UnknownKey(_))));
+        assert_eq!(keys.verify_tube("no-dot", 0), Err(TokenError::Malformed));
     }
 
     #[test]
@@ -535,6 +638,7 @@ mod properties {
             let keys = PublicKeys::new(vec![key(1).public()]);
             prop_assert!(keys.verify_session(&text, 0).is_err());
             prop_assert!(keys.verify_binding(&text, &sid, &pod).is_err());
+            prop_assert!(keys.verify_tube(&text, 0).is_err());
             let _ = PoolPublicKey::unverified_claims(&text);
             let _ = PublicKeys::from_base64_list(&text);
             let _ = PoolSigningKey::from_base64(&text);
