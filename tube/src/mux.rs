@@ -1,13 +1,24 @@
 //! The multiplexer: one task drives the tube (reads every incoming frame,
-//! owns the connection table and the connection tasks); each connection is
-//! one task that pumps its TCP socket both ways within its credit.
+//! owns the tables of connections and UDP associations, and their tasks);
+//! each connection is one task that pumps its TCP socket both ways within
+//! its credit, and each association at the pod's end one task that relays
+//! its datagrams ([`crate::udp`]).
 //!
 //! A stalled reader on one connection stops only that connection: its
 //! inbox fills to the window, no credit goes back, and its peer's sender
 //! waits, while the driver goes on delivering every other connection's
 //! frames (an inbox is never waited on).
+//!
+//! Datagrams (SOCKS5 UDP ASSOCIATE): the client opens an association
+//! ([`Mux::associate`]) with a number from the same counter as its
+//! connections', so a `CLOSE` names one or the other without doubt. The
+//! pod's end learns of an association from its first `DATAGRAM`; either
+//! end ends it with `CLOSE` (the client when its [`Association`] is
+//! dropped, the pod when it has been idle). UDP has neither refusal nor
+//! back pressure, so a datagram with no room (a full inbox) or no
+//! permission is dropped and counted, and the driver never waits for one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,18 +30,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::udp::{self, Association, Datagram};
 
 /// Frames waiting for the channel. Small: the channel has its own buffer,
 /// and a short queue keeps a keystroke from waiting behind a bulk transfer.
 pub const OUTGOING_FRAMES: usize = 64;
-/// Requests to open connections waiting for the driver (the client's end).
+/// Requests to open connections or associations waiting for the driver
+/// (the client's end).
 const COMMANDS: usize = 64;
 /// Control frames the driver may hold back while the channel is busy. The
 /// driver never waits to send: it must always take the next incoming frame,
 /// or two ends whose queues are full of data would wait on each other. A
 /// peer that makes it owe more (a flood of pings or refused opens) is cut.
 const CONTROL_BACKLOG: usize = 4096;
+/// Datagrams one association holds: for its reader at the client's end,
+/// for its sockets at the pod's. When full the newest is dropped, as a
+/// full UDP socket buffer would.
+pub const ASSOCIATION_INBOX: usize = 64;
 
 /// The two queues a tube's messages pass through.
 pub struct Channel {
@@ -49,6 +67,12 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// How often the tube measures its round trip.
     pub ping_every: Duration,
+    /// UDP associations open at once. The client's end refuses more; the
+    /// pod's end drops a new association's datagrams beyond it and closes it.
+    pub associations: usize,
+    /// An association with no datagram either way for this long ends (the
+    /// pod's end closes it).
+    pub association_idle: Duration,
 }
 
 impl Default for Limits {
@@ -58,6 +82,8 @@ impl Default for Limits {
             dialling: 16,
             connect_timeout: Duration::from_secs(10),
             ping_every: Duration::from_secs(5),
+            associations: 16,
+            association_idle: Duration::from_secs(120),
         }
     }
 }
@@ -74,13 +100,27 @@ pub trait Policy: Send + Sync + 'static {
 /// What a tube has carried, for its status and metrics.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Payload bytes sent into the tube.
+    /// Payload bytes sent into the tube (connections' and datagrams').
     pub sent: AtomicU64,
     /// Payload bytes that came out of it.
     pub received: AtomicU64,
     pub open_connections: AtomicUsize,
+    /// UDP associations open (at the pod's end: those that have had a datagram).
+    pub open_associations: AtomicUsize,
+    /// Datagrams dropped for want of room or route: a full inbox, an
+    /// association that is gone or beyond the limit, a name that did not
+    /// resolve, a socket that failed, a reply from an address never sent to.
+    pub datagrams_dropped: AtomicU64,
+    /// Datagrams the policy did not allow (the pod's end).
+    pub datagrams_refused: AtomicU64,
     /// The last round trip of a ping, µs; 0 before the first.
     pub rtt_us: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn count(counter: &AtomicU64, by: usize) {
+        counter.fetch_add(u64::try_from(by).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
 }
 
 /// Why a tube ended.
@@ -102,10 +142,29 @@ pub struct Mux {
     commands: mpsc::Sender<Command>,
     stats: Arc<Stats>,
     stop: CancellationToken,
+    /// Cancelled when the driver returns (or is dropped).
+    ended: CancellationToken,
 }
 
 enum Command {
-    Open { tcp: TcpStream, host: String, port: u16, reply: oneshot::Sender<Result<(), Refusal>> },
+    Open { host: String, port: u16, reply: oneshot::Sender<Result<Dialled, Refusal>> },
+    Associate { reply: oneshot::Sender<Result<Association, Refusal>> },
+}
+
+/// A connection the pod has dialled, waiting for the socket it will carry
+/// ([`Mux::dial`]). What the target sends meanwhile waits, within the
+/// window; dropping it closes the connection at the pod too.
+#[derive(Debug)]
+pub struct Dialled {
+    carry: oneshot::Sender<TcpStream>,
+}
+
+impl Dialled {
+    /// Carries `tcp` both ways from now on. If the tube has ended, `tcp`
+    /// is closed.
+    pub fn carry(self, tcp: TcpStream) {
+        let _ = self.carry.send(tcp);
+    }
 }
 
 impl Mux {
@@ -115,7 +174,8 @@ impl Mux {
         Self::start(channel, limits, None::<Arc<NoPolicy>>)
     }
 
-    /// The pod's end: it dials what `policy` allows for each `OPEN`.
+    /// The pod's end: it dials what `policy` allows for each `OPEN`, and
+    /// relays what it allows of each association's datagrams.
     pub fn server<P: Policy>(
         channel: Channel,
         limits: Limits,
@@ -131,12 +191,14 @@ impl Mux {
     ) -> (Self, impl Future<Output = Ended> + Send + 'static) {
         let (commands, command_queue) = mpsc::channel(COMMANDS);
         let stats = Arc::new(Stats::default());
-        let stop = CancellationToken::new();
+        let (stop, ended) = (CancellationToken::new(), CancellationToken::new());
         let driver = Driver {
             outgoing: channel.outgoing,
             conns: HashMap::new(),
             pending: HashMap::new(),
+            assocs: HashMap::new(),
             next_conn: 1,
+            next_serial: 0,
             tasks: JoinSet::new(),
             stats: stats.clone(),
             limits,
@@ -144,18 +206,37 @@ impl Mux {
             dialling: Arc::new(Semaphore::new(limits.dialling)),
             pings: HashMap::new(),
             next_nonce: 0,
-            control: std::collections::VecDeque::new(),
+            control: VecDeque::new(),
         };
-        let run = driver.run(channel.incoming, command_queue, stop.clone());
-        (Self { commands, stats, stop }, run)
+        // Moved into the driver's future: dropped with it, polled or not.
+        let run = driver.run(channel.incoming, command_queue, stop.clone(), ended.clone().drop_guard());
+        (Self { commands, stats, stop, ended }, run)
     }
 
     /// Carries `tcp` through the tube to `host:port`: once the pod has
     /// dialled it, or with the pod's reason why not.
     pub async fn open(&self, tcp: TcpStream, host: &str, port: u16) -> Result<(), Refusal> {
+        self.dial(host, port).await?.carry(tcp);
+        Ok(())
+    }
+
+    /// Has the pod dial `host:port`, and returns once it has, before any
+    /// socket is carried: so a SOCKS5 server can answer its client first.
+    /// A host that cannot be framed (empty, too long, with spaces) is
+    /// `host_unreachable`.
+    pub async fn dial(&self, host: &str, port: u16) -> Result<Dialled, Refusal> {
         let (reply, answer) = oneshot::channel();
-        let command = Command::Open { tcp, host: host.to_string(), port, reply };
+        let command = Command::Open { host: host.to_string(), port, reply };
         self.commands.send(command).await.map_err(|_| Refusal::Failed)?;
+        answer.await.unwrap_or(Err(Refusal::Failed))
+    }
+
+    /// Opens a UDP association (the client's end; the pod's end refuses,
+    /// `failed`). At most [`Limits::associations`] at once, beyond which
+    /// `too_many_connections`. The pod hears of it with its first datagram.
+    pub async fn associate(&self) -> Result<Association, Refusal> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Associate { reply }).await.map_err(|_| Refusal::Failed)?;
         answer.await.unwrap_or(Err(Refusal::Failed))
     }
 
@@ -163,9 +244,15 @@ impl Mux {
         &self.stats
     }
 
-    /// Ends the tube: every connection closes, and the driver returns.
+    /// Ends the tube: every connection and association closes, and the
+    /// driver returns.
     pub fn close(&self) {
         self.stop.cancel();
+    }
+
+    /// Returns once the tube has ended, however it ended.
+    pub async fn ended(&self) {
+        self.ended.cancelled().await;
     }
 }
 
@@ -217,14 +304,35 @@ impl Conn {
     }
 }
 
+/// One association as the driver knows it.
+struct Assoc {
+    /// Its inbox (the client's end) or its relay's queue (the pod's).
+    datagrams: mpsc::Sender<Datagram>,
+    /// The peer closed it, or the tube ends.
+    gone: CancellationToken,
+    /// Tells this association from a later one under the same number, so
+    /// a task that ends late forgets only its own.
+    serial: u64,
+}
+
+/// The socket a connection carries: at once (the pod's dial, [`Mux::open`])
+/// or when its opener hands it over ([`Dialled::carry`]).
+enum Carried {
+    Now(TcpStream),
+    Later(oneshot::Receiver<TcpStream>),
+}
+
 struct Driver<P> {
     outgoing: mpsc::Sender<Bytes>,
     conns: HashMap<u32, Arc<Conn>>,
     /// The client's opens waiting for `OPENED` or `REFUSED`.
-    pending: HashMap<u32, (TcpStream, oneshot::Sender<Result<(), Refusal>>)>,
+    pending: HashMap<u32, oneshot::Sender<Result<Dialled, Refusal>>>,
+    assocs: HashMap<u32, Assoc>,
+    /// Numbers connections and associations alike (the client's end).
     next_conn: u32,
-    /// The connection tasks and the pod's dialling tasks; each yields the
-    /// connection it served, so the driver forgets it.
+    next_serial: u64,
+    /// The connection tasks, the pod's dialling tasks and the association
+    /// tasks; each yields what it served, so the driver forgets it.
     tasks: JoinSet<Finished>,
     stats: Arc<Stats>,
     limits: Limits,
@@ -235,7 +343,7 @@ struct Driver<P> {
     /// A counter: unique among the outstanding pings is all a nonce must be.
     next_nonce: u64,
     /// Control frames not yet sent (see [`CONTROL_BACKLOG`]).
-    control: std::collections::VecDeque<Bytes>,
+    control: VecDeque<Bytes>,
 }
 
 /// How a task of the driver's ended.
@@ -244,6 +352,9 @@ enum Finished {
     Conn(u32),
     /// The pod dialled (or failed to dial) a target.
     Dialled { conn: u32, result: Result<TcpStream, Refusal> },
+    /// An association's owner let it go (the client's end) or its relay
+    /// ended (the pod's): forget it, and tell the peer why.
+    Assoc { assoc: u32, serial: u64, reason: CloseReason },
 }
 
 impl<P: Policy> Driver<P> {
@@ -252,6 +363,7 @@ impl<P: Policy> Driver<P> {
         mut incoming: mpsc::Receiver<Bytes>,
         mut commands: mpsc::Receiver<Command>,
         stop: CancellationToken,
+        _ended: DropGuard,
     ) -> Ended {
         let mut ping = tokio::time::interval(self.limits.ping_every);
         let outgoing = self.outgoing.clone();
@@ -294,26 +406,34 @@ impl<P: Policy> Driver<P> {
                 () = stop.cancelled() => break Ended::Closed,
             }
         };
-        // Every connection ends with the tube; their tasks see it and stop.
+        // Every connection and association ends with the tube; their tasks
+        // see it and stop.
         for conn in self.conns.values() {
             conn.gone.cancel();
         }
-        for (_, (_, reply)) in self.pending.drain() {
+        for assoc in self.assocs.values() {
+            assoc.gone.cancel();
+        }
+        for (_, reply) in self.pending.drain() {
             let _ = reply.send(Err(Refusal::Failed));
         }
         self.tasks.shutdown().await;
         self.stats.open_connections.store(0, Ordering::Relaxed);
+        self.stats.open_associations.store(0, Ordering::Relaxed);
         ended
     }
 
     /// Queues a control frame without waiting.
     fn send(&mut self, frame: &Frame<'_>) -> Result<(), Ended> {
+        let message = encode(frame).map_err(Ended::BadFrame)?;
+        self.queue(message)
+    }
+
+    fn queue(&mut self, message: Bytes) -> Result<(), Ended> {
         if self.control.len() >= CONTROL_BACKLOG {
             return Err(Ended::Protocol("the peer is owed too many control frames"));
         }
-        let mut message = Vec::new();
-        frame.encode(&mut message).map_err(Ended::BadFrame)?;
-        self.control.push_back(Bytes::from(message));
+        self.control.push_back(message);
         Ok(())
     }
 
@@ -330,7 +450,7 @@ impl<P: Policy> Driver<P> {
                 guard.inbox.extend_from_slice(bytes);
                 drop(guard);
                 state.inbox_changed.notify_one();
-                self.stats.received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Stats::count(&self.stats.received, bytes.len());
             }
             Frame::Credit { conn, bytes } => {
                 let Some(state) = self.conns.get(&conn) else { return Ok(()) };
@@ -350,9 +470,10 @@ impl<P: Policy> Driver<P> {
                 if let Some(state) = self.conns.remove(&conn) {
                     state.gone.cancel();
                 }
-                if let Some((_, reply)) = self.pending.remove(&conn) {
+                if let Some(reply) = self.pending.remove(&conn) {
                     let _ = reply.send(Err(Refusal::Failed));
                 }
+                self.forget_assoc(conn);
             }
             Frame::Ping { nonce } => self.send(&Frame::Pong { nonce })?,
             Frame::Pong { nonce } => {
@@ -363,22 +484,20 @@ impl<P: Policy> Driver<P> {
             }
             Frame::Open { conn, host, port } => self.on_open(conn, host, port)?,
             Frame::Opened { conn } => {
-                let (tcp, reply) = self.pending.remove(&conn).ok_or(Ended::Protocol("OPENED for no open"))?;
-                if reply.send(Ok(())).is_ok() {
-                    self.start_conn(conn, tcp);
+                let reply = self.pending.remove(&conn).ok_or(Ended::Protocol("OPENED for no open"))?;
+                let (carry, carried) = oneshot::channel();
+                if reply.send(Ok(Dialled { carry })).is_ok() {
+                    self.start_conn(conn, Carried::Later(carried));
                 } else {
                     // The client gave up waiting: the pod's side goes too.
                     self.send(&Frame::Close { conn, reason: CloseReason::Reset })?;
                 }
             }
             Frame::Refused { conn, reason } => {
-                let (_, reply) = self.pending.remove(&conn).ok_or(Ended::Protocol("REFUSED for no open"))?;
+                let reply = self.pending.remove(&conn).ok_or(Ended::Protocol("REFUSED for no open"))?;
                 let _ = reply.send(Err(reason));
             }
-            Frame::Datagram { .. } => {
-                // UDP ASSOCIATE rides this frame; this end relays no datagrams yet.
-                return Err(Ended::Protocol("DATAGRAM is not served"));
-            }
+            Frame::Datagram { assoc, host, port, payload } => self.on_datagram(assoc, host, port, payload)?,
         }
         Ok(())
     }
@@ -386,7 +505,7 @@ impl<P: Policy> Driver<P> {
     /// The pod's end: dial `host:port` if the policy allows, in a task.
     fn on_open(&mut self, conn: u32, host: &str, port: u16) -> Result<(), Ended> {
         let Some(policy) = self.policy.clone() else { return Err(Ended::Protocol("OPEN sent to the client")) };
-        if self.conns.contains_key(&conn) || self.pending.contains_key(&conn) {
+        if self.conns.contains_key(&conn) || self.pending.contains_key(&conn) || self.assocs.contains_key(&conn) {
             return Err(Ended::Protocol("OPEN for a connection in use"));
         }
         let refuse = |reason| Frame::Refused { conn, reason };
@@ -411,24 +530,130 @@ impl<P: Policy> Driver<P> {
         Ok(())
     }
 
+    /// A datagram for an association. Nothing here waits: no room, and it
+    /// is dropped.
+    fn on_datagram(&mut self, assoc: u32, host: &str, port: u16, payload: &[u8]) -> Result<(), Ended> {
+        if self.conns.contains_key(&assoc) || self.pending.contains_key(&assoc) {
+            return Err(Ended::Protocol("DATAGRAM for a connection"));
+        }
+        Stats::count(&self.stats.received, payload.len());
+        match self.policy.clone() {
+            // The client's end: a number it never gave out is the pod's
+            // error; one it has closed may still have datagrams on the way.
+            None if assoc >= self.next_conn => return Err(Ended::Protocol("DATAGRAM for no association")),
+            None => {}
+            // The pod's end: the first datagram opens the association.
+            Some(policy) if !self.assocs.contains_key(&assoc) => {
+                if self.assocs.len() >= self.limits.associations {
+                    Stats::count(&self.stats.datagrams_dropped, 1);
+                    return self.send(&Frame::Close { conn: assoc, reason: CloseReason::Reset });
+                }
+                self.start_relay(assoc, policy);
+            }
+            Some(_) => {}
+        }
+        let datagram = Datagram { host: host.to_string(), port, payload: Bytes::copy_from_slice(payload) };
+        let delivered = self.assocs.get(&assoc).is_some_and(|a| a.datagrams.try_send(datagram).is_ok());
+        if !delivered {
+            Stats::count(&self.stats.datagrams_dropped, 1);
+        }
+        Ok(())
+    }
+
     fn on_command(&mut self, command: Command) -> Result<(), Ended> {
-        let Command::Open { tcp, host, port, reply } = command;
+        match command {
+            Command::Open { host, port, reply } => self.on_open_command(&host, port, reply),
+            Command::Associate { reply } => self.on_associate(reply),
+        }
+    }
+
+    fn on_open_command(
+        &mut self,
+        host: &str,
+        port: u16,
+        reply: oneshot::Sender<Result<Dialled, Refusal>>,
+    ) -> Result<(), Ended> {
         if self.conns.len() + self.pending.len() >= self.limits.connections {
             let _ = reply.send(Err(Refusal::TooManyConnections));
             return Ok(());
         }
-        let conn = self.next_conn;
-        self.next_conn = self.next_conn.checked_add(1).ok_or(Ended::Protocol("connection numbers ran out"))?;
-        match self.send(&Frame::Open { conn, host: &host, port }) {
-            Ok(()) => {
-                self.pending.insert(conn, (tcp, reply));
-                Ok(())
-            }
-            Err(ended) => {
-                let _ = reply.send(Err(Refusal::Failed));
-                Err(ended)
-            }
+        let conn = self.next_id()?;
+        // A host the frame cannot carry is the caller's mistake, not the tube's.
+        let Ok(message) = encode(&Frame::Open { conn, host, port }) else {
+            let _ = reply.send(Err(Refusal::HostUnreachable));
+            return Ok(());
+        };
+        self.pending.insert(conn, reply);
+        self.queue(message)
+    }
+
+    /// The client's end: a new association, and a task that tells the
+    /// driver when its owner lets it go.
+    fn on_associate(&mut self, reply: oneshot::Sender<Result<Association, Refusal>>) -> Result<(), Ended> {
+        if self.policy.is_some() {
+            let _ = reply.send(Err(Refusal::Failed));
+            return Ok(());
         }
+        if self.assocs.len() >= self.limits.associations {
+            let _ = reply.send(Err(Refusal::TooManyConnections));
+            return Ok(());
+        }
+        let assoc = self.next_id()?;
+        let (inbox, received) = mpsc::channel(ASSOCIATION_INBOX);
+        let gone = CancellationToken::new();
+        let association =
+            Association::new(assoc, received, self.outgoing.downgrade(), self.stats.clone(), gone.clone());
+        if reply.send(Ok(association)).is_err() {
+            // Nobody took it, and the pod never heard of it.
+            return Ok(());
+        }
+        let serial = self.insert_assoc(assoc, inbox.clone(), gone.clone());
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = inbox.closed() => {}
+                () = gone.cancelled() => {}
+            }
+            Finished::Assoc { assoc, serial, reason: CloseReason::Reset }
+        });
+        Ok(())
+    }
+
+    /// The pod's end: an association's relay, its sockets bound as needed.
+    fn start_relay(&mut self, assoc: u32, policy: Arc<P>) {
+        let (datagrams, queue) = mpsc::channel(ASSOCIATION_INBOX);
+        let gone = CancellationToken::new();
+        let serial = self.insert_assoc(assoc, datagrams, gone.clone());
+        let (outgoing, stats, idle) = (self.outgoing.clone(), self.stats.clone(), self.limits.association_idle);
+        self.tasks.spawn(async move {
+            let reason = tokio::select! {
+                reason = udp::relay(assoc, queue, policy.as_ref(), &outgoing, &stats, idle) => reason,
+                // Already forgotten: the reason goes nowhere.
+                () = gone.cancelled() => CloseReason::Reset,
+            };
+            Finished::Assoc { assoc, serial, reason }
+        });
+    }
+
+    fn insert_assoc(&mut self, assoc: u32, datagrams: mpsc::Sender<Datagram>, gone: CancellationToken) -> u64 {
+        let serial = self.next_serial;
+        self.next_serial = self.next_serial.wrapping_add(1);
+        self.assocs.insert(assoc, Assoc { datagrams, gone, serial });
+        self.stats.open_associations.store(self.assocs.len(), Ordering::Relaxed);
+        serial
+    }
+
+    fn forget_assoc(&mut self, assoc: u32) {
+        if let Some(gone) = self.assocs.remove(&assoc) {
+            gone.gone.cancel();
+            self.stats.open_associations.store(self.assocs.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// The next number for a connection or an association (the client's end).
+    fn next_id(&mut self) -> Result<u32, Ended> {
+        let id = self.next_conn;
+        self.next_conn = self.next_conn.checked_add(1).ok_or(Ended::Protocol("connection numbers ran out"))?;
+        Ok(id)
     }
 
     fn on_finished(&mut self, finished: Result<Finished, tokio::task::JoinError>) -> Result<(), Ended> {
@@ -446,12 +671,19 @@ impl<P: Policy> Driver<P> {
                     Ok(tcp) => {
                         self.send(&Frame::Opened { conn })?;
                         self.conns.remove(&conn);
-                        self.start_conn(conn, tcp);
+                        self.start_conn(conn, Carried::Now(tcp));
                     }
                     Err(reason) => {
                         self.conns.remove(&conn);
                         self.send(&Frame::Refused { conn, reason })?;
                     }
+                }
+            }
+            Ok(Finished::Assoc { assoc, serial, reason }) => {
+                // Forgotten already if the peer closed it (or a later one has the number).
+                if self.assocs.get(&assoc).is_some_and(|a| a.serial == serial) {
+                    self.forget_assoc(assoc);
+                    self.send(&Frame::Close { conn: assoc, reason })?;
                 }
             }
             Err(e) if e.is_panic() => {
@@ -463,13 +695,30 @@ impl<P: Policy> Driver<P> {
         Ok(())
     }
 
-    fn start_conn(&mut self, conn: u32, tcp: TcpStream) {
+    fn start_conn(&mut self, conn: u32, tcp: Carried) {
         let state = Conn::new(CancellationToken::new());
         self.conns.insert(conn, state.clone());
         self.stats.open_connections.store(self.live_conns(), Ordering::Relaxed);
         let (outgoing, stats) = (self.outgoing.clone(), self.stats.clone());
         self.tasks.spawn(async move {
-            pump(conn, &state, tcp, &outgoing, &stats).await;
+            let tcp = match tcp {
+                Carried::Now(tcp) => Some(tcp),
+                Carried::Later(handed) => tokio::select! {
+                    handed = handed => handed.ok(),
+                    () = state.gone.cancelled() => return Finished::Conn(conn),
+                },
+            };
+            match tcp {
+                Some(tcp) => pump(conn, &state, tcp, &outgoing, &stats).await,
+                // Dropped uncarried: the pod's side goes too.
+                None => {
+                    let close = Frame::Close { conn, reason: CloseReason::Reset };
+                    tokio::select! {
+                        _ = send(&outgoing, &close) => {}
+                        () = state.gone.cancelled() => {}
+                    }
+                }
+            }
             Finished::Conn(conn)
         });
     }
@@ -486,10 +735,15 @@ impl<P: Policy> Driver<P> {
     }
 }
 
-async fn send(outgoing: &mpsc::Sender<Bytes>, frame: &Frame<'_>) -> Result<(), Ended> {
+pub(crate) fn encode(frame: &Frame<'_>) -> Result<Bytes, FrameError> {
     let mut message = Vec::new();
-    frame.encode(&mut message).map_err(Ended::BadFrame)?;
-    outgoing.send(Bytes::from(message)).await.map_err(|_| Ended::ChannelClosed)
+    frame.encode(&mut message)?;
+    Ok(Bytes::from(message))
+}
+
+pub(crate) async fn send(outgoing: &mpsc::Sender<Bytes>, frame: &Frame<'_>) -> Result<(), Ended> {
+    let message = encode(frame).map_err(Ended::BadFrame)?;
+    outgoing.send(message).await.map_err(|_| Ended::ChannelClosed)
 }
 
 /// Resolves `host` and dials the first address the policy allows.
@@ -618,9 +872,13 @@ mod tests {
     }
 
     fn pair() -> Pair {
+        pair_with(Limits::default())
+    }
+
+    fn pair_with(limits: Limits) -> Pair {
         let (a, b) = link();
-        let (client, client_driver) = Mux::client(a, Limits::default());
-        let (server, server_driver) = Mux::server(b, Limits::default(), Arc::new(Loopback));
+        let (client, client_driver) = Mux::client(a, limits);
+        let (server, server_driver) = Mux::server(b, limits, Arc::new(Loopback));
         Pair { client, server, client_ended: tokio::spawn(client_driver), server_ended: tokio::spawn(server_driver) }
     }
 
@@ -798,6 +1056,8 @@ mod tests {
         pair.server.close();
         assert_eq!(pair.server_ended.await.unwrap(), Ended::Closed);
         assert_eq!(pair.client_ended.await.unwrap(), Ended::ChannelClosed);
+        // Whoever holds an end hears of it.
+        tokio::time::timeout(Duration::from_secs(5), pair.client.ended()).await.unwrap();
         // The application's socket ends rather than hanging.
         let mut rest = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest)).await;
@@ -808,10 +1068,35 @@ mod tests {
 
     /// A pod end fed frames by the test, its answers read back.
     fn raw_server() -> (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>, tokio::task::JoinHandle<Ended>) {
+        let (to_server, from_server, _, ended) = raw_server_with(Limits::default());
+        (to_server, from_server, ended)
+    }
+
+    fn raw_server_with(
+        limits: Limits,
+    ) -> (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>, Mux, tokio::task::JoinHandle<Ended>) {
         let (to_server, incoming) = mpsc::channel(OUTGOING_FRAMES);
         let (outgoing, from_server) = mpsc::channel(OUTGOING_FRAMES);
-        let (_, driver) = Mux::server(Channel { incoming, outgoing }, Limits::default(), Arc::new(Loopback));
-        (to_server, from_server, tokio::spawn(driver))
+        let (server, driver) = Mux::server(Channel { incoming, outgoing }, limits, Arc::new(Loopback));
+        (to_server, from_server, server, tokio::spawn(driver))
+    }
+
+    /// A client end fed frames by the test, its frames read back.
+    fn raw_client() -> (Mux, mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>, tokio::task::JoinHandle<Ended>) {
+        let (to_client, incoming) = mpsc::channel(OUTGOING_FRAMES);
+        let (outgoing, from_client) = mpsc::channel(OUTGOING_FRAMES);
+        let (client, driver) = Mux::client(Channel { incoming, outgoing }, Limits::default());
+        (client, to_client, from_client, tokio::spawn(driver))
+    }
+
+    /// The next frame that is not a ping.
+    async fn next_frame(from: &mut mpsc::Receiver<Bytes>) -> Bytes {
+        loop {
+            let message = from.recv().await.unwrap();
+            if !matches!(Frame::decode(&message).unwrap(), Frame::Ping { .. } | Frame::Pong { .. }) {
+                return message;
+            }
+        }
     }
 
     fn frame(frame: Frame<'_>) -> Bytes {
@@ -855,5 +1140,204 @@ mod tests {
             }
         };
         assert_eq!(closed, (1, CloseReason::FlowViolation));
+    }
+
+    /// A UDP echo server on loopback; its port.
+    async fn udp_echo() -> u16 {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = socket.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut buffer = vec![0u8; 65_536];
+            while let Ok((len, from)) = socket.recv_from(&mut buffer).await {
+                let _ = socket.send_to(&buffer[..len], from).await;
+            }
+        });
+        port
+    }
+
+    /// Waits (up to 5 s) until `check` holds.
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    fn load(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn a_datagram_reaches_its_target_and_its_answer_comes_back() {
+        let pair = pair();
+        let port = udp_echo().await;
+        let mut association = pair.client.associate().await.unwrap();
+        association.send("127.0.0.1", port, b"hello").await.unwrap();
+        let back = association.recv().await.unwrap();
+        assert_eq!(back, Datagram { host: "127.0.0.1".into(), port, payload: Bytes::from_static(b"hello") });
+        let big = pattern(3, 60_000);
+        association.send("127.0.0.1", port, &big).await.unwrap();
+        assert!(association.recv().await.unwrap().payload == big);
+        let too_big = vec![0u8; tidepool_wire::tube::MAX_DATAGRAM + 1];
+        assert_eq!(
+            association.send("127.0.0.1", port, &too_big).await,
+            Err(crate::DatagramError::TooLong(too_big.len()))
+        );
+        assert!(matches!(association.send("a b", port, b"x").await, Err(crate::DatagramError::Frame(_))));
+        for stats in [pair.client.stats(), pair.server.stats()] {
+            assert_eq!((load(&stats.sent), load(&stats.received)), (60_005, 60_005));
+        }
+        assert_eq!(pair.server.stats().open_associations.load(Ordering::Relaxed), 1);
+        assert_eq!(pair.server.associate().await.unwrap_err(), Refusal::Failed, "the pod's end opens none");
+    }
+
+    #[tokio::test]
+    async fn a_datagram_the_policy_refuses_is_dropped_and_counted() {
+        let pair = pair();
+        let port = udp_echo().await;
+        let mut association = pair.client.associate().await.unwrap();
+        association.send("10.1.2.3", port, b"not allowed").await.unwrap();
+        eventually("refused", || load(&pair.server.stats().datagrams_refused) == 1).await;
+        // The association goes on; nothing came back for the refused one.
+        association.send("127.0.0.1", port, b"allowed").await.unwrap();
+        assert_eq!(association.recv().await.unwrap().payload, Bytes::from_static(b"allowed"));
+        assert_eq!(load(&pair.server.stats().datagrams_dropped), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_association_is_forgotten_at_both_ends() {
+        let pair = pair();
+        let port = udp_echo().await;
+        let mut association = pair.client.associate().await.unwrap();
+        association.send("127.0.0.1", port, b"x").await.unwrap();
+        association.recv().await.unwrap();
+        let open = |mux: &Mux| mux.stats().open_associations.load(Ordering::Relaxed);
+        assert_eq!((open(&pair.client), open(&pair.server)), (1, 1));
+        drop(association);
+        eventually("forgotten at both ends", || open(&pair.client) == 0 && open(&pair.server) == 0).await;
+        // Connections and associations share their numbers: the next connection is 2.
+        let port = echo_target().await;
+        let mut app = connect(&pair.client, port).await.unwrap();
+        app.write_all(b"ok").await.unwrap();
+        let mut ok = [0u8; 2];
+        app.read_exact(&mut ok).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_association_is_ended_by_the_pod() {
+        let limits = Limits { association_idle: Duration::from_millis(300), ..Limits::default() };
+        let pair = pair_with(limits);
+        let port = udp_echo().await;
+        let mut association = pair.client.associate().await.unwrap();
+        association.send("127.0.0.1", port, b"x").await.unwrap();
+        association.recv().await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), association.recv()).await;
+        assert_eq!(ended, Ok(None), "the association outlived its idle time");
+        assert!(association.is_ended());
+        assert_eq!(association.send("127.0.0.1", port, b"y").await, Err(crate::DatagramError::Ended));
+        assert_eq!(pair.server.stats().open_associations.load(Ordering::Relaxed), 0);
+        assert_eq!(pair.client.stats().open_associations.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn associations_beyond_the_limit_are_refused() {
+        let pair = pair_with(Limits { associations: 2, ..Limits::default() });
+        let first = pair.client.associate().await.unwrap();
+        let _second = pair.client.associate().await.unwrap();
+        assert_eq!(pair.client.associate().await.unwrap_err(), Refusal::TooManyConnections);
+        drop(first);
+        eventually("a place freed", || pair.client.stats().open_associations.load(Ordering::Relaxed) == 1).await;
+        pair.client.associate().await.unwrap();
+
+        // The pod's end: beyond its limit, a new association is closed and its datagram dropped.
+        let (to_server, mut from_server, server, _ended) =
+            raw_server_with(Limits { associations: 1, ..Limits::default() });
+        let port = udp_echo().await;
+        to_server.send(frame(Frame::Datagram { assoc: 1, host: "127.0.0.1", port, payload: b"a" })).await.unwrap();
+        to_server.send(frame(Frame::Datagram { assoc: 3, host: "127.0.0.1", port, payload: b"b" })).await.unwrap();
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            answers.push(next_frame(&mut from_server).await);
+        }
+        let answers: Vec<Frame<'_>> = answers.iter().map(|a| Frame::decode(a).unwrap()).collect();
+        assert!(answers.contains(&Frame::Close { conn: 3, reason: CloseReason::Reset }), "{answers:?}");
+        assert!(answers.contains(&Frame::Datagram { assoc: 1, host: "127.0.0.1", port, payload: b"a" }), "{answers:?}");
+        assert_eq!(load(&server.stats().datagrams_dropped), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_inbox_drops_the_newest_and_a_late_datagram_is_only_counted() {
+        let (client, to_client, _from_client, ended) = raw_client();
+        let mut association = client.associate().await.unwrap();
+        let assoc = association.id();
+        for i in 0..100u8 {
+            to_client.send(frame(Frame::Datagram { assoc, host: "10.0.0.1", port: 53, payload: &[i] })).await.unwrap();
+        }
+        eventually("the newest dropped", || load(&client.stats().datagrams_dropped) == 36).await;
+        for i in 0..ASSOCIATION_INBOX as u8 {
+            assert_eq!(association.recv().await.unwrap().payload[..], [i]);
+        }
+        drop(association);
+        eventually("forgotten", || client.stats().open_associations.load(Ordering::Relaxed) == 0).await;
+        // Closed here, still on its way from the pod: UDP, so dropped.
+        to_client.send(frame(Frame::Datagram { assoc, host: "10.0.0.1", port: 53, payload: b"late" })).await.unwrap();
+        eventually("the late one dropped", || load(&client.stats().datagrams_dropped) == 37).await;
+        // A number the client never gave out is the pod's error.
+        to_client.send(frame(Frame::Datagram { assoc: 99, host: "10.0.0.1", port: 53, payload: b"" })).await.unwrap();
+        assert_eq!(ended.await.unwrap(), Ended::Protocol("DATAGRAM for no association"));
+    }
+
+    #[tokio::test]
+    async fn a_datagram_naming_a_connection_ends_the_tube() {
+        let (to_server, mut from_server, ended) = raw_server();
+        let port = echo_target().await;
+        to_server.send(frame(Frame::Open { conn: 1, host: "127.0.0.1", port })).await.unwrap();
+        assert_eq!(Frame::decode(&next_frame(&mut from_server).await).unwrap(), Frame::Opened { conn: 1 });
+        to_server.send(frame(Frame::Datagram { assoc: 1, host: "127.0.0.1", port, payload: b"" })).await.unwrap();
+        assert_eq!(ended.await.unwrap(), Ended::Protocol("DATAGRAM for a connection"));
+    }
+
+    #[tokio::test]
+    async fn a_dialled_connection_keeps_what_came_before_its_socket() {
+        let pair = pair();
+        // Speaks first, as SSH and SMTP servers do.
+        let port = target(|mut tcp: TcpStream| async move {
+            tcp.write_all(b"banner\n").await.unwrap();
+            let (mut reader, mut writer) = tcp.split();
+            let _ = tokio::io::copy(&mut reader, &mut writer).await;
+        })
+        .await;
+        let dialled = pair.client.dial("127.0.0.1", port).await.unwrap();
+        let (mut app, carried) = local_pair().await;
+        // What a SOCKS5 server would write before the tube carries the socket.
+        let mut carried = carried;
+        carried.write_all(b"reply;").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dialled.carry(carried);
+        let mut got = [0u8; 13];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"reply;banner\n");
+
+        // Dropped uncarried: the pod lets go of the connection too.
+        let dialled = pair.client.dial("127.0.0.1", port).await.unwrap();
+        let open = |mux: &Mux| mux.stats().open_connections.load(Ordering::Relaxed);
+        eventually("both open", || open(&pair.server) == 2).await;
+        drop(dialled);
+        eventually("closed at the pod", || open(&pair.server) == 1 && open(&pair.client) == 1).await;
+    }
+
+    #[tokio::test]
+    async fn a_host_the_frame_cannot_carry_is_refused_and_the_tube_goes_on() {
+        let pair = pair();
+        assert_eq!(pair.client.dial("no such host", 80).await.unwrap_err(), Refusal::HostUnreachable);
+        assert_eq!(pair.client.dial("", 80).await.unwrap_err(), Refusal::HostUnreachable);
+        let port = echo_target().await;
+        let mut app = connect(&pair.client, port).await.unwrap();
+        app.write_all(b"ok").await.unwrap();
+        let mut ok = [0u8; 2];
+        app.read_exact(&mut ok).await.unwrap();
     }
 }

@@ -3,69 +3,16 @@
 //! both ends. The offer and answer pass as text, as the Tube resource
 //! carries them.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 mod common;
 
-use common::{Loopback, connect, echo_target, pattern};
-use tidepool_tube::{BridgeEnded, Ended, Limits, Mux, Opened, Peer, PeerError, Settings};
+use common::{connect, echo_target, pattern, tube};
+use tidepool_tube::{BridgeEnded, Ended, Peer, PeerError, Settings};
 use tidepool_wire::tube::Refusal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-
-/// A tube between a client and a pod end, both running. The pod's end
-/// runs on a runtime of its own, so a test can kill it as a pod dies:
-/// its sockets gone, no goodbye.
-struct Tube {
-    client: Mux,
-    client_ended: JoinHandle<Ended>,
-    client_bridge: JoinHandle<(BridgeEnded, Opened)>,
-    server: Mux,
-    server_runtime: tokio::runtime::Runtime,
-}
-
-/// Runs a peer's bridge; the peer comes back with how it ended, to be closed.
-fn run_bridge(mut opened: Opened) -> JoinHandle<(BridgeEnded, Opened)> {
-    tokio::spawn(async move {
-        let ended = opened.bridge().await;
-        (ended, opened)
-    })
-}
-
-async fn tube() -> Tube {
-    let settings = Settings::loopback();
-    let within = Duration::from_secs(10);
-    let client = Peer::new(&settings).await.unwrap();
-    let offer = client.offer().await.unwrap();
-
-    let server_runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let (answered, answer) = tokio::sync::oneshot::channel();
-    let (opened, server) = tokio::sync::oneshot::channel();
-    server_runtime.spawn(async move {
-        let server = Peer::new(&Settings::loopback()).await.unwrap();
-        let _ = answered.send(server.answer(&offer).await.unwrap());
-        let mut server = server.open(within).await.unwrap();
-        let (mux, driver) = Mux::server(server.take_channel().unwrap(), Limits::default(), Arc::new(Loopback));
-        let _ = opened.send(mux);
-        tokio::spawn(driver);
-        server.bridge().await;
-        server.close().await;
-    });
-    client.accept(&answer.await.unwrap()).await.unwrap();
-    let mut client = client.open(within).await.unwrap();
-    let server = server.await.unwrap();
-    let (client_mux, client_driver) = Mux::client(client.take_channel().unwrap(), Limits::default());
-    Tube {
-        client: client_mux,
-        client_ended: tokio::spawn(client_driver),
-        client_bridge: run_bridge(client),
-        server,
-        server_runtime,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_connections_through_one_tube_carry_their_own_bytes() {

@@ -1,14 +1,18 @@
 //! What the loopback tests and the benchmark share: a policy that allows
-//! loopback, an echo target, a connection carried through a tube, and
-//! bytes that tell one connection's data from another's.
+//! loopback, a tube over real WebRTC on loopback, echo targets (TCP and
+//! UDP), a connection carried through a tube, and bytes that tell one
+//! connection's data from another's.
 #![allow(dead_code)] // each user takes what it needs
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use tidepool_tube::{Mux, Policy};
+use tidepool_tube::{BridgeEnded, Ended, Limits, Mux, Opened, Peer, Policy, Settings};
 use tidepool_wire::tube::Refusal;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
 
 /// Allows loopback only (the real policy forbids it by default).
 pub struct Loopback;
@@ -59,4 +63,71 @@ pub fn pattern(seed: u32, len: usize) -> Vec<u8> {
             state as u8
         })
         .collect()
+}
+
+/// A tube between a client and a pod end, both running. The pod's end
+/// runs on a runtime of its own, so a test can kill it as a pod dies:
+/// its sockets gone, no goodbye.
+pub struct Tube {
+    pub client: Mux,
+    pub client_ended: JoinHandle<Ended>,
+    pub client_bridge: JoinHandle<(BridgeEnded, Opened)>,
+    pub server: Mux,
+    pub server_runtime: tokio::runtime::Runtime,
+}
+
+/// Runs a peer's bridge; the peer comes back with how it ended, to be closed.
+fn run_bridge(mut opened: Opened) -> JoinHandle<(BridgeEnded, Opened)> {
+    tokio::spawn(async move {
+        let ended = opened.bridge().await;
+        (ended, opened)
+    })
+}
+
+/// Two real peer connections on loopback (host candidates only), the offer
+/// and answer passed as text, as the Tube resource carries them; the pod's
+/// end allows loopback ([`Loopback`]).
+pub async fn tube() -> Tube {
+    let settings = Settings::loopback();
+    let within = Duration::from_secs(10);
+    let client = Peer::new(&settings).await.unwrap();
+    let offer = client.offer().await.unwrap();
+
+    let server_runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let (answered, answer) = tokio::sync::oneshot::channel();
+    let (opened, server) = tokio::sync::oneshot::channel();
+    server_runtime.spawn(async move {
+        let server = Peer::new(&Settings::loopback()).await.unwrap();
+        let _ = answered.send(server.answer(&offer).await.unwrap());
+        let mut server = server.open(within).await.unwrap();
+        let (mux, driver) = Mux::server(server.take_channel().unwrap(), Limits::default(), Arc::new(Loopback));
+        let _ = opened.send(mux);
+        tokio::spawn(driver);
+        server.bridge().await;
+        server.close().await;
+    });
+    client.accept(&answer.await.unwrap()).await.unwrap();
+    let mut client = client.open(within).await.unwrap();
+    let server = server.await.unwrap();
+    let (client_mux, client_driver) = Mux::client(client.take_channel().unwrap(), Limits::default());
+    Tube {
+        client: client_mux,
+        client_ended: tokio::spawn(client_driver),
+        client_bridge: run_bridge(client),
+        server,
+        server_runtime,
+    }
+}
+
+/// A UDP echo server on loopback; its port.
+pub async fn udp_echo_target() -> u16 {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 65_536];
+        while let Ok((len, from)) = socket.recv_from(&mut buffer).await {
+            let _ = socket.send_to(&buffer[..len], from).await;
+        }
+    });
+    port
 }
