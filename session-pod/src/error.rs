@@ -69,12 +69,23 @@ pub enum Reason {
     WsBadFrame,
     /// A connection beyond `max_connections`.
     MaxConnections,
+    /// A tube offer that is not SDP, or cannot be answered.
+    BadOffer,
+    /// A tube its ticket does not allow (no allowlist, a bad target), or one already ended.
+    TubeRefused,
+    /// Tubes to this pod failed to connect in a row: new ones wait.
+    TubeBackoff,
+    /// As many tubes as the pod may carry.
+    TubeLimit,
+    /// As many tubes being set up as the pod takes at once.
+    TubeCreations,
+    NoSuchTube,
     /// Any other client error (a framework's own rejection).
     Other,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 38] = [
         Self::Unauthenticated,
         Self::Forbidden,
         Self::OtherSession,
@@ -106,6 +117,12 @@ impl Reason {
         Self::WsPingRate,
         Self::WsBadFrame,
         Self::MaxConnections,
+        Self::BadOffer,
+        Self::TubeRefused,
+        Self::TubeBackoff,
+        Self::TubeLimit,
+        Self::TubeCreations,
+        Self::NoSuchTube,
         Self::Other,
     ];
 
@@ -142,6 +159,12 @@ impl Reason {
             Self::WsPingRate => "ws_ping_rate",
             Self::WsBadFrame => "ws_bad_frame",
             Self::MaxConnections => "max_connections",
+            Self::BadOffer => "bad_offer",
+            Self::TubeRefused => "tube_refused",
+            Self::TubeBackoff => "tube_backoff",
+            Self::TubeLimit => "tube_limit",
+            Self::TubeCreations => "tube_creations",
+            Self::NoSuchTube => "no_such_tube",
             Self::Other => "other",
         }
     }

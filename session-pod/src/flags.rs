@@ -102,12 +102,34 @@ pub struct Flags {
     /// Seconds a client may take no bytes of an answer before it is cut.
     #[arg(long, env = "TIDEPOOL_WRITE_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
     pub write_timeout: Duration,
+    /// Where tubes' UDP sockets bind (their ICE host candidates)
+    /// [default: the listen address's IP; a wildcard binds every interface
+    /// but loopback].
+    #[arg(long, env = "TIDEPOOL_TUBE_ADDRESS")]
+    pub tube_address: Option<std::net::IpAddr>,
+    /// Tubes the pod carries at once.
+    #[arg(long, env = "TIDEPOOL_MAX_TUBES", default_value_t = crate::tubes::TubeLimits::default().tubes)]
+    pub max_tubes: usize,
+    /// Tubes being set up (answered, not yet connected) at once; more are refused.
+    #[arg(long, env = "TIDEPOOL_MAX_TUBE_CREATIONS", default_value_t = crate::tubes::TubeLimits::default().creations)]
+    pub max_tube_creations: usize,
     /// Runtime worker threads.
     #[arg(long, env = "TIDEPOOL_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
 }
 
 impl Flags {
+    fn tube_limits(&self) -> crate::tubes::TubeLimits {
+        let defaults = crate::tubes::TubeLimits::default();
+        let address = self.tube_address.unwrap_or(self.listen.ip());
+        crate::tubes::TubeLimits {
+            tubes: self.max_tubes.max(1),
+            creations: self.max_tube_creations.max(1),
+            peer: tidepool_tube::Settings { udp: vec![SocketAddr::new(address, 0)], ..defaults.peer.clone() },
+            ..defaults
+        }
+    }
+
     pub fn server_config(&self) -> ServerConfig {
         let identity = PodIdentity {
             pod: self.pod_name.clone(),
@@ -142,6 +164,7 @@ impl Flags {
                 bytes_per_session: self.udp_bytes_per_session,
             },
             operator_url: self.operator_url.clone(),
+            tubes: self.tube_limits(),
             ..ServerConfig::new(identity, self.pool_public_key.clone())
         }
     }

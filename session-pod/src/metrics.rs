@@ -47,6 +47,10 @@ pub struct Metrics {
     pub probe_runs: IntCounterVec,
     /// `reason`: an egress refusal's label (loopback, private, cluster, ...).
     pub probe_egress_refusals: IntCounterVec,
+    /// Tube set-ups, by outcome (answered, connected, not_connected, or a refusal's reason).
+    pub tube_creations: IntCounterVec,
+    /// Tubes now, by state; set when /metrics is read.
+    pub tubes: IntGaugeVec,
     results_gauges: ResultsGauges,
 }
 
@@ -175,6 +179,12 @@ impl Metrics {
                 "Probe targets the egress policy refused, by the kind of address.",
                 &["reason"],
             )?,
+            tube_creations: counter_vec(
+                "tube_creations_total",
+                "Tube set-ups, by outcome: answered, connected, not_connected, or the reason it was refused.",
+                &["outcome"],
+            )?,
+            tubes: register(r, IntGaugeVec::new(opts("tubes", "Tubes on this pod now, by state."), &["state"])?)?,
             results_gauges,
             registry,
         })
@@ -198,6 +208,9 @@ impl Metrics {
         }
         for mode in ["once", "continuous"] {
             self.probe_runs.with_label_values(&[mode]);
+        }
+        for outcome in ["answered", "connected", "not_connected"] {
+            self.tube_creations.with_label_values(&[outcome]);
         }
     }
 
@@ -289,6 +302,8 @@ pub fn route_label(path: &str) -> &'static str {
         DOWNLOAD_PATH => "download",
         UPLOAD_PATH => "upload",
         UDP_GRANT_PATH => "udp",
+        tidepool_protocol::tube::POD_TUBES_PATH => "tubes",
+        _ if path.starts_with("/api/v1/tubes/") => "tube",
         RESULTS_PATH => "results",
         PROBES_PATH => "probes",
         _ if path.starts_with("/ws/household/") => "household",

@@ -32,7 +32,8 @@ use crate::reporter::OperatorReporter;
 use crate::session::BoundSession;
 use crate::state::{PodIdentity, PodState, PodStateParts, ProbeRuns, until_shutdown};
 use crate::udp_cookie::UdpCookies;
-use crate::{download, household, latency, probe_runs, results, udp, upload};
+use crate::{download, household, latency, probe_runs, results, tubes, udp, upload};
+use tidepool_protocol::tube::{POD_TUBE_PATH, POD_TUBES_PATH, PodTubeState};
 use tidepool_protocol::pod::{
     DEFAULT_PORT, DOWNLOAD_PATH, HEALTH_PATH, HOUSEHOLD_WS_PATH, INFO_PATH, LATENCY_WS_PATH, METRICS_PATH, PROBES_PATH,
     PodInfo, RESULTS_PATH, UDP_GRANT_PATH, UPLOAD_PATH,
@@ -62,6 +63,8 @@ pub struct ServerConfig {
     pub operator_url: Option<reqwest::Url>,
     /// At shutdown, how long open requests get to finish.
     pub shutdown_grace: Duration,
+    /// What the pod's tubes may hold, and where their UDP sockets bind.
+    pub tubes: crate::tubes::TubeLimits,
 }
 
 impl ServerConfig {
@@ -79,6 +82,7 @@ impl ServerConfig {
             udp_caps: UdpCaps::default(),
             operator_url: None,
             shutdown_grace: Duration::from_secs(5),
+            tubes: crate::tubes::TubeLimits::default(),
         }
     }
 }
@@ -195,6 +199,7 @@ impl Server {
             udp_cookies: UdpCookies::new()?,
             reporter: OperatorReporter::new(config.operator_url)?,
             probe_runs: ProbeRuns::new(config.egress, config.probe_limits),
+            tubes: crate::tubes::Tubes::new(config.tubes),
             body_read_timeout: config.http.body_read_timeout,
             shutdown: shutdown_signal,
         }));
@@ -249,6 +254,7 @@ impl Server {
     /// grace period, and returns.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        self.state.tubes.close_all();
         if let Some((accept, echo)) = self.tasks.take() {
             let _ = accept.await;
             let _ = echo.await;
@@ -280,10 +286,15 @@ pub fn router(state: Arc<PodState>) -> Router {
         .route(RESULTS_PATH, post(results::submit))
         .route(PROBES_PATH, post(probe_runs::run).delete(probe_runs::stop))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_session));
+    // Tubes are the operator's to open and close; their tickets are checked in the handlers.
+    let tube_routes = Router::new()
+        .route(POD_TUBES_PATH, post(tubes::create))
+        .route(POD_TUBE_PATH, get(tubes::report).delete(tubes::close));
     Router::new()
         .route(HEALTH_PATH, get(|| async { "ok" }))
         .route(METRICS_PATH, get(metrics))
         .merge(session_routes)
+        .merge(tube_routes)
         .fallback(|| async { ApiError::not_found(Reason::NoSuchRoute, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(Reason::WrongMethod, StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method")
@@ -310,6 +321,12 @@ async fn count_requests(State(state): State<Arc<PodState>>, request: Request, ne
 async fn metrics(State(state): State<Arc<PodState>>) -> Response {
     // Probe bytes move while runs go on: count them up to now.
     state.probe_runs.count_bytes(&state.metrics.probe_bytes);
+    for (tube_state, label) in
+        [(PodTubeState::Connecting, "connecting"), (PodTubeState::Connected, "connected"), (PodTubeState::Ended, "ended")]
+    {
+        let count = i64::try_from(state.tubes.count(tube_state)).unwrap_or(i64::MAX);
+        state.metrics.tubes.with_label_values(&[label]).set(count);
+    }
     match state.metrics.render() {
         Ok(text) => {
             let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");

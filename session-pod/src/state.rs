@@ -54,6 +54,8 @@ pub struct PodState {
     pub latest_results: Mutex<Option<SessionResults>>,
     /// The session's outbound probe runs.
     pub probe_runs: ProbeRuns,
+    /// The tubes this pod terminates.
+    pub tubes: crate::tubes::Tubes,
     /// Notified once when a client asks the pod to end; `main` exits on it.
     pub terminate: Notify,
     /// Turns true when the server shuts down; open sockets close on it.
@@ -157,6 +159,7 @@ pub struct PodStateParts {
     pub udp_cookies: UdpCookies,
     pub reporter: OperatorReporter,
     pub probe_runs: ProbeRuns,
+    pub tubes: crate::tubes::Tubes,
     pub body_read_timeout: Duration,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -177,6 +180,7 @@ impl PodState {
             body_read_timeout: parts.body_read_timeout,
             latest_results: Mutex::new(None),
             probe_runs: parts.probe_runs,
+            tubes: parts.tubes,
             terminate: Notify::new(),
             shutdown: parts.shutdown,
             open_sockets: AtomicUsize::new(0),
