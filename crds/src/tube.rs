@@ -80,6 +80,12 @@ pub struct TubeSpec {
     /// Trickle ICE candidates (needed for ICE restarts).
     #[serde(default)]
     pub trickle: bool,
+    /// For a tube on a pool: the TTL of the session made for it (the
+    /// pool's `sessionTTLSeconds` when not given, its
+    /// `maxSessionTTLSeconds` at most). The tube ends with its session.
+    #[serde(default, rename = "ttlSeconds", skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub ttl_seconds: Option<i64>,
     /// Seconds with no connection open and no byte carried before the tube
     /// is closed (reason `Idle`).
     #[serde(default = "default_idle_timeout")]

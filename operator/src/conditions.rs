@@ -67,6 +67,9 @@ pub mod reason {
     pub const INVALID_SCHEDULE: &str = "InvalidSchedule";
     pub const RUN_FINISHED: &str = "RunFinished";
     pub const RUN_FAILED: &str = "RunFailed";
+    // Tube
+    pub const TUBE_CLOSED: &str = "Closed";
+    pub const TUBE_FAILED: &str = "Failed";
 }
 
 /// Sets condition `type_` in `conditions`, keeping its transition time when

@@ -16,5 +16,7 @@ pub const TEMPLATE_HASH: &str = "tidepool.dev/template-hash";
 pub const KEY_ID: &str = "tidepool.dev/key-id";
 /// On every session a Monitor makes: the monitor's name.
 pub const MONITOR: &str = "tidepool.dev/monitor";
+/// On the session a Tube on a pool makes: the tube's name (its first 63 characters).
+pub const TUBE: &str = "tidepool.dev/tube";
 /// The field manager of every write the operator makes.
 pub const MANAGER: &str = "tidepool-operator";

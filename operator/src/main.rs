@@ -408,6 +408,7 @@ async fn main() -> ExitCode {
         geoip,
         exporter: exporter.clone(),
         cluster_streams: Arc::new(tokio::sync::Semaphore::new(http::cluster::MAX_STREAMS)),
+        tube_creations: Arc::new(tokio::sync::Semaphore::new(http::tubes::MAX_CREATIONS)),
     });
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,

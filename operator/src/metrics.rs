@@ -33,6 +33,12 @@ pub struct Metrics {
     pub export_delay: Histogram,
     pub export_backlog: IntGauge,
     pub export_oldest_pending: prometheus::Gauge,
+    pub tubes: IntGaugeVec,
+    pub tube_connections: IntGauge,
+    pub tube_creations: IntCounterVec,
+    pub tube_ends: IntCounterVec,
+    pub tube_bytes: IntCounterVec,
+    pub tube_setup: Histogram,
 }
 
 impl Metrics {
@@ -156,6 +162,40 @@ impl Metrics {
             "tidepool_results_export_oldest_pending_seconds",
             "How long the oldest ended session has waited for its results to be stored",
         )?;
+        let tubes = IntGaugeVec::new(
+            Opts::new("tidepool_tubes", "Tubes, by state (Pending, Answered, Connected, Closed, Failed)"),
+            &["state"],
+        )?;
+        let tube_connections =
+            IntGauge::new("tidepool_tube_connections", "TCP connections the tubes carry, as their pods last said")?;
+        let tube_creations = IntCounterVec::new(
+            Opts::new(
+                "tidepool_tube_creations_total",
+                "Tube set-ups, by outcome (answered, connected, pod_busy, refused, bad_offer, failed)",
+            ),
+            &["outcome"],
+        )?;
+        let tube_ends = IntCounterVec::new(
+            Opts::new("tidepool_tube_ends_total", "Tubes ended, by reason (Idle, Deleted, PeerGone, PodGone, ...)"),
+            &["reason"],
+        )?;
+        let tube_bytes = IntCounterVec::new(
+            Opts::new("tidepool_tube_bytes_total", "Bytes the tubes carried, by direction (to_client, from_client)"),
+            &["direction"],
+        )?;
+        let tube_setup = Histogram::with_opts(
+            HistogramOpts::new(
+                "tidepool_tube_setup_seconds",
+                "From a Tube's creation to the operator seeing its data channel open",
+            )
+            .buckets(vec![0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0]),
+        )?;
+        registry.register(Box::new(tubes.clone()))?;
+        registry.register(Box::new(tube_connections.clone()))?;
+        registry.register(Box::new(tube_creations.clone()))?;
+        registry.register(Box::new(tube_ends.clone()))?;
+        registry.register(Box::new(tube_bytes.clone()))?;
+        registry.register(Box::new(tube_setup.clone()))?;
         registry.register(Box::new(exports.clone()))?;
         registry.register(Box::new(export_call.clone()))?;
         registry.register(Box::new(export_delay.clone()))?;
@@ -206,6 +246,12 @@ impl Metrics {
             export_delay,
             export_backlog,
             export_oldest_pending,
+            tubes,
+            tube_connections,
+            tube_creations,
+            tube_ends,
+            tube_bytes,
+            tube_setup,
         })
     }
 

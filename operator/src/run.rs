@@ -10,7 +10,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Client, ResourceExt};
-use tidepool_crds::{Backend, Monitor, TestSession, WarmPool};
+use tidepool_crds::{Backend, Monitor, TestSession, Tube, WarmPool};
 
 use crate::clock::SystemClock;
 use crate::context::{Context, Settings};
@@ -24,7 +24,7 @@ use crate::placement::Spread;
 use crate::pod_index::PodIndex;
 use crate::scope::{self, Caches, Scope};
 use crate::supervisor::Supervisor;
-use crate::{labels, monitor, pool, session};
+use crate::{labels, monitor, pool, session, tube};
 
 /// The clients the controllers use.
 #[derive(Clone)]
@@ -140,14 +140,19 @@ pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, share
     // A controller polls all its reconciles inside one task. Giving each
     // controller its own task lets a long pool pass and session binding run
     // on both cores.
-    let (pods_apis, sessions_apis, pools_apis, monitors_apis) = (
+    // Tubes: the controllers' triggers read this cache (which tubes ride a
+    // session), and the tube gauges are counted from it.
+    let tubes = scope::watch(supervisor, scope, &clients.watch, "tube-cache", Default::default(), |_, _| {});
+    supervisor.spawn("tube-gauges", tube::keep_gauges(tubes.clone(), parts.metrics.clone()));
+    let (pods_apis, sessions_apis, pools_apis, monitors_apis, tubes_apis) = (
         scope.apis::<Pod>(&clients.watch),
         scope.apis::<TestSession>(&clients.watch),
         scope.apis::<WarmPool>(&clients.watch),
         scope.apis::<Monitor>(&clients.watch),
+        scope.apis::<Tube>(&clients.watch),
     );
-    for ((((namespace, pods_api), (_, sessions_api)), (_, pools_api)), (_, monitors_api)) in
-        pods_apis.into_iter().zip(sessions_apis).zip(pools_apis).zip(monitors_apis)
+    for (((((namespace, pods_api), (_, sessions_api)), (_, pools_api)), (_, monitors_api)), (_, tubes_api)) in
+        pods_apis.into_iter().zip(sessions_apis).zip(pools_apis).zip(monitors_apis).zip(tubes_apis)
     {
         let suffix = namespace.map(|ns| format!("/{ns}")).unwrap_or_default();
         let (pool_ctx, pool_synced, pool_metrics) = (ctx.clone(), synced.clone(), parts.metrics.clone());
@@ -175,6 +180,22 @@ pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, share
             Controller::new(monitors_api, Default::default())
                 .owns(monitor_sessions, watcher::Config::default().labels(labels::MONITOR))
                 .run(timed("monitor", monitor::reconcile, monitor_metrics), monitor::error_policy, monitor_ctx)
+                .for_each(|_| async {})
+                .await;
+        });
+        // Tubes: a change to the session a tube rides (its own, or the one it
+        // names) wakes the tube.
+        let (tube_ctx, tube_synced, tube_metrics) = (ctx.clone(), synced.clone(), parts.metrics.clone());
+        let (tube_sessions, tubes_for_sessions) = (sessions_api.clone(), tubes.clone());
+        supervisor.spawn(format!("tube-controller{suffix}"), async move {
+            if !tube_synced.await || !tubes_for_sessions.ready().await {
+                return;
+            }
+            Controller::new(tubes_api, Default::default())
+                .watches(tube_sessions, Default::default(), move |s: TestSession| {
+                    tube::tubes_for_session(&s, &tubes_for_sessions)
+                })
+                .run(timed("tube", tube::reconcile, tube_metrics), tube::error_policy, tube_ctx)
                 .for_each(|_| async {})
                 .await;
         });

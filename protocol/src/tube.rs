@@ -142,6 +142,9 @@ pub struct CreateTube {
     pub target: Option<Target>,
     /// The client's SDP offer, base64.
     pub offer: String,
+    /// A pool tube's session TTL (the pool's default when not given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -71,6 +71,8 @@ pub enum Ask<'a> {
     /// address, relaying its UDP echo): `create` on `testsessions/relay`,
     /// which only the gateway is given.
     Relay { namespace: &'a str },
+    /// `verb` on Tubes in `namespace` (one named, or any).
+    Tubes { verb: &'static str, namespace: &'a str, name: Option<&'a str> },
 }
 
 /// Why a caller was turned away.
@@ -203,6 +205,7 @@ impl Access {
             Ask::Sessions { verb, namespace, name } => (verb, "testsessions", None, Some(namespace), name),
             Ask::Route => ("get", "backends", None, None, None),
             Ask::Relay { namespace } => ("create", "testsessions", Some("relay"), Some(namespace), None),
+            Ask::Tubes { verb, namespace, name } => (verb, "tubes", None, Some(namespace), name),
         };
         let key = DecisionKey {
             identity: identity.clone(),
@@ -245,10 +248,12 @@ impl Access {
         match ask {
             Ask::Route => Ok(()),
             // The static token's holder runs the small setup, gateway included.
-            Ask::Relay { namespace } | Ask::Sessions { namespace, .. } if namespaces.iter().any(|n| n == namespace) => {
+            Ask::Relay { namespace } | Ask::Sessions { namespace, .. } | Ask::Tubes { namespace, .. }
+                if namespaces.iter().any(|n| n == namespace) =>
+            {
                 Ok(())
             }
-            Ask::Relay { namespace } | Ask::Sessions { namespace, .. } => {
+            Ask::Relay { namespace } | Ask::Sessions { namespace, .. } | Ask::Tubes { namespace, .. } => {
                 Err(Denied::Forbidden(format!("the static token may not act in namespace {namespace}")))
             }
         }

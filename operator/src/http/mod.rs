@@ -15,6 +15,7 @@ pub mod route;
 pub mod sessions;
 pub mod state;
 pub mod stored;
+pub mod tubes;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,6 +30,7 @@ use axum::routing::{get, post};
 use tidepool_protocol::api::{ROUTE_PATH, SESSION_PATH, SESSIONS_PATH};
 use tidepool_protocol::results::{OPERATOR_RESULTS_PATH, RESULTS_BODY_LIMIT};
 use tidepool_protocol::stored::STORED_RESULTS_PATH;
+use tidepool_protocol::tube::{TUBE_API_PATH, TUBES_API_PATH};
 use tidepool_wire::report::{MAX_REPORT_BYTES, REPORT_PATH};
 
 pub use reply::error;
@@ -45,6 +47,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
         .route(SESSIONS_PATH, post(sessions::create))
         .route(SESSION_PATH, get(sessions::get).delete(sessions::delete))
+        .route(TUBES_API_PATH, post(tubes::create))
+        .route(TUBE_API_PATH, get(tubes::get).delete(tubes::delete))
         .route(ROUTE_PATH, post(route::route))
         .route(STORED_RESULTS_PATH, get(stored::list))
         .route(tidepool_protocol::cluster::CLUSTER_PATH, get(cluster::events))
@@ -137,6 +141,7 @@ fn route_label(request: &Request) -> &'static str {
 
 fn route_of(method: &axum::http::Method, path: &str) -> &'static str {
     match (method == axum::http::Method::POST, path) {
+        (_, path) if path.starts_with(TUBES_API_PATH) => "tube",
         (true, ROUTE_PATH) => "route",
         (true, _) => "create",
         (false, _) => "session",

@@ -57,4 +57,6 @@ pub struct ApiState {
     pub exporter: Option<Arc<crate::export::Exporter>>,
     /// Cluster views streaming now, against their cap.
     pub cluster_streams: Arc<tokio::sync::Semaphore>,
+    /// Tube creations waiting for their answer now, against their cap.
+    pub tube_creations: Arc<tokio::sync::Semaphore>,
 }
