@@ -48,6 +48,42 @@ enum Command {
     Session(SessionCommand),
     /// List ended sessions' results from the results store, newest first.
     Results(ResultsArgs),
+    /// Tunnel local TCP connections into the cluster through a tube (a
+    /// WebRTC data channel to a session pod), until Ctrl-C.
+    Tube(TubeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct TubeArgs {
+    #[command(flatten)]
+    operator: OperatorArgs,
+    /// The WarmPool whose next free pod terminates the tube.
+    #[arg(long, value_name = "POOL")]
+    pool: Option<String>,
+    /// An existing session whose pod terminates the tube, instead of a pool's free pod.
+    #[arg(long, value_name = "SESSION")]
+    session: Option<String>,
+    /// The namespace of the pool or session (the operator's own when absent).
+    #[arg(long, short = 'n', value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// Forward every local connection to this target, as the pod reaches it.
+    #[arg(long, value_name = "HOST:PORT")]
+    target: Option<String>,
+    /// Where to listen for the connections --target forwards (port 0: any free port).
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    listen: Option<std::net::SocketAddr>,
+    /// Run a local SOCKS5 server here (CONNECT and UDP ASSOCIATE) whose connections go through the tube.
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    socks5: Option<std::net::SocketAddr>,
+    /// For a tube on a pool: how long its session lives (the pool's default when absent).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(i64).range(1..=86_400))]
+    ttl: Option<i64>,
+    /// Close the tube after this long with no connection open and nothing carried [default: 600].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(i64).range(10..=86_400))]
+    idle_timeout: Option<i64>,
+    /// Where the tube's UDP sockets bind, comma-separated [default: every interface, and loopback].
+    #[arg(long, env = "TIDEPOOL_TUBE_ADDRESS", value_name = "IP", value_delimiter = ',')]
+    ice_address: Vec<std::net::IpAddr>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -366,8 +402,31 @@ impl Cli {
             Command::Ping(args) => ping(args).await,
             Command::Session(command) => session(command).await,
             Command::Results(args) => results(args).await,
+            Command::Tube(args) => tube(args).await,
         }
     }
+}
+
+/// `tidepool tube`: a tunnel through a tube until Ctrl-C.
+async fn tube(args: TubeArgs) -> Result<()> {
+    let (place, mode) =
+        crate::tube::request(args.pool, args.session, args.target.as_deref(), args.listen, args.socks5)?;
+    let operator = operator_client(&args.operator, api_token_env())?;
+    let ice_addresses = if args.ice_address.is_empty() {
+        // A wildcard binds every interface but loopback; a pod on this machine needs loopback too.
+        vec![std::net::Ipv4Addr::UNSPECIFIED.into(), std::net::Ipv4Addr::LOCALHOST.into()]
+    } else {
+        args.ice_address
+    };
+    let request = crate::tube::TubeRequest {
+        place,
+        namespace: args.namespace,
+        mode,
+        ttl_seconds: args.ttl,
+        idle_timeout_seconds: args.idle_timeout,
+        ice_addresses,
+    };
+    crate::tube::run(operator, request).await
 }
 
 /// `tidepool results`: stored results through the operator, as a table or JSON.

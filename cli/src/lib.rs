@@ -4,8 +4,8 @@
 //!
 //! The library holds the parts: [`operator`] and [`pod`] talk to the two
 //! servers, [`engine`] runs the measurements (its arithmetic is in
-//! [`measure`]), [`output`] renders the results, and [`app`] is the command
-//! line itself.
+//! [`measure`]), [`output`] renders the results, [`tube`] runs a tunnel
+//! through a tube, and [`app`] is the command line itself.
 
 pub mod app;
 pub mod engine;
@@ -15,6 +15,7 @@ pub mod operator;
 pub mod output;
 pub mod pod;
 mod progress;
+pub mod tube;
 
 pub use engine::{Observer, Quiet, Settings, run};
 pub use error::{Error, Result};

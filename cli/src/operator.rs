@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 pub use tidepool_protocol::api::{CreateSession, SessionView};
 use tidepool_protocol::api::{NamespaceQuery, SESSIONS_PATH};
 use tidepool_protocol::stored::{ResultsPage, ResultsQuery, STORED_RESULTS_PATH};
+pub use tidepool_protocol::tube::{CreateTube, TubeView};
+use tidepool_protocol::tube::TUBES_API_PATH;
 
 use crate::error::{Error, Result, chain, error_message};
 
@@ -87,6 +89,32 @@ impl OperatorClient {
         Ok(())
     }
 
+    /// Creates a Tube with the client's offer and waits for the pod's answer.
+    pub async fn create_tube(&self, request: &CreateTube) -> Result<TubeView> {
+        let (status, bytes) =
+            self.send(Method::POST, self.tube_url(&[]), None, Some(request), CREATE_TIMEOUT).await?;
+        let body = json(status, &bytes)?;
+        TubeView::deserialize(&body).map_err(|e| Error::Protocol(format!("the operator's tube is unreadable: {e}")))
+    }
+
+    /// Reads a Tube.
+    pub async fn get_tube(&self, name: &str, namespace: Option<&str>) -> Result<TubeView> {
+        let (status, bytes) =
+            self.send::<()>(Method::GET, self.tube_url(&[name]), namespace, None, REQUEST_TIMEOUT).await?;
+        let body = json(status, &bytes)?;
+        TubeView::deserialize(&body).map_err(|e| Error::Protocol(format!("the operator's tube is unreadable: {e}")))
+    }
+
+    /// Deletes a Tube (the operator closes it on its pod first).
+    pub async fn delete_tube(&self, name: &str, namespace: Option<&str>) -> Result<()> {
+        let (status, bytes) =
+            self.send::<()>(Method::DELETE, self.tube_url(&[name]), namespace, None, REQUEST_TIMEOUT).await?;
+        if !status.is_success() && status != StatusCode::NOT_FOUND {
+            return Err(Error::Operator(refusal(status, &bytes)));
+        }
+        Ok(())
+    }
+
     /// Stored results of ended sessions, as the query filters them.
     pub async fn stored_results(&self, query: &ResultsQuery) -> Result<ResultsPage> {
         let mut url = self.base.clone();
@@ -126,6 +154,14 @@ impl OperatorClient {
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         Ok((status, response.bytes().await.map_err(unreachable)?))
+    }
+
+    fn tube_url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(TUBES_API_PATH.split('/').filter(|s| !s.is_empty())).extend(segments);
+        }
+        url
     }
 
     fn url(&self, segments: &[&str]) -> Url {
@@ -184,6 +220,7 @@ mod tests {
         assert_eq!(operator.url(&["a/b"]).as_str(), "https://tidepool.example/api/v1/sessions/a%2Fb");
         let prefixed = OperatorClient::new("http://gw/tidepool", "t").unwrap();
         assert_eq!(prefixed.url(&["s"]).as_str(), "http://gw/tidepool/api/v1/sessions/s");
+        assert_eq!(prefixed.tube_url(&["t"]).as_str(), "http://gw/tidepool/api/v1/tubes/t");
         assert!(matches!(OperatorClient::new("http://gw", " \n"), Err(Error::Usage(_))));
         assert!(matches!(OperatorClient::new("gw:80", "t"), Err(Error::Usage(_))));
     }

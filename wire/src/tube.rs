@@ -59,20 +59,26 @@ const DATAGRAM: u8 = 10;
 
 /// Why the pod would not open a connection. Each has the SOCKS5 reply code
 /// (RFC 1928) a SOCKS5 client is answered with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
 pub enum Refusal {
     /// The pool's allowlist (or the defaults: no loopback, link-local or
     /// cluster-internal address) does not allow the target.
+    #[error("the pool's allowlist does not allow the target")]
     NotAllowed,
     /// The target refused the connection.
+    #[error("the target refused the connection")]
     ConnectionRefused,
     /// No route to the target's network.
+    #[error("no route to the target's network")]
     NetworkUnreachable,
     /// The target's host did not answer, or its name did not resolve.
+    #[error("the target's host did not answer or its name did not resolve")]
     HostUnreachable,
     /// The tube has as many connections open as it may.
+    #[error("the tube carries as many connections as it may")]
     TooManyConnections,
     /// Anything else.
+    #[error("the connection could not be opened")]
     Failed,
 }
 
