@@ -213,4 +213,16 @@ ClusterRole with rbac.clusterWide. docs/operating.md lists them too.
 - apiGroups: [tidepool.dev]
   resources: [monitors/finalizers]
   verbs: [update]
+# Tubes: created and deleted by the API, cached; the controller writes their
+# status and its finalizer (a patch), and owns each pool tube's session
+# with blockOwnerDeletion.
+- apiGroups: [tidepool.dev]
+  resources: [tubes]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [tidepool.dev]
+  resources: [tubes/status]
+  verbs: [patch]
+- apiGroups: [tidepool.dev]
+  resources: [tubes/finalizers]
+  verbs: [update]
 {{- end }}
