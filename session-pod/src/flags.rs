@@ -226,7 +226,7 @@ mod tests {
         let flags =
             Flags::try_parse_from(["tidepool-session", "--pool-public-key", &key, "--pod-name", "edge-abc"]).unwrap();
         let config = flags.server_config();
-        assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(config.listen, "0.0.0.0:8080".parse::<SocketAddr>().unwrap());
         assert_eq!(config.udp_port, None);
         assert_eq!(config.limits, Limits::default());
         assert_eq!(config.identity.pod, "edge-abc");

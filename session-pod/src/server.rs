@@ -33,11 +33,11 @@ use crate::session::BoundSession;
 use crate::state::{PodIdentity, PodState, PodStateParts, ProbeRuns, until_shutdown};
 use crate::udp_cookie::UdpCookies;
 use crate::{download, household, latency, probe_runs, results, tubes, udp, upload};
-use tidepool_protocol::tube::{POD_TUBE_PATH, POD_TUBES_PATH, PodTubeState};
 use tidepool_protocol::pod::{
     DEFAULT_PORT, DOWNLOAD_PATH, HEALTH_PATH, HOUSEHOLD_WS_PATH, INFO_PATH, LATENCY_WS_PATH, METRICS_PATH, PROBES_PATH,
     PodInfo, RESULTS_PATH, UDP_GRANT_PATH, UPLOAD_PATH,
 };
+use tidepool_protocol::tube::{POD_TUBE_PATH, POD_TUBES_PATH, PodTubeState};
 
 /// How the server runs.
 #[derive(Clone, Debug)]
@@ -321,9 +321,11 @@ async fn count_requests(State(state): State<Arc<PodState>>, request: Request, ne
 async fn metrics(State(state): State<Arc<PodState>>) -> Response {
     // Probe bytes move while runs go on: count them up to now.
     state.probe_runs.count_bytes(&state.metrics.probe_bytes);
-    for (tube_state, label) in
-        [(PodTubeState::Connecting, "connecting"), (PodTubeState::Connected, "connected"), (PodTubeState::Ended, "ended")]
-    {
+    for (tube_state, label) in [
+        (PodTubeState::Connecting, "connecting"),
+        (PodTubeState::Connected, "connected"),
+        (PodTubeState::Ended, "ended"),
+    ] {
         let count = i64::try_from(state.tubes.count(tube_state)).unwrap_or(i64::MAX);
         state.metrics.tubes.with_label_values(&[label]).set(count);
     }

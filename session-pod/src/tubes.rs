@@ -24,8 +24,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tidepool_protocol::egress::parse_allow;
 use tidepool_protocol::tube::{
-    EndReason, PodTubeState, TUBE_TICKET_HEADER, TubeAnswer, TubeOffer, TubePolicy, TubeReport, decode_sdp,
-    encode_sdp,
+    EndReason, PodTubeState, TUBE_TICKET_HEADER, TubeAnswer, TubeOffer, TubePolicy, TubeReport, decode_sdp, encode_sdp,
 };
 use tidepool_tube::{Limits, Mux, Opened, Peer, Settings, Stats};
 use tidepool_wire::token::TubeClaims;
@@ -189,11 +188,16 @@ impl Tubes {
 /// time, for this pod.
 fn ticket(state: &PodState, headers: &HeaderMap) -> Result<TubeClaims, ApiError> {
     let text = headers.get(TUBE_TICKET_HEADER).and_then(|v| v.to_str().ok()).ok_or_else(|| {
-        ApiError::new(Reason::Unauthenticated, StatusCode::UNAUTHORIZED, format!("send the {TUBE_TICKET_HEADER} header"))
+        ApiError::new(
+            Reason::Unauthenticated,
+            StatusCode::UNAUTHORIZED,
+            format!("send the {TUBE_TICKET_HEADER} header"),
+        )
     })?;
-    let claims = state.public_keys.verify_tube(text, unix_seconds()).map_err(|e| {
-        ApiError::new(Reason::Forbidden, StatusCode::FORBIDDEN, format!("tube ticket refused: {e}"))
-    })?;
+    let claims = state
+        .public_keys
+        .verify_tube(text, unix_seconds())
+        .map_err(|e| ApiError::new(Reason::Forbidden, StatusCode::FORBIDDEN, format!("tube ticket refused: {e}")))?;
     if claims.pod != state.identity.pod {
         let message = format!("the tube ticket is for pod {}, not this one", claims.pod);
         return Err(ApiError::new(Reason::Forbidden, StatusCode::FORBIDDEN, message));
@@ -247,7 +251,13 @@ async fn create_tube(state: &Arc<PodState>, headers: &HeaderMap, body: Body) -> 
         let message = format!("{} tubes are being set up on this pod, the most at once", tubes.limits.creations);
         ApiError::too_many(Reason::TubeCreations, message, Duration::from_secs(1))
     })?;
-    let peer = Peer::new(&tubes.limits.peer).await.map_err(|e| {
+    let servers = offer.ice_servers.iter().map(|server| tidepool_tube::IceServer {
+        urls: server.urls.iter().map(|url| url.0.clone()).collect(),
+        username: server.username.clone().unwrap_or_default(),
+        credential: server.credential.clone().unwrap_or_default(),
+    });
+    let settings = Settings { ice_servers: servers.collect(), ..tubes.limits.peer.clone() };
+    let peer = Peer::new(&settings).await.map_err(|e| {
         tracing::warn!(error = %e, "cannot make a peer connection");
         ApiError::new(Reason::Other, StatusCode::SERVICE_UNAVAILABLE, "cannot make a peer connection")
     })?;
@@ -318,12 +328,24 @@ async fn run(
     stop: CancellationToken,
 ) {
     let limits = &guard.state.tubes.limits;
-    // Not raced with `stop`: `open` closes the connection itself when it
-    // gives up, and a dropped `open` would leave it running.
-    let opened = peer.open(limits.open_within).await;
+    // `open` is never dropped mid-way (it would leave the connection
+    // running): it closes the connection itself when it gives up. A tube
+    // deleted meanwhile frees its place among the creations at once.
+    let mut permit = Some(permit);
+    let open = peer.open(limits.open_within);
+    tokio::pin!(open);
+    let opened = tokio::select! {
+        opened = &mut open => opened,
+        () = stop.cancelled() => {
+            permit.take();
+            open.await
+        }
+    };
     drop(permit);
     let mut opened: Opened = match opened {
         Ok(opened) => opened,
+        // Deleted while the client connected: not the line's failure.
+        Err(_) if stop.is_cancelled() => return guard.end(EndReason::Deleted, "closed before the client connected"),
         Err(e) => {
             guard.state.tubes.table().backoff.failed(Instant::now(), limits.backoff, limits.max_backoff);
             guard.state.metrics.tube_creations.with_label_values(&["not_connected"]).inc();
@@ -405,7 +427,8 @@ pub async fn report(State(state): State<Arc<PodState>>, headers: HeaderMap, Path
         Err(e) => return e.into_response(),
     };
     if claims.tube != uid {
-        return ApiError::new(Reason::Forbidden, StatusCode::FORBIDDEN, "the ticket is for another tube").into_response();
+        return ApiError::new(Reason::Forbidden, StatusCode::FORBIDDEN, "the ticket is for another tube")
+            .into_response();
     }
     let table = state.tubes.table();
     let Some(entry) = table.tubes.get(&uid) else {
@@ -434,7 +457,9 @@ pub async fn close(State(state): State<Arc<PodState>>, headers: HeaderMap, Path(
             state.tubes.end(&uid, EndReason::Deleted, "closed by the operator".into());
             StatusCode::NO_CONTENT.into_response()
         }
-        Ok(_) => ApiError::new(Reason::Forbidden, StatusCode::FORBIDDEN, "the ticket is for another tube").into_response(),
+        Ok(_) => {
+            ApiError::new(Reason::Forbidden, StatusCode::FORBIDDEN, "the ticket is for another tube").into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

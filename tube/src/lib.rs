@@ -21,6 +21,6 @@ pub mod socks5;
 pub mod udp;
 
 pub use mux::{ASSOCIATION_INBOX, Channel, Dialled, Ended, Limits, Mux, OUTGOING_FRAMES, Policy, Stats};
-pub use peer::{BridgeEnded, Closer, Opened, Peer, PeerError, Settings};
+pub use peer::{BridgeEnded, Closer, IceServer, Opened, Peer, PeerError, Settings};
 pub use socks5::{Socks5Limits, serve as serve_socks5};
 pub use udp::{Association, Datagram, DatagramError};

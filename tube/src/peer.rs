@@ -34,7 +34,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceGatheringState,
-    RTCPeerConnectionState, RTCSessionDescription, SettingEngine, SettingEngineBuilder,
+    RTCIceServer, RTCPeerConnectionState, RTCSessionDescription, SettingEngine, SettingEngineBuilder,
 };
 use webrtc::runtime::{
     AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, Runtime, TokioRuntime,
@@ -72,6 +72,17 @@ pub struct Settings {
     pub sctp_mtu: u32,
     /// Bytes the channel may hold unacknowledged before `send` waits.
     pub send_buffer: usize,
+    /// STUN and TURN servers (a Tube's `spec.iceServers`); none: host
+    /// candidates only.
+    pub ice_servers: Vec<IceServer>,
+}
+
+/// One STUN or TURN server.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    pub username: String,
+    pub credential: String,
 }
 
 impl Default for Settings {
@@ -87,6 +98,7 @@ impl Default for Settings {
             sctp_receive_buffer: 4 << 20,
             sctp_mtu: 1400,
             send_buffer: 1 << 20,
+            ice_servers: Vec::new(),
         }
     }
 }
@@ -95,6 +107,15 @@ impl Settings {
     /// On loopback only (tests and benchmarks).
     pub fn loopback() -> Self {
         Self { udp: vec![SocketAddr::from(([127, 0, 0, 1], 0))], ..Self::default() }
+    }
+
+    fn rtc_ice_servers(&self) -> Vec<RTCIceServer> {
+        let server = |s: &IceServer| RTCIceServer {
+            urls: s.urls.clone(),
+            username: s.username.clone(),
+            credential: s.credential.clone(),
+        };
+        self.ice_servers.iter().map(server).collect()
     }
 
     fn engine(&self) -> SettingEngine {
@@ -163,7 +184,7 @@ impl Peer {
         let events = Arc::new(Events { gathered: gathered.clone(), state });
         let runtime = Arc::new(SizedSockets { inner: TokioRuntime, bytes: settings.socket_buffer });
         let connection = PeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_configuration(RTCConfigurationBuilder::new().with_ice_servers(settings.rtc_ice_servers()).build())
             .with_setting_engine(settings.engine())
             .with_runtime(runtime)
             .with_handler(events)

@@ -12,4 +12,5 @@ mod probe_runs;
 mod results;
 mod streams;
 mod support;
+mod tubes;
 mod udp_echo;
