@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 pub use tidepool_protocol::api::{CreateSession, SessionView};
 use tidepool_protocol::api::{NamespaceQuery, SESSIONS_PATH};
 use tidepool_protocol::stored::{ResultsPage, ResultsQuery, STORED_RESULTS_PATH};
-pub use tidepool_protocol::tube::{CreateTube, TubeView};
 use tidepool_protocol::tube::TUBES_API_PATH;
+pub use tidepool_protocol::tube::{CreateTube, TubeView};
 
 use crate::error::{Error, Result, chain, error_message};
 
@@ -91,8 +91,7 @@ impl OperatorClient {
 
     /// Creates a Tube with the client's offer and waits for the pod's answer.
     pub async fn create_tube(&self, request: &CreateTube) -> Result<TubeView> {
-        let (status, bytes) =
-            self.send(Method::POST, self.tube_url(&[]), None, Some(request), CREATE_TIMEOUT).await?;
+        let (status, bytes) = self.send(Method::POST, self.tube_url(&[]), None, Some(request), CREATE_TIMEOUT).await?;
         let body = json(status, &bytes)?;
         TubeView::deserialize(&body).map_err(|e| Error::Protocol(format!("the operator's tube is unreadable: {e}")))
     }

@@ -67,8 +67,8 @@ pub fn request(
     };
     let mode = match (target, listen, socks5) {
         (Some(target), Some(listen), None) => {
-            let (host, port) = split_target(target)
-                .ok_or_else(|| Error::usage(format!("--target {target:?}: expected HOST:PORT")))?;
+            let (host, port) =
+                split_target(target).ok_or_else(|| Error::usage(format!("--target {target:?}: expected HOST:PORT")))?;
             Mode::Forward { host, port, listen }
         }
         (Some(_), None, None) => return Err(Error::usage("--target needs --listen ADDRESS:PORT")),
@@ -112,9 +112,8 @@ pub async fn run(operator: OperatorClient, request: TubeRequest) -> Result<()> {
         Mode::Forward { listen, .. } | Mode::Socks5 { listen } => *listen,
     };
     // Bound first: a port in use fails before any Tube is made.
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| Error::usage(format!("cannot listen on {listen}: {e}")))?;
+    let listener =
+        TcpListener::bind(listen).await.map_err(|e| Error::usage(format!("cannot listen on {listen}: {e}")))?;
     let local = listener.local_addr().map_err(|e| Error::test(format!("the listener has no address: {e}")))?;
     let settings = Settings {
         udp: request.ice_addresses.iter().map(|ip| SocketAddr::new(*ip, 0)).collect(),

@@ -31,7 +31,7 @@ pub mod run;
 pub mod scope;
 pub mod session;
 pub mod supervisor;
-pub mod tube;
 #[cfg(test)]
 mod testing;
 pub mod ttl_cache;
+pub mod tube;

@@ -64,7 +64,8 @@ pub async fn create(
     }
     // The answer is read back, which needs `get`.
     for verb in ["create", "get"] {
-        if let Err(denied) = state.access.authorize(&caller, Ask::Tubes { verb, namespace: &namespace, name: None }).await
+        if let Err(denied) =
+            state.access.authorize(&caller, Ask::Tubes { verb, namespace: &namespace, name: None }).await
         {
             return deny(&state, ROUTE, &denied);
         }
@@ -147,9 +148,7 @@ fn answered(tube: &Tube) -> Response {
 }
 
 fn is_settled(tube: &Tube) -> bool {
-    tube.status.as_ref().is_some_and(|s| {
-        s.answer.is_some() || matches!(s.state, TubeState::Failed | TubeState::Closed)
-    })
+    tube.status.as_ref().is_some_and(|s| s.answer.is_some() || matches!(s.state, TubeState::Failed | TubeState::Closed))
 }
 
 /// Watches one tube from the version the create returned until it is

@@ -49,18 +49,31 @@ pub struct Observed {
 pub enum Step {
     /// The tube is being deleted: close it on its pod if it may be open
     /// there, then let it go.
-    Release { close_on_pod: Option<String> },
+    Release {
+        close_on_pod: Option<String>,
+    },
     AddFinalizer,
     /// Make the TestSession that claims a pool's pod for the tube.
     CreateSession,
     /// Wait for the session's pod.
-    Wait { reason: &'static str, message: String },
+    Wait {
+        reason: &'static str,
+        message: String,
+    },
     /// Hand the offer to `pod`, and write its answer.
-    Offer { pod: String },
+    Offer {
+        pod: String,
+    },
     /// Read the tube's state from `pod`.
-    Poll { pod: String },
+    Poll {
+        pod: String,
+    },
     /// The tube is over.
-    End { reason: EndReason, message: String, close_on_pod: Option<String> },
+    End {
+        reason: EndReason,
+        message: String,
+        close_on_pod: Option<String>,
+    },
     /// Ended: free the pod (delete the session the operator made), once.
     ReleaseSession,
     /// Nothing to do until the tube changes.
@@ -74,9 +87,7 @@ fn is_terminal(state: TubeState) -> bool {
 pub fn decide(observed: &Observed) -> Step {
     let terminal = is_terminal(observed.state);
     // Only a pod that answered may hold the tube open.
-    let open_on = || {
-        observed.answered.then(|| observed.status_pod.clone()).flatten().filter(|_| !terminal)
-    };
+    let open_on = || observed.answered.then(|| observed.status_pod.clone()).flatten().filter(|_| !terminal);
     if observed.deleting {
         return Step::Release { close_on_pod: open_on() };
     }
@@ -126,11 +137,9 @@ pub fn decide(observed: &Observed) -> Step {
                 message: format!("pod {answered_by}, which terminated the tube, went away"),
                 close_on_pod: None,
             },
-            (None, true) => Step::End {
-                reason: EndReason::PodGone,
-                message: "the status names no pod".into(),
-                close_on_pod: None,
-            },
+            (None, true) => {
+                Step::End { reason: EndReason::PodGone, message: "the status names no pod".into(), close_on_pod: None }
+            }
             (Some(_), true) => Step::Poll { pod: pod.clone() },
         },
     }

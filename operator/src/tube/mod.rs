@@ -32,9 +32,7 @@ use tidepool_crds::test_session::{Phase, Profile, TestSessionSpec};
 use tidepool_crds::tube::{ConversationType, TubeState, TubeStatus};
 use tidepool_crds::{TestSession, Tube, WarmPool};
 use tidepool_protocol::egress::EgressPolicy;
-use tidepool_protocol::tube::{
-    EndReason, KIND_SOCKS5, KIND_TUNNEL, PodTubeState, TubeOffer, TubeReport, target_text,
-};
+use tidepool_protocol::tube::{EndReason, KIND_SOCKS5, KIND_TUNNEL, PodTubeState, TubeOffer, TubeReport, target_text};
 use tidepool_wire::token::TubeClaims;
 
 use crate::conditions::{self, reason};
@@ -177,7 +175,11 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 pub fn error_policy(_tube: Arc<Tube>, error: &Error, _ctx: Arc<Context>) -> Action {
-    if error.is_transient() { Action::requeue(Duration::from_secs(2)) } else { Action::requeue(Duration::from_secs(60)) }
+    if error.is_transient() {
+        Action::requeue(Duration::from_secs(2))
+    } else {
+        Action::requeue(Duration::from_secs(60))
+    }
 }
 
 /// The session a tube rides: the one it names, or the one made for it.
@@ -197,10 +199,8 @@ fn observe(ctx: &Context, tube: &Tube, namespace: &str, status: &TubeStatus) -> 
             let session_status = s.status.clone().unwrap_or_default();
             match (session_status.phase, session_status.pod) {
                 (Phase::Ready | Phase::Running, Some(pod)) => {
-                    let alive = ctx
-                        .pods
-                        .get(&ObjectRef::new(&pod).within(namespace))
-                        .is_some_and(|p| pods::is_alive(&p));
+                    let alive =
+                        ctx.pods.get(&ObjectRef::new(&pod).within(namespace)).is_some_and(|p| pods::is_alive(&p));
                     SessionSeen::Ready { pod, alive }
                 }
                 (phase, _) if phase.has_ended() => SessionSeen::Ended(format!("{phase:?}")),
@@ -327,7 +327,13 @@ fn waiting(status: &mut TubeStatus, tube: &Tube, why: &str, message: &str) {
     set_ready(status, tube, false, why, message);
 }
 
-async fn write_status(ctx: &Context, tube: &Tube, namespace: &str, before: &TubeStatus, next: &TubeStatus) -> Result<()> {
+async fn write_status(
+    ctx: &Context,
+    tube: &Tube,
+    namespace: &str,
+    before: &TubeStatus,
+    next: &TubeStatus,
+) -> Result<()> {
     if before == next {
         return Ok(());
     }
@@ -438,7 +444,8 @@ async fn pod_call(ctx: &Context, tube: &Tube, namespace: &str, pod: &str) -> Res
     let endpoint = session_status.endpoint.ok_or_else(|| PodError::Unreachable("the pod has no endpoint".into()))?;
     let pool_name = &session.spec.pool;
     let pool = ctx.pools.get(&ObjectRef::new(pool_name).within(namespace));
-    let pool_uid = pool.as_ref().and_then(|p| p.uid()).ok_or_else(|| PodError::Refused(format!("no WarmPool {pool_name}")))?;
+    let pool_uid =
+        pool.as_ref().and_then(|p| p.uid()).ok_or_else(|| PodError::Refused(format!("no WarmPool {pool_name}")))?;
     let keys = match ctx.keys.load(&ctx.client, namespace, pool_name, &pool_uid).await {
         Ok(Some(keys)) => keys,
         Ok(None) => return Err(PodError::Unreachable("the pool's key is not readable".into())),
@@ -520,7 +527,8 @@ pub async fn keep_gauges(tubes: crate::scope::Caches<Tube>, metrics: Arc<crate::
         every.tick().await;
         let all = tubes.state();
         for (state, label) in STATES {
-            let count = all.iter().filter(|t| t.status.as_ref().map_or(TubeState::Pending, |s| s.state) == state).count();
+            let count =
+                all.iter().filter(|t| t.status.as_ref().map_or(TubeState::Pending, |s| s.state) == state).count();
             metrics.tubes.with_label_values(&[label]).set(i64::try_from(count).unwrap_or(i64::MAX));
         }
         let connections: i64 =

@@ -69,8 +69,7 @@ pub async fn close(http: &reqwest::Client, endpoint: &str, ticket: &str, uid: &s
 }
 
 async fn call(request: reqwest::RequestBuilder, timeout: Duration) -> Result<Vec<u8>, PodError> {
-    let mut response =
-        request.timeout(timeout).send().await.map_err(|e| PodError::Unreachable(without_url(&e)))?;
+    let mut response = request.timeout(timeout).send().await.map_err(|e| PodError::Unreachable(without_url(&e)))?;
     let status = response.status();
     let retry_after = response
         .headers()
