@@ -24,6 +24,7 @@ pub mod mmdb;
 pub mod netns;
 pub mod proxy;
 pub mod s3;
+pub mod sshd;
 
 pub use binaries::workspace_binary;
 pub use control_plane::{ControlPlane, Options, free_port};

@@ -13,7 +13,7 @@
 //! - resident memory per idle tube end (50 tubes) and per busy one;
 //! - 100 tubes set up at once: time to connected, p50 and p99.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{Loopback, connect, echo_target};
+use tidepool_tests::sshd::{Forward, Sshd};
 use tidepool_tube::{Closer, Limits, Mux, Peer, Settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -157,78 +158,14 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Debian's sshd on loopback with a key for root, and `ssh -L` from
-/// `local` to `target` through it. Both killed when dropped.
-struct SshForward {
-    sshd: Child,
-    ssh: Child,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for SshForward {
-    fn drop(&mut self) {
-        let _ = self.ssh.kill();
-        let _ = self.sshd.kill();
-        let _ = self.ssh.wait();
-        let _ = self.sshd.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn ssh_forward(target: u16) -> Option<(SshForward, u16)> {
-    if !std::path::Path::new("/usr/sbin/sshd").exists() || Command::new("ssh").arg("-V").output().is_err() {
-        return None;
-    }
-    let _ = std::fs::create_dir_all("/run/sshd");
-    let (port, local) = (free_port(), free_port());
-    let dir = std::env::temp_dir().join(format!("tidepool-tube-bench-ssh-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for key in ["host", "user"] {
-        let made = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(dir.join(key)).status();
-        assert!(made.is_ok_and(|s| s.success()));
-    }
-    std::fs::copy(dir.join("user.pub"), dir.join("authorized_keys")).unwrap();
-    let config = format!(
-        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile none\nUsePAM no\nStrictModes no\n\
-         PermitRootLogin yes\nAuthorizedKeysFile {}\nAllowTcpForwarding yes\n",
-        dir.join("host").display(),
-        dir.join("authorized_keys").display()
-    );
-    std::fs::write(dir.join("sshd_config"), config).unwrap();
-    let sshd = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f"])
-        .arg(dir.join("sshd_config"))
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
-    let ssh = Command::new("ssh")
-        .args(["-N", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
-        .args(["-o", "LogLevel=ERROR", "-p", &port.to_string(), "-i"])
-        .arg(dir.join("user"))
-        .args(["-L", &format!("127.0.0.1:{local}:127.0.0.1:{target}"), &format!("{user}@127.0.0.1")])
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let forward = SshForward { sshd, ssh, dir };
-    for _ in 0..200 {
-        if let Ok(probe) = TcpStream::connect(("127.0.0.1", local)).await {
-            drop(probe);
-            return Some((forward, local));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
+/// `ssh -L` from a local port to `target` through Debian's sshd on
+/// loopback, ready; `None` without sshd.
+async fn ssh_forward(target: u16) -> Option<(Sshd, Forward, u16)> {
+    let sshd = Sshd::start("tube-bench").await?;
+    let forward = sshd.forward(target)?;
+    drop(forward.ready().await?);
+    let port = forward.port;
+    Some((sshd, forward, port))
 }
 
 fn version(program: &str, flag: &str) -> String {
@@ -252,7 +189,7 @@ async fn main() {
     for _ in 0..3 {
         rates[0].push(stream(TcpStream::connect(("127.0.0.1", sink.port)).await.unwrap(), &sink).await);
         rates[1].push(stream(through(&tube.client, sink.port).await, &sink).await);
-        if let Some((_, local)) = &forward {
+        if let Some((_, _, local)) = &forward {
             rates[2].push(stream(TcpStream::connect(("127.0.0.1", *local)).await.unwrap(), &sink).await);
         }
     }
