@@ -215,7 +215,7 @@ async fn forward(gateway: &Arc<Gateway>, mut request: Request<Body>) -> Result<R
     let token = token_of(&request).ok_or_else(|| {
         Refused::new(StatusCode::UNAUTHORIZED, "no_token", "a session token is needed: Authorization: Bearer <token>")
     })?;
-    let target = find_target(gateway, &token)?;
+    let target = find_target_soon(gateway, &token).await?;
     let session = SessionRef {
         sid: target.claims.sid.clone(),
         namespace: target.claims.ns.clone(),
@@ -398,6 +398,27 @@ fn within_bytes(gateway: &Gateway, session: &SessionRef) -> Result<(), Refused> 
     crate::anonymous::within_bytes(limits, &seen, gateway.streams.unwritten(&names), now_unix()).map_err(|r| {
         Refused::new(StatusCode::TOO_MANY_REQUESTS, r.reason, r.message).retry_after(r.retry_after_seconds)
     })
+}
+
+/// How long a stream waits for this replica's caches to show its session
+/// Ready: the operator answers a create once the session is Ready, and a
+/// client that connects at once may be a moment ahead of this watch.
+const CACHE_CATCH_UP: Duration = Duration::from_secs(1);
+const CACHE_POLL: Duration = Duration::from_millis(25);
+
+/// [`find_target`], waiting up to [`CACHE_CATCH_UP`] while the session is
+/// not Ready here yet. Only a session that exists, with the token's UID,
+/// can be not Ready, so no stranger's request waits.
+async fn find_target_soon(gateway: &Gateway, token: &str) -> Result<Target, Refused> {
+    let deadline = tokio::time::Instant::now() + CACHE_CATCH_UP;
+    loop {
+        match find_target(gateway, token) {
+            Err(refused) if refused.reason == NoTarget::NotReady.reason() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(CACHE_POLL).await;
+            }
+            found => return found,
+        }
+    }
 }
 
 /// The session the token names, checked and routed (see [`target::decide`]).
