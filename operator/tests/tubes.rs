@@ -152,8 +152,8 @@ async fn a_tube_made_by_the_cli_carries_traffic_within_the_pools_allowlist_and_e
     .await
     .unwrap();
     let token_file = cluster.token_file().display().to_string();
-    let base: Vec<String> =
-        ["--operator", &url, "--api-token-file", &token_file, "--pool", "edge"].map(String::from).to_vec();
+    let operator_args: Vec<String> = ["--operator", &url, "--api-token-file", &token_file].map(String::from).to_vec();
+    let base: Vec<String> = [operator_args.clone(), vec!["--pool".into(), "edge".into()]].concat();
     let tubes: Api<Tube> = Api::namespaced(cluster.client.clone(), "default");
 
     // A tunnel to the allowed target: bytes go there and back through the pod.
@@ -207,6 +207,29 @@ async fn a_tube_made_by_the_cli_carries_traffic_within_the_pools_allowlist_and_e
     })
     .await
     .unwrap();
+
+    // --session: a tube into an existing session's pod, which stays the
+    // session's when the tube is closed.
+    let (code, session) = common::post_session(&operator, json!({ "pool": "edge" })).await;
+    assert_eq!(code, 201, "{session}");
+    let (session_name, session_pod) =
+        (session["name"].as_str().unwrap().to_string(), session["pod"].as_str().unwrap().to_string());
+    let via_session = TubeCli::start(
+        &cli,
+        &operator_args,
+        &["--session", &session_name, "--target", &target, "--listen", "127.0.0.1:0"],
+    )
+    .await
+    .unwrap();
+    echo_through(&via_session.listening, 64 << 10).await;
+    let ridden = tube_named(&tubes, |t| t.spec.session.as_deref() == Some(session_name.as_str())).await.unwrap();
+    assert_eq!(ridden.status.and_then(|s| s.pod).as_deref(), Some(session_pod.as_str()));
+    let pid = via_session.child.id().unwrap();
+    std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
+    let (exit, said) = via_session.ended().await;
+    assert!(exit.success(), "{said}");
+    let kept = sessions.get(&session_name).await.unwrap();
+    assert!(kept.metadata.deletion_timestamp.is_none(), "the session a tube rode is not the tube's to end");
 
     // The pod under the tunnel is deleted: the tube fails with the reason,
     // and the CLI says so and exits non-zero.

@@ -7,6 +7,9 @@ fn tidepool_dev_brings_up_the_cluster_and_says_what_next() {
     assert!(out.status.success(), "tidepool-dev failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     // The chart went in with the real helm.
     assert!(stdout.contains("STATUS: deployed"), "{stdout}");
+    // A tube carried a request to the operator's /healthz, and showed Connected.
+    assert!(stdout.lines().any(|l| l.starts_with("listening on 127.0.0.1:")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("tube-") && l.contains("Connected")), "{stdout}");
     assert!(stdout.contains("kwok-gpu-0"), "{stdout}");
     assert!(stdout.contains("export KUBECONFIG="), "{stdout}");
     // The CLI ran a bufferbloat test on a real session pod through the

@@ -204,6 +204,8 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     println!("$ curl -s -X POST {url}/api/v1/route -H 'Authorization: Bearer {token}' -d '{route}'");
     println!("{}", post(&url, "/api/v1/route", &token, route).await?);
 
+    show_tube(&plane, &cli, &url, &token_path, port).await.map_err(|e| with_log(e, &operator))?;
+
     let agent_targets: Vec<String> = agents.iter().map(|(_, address)| address.clone()).collect();
     let prometheus = start_prometheus(&plane, &format!("127.0.0.1:{port}"), &agent_targets)?;
 
@@ -240,6 +242,54 @@ async fn run(check_only: bool) -> tidepool_tests::Result<()> {
     tokio::signal::ctrl_c().await.map_err(HarnessError::io("waiting for Ctrl-C"))?;
     eprintln!("Stopping.");
     Ok(())
+}
+
+/// A tube: the pool lets tubes reach the operator's port on loopback, and
+/// `tidepool tube` forwards a local port there through a session pod; a
+/// request goes through it, and Ctrl-C closes it.
+async fn show_tube(
+    plane: &ControlPlane,
+    cli: &Path,
+    url: &str,
+    token_path: &str,
+    port: u16,
+) -> tidepool_tests::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let allow = format!(r#"{{"spec":{{"tubes":{{"allow":[{{"cidr":"127.0.0.1/32","ports":[{port}]}}]}}}}}}"#);
+    kubectl(plane, &["-n", NAMESPACE, "patch", "wp", "edge", "--type=merge", "-p", &allow])?;
+    let target = format!("127.0.0.1:{port}");
+    let args = ["tube", "--operator", url, "--api-token-file", token_path, "--pool", "edge", "-n", NAMESPACE];
+    let forward = ["--target", target.as_str(), "--listen", "127.0.0.1:0"];
+    println!("$ tidepool {} {} &", args.join(" "), forward.join(" "));
+    let failed = |what: &str| HarnessError::Other(format!("tidepool tube: {what}"));
+    let mut tube = tokio::process::Command::new(cli)
+        .args(args)
+        .args(forward)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| failed(&e.to_string()))?;
+    let stdout = tube.stdout.take().ok_or_else(|| failed("no standard output"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
+    let Ok(Ok(Some(line))) = line else { return Err(failed("it did not start listening")) };
+    println!("{line}");
+    let local = line.trim_start_matches("listening on ").split(',').next().unwrap_or_default().to_string();
+    println!("$ curl -s http://{local}/healthz");
+    let through = reqwest::get(format!("http://{local}/healthz")).await.map_err(|e| failed(&e.to_string()))?;
+    println!("{}", through.text().await.map_err(|e| failed(&e.to_string()))?);
+    let connected = "--for=jsonpath={.status.state}=Connected";
+    kubectl(plane, &["-n", NAMESPACE, "wait", "tubes", "--all", connected, "--timeout=30s"])?;
+    kubectl(plane, &["-n", NAMESPACE, "get", "tubes"])?;
+    if let Some(pid) = tube.id() {
+        // Ctrl-C: the CLI closes the tube and deletes it.
+        let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(30), tube.wait()).await;
+    match ended {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        other => Err(failed(&format!("it did not close cleanly: {other:?}"))),
+    }
 }
 
 fn repo() -> PathBuf {
