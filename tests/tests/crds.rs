@@ -125,7 +125,10 @@ async fn crds_install_and_kubectl_shows_their_columns() {
         header(&get(&["get", "be"])),
         ["NAME", "KIND", "REGION", "CPU%", "MEM%", "GPU%", "HEALTH", "READY", "AGE"]
     );
-    assert_eq!(header(&get(&["get", "tubes"])), ["NAME", "TYPE", "SESSION", "STATE", "RTT(MS)", "AGE"]);
+    assert_eq!(
+        header(&get(&["get", "tubes"])),
+        ["NAME", "TYPE", "SESSION", "STATE", "RTT(MS)", "CONNS", "ENDED", "AGE"]
+    );
     // Use figures are whole percentages in the table, whatever the status holds.
     let usage = json!({ "status": { "usage": {
         "cpuPercent": 37.816_254_1, "perCorePercent": [37.816_254_1], "memoryPercent": 61.499_999_9,
