@@ -84,6 +84,31 @@ struct TubeArgs {
     /// Where the tube's UDP sockets bind, comma-separated [default: every interface, and loopback].
     #[arg(long, env = "TIDEPOOL_TUBE_ADDRESS", value_name = "IP", value_delimiter = ',')]
     ice_address: Vec<std::net::IpAddr>,
+    /// A STUN or TURN server for this end's peer (stun:, turn: or turns: URL); repeatable.
+    #[arg(long, value_name = "URL", value_parser = parse_ice_url)]
+    ice_server: Vec<String>,
+    /// The TURN servers' user name and credential.
+    #[arg(long, env = "TIDEPOOL_TURN_USERNAME", value_name = "NAME", requires = "turn_credential")]
+    turn_username: Option<String>,
+    #[arg(
+        long,
+        env = "TIDEPOOL_TURN_CREDENTIAL",
+        value_name = "SECRET",
+        requires = "turn_username",
+        hide_env_values = true
+    )]
+    turn_credential: Option<String>,
+}
+
+/// A STUN or TURN URL, as the Tube's `spec.iceServers` takes it.
+fn parse_ice_url(text: &str) -> std::result::Result<String, String> {
+    let scheme_ok = ["stun:", "stuns:", "turn:", "turns:"].iter().any(|s| text.starts_with(s));
+    let fits = (6..=512).contains(&text.len()) && !text.chars().any(char::is_whitespace);
+    if scheme_ok && fits {
+        Ok(text.to_string())
+    } else {
+        Err(format!("{text:?}: expected a stun:, stuns:, turn: or turns: URL of at most 512 characters"))
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -418,6 +443,15 @@ async fn tube(args: TubeArgs) -> Result<()> {
     } else {
         args.ice_address
     };
+    let ice_servers = args
+        .ice_server
+        .into_iter()
+        .map(|url| tidepool_crds::tube::IceServer {
+            username: args.turn_username.clone().filter(|_| url.starts_with("turn")),
+            credential: args.turn_credential.clone().filter(|_| url.starts_with("turn")),
+            urls: vec![tidepool_crds::tube::IceUrl(url)],
+        })
+        .collect();
     let request = crate::tube::TubeRequest {
         place,
         namespace: args.namespace,
@@ -425,6 +459,7 @@ async fn tube(args: TubeArgs) -> Result<()> {
         ttl_seconds: args.ttl,
         idle_timeout_seconds: args.idle_timeout,
         ice_addresses,
+        ice_servers,
     };
     crate::tube::run(operator, request).await
 }

@@ -8,7 +8,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tidepool_crds::tube::{ConversationType, Target};
+use tidepool_crds::tube::{ConversationType, IceServer, Target};
 use tidepool_protocol::tube::{CreateTube, TubeView, decode_sdp, encode_sdp, split_target};
 use tidepool_tube::{Limits, Mux, Opened, Peer, Settings, Socks5Limits};
 use tokio::net::TcpListener;
@@ -49,6 +49,9 @@ pub struct TubeRequest {
     pub idle_timeout_seconds: Option<i64>,
     /// Where the peer's UDP sockets bind.
     pub ice_addresses: Vec<IpAddr>,
+    /// STUN and TURN servers for the client's peer (recorded in the Tube's
+    /// `spec.iceServers`; the pod's peer uses none).
+    pub ice_servers: Vec<IceServer>,
 }
 
 /// The request from the flags, or what is wrong with them. Pure.
@@ -101,7 +104,7 @@ fn create(request: &TubeRequest, offer: &str) -> CreateTube {
         offer: encode_sdp(offer),
         ttl_seconds: request.ttl_seconds,
         idle_timeout_seconds: request.idle_timeout_seconds,
-        ice_servers: Vec::new(),
+        ice_servers: request.ice_servers.clone(),
     }
 }
 
@@ -115,8 +118,14 @@ pub async fn run(operator: OperatorClient, request: TubeRequest) -> Result<()> {
     let listener =
         TcpListener::bind(listen).await.map_err(|e| Error::usage(format!("cannot listen on {listen}: {e}")))?;
     let local = listener.local_addr().map_err(|e| Error::test(format!("the listener has no address: {e}")))?;
+    let ice_servers = request.ice_servers.iter().map(|server| tidepool_tube::IceServer {
+        urls: server.urls.iter().map(|url| url.0.clone()).collect(),
+        username: server.username.clone().unwrap_or_default(),
+        credential: server.credential.clone().unwrap_or_default(),
+    });
     let settings = Settings {
         udp: request.ice_addresses.iter().map(|ip| SocketAddr::new(*ip, 0)).collect(),
+        ice_servers: ice_servers.collect(),
         ..Settings::default()
     };
     let peer = Peer::new(&settings).await.map_err(|e| Error::test(format!("cannot make the peer connection: {e}")))?;
@@ -314,6 +323,7 @@ mod tests {
             ttl_seconds: None,
             idle_timeout_seconds: Some(60),
             ice_addresses: Vec::new(),
+            ice_servers: Vec::new(),
         };
         let made = create(&request, "v=0\r\n");
         assert_eq!((made.pool, made.session.as_deref()), (None, Some("s1")));

@@ -51,9 +51,8 @@ use crate::common::{Conditions, conditions, optional_date_time};
         "fieldPath": ".target"
     },
     {
-        "rule": "self.offer == oldSelf.offer",
-        "message": "spec.offer is immutable; create a new Tube to renegotiate",
-        "fieldPath": ".offer"
+        "rule": "self == oldSelf",
+        "message": "spec is immutable; create a new Tube to change it"
     }
 ]))]
 pub struct TubeSpec {

@@ -118,13 +118,21 @@ pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, share
         supervisor.spawn("export-backlog", crate::export::watch_backlog(sessions, metrics));
     }
 
+    // Tubes: the controllers' triggers read this cache (which tubes ride a
+    // session), and the tube gauges are counted from it.
+    let tubes = scope::watch(supervisor, scope, &clients.watch, "tube-cache", Default::default(), |_, _| {});
+    supervisor.spawn("tube-gauges", tube::keep_gauges(tubes.clone(), parts.metrics.clone()));
     // One wait, shared: kube's store readiness wakes only one waiter.
     let synced = {
-        let (pods, sessions, pools, nodes) =
-            (pods.clone(), shared.sessions.clone(), shared.pools.clone(), nodes.clone());
+        let (pods, sessions, pools, nodes, tubes) =
+            (pods.clone(), shared.sessions.clone(), shared.pools.clone(), nodes.clone(), tubes.clone());
         async move {
-            let caches =
-                [("pods", pods.ready().await), ("sessions", sessions.ready().await), ("pools", pools.ready().await)];
+            let caches = [
+                ("pods", pods.ready().await),
+                ("sessions", sessions.ready().await),
+                ("pools", pools.ready().await),
+                ("tubes", tubes.ready().await),
+            ];
             let nodes = ("nodes", nodes.wait_until_ready().await.is_ok());
             match caches.into_iter().chain([nodes]).find(|(_, ready)| !ready) {
                 Some((cache, _)) => {
@@ -140,10 +148,6 @@ pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, share
     // A controller polls all its reconciles inside one task. Giving each
     // controller its own task lets a long pool pass and session binding run
     // on both cores.
-    // Tubes: the controllers' triggers read this cache (which tubes ride a
-    // session), and the tube gauges are counted from it.
-    let tubes = scope::watch(supervisor, scope, &clients.watch, "tube-cache", Default::default(), |_, _| {});
-    supervisor.spawn("tube-gauges", tube::keep_gauges(tubes.clone(), parts.metrics.clone()));
     let (pods_apis, sessions_apis, pools_apis, monitors_apis, tubes_apis) = (
         scope.apis::<Pod>(&clients.watch),
         scope.apis::<TestSession>(&clients.watch),
@@ -188,7 +192,7 @@ pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, share
         let (tube_ctx, tube_synced, tube_metrics) = (ctx.clone(), synced.clone(), parts.metrics.clone());
         let (tube_sessions, tubes_for_sessions) = (sessions_api.clone(), tubes.clone());
         supervisor.spawn(format!("tube-controller{suffix}"), async move {
-            if !tube_synced.await || !tubes_for_sessions.ready().await {
+            if !tube_synced.await {
                 return;
             }
             Controller::new(tubes_api, Default::default())

@@ -31,15 +31,14 @@ pub const TUBE_API_PATH: &str = "/api/v1/tubes/{name}";
 /// base64, 64 KiB); a description with every candidate is a few KiB.
 pub const MAX_SDP_BYTES: usize = 48 * 1024;
 
-/// The operator's request to the pod: terminate this tube.
+/// The operator's request to the pod: terminate this tube. The pod's peer
+/// gathers host candidates only: STUN or TURN servers named by a client
+/// would have the pod send wherever that client says.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TubeOffer {
     /// The client's SDP offer, base64 (as the Tube's spec holds it).
     pub offer: String,
-    /// STUN and TURN servers for the pod's end.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ice_servers: Vec<IceServer>,
 }
 
 /// The pod's answer, base64 (as the Tube's status holds it).

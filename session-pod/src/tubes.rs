@@ -36,7 +36,7 @@ use crate::clock::unix_seconds;
 use crate::error::{ApiError, Reason, json_response};
 use crate::state::PodState;
 
-/// The largest offer body: the SDP's base64 and a few ICE servers.
+/// The largest offer body: the SDP's base64, with room to spare.
 const OFFER_BODY_BYTES: usize = 96 * 1024;
 /// Ended tubes the pod remembers, for the operator to read why.
 const ENDED_KEPT: usize = 64;
@@ -251,13 +251,7 @@ async fn create_tube(state: &Arc<PodState>, headers: &HeaderMap, body: Body) -> 
         let message = format!("{} tubes are being set up on this pod, the most at once", tubes.limits.creations);
         ApiError::too_many(Reason::TubeCreations, message, Duration::from_secs(1))
     })?;
-    let servers = offer.ice_servers.iter().map(|server| tidepool_tube::IceServer {
-        urls: server.urls.iter().map(|url| url.0.clone()).collect(),
-        username: server.username.clone().unwrap_or_default(),
-        credential: server.credential.clone().unwrap_or_default(),
-    });
-    let settings = Settings { ice_servers: servers.collect(), ..tubes.limits.peer.clone() };
-    let peer = Peer::new(&settings).await.map_err(|e| {
+    let peer = Peer::new(&tubes.limits.peer).await.map_err(|e| {
         tracing::warn!(error = %e, "cannot make a peer connection");
         ApiError::new(Reason::Other, StatusCode::SERVICE_UNAVAILABLE, "cannot make a peer connection")
     })?;

@@ -243,4 +243,12 @@ async fn the_api_server_refuses_bad_objects_and_names_the_field() {
         Err(kube::Error::Api(status)) => assert!(status.message.contains("immutable"), "{}", status.message),
         other => panic!("changing a session's spec was not refused: {other:?}"),
     }
+    // Nor a tube's: a tube answered for one session, target and kind stays theirs.
+    let tubes: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &resource("Tube", "tubes"));
+    tubes.create(&PostParams::default(), &serde_json::from_value(tube()).unwrap()).await.unwrap();
+    let change = json!({ "spec": { "target": { "host": "elsewhere.example", "port": 22 } } });
+    match tubes.patch("db", &PatchParams::default(), &Patch::Merge(&change)).await {
+        Err(kube::Error::Api(status)) => assert!(status.message.contains("immutable"), "{}", status.message),
+        other => panic!("changing a tube's spec was not refused: {other:?}"),
+    }
 }

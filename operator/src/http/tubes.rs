@@ -93,11 +93,15 @@ pub async fn create(
         ttl_seconds: request.ttl_seconds,
         idle_timeout_seconds: request.idle_timeout_seconds.unwrap_or(600),
     };
-    // Refused here when the pool's cache already says so: no object made in vain.
-    let pool = request.pool.clone().or_else(|| {
-        let session = request.session.as_deref()?;
-        state.sessions.get(&ObjectRef::new(session).within(&namespace)).map(|s| s.spec.pool.clone())
-    });
+    // Refused here when the caches already say so: no object made in vain.
+    let pool = match (&request.pool, &request.session) {
+        (Some(pool), _) => Some(pool.clone()),
+        (None, Some(session)) => match find_session(&state, &namespace, session).await {
+            Ok(pool) => Some(pool),
+            Err(refused) => return refuse(&state, ROUTE, refused),
+        },
+        (None, None) => None,
+    };
     let mut tube = Tube::new("", spec);
     if let Some(pool) = pool {
         let found = state.pools.get(&ObjectRef::new(&pool).within(&namespace));
@@ -118,17 +122,46 @@ pub async fn create(
     let name = created.name_any();
     match tokio::time::timeout(state.ready_deadline, wait_answered(&api, &created)).await {
         Ok(Ok(tube)) => answered(&tube),
-        Ok(Err(e)) => refuse(&state, ROUTE, kube_refusal(e, "waiting for the tube")),
+        Ok(Err(e)) => {
+            abandon(&api, &name).await;
+            refuse(&state, ROUTE, kube_refusal(e, "waiting for the tube"))
+        }
         Err(_) => {
             let latest = api.get_opt(&name).await.ok().flatten().unwrap_or(created);
             let view = view(&latest);
             let why = view.message.clone().unwrap_or_else(|| "no pod answered".into());
+            // Nobody will take an answer that comes later: a pod claimed for
+            // it would only wait for a peer that never comes.
+            abandon(&api, &name).await;
             let body = ErrorBody {
                 error: format!("tube {name} was not answered within {:?}: {why}", state.ready_deadline),
                 code: Some(StatusCode::GATEWAY_TIMEOUT.as_u16()),
             };
             (StatusCode::GATEWAY_TIMEOUT, Json(body)).into_response()
         }
+    }
+}
+
+/// Deletes a Tube its creator will not use; the controller closes what it
+/// opened. (A handler dropped with its client ends nothing here: the
+/// controller ends a tube no pod answered within a minute.)
+async fn abandon(api: &Api<Tube>, name: &str) {
+    if let Err(e) = api.delete(name, &DeleteParams::default()).await {
+        tracing::warn!(tube = %name, error = %e, "deleting an abandoned tube");
+    }
+}
+
+/// The pool of the session a tube names: from the cache, else from the API
+/// server (a session made a moment ago); 404 when there is none.
+async fn find_session(state: &ApiState, namespace: &str, name: &str) -> Result<String, Refused> {
+    if let Some(session) = state.sessions.get(&ObjectRef::new(name).within(namespace)) {
+        return Ok(session.spec.pool.clone());
+    }
+    let sessions: Api<tidepool_crds::TestSession> = Api::namespaced(state.client.clone(), namespace);
+    match sessions.get_opt(name).await {
+        Ok(Some(session)) => Ok(session.spec.pool),
+        Ok(None) => Err(Refused::new(StatusCode::NOT_FOUND, "not_found", format!("no session {namespace}/{name}"))),
+        Err(e) => Err(kube_refusal(e, "reading the session")),
     }
 }
 
@@ -155,20 +188,25 @@ fn is_settled(tube: &Tube) -> bool {
 /// answered or over.
 async fn wait_answered(api: &Api<Tube>, created: &Tube) -> Result<Tube, kube::Error> {
     let params = WatchParams::default().fields(&format!("metadata.name={}", created.name_any()));
-    let version = created.resource_version().unwrap_or_else(|| "0".into());
+    let mut version = created.resource_version().unwrap_or_else(|| "0".into());
     loop {
         let mut events = api.watch(&params, &version).await?.boxed();
         while let Some(event) = events.try_next().await? {
-            if let WatchEvent::Added(t) | WatchEvent::Modified(t) = event
-                && is_settled(&t)
-            {
-                return Ok(t);
+            match event {
+                WatchEvent::Added(t) | WatchEvent::Modified(t) if is_settled(&t) => return Ok(t),
+                WatchEvent::Added(t) | WatchEvent::Modified(t) => {
+                    version = t.resource_version().unwrap_or(version);
+                }
+                // An expired version (410) or another error: look afresh.
+                WatchEvent::Error(_) => break,
+                _ => {}
             }
         }
         let now = api.get(&created.name_any()).await?;
         if is_settled(&now) {
             return Ok(now);
         }
+        version = now.resource_version().unwrap_or(version);
         // A watch that ends at once would spin: pace the next one.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

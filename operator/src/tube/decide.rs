@@ -11,6 +11,10 @@ pub const SESSION_GRACE: Duration = Duration::from_secs(10);
 /// How soon a tube waiting for its pod is looked at again (the session's
 /// change wakes it sooner).
 pub const WAIT_RECHECK: Duration = Duration::from_secs(2);
+/// A tube no pod has answered this long after it was made is ended: its
+/// client gave up long ago (the API answers 504 after 10 s), and a pod
+/// claimed for it later would only wait for a peer that never comes.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The session a tube rides, as the cache shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +47,10 @@ pub struct Observed {
     pub refused_by_pool: Option<String>,
     /// Since the tube was made.
     pub age: Duration,
+    /// Since it ended, once it has.
+    pub ended_for: Option<Duration>,
+    /// How long an ended tube is kept, with its reason, before it is deleted.
+    pub retention: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +84,8 @@ pub enum Step {
     },
     /// Ended: free the pod (delete the session the operator made), once.
     ReleaseSession,
+    /// Ended longer ago than the retention: delete the Tube.
+    Delete,
     /// Nothing to do until the tube changes.
     Idle,
 }
@@ -93,7 +103,12 @@ pub fn decide(observed: &Observed) -> Step {
     }
     if terminal {
         let session_left = observed.owns_session && !matches!(observed.session, SessionSeen::Missing);
-        return if session_left { Step::ReleaseSession } else { Step::Idle };
+        let expired = observed.ended_for.is_some_and(|ended| ended >= observed.retention);
+        return match (session_left, expired) {
+            (true, _) => Step::ReleaseSession,
+            (false, true) => Step::Delete,
+            (false, false) => Step::Idle,
+        };
     }
     if !observed.has_finalizer {
         return Step::AddFinalizer;
@@ -102,6 +117,10 @@ pub fn decide(observed: &Observed) -> Step {
         && !observed.answered
     {
         return Step::End { reason: EndReason::Refused, message: why.clone(), close_on_pod: None };
+    }
+    if !observed.answered && observed.age >= ANSWER_DEADLINE {
+        let message = format!("no pod answered within {} s", ANSWER_DEADLINE.as_secs());
+        return Step::End { reason: EndReason::NotConnected, message, close_on_pod: None };
     }
     match &observed.session {
         SessionSeen::Missing if observed.owns_session && observed.answered => Step::End {
@@ -174,6 +193,8 @@ mod tests {
             session: SessionSeen::Missing,
             refused_by_pool: None,
             age: Duration::from_secs(1),
+            ended_for: None,
+            retention: Duration::from_secs(3600),
         }
     }
 
@@ -201,8 +222,20 @@ mod tests {
         assert_eq!(decide(&ended), Step::ReleaseSession);
         let gone = Observed { session: SessionSeen::Missing, ..ended.clone() };
         assert_eq!(decide(&gone), Step::Idle);
-        let users = Observed { owns_session: false, ..ended };
+        let users = Observed { owns_session: false, ..ended.clone() };
         assert_eq!(decide(&users), Step::Idle, "a session the user named is not the tube's to delete");
+        let kept = Observed { session: SessionSeen::Missing, ended_for: Some(Duration::from_secs(3599)), ..ended };
+        assert_eq!(decide(&kept), Step::Idle, "kept with its reason for the retention");
+        let old = Observed { ended_for: Some(Duration::from_secs(3600)), ..kept };
+        assert_eq!(decide(&old), Step::Delete);
+    }
+
+    #[test]
+    fn a_tube_no_pod_answered_in_time_ends() {
+        let late = Observed { session: SessionSeen::Waiting("pool empty".into()), age: ANSWER_DEADLINE, ..observed() };
+        assert!(matches!(decide(&late), Step::End { reason: EndReason::NotConnected, close_on_pod: None, .. }));
+        let answered_long_ago = Observed { age: ANSWER_DEADLINE * 10, ..answered("p1", TubeState::Connected) };
+        assert_eq!(decide(&answered_long_ago), Step::Poll { pod: "p1".into() }, "an answered tube has no deadline");
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
     let mut status = tube.status.clone().unwrap_or_default();
     let mut observed = observe(&ctx, &tube, &namespace, &status);
     let mut has_finalizer = observed.has_finalizer;
+    // Every write is conditional on the version this pass started from (and
+    // then on the version it wrote), so a pass acting on a stale cache fails
+    // its write with 409 instead of repeating a transition, its Event and
+    // its counts.
+    let mut version = tube.resource_version();
     for _ in 0..MAX_STEPS {
         observed.has_finalizer = has_finalizer;
         let step = decide::decide(&observed);
@@ -67,27 +72,36 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
                     end_metrics(&ctx, EndReason::Deleted);
                 }
                 if has_finalizer {
-                    set_finalizer(&ctx, &tube, &namespace, false).await?;
+                    set_finalizer(&ctx, &tube, &namespace, false, version.as_deref()).await?;
                 }
                 return Ok(Action::await_change());
             }
             Step::AddFinalizer => {
-                set_finalizer(&ctx, &tube, &namespace, true).await?;
+                version = set_finalizer(&ctx, &tube, &namespace, true, version.as_deref()).await?;
                 has_finalizer = true;
             }
             Step::CreateSession => {
-                let name = create_session(&ctx, &tube, &namespace).await?;
+                let name = match create_session(&ctx, &tube, &namespace).await {
+                    Ok(name) => name,
+                    Err(Error::Invalid { reason, .. }) => {
+                        (status, version) =
+                            end(&ctx, &tube, &namespace, version, status, EndReason::Refused, &reason).await?;
+                        observed.state = status.state;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let mut next = status.clone();
                 next.session = Some(name.clone());
                 waiting(&mut next, &tube, "WaitingForPod", &format!("TestSession {name} is claiming a pod"));
-                write_status(&ctx, &tube, &namespace, &status, &next).await?;
+                write_status(&ctx, &tube, &namespace, version.as_deref(), &status, &next).await?;
                 // Its binding wakes this tube through the session watch.
                 return Ok(Action::requeue(decide::WAIT_RECHECK));
             }
             Step::Wait { reason, message } => {
                 let mut next = status.clone();
                 waiting(&mut next, &tube, reason, &message);
-                write_status(&ctx, &tube, &namespace, &status, &next).await?;
+                write_status(&ctx, &tube, &namespace, version.as_deref(), &status, &next).await?;
                 return Ok(Action::requeue(decide::WAIT_RECHECK));
             }
             Step::Offer { pod } => match offer(&ctx, &tube, &namespace, &pod).await {
@@ -98,21 +112,22 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
                     next.state = TubeState::Answered;
                     let message = format!("pod {pod} answered; waiting for the client's peer to connect");
                     set_ready(&mut next, &tube, false, "Answered", &message);
-                    write_status(&ctx, &tube, &namespace, &status, &next).await?;
+                    write_status(&ctx, &tube, &namespace, version.as_deref(), &status, &next).await?;
                     ctx.metrics.tube_creations.with_label_values(&["answered"]).inc();
                     events::publish(&ctx.recorder, tube.as_ref(), &Notice::normal("Answered", message)).await;
                     return Ok(Action::requeue(decide::poll_every(TubeState::Answered)));
                 }
-                Err(OfferFailed::Retry { after, why }) => {
-                    ctx.metrics.tube_creations.with_label_values(&["pod_busy"]).inc();
+                Err(OfferFailed::Retry { after, why, busy }) => {
+                    if busy {
+                        ctx.metrics.tube_creations.with_label_values(&["pod_busy"]).inc();
+                    }
                     let mut next = status.clone();
-                    waiting(&mut next, &tube, "PodBusy", &why);
-                    write_status(&ctx, &tube, &namespace, &status, &next).await?;
+                    waiting(&mut next, &tube, if busy { "PodBusy" } else { "PodUnreachable" }, &why);
+                    write_status(&ctx, &tube, &namespace, version.as_deref(), &status, &next).await?;
                     return Ok(Action::requeue(after));
                 }
                 Err(OfferFailed::End(reason, message)) => {
-                    ctx.metrics.tube_creations.with_label_values(&[refusal_label(reason)]).inc();
-                    status = end(&ctx, &tube, &namespace, status, reason, &message).await?;
+                    (status, version) = end(&ctx, &tube, &namespace, version, status, reason, &message).await?;
                     observed.state = status.state;
                 }
             },
@@ -141,11 +156,11 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
                 count_bytes(&ctx, &status, &next);
                 if let Some(reason) = report.ended {
                     let message = report.message.clone().unwrap_or_else(|| reason.as_str().to_string());
-                    status = end(&ctx, &tube, &namespace, next, reason, &message).await?;
+                    (status, version) = end(&ctx, &tube, &namespace, version, next, reason, &message).await?;
                     observed.state = status.state;
                     continue;
                 }
-                write_status(&ctx, &tube, &namespace, &status, &next).await?;
+                write_status(&ctx, &tube, &namespace, version.as_deref(), &status, &next).await?;
                 if opened {
                     let created = tube.creation_timestamp().map_or(Timestamp::now(), |t| t.0);
                     let setup = Timestamp::now().duration_since(created).as_secs_f64().max(0.0);
@@ -160,12 +175,20 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
                 if let Some(pod) = close_on_pod {
                     close_on(&ctx, &tube, &namespace, &pod).await;
                 }
-                status = end(&ctx, &tube, &namespace, status, reason, &message).await?;
+                (status, version) = end(&ctx, &tube, &namespace, version, status, reason, &message).await?;
                 observed.state = status.state;
             }
             Step::ReleaseSession => {
-                if let Some(session) = status.session.clone() {
-                    delete_session(&ctx, &namespace, &session).await?;
+                // By its name, which is the tube's: the status may not have recorded it.
+                delete_session(&ctx, &namespace, &session_name(&tube)).await?;
+                return Ok(Action::await_change());
+            }
+            Step::Delete => {
+                let api: Api<Tube> = Api::namespaced(ctx.client.clone(), &namespace);
+                match api.delete(&tube.name_any(), &DeleteParams::background()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
                 }
                 return Ok(Action::await_change());
             }
@@ -213,8 +236,13 @@ fn observe(ctx: &Context, tube: &Tube, namespace: &str, status: &TubeStatus) -> 
         let found = ctx.pools.get(&ObjectRef::new(pool).within(namespace));
         refusal(tube, pool, found.as_deref())
     });
-    let created = tube.creation_timestamp().map_or(Timestamp::now(), |t| t.0);
-    let age = Timestamp::now().duration_since(created).try_into().unwrap_or(Duration::ZERO);
+    let now = Timestamp::now();
+    let created = tube.creation_timestamp().map_or(now, |t| t.0);
+    let age = now.duration_since(created).try_into().unwrap_or(Duration::ZERO);
+    let ended_for = matches!(status.state, TubeState::Closed | TubeState::Failed)
+        .then(|| conditions::last_transition(&status.conditions, conditions::READY))
+        .flatten()
+        .map(|at| now.duration_since(at).try_into().unwrap_or(Duration::ZERO));
     Observed {
         deleting: tube.meta().deletion_timestamp.is_some(),
         has_finalizer: tube.finalizers().iter().any(|f| f == FINALIZER),
@@ -225,6 +253,8 @@ fn observe(ctx: &Context, tube: &Tube, namespace: &str, status: &TubeStatus) -> 
         session: seen,
         refused_by_pool,
         age,
+        ended_for,
+        retention: ctx.settings.result_retention,
     }
 }
 
@@ -276,11 +306,13 @@ fn count_bytes(ctx: &Context, before: &TubeStatus, after: &TubeStatus) {
         .inc_by(delta(before.bytes_received, after.bytes_received));
 }
 
-fn refusal_label(reason: EndReason) -> &'static str {
+/// The creation outcome an end before any connection counts as.
+fn refusal_label(reason: EndReason) -> Option<&'static str> {
     match reason {
-        EndReason::BadOffer => "bad_offer",
-        EndReason::Refused => "refused",
-        _ => "failed",
+        EndReason::BadOffer => Some("bad_offer"),
+        EndReason::Refused => Some("refused"),
+        EndReason::NotConnected => Some("failed"),
+        _ => None,
     }
 }
 
@@ -293,19 +325,20 @@ async fn end(
     ctx: &Context,
     tube: &Tube,
     namespace: &str,
+    version: Option<String>,
     before: TubeStatus,
     reason: EndReason,
     message: &str,
-) -> Result<TubeStatus> {
+) -> Result<(TubeStatus, Option<String>)> {
     let mut next = before.clone();
     next.state = decide::ended_state(reason);
     next.end_reason = Some(reason.as_str().to_string());
     next.open_connections = 0;
     set_ready(&mut next, tube, false, reason.as_str(), message);
-    write_status(ctx, tube, namespace, &before, &next).await?;
+    let version = write_status(ctx, tube, namespace, version.as_deref(), &before, &next).await?.or(version);
     end_metrics(ctx, reason);
-    if reason == EndReason::Refused {
-        ctx.metrics.tube_creations.with_label_values(&["refused"]).inc();
+    if let Some(label) = refusal_label(reason) {
+        ctx.metrics.tube_creations.with_label_values(&[label]).inc();
     }
     let notice = if reason.is_normal() {
         Notice::normal(reason::TUBE_CLOSED, format!("closed: {message}"))
@@ -313,7 +346,7 @@ async fn end(
         Notice::warning(reason::TUBE_FAILED, format!("{}: {message}", reason.as_str()))
     };
     events::publish(&ctx.recorder, tube, &notice).await;
-    Ok(next)
+    Ok((next, version))
 }
 
 fn set_ready(status: &mut TubeStatus, tube: &Tube, ready: bool, why: &str, message: &str) {
@@ -327,42 +360,49 @@ fn waiting(status: &mut TubeStatus, tube: &Tube, why: &str, message: &str) {
     set_ready(status, tube, false, why, message);
 }
 
+/// Writes the status when it changed, on condition of `version`; the
+/// version written, when it wrote.
 async fn write_status(
     ctx: &Context,
     tube: &Tube,
     namespace: &str,
+    version: Option<&str>,
     before: &TubeStatus,
     next: &TubeStatus,
-) -> Result<()> {
+) -> Result<Option<String>> {
     if before == next {
-        return Ok(());
+        return Ok(None);
     }
     let api: Api<Tube> = Api::namespaced(ctx.client.clone(), namespace);
-    let patch = json!({ "status": next });
+    let patch = json!({ "metadata": { "resourceVersion": version }, "status": next });
     let params = PatchParams { field_manager: Some(labels::MANAGER.into()), ..PatchParams::default() };
     match api.patch_status(&tube.name_any(), &params, &Patch::Merge(&patch)).await {
-        Ok(_) => Ok(()),
+        Ok(written) => Ok(written.resource_version()),
         // Deleted meanwhile: nothing left to describe.
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
 /// Adds or removes the finalizer, guarded by the resourceVersion read, so
 /// another writer's finalizers are never lost.
-async fn set_finalizer(ctx: &Context, tube: &Tube, namespace: &str, present: bool) -> Result<()> {
+async fn set_finalizer(
+    ctx: &Context,
+    tube: &Tube,
+    namespace: &str,
+    present: bool,
+    version: Option<&str>,
+) -> Result<Option<String>> {
     let mut finalizers: Vec<String> = tube.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
     if present {
         finalizers.push(FINALIZER.to_string());
     }
-    let patch = json!({
-        "metadata": { "finalizers": finalizers, "resourceVersion": tube.resource_version() }
-    });
+    let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": version } });
     let api: Api<Tube> = Api::namespaced(ctx.client.clone(), namespace);
     let params = PatchParams { field_manager: Some(labels::MANAGER.into()), ..PatchParams::default() };
     match api.patch(&tube.name_any(), &params, &Patch::Merge(&patch)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 && !present => Ok(()),
+        Ok(written) => Ok(written.resource_version()),
+        Err(kube::Error::Api(s)) if s.code == 404 && !present => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -449,7 +489,11 @@ async fn pod_call(ctx: &Context, tube: &Tube, namespace: &str, pod: &str) -> Res
     let keys = match ctx.keys.load(&ctx.client, namespace, pool_name, &pool_uid).await {
         Ok(Some(keys)) => keys,
         Ok(None) => return Err(PodError::Unreachable("the pool's key is not readable".into())),
-        Err(e) => return Err(PodError::Unreachable(format!("reading the pool's key: {e}"))),
+        Err(e) => {
+            // The detail is the operator's; the Tube's readers get the gist.
+            tracing::warn!(error = %e, pool = %pool_name, "reading the pool's key for a tube");
+            return Err(PodError::Unreachable("the pool's key could not be read".into()));
+        }
     };
     let allow = pool.map(|p| p.spec.tubes.allow.clone()).unwrap_or_default();
     let claims = TubeClaims {
@@ -473,21 +517,27 @@ async fn pod_call(ctx: &Context, tube: &Tube, namespace: &str, pod: &str) -> Res
 }
 
 enum OfferFailed {
-    Retry { after: Duration, why: String },
+    /// Try again after `after`; `busy` when the pod said it is at a limit.
+    Retry {
+        after: Duration,
+        why: String,
+        busy: bool,
+    },
     End(EndReason, String),
 }
 
 async fn offer(ctx: &Context, tube: &Tube, namespace: &str, pod: &str) -> Result<String, OfferFailed> {
-    let retry = |why: String| OfferFailed::Retry { after: decide::WAIT_RECHECK, why };
+    let retry = |why: String| OfferFailed::Retry { after: decide::WAIT_RECHECK, why, busy: false };
     let (endpoint, ticket) = pod_call(ctx, tube, namespace, pod).await.map_err(|e| match e {
         PodError::Refused(why) => OfferFailed::End(EndReason::Refused, why),
         other => retry(other.to_string()),
     })?;
-    let body = TubeOffer { offer: tube.spec.offer.clone(), ice_servers: tube.spec.ice_servers.clone() };
+    let body = TubeOffer { offer: tube.spec.offer.clone() };
     pod::offer(&ctx.monitor_http, &endpoint, &ticket, &body).await.map_err(|e| match e {
-        PodError::Busy { retry_after, message } => OfferFailed::Retry { after: retry_after, why: message },
+        PodError::Busy { retry_after, message } => OfferFailed::Retry { after: retry_after, why: message, busy: true },
         PodError::BadOffer(why) => OfferFailed::End(EndReason::BadOffer, why),
         PodError::Refused(why) => OfferFailed::End(EndReason::Refused, why),
+        PodError::Unknown => OfferFailed::End(EndReason::Refused, format!("pod {pod} does not serve tubes")),
         other => retry(format!("pod {pod}: {other}")),
     })
 }
