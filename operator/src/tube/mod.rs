@@ -198,12 +198,17 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 pub fn error_policy(_tube: Arc<Tube>, error: &Error, _ctx: Arc<Context>) -> Action {
-    if error.is_transient() {
-        Action::requeue(Duration::from_secs(2))
-    } else {
-        Action::requeue(Duration::from_secs(60))
+    match error {
+        // A write on a version the cache had not caught up with: the cache
+        // is a moment behind the operator's own last write, so look again soon.
+        Error::Kube(kube::Error::Api(status)) if status.code == 409 => Action::requeue(CONFLICT_RETRY),
+        e if e.is_transient() => Action::requeue(Duration::from_secs(2)),
+        _ => Action::requeue(Duration::from_secs(60)),
     }
 }
+
+/// How soon a pass whose write lost to a newer version runs again.
+const CONFLICT_RETRY: Duration = Duration::from_millis(50);
 
 /// The session a tube rides: the one it names, or the one made for it.
 fn session_name(tube: &Tube) -> String {
