@@ -378,7 +378,9 @@ fn assert_session_policy(spec: &Value, dns: (&str, &str, &str), blocked4: &[&str
     let ingress = spec["ingress"].as_sequence().unwrap();
     assert_eq!(ingress.len(), 1);
     assert!(ingress[0]["from"].is_null(), "from anywhere");
-    assert_eq!(ports(&ingress[0]["ports"]), ["8080/TCP", "8080/UDP", "session/TCP", "session-udp/UDP"]);
+    assert_eq!(ports(&ingress[0]["ports"]), ["8080/TCP", "8080/UDP", "session/TCP", "session-udp/UDP", "32768/UDP"]);
+    // Tubes' datagrams: the pod's ephemeral ports.
+    assert_eq!(ingress[0]["ports"][4]["endPort"].as_u64(), Some(60999));
     let egress = spec["egress"].as_sequence().unwrap();
     assert_eq!(egress.len(), 3, "{egress:?}");
     let to_dns = &egress[0]["to"][0];
@@ -1163,6 +1165,9 @@ fn rights(plane: &ControlPlane, user: &str, namespace: &str) -> String {
 /// defaults, pools, sessions, their pods and key Secrets in the release
 /// namespace only.
 const OPERATOR_MAY: &[&str] = &[
+    "patch tubes.tidepool.dev -n tidepool",
+    "patch tubes.tidepool.dev --subresource=status -n tidepool",
+    "create tubes.tidepool.dev -n tidepool",
     "list pods -n tidepool",
     "watch pods -n tidepool",
     "get pods -n tidepool",
@@ -1241,7 +1246,8 @@ const OPERATOR_MAY_NOT: &[&str] = &[
     "update testsessions.tidepool.dev -n tidepool",
     "delete backends.tidepool.dev",
     "update backends.tidepool.dev",
-    "patch tubes.tidepool.dev -n tidepool",
+    "update tubes.tidepool.dev -n tidepool",
+    "patch tubes.tidepool.dev -n team-x",
     "patch monitors.tidepool.dev -n tidepool",
     "get monitors.tidepool.dev -n team-x",
     "update leases.coordination.k8s.io/someone-else -n tidepool",
