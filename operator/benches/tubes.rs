@@ -20,26 +20,13 @@ use serde_json::json;
 use tidepool_crds::WarmPool;
 use tidepool_protocol::tube::{CreateTube, TubeView, decode_sdp, encode_sdp};
 use tidepool_tests::sshd::Sshd;
+use tidepool_tests::targets::echo_target;
 use tidepool_tests::{ControlPlane, FakeNode, Options, PodRunner, eventually, free_port, workspace_binary};
 use tidepool_tube::{Limits, Mux, Peer, Settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const TOKEN: &str = "bench-api-token-0123456789";
-
-async fn echo_target() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("echo");
-    let port = listener.local_addr().expect("echo port").port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = tcp.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            });
-        }
-    });
-    port
-}
 
 /// One byte there and back on `tcp`.
 async fn first_byte(mut tcp: TcpStream) {
@@ -133,8 +120,14 @@ async fn main() {
             ice_servers: Vec::new(),
         };
         let applied = Instant::now();
-        let response =
-            http.post(format!("{url}/api/v1/tubes")).bearer_auth(TOKEN).json(&request).send().await.expect("POST");
+        let response = http
+            .post(format!("{url}/api/v1/tubes"))
+            .bearer_auth(TOKEN)
+            .json(&request)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .expect("POST");
         assert_eq!(response.status().as_u16(), 201, "tube {i}: {}", response.text().await.unwrap_or_default());
         let view: TubeView = response.json().await.expect("the tube");
         applied_to_answer.push(applied.elapsed().as_secs_f64() * 1e3);
@@ -145,17 +138,16 @@ async fn main() {
         let local = TcpListener::bind("127.0.0.1:0").await.expect("local");
         let app = TcpStream::connect(local.local_addr().expect("local address")).await.expect("connect");
         let (carried, _) = local.accept().await.expect("accept");
-        let bridge = tokio::spawn(async move {
-            opened.bridge().await;
-            opened
-        });
-        mux.open(carried, "127.0.0.1", echo).await.expect("the pod dials the echo");
+        let closer = opened.closer();
+        let bridge = tokio::spawn(async move { opened.bridge().await });
+        let dialled = tokio::time::timeout(Duration::from_secs(10), mux.open(carried, "127.0.0.1", echo)).await;
+        dialled.expect("the pod's answer in time").expect("the pod dials the echo");
         first_byte(app).await;
         applied_to_byte.push(applied.elapsed().as_secs_f64() * 1e3);
         mux.close();
-        let _ = driver.await;
-        let opened = bridge.await.expect("bridge");
-        opened.close().await;
+        closer.close().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
+        bridge.abort();
         let deleted = http.delete(format!("{url}/api/v1/tubes/{}", view.name)).bearer_auth(TOKEN).send().await;
         assert!(deleted.is_ok_and(|r| r.status().is_success()), "deleting tube {i}");
     }

@@ -16,27 +16,13 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 use tidepool_crds::tube::TubeState;
 use tidepool_crds::{TestSession, Tube, WarmPool};
+use tidepool_tests::targets::echo_target;
 use tidepool_tests::{PodRunner, eventually, free_port, workspace_binary};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 const PATIENCE: Duration = Duration::from_secs(30);
-
-/// A TCP echo target on 127.0.0.1; its port.
-async fn echo_target() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = tcp.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            });
-        }
-    });
-    port
-}
 
 /// A running `tidepool tube`, and the address it listens on.
 struct TubeCli {

@@ -341,6 +341,14 @@ fn normalize_host(host: &str) -> String {
     host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
+/// The IPv4 address an IPv6 address carries (mapped, NAT64, 6to4, ...), if any.
+fn embedded_of(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V6(v6) => embedded_ipv4(v6).map(|(_, v4)| v4),
+        IpAddr::V4(_) => None,
+    }
+}
+
 /// One allow rule, checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Allowed {
@@ -475,10 +483,27 @@ impl EgressPolicy {
     /// allows them).
     pub fn check(&self, host: &str, ip: IpAddr, port: Option<u16>) -> Result<(), Refused> {
         let ip = ip.to_canonical();
-        let embedded = match ip {
-            IpAddr::V6(v6) => embedded_ipv4(v6).map(|(_, v4)| v4),
-            IpAddr::V4(_) => None,
+        let embedded = embedded_of(ip);
+        let Err(rule_ports) = self.rule_allows(host, ip, embedded, port) else { return Ok(()) };
+        let in_cluster =
+            self.deny.iter().find(|cidr| cidr.contains(ip) || embedded.is_some_and(|v4| cidr.contains(IpAddr::V4(v4))));
+        let reason = match (in_cluster, classify(ip)) {
+            (Some(cidr), _) => Reason::Cluster(*cidr),
+            (None, Some(special)) => Reason::Special(special),
+            (None, None) => return Ok(()),
         };
+        Err(Refused { host: host.to_owned(), ip, reason, rule_ports })
+    }
+
+    /// Whether a rule allows `host` at `ip` on `port`; if not, the ports of
+    /// a rule that names it on others.
+    fn rule_allows(
+        &self,
+        host: &str,
+        ip: IpAddr,
+        embedded: Option<Ipv4Addr>,
+        port: Option<u16>,
+    ) -> Result<(), Option<Vec<u16>>> {
         let mut rule_ports = None;
         for rule in &self.allow {
             if rule.matches_target(host, ip, embedded) {
@@ -488,14 +513,7 @@ impl EgressPolicy {
                 rule_ports = Some(rule.ports.clone());
             }
         }
-        let in_cluster =
-            self.deny.iter().find(|cidr| cidr.contains(ip) || embedded.is_some_and(|v4| cidr.contains(IpAddr::V4(v4))));
-        let reason = match (in_cluster, classify(ip)) {
-            (Some(cidr), _) => Reason::Cluster(*cidr),
-            (None, Some(special)) => Reason::Special(special),
-            (None, None) => return Ok(()),
-        };
-        Err(Refused { host: host.to_owned(), ip, reason, rule_ports })
+        Err(rule_ports)
     }
 
     /// For tubes, which get nothing by default: whether a target named
@@ -518,20 +536,12 @@ impl EgressPolicy {
     /// refused unless a rule names them.
     pub fn check_listed(&self, host: &str, ip: IpAddr, port: u16) -> Result<(), Refused> {
         let ip = ip.to_canonical();
-        let embedded = match ip {
-            IpAddr::V6(v6) => embedded_ipv4(v6).map(|(_, v4)| v4),
-            IpAddr::V4(_) => None,
-        };
-        let mut rule_ports = None;
-        for rule in &self.allow {
-            if rule.matches_target(host, ip, embedded) {
-                if rule.matches_port(Some(port)) {
-                    return Ok(());
-                }
-                rule_ports = Some(rule.ports.clone());
-            }
-        }
-        Err(Refused { host: host.to_owned(), ip, reason: Reason::NotListed, rule_ports })
+        self.rule_allows(host, ip, embedded_of(ip), Some(port)).map_err(|rule_ports| Refused {
+            host: host.to_owned(),
+            ip,
+            reason: Reason::NotListed,
+            rule_ports,
+        })
     }
 
     /// Whether any allow rule or cluster range is set.

@@ -25,6 +25,7 @@ pub mod netns;
 pub mod proxy;
 pub mod s3;
 pub mod sshd;
+pub mod targets;
 
 pub use binaries::workspace_binary;
 pub use control_plane::{ControlPlane, Options, free_port};

@@ -842,6 +842,7 @@ mod tests {
     //! data channel; real TCP targets on loopback.
 
     use super::*;
+    use tidepool_tests::targets::{echo_target, pattern};
     use tidepool_wire::tube::WINDOW;
     use tokio::net::TcpListener;
 
@@ -899,15 +900,6 @@ mod tests {
         port
     }
 
-    async fn echo_target() -> u16 {
-        target(|mut tcp: TcpStream| async move {
-            let (mut reader, mut writer) = tcp.split();
-            let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            let _ = writer.shutdown().await;
-        })
-        .await
-    }
-
     /// A local TCP pair: the application's socket, and the one the tube carries.
     async fn local_pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -920,18 +912,6 @@ mod tests {
     async fn connect(mux: &Mux, port: u16) -> Result<TcpStream, Refusal> {
         let (app, carried) = local_pair().await;
         mux.open(carried, "127.0.0.1", port).await.map(|()| app)
-    }
-
-    fn pattern(seed: u32, len: usize) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                state as u8
-            })
-            .collect()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 //! idle, or when the client never connects.
 
 use std::time::{Duration, Instant};
+use tidepool_tests::targets::{echo_target, pattern};
 
 use reqwest::StatusCode;
 use reqwest::header::RETRY_AFTER;
@@ -173,22 +174,6 @@ impl Client {
     }
 }
 
-/// An echo server on loopback; its port.
-async fn echo_target() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = tcp.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                let _ = writer.shutdown().await;
-            });
-        }
-    });
-    port
-}
-
 /// Opens a connection to `127.0.0.1:port` through the tube; the application's socket.
 async fn connect(mux: &Mux, port: u16) -> Result<TcpStream, Refusal> {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -196,19 +181,6 @@ async fn connect(mux: &Mux, port: u16) -> Result<TcpStream, Refusal> {
     let (carried, _) = listener.accept().await.unwrap();
     timeout(PATIENCE, mux.open(carried, "127.0.0.1", port)).await.expect("the pod did not answer the open")?;
     Ok(app)
-}
-
-/// `len` bytes of a sequence `seed` picks.
-fn pattern(seed: u32, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            state as u8
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

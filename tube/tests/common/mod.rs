@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use tidepool_tube::{BridgeEnded, Ended, Limits, Mux, Opened, Peer, Policy, Settings};
 use tidepool_wire::tube::Refusal;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 
@@ -26,23 +25,9 @@ impl Policy for Loopback {
     }
 }
 
-/// An echo server on loopback; its port.
-pub async fn echo_target() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            // A one-byte echo must not wait for Nagle's algorithm.
-            let _ = tcp.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = tcp.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                let _ = writer.shutdown().await;
-            });
-        }
-    });
-    port
-}
+// Not every user of this module takes both.
+#[allow(unused_imports)]
+pub use tidepool_tests::targets::{echo_target, pattern};
 
 /// Opens a connection through the tube; the application's socket.
 pub async fn connect(mux: &Mux, port: u16) -> Result<TcpStream, Refusal> {
@@ -50,19 +35,6 @@ pub async fn connect(mux: &Mux, port: u16) -> Result<TcpStream, Refusal> {
     let app = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
     let (carried, _) = listener.accept().await.unwrap();
     mux.open(carried, "127.0.0.1", port).await.map(|()| app)
-}
-
-/// `len` bytes of a sequence `seed` picks.
-pub fn pattern(seed: u32, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            state as u8
-        })
-        .collect()
 }
 
 /// A tube between a client and a pod end, both running. The pod's end
