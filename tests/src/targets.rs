@@ -37,3 +37,32 @@ pub fn pattern(seed: u32, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A UDP echo server on 127.0.0.1 for as long as the runtime runs; its port.
+pub async fn udp_echo_target() -> u16 {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binding the UDP echo target");
+    let port = socket.local_addr().expect("the UDP echo target's address").port();
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 65_536];
+        while let Ok((len, from)) = socket.recv_from(&mut buffer).await {
+            let _ = socket.send_to(&buffer[..len], from).await;
+        }
+    });
+    port
+}
+
+/// Sends `sent` on `tcp` and half-closes it while reading what comes back
+/// until the far end closes; what came back.
+pub async fn echoed(tcp: tokio::net::TcpStream, sent: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let (mut reader, mut writer) = tcp.into_split();
+    let to_send = sent.to_vec();
+    let writing = tokio::spawn(async move {
+        writer.write_all(&to_send).await.expect("sending to the echo");
+        writer.shutdown().await.expect("half-closing toward the echo");
+    });
+    let mut back = Vec::new();
+    reader.read_to_end(&mut back).await.expect("reading the echo");
+    writing.await.expect("the sender");
+    back
+}

@@ -842,7 +842,7 @@ mod tests {
     //! data channel; real TCP targets on loopback.
 
     use super::*;
-    use tidepool_tests::targets::{echo_target, pattern};
+    use tidepool_tests::targets::{echo_target, echoed, pattern, udp_echo_target as udp_echo};
     use tidepool_wire::tube::WINDOW;
     use tokio::net::TcpListener;
 
@@ -924,15 +924,7 @@ mod tests {
             connections.spawn(async move {
                 let app = connect(&client, port).await.unwrap();
                 let sent = pattern(i, 300_000 + i as usize * 1_000);
-                let (mut reader, mut writer) = app.into_split();
-                let to_send = sent.clone();
-                let writing = tokio::spawn(async move {
-                    writer.write_all(&to_send).await.unwrap();
-                    writer.shutdown().await.unwrap();
-                });
-                let mut echoed = Vec::new();
-                reader.read_to_end(&mut echoed).await.unwrap();
-                writing.await.unwrap();
+                let echoed = echoed(app, &sent).await;
                 assert!(echoed == sent, "connection {i}: {} bytes back of {}", echoed.len(), sent.len());
             });
         }
@@ -1120,19 +1112,6 @@ mod tests {
             }
         };
         assert_eq!(closed, (1, CloseReason::FlowViolation));
-    }
-
-    /// A UDP echo server on loopback; its port.
-    async fn udp_echo() -> u16 {
-        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let port = socket.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            let mut buffer = vec![0u8; 65_536];
-            while let Ok((len, from)) = socket.recv_from(&mut buffer).await {
-                let _ = socket.send_to(&buffer[..len], from).await;
-            }
-        });
-        port
     }
 
     /// Waits (up to 5 s) until `check` holds.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{connect, echo_target, pattern, tube};
+use common::{connect, echo_target, echoed, pattern, tube};
 use tidepool_tube::{BridgeEnded, Ended, Peer, PeerError, Settings};
 use tidepool_wire::tube::Refusal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,15 +24,7 @@ async fn sixty_four_connections_through_one_tube_carry_their_own_bytes() {
         connections.spawn(async move {
             let app = connect(&client, port).await.unwrap();
             let sent = pattern(i, 100_000 + i as usize * 997);
-            let (mut reader, mut writer) = app.into_split();
-            let to_send = sent.clone();
-            let writing = tokio::spawn(async move {
-                writer.write_all(&to_send).await.unwrap();
-                writer.shutdown().await.unwrap();
-            });
-            let mut echoed = Vec::new();
-            reader.read_to_end(&mut echoed).await.unwrap();
-            writing.await.unwrap();
+            let echoed = echoed(app, &sent).await;
             assert!(echoed == sent, "connection {i}: {} bytes back of {}", echoed.len(), sent.len());
         });
     }

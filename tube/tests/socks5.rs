@@ -9,7 +9,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{Tube, echo_target, pattern, tube, udp_echo_target};
+use common::{Tube, echo_target, echoed, pattern, tube, udp_echo_target};
 use tidepool_tube::{Socks5Limits, serve_socks5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -71,15 +71,7 @@ async fn socks5_connect_carries_a_mebibyte_to_an_allowed_target_and_back() {
     let mut tcp = greeted(socks).await;
     assert_eq!(request(&mut tcp, 1, port).await, [5, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
     let sent = pattern(7, 1 << 20);
-    let (mut reader, mut writer) = tcp.into_split();
-    let to_send = sent.clone();
-    let writing = tokio::spawn(async move {
-        writer.write_all(&to_send).await.unwrap();
-        writer.shutdown().await.unwrap();
-    });
-    let mut echoed = Vec::new();
-    reader.read_to_end(&mut echoed).await.unwrap();
-    writing.await.unwrap();
+    let echoed = echoed(tcp, &sent).await;
     assert!(echoed == sent, "{} bytes back of {}", echoed.len(), sent.len());
     assert_eq!(tube.server.stats().received.load(Ordering::Relaxed), 1 << 20);
     tube.server_runtime.shutdown_background();

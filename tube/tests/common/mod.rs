@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tidepool_tube::{BridgeEnded, Ended, Limits, Mux, Opened, Peer, Policy, Settings};
 use tidepool_wire::tube::Refusal;
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 /// Allows loopback only (the real policy forbids it by default).
@@ -27,7 +27,7 @@ impl Policy for Loopback {
 
 // Not every user of this module takes both.
 #[allow(unused_imports)]
-pub use tidepool_tests::targets::{echo_target, pattern};
+pub use tidepool_tests::targets::{echo_target, echoed, pattern, udp_echo_target};
 
 /// Opens a connection through the tube; the application's socket.
 pub async fn connect(mux: &Mux, port: u16) -> Result<TcpStream, Refusal> {
@@ -89,17 +89,4 @@ pub async fn tube() -> Tube {
         server,
         server_runtime,
     }
-}
-
-/// A UDP echo server on loopback; its port.
-pub async fn udp_echo_target() -> u16 {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let port = socket.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut buffer = vec![0u8; 65_536];
-        while let Ok((len, from)) = socket.recv_from(&mut buffer).await {
-            let _ = socket.send_to(&buffer[..len], from).await;
-        }
-    });
-    port
 }
