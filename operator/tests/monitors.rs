@@ -14,7 +14,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 use tidepool_crds::monitor::RunResult;
 use tidepool_crds::{Monitor, TestSession};
-use tidepool_tests::{PodRunner, eventually, workspace_binary};
+use tidepool_tests::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -49,14 +49,7 @@ fn status(monitor: &Monitor) -> tidepool_crds::MonitorStatus {
 async fn a_monitor_runs_on_schedule_carries_its_tier_and_keeps_its_history() {
     let cluster = Cluster::start(1).await;
     let operator = cluster.operator("operator-0", &[]).await;
-    let session_bin = workspace_binary("tidepool-session", "tidepool-session").unwrap();
-    let runner = PodRunner::start(
-        cluster.client.clone(),
-        "default",
-        "tidepool.dev/pool=probers",
-        session_bin,
-        cluster.plane.dir().to_path_buf(),
-    );
+    let runner = cluster.session_pods("probers");
     // A pool whose pods may probe this machine's loopback, where the target listens.
     let pools: Api<tidepool_crds::WarmPool> = Api::namespaced(cluster.client.clone(), "default");
     let pool = json!({

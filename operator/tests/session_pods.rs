@@ -14,7 +14,7 @@ use kube::api::Api;
 use serde_json::Value;
 use tidepool_crds::test_session::{Phase, SessionResults};
 use tidepool_crds::{TestSession, WarmPool};
-use tidepool_tests::{PodRunner, eventually, free_port, workspace_binary};
+use tidepool_tests::{eventually, free_port, workspace_binary};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_runs_a_session_on_a_real_pod_and_the_results_land_in_status() {
@@ -23,15 +23,8 @@ async fn the_cli_runs_a_session_on_a_real_pod_and_the_results_land_in_status() {
     let url = format!("http://127.0.0.1:{port}");
     let results_url = format!("--results-url={url}");
     let operator = cluster.operator_on("operator-0", port, &[&results_url]).await;
-    let session_bin = workspace_binary("tidepool-session", "tidepool-session").unwrap();
     let cli = workspace_binary("tidepool-cli", "tidepool").unwrap();
-    let runner = PodRunner::start(
-        cluster.client.clone(),
-        "default",
-        "tidepool.dev/pool=edge",
-        session_bin,
-        cluster.plane.dir().to_path_buf(),
-    );
+    let runner = cluster.session_pods("edge");
     cluster.pool("edge", 2).await;
     cluster.wait_warm("edge", 2, Duration::from_secs(30)).await;
     eventually(Duration::from_secs(20), "a session pod process behind each pod", || async {

@@ -17,7 +17,7 @@ use serde_json::json;
 use tidepool_crds::tube::TubeState;
 use tidepool_crds::{TestSession, Tube, WarmPool};
 use tidepool_tests::targets::echo_target;
-use tidepool_tests::{PodRunner, eventually, free_port, workspace_binary};
+use tidepool_tests::{eventually, free_port, workspace_binary};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -116,15 +116,8 @@ async fn a_tube_made_by_the_cli_carries_traffic_within_the_pools_allowlist_and_e
     let port = free_port().unwrap();
     let url = format!("http://127.0.0.1:{port}");
     let operator = cluster.operator_on("operator-0", port, &[]).await;
-    let session_bin = workspace_binary("tidepool-session", "tidepool-session").unwrap();
     let cli = workspace_binary("tidepool-cli", "tidepool").unwrap();
-    let runner = PodRunner::start(
-        cluster.client.clone(),
-        "default",
-        "tidepool.dev/pool=edge",
-        session_bin,
-        cluster.plane.dir().to_path_buf(),
-    );
+    let runner = cluster.session_pods("edge");
     let (echo, other) = (echo_target().await, echo_target().await);
     cluster.pool("edge", 2).await;
     // Tubes may reach the echo target and nothing else.

@@ -100,6 +100,15 @@ impl Cluster {
         Operator { process, url }
     }
 
+    /// The real session pod behind every kwok pod of pool `pool` in
+    /// `default`, until the runner is dropped.
+    pub fn session_pods(&self, pool: &str) -> tidepool_tests::PodRunner {
+        let program = tidepool_tests::workspace_binary("tidepool-session", "tidepool-session").unwrap();
+        let selector = format!("tidepool.dev/pool={pool}");
+        let dir = self.plane.dir().to_path_buf();
+        tidepool_tests::PodRunner::start(self.client.clone(), "default", &selector, program, dir)
+    }
+
     /// Creates (or updates) WarmPool `name` with `size` warm pods.
     pub async fn pool(&self, name: &str, size: i32) {
         let pools: Api<WarmPool> = Api::namespaced(self.client.clone(), "default");
