@@ -138,16 +138,38 @@ async fn main() {
         let local = TcpListener::bind("127.0.0.1:0").await.expect("local");
         let app = TcpStream::connect(local.local_addr().expect("local address")).await.expect("connect");
         let (carried, _) = local.accept().await.expect("accept");
-        let closer = opened.closer();
-        let bridge = tokio::spawn(async move { opened.bridge().await });
-        let dialled = tokio::time::timeout(Duration::from_secs(10), mux.open(carried, "127.0.0.1", echo)).await;
-        dialled.expect("the pod's answer in time").expect("the pod dials the echo");
-        first_byte(app).await;
-        applied_to_byte.push(applied.elapsed().as_secs_f64() * 1e3);
+        // The bridge runs beside the work, as `tidepool tube` runs it.
+        let work = async {
+            let dialled = tokio::time::timeout(Duration::from_secs(15), mux.open(carried, "127.0.0.1", echo)).await;
+            match dialled {
+                Ok(Ok(())) => {
+                    first_byte(app).await;
+                    Ok(applied.elapsed())
+                }
+                Ok(Err(refusal)) => Err(format!("refused: {refusal}")),
+                Err(_) => Err("the pod did not answer the open in 15 s".to_string()),
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = work => outcome,
+            ended = opened.bridge() => Err(format!("the bridge ended: {ended:?}")),
+        };
         mux.close();
-        closer.close().await;
+        opened.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
-        bridge.abort();
+        let took = match outcome {
+            Ok(took) => took,
+            Err(why) => {
+                let tube = http.get(format!("{url}/api/v1/tubes/{}", view.name)).bearer_auth(TOKEN).send().await;
+                let tube = match tube {
+                    Ok(answer) => answer.text().await.unwrap_or_default(),
+                    Err(e) => e.to_string(),
+                };
+                panic!("tube {i}: {why}; the tube: {tube}");
+            }
+        };
+        applied_to_byte.push(took.as_secs_f64() * 1e3);
+        eprintln!("tube {i}: answered in {:.0} ms, first byte at {:.0} ms", applied_to_answer[i], applied_to_byte[i]);
         let deleted = http.delete(format!("{url}/api/v1/tubes/{}", view.name)).bearer_auth(TOKEN).send().await;
         assert!(deleted.is_ok_and(|r| r.status().is_success()), "deleting tube {i}");
     }

@@ -240,11 +240,19 @@ impl Peer {
     /// connection ends; the caller runs it and then [`Opened::close`]s.
     pub async fn open(self, within: Duration) -> Result<Opened, PeerError> {
         let mut state = self.state.clone();
+        let (to_mux, incoming) = mpsc::channel(INCOMING_MESSAGES);
         let opened = async {
             loop {
                 tokio::select! {
                     event = self.channel.poll() => match event {
                         Some(DataChannelEvent::OnOpen) => return Ok(()),
+                        // The far end opened first and has spoken (its first
+                        // OPEN may come before this end's open event): the
+                        // channel is open, and the message is the
+                        // multiplexer's, not to be lost.
+                        Some(DataChannelEvent::OnMessage(message)) => {
+                            return to_mux.try_send(message.data.freeze()).map_err(|_| PeerError::Failed);
+                        }
                         Some(DataChannelEvent::OnClose | DataChannelEvent::OnError) | None => return Err(PeerError::Failed),
                         Some(_) => {}
                     },
@@ -272,7 +280,6 @@ impl Peer {
             let _ = self.connection.close().await;
             return Err(e);
         }
-        let (to_mux, incoming) = mpsc::channel(INCOMING_MESSAGES);
         let (outgoing, from_mux) = mpsc::channel(OUTGOING_FRAMES);
         Ok(Opened { peer: self, channel: Some(Channel { incoming, outgoing }), to_mux, from_mux })
     }

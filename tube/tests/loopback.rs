@@ -87,3 +87,21 @@ async fn a_description_that_is_not_sdp_is_refused() {
     assert!(matches!(peer.accept("v=0\r\nnonsense").await, Err(PeerError::BadDescription(_)) | Err(PeerError::Rtc(_))));
     peer.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_tube_in_one_process_carries_after_the_first_is_closed() {
+    let port = echo_target().await;
+    for round in 0..3u32 {
+        let tube = tube().await;
+        let app = tokio::time::timeout(Duration::from_secs(10), connect(&tube.client, port))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the pod did not answer the open"))
+            .unwrap();
+        let sent = pattern(round, 10_000);
+        assert_eq!(echoed(app, &sent).await, sent, "round {round}");
+        tube.client.close();
+        let (_, opened) = tube.client_bridge.await.unwrap();
+        opened.close().await;
+        tube.server_runtime.shutdown_background();
+    }
+}
