@@ -210,7 +210,7 @@ async fn connect(peer: Peer, view: &TubeView) -> Result<Opened> {
         return Err(Error::Protocol(format!("the pod's answer: {e}")));
     }
     // `open` closes the connection itself when it gives up.
-    peer.open(OPEN_WITHIN).await.map_err(|e| Error::test(format!("the tube did not connect: {e}")))
+    peer.open_heard(OPEN_WITHIN).await.map_err(|e| Error::test(format!("the tube did not connect: {e}")))
 }
 
 /// Why the tube ended, as the operator's status says (a short wait for it).

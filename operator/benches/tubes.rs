@@ -57,6 +57,10 @@ fn summary(name: &str, mut ms: Vec<f64>) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let count: usize = std::env::var("TIDEPOOL_BENCH_TUBES").ok().and_then(|n| n.parse().ok()).unwrap_or(30);
     let plane = ControlPlane::start_with(Options { nodes: vec![FakeNode::new("node-0")], ..Options::default() })
         .await
@@ -82,7 +86,8 @@ async fn main() {
             "tier": { "vcpu": 1, "memoryMiB": 64 },
             "tubes": { "allow": [{ "cidr": "127.0.0.1/32", "ports": [echo] }] },
             "template": { "spec": { "containers": [{
-                "name": "session", "image": "tidepool/session:bench", "ports": [{ "containerPort": 9000 }]
+                "name": "session", "image": "tidepool/session:bench", "ports": [{ "containerPort": 9000 }],
+                "env": [{ "name": "RUST_LOG", "value": std::env::var("TIDEPOOL_BENCH_POD_LOG").unwrap_or_else(|_| "info".into()) }]
             }] } }
         }
     });
@@ -132,7 +137,7 @@ async fn main() {
         let view: TubeView = response.json().await.expect("the tube");
         applied_to_answer.push(applied.elapsed().as_secs_f64() * 1e3);
         peer.accept(&decode_sdp(view.answer.as_deref().expect("answer")).expect("SDP")).await.expect("accept");
-        let mut opened = peer.open(Duration::from_secs(10)).await.expect("open");
+        let mut opened = peer.open_heard(Duration::from_secs(10)).await.expect("open");
         let (mux, driver) = Mux::client(opened.take_channel().expect("channel"), Limits::default());
         let driver = tokio::spawn(driver);
         let local = TcpListener::bind("127.0.0.1:0").await.expect("local");

@@ -484,6 +484,7 @@ impl<P: Policy> Driver<P> {
             }
             Frame::Open { conn, host, port } => self.on_open(conn, host, port)?,
             Frame::Opened { conn } => {
+                tracing::debug!(conn, "opened");
                 let reply = self.pending.remove(&conn).ok_or(Ended::Protocol("OPENED for no open"))?;
                 let (carry, carried) = oneshot::channel();
                 if reply.send(Ok(Dialled { carry })).is_ok() {
@@ -494,6 +495,7 @@ impl<P: Policy> Driver<P> {
                 }
             }
             Frame::Refused { conn, reason } => {
+                tracing::debug!(conn, %reason, "refused");
                 let reply = self.pending.remove(&conn).ok_or(Ended::Protocol("REFUSED for no open"))?;
                 let _ = reply.send(Err(reason));
             }
@@ -504,6 +506,7 @@ impl<P: Policy> Driver<P> {
 
     /// The pod's end: dial `host:port` if the policy allows, in a task.
     fn on_open(&mut self, conn: u32, host: &str, port: u16) -> Result<(), Ended> {
+        tracing::debug!(conn, host, port, "open asked");
         let Some(policy) = self.policy.clone() else { return Err(Ended::Protocol("OPEN sent to the client")) };
         if self.conns.contains_key(&conn) || self.pending.contains_key(&conn) || self.assocs.contains_key(&conn) {
             return Err(Ended::Protocol("OPEN for a connection in use"));
@@ -663,6 +666,7 @@ impl<P: Policy> Driver<P> {
                 self.stats.open_connections.store(self.live_conns(), Ordering::Relaxed);
             }
             Ok(Finished::Dialled { conn, result }) => {
+                tracing::debug!(conn, ok = result.is_ok(), "dialled");
                 // The client may have closed it while it was being dialled.
                 if !self.conns.contains_key(&conn) {
                     return Ok(());

@@ -239,13 +239,29 @@ impl Peer {
     /// multiplexer's queues. The bridge runs until the channel or the
     /// connection ends; the caller runs it and then [`Opened::close`]s.
     pub async fn open(self, within: Duration) -> Result<Opened, PeerError> {
+        self.open_until(within, false).await
+    }
+
+    /// [`Peer::open`] for the client's end, which also waits for the pod's
+    /// first message (the pod's multiplexer pings as it starts) before it
+    /// lets the client speak. The client's SCTP association is up first;
+    /// a frame it sent at once could reach the pod in the same packet as
+    /// the last handshake chunk, before the pod's stack had opened the
+    /// channel's stream, and be dropped there (on the harness, about one
+    /// tube in ten lost its first `OPEN` so).
+    pub async fn open_heard(self, within: Duration) -> Result<Opened, PeerError> {
+        self.open_until(within, true).await
+    }
+
+    async fn open_until(self, within: Duration, heard: bool) -> Result<Opened, PeerError> {
         let mut state = self.state.clone();
         let (to_mux, incoming) = mpsc::channel(INCOMING_MESSAGES);
         let opened = async {
             loop {
                 tokio::select! {
                     event = self.channel.poll() => match event {
-                        Some(DataChannelEvent::OnOpen) => return Ok(()),
+                        // The client's end waits on for the pod's first message.
+                        Some(DataChannelEvent::OnOpen) if !heard => return Ok(()),
                         // The far end opened first and has spoken (its first
                         // OPEN may come before this end's open event): the
                         // channel is open, and the message is the

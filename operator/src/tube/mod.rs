@@ -207,6 +207,9 @@ pub fn error_policy(_tube: Arc<Tube>, error: &Error, _ctx: Arc<Context>) -> Acti
     }
 }
 
+/// How soon an offer is handed again to a pod that did not answer.
+const UNREACHABLE_RETRY: Duration = Duration::from_millis(250);
+
 /// How soon a pass whose write lost to a newer version runs again.
 const CONFLICT_RETRY: Duration = Duration::from_millis(50);
 
@@ -532,7 +535,9 @@ enum OfferFailed {
 }
 
 async fn offer(ctx: &Context, tube: &Tube, namespace: &str, pod: &str) -> Result<String, OfferFailed> {
-    let retry = |why: String| OfferFailed::Retry { after: decide::WAIT_RECHECK, why, busy: false };
+    // A warm pod that does not answer yet is most often one whose server is
+    // still starting: look again soon (the answer deadline bounds it).
+    let retry = |why: String| OfferFailed::Retry { after: UNREACHABLE_RETRY, why, busy: false };
     let (endpoint, ticket) = pod_call(ctx, tube, namespace, pod).await.map_err(|e| match e {
         PodError::Refused(why) => OfferFailed::End(EndReason::Refused, why),
         other => retry(other.to_string()),

@@ -154,7 +154,7 @@ struct Client {
 /// Joins the pod's answer (base64) and runs the client's end.
 async fn join(peer: Peer, answer: &str) -> Client {
     peer.accept(&decode_sdp(answer).unwrap()).await.unwrap();
-    let mut opened = peer.open(PATIENCE).await.expect("the channel did not open");
+    let mut opened = peer.open_heard(PATIENCE).await.expect("the channel did not open");
     let (mux, driver) = Mux::client(opened.take_channel().unwrap(), Limits::default());
     let bridge = tokio::spawn(async move {
         let ended = opened.bridge().await;

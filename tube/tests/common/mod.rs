@@ -79,7 +79,7 @@ pub async fn tube() -> Tube {
         server.close().await;
     });
     client.accept(&answer.await.unwrap()).await.unwrap();
-    let mut client = client.open(within).await.unwrap();
+    let mut client = client.open_heard(within).await.unwrap();
     let server = server.await.unwrap();
     let (client_mux, client_driver) = Mux::client(client.take_channel().unwrap(), Limits::default());
     Tube {
