@@ -58,7 +58,10 @@ fn summary(name: &str, mut ms: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let count: usize = std::env::var("TIDEPOOL_BENCH_TUBES").ok().and_then(|n| n.parse().ok()).unwrap_or(30);
