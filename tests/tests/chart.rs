@@ -79,6 +79,7 @@ metrics:
   prometheusRule: { enabled: true }
 examplePool:
   tier: { vcpu: 2, memoryMiB: 1048576 }
+  bytesPerHour: 90000000000
 gateway:
   enabled: true
   logLevel: debug
