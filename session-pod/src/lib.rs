@@ -23,6 +23,7 @@ pub mod server;
 pub mod session;
 pub mod sockets;
 pub mod state;
+pub mod tube_routes;
 pub mod tubes;
 pub mod udp;
 pub mod udp_cookie;

@@ -32,7 +32,7 @@ use crate::reporter::OperatorReporter;
 use crate::session::BoundSession;
 use crate::state::{PodIdentity, PodState, PodStateParts, ProbeRuns, until_shutdown};
 use crate::udp_cookie::UdpCookies;
-use crate::{download, household, latency, probe_runs, results, tubes, udp, upload};
+use crate::{download, household, latency, probe_runs, results, tube_routes, udp, upload};
 use tidepool_protocol::pod::{
     DEFAULT_PORT, DOWNLOAD_PATH, HEALTH_PATH, HOUSEHOLD_WS_PATH, INFO_PATH, LATENCY_WS_PATH, METRICS_PATH, PROBES_PATH,
     PodInfo, RESULTS_PATH, UDP_GRANT_PATH, UPLOAD_PATH,
@@ -288,8 +288,8 @@ pub fn router(state: Arc<PodState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_session));
     // Tubes are the operator's to open and close; their tickets are checked in the handlers.
     let tube_routes = Router::new()
-        .route(POD_TUBES_PATH, post(tubes::create))
-        .route(POD_TUBE_PATH, get(tubes::report).delete(tubes::close));
+        .route(POD_TUBES_PATH, post(tube_routes::create))
+        .route(POD_TUBE_PATH, get(tube_routes::report).delete(tube_routes::close));
     Router::new()
         .route(HEALTH_PATH, get(|| async { "ok" }))
         .route(METRICS_PATH, get(metrics))

@@ -15,6 +15,7 @@
 //! [`Limits::associations`] associations, each of which holds at most
 //! [`ASSOCIATION_INBOX`] datagrams (more are dropped, as UDP drops them).
 
+pub mod link;
 pub mod mux;
 pub mod peer;
 pub mod socks5;

@@ -20,18 +20,20 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tidepool_wire::tube::{CloseReason, Frame, FrameError, MAX_DATA, ReceiveWindow, Refusal, SendWindow};
+use tidepool_wire::tube::{CloseReason, Frame, MAX_DATA, ReceiveWindow, Refusal, SendWindow};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+pub use crate::link::{Ended, Policy, Stats};
+use crate::link::{encode, send};
 use crate::udp::{self, Association, Datagram};
 
 /// Frames waiting for the channel. Small: the channel has its own buffer,
@@ -86,54 +88,6 @@ impl Default for Limits {
             association_idle: Duration::from_secs(120),
         }
     }
-}
-
-/// What the pod's end may dial: the pool's allowlist and the defaults.
-pub trait Policy: Send + Sync + 'static {
-    /// Whether a target named `host:port` may be asked for at all (before
-    /// its name is resolved).
-    fn allows_name(&self, host: &str, port: u16) -> bool;
-    /// Whether an address `host` resolved to may be dialled.
-    fn allows_address(&self, host: &str, address: SocketAddr) -> bool;
-}
-
-/// What a tube has carried, for its status and metrics.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Payload bytes sent into the tube (connections' and datagrams').
-    pub sent: AtomicU64,
-    /// Payload bytes that came out of it.
-    pub received: AtomicU64,
-    pub open_connections: AtomicUsize,
-    /// UDP associations open (at the pod's end: those that have had a datagram).
-    pub open_associations: AtomicUsize,
-    /// Datagrams dropped for want of room or route: a full inbox, an
-    /// association that is gone or beyond the limit, a name that did not
-    /// resolve, a socket that failed, a reply from an address never sent to.
-    pub datagrams_dropped: AtomicU64,
-    /// Datagrams the policy did not allow (the pod's end).
-    pub datagrams_refused: AtomicU64,
-    /// The last round trip of a ping, µs; 0 before the first.
-    pub rtt_us: AtomicU64,
-}
-
-impl Stats {
-    pub(crate) fn count(counter: &AtomicU64, by: usize) {
-        counter.fetch_add(u64::try_from(by).unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-}
-
-/// Why a tube ended.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Ended {
-    #[error("the channel closed")]
-    ChannelClosed,
-    #[error("the peer sent a bad frame: {0}")]
-    BadFrame(FrameError),
-    #[error("the peer broke the protocol: {0}")]
-    Protocol(&'static str),
-    #[error("the tube was closed")]
-    Closed,
 }
 
 /// A tube's end. Dropping it does not stop the tube; [`Mux::close`] does.
@@ -739,17 +693,6 @@ impl<P: Policy> Driver<P> {
     }
 }
 
-pub(crate) fn encode(frame: &Frame<'_>) -> Result<Bytes, FrameError> {
-    let mut message = Vec::new();
-    frame.encode(&mut message)?;
-    Ok(Bytes::from(message))
-}
-
-pub(crate) async fn send(outgoing: &mpsc::Sender<Bytes>, frame: &Frame<'_>) -> Result<(), Ended> {
-    let message = encode(frame).map_err(Ended::BadFrame)?;
-    outgoing.send(message).await.map_err(|_| Ended::ChannelClosed)
-}
-
 /// Resolves `host` and dials the first address the policy allows.
 async fn dial<P: Policy + ?Sized>(policy: &P, host: &str, port: u16) -> Result<TcpStream, Refusal> {
     let addresses: Vec<SocketAddr> =
@@ -846,7 +789,9 @@ mod tests {
     //! data channel; real TCP targets on loopback.
 
     use super::*;
+    use std::sync::atomic::AtomicU64;
     use tidepool_tests::targets::{echo_target, echoed, pattern, udp_echo_target as udp_echo};
+    use tidepool_wire::tube::FrameError;
     use tidepool_wire::tube::WINDOW;
     use tokio::net::TcpListener;
 

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::mux::{Policy, Stats, encode, send};
+use crate::link::{Policy, Stats, encode, send};
 
 /// How long resolving a datagram's target may take (the pod's end).
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
