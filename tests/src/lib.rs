@@ -70,6 +70,18 @@ where
     }
 }
 
+/// Checks `holds` every 10 ms until it does, or panics after 5 s: for a
+/// condition on counters a test can read at once (no I/O to await).
+pub async fn until(what: &str, holds: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if holds() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -791,6 +791,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
     use tidepool_tests::targets::{echo_target, echoed, pattern, udp_echo_target as udp_echo};
+    use tidepool_tests::until;
     use tidepool_wire::tube::FrameError;
     use tidepool_wire::tube::WINDOW;
     use tokio::net::TcpListener;
@@ -1063,17 +1064,6 @@ mod tests {
         assert_eq!(closed, (1, CloseReason::FlowViolation));
     }
 
-    /// Waits (up to 5 s) until `check` holds.
-    async fn eventually(what: &str, check: impl Fn() -> bool) {
-        for _ in 0..500 {
-            if check() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("never: {what}");
-    }
-
     fn load(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
@@ -1108,7 +1098,7 @@ mod tests {
         let port = udp_echo().await;
         let mut association = pair.client.associate().await.unwrap();
         association.send("10.1.2.3", port, b"not allowed").await.unwrap();
-        eventually("refused", || load(&pair.server.stats().datagrams_refused) == 1).await;
+        until("refused", || load(&pair.server.stats().datagrams_refused) == 1).await;
         // The association goes on; nothing came back for the refused one.
         association.send("127.0.0.1", port, b"allowed").await.unwrap();
         assert_eq!(association.recv().await.unwrap().payload, Bytes::from_static(b"allowed"));
@@ -1125,7 +1115,7 @@ mod tests {
         let open = |mux: &Mux| mux.stats().open_associations.load(Ordering::Relaxed);
         assert_eq!((open(&pair.client), open(&pair.server)), (1, 1));
         drop(association);
-        eventually("forgotten at both ends", || open(&pair.client) == 0 && open(&pair.server) == 0).await;
+        until("forgotten at both ends", || open(&pair.client) == 0 && open(&pair.server) == 0).await;
         // Connections and associations share their numbers: the next connection is 2.
         let port = echo_target().await;
         let mut app = connect(&pair.client, port).await.unwrap();
@@ -1157,7 +1147,7 @@ mod tests {
         let _second = pair.client.associate().await.unwrap();
         assert_eq!(pair.client.associate().await.unwrap_err(), Refusal::TooManyConnections);
         drop(first);
-        eventually("a place freed", || pair.client.stats().open_associations.load(Ordering::Relaxed) == 1).await;
+        until("a place freed", || pair.client.stats().open_associations.load(Ordering::Relaxed) == 1).await;
         pair.client.associate().await.unwrap();
 
         // The pod's end: beyond its limit, a new association is closed and its datagram dropped.
@@ -1184,15 +1174,15 @@ mod tests {
         for i in 0..100u8 {
             to_client.send(frame(Frame::Datagram { assoc, host: "10.0.0.1", port: 53, payload: &[i] })).await.unwrap();
         }
-        eventually("the newest dropped", || load(&client.stats().datagrams_dropped) == 36).await;
+        until("the newest dropped", || load(&client.stats().datagrams_dropped) == 36).await;
         for i in 0..ASSOCIATION_INBOX as u8 {
             assert_eq!(association.recv().await.unwrap().payload[..], [i]);
         }
         drop(association);
-        eventually("forgotten", || client.stats().open_associations.load(Ordering::Relaxed) == 0).await;
+        until("forgotten", || client.stats().open_associations.load(Ordering::Relaxed) == 0).await;
         // Closed here, still on its way from the pod: UDP, so dropped.
         to_client.send(frame(Frame::Datagram { assoc, host: "10.0.0.1", port: 53, payload: b"late" })).await.unwrap();
-        eventually("the late one dropped", || load(&client.stats().datagrams_dropped) == 37).await;
+        until("the late one dropped", || load(&client.stats().datagrams_dropped) == 37).await;
         // A number the client never gave out is the pod's error.
         to_client.send(frame(Frame::Datagram { assoc: 99, host: "10.0.0.1", port: 53, payload: b"" })).await.unwrap();
         assert_eq!(ended.await.unwrap(), Ended::Protocol("DATAGRAM for no association"));
@@ -1232,9 +1222,9 @@ mod tests {
         // Dropped uncarried: the pod lets go of the connection too.
         let dialled = pair.client.dial("127.0.0.1", port).await.unwrap();
         let open = |mux: &Mux| mux.stats().open_connections.load(Ordering::Relaxed);
-        eventually("both open", || open(&pair.server) == 2).await;
+        until("both open", || open(&pair.server) == 2).await;
         drop(dialled);
-        eventually("closed at the pod", || open(&pair.server) == 1 && open(&pair.client) == 1).await;
+        until("closed at the pod", || open(&pair.server) == 1 && open(&pair.client) == 1).await;
     }
 
     #[tokio::test]

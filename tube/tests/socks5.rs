@@ -10,6 +10,7 @@ use std::time::Duration;
 mod common;
 
 use common::{Tube, echo_target, echoed, pattern, tube, udp_echo_target};
+use tidepool_tests::until;
 use tidepool_tube::{Socks5Limits, serve_socks5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -50,17 +51,6 @@ async fn closed(tcp: &mut TcpStream) {
     let mut rest = [0u8; 16];
     let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut rest)).await.expect("still open");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-}
-
-/// Waits (up to 5 s) until `check` holds.
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    for _ in 0..500 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("never: {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +169,7 @@ async fn socks5_udp_associate_relays_allowed_datagrams_and_counts_the_rest() {
     let refused = [header([127, 0, 0, 2], echo), b"refused".to_vec()].concat();
     app.send_to(&refused, relay).await.unwrap();
     let stats = tube.server.stats().clone();
-    eventually("the refused datagram counted", || stats.datagrams_refused.load(Ordering::Relaxed) == 1).await;
+    until("the refused datagram counted", || stats.datagrams_refused.load(Ordering::Relaxed) == 1).await;
     // A fragment is dropped before the tube.
     let mut fragment = [header([127, 0, 0, 1], echo), b"fragment".to_vec()].concat();
     fragment[2] = 1;
@@ -197,7 +187,7 @@ async fn socks5_udp_associate_relays_allowed_datagrams_and_counts_the_rest() {
 
     // The association ends with its control connection.
     drop(control);
-    eventually("the association ended at the pod", || stats.open_associations.load(Ordering::Relaxed) == 0).await;
+    until("the association ended at the pod", || stats.open_associations.load(Ordering::Relaxed) == 0).await;
     tube.server_runtime.shutdown_background();
 }
 
