@@ -10,18 +10,14 @@ use std::time::{Duration, Instant};
 
 use tidepool_crds::tube::{ConversationType, IceServer, Target};
 use tidepool_protocol::tube::{CreateTube, TubeView, decode_sdp, encode_sdp, split_target};
-use tidepool_tube::{Limits, Mux, Opened, Peer, Settings, Socks5Limits};
+use tidepool_tube::{ForwardLimits, Limits, Mux, Opened, Peer, Settings, Socks5Limits};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 use crate::error::{Error, Result};
 use crate::operator::OperatorClient;
 
 /// How long the client's peer waits for the channel to open once answered.
 const OPEN_WITHIN: Duration = Duration::from_secs(10);
-/// Local connections waiting for the pod to dial their target, at once;
-/// the tube itself carries at most [`Limits::connections`].
-const PENDING_OPENS: usize = 64;
 
 /// What the tube carries, from the flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -226,34 +222,17 @@ async fn reason(operator: &OperatorClient, name: &str, namespace: Option<&str>) 
     String::new()
 }
 
-/// Carries local connections until the listener fails.
+/// Carries local connections until the tube ends (or its listener fails).
 async fn serve(listener: TcpListener, mux: Mux, mode: Mode) -> String {
-    match mode {
-        Mode::Socks5 { .. } => match tidepool_tube::serve_socks5(listener, mux, Socks5Limits::default()).await {
-            Ok(()) => "the tube ended".into(),
-            Err(e) => e.to_string(),
-        },
+    let served = match mode {
+        Mode::Socks5 { .. } => tidepool_tube::serve_socks5(listener, mux, Socks5Limits::default()).await,
         Mode::Forward { host, port, .. } => {
-            let mut opening = JoinSet::new();
-            loop {
-                let (tcp, from) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => return e.to_string(),
-                };
-                while opening.try_join_next().is_some() {}
-                if opening.len() >= PENDING_OPENS {
-                    // The tube is slow to open what it has: this one waits no queue.
-                    eprintln!("connection from {from}: refused, {PENDING_OPENS} connections are opening already");
-                    continue;
-                }
-                let (mux, host) = (mux.clone(), host.clone());
-                opening.spawn(async move {
-                    if let Err(refusal) = mux.open(tcp, &host, port).await {
-                        eprintln!("connection from {from} to {host}:{port}: refused by the pod: {refusal}");
-                    }
-                });
-            }
+            tidepool_tube::serve_forward(listener, mux, host, port, ForwardLimits::default()).await
         }
+    };
+    match served {
+        Ok(()) => "the tube ended".into(),
+        Err(e) => e.to_string(),
     }
 }
 

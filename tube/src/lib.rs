@@ -15,12 +15,14 @@
 //! [`Limits::associations`] associations, each of which holds at most
 //! [`ASSOCIATION_INBOX`] datagrams (more are dropped, as UDP drops them).
 
+pub mod forward;
 pub mod link;
 pub mod mux;
 pub mod peer;
 pub mod socks5;
 pub mod udp;
 
+pub use forward::{ForwardLimits, serve as serve_forward};
 pub use mux::{ASSOCIATION_INBOX, Channel, Dialled, Ended, Limits, Mux, OUTGOING_FRAMES, Policy, Stats};
 pub use peer::{BridgeEnded, Closer, IceServer, Opened, Peer, PeerError, Settings};
 pub use socks5::{Socks5Limits, serve as serve_socks5};

@@ -60,6 +60,11 @@ fn run_bridge(mut opened: Opened) -> JoinHandle<(BridgeEnded, Opened)> {
 /// and answer passed as text, as the Tube resource carries them; the pod's
 /// end allows loopback ([`Loopback`]).
 pub async fn tube() -> Tube {
+    tube_with(Limits::default()).await
+}
+
+/// [`tube`], with the client's end held to `client_limits`.
+pub async fn tube_with(client_limits: Limits) -> Tube {
     let settings = Settings::loopback();
     let within = Duration::from_secs(10);
     let client = Peer::new(&settings).await.unwrap();
@@ -81,7 +86,7 @@ pub async fn tube() -> Tube {
     client.accept(&answer.await.unwrap()).await.unwrap();
     let mut client = client.open_heard(within).await.unwrap();
     let server = server.await.unwrap();
-    let (client_mux, client_driver) = Mux::client(client.take_channel().unwrap(), Limits::default());
+    let (client_mux, client_driver) = Mux::client(client.take_channel().unwrap(), client_limits);
     Tube {
         client: client_mux,
         client_ended: tokio::spawn(client_driver),
