@@ -153,7 +153,7 @@ async fn a_tube_made_by_the_cli_carries_traffic_within_the_pools_allowlist_and_e
     let tube_pod = status.pod.clone().expect("the pod in the status");
     let tube_session = status.session.clone().expect("the tube's own session");
     assert!(status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"), "{status:?}");
-    assert!(status.rtt_ms.is_some() || status.connected_at.is_some());
+    assert!(status.connected_at.is_some(), "{status:?}");
 
     // A tunnel to a target the allowlist does not name is refused before any pod is claimed.
     let refused_target = format!("127.0.0.1:{other}");

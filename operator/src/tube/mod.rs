@@ -153,14 +153,19 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
                 if opened {
                     set_ready(&mut next, &tube, true, "Connected", "the data channel is open");
                 }
-                count_bytes(&ctx, &status, &next);
+                // Bytes are counted once their status is written: a write
+                // that loses to a newer version counts nothing, and its pass
+                // runs again.
                 if let Some(reason) = report.ended {
                     let message = report.message.clone().unwrap_or_else(|| reason.as_str().to_string());
+                    let before = status.clone();
                     (status, version) = end(&ctx, &tube, &namespace, version, next, reason, &message).await?;
+                    count_bytes(&ctx, &before, &status);
                     observed.state = status.state;
                     continue;
                 }
                 write_status(&ctx, &tube, &namespace, version.as_deref(), &status, &next).await?;
+                count_bytes(&ctx, &status, &next);
                 if opened {
                     let created = tube.creation_timestamp().map_or(Timestamp::now(), |t| t.0);
                     let setup = Timestamp::now().duration_since(created).as_secs_f64().max(0.0);
