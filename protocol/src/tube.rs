@@ -11,7 +11,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use tidepool_crds::tube::{ConversationType, IceServer, Target, TubeState};
 
 use crate::egress::{EgressPolicy, EgressRule, Refused};
@@ -287,12 +287,6 @@ impl TubePolicy {
     pub fn check_address(&self, host: &str, address: SocketAddr) -> Result<(), Refused> {
         self.rules.check_listed(host, address.ip(), address.port())
     }
-
-    /// Whether an address the client gave as a literal (a SOCKS5 datagram's
-    /// reply source is never checked; only targets are).
-    pub fn allows_ip(&self, ip: IpAddr, port: u16) -> bool {
-        self.allows_name(&ip.to_string(), port) && self.rules.check_listed(&ip.to_string(), ip, port).is_ok()
-    }
 }
 
 fn normal_host(host: &str) -> String {
@@ -334,8 +328,6 @@ mod tests {
         assert!(!socks.allows_name("127.0.0.1", 22));
         assert_eq!(socks.check_address("localhost", addr("127.0.0.1:7000")), Ok(()));
         assert!(socks.check_address("localhost", addr("[::1]:7000")).is_err(), "not listed");
-        assert!(socks.allows_ip("127.0.0.1".parse().unwrap(), 7001));
-        assert!(!socks.allows_ip("10.0.0.1".parse().unwrap(), 7001));
     }
 
     #[test]
