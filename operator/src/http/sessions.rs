@@ -116,9 +116,9 @@ fn locate(geoip: &GeoIp, client: Option<ClientHints>, peer: Option<IpAddr>) -> O
 
 /// The pool from this replica's cache, or, when the cache has not seen it
 /// yet (a pool made a moment ago), one read from the API server. Only
-/// callers already authorized to create sessions in the namespace get here,
-/// so the read cannot be spent by strangers.
-async fn find_pool(state: &ApiState, namespace: &str, name: &str) -> Result<Arc<WarmPool>, Refused> {
+/// callers already authorized to create sessions or tubes in the namespace
+/// get here, so the read cannot be spent by strangers.
+pub(super) async fn find_pool(state: &ApiState, namespace: &str, name: &str) -> Result<Arc<WarmPool>, Refused> {
     if let Some(pool) = state.pools.get(&ObjectRef::new(name).within(namespace)) {
         return Ok(pool);
     }

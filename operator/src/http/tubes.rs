@@ -31,7 +31,7 @@ use tidepool_protocol::tube::{CreateTube, TubeView, decode_sdp};
 
 use super::access::{Ask, Caller};
 use super::reply::{Refused, json_body, kube_refusal, retry_later};
-use super::sessions::check_names;
+use super::sessions::{check_names, find_pool};
 use super::state::ApiState;
 use super::{deny, refuse};
 use crate::conditions;
@@ -104,8 +104,11 @@ pub async fn create(
     };
     let mut tube = Tube::new("", spec);
     if let Some(pool) = pool {
-        let found = state.pools.get(&ObjectRef::new(&pool).within(&namespace));
-        if let Some(why) = crate::tube::refusal(&tube, &pool, found.as_deref()) {
+        let found = match find_pool(&state, &namespace, &pool).await {
+            Ok(found) => found,
+            Err(refused) => return refuse(&state, ROUTE, refused),
+        };
+        if let Some(why) = crate::tube::refusal(&tube, &pool, Some(&found)) {
             return refuse(&state, ROUTE, Refused::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", why));
         }
     }

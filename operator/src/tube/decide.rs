@@ -5,9 +5,10 @@ use std::time::Duration;
 use tidepool_crds::tube::TubeState;
 use tidepool_protocol::tube::EndReason;
 
-/// How long a tube whose named session the cache does not show yet waits
-/// before it fails (a session made a moment before the tube).
-pub const SESSION_GRACE: Duration = Duration::from_secs(10);
+/// How long a tube whose named session or pool the caches do not show yet
+/// waits before it fails (one made a moment before the tube, or a cache
+/// that lags the API server).
+pub const UNSEEN_GRACE: Duration = Duration::from_secs(10);
 /// How soon a tube waiting for its pod is looked at again (the session's
 /// change wakes it sooner).
 pub const WAIT_RECHECK: Duration = Duration::from_secs(2);
@@ -45,6 +46,8 @@ pub struct Observed {
     pub session: SessionSeen,
     /// Why the pool will not take this tube, if it will not.
     pub refused_by_pool: Option<String>,
+    /// The tube's pool is not in the cache (yet, or at all).
+    pub pool_unseen: Option<String>,
     /// Since the tube was made.
     pub age: Duration,
     /// Since it ended, once it has.
@@ -118,6 +121,14 @@ pub fn decide(observed: &Observed) -> Step {
     {
         return Step::End { reason: EndReason::Refused, message: why.clone(), close_on_pod: None };
     }
+    if let Some(pool) = &observed.pool_unseen
+        && !observed.answered
+    {
+        if observed.age < UNSEEN_GRACE {
+            return Step::Wait { reason: "WaitingForPool", message: format!("WarmPool {pool} is not seen yet") };
+        }
+        return Step::End { reason: EndReason::Refused, message: format!("no WarmPool {pool}"), close_on_pod: None };
+    }
     if !observed.answered && observed.age >= ANSWER_DEADLINE {
         let message = format!("no pod answered within {} s", ANSWER_DEADLINE.as_secs());
         return Step::End { reason: EndReason::NotConnected, message, close_on_pod: None };
@@ -129,7 +140,7 @@ pub fn decide(observed: &Observed) -> Step {
             close_on_pod: open_on(),
         },
         SessionSeen::Missing if observed.owns_session => Step::CreateSession,
-        SessionSeen::Missing if observed.age < SESSION_GRACE => {
+        SessionSeen::Missing if observed.age < UNSEEN_GRACE => {
             Step::Wait { reason: "WaitingForSession", message: "the TestSession is not seen yet".into() }
         }
         SessionSeen::Missing => Step::End {
@@ -192,6 +203,7 @@ mod tests {
             owns_session: true,
             session: SessionSeen::Missing,
             refused_by_pool: None,
+            pool_unseen: None,
             age: Duration::from_secs(1),
             ended_for: None,
             retention: Duration::from_secs(3600),
@@ -256,6 +268,20 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_the_cache_has_not_seen_gets_a_grace_period_then_the_tube_fails() {
+        let unseen = Observed { pool_unseen: Some("edge".into()), ..observed() };
+        assert!(matches!(decide(&unseen), Step::Wait { reason: "WaitingForPool", .. }));
+        let late = Observed { age: UNSEEN_GRACE, ..unseen };
+        assert_eq!(
+            decide(&late),
+            Step::End { reason: EndReason::Refused, message: "no WarmPool edge".into(), close_on_pod: None }
+        );
+        // A tube already answered does not hang on the pool's cache entry.
+        let answered = Observed { pool_unseen: Some("edge".into()), ..answered("p1", TubeState::Connected) };
+        assert_eq!(decide(&answered), Step::Poll { pod: "p1".into() });
+    }
+
+    #[test]
     fn a_pool_tube_makes_its_session_and_waits_for_the_pod() {
         assert_eq!(decide(&observed()), Step::CreateSession);
         let waiting = Observed { session: SessionSeen::Waiting("pool empty".into()), ..observed() };
@@ -270,7 +296,7 @@ mod tests {
     fn a_named_session_gets_a_grace_period_then_the_tube_fails() {
         let named = Observed { owns_session: false, ..observed() };
         assert!(matches!(decide(&named), Step::Wait { reason: "WaitingForSession", .. }));
-        let late = Observed { age: SESSION_GRACE, ..named };
+        let late = Observed { age: UNSEEN_GRACE, ..named };
         assert!(matches!(decide(&late), Step::End { reason: EndReason::SessionEnded, close_on_pod: None, .. }));
     }
 
@@ -303,7 +329,7 @@ mod tests {
         );
         let deleted = Observed { session: SessionSeen::Missing, ..answered("p1", TubeState::Connected) };
         assert!(matches!(decide(&deleted), Step::End { reason: EndReason::SessionEnded, close_on_pod: Some(_), .. }));
-        let named_gone = Observed { owns_session: false, age: SESSION_GRACE, ..deleted };
+        let named_gone = Observed { owns_session: false, age: UNSEEN_GRACE, ..deleted };
         assert!(matches!(decide(&named_gone), Step::End { reason: EndReason::SessionEnded, .. }));
     }
 

@@ -245,10 +245,12 @@ fn observe(ctx: &Context, tube: &Tube, namespace: &str, status: &TubeStatus) -> 
         }
     };
     let pool = tube.spec.pool.clone().or_else(|| session.as_ref().map(|s| s.spec.pool.clone()));
-    let refused_by_pool = pool.as_deref().and_then(|pool| {
-        let found = ctx.pools.get(&ObjectRef::new(pool).within(namespace));
-        refusal(tube, pool, found.as_deref())
-    });
+    let found = pool.as_deref().map(|name| (name, ctx.pools.get(&ObjectRef::new(name).within(namespace))));
+    let (refused_by_pool, pool_unseen) = match &found {
+        Some((name, Some(pool))) => (refusal(tube, name, Some(pool)), None),
+        Some((name, None)) => (None, Some((*name).to_string())),
+        None => (None, None),
+    };
     let now = Timestamp::now();
     let created = tube.creation_timestamp().map_or(now, |t| t.0);
     let age = now.duration_since(created).try_into().unwrap_or(Duration::ZERO);
@@ -265,6 +267,7 @@ fn observe(ctx: &Context, tube: &Tube, namespace: &str, status: &TubeStatus) -> 
         owns_session,
         session: seen,
         refused_by_pool,
+        pool_unseen,
         age,
         ended_for,
         retention: ctx.settings.result_retention,
@@ -497,8 +500,10 @@ async fn pod_call(ctx: &Context, tube: &Tube, namespace: &str, pod: &str) -> Res
     let endpoint = session_status.endpoint.ok_or_else(|| PodError::Unreachable("the pod has no endpoint".into()))?;
     let pool_name = &session.spec.pool;
     let pool = ctx.pools.get(&ObjectRef::new(pool_name).within(namespace));
-    let pool_uid =
-        pool.as_ref().and_then(|p| p.uid()).ok_or_else(|| PodError::Refused(format!("no WarmPool {pool_name}")))?;
+    let pool_uid = pool
+        .as_ref()
+        .and_then(|p| p.uid())
+        .ok_or_else(|| PodError::Unreachable(format!("WarmPool {pool_name} is not seen")))?;
     let keys = match ctx.keys.load(&ctx.client, namespace, pool_name, &pool_uid).await {
         Ok(Some(keys)) => keys,
         Ok(None) => return Err(PodError::Unreachable("the pool's key is not readable".into())),
