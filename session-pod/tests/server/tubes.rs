@@ -102,6 +102,12 @@ async fn delete(pod: &Pod, ticket: &str, uid: &str) -> StatusCode {
     pod.http.delete(pod.url(&tube_path(uid))).header(TUBE_TICKET_HEADER, ticket).send().await.unwrap().status()
 }
 
+/// The system's UDP counters (drops included), for a failure's message.
+fn udp_counters() -> String {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    snmp.lines().filter(|line| line.starts_with("Udp:")).collect::<Vec<_>>().join(" / ")
+}
+
 async fn report(pod: &Pod, ticket: &str, uid: &str) -> TubeReport {
     json(get(pod, ticket, uid).await).await
 }
@@ -204,7 +210,11 @@ async fn a_tunnel_carries_its_target_only_reports_what_it_carried_and_ends_on_de
         writer
     });
     let mut echoed = vec![0u8; ONE_MIB];
-    timeout(PATIENCE, reader.read_exact(&mut echoed)).await.expect("the echo stalled").unwrap();
+    if timeout(PATIENCE, reader.read_exact(&mut echoed)).await.is_err() {
+        // Whether datagrams were dropped tells lost packets from a stuck tube.
+        let seen = report(&pod, &ticket, uid).await;
+        panic!("the echo stalled; the pod's report: {seen:?}; {}", udp_counters());
+    }
     let writer = timeout(PATIENCE, writing).await.unwrap().unwrap();
     assert!(echoed == sent, "the echo differs from what was sent");
 
