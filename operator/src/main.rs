@@ -397,6 +397,7 @@ async fn main() -> ExitCode {
         scope: scope.clone(),
         pools: shared.pools.clone(),
         sessions: shared.sessions.clone(),
+        tubes: shared.tubes.clone(),
         backends: shared.backends.clone(),
         nodes: shared.nodes.clone(),
         sessions_per_caller: args.sessions_per_caller,

@@ -47,6 +47,9 @@ pub struct Shared {
     /// Backends and Nodes, for agent reports (cluster-scoped, few).
     pub backends: Store<Backend>,
     pub nodes: Store<Node>,
+    /// Tubes: the cluster view lists them, the tube controller's triggers
+    /// read them (which tubes ride a session), and the gauges count them.
+    pub tubes: Caches<Tube>,
 }
 
 /// Starts the caches of pools and sessions under `supervisor`. The session
@@ -65,6 +68,7 @@ pub fn shared_caches(supervisor: &mut Supervisor, scope: &Scope, client: &Client
         creators,
         backends: scope::watch_cluster(supervisor, client, "backend-cache"),
         nodes: scope::watch_cluster(supervisor, client, "node-cache"),
+        tubes: scope::watch(supervisor, scope, client, "tube-cache", Default::default(), |_, _| {}),
     }
 }
 
@@ -118,9 +122,8 @@ pub fn start(supervisor: &mut Supervisor, scope: &Scope, clients: Clients, share
         supervisor.spawn("export-backlog", crate::export::watch_backlog(sessions, metrics));
     }
 
-    // Tubes: the controllers' triggers read this cache (which tubes ride a
-    // session), and the tube gauges are counted from it.
-    let tubes = scope::watch(supervisor, scope, &clients.watch, "tube-cache", Default::default(), |_, _| {});
+    // The leader alone counts the tube gauges, as it alone writes tubes.
+    let tubes = shared.tubes.clone();
     supervisor.spawn("tube-gauges", tube::keep_gauges(tubes.clone(), parts.metrics.clone()));
     // One wait, shared: kube's store readiness wakes only one waiter.
     let synced = {

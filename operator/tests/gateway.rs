@@ -498,7 +498,7 @@ async fn a_session_whose_client_went_away_is_released_before_its_ttl() {
 /// bufferbloat test and the household, the grades land in the TestSession
 /// and its link reads them back; the live graph moves, its pod is killed
 /// and the session heals onto another; the cluster view, with an
-/// operator's token, lists the pool and the session. Screenshots stay in
+/// operator's token, lists the pool, the session and a tube. Screenshots stay in
 /// target/tmp/browser.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromium() {
@@ -514,6 +514,15 @@ async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromiu
     // downloads and three uploads, and a download that is closing.
     let gateway_flags = [format!("--ui-dir={}", dist.display()), "--streams-per-session=16".into()];
     let Stage { cluster, operator: _operator, gateway, _runner } = stage_with(&[], &pools, &gateway_flags).await;
+    // A tube for the cluster view to list: the pool allows tubes nowhere,
+    // so the operator ends it, Refused, before any pod is claimed.
+    let tubes: Api<tidepool_crds::Tube> = Api::namespaced(cluster.client.clone(), "default");
+    let tube: tidepool_crds::Tube = serde_json::from_value(json!({
+        "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tube", "metadata": { "name": "view-tube" },
+        "spec": { "pool": "open", "conversationType": "socks5", "offer": "dj0wDQo=" }
+    }))
+    .unwrap();
+    tubes.create(&Default::default(), &tube).await.unwrap();
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
     let _ = std::fs::remove_dir_all(&out);
 
@@ -523,6 +532,7 @@ async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromiu
         .arg(&out)
         // The harness's static token stands in for an operator's own.
         .env("TIDEPOOL_CLUSTER_TOKEN", TOKEN)
+        .env("TIDEPOOL_CLUSTER_TUBE", "view-tube")
         .kill_on_drop(true)
         .output();
     let output =
@@ -587,6 +597,12 @@ async fn the_web_ui_runs_the_connection_test_and_heals_the_live_graph_in_chromiu
     let listed = listed.unwrap_or_else(|| panic!("the test's session is not in the cluster view: {cluster}"));
     assert_eq!((&listed["phase"], &listed["grade"]), (&json!("Completed"), &grades["overall"]), "{cluster}");
     assert!(cluster["backends"].is_array());
+    // And the tube, with its kind, its pool and why it ended.
+    let tube = cluster["tubes"].as_array().unwrap().iter().find(|t| t["name"] == "view-tube").cloned();
+    let tube = tube.unwrap_or_else(|| panic!("the tube is not in the cluster view: {cluster}"));
+    assert_eq!((&tube["kind"], &tube["pool"]), (&json!("socks5"), &json!("open")), "{tube}");
+    assert_eq!((&tube["state"], &tube["endReason"]), (&json!("Failed"), &json!("Refused")), "{tube}");
+    assert_eq!(cluster["tubesTotal"], 1, "{cluster}");
     // The cluster view is for Kubernetes identities only, and its query is checked.
     let session_token = report["link"].as_str().unwrap().rsplit('/').next().unwrap().to_string();
     let http = reqwest::Client::new();

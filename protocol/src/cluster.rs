@@ -1,12 +1,15 @@
-//! `GET /api/v1/cluster`: the operators' live view of a namespace's pools
-//! and sessions and of every backend, as a stream of server-sent events.
+//! `GET /api/v1/cluster`: the operators' live view of a namespace's pools,
+//! sessions and tubes and of every backend, as a stream of server-sent events.
 //! Each `cluster` event carries a whole [`ClusterView`]; the operator sends
 //! one when its watch caches show a change, and a comment line while
 //! nothing changes, so proxies keep the stream open.
 
 use serde::{Deserialize, Serialize};
 use tidepool_crds::test_session::{Grade, Phase, TestSessionSpec, TestSessionStatus};
+use tidepool_crds::tube::{ConversationType, TubeSpec, TubeStatus};
 use tidepool_crds::warm_pool::{WarmPoolSpec, WarmPoolStatus};
+
+use crate::tube::target_text;
 
 /// The route, with `?namespace=`.
 pub const CLUSTER_PATH: &str = "/api/v1/cluster";
@@ -14,6 +17,8 @@ pub const CLUSTER_PATH: &str = "/api/v1/cluster";
 pub const CLUSTER_EVENT: &str = "cluster";
 /// The most sessions one view lists, newest first; `sessionsTotal` counts all.
 pub const MAX_SESSIONS_SHOWN: usize = 200;
+/// The most tubes one view lists, newest first; `tubesTotal` counts all.
+pub const MAX_TUBES_SHOWN: usize = 200;
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -22,6 +27,12 @@ pub struct ClusterView {
     pub pools: Vec<PoolRow>,
     pub sessions: Vec<SessionRow>,
     pub sessions_total: usize,
+    /// The namespace's tubes; absent when the caller may not list Tubes
+    /// (a tube's target names a host inside the cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tubes: Option<Vec<TubeRow>>,
+    #[serde(default)]
+    pub tubes_total: usize,
     pub backends: Vec<BackendRow>,
 }
 
@@ -51,6 +62,32 @@ pub struct SessionRow {
     /// The overall grade, once results are in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grade: Option<Grade>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TubeRow {
+    pub name: String,
+    /// `tunnel` or `socks5`.
+    pub kind: String,
+    /// A tunnel's `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The pool it claims a pod from, or the pool of the session it rides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Pending, Answered, Connected, Disconnected, Failed or Closed.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    pub bytes_sent: i64,
+    pub bytes_received: i64,
+    pub open_connections: i32,
+    /// Unix seconds, as for sessions.
+    pub created_unix: i64,
+    /// Why it ended, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -120,6 +157,45 @@ pub fn session_rows(sessions: &[SessionParts<'_>], now_unix: i64) -> Vec<Session
     rows
 }
 
+/// A Tube's parts a row is made of.
+pub struct TubeParts<'a> {
+    pub name: &'a str,
+    /// Unix seconds; `None` reads as now.
+    pub created_unix: Option<i64>,
+    pub spec: &'a TubeSpec,
+    pub status: Option<&'a TubeStatus>,
+}
+
+/// The tubes as rows, newest first, at most [`MAX_TUBES_SHOWN`].
+pub fn tube_rows(tubes: &[TubeParts<'_>], now_unix: i64) -> Vec<TubeRow> {
+    let mut rows: Vec<TubeRow> = tubes
+        .iter()
+        .map(|tube| {
+            let status = tube.status;
+            let kind = match tube.spec.conversation_type {
+                ConversationType::Tunnel => "tunnel",
+                ConversationType::Socks5 => "socks5",
+            };
+            TubeRow {
+                name: tube.name.to_string(),
+                kind: kind.to_string(),
+                target: tube.spec.target.as_ref().map(target_text),
+                pool: tube.spec.pool.clone(),
+                state: format!("{:?}", status.map(|s| s.state).unwrap_or_default()),
+                pod: status.and_then(|s| s.pod.clone()),
+                bytes_sent: status.map_or(0, |s| s.bytes_sent),
+                bytes_received: status.map_or(0, |s| s.bytes_received),
+                open_connections: status.map_or(0, |s| s.open_connections),
+                created_unix: tube.created_unix.unwrap_or(now_unix),
+                end_reason: status.and_then(|s| s.end_reason.clone()),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| b.created_unix.cmp(&a.created_unix).then_with(|| a.name.cmp(&b.name)));
+    rows.truncate(MAX_TUBES_SHOWN);
+    rows
+}
+
 /// One server-sent event carrying `view`.
 pub fn event(view: &ClusterView) -> String {
     // serde_json writes no raw newlines, so the data is one line.
@@ -186,6 +262,66 @@ mod tests {
         let text = event(&view);
         assert!(text.starts_with("event: cluster\ndata: {") && text.ends_with("}\n\n"));
         assert_eq!(text.lines().count(), 3);
+    }
+
+    #[test]
+    fn tubes_are_listed_newest_first_with_their_target_state_and_counts() {
+        let tunnel: TubeSpec = serde_json::from_value(serde_json::json!({
+            "pool": "edge", "conversationType": "tunnel", "target": { "host": "db.default.svc", "port": 5432 },
+            "offer": "eA=="
+        }))
+        .unwrap();
+        let socks: TubeSpec = serde_json::from_value(
+            serde_json::json!({ "session": "s1", "conversationType": "socks5", "offer": "eA==" }),
+        )
+        .unwrap();
+        let carrying: TubeStatus = serde_json::from_value(serde_json::json!({
+            "state": "Connected", "pod": "edge-1", "bytesSent": 10, "bytesReceived": 20, "openConnections": 2
+        }))
+        .unwrap();
+        let ended: TubeStatus =
+            serde_json::from_value(serde_json::json!({ "state": "Failed", "endReason": "Refused" })).unwrap();
+        let tubes = [
+            TubeParts { name: "t-old", created_unix: Some(100), spec: &tunnel, status: Some(&carrying) },
+            TubeParts { name: "t-new", created_unix: None, spec: &socks, status: Some(&ended) },
+            TubeParts { name: "t-fresh", created_unix: Some(150), spec: &tunnel, status: None },
+        ];
+        let rows = tube_rows(&tubes, 200);
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["t-new", "t-fresh", "t-old"]);
+        assert_eq!(
+            rows[2],
+            TubeRow {
+                name: "t-old".into(),
+                kind: "tunnel".into(),
+                target: Some("db.default.svc:5432".into()),
+                pool: Some("edge".into()),
+                state: "Connected".into(),
+                pod: Some("edge-1".into()),
+                bytes_sent: 10,
+                bytes_received: 20,
+                open_connections: 2,
+                created_unix: 100,
+                end_reason: None,
+            }
+        );
+        assert_eq!((rows[0].kind.as_str(), rows[0].target.as_deref(), rows[0].pool.as_deref()), ("socks5", None, None));
+        assert_eq!((rows[0].state.as_str(), rows[0].end_reason.as_deref()), ("Failed", Some("Refused")));
+        assert_eq!((rows[1].state.as_str(), rows[1].pod.as_deref(), rows[1].bytes_sent), ("Pending", None, 0));
+        let many: Vec<String> = (0..MAX_TUBES_SHOWN + 1).map(|i| format!("t{i}")).collect();
+        let parts: Vec<TubeParts<'_>> =
+            many.iter().map(|name| TubeParts { name, created_unix: Some(1), spec: &tunnel, status: None }).collect();
+        assert_eq!(tube_rows(&parts, 2).len(), MAX_TUBES_SHOWN);
+    }
+
+    #[test]
+    fn a_view_without_tubes_leaves_them_out_and_reads_back() {
+        let hidden = ClusterView { namespace: "ns".into(), ..Default::default() };
+        let text = serde_json::to_string(&hidden).unwrap();
+        assert!(!text.contains("\"tubes\""), "{text}");
+        assert_eq!(serde_json::from_str::<ClusterView>(&text).unwrap(), hidden);
+        let shown = ClusterView { tubes: Some(Vec::new()), ..hidden };
+        assert!(serde_json::to_string(&shown).unwrap().contains("\"tubes\":[]"));
     }
 
     #[test]

@@ -140,6 +140,21 @@ export interface ClusterView {
   pools: Array<{ name: string; size: number; warm: number; assigned: number; pending: number; public: boolean }>;
   sessions: Array<{ name: string; pool: string; phase: string; pod?: string; createdUnix: number; grade?: Grade }>;
   sessionsTotal: number;
+  /** Absent when the token may not list Tubes in the namespace. */
+  tubes?: Array<{
+    name: string;
+    kind: string;
+    target?: string;
+    pool?: string;
+    state: string;
+    pod?: string;
+    bytesSent: number;
+    bytesReceived: number;
+    openConnections: number;
+    createdUnix: number;
+    endReason?: string;
+  }>;
+  tubesTotal: number;
   backends: Array<{
     name: string;
     kind: string;

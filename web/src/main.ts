@@ -385,7 +385,7 @@ function clusterView() {
   const token = h("input", { id: "cluster-token", type: "password", placeholder: "Kubernetes token", autocomplete: "off" }) as HTMLInputElement;
   const namespace = h("input", { id: "cluster-namespace", placeholder: "namespace (the gateway's default)" }) as HTMLInputElement;
   const connect = h("button", { id: "cluster-connect" }, "Watch") as HTMLButtonElement;
-  const status = h("p", { id: "cluster-status", class: "status" }, "For the cluster's operators: a token that may list TestSessions and read Backends.");
+  const status = h("p", { id: "cluster-status", class: "status" }, "For the cluster's operators: a token that may list TestSessions and read Backends (and list Tubes, to see them).");
   const tables = h("div", { id: "cluster-tables" });
   show(h("section", { class: "panel" }, h("div", { class: "controls" }, token, namespace, connect), status), tables);
   let watching: AbortController | undefined;
@@ -430,6 +430,27 @@ function table(id: string, heads: string[], rows: string[][]): HTMLElement {
 function clusterTables(view: ClusterView): HTMLElement[] {
   const age = (seconds: number) => (seconds < 120 ? `${seconds} s` : seconds < 7200 ? `${Math.round(seconds / 60)} min` : `${Math.round(seconds / 3600)} h`);
   const percent = (value?: number) => (value === undefined ? "–" : `${value.toFixed(0)} %`);
+  const bytes = (n: number) => (n < 1024 ? `${n} B` : n < 1 << 20 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / (1 << 20)).toFixed(1)} MiB`);
+  const since = (unix: number) => age(Math.max(0, Math.round(Date.now() / 1000 - unix)));
+  const tubes = view.tubes
+    ? table(
+        "tubes",
+        ["tube", "kind", "target", "pool", "state", "pod", "connections", "sent", "received", "age", "ended"],
+        view.tubes.map((t) => [
+          t.name,
+          t.kind,
+          t.target ?? "–",
+          t.pool ?? "–",
+          t.state,
+          t.pod ?? "–",
+          String(t.openConnections),
+          bytes(t.bytesSent),
+          bytes(t.bytesReceived),
+          since(t.createdUnix),
+          t.endReason ?? "–",
+        ]),
+      )
+    : h("p", { id: "tubes-hidden", class: "status" }, "This token may not list Tubes in this namespace.");
   return [
     h("h2", {}, "Pools"),
     table(
@@ -441,8 +462,10 @@ function clusterTables(view: ClusterView): HTMLElement[] {
     table(
       "sessions",
       ["session", "pool", "phase", "pod", "age", "grade"],
-      view.sessions.map((s) => [s.name, s.pool, s.phase, s.pod ?? "–", age(Math.max(0, Math.round(Date.now() / 1000 - s.createdUnix))), s.grade ?? "–"]),
+      view.sessions.map((s) => [s.name, s.pool, s.phase, s.pod ?? "–", since(s.createdUnix), s.grade ?? "–"]),
     ),
+    h("h2", {}, view.tubes ? `Tubes (${view.tubesTotal})` : "Tubes"),
+    tubes,
     h("h2", {}, "Backends"),
     table(
       "backends",

@@ -168,6 +168,11 @@ try {
   await page
     .waitForFunction(() => (window.tidepool.cluster?.sessions.length ?? 0) > 0, null, { timeout: 20_000 })
     .catch(() => fail(page, "the cluster view showed no sessions"));
+  if (process.env.TIDEPOOL_CLUSTER_TUBE) {
+    await page
+      .waitForSelector(`#tubes td:text-is("${process.env.TIDEPOOL_CLUSTER_TUBE}")`, { timeout: 20_000 })
+      .catch(() => fail(page, "the cluster view showed no tube"));
+  }
   await page.screenshot({ path: join(out, "cluster.png"), fullPage: true });
   report.cluster = await page.evaluate(() => window.tidepool.cluster);
   // A token the operator does not accept: the page says so.

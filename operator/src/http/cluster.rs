@@ -1,9 +1,11 @@
 //! `GET /api/v1/cluster?namespace=`: the operators' live view (pools,
-//! sessions, backends) as server-sent events. The view is built from this
+//! sessions, tubes, backends) as server-sent events. The view is built from this
 //! replica's watch caches and the agents' latest reports, never by asking
 //! the API server, and sent whenever it changed, so a browser follows the
 //! cluster without polling it. A caller who may list TestSessions in the
-//! namespace and read Backends may watch it.
+//! namespace and read Backends may watch it; the tubes are in it only for
+//! a caller who may also list Tubes there (their targets name hosts inside
+//! the cluster).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,9 +21,11 @@ use axum::response::Response;
 use kube::ResourceExt;
 use tidepool_crds::backend::{BackendKind, Health};
 use tidepool_protocol::api::NamespaceQuery;
-use tidepool_protocol::cluster::{BackendRow, ClusterView, SessionParts, event, pool_row, session_rows};
+use tidepool_protocol::cluster::{
+    BackendRow, ClusterView, SessionParts, TubeParts, event, pool_row, session_rows, tube_rows,
+};
 
-use super::access::{Ask, Caller};
+use super::access::{Ask, Caller, Denied};
 use super::reply::Refused;
 use super::sessions::check_names;
 use super::state::ApiState;
@@ -59,6 +63,12 @@ pub async fn events(
             return deny(&state, ROUTE, &denied);
         }
     }
+    let ask = Ask::Tubes { verb: "list", namespace: &namespace, name: None };
+    let show_tubes = match state.access.authorize(&caller, ask).await {
+        Ok(()) => true,
+        Err(Denied::Forbidden(_)) => false,
+        Err(denied) => return deny(&state, ROUTE, &denied),
+    };
     let Ok(permit) = state.cluster_streams.clone().try_acquire_owned() else {
         state.metrics.api_refusals.with_label_values(&[ROUTE, "streams"]).inc();
         return super::reply::retry_later(StatusCode::TOO_MANY_REQUESTS, "too many cluster views are open", 10);
@@ -72,7 +82,7 @@ pub async fn events(
                 if started.elapsed() >= MAX_STREAM {
                     return None;
                 }
-                let view = snapshot(&state, &namespace);
+                let view = snapshot(&state, &namespace, show_tubes);
                 let changed = last.as_ref() != Some(&view);
                 if changed {
                     let chunk = Bytes::from(event(&view));
@@ -98,8 +108,8 @@ pub async fn events(
     response
 }
 
-/// The view as the caches show it now.
-fn snapshot(state: &ApiState, namespace: &str) -> ClusterView {
+/// The view as the caches show it now, with the tubes when `show_tubes`.
+fn snapshot(state: &ApiState, namespace: &str, show_tubes: bool) -> ClusterView {
     let mut pools: Vec<_> = state
         .pools
         .state()
@@ -122,6 +132,22 @@ fn snapshot(state: &ApiState, namespace: &str) -> ClusterView {
         })
         .collect();
     let now_unix = k8s_openapi::jiff::Timestamp::now().as_second();
+    let tubes: Vec<_> = if show_tubes {
+        state.tubes.state().into_iter().filter(|t| t.namespace().as_deref() == Some(namespace)).collect()
+    } else {
+        Vec::new()
+    };
+    let tube_names: Vec<String> = tubes.iter().map(|t| t.name_any()).collect();
+    let tube_parts: Vec<TubeParts<'_>> = tubes
+        .iter()
+        .zip(&tube_names)
+        .map(|(t, name)| TubeParts {
+            name,
+            created_unix: t.metadata.creation_timestamp.as_ref().map(|at| at.0.as_second()),
+            spec: &t.spec,
+            status: t.status.as_ref(),
+        })
+        .collect();
     let now = Instant::now();
     let mut backends: Vec<BackendRow> = state.fleet.with_router(|router| {
         state
@@ -143,6 +169,8 @@ fn snapshot(state: &ApiState, namespace: &str) -> ClusterView {
         pools,
         sessions_total: sessions.len(),
         sessions: session_rows(&parts, now_unix),
+        tubes: show_tubes.then(|| tube_rows(&tube_parts, now_unix)),
+        tubes_total: tubes.len(),
         backends,
     }
 }

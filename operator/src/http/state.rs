@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::runtime::reflector::Store;
-use tidepool_crds::{Backend, TestSession, WarmPool};
+use tidepool_crds::{Backend, TestSession, Tube, WarmPool};
 
 use super::access::Access;
 use crate::creators::Creators;
@@ -36,6 +36,8 @@ pub struct ApiState {
     /// without an API call.
     pub pools: Caches<WarmPool>,
     pub sessions: Caches<TestSession>,
+    /// Every tube in those namespaces, for the cluster view.
+    pub tubes: Caches<Tube>,
     /// Every Backend (admins register external ones) and Node (what each
     /// declares it can run), for agent reports.
     pub backends: Store<Backend>,
