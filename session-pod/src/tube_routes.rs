@@ -19,7 +19,7 @@ use tidepool_protocol::egress::parse_allow;
 use tidepool_protocol::tube::{
     EndReason, PodTubeState, TUBE_TICKET_HEADER, TubeAnswer, TubeOffer, TubePolicy, TubeReport, decode_sdp, encode_sdp,
 };
-use tidepool_tube::{Mux, Opened, Peer, Stats};
+use tidepool_tube::{Closer, Mux, Opened, Peer, Stats};
 use tidepool_wire::token::TubeClaims;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -134,33 +134,44 @@ async fn create_tube(state: &Arc<PodState>, headers: &HeaderMap, body: Body) -> 
     }
     state.metrics.tube_creations.with_label_values(&["answered"]).inc();
     tracing::info!(tube = %claims.name, namespace = %claims.ns, kind = %claims.kind, "tube answered");
-    let guard = EndGuard { state: state.clone(), uid: claims.tube.clone() };
+    let guard = EndGuard { state: state.clone(), uid: claims.tube.clone(), closer: Some(peer.closer()) };
     tokio::spawn(run(guard, peer, permit, Arc::new(Dial(policy)), claims.idle, stop));
     Ok(answer)
 }
 
-/// Records a tube's end when its task ends without saying why (a panic).
+/// Records a tube's end when its task ends without saying why (a panic),
+/// and closes its peer connection then, whose own tasks would otherwise
+/// run on, answering the client, for ever.
 struct EndGuard {
     state: Arc<PodState>,
     uid: String,
+    /// Taken once the task has closed the connection itself.
+    closer: Option<Closer>,
 }
 
 impl EndGuard {
-    fn end(&self, reason: EndReason, message: impl Into<String>) {
+    fn end(&mut self, reason: EndReason, message: impl Into<String>) {
+        self.closer = None;
         self.state.tubes.end(&self.uid, reason, message.into());
     }
 }
 
 impl Drop for EndGuard {
     fn drop(&mut self) {
+        if let Some(closer) = self.closer.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            tracing::error!(tube = %self.uid, "a tube's task ended without closing its connection; closing it");
+            runtime.spawn(async move { closer.close().await });
+        }
         // A no-op after `end`; otherwise the task died.
-        self.end(EndReason::PodShutdown, "the tube's task ended");
+        self.state.tubes.end(&self.uid, EndReason::PodShutdown, "the tube's task ended".into());
     }
 }
 
 /// One tube, from the answer to its end.
 async fn run(
-    guard: EndGuard,
+    mut guard: EndGuard,
     peer: Peer,
     permit: OwnedSemaphorePermit,
     policy: Arc<Dial>,

@@ -395,6 +395,12 @@ impl Peer {
     pub async fn close(&self) {
         let _ = self.connection.close().await;
     }
+
+    /// A handle that closes the connection from elsewhere, whatever becomes
+    /// of this peer (its owner's guard, should the owner panic).
+    pub fn closer(&self) -> Closer {
+        Closer(self.connection.clone())
+    }
 }
 
 /// Tokio, with the UDP socket buffers the tube needs.
