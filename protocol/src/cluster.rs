@@ -124,19 +124,34 @@ pub fn pool_row(name: &str, spec: &WarmPoolSpec, status: Option<&WarmPoolStatus>
     }
 }
 
-/// A TestSession's parts a row is made of.
-pub struct SessionParts<'a> {
+/// An object's parts a row is made of.
+pub struct Parts<'a, Spec, Status> {
     pub name: &'a str,
     /// Unix seconds; `None` reads as now.
     pub created_unix: Option<i64>,
-    pub spec: &'a TestSessionSpec,
-    pub status: Option<&'a TestSessionStatus>,
+    pub spec: &'a Spec,
+    pub status: Option<&'a Status>,
+}
+
+/// A TestSession's parts.
+pub type SessionParts<'a> = Parts<'a, TestSessionSpec, TestSessionStatus>;
+/// A Tube's parts.
+pub type TubeParts<'a> = Parts<'a, TubeSpec, TubeStatus>;
+
+/// `rows` newest first (by `created`, then name), at most `cap` of them.
+fn newest_first<Row>(mut rows: Vec<Row>, created: impl Fn(&Row) -> (i64, &str), cap: usize) -> Vec<Row> {
+    rows.sort_by(|a, b| {
+        let ((a_at, a_name), (b_at, b_name)) = (created(a), created(b));
+        b_at.cmp(&a_at).then_with(|| a_name.cmp(b_name))
+    });
+    rows.truncate(cap);
+    rows
 }
 
 /// The sessions as rows, newest first, at most [`MAX_SESSIONS_SHOWN`]; a
 /// session without a creation time (not yet written) counts as made at `now_unix`.
 pub fn session_rows(sessions: &[SessionParts<'_>], now_unix: i64) -> Vec<SessionRow> {
-    let mut rows: Vec<SessionRow> = sessions
+    let rows: Vec<SessionRow> = sessions
         .iter()
         .map(|session| {
             let created = session.created_unix.unwrap_or(now_unix);
@@ -152,23 +167,12 @@ pub fn session_rows(sessions: &[SessionParts<'_>], now_unix: i64) -> Vec<Session
             }
         })
         .collect();
-    rows.sort_by(|a, b| b.created_unix.cmp(&a.created_unix).then_with(|| a.name.cmp(&b.name)));
-    rows.truncate(MAX_SESSIONS_SHOWN);
-    rows
-}
-
-/// A Tube's parts a row is made of.
-pub struct TubeParts<'a> {
-    pub name: &'a str,
-    /// Unix seconds; `None` reads as now.
-    pub created_unix: Option<i64>,
-    pub spec: &'a TubeSpec,
-    pub status: Option<&'a TubeStatus>,
+    newest_first(rows, |row| (row.created_unix, &row.name), MAX_SESSIONS_SHOWN)
 }
 
 /// The tubes as rows, newest first, at most [`MAX_TUBES_SHOWN`].
 pub fn tube_rows(tubes: &[TubeParts<'_>], now_unix: i64) -> Vec<TubeRow> {
-    let mut rows: Vec<TubeRow> = tubes
+    let rows: Vec<TubeRow> = tubes
         .iter()
         .map(|tube| {
             let status = tube.status;
@@ -191,9 +195,7 @@ pub fn tube_rows(tubes: &[TubeParts<'_>], now_unix: i64) -> Vec<TubeRow> {
             }
         })
         .collect();
-    rows.sort_by(|a, b| b.created_unix.cmp(&a.created_unix).then_with(|| a.name.cmp(&b.name)));
-    rows.truncate(MAX_TUBES_SHOWN);
-    rows
+    newest_first(rows, |row| (row.created_unix, &row.name), MAX_TUBES_SHOWN)
 }
 
 /// One server-sent event carrying `view`.

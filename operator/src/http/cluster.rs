@@ -18,12 +18,11 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use kube::ResourceExt;
+use kube::core::object::{HasSpec, HasStatus};
+use kube::{Resource, ResourceExt};
 use tidepool_crds::backend::{BackendKind, Health};
 use tidepool_protocol::api::NamespaceQuery;
-use tidepool_protocol::cluster::{
-    BackendRow, ClusterView, SessionParts, TubeParts, event, pool_row, session_rows, tube_rows,
-};
+use tidepool_protocol::cluster::{BackendRow, ClusterView, Parts, event, pool_row, session_rows, tube_rows};
 
 use super::access::{Ask, Caller, Denied};
 use super::reply::Refused;
@@ -121,16 +120,7 @@ fn snapshot(state: &ApiState, namespace: &str, show_tubes: bool) -> ClusterView 
     let sessions: Vec<_> =
         state.sessions.state().into_iter().filter(|s| s.namespace().as_deref() == Some(namespace)).collect();
     let names: Vec<String> = sessions.iter().map(|s| s.name_any()).collect();
-    let parts: Vec<SessionParts<'_>> = sessions
-        .iter()
-        .zip(&names)
-        .map(|(s, name)| SessionParts {
-            name,
-            created_unix: s.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
-            spec: &s.spec,
-            status: s.status.as_ref(),
-        })
-        .collect();
+    let parts = parts_of(&sessions, &names);
     let now_unix = k8s_openapi::jiff::Timestamp::now().as_second();
     let tubes: Vec<_> = if show_tubes {
         state.tubes.state().into_iter().filter(|t| t.namespace().as_deref() == Some(namespace)).collect()
@@ -138,16 +128,7 @@ fn snapshot(state: &ApiState, namespace: &str, show_tubes: bool) -> ClusterView 
         Vec::new()
     };
     let tube_names: Vec<String> = tubes.iter().map(|t| t.name_any()).collect();
-    let tube_parts: Vec<TubeParts<'_>> = tubes
-        .iter()
-        .zip(&tube_names)
-        .map(|(t, name)| TubeParts {
-            name,
-            created_unix: t.metadata.creation_timestamp.as_ref().map(|at| at.0.as_second()),
-            spec: &t.spec,
-            status: t.status.as_ref(),
-        })
-        .collect();
+    let tube_parts = parts_of(&tubes, &tube_names);
     let now = Instant::now();
     let mut backends: Vec<BackendRow> = state.fleet.with_router(|router| {
         state
@@ -173,6 +154,23 @@ fn snapshot(state: &ApiState, namespace: &str, show_tubes: bool) -> ClusterView 
         tubes_total: tubes.len(),
         backends,
     }
+}
+
+/// What rows are made of, from cached objects and their names.
+fn parts_of<'a, K>(objects: &'a [Arc<K>], names: &'a [String]) -> Vec<Parts<'a, K::Spec, K::Status>>
+where
+    K: HasSpec + HasStatus + Resource,
+{
+    objects
+        .iter()
+        .zip(names)
+        .map(|(object, name)| Parts {
+            name,
+            created_unix: object.meta().creation_timestamp.as_ref().map(|at| at.0.as_second()),
+            spec: object.spec(),
+            status: object.status(),
+        })
+        .collect()
 }
 
 /// A backend's row: its registration, and its agent's latest report when one came.
