@@ -291,6 +291,76 @@ async fn callers_act_with_their_own_kubernetes_rights_and_no_more() {
     let daves =
         all.iter().filter(|s| s.annotations().get("tidepool.dev/created-by").is_some_and(|c| c.ends_with(":dave")));
     assert_eq!(daves.count(), 2, "the burst made more sessions than the cap");
+
+    // The cluster view: a caller who may list sessions and read backends
+    // sees it; the tubes are in it only for one who may also list Tubes.
+    let tubes: Api<tidepool_crds::Tube> = Api::namespaced(client.clone(), "default");
+    let tube: tidepool_crds::Tube = serde_json::from_value(json!({
+        "apiVersion": "tidepool.dev/v1alpha1", "kind": "Tube", "metadata": { "name": "seen-tube" },
+        "spec": { "pool": "edge", "conversationType": "socks5", "offer": "dj0wDQo=" }
+    }))
+    .unwrap();
+    tubes.create(&PostParams::default(), &tube).await.unwrap();
+    for (account, may_list_tubes) in [("erin", false), ("frank", true)] {
+        let token = plane.service_account_token("default", account, AUDIENCE, None).await.unwrap();
+        let mut resources = vec!["testsessions"];
+        if may_list_tubes {
+            resources.push("tubes");
+        }
+        watch_cluster(client, account, &resources).await;
+        let view = first_view(&http, &token).await;
+        assert!(view["sessions"].as_array().is_some_and(|s| !s.is_empty()), "{account}: {view}");
+        if may_list_tubes {
+            let listed = view["tubes"].as_array().unwrap_or_else(|| panic!("{account}: no tubes in {view}"));
+            assert!(listed.iter().any(|t| t["name"] == "seen-tube"), "{account}: {view}");
+        } else {
+            assert!(view.get("tubes").is_none(), "{account} may not list tubes: {view}");
+        }
+    }
+}
+
+/// Grants ServiceAccount `default/<account>` what watching the cluster view
+/// takes (`list` on `resources` in `default`, `get` on Backends).
+async fn watch_cluster(client: &kube::Client, account: &str, resources: &[&str]) {
+    let name = format!("{account}-cluster-view");
+    let role = Role {
+        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+        rules: Some(vec![rule("tidepool.dev", resources, &["list"])]),
+    };
+    let binding = RoleBinding {
+        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: name.clone() },
+        subjects: Some(vec![subject(account)]),
+    };
+    Api::<Role>::namespaced(client.clone(), "default").create(&PostParams::default(), &role).await.unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), "default").create(&PostParams::default(), &binding).await.unwrap();
+    let backends = ClusterRole {
+        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+        rules: Some(vec![rule("tidepool.dev", &["backends"], &["get"])]),
+        ..Default::default()
+    };
+    Api::<ClusterRole>::all(client.clone()).create(&PostParams::default(), &backends).await.unwrap();
+    let cluster_binding = ClusterRoleBinding {
+        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "ClusterRole".into(), name },
+        subjects: Some(vec![subject(account)]),
+    };
+    Api::<ClusterRoleBinding>::all(client.clone()).create(&PostParams::default(), &cluster_binding).await.unwrap();
+}
+
+/// The first view the cluster stream sends `token`'s holder.
+async fn first_view(http: &Http, token: &str) -> Value {
+    let url = format!("{}/api/v1/cluster?namespace=default", http.base);
+    let mut response = http.client.get(url).bearer_auth(token).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !text.contains("\n\n") && Instant::now() < deadline {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), response.chunk()).await.unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("the stream ended")));
+    }
+    let data = text.lines().find_map(|line| line.strip_prefix("data: ")).expect("a cluster event");
+    serde_json::from_str(data).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
