@@ -269,10 +269,11 @@ struct Assoc {
     serial: u64,
 }
 
-/// The socket a connection carries: at once (the pod's dial, [`Mux::open`])
-/// or when its opener hands it over ([`Dialled::carry`]).
+/// The socket a connection carries: the pod's dial, whose `OPENED` its own
+/// task sends first, or the client's, when its opener hands it over
+/// ([`Dialled::carry`]).
 enum Carried {
-    Now(TcpStream),
+    Dialled(TcpStream),
     Later(oneshot::Receiver<TcpStream>),
 }
 
@@ -627,9 +628,8 @@ impl<P: Policy> Driver<P> {
                 }
                 match result {
                     Ok(tcp) => {
-                        self.send(&Frame::Opened { conn })?;
                         self.conns.remove(&conn);
-                        self.start_conn(conn, Carried::Now(tcp));
+                        self.start_conn(conn, Carried::Dialled(tcp));
                     }
                     Err(reason) => {
                         self.conns.remove(&conn);
@@ -659,8 +659,18 @@ impl<P: Policy> Driver<P> {
         self.stats.open_connections.store(self.live_conns(), Ordering::Relaxed);
         let (outgoing, stats) = (self.outgoing.clone(), self.stats.clone());
         self.tasks.spawn(async move {
+            let opened = Frame::Opened { conn };
             let tcp = match tcp {
-                Carried::Now(tcp) => Some(tcp),
+                // On the path its data takes: a target that speaks first (a
+                // banner) must not reach the client before the news that the
+                // connection is open, which the control backlog could let it.
+                Carried::Dialled(tcp) => tokio::select! {
+                    sent = send(&outgoing, &opened) => match sent {
+                        Ok(()) => Some(tcp),
+                        Err(_) => return Finished::Conn(conn),
+                    },
+                    () = state.gone.cancelled() => return Finished::Conn(conn),
+                },
                 Carried::Later(handed) => tokio::select! {
                     handed = handed => handed.ok(),
                     () = state.gone.cancelled() => return Finished::Conn(conn),
@@ -885,6 +895,57 @@ mod tests {
         assert_eq!(pair.client.stats().sent.load(Ordering::Relaxed), total);
         assert_eq!(pair.client.stats().received.load(Ordering::Relaxed), total);
         assert_eq!(pair.server.stats().received.load(Ordering::Relaxed), total);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_target_that_speaks_first_is_heard_whole() {
+        // A target that greets (a banner, then the end) the moment the pod
+        // connects, as sshd, SMTP and database servers do: nothing of it may
+        // reach the client before the news that the connection is open,
+        // which the client would drop. Before the fix, the greetings
+        // overtook OPENED here and were lost.
+        //
+        // The pod's frames reach the client slowly, as through a channel
+        // whose send buffer is full, so the pod's queue to the peer stays full.
+        let (client_end, mut pod_end) = link();
+        let (slowed, mut from_pod) = mpsc::channel::<Bytes>(OUTGOING_FRAMES);
+        let to_client = std::mem::replace(&mut pod_end.outgoing, slowed);
+        tokio::spawn(async move {
+            while let Some(frame) = from_pod.recv().await {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                if to_client.send(frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (client, client_driver) = Mux::client(client_end, Limits::default());
+        let (_pod, pod_driver) = Mux::server(pod_end, Limits::default(), Arc::new(Loopback));
+        let (_client_ended, _pod_ended) = (tokio::spawn(client_driver), tokio::spawn(pod_driver));
+        let port = target(|mut tcp: TcpStream| async move {
+            let _ = tcp.write_all(b"SSH-2.0-tidepool-test\r\n").await;
+        })
+        .await;
+        // Bulk bytes both ways on the same tube keep its queue to the peer full.
+        let bulk = connect(&client, echo_target().await).await.unwrap();
+        let sent = pattern(1, 8 << 20);
+        let busy = tokio::spawn(async move { echoed(bulk, &sent).await.len() });
+        let mut connections = JoinSet::new();
+        for _ in 0..64 {
+            let client = client.clone();
+            connections.spawn(async move {
+                let mut app = connect(&client, port).await.unwrap();
+                let mut heard = Vec::new();
+                tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut heard))
+                    .await
+                    .expect("the banner's end never came")
+                    .unwrap();
+                assert_eq!(heard, b"SSH-2.0-tidepool-test\r\n");
+            });
+        }
+        while let Some(done) = connections.join_next().await {
+            done.unwrap();
+        }
+        assert_eq!(busy.await.unwrap(), 8 << 20);
     }
 
     #[tokio::test]
