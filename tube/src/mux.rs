@@ -30,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::{CancellationToken, DropGuard, PollSender};
 
 pub use crate::link::{Ended, Policy, Stats};
 use crate::link::{encode, send};
@@ -149,6 +149,8 @@ impl Mux {
         let driver = Driver {
             outgoing: channel.outgoing,
             conns: HashMap::new(),
+            dials: HashMap::new(),
+            lowest_open: 0,
             pending: HashMap::new(),
             assocs: HashMap::new(),
             next_conn: 1,
@@ -280,6 +282,13 @@ enum Carried {
 struct Driver<P> {
     outgoing: mpsc::Sender<Bytes>,
     conns: HashMap<u32, Arc<Conn>>,
+    /// The pod's dials in progress, each until its task reports: a `CLOSE`
+    /// cancels one but it holds its place among the connections till then.
+    dials: HashMap<u32, CancellationToken>,
+    /// The pod's end: the lowest number a new `OPEN` may take. The client
+    /// numbers upwards and its opens arrive in order, so a number at or
+    /// below one seen before is a breach, and no number serves twice.
+    lowest_open: u32,
     /// The client's opens waiting for `OPENED` or `REFUSED`.
     pending: HashMap<u32, oneshot::Sender<Result<Dialled, Refusal>>>,
     assocs: HashMap<u32, Assoc>,
@@ -321,13 +330,20 @@ impl<P: Policy> Driver<P> {
         _ended: DropGuard,
     ) -> Ended {
         let mut ping = tokio::time::interval(self.limits.ping_every);
-        let outgoing = self.outgoing.clone();
+        // One wait for room that keeps its place in the queue across passes:
+        // a wait made afresh each pass would go behind every connection
+        // task's, and under load the control frames would starve.
+        let mut outgoing = PollSender::new(self.outgoing.clone());
         let ended = loop {
             tokio::select! {
-                permit = outgoing.reserve(), if !self.control.is_empty() => {
-                    let Ok(permit) = permit else { break Ended::ChannelClosed };
-                    if let Some(frame) = self.control.pop_front() {
-                        permit.send(frame);
+                room = std::future::poll_fn(|cx| outgoing.poll_reserve(cx)), if !self.control.is_empty() => {
+                    if room.is_err() {
+                        break Ended::ChannelClosed;
+                    }
+                    if let Some(frame) = self.control.pop_front()
+                        && outgoing.send_item(frame).is_err()
+                    {
+                        break Ended::ChannelClosed;
                     }
                 }
                 message = incoming.recv() => {
@@ -365,6 +381,9 @@ impl<P: Policy> Driver<P> {
         // see it and stop.
         for conn in self.conns.values() {
             conn.gone.cancel();
+        }
+        for dial in self.dials.values() {
+            dial.cancel();
         }
         for assoc in self.assocs.values() {
             assoc.gone.cancel();
@@ -425,6 +444,10 @@ impl<P: Policy> Driver<P> {
                 if let Some(state) = self.conns.remove(&conn) {
                     state.gone.cancel();
                 }
+                if let Some(dial) = self.dials.get(&conn) {
+                    dial.cancel();
+                }
+                self.recount();
                 if let Some(reply) = self.pending.remove(&conn) {
                     let _ = reply.send(Err(Refusal::Failed));
                 }
@@ -463,27 +486,36 @@ impl<P: Policy> Driver<P> {
     fn on_open(&mut self, conn: u32, host: &str, port: u16) -> Result<(), Ended> {
         tracing::debug!(conn, host, port, "open asked");
         let Some(policy) = self.policy.clone() else { return Err(Ended::Protocol("OPEN sent to the client")) };
-        if self.conns.contains_key(&conn) || self.pending.contains_key(&conn) || self.assocs.contains_key(&conn) {
-            return Err(Ended::Protocol("OPEN for a connection in use"));
+        if conn < self.lowest_open || self.assocs.contains_key(&conn) {
+            return Err(Ended::Protocol("OPEN for a number already used"));
         }
+        self.lowest_open = conn.checked_add(1).ok_or(Ended::Protocol("connection numbers ran out"))?;
         let refuse = |reason| Frame::Refused { conn, reason };
-        if self.conns.len() >= self.limits.connections {
+        if self.live_conns() >= self.limits.connections {
             return self.send(&refuse(Refusal::TooManyConnections));
         }
         if !policy.allows_name(host, port) {
             return self.send(&refuse(Refusal::NotAllowed));
         }
-        // Reserved now, so a second OPEN with this number is caught.
-        self.conns.insert(conn, Conn::new(CancellationToken::new()));
+        let closed = CancellationToken::new();
+        self.dials.insert(conn, closed.clone());
+        self.recount();
         let (host, timeout, dialling) = (host.to_string(), self.limits.connect_timeout, self.dialling.clone());
         // At most `dialling` at once; the others wait their turn (as many
-        // as the tube's connections, which are bounded above).
+        // as the tube's connections, which are bounded above). A `CLOSE`
+        // from the client ends the wait or the dial.
         self.tasks.spawn(async move {
-            let Ok(_permit) = dialling.acquire_owned().await else {
-                return Finished::Dialled { conn, result: Err(Refusal::Failed) };
+            let dialled = async {
+                let Ok(_permit) = dialling.acquire_owned().await else { return Err(Refusal::Failed) };
+                tokio::time::timeout(timeout, dial(policy.as_ref(), &host, port))
+                    .await
+                    .unwrap_or(Err(Refusal::HostUnreachable))
             };
-            let result = tokio::time::timeout(timeout, dial(policy.as_ref(), &host, port)).await;
-            Finished::Dialled { conn, result: result.unwrap_or(Err(Refusal::HostUnreachable)) }
+            let result = tokio::select! {
+                result = dialled => result,
+                () = closed.cancelled() => Err(Refusal::Failed),
+            };
+            Finished::Dialled { conn, result }
         });
         Ok(())
     }
@@ -491,7 +523,7 @@ impl<P: Policy> Driver<P> {
     /// A datagram for an association. Nothing here waits: no room, and it
     /// is dropped.
     fn on_datagram(&mut self, assoc: u32, host: &str, port: u16, payload: &[u8]) -> Result<(), Ended> {
-        if self.conns.contains_key(&assoc) || self.pending.contains_key(&assoc) {
+        if self.conns.contains_key(&assoc) || self.dials.contains_key(&assoc) || self.pending.contains_key(&assoc) {
             return Err(Ended::Protocol("DATAGRAM for a connection"));
         }
         Stats::count(&self.stats.received, payload.len());
@@ -618,23 +650,19 @@ impl<P: Policy> Driver<P> {
         match finished {
             Ok(Finished::Conn(conn)) => {
                 self.conns.remove(&conn);
-                self.stats.open_connections.store(self.live_conns(), Ordering::Relaxed);
+                self.recount();
             }
             Ok(Finished::Dialled { conn, result }) => {
                 tracing::debug!(conn, ok = result.is_ok(), "dialled");
-                // The client may have closed it while it was being dialled.
-                if !self.conns.contains_key(&conn) {
+                let closed = self.dials.remove(&conn).is_none_or(|closed| closed.is_cancelled());
+                self.recount();
+                // The client closed it while it was being dialled: nobody wants it.
+                if closed {
                     return Ok(());
                 }
                 match result {
-                    Ok(tcp) => {
-                        self.conns.remove(&conn);
-                        self.start_conn(conn, Carried::Dialled(tcp));
-                    }
-                    Err(reason) => {
-                        self.conns.remove(&conn);
-                        self.send(&Frame::Refused { conn, reason })?;
-                    }
+                    Ok(tcp) => self.start_conn(conn, Carried::Dialled(tcp)),
+                    Err(reason) => self.send(&Frame::Refused { conn, reason })?,
                 }
             }
             Ok(Finished::Assoc { assoc, serial, reason }) => {
@@ -656,7 +684,7 @@ impl<P: Policy> Driver<P> {
     fn start_conn(&mut self, conn: u32, tcp: Carried) {
         let state = Conn::new(CancellationToken::new());
         self.conns.insert(conn, state.clone());
-        self.stats.open_connections.store(self.live_conns(), Ordering::Relaxed);
+        self.recount();
         let (outgoing, stats) = (self.outgoing.clone(), self.stats.clone());
         self.tasks.spawn(async move {
             let opened = Frame::Opened { conn };
@@ -691,14 +719,22 @@ impl<P: Policy> Driver<P> {
         });
     }
 
+    /// Connections carried and being dialled: what the cap counts.
     fn live_conns(&self) -> usize {
-        self.conns.len()
+        self.conns.len() + self.dials.len()
+    }
+
+    /// Every change to the connections goes through here, so the count the
+    /// idle check reads never stays behind.
+    fn recount(&self) {
+        self.stats.open_connections.store(self.live_conns(), Ordering::Relaxed);
     }
 
     fn close_conn(&mut self, conn: u32, reason: CloseReason) -> Result<(), Ended> {
         if let Some(state) = self.conns.remove(&conn) {
             state.gone.cancel();
         }
+        self.recount();
         self.send(&Frame::Close { conn, reason })
     }
 }
@@ -1096,6 +1132,59 @@ mod tests {
         let (to_server, _from_server, ended) = raw_server();
         to_server.send(frame(Frame::Opened { conn: 1 })).await.unwrap();
         assert_eq!(ended.await.unwrap(), Ended::Protocol("OPENED for no open"));
+    }
+
+    #[tokio::test]
+    async fn a_dial_the_client_closed_holds_its_place_until_it_ends() {
+        // No dial slot is ever free: every dial waits until it is closed.
+        let limits = Limits { connections: 2, dialling: 0, ..Limits::default() };
+        let (to_server, mut from_server, server, _ended) = raw_server_with(limits);
+        let port = echo_target().await;
+        let open = |conn| frame(Frame::Open { conn, host: "127.0.0.1", port });
+        let open_count = || server.stats().open_connections.load(Ordering::Relaxed);
+        for conn in [1, 2] {
+            to_server.send(open(conn)).await.unwrap();
+        }
+        until("both dials counted", || open_count() == 2).await;
+        // Beyond the cap, refused, dialling ones counted.
+        to_server.send(open(3)).await.unwrap();
+        let refused = next_frame(&mut from_server).await;
+        assert_eq!(Frame::decode(&refused).unwrap(), Frame::Refused { conn: 3, reason: Refusal::TooManyConnections });
+        // A close ends the dial: its place frees, and nothing answers it.
+        to_server.send(frame(Frame::Close { conn: 1, reason: CloseReason::Reset })).await.unwrap();
+        until("the closed dial to free its place", || open_count() == 1).await;
+        to_server.send(open(4)).await.unwrap();
+        until("the new dial counted", || open_count() == 2).await;
+        assert!(only_pings_waiting(&mut from_server), "a closed dial was answered");
+    }
+
+    /// Whether all the frames waiting are pings.
+    fn only_pings_waiting(from: &mut mpsc::Receiver<Bytes>) -> bool {
+        while let Ok(message) = from.try_recv() {
+            if !matches!(Frame::decode(&message).unwrap(), Frame::Ping { .. }) {
+                return false;
+            }
+        }
+        true
+    }
+
+    #[tokio::test]
+    async fn an_open_with_a_number_already_used_ends_the_tube() {
+        let (to_server, _from_server, _, ended) = raw_server_with(Limits { dialling: 0, ..Limits::default() });
+        let port = echo_target().await;
+        for message in [
+            frame(Frame::Open { conn: 5, host: "127.0.0.1", port }),
+            frame(Frame::Close { conn: 5, reason: CloseReason::Reset }),
+            frame(Frame::Open { conn: 5, host: "127.0.0.1", port }),
+        ] {
+            to_server.send(message).await.unwrap();
+        }
+        assert_eq!(ended.await.unwrap(), Ended::Protocol("OPEN for a number already used"));
+        // Nor may a number go backwards.
+        let (to_server, _from_server, _, ended) = raw_server_with(Limits { dialling: 0, ..Limits::default() });
+        to_server.send(frame(Frame::Open { conn: 7, host: "127.0.0.1", port })).await.unwrap();
+        to_server.send(frame(Frame::Open { conn: 6, host: "127.0.0.1", port })).await.unwrap();
+        assert_eq!(ended.await.unwrap(), Ended::Protocol("OPEN for a number already used"));
     }
 
     #[tokio::test]

@@ -173,7 +173,9 @@ pub(crate) async fn relay<P: Policy + ?Sized>(
     idle: Duration,
 ) -> CloseReason {
     let (mut sockets, mut peers) = (Sockets::default(), Peers::default());
-    let mut buffer = vec![0u8; MAX_DATAGRAM];
+    // Room for any UDP payload, so one too long to carry is seen whole and
+    // dropped rather than cut to fit.
+    let mut buffer = vec![0u8; usize::from(u16::MAX)];
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     loop {
@@ -194,7 +196,7 @@ pub(crate) async fn relay<P: Policy + ?Sized>(
             // Readiness can be spurious; an error (an ICMP report) concerns one datagram.
             Err(_) => continue,
         };
-        if !peers.knows(source.ip()) {
+        if !peers.knows(source.ip()) || len > MAX_DATAGRAM {
             Stats::count(&stats.datagrams_dropped, 1);
             continue;
         }
