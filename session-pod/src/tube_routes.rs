@@ -19,7 +19,7 @@ use tidepool_protocol::egress::parse_allow;
 use tidepool_protocol::tube::{
     EndReason, PodTubeState, TUBE_TICKET_HEADER, TubeAnswer, TubeOffer, TubePolicy, TubeReport, decode_sdp, encode_sdp,
 };
-use tidepool_tube::{Closer, Mux, Opened, Peer, Stats};
+use tidepool_tube::{Closer, Mux, Opened, Peer, PeerError, Stats};
 use tidepool_wire::token::TubeClaims;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -101,9 +101,20 @@ async fn create_tube(state: &Arc<PodState>, headers: &HeaderMap, body: Body) -> 
         tracing::warn!(error = %e, "cannot make a peer connection");
         ApiError::new(Reason::Other, StatusCode::SERVICE_UNAVAILABLE, "cannot make a peer connection")
     })?;
+    // Should this request be dropped while it answers (its caller gone),
+    // the connection is closed rather than left running.
+    let mut unclaimed = CloseOnDrop(Some(peer.closer()));
     let answer = match peer.answer(&sdp).await {
         Ok(answer) => encode_sdp(&answer),
+        Err(e @ PeerError::GatheringTimedOut(_)) => {
+            unclaimed.0 = None;
+            peer.close().await;
+            // The pod's trouble, not the offer's: the operator tries again.
+            tracing::warn!(error = %e, "cannot answer a tube's offer");
+            return Err(ApiError::new(Reason::Other, StatusCode::SERVICE_UNAVAILABLE, "cannot answer now; retry"));
+        }
         Err(e) => {
+            unclaimed.0 = None;
             peer.close().await;
             return Err(ApiError::bad_request(Reason::BadOffer, format!("the offer cannot be answered: {e}")));
         }
@@ -113,7 +124,12 @@ async fn create_tube(state: &Arc<PodState>, headers: &HeaderMap, body: Body) -> 
         let mut table = tubes.table();
         // Two posts for one tube raced: the first one's answer stands.
         match table.tubes.get(&claims.tube) {
-            Some(entry) => Some(entry.answer.clone()),
+            Some(entry) => Some(Ok(entry.answer.clone())),
+            // Others were set up meanwhile: the limit holds all the same.
+            None if table.live() >= tubes.limits.tubes => {
+                let message = format!("this pod carries {} tubes, the most it may", tubes.limits.tubes);
+                Some(Err(ApiError::too_many(Reason::TubeLimit, message, Duration::from_secs(5))))
+            }
             None => {
                 let entry = Entry {
                     state: PodTubeState::Connecting,
@@ -129,14 +145,29 @@ async fn create_tube(state: &Arc<PodState>, headers: &HeaderMap, body: Body) -> 
         }
     };
     if let Some(first) = raced {
+        unclaimed.0 = None;
         peer.close().await;
-        return Ok(first);
+        return first;
     }
+    unclaimed.0 = None;
     state.metrics.tube_creations.with_label_values(&["answered"]).inc();
     tracing::info!(tube = %claims.name, namespace = %claims.ns, kind = %claims.kind, "tube answered");
     let guard = EndGuard { state: state.clone(), uid: claims.tube.clone(), closer: Some(peer.closer()) };
     tokio::spawn(run(guard, peer, permit, Arc::new(Dial(policy)), claims.idle, stop));
     Ok(answer)
+}
+
+/// Closes a peer connection when dropped while it still holds it.
+struct CloseOnDrop(Option<Closer>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(closer) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move { closer.close().await });
+        }
+    }
 }
 
 /// Records a tube's end when its task ends without saying why (a panic),
@@ -183,12 +214,16 @@ async fn run(
     // running): it closes the connection itself when it gives up. A tube
     // deleted meanwhile frees its place among the creations at once.
     let mut permit = Some(permit);
+    let closer = peer.closer();
     let open = peer.open(limits.open_within);
     tokio::pin!(open);
     let opened = tokio::select! {
         opened = &mut open => opened,
         () = stop.cancelled() => {
             permit.take();
+            // Closed first, so the open gives up at once and no client
+            // completes a handshake with a tube that was deleted.
+            closer.close().await;
             open.await
         }
     };

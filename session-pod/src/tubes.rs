@@ -139,10 +139,12 @@ impl Tubes {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Closes every tube (the pod is shutting down).
+    /// Closes every tube, each ended `PodShutdown` (the pod is shutting
+    /// down) before its task hears of it and would say `Deleted`.
     pub fn close_all(&self) {
-        for entry in self.table().tubes.values() {
-            entry.stop.cancel();
+        let live: Vec<String> = self.table().tubes.keys().cloned().collect();
+        for uid in live {
+            self.end(&uid, EndReason::PodShutdown, "the pod is shutting down".into());
         }
     }
 
@@ -228,5 +230,29 @@ mod tests {
         assert_eq!(table.tubes.len(), ENDED_KEPT + 1);
         assert!(table.tubes.contains_key("live") && !table.tubes.contains_key("t0") && table.tubes.contains_key("t68"));
         assert_eq!(table.live(), 1);
+    }
+
+    #[test]
+    fn closing_all_ends_each_live_tube_for_the_shutdown_and_keeps_earlier_ends() {
+        let tubes = Tubes::new(TubeLimits::default());
+        let entry = |ended: Option<(EndReason, String)>| Entry {
+            state: PodTubeState::Connected,
+            answer: String::new(),
+            stats: None,
+            ended,
+            ended_at: None,
+            stop: CancellationToken::new(),
+        };
+        let live_stop = {
+            let mut table = tubes.table();
+            table.tubes.insert("live".into(), entry(None));
+            table.tubes.insert("idle".into(), entry(Some((EndReason::Idle, "idle".into()))));
+            table.tubes["live"].stop.clone()
+        };
+        tubes.close_all();
+        let table = tubes.table();
+        assert_eq!(table.tubes["live"].ended.as_ref().map(|e| e.0), Some(EndReason::PodShutdown));
+        assert!(live_stop.is_cancelled(), "the tube's task is told");
+        assert_eq!(table.tubes["idle"].ended.as_ref().map(|e| e.0), Some(EndReason::Idle));
     }
 }
