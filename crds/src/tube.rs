@@ -208,6 +208,10 @@ pub struct TubeStatus {
     /// `PeerGone`, ...), kept once it is Closed or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_reason: Option<String>,
+    /// When it ended: the result retention counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_date_time")]
+    pub ended_at: Option<Time>,
     /// Ready and the reasons for failing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions")]

@@ -95,6 +95,21 @@ async fn every_bad_input_is_answered_counted_and_changes_nothing() {
         says,
         counted: refusal("route", reason),
     };
+    let tube = |what, body: Vec<u8>, code, says, reason: &str| Bad {
+        what,
+        path: "/api/v1/tubes".into(),
+        token: Some(TOKEN.into()),
+        ticket: None,
+        body,
+        code,
+        says,
+        counted: refusal("tube", reason),
+    };
+    let offer = |pool: &str, sdp: &[u8]| {
+        use base64::Engine as _;
+        let offer = base64::engine::general_purpose::STANDARD.encode(sdp);
+        json_bytes(json!({ "pool": pool, "conversationType": "socks5", "offer": offer }))
+    };
     let pool = |fields: Value| {
         let mut body = json!({ "pool": "edge" });
         body.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
@@ -180,6 +195,11 @@ async fn every_bad_input_is_answered_counted_and_changes_nothing() {
             "invalid",
         ),
         create("an oversized body", vec![b' '; 64 * 1024], 413, "length limit", "too_large"),
+        // Tubes.
+        tube("an oversized offer", vec![b' '; 100 * 1024], 413, "length limit", "too_large"),
+        tube("an offer over 48 KiB of SDP", offer("edge", &[b'a'; 50 * 1024]), 400, "at most 49152", "bad_offer"),
+        tube("a tube on a pool that does not exist", offer("nowhere", b"v=0\r\n"), 404, "no WarmPool", "no_pool"),
+        tube("a tube on a pool that allows none", offer("edge", b"v=0\r\n"), 422, "allows tubes nowhere", "refused"),
         // Routing.
         route(
             "a tier with no CPU",
@@ -323,6 +343,8 @@ async fn every_bad_input_is_answered_counted_and_changes_nothing() {
     let after = sessions.get(&name).await.unwrap();
     assert_eq!(after.status.as_ref().and_then(|s| s.results.clone()), None, "a refused report wrote results");
     assert_eq!(after.status.map(|s| s.pod), before.status.map(|s| s.pod));
+    let tubes: Api<tidepool_crds::Tube> = Api::all(cluster.client.clone());
+    assert!(tubes.list(&ListParams::default()).await.unwrap().items.is_empty(), "a refused request made a Tube");
     let backends: Api<Backend> = Api::all(cluster.client.clone());
     assert!(backends.list(&ListParams::default()).await.unwrap().items.is_empty(), "a refused report made a Backend");
 }

@@ -30,6 +30,9 @@ pub const TUBE_API_PATH: &str = "/api/v1/tubes/{name}";
 /// The most bytes of SDP either side takes (the CRD's field holds its
 /// base64, 64 KiB); a description with every candidate is a few KiB.
 pub const MAX_SDP_BYTES: usize = 48 * 1024;
+/// The largest body of a request that carries an offer: the SDP in base64,
+/// with room for the request's other fields.
+pub const OFFER_BODY_LIMIT: usize = MAX_SDP_BYTES.div_ceil(3) * 4 + 16 * 1024;
 
 /// The operator's request to the pod: terminate this tube. The pod's peer
 /// gathers host candidates only: STUN or TURN servers named by a client

@@ -30,7 +30,7 @@ use axum::routing::{get, post};
 use tidepool_protocol::api::{ROUTE_PATH, SESSION_PATH, SESSIONS_PATH};
 use tidepool_protocol::results::{OPERATOR_RESULTS_PATH, RESULTS_BODY_LIMIT};
 use tidepool_protocol::stored::STORED_RESULTS_PATH;
-use tidepool_protocol::tube::{TUBE_API_PATH, TUBES_API_PATH};
+use tidepool_protocol::tube::{OFFER_BODY_LIMIT, TUBE_API_PATH, TUBES_API_PATH};
 use tidepool_wire::report::{MAX_REPORT_BYTES, REPORT_PATH};
 
 pub use reply::error;
@@ -47,7 +47,6 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
         .route(SESSIONS_PATH, post(sessions::create))
         .route(SESSION_PATH, get(sessions::get).delete(sessions::delete))
-        .route(TUBES_API_PATH, post(tubes::create))
         .route(TUBE_API_PATH, get(tubes::get).delete(tubes::delete))
         .route(ROUTE_PATH, post(route::route))
         .route(STORED_RESULTS_PATH, get(stored::list))
@@ -56,6 +55,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), |state, request: Request, next: Next| {
             refuse_oversized(state, BODY_LIMIT, request, next)
+        }));
+    // A tube's offer is larger than any other request the API takes.
+    let tube_offers = Router::new()
+        .route(TUBES_API_PATH, post(tubes::create))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(OFFER_BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), |state, request: Request, next: Next| {
+            refuse_oversized(state, OFFER_BODY_LIMIT, request, next)
         }));
     let pods = Router::new()
         .route(OPERATOR_RESULTS_PATH, post(results::submit))
@@ -74,6 +81,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(api)
+        .merge(tube_offers)
         .merge(agents)
         .merge(pods)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })

@@ -89,8 +89,10 @@ pub enum Step {
     ReleaseSession,
     /// Ended longer ago than the retention: delete the Tube.
     Delete,
-    /// Nothing to do until the tube changes.
-    Idle,
+    /// Ended: kept, with its reason, for `remaining` of the retention.
+    Keep {
+        remaining: Duration,
+    },
 }
 
 fn is_terminal(state: TubeState) -> bool {
@@ -102,15 +104,24 @@ pub fn decide(observed: &Observed) -> Step {
     // Only a pod that answered may hold the tube open.
     let open_on = || observed.answered.then(|| observed.status_pod.clone()).flatten().filter(|_| !terminal);
     if observed.deleting {
-        return Step::Release { close_on_pod: open_on() };
+        // An offer whose answer was never written (the write lost to the
+        // deletion) may still be open on the session's pod: closing it
+        // there spares the pod counting a client that never came as a
+        // failure. Closing a tube the pod never heard of is harmless.
+        let offered_to = || match &observed.session {
+            SessionSeen::Ready { pod, alive: true } if !terminal => Some(pod.clone()),
+            _ => None,
+        };
+        return Step::Release { close_on_pod: open_on().or_else(offered_to) };
     }
     if terminal {
         let session_left = observed.owns_session && !matches!(observed.session, SessionSeen::Missing);
-        let expired = observed.ended_for.is_some_and(|ended| ended >= observed.retention);
-        return match (session_left, expired) {
+        // An end not yet known counts as now: kept a whole retention.
+        let ended_for = observed.ended_for.unwrap_or(Duration::ZERO);
+        return match (session_left, ended_for >= observed.retention) {
             (true, _) => Step::ReleaseSession,
             (false, true) => Step::Delete,
-            (false, false) => Step::Idle,
+            (false, false) => Step::Keep { remaining: observed.retention - ended_for },
         };
     }
     if !observed.has_finalizer {
@@ -219,11 +230,13 @@ mod tests {
     }
 
     #[test]
-    fn a_deleted_tube_is_closed_on_its_pod_only_if_it_may_be_open_there() {
+    fn a_deleted_tube_is_closed_on_the_pod_it_may_be_open_on() {
         let deleting = Observed { deleting: true, ..answered("p1", TubeState::Connected) };
         assert_eq!(decide(&deleting), Step::Release { close_on_pod: Some("p1".into()) });
         let pending = Observed { deleting: true, ..observed() };
         assert_eq!(decide(&pending), Step::Release { close_on_pod: None });
+        let offered = Observed { deleting: true, session: ready("p2"), ..observed() };
+        assert_eq!(decide(&offered), Step::Release { close_on_pod: Some("p2".into()) }, "its answer may be unwritten");
         let ended = Observed { deleting: true, ..answered("p1", TubeState::Closed) };
         assert_eq!(decide(&ended), Step::Release { close_on_pod: None });
     }
@@ -233,11 +246,13 @@ mod tests {
         let ended = Observed { owns_session: true, ..answered("p1", TubeState::Failed) };
         assert_eq!(decide(&ended), Step::ReleaseSession);
         let gone = Observed { session: SessionSeen::Missing, ..ended.clone() };
-        assert_eq!(decide(&gone), Step::Idle);
+        let whole = Step::Keep { remaining: Duration::from_secs(3600) };
+        assert_eq!(decide(&gone), whole, "an end not yet known is kept a whole retention");
         let users = Observed { owns_session: false, ..ended.clone() };
-        assert_eq!(decide(&users), Step::Idle, "a session the user named is not the tube's to delete");
+        assert_eq!(decide(&users), whole, "a session the user named is not the tube's to delete");
         let kept = Observed { session: SessionSeen::Missing, ended_for: Some(Duration::from_secs(3599)), ..ended };
-        assert_eq!(decide(&kept), Step::Idle, "kept with its reason for the retention");
+        let rest = Step::Keep { remaining: Duration::from_secs(1) };
+        assert_eq!(decide(&kept), rest, "kept with its reason for the rest of the retention, then looked at again");
         let old = Observed { ended_for: Some(Duration::from_secs(3600)), ..kept };
         assert_eq!(decide(&old), Step::Delete);
     }

@@ -65,14 +65,17 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
         let step = decide::decide(&observed);
         tracing::trace!(tube = %tube.name_any(), ?step, "step");
         match step {
-            Step::Idle => return Ok(Action::await_change()),
+            Step::Keep { remaining } => return Ok(Action::requeue(remaining)),
             Step::Release { close_on_pod } => {
-                if let Some(pod) = close_on_pod {
-                    close_on(&ctx, &tube, &namespace, &pod).await;
-                    end_metrics(&ctx, EndReason::Deleted);
+                if let Some(pod) = &close_on_pod {
+                    close_on(&ctx, &tube, &namespace, pod).await;
                 }
                 if has_finalizer {
                     set_finalizer(&ctx, &tube, &namespace, false, version.as_deref()).await?;
+                    // Counted once: a pass whose finalizer write lost (409) comes again.
+                    if close_on_pod.is_some() {
+                        end_metrics(&ctx, EndReason::Deleted);
+                    }
                 }
                 return Ok(Action::await_change());
             }
@@ -254,9 +257,15 @@ fn observe(ctx: &Context, tube: &Tube, namespace: &str, status: &TubeStatus) -> 
     let now = Timestamp::now();
     let created = tube.creation_timestamp().map_or(now, |t| t.0);
     let age = now.duration_since(created).try_into().unwrap_or(Duration::ZERO);
+    // Tubes that ended before `endedAt` was written count from their last
+    // Ready transition.
     let ended_for = matches!(status.state, TubeState::Closed | TubeState::Failed)
-        .then(|| conditions::last_transition(&status.conditions, conditions::READY))
+        .then(|| status.ended_at.as_ref().map(|at| at.0))
         .flatten()
+        .or_else(|| {
+            let terminal = matches!(status.state, TubeState::Closed | TubeState::Failed);
+            terminal.then(|| conditions::last_transition(&status.conditions, conditions::READY)).flatten()
+        })
         .map(|at| now.duration_since(at).try_into().unwrap_or(Duration::ZERO));
     Observed {
         deleting: tube.meta().deletion_timestamp.is_some(),
@@ -349,6 +358,7 @@ async fn end(
     let mut next = before.clone();
     next.state = decide::ended_state(reason);
     next.end_reason = Some(reason.as_str().to_string());
+    next.ended_at = Some(Time(Timestamp::now()));
     next.open_connections = 0;
     set_ready(&mut next, tube, false, reason.as_str(), message);
     let version = write_status(ctx, tube, namespace, version.as_deref(), &before, &next).await?.or(version);
