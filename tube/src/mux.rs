@@ -51,6 +51,9 @@ const CONTROL_BACKLOG: usize = 4096;
 /// for its sockets at the pod's. When full the newest is dropped, as a
 /// full UDP socket buffer would.
 pub const ASSOCIATION_INBOX: usize = 64;
+/// Associations the pod remembers closing, against datagrams still on
+/// their way (a few for each it may hold at once).
+const CLOSED_KEPT: usize = 64;
 
 /// The two queues a tube's messages pass through.
 pub struct Channel {
@@ -153,6 +156,7 @@ impl Mux {
             lowest_open: 0,
             pending: HashMap::new(),
             assocs: HashMap::new(),
+            closed_assocs: VecDeque::new(),
             next_conn: 1,
             next_serial: 0,
             tasks: JoinSet::new(),
@@ -292,6 +296,10 @@ struct Driver<P> {
     /// The client's opens waiting for `OPENED` or `REFUSED`.
     pending: HashMap<u32, oneshot::Sender<Result<Dialled, Refusal>>>,
     assocs: HashMap<u32, Assoc>,
+    /// The pod's end: associations it closed or refused lately, so that a
+    /// datagram already on its way neither opens one again nor draws a
+    /// second `CLOSE`. The oldest is forgotten beyond [`CLOSED_KEPT`].
+    closed_assocs: VecDeque<u32>,
     /// Numbers connections and associations alike (the client's end).
     next_conn: u32,
     next_serial: u64,
@@ -532,10 +540,16 @@ impl<P: Policy> Driver<P> {
             // error; one it has closed may still have datagrams on the way.
             None if assoc >= self.next_conn => return Err(Ended::Protocol("DATAGRAM for no association")),
             None => {}
-            // The pod's end: the first datagram opens the association.
+            // The pod's end: a late datagram of one it closed is dropped.
+            Some(_) if self.closed_assocs.contains(&assoc) => {
+                Stats::count(&self.stats.datagrams_dropped, 1);
+                return Ok(());
+            }
+            // The first datagram opens the association.
             Some(policy) if !self.assocs.contains_key(&assoc) => {
                 if self.assocs.len() >= self.limits.associations {
                     Stats::count(&self.stats.datagrams_dropped, 1);
+                    self.remember_closed(assoc);
                     return self.send(&Frame::Close { conn: assoc, reason: CloseReason::Reset });
                 }
                 self.start_relay(assoc, policy);
@@ -636,7 +650,17 @@ impl<P: Policy> Driver<P> {
         if let Some(gone) = self.assocs.remove(&assoc) {
             gone.gone.cancel();
             self.stats.open_associations.store(self.assocs.len(), Ordering::Relaxed);
+            if self.policy.is_some() {
+                self.remember_closed(assoc);
+            }
         }
+    }
+
+    fn remember_closed(&mut self, assoc: u32) {
+        if self.closed_assocs.len() >= CLOSED_KEPT {
+            self.closed_assocs.pop_front();
+        }
+        self.closed_assocs.push_back(assoc);
     }
 
     /// The next number for a connection or an association (the client's end).
@@ -1314,6 +1338,26 @@ mod tests {
         assert!(answers.contains(&Frame::Close { conn: 3, reason: CloseReason::Reset }), "{answers:?}");
         assert!(answers.contains(&Frame::Datagram { assoc: 1, host: "127.0.0.1", port, payload: b"a" }), "{answers:?}");
         assert_eq!(load(&server.stats().datagrams_dropped), 1);
+        // More datagrams of the refused one are dropped without a second CLOSE.
+        to_server.send(frame(Frame::Datagram { assoc: 3, host: "127.0.0.1", port, payload: b"c" })).await.unwrap();
+        until("the late datagram dropped", || load(&server.stats().datagrams_dropped) == 2).await;
+        assert!(only_pings_waiting(&mut from_server), "a refused association was closed twice");
+    }
+
+    #[tokio::test]
+    async fn a_late_datagram_does_not_reopen_an_association_the_pod_closed() {
+        let limits = Limits { association_idle: Duration::from_millis(200), ..Limits::default() };
+        let (to_server, mut from_server, server, _ended) = raw_server_with(limits);
+        let port = udp_echo().await;
+        let datagram = |payload| frame(Frame::Datagram { assoc: 1, host: "127.0.0.1", port, payload });
+        to_server.send(datagram(b"a")).await.unwrap();
+        assert!(matches!(Frame::decode(&next_frame(&mut from_server).await).unwrap(), Frame::Datagram { .. }));
+        // Idle: the pod closes it.
+        let closed = next_frame(&mut from_server).await;
+        assert_eq!(Frame::decode(&closed).unwrap(), Frame::Close { conn: 1, reason: CloseReason::Idle });
+        to_server.send(datagram(b"late")).await.unwrap();
+        until("the late datagram dropped", || load(&server.stats().datagrams_dropped) == 1).await;
+        assert_eq!(server.stats().open_associations.load(Ordering::Relaxed), 0, "the late datagram reopened it");
     }
 
     #[tokio::test]
