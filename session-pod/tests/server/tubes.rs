@@ -4,6 +4,7 @@
 //! what the ticket allows, reports the tube, and ends it on DELETE, when
 //! idle, or when the client never connects.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tidepool_tests::targets::{echo_target, pattern};
 
@@ -210,10 +211,27 @@ async fn a_tunnel_carries_its_target_only_reports_what_it_carried_and_ends_on_de
         writer
     });
     let mut echoed = vec![0u8; ONE_MIB];
-    if timeout(PATIENCE, reader.read_exact(&mut echoed)).await.is_err() {
-        // Whether datagrams were dropped tells lost packets from a stuck tube.
+    let mut got = 0;
+    let deadline = Instant::now() + PATIENCE;
+    while got < ONE_MIB && Instant::now() < deadline {
+        match timeout(Duration::from_millis(500), reader.read(&mut echoed[got..])).await {
+            Ok(Ok(read)) if read > 0 => got += read,
+            Ok(_) => break,
+            Err(_) => {}
+        }
+    }
+    if got < ONE_MIB {
+        // Both ends' counters say where the bytes stopped; whether
+        // datagrams were dropped tells lost packets from a stuck tube.
         let seen = report(&pod, &ticket, uid).await;
-        panic!("the echo stalled; the pod's report: {seen:?}; {}", udp_counters());
+        let stats = client.mux.stats();
+        let client_counts = (stats.sent.load(Ordering::Relaxed), stats.received.load(Ordering::Relaxed));
+        panic!(
+            "the echo stalled at {got} bytes (all written: {}); the client's end sent and received {client_counts:?}; \
+             the pod's report: {seen:?}; {}",
+            writing.is_finished(),
+            udp_counters()
+        );
     }
     let writer = timeout(PATIENCE, writing).await.unwrap().unwrap();
     assert!(echoed == sent, "the echo differs from what was sent");
