@@ -38,14 +38,16 @@ fn subject(name: &str) -> Subject {
 
 /// Grants ServiceAccount `default/<account>` `verbs` on TestSessions in `namespace`.
 async fn grant(client: &kube::Client, namespace: &str, account: &str, verbs: &[&str]) {
-    let name = format!("{account}-sessions");
-    let role = Role {
-        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
-        rules: Some(vec![rule("tidepool.dev", &["testsessions"], verbs)]),
-    };
+    let rules = vec![rule("tidepool.dev", &["testsessions"], verbs)];
+    bind_role(client, namespace, &format!("{account}-sessions"), account, rules).await;
+}
+
+/// A Role `name` in `namespace` with `rules`, bound to ServiceAccount `default/<account>`.
+async fn bind_role(client: &kube::Client, namespace: &str, name: &str, account: &str, rules: Vec<PolicyRule>) {
+    let role = Role { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, rules: Some(rules) };
     let binding = RoleBinding {
-        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
-        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name },
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: name.into() },
         subjects: Some(vec![subject(account)]),
     };
     Api::<Role>::namespaced(client.clone(), namespace).create(&PostParams::default(), &role).await.unwrap();
@@ -323,17 +325,7 @@ async fn callers_act_with_their_own_kubernetes_rights_and_no_more() {
 /// takes (`list` on `resources` in `default`, `get` on Backends).
 async fn watch_cluster(client: &kube::Client, account: &str, resources: &[&str]) {
     let name = format!("{account}-cluster-view");
-    let role = Role {
-        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
-        rules: Some(vec![rule("tidepool.dev", resources, &["list"])]),
-    };
-    let binding = RoleBinding {
-        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
-        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: name.clone() },
-        subjects: Some(vec![subject(account)]),
-    };
-    Api::<Role>::namespaced(client.clone(), "default").create(&PostParams::default(), &role).await.unwrap();
-    Api::<RoleBinding>::namespaced(client.clone(), "default").create(&PostParams::default(), &binding).await.unwrap();
+    bind_role(client, "default", &name, account, vec![rule("tidepool.dev", resources, &["list"])]).await;
     let backends = ClusterRole {
         metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
         rules: Some(vec![rule("tidepool.dev", &["backends"], &["get"])]),

@@ -50,32 +50,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route(TUBE_API_PATH, get(tubes::get).delete(tubes::delete))
         .route(ROUTE_PATH, post(route::route))
         .route(STORED_RESULTS_PATH, get(stored::list))
-        .route(tidepool_protocol::cluster::CLUSTER_PATH, get(cluster::events))
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn_with_state(state.clone(), |state, request: Request, next: Next| {
-            refuse_oversized(state, BODY_LIMIT, request, next)
-        }));
+        .route(tidepool_protocol::cluster::CLUSTER_PATH, get(cluster::events));
+    let api = limited(authenticated(api, &state), &state, BODY_LIMIT);
     // A tube's offer is larger than any other request the API takes.
-    let tube_offers = Router::new()
-        .route(TUBES_API_PATH, post(tubes::create))
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .layer(DefaultBodyLimit::max(OFFER_BODY_LIMIT))
-        .layer(middleware::from_fn_with_state(state.clone(), |state, request: Request, next: Next| {
-            refuse_oversized(state, OFFER_BODY_LIMIT, request, next)
-        }));
-    let pods = Router::new()
-        .route(OPERATOR_RESULTS_PATH, post(results::submit))
-        .layer(DefaultBodyLimit::max(RESULTS_BODY_LIMIT))
-        .layer(middleware::from_fn_with_state(state.clone(), |state, request: Request, next: Next| {
-            refuse_oversized(state, RESULTS_BODY_LIMIT, request, next)
-        }));
-    let agents = Router::new()
-        .route(REPORT_PATH, post(agents::report))
-        .layer(DefaultBodyLimit::max(MAX_REPORT_BYTES))
-        .layer(middleware::from_fn_with_state(state.clone(), |state, request: Request, next: Next| {
-            refuse_oversized(state, MAX_REPORT_BYTES, request, next)
-        }));
+    let tube_offers = Router::new().route(TUBES_API_PATH, post(tubes::create));
+    let tube_offers = limited(authenticated(tube_offers, &state), &state, OFFER_BODY_LIMIT);
+    let pods = limited(Router::new().route(OPERATOR_RESULTS_PATH, post(results::submit)), &state, RESULTS_BODY_LIMIT);
+    let agents = limited(Router::new().route(REPORT_PATH, post(agents::report)), &state, MAX_REPORT_BYTES);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -86,6 +67,22 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(pods)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
+}
+
+/// `router` behind the caller's identity.
+fn authenticated(router: Router<Arc<ApiState>>, state: &Arc<ApiState>) -> Router<Arc<ApiState>> {
+    router.layer(middleware::from_fn_with_state(state.clone(), authenticate))
+}
+
+/// `router` taking bodies of at most `limit` bytes: a larger declared
+/// length is refused with 413 before anything else runs, and no handler
+/// reads more than `limit` of a body that did not declare its length.
+fn limited(router: Router<Arc<ApiState>>, state: &Arc<ApiState>, limit: usize) -> Router<Arc<ApiState>> {
+    router
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), move |state, request: Request, next: Next| {
+            refuse_oversized(state, limit, request, next)
+        }))
 }
 
 /// Oversized bodies this large or smaller are read and dropped before the 413.
