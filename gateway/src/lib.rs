@@ -12,6 +12,7 @@ pub mod client;
 pub mod cluster;
 pub mod cors;
 pub mod flags;
+pub mod join;
 pub mod metrics;
 pub mod operator;
 pub mod proxy;

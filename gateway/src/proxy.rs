@@ -562,8 +562,8 @@ pub fn join_upgraded(
         };
         let mut client = CountedIo { inner: TokioIo::new(client), read: to_upstream, tally: tally.clone() };
         let mut pod = CountedIo { inner: TokioIo::new(pod), read: to_client, tally };
-        // Either side closing ends both; the error says only which went first.
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut pod).await;
+        // Either side failing ends both; the error says only which went first.
+        let _ = crate::join::join(&mut client, &mut pod).await;
     });
     answer
 }
