@@ -3,7 +3,9 @@
 //! for a Tube with that offer (the operator has a pod answer it), connects,
 //! and then carries every local TCP connection through the one tube: to
 //! the fixed `--target`, or wherever a SOCKS5 client asks (`--socks5`).
-//! Ctrl-C closes the tube and deletes the Tube.
+//! Ctrl-C closes the tube and deletes the Tube; a tube that ends on its
+//! own is left to the operator, which keeps it, with its reason, for its
+//! retention.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -179,9 +181,11 @@ pub async fn run(operator: OperatorClient, request: TubeRequest) -> Result<()> {
             Ok(())
         }
         Err(how) => {
-            // The operator knows why from the pod; its status says so soon after.
+            // The operator learns why from the pod (or from its going) and
+            // keeps the ended Tube, with that reason, for its retention.
+            // Deleting it here would race that write and, when it won, put
+            // `Deleted` in the reason's place.
             let why = reason(&operator, &name, namespace).await;
-            let _ = operator.delete_tube(&name, namespace).await;
             Err(Error::test(format!("tube {name}: {how}{why}")))
         }
     }
@@ -209,9 +213,10 @@ async fn connect(peer: Peer, view: &TubeView) -> Result<Opened> {
     peer.open_heard(OPEN_WITHIN).await.map_err(|e| Error::test(format!("the tube did not connect: {e}")))
 }
 
-/// Why the tube ended, as the operator's status says (a short wait for it).
+/// Why the tube ended, as the operator's status says: waited for up to
+/// 10 s, past the operator's 5 s poll of a connected tube's pod.
 async fn reason(operator: &OperatorClient, name: &str, namespace: Option<&str>) -> String {
-    for _ in 0..10 {
+    for _ in 0..34 {
         if let Ok(view) = operator.get_tube(name, namespace).await
             && view.reason.as_deref().is_some_and(|r| r != "Answered" && r != "Connected")
         {

@@ -225,6 +225,9 @@ async fn a_tube_made_by_the_cli_carries_traffic_within_the_pools_allowlist_and_e
     let (exit, said) = forward.ended().await;
     assert!(!exit.success(), "the CLI must fail when its tube does: {said}");
     assert!(said.contains("ended"), "{said}");
+    // The CLI leaves the failed Tube, with its reason, to the operator's retention.
+    let kept = tubes.get(&kube::ResourceExt::name_any(&connected)).await.expect("the failed Tube is kept");
+    assert_eq!(kept.status.map(|s| s.state), Some(TubeState::Failed));
     // The ended tube let its session go, and the Events tell the story.
     eventually(PATIENCE, "the failed tube's session to be released", || async {
         sessions.get_opt(&tube_session).await.ok()?.is_none().then_some(())
