@@ -20,6 +20,9 @@ use crate::operator::OperatorClient;
 
 /// How long the client's peer waits for the channel to open once answered.
 const OPEN_WITHIN: Duration = Duration::from_secs(10);
+/// How long an ended tube's client waits for the operator's reason: past
+/// the operator's 5 s poll of a connected tube's pod.
+const REASON_WITHIN: Duration = Duration::from_secs(10);
 
 /// What the tube carries, from the flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -213,10 +216,11 @@ async fn connect(peer: Peer, view: &TubeView) -> Result<Opened> {
     peer.open_heard(OPEN_WITHIN).await.map_err(|e| Error::test(format!("the tube did not connect: {e}")))
 }
 
-/// Why the tube ended, as the operator's status says: waited for up to
-/// 10 s, past the operator's 5 s poll of a connected tube's pod.
+/// Why the tube ended, as the operator's status says, waited for up to
+/// [`REASON_WITHIN`].
 async fn reason(operator: &OperatorClient, name: &str, namespace: Option<&str>) -> String {
-    for _ in 0..34 {
+    let deadline = Instant::now() + REASON_WITHIN;
+    while Instant::now() < deadline {
         if let Ok(view) = operator.get_tube(name, namespace).await
             && view.reason.as_deref().is_some_and(|r| r != "Answered" && r != "Connected")
         {

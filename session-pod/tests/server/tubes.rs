@@ -227,7 +227,7 @@ async fn a_tunnel_carries_its_target_only_reports_what_it_carried_and_ends_on_de
         let stats = client.mux.stats();
         let client_counts = (stats.sent.load(Ordering::Relaxed), stats.received.load(Ordering::Relaxed));
         panic!(
-            "the echo stalled at {got} bytes (all written: {}); the client's end sent and received {client_counts:?}; \
+            "the echo stopped (stalled, or the stream ended) at {got} bytes (all written: {}); the client's end sent and received {client_counts:?}; \
              the pod's report: {seen:?}; {}",
             writing.is_finished(),
             udp_counters()
