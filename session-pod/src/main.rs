@@ -10,8 +10,13 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     // Usage errors (a missing or malformed key or pod name) exit with 2.
     let flags = Flags::parse();
+    // The WebRTC stack logs through `log`, which this also collects: its
+    // errors (a failed send) belong in the pod's log; its warnings come
+    // with every tube and say nothing wrong.
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rtc=error,webrtc=error")),
+        )
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(flags.worker_threads))

@@ -12,6 +12,9 @@
 //! - the UDP socket buffers are 4 MiB: at the default size a burst of
 //!   SCTP packets overflows the receive buffer, and SCTP's 1 s minimum
 //!   retransmission timeout turns each drop into a stall;
+//! - a GSO send holds no more datagrams than fit one UDP send
+//!   ([`crate::sockets`]): a larger batch fails whole, again on every
+//!   retransmission, and wedged one direction of the tube;
 //! - SCTP packets are 1,400 bytes, not 1,191 (fewer per message);
 //! - the SCTP receive window is 4 MiB, and a message may hold any frame;
 //! - SCTP's first INIT goes out as soon as DTLS is up, not on the next
@@ -19,12 +22,9 @@
 //! - the channel's send buffer is bounded, so `send` waits when the peer
 //!   falls behind, and the multiplexer's queue with it.
 
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rtc::ice::mdns::MulticastDnsMode;
@@ -36,11 +36,9 @@ use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceGatheringState,
     RTCIceServer, RTCPeerConnectionState, RTCSessionDescription, SettingEngine, SettingEngineBuilder,
 };
-use webrtc::runtime::{
-    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, Runtime, TokioRuntime,
-};
 
 use crate::mux::{Channel, OUTGOING_FRAMES};
+use crate::sockets::TubeSockets;
 
 /// Messages from the channel waiting for the multiplexer. When it is full
 /// the bridge stops taking messages, and SCTP's window pushes back.
@@ -182,7 +180,7 @@ impl Peer {
         let gathered = Arc::new(Notify::new());
         let (state, state_changes) = watch::channel(RTCPeerConnectionState::New);
         let events = Arc::new(Events { gathered: gathered.clone(), state });
-        let runtime = Arc::new(SizedSockets { inner: TokioRuntime, bytes: settings.socket_buffer });
+        let runtime = Arc::new(TubeSockets::new(settings.socket_buffer, settings.sctp_mtu));
         let connection = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().with_ice_servers(settings.rtc_ice_servers()).build())
             .with_setting_engine(settings.engine())
@@ -400,72 +398,5 @@ impl Peer {
     /// of this peer (its owner's guard, should the owner panic).
     pub fn closer(&self) -> Closer {
         Closer(self.connection.clone())
-    }
-}
-
-/// Tokio, with the UDP socket buffers the tube needs.
-#[derive(Debug)]
-struct SizedSockets {
-    inner: TokioRuntime,
-    bytes: usize,
-}
-
-impl Runtime for SizedSockets {
-    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) -> Box<dyn JoinHandle> {
-        self.inner.spawn(future)
-    }
-
-    fn spawn_reactor(&self, threads: usize, future: Pin<Box<dyn Future<Output = ()> + Send>>) -> Box<dyn JoinHandle> {
-        self.inner.spawn_reactor(threads, future)
-    }
-
-    fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
-        let sized = socket2::SockRef::from(&socket);
-        // Best effort: the system's caps may hold them lower.
-        let _ = sized.set_recv_buffer_size(self.bytes);
-        let _ = sized.set_send_buffer_size(self.bytes);
-        self.inner.wrap_udp_socket(socket)
-    }
-
-    fn wrap_tcp_listener(&self, listener: std::net::TcpListener) -> io::Result<Arc<dyn AsyncTcpListener>> {
-        self.inner.wrap_tcp_listener(listener)
-    }
-
-    fn connect_tcp<'a>(
-        &'a self,
-        address: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Arc<dyn AsyncTcpStream>>> + Send + 'a>> {
-        self.inner.connect_tcp(address)
-    }
-
-    fn resolve_host<'a>(
-        &'a self,
-        host: &'a str,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
-        self.inner.resolve_host(host)
-    }
-
-    fn now(&self) -> Instant {
-        self.inner.now()
-    }
-
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        self.inner.sleep(duration)
-    }
-
-    fn interval(&self, period: Duration) -> Box<dyn AsyncInterval> {
-        self.inner.interval(period)
-    }
-
-    fn block_on(&self, future: Pin<Box<dyn Future<Output = ()> + '_>>) {
-        self.inner.block_on(future)
-    }
-
-    fn yield_now(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        self.inner.yield_now()
-    }
-
-    fn name(&self) -> &'static str {
-        "tokio, sized UDP buffers"
     }
 }
