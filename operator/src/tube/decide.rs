@@ -186,6 +186,15 @@ pub fn decide(observed: &Observed) -> Step {
     }
 }
 
+/// Whether a pass about to wait should read the tube's session from the
+/// API first. The session's change wakes the tube through the controller's
+/// own watch, which can run ahead of the shared cache this pass observed;
+/// a pass that trusted the cache then waited [`WAIT_RECHECK`] for a pod
+/// the session already had. Only a session not seen bound is worth the read.
+pub fn session_may_be_stale(observed: &Observed, step: &Step) -> bool {
+    matches!(step, Step::Wait { .. }) && matches!(observed.session, SessionSeen::Missing | SessionSeen::Waiting(_))
+}
+
 /// The state a tube ends in for `reason`.
 pub fn ended_state(reason: EndReason) -> TubeState {
     if reason.is_normal() { TubeState::Closed } else { TubeState::Failed }
@@ -353,5 +362,25 @@ mod tests {
         assert_eq!(ended_state(EndReason::Idle), TubeState::Closed);
         assert_eq!(ended_state(EndReason::PodGone), TubeState::Failed);
         assert!(poll_every(TubeState::Connected) > poll_every(TubeState::Answered));
+    }
+    #[test]
+    fn only_a_wait_on_a_session_not_seen_bound_reads_the_session_afresh() {
+        let waiting = Observed { session: SessionSeen::Waiting("TestSession t is Pending".into()), ..observed() };
+        assert!(matches!(decide(&waiting), Step::Wait { reason: "WaitingForPod", .. }));
+        assert!(session_may_be_stale(&waiting, &decide(&waiting)));
+        let unseen = Observed { owns_session: false, session: SessionSeen::Missing, ..observed() };
+        assert!(matches!(decide(&unseen), Step::Wait { reason: "WaitingForSession", .. }));
+        assert!(session_may_be_stale(&unseen, &decide(&unseen)));
+        // Bound, but its pod is not running: the pod cache decides, not the session.
+        let pod_down = Observed { session: SessionSeen::Ready { pod: "p1".into(), alive: false }, ..observed() };
+        assert!(matches!(decide(&pod_down), Step::Wait { .. }));
+        assert!(!session_may_be_stale(&pod_down, &decide(&pod_down)));
+        // Any step but a wait goes on from the cache.
+        let to_create = observed();
+        assert_eq!(decide(&to_create), Step::CreateSession);
+        assert!(!session_may_be_stale(&to_create, &decide(&to_create)));
+        let pool_unseen = Observed { pool_unseen: Some("edge".into()), ..waiting.clone() };
+        assert!(matches!(decide(&pool_unseen), Step::Wait { reason: "WaitingForPool", .. }));
+        assert!(session_may_be_stale(&pool_unseen, &decide(&pool_unseen)));
     }
 }

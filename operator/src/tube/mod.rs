@@ -60,10 +60,18 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
     // its write with 409 instead of repeating a transition, its Event and
     // its counts.
     let mut version = tube.resource_version();
+    let mut read_fresh = false;
     for _ in 0..MAX_STEPS {
         observed.has_finalizer = has_finalizer;
         let step = decide::decide(&observed);
         tracing::trace!(tube = %tube.name_any(), ?step, "step");
+        if !read_fresh && decide::session_may_be_stale(&observed, &step) {
+            read_fresh = true;
+            if let Some(fresh) = fresh_session(&ctx, &tube, &namespace).await {
+                observed.session = fresh;
+                continue;
+            }
+        }
         match step {
             Step::Keep { remaining } => return Ok(Action::requeue(remaining)),
             Step::Release { close_on_pod } => {
@@ -226,13 +234,27 @@ fn session_name(tube: &Tube) -> String {
     tube.spec.session.clone().unwrap_or_else(|| tube.name_any())
 }
 
-fn observe(ctx: &Context, tube: &Tube, namespace: &str, status: &TubeStatus) -> Observed {
+/// The tube's session as the API has it now, when the cache may lag: the
+/// session's change that woke this pass came through the controller's own
+/// watch, and the shared cache may not have it yet. `None` when the read
+/// fails (the pass goes on from the cache).
+async fn fresh_session(ctx: &Context, tube: &Tube, namespace: &str) -> Option<SessionSeen> {
+    let api: Api<TestSession> = Api::namespaced(ctx.client.clone(), namespace);
+    match api.get_opt(&session_name(tube)).await {
+        Ok(session) => Some(session_seen(ctx, tube, namespace, session.map(Arc::new))),
+        Err(e) => {
+            tracing::debug!(tube = %tube.name_any(), error = %e, "cannot read the tube's session; the cache decides");
+            None
+        }
+    }
+}
+
+fn session_seen(ctx: &Context, tube: &Tube, namespace: &str, session: Option<Arc<TestSession>>) -> SessionSeen {
     let owns_session = tube.spec.session.is_none();
     let uid = tube.uid().unwrap_or_default();
-    let session = ctx.sessions.get(&ObjectRef::new(&session_name(tube)).within(namespace));
     // A session of that name the tube did not make is not the tube's.
     let session = session.filter(|s| !owns_session || s.owner_references().iter().any(|o| o.uid == uid));
-    let seen = match &session {
+    match &session {
         None => SessionSeen::Missing,
         Some(s) => {
             let session_status = s.status.clone().unwrap_or_default();
@@ -246,7 +268,13 @@ fn observe(ctx: &Context, tube: &Tube, namespace: &str, status: &TubeStatus) -> 
                 (phase, _) => SessionSeen::Waiting(format!("TestSession {} is {phase:?}", s.name_any())),
             }
         }
-    };
+    }
+}
+
+fn observe(ctx: &Context, tube: &Tube, namespace: &str, status: &TubeStatus) -> Observed {
+    let owns_session = tube.spec.session.is_none();
+    let session = ctx.sessions.get(&ObjectRef::new(&session_name(tube)).within(namespace));
+    let seen = session_seen(ctx, tube, namespace, session.clone());
     let pool = tube.spec.pool.clone().or_else(|| session.as_ref().map(|s| s.spec.pool.clone()));
     let found = pool.as_deref().map(|name| (name, ctx.pools.get(&ObjectRef::new(name).within(namespace))));
     let (refused_by_pool, pool_unseen) = match &found {
