@@ -420,6 +420,10 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
+    // The WebRTC stack logs through `log`. After the subscriber, so `log`
+    // skips at once what its filter drops.
+    let level = tracing_log::AsLog::as_log(&tracing::level_filters::LevelFilter::current());
+    let _ = tracing_log::LogTracer::builder().with_max_level(level).init();
 }
 
 impl Cli {

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use tidepool_session::flags::Flags;
 use tidepool_session::server::{Server, Stop};
+use tracing::level_filters::LevelFilter;
+use tracing_log::AsLog;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -18,6 +20,8 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rtc=error,webrtc=error")),
         )
         .init();
+    // After the subscriber, so `log` skips at once what its filter drops.
+    let _ = tracing_log::LogTracer::builder().with_max_level(LevelFilter::current().as_log()).init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(flags.worker_threads))
         .enable_all()

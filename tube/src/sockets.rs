@@ -6,9 +6,10 @@
 //! datagrams and 65,535 bytes.
 //! One UDP send over IPv4 carries at most 65,507 bytes, so a run that
 //! comes to between the two fails with `EMSGSIZE`, and every datagram in it
-//! is lost. SCTP then resends the lost chunks packed the same way, into the
-//! same failing send, on every retransmission: that direction of the tube
-//! stops for good, with no drop in the system's counters. The sockets here
+//! is lost. When SCTP's retransmission timer resends the lost chunks it can
+//! pack them the same way, into the same failing send, every time: that
+//! direction of the tube stops for good, with no drop in the system's
+//! counters. The sockets here
 //! report a GSO limit under which no run can reach 65,507 bytes.
 
 use std::future::Future;
@@ -150,12 +151,14 @@ impl AsyncUdpSocket for FittedGso {
     }
 }
 
-#[cfg(test)]
+// Linux: UDP GSO, and the limits, are Linux's.
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
-    /// The webrtc driver's rule for one GSO send: up to the socket's
-    /// limit and 64 datagrams of one size, and 65,535 bytes.
+    /// The webrtc driver's rule for one GSO send, as in 0.21.1
+    /// (`flush_writes`, `MAX_GSO_SEGMENTS`, `MAX_GSO_BATCH_BYTES`): up to
+    /// the socket's limit and 64 datagrams of one size, and 65,535 bytes.
     fn longest_run(socket: &dyn AsyncUdpSocket, size: usize) -> usize {
         socket.max_gso_segments().min(64).min(65_535 / size)
     }

@@ -190,9 +190,11 @@ pub fn decide(observed: &Observed) -> Step {
 /// API first. The session's change wakes the tube through the controller's
 /// own watch, which can run ahead of the shared cache this pass observed;
 /// a pass that trusted the cache then waited [`WAIT_RECHECK`] for a pod
-/// the session already had. Only a session not seen bound is worth the read.
+/// the session already had. Only a wait on a session not seen bound is
+/// worth the read (a wait for the pool or for a pod to run is not).
 pub fn session_may_be_stale(observed: &Observed, step: &Step) -> bool {
-    matches!(step, Step::Wait { .. }) && matches!(observed.session, SessionSeen::Missing | SessionSeen::Waiting(_))
+    let on_session = matches!(step, Step::Wait { reason: "WaitingForPod" | "WaitingForSession", .. });
+    on_session && matches!(observed.session, SessionSeen::Missing | SessionSeen::Waiting(_))
 }
 
 /// The state a tube ends in for `reason`.
@@ -375,12 +377,13 @@ mod tests {
         let pod_down = Observed { session: SessionSeen::Ready { pod: "p1".into(), alive: false }, ..observed() };
         assert!(matches!(decide(&pod_down), Step::Wait { .. }));
         assert!(!session_may_be_stale(&pod_down, &decide(&pod_down)));
+        // A wait for the pool: a fresher session would not change it.
+        let pool_unseen = Observed { pool_unseen: Some("edge".into()), ..waiting.clone() };
+        assert!(matches!(decide(&pool_unseen), Step::Wait { reason: "WaitingForPool", .. }));
+        assert!(!session_may_be_stale(&pool_unseen, &decide(&pool_unseen)));
         // Any step but a wait goes on from the cache.
         let to_create = observed();
         assert_eq!(decide(&to_create), Step::CreateSession);
         assert!(!session_may_be_stale(&to_create, &decide(&to_create)));
-        let pool_unseen = Observed { pool_unseen: Some("edge".into()), ..waiting.clone() };
-        assert!(matches!(decide(&pool_unseen), Step::Wait { reason: "WaitingForPool", .. }));
-        assert!(session_may_be_stale(&pool_unseen, &decide(&pool_unseen)));
     }
 }

@@ -53,7 +53,8 @@ const TICKET_SECONDS: u64 = 300;
 pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = tube.namespace().ok_or(Error::Missing("Tube", "namespace"))?;
     let mut status = tube.status.clone().unwrap_or_default();
-    let mut observed = observe(&ctx, &tube, &namespace, &status);
+    let mut session = ctx.sessions.get(&ObjectRef::new(&session_name(&tube)).within(&namespace));
+    let mut observed = observe(&ctx, &tube, &namespace, &status, session.clone());
     let mut has_finalizer = observed.has_finalizer;
     // Every write is conditional on the version this pass started from (and
     // then on the version it wrote), so a pass acting on a stale cache fails
@@ -68,7 +69,8 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
         if !read_fresh && decide::session_may_be_stale(&observed, &step) {
             read_fresh = true;
             if let Some(fresh) = fresh_session(&ctx, &tube, &namespace).await {
-                observed.session = fresh;
+                session = fresh;
+                observed = observe(&ctx, &tube, &namespace, &status, session.clone());
                 continue;
             }
         }
@@ -76,7 +78,7 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
             Step::Keep { remaining } => return Ok(Action::requeue(remaining)),
             Step::Release { close_on_pod } => {
                 if let Some(pod) = &close_on_pod {
-                    close_on(&ctx, &tube, &namespace, pod).await;
+                    close_on(&ctx, &tube, &namespace, pod, session.as_deref()).await;
                 }
                 if has_finalizer {
                     set_finalizer(&ctx, &tube, &namespace, false, version.as_deref()).await?;
@@ -115,7 +117,7 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
                 write_status(&ctx, &tube, &namespace, version.as_deref(), &status, &next).await?;
                 return Ok(Action::requeue(decide::WAIT_RECHECK));
             }
-            Step::Offer { pod } => match offer(&ctx, &tube, &namespace, &pod).await {
+            Step::Offer { pod } => match offer(&ctx, &tube, &namespace, &pod, session.as_deref()).await {
                 Ok(answer) => {
                     let mut next = status.clone();
                     next.answer = Some(answer);
@@ -143,7 +145,7 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
                 }
             },
             Step::Poll { pod } => {
-                let report = match poll(&ctx, &tube, &namespace, &pod).await {
+                let report = match poll(&ctx, &tube, &namespace, &pod, session.as_deref()).await {
                     Ok(report) => report,
                     Err(PodError::Unknown) => TubeReport {
                         state: PodTubeState::Ended,
@@ -189,7 +191,7 @@ pub async fn reconcile(tube: Arc<Tube>, ctx: Arc<Context>) -> Result<Action> {
             }
             Step::End { reason, message, close_on_pod } => {
                 if let Some(pod) = close_on_pod {
-                    close_on(&ctx, &tube, &namespace, &pod).await;
+                    close_on(&ctx, &tube, &namespace, &pod, session.as_deref()).await;
                 }
                 (status, version) = end(&ctx, &tube, &namespace, version, status, reason, &message).await?;
                 observed.state = status.state;
@@ -234,14 +236,14 @@ fn session_name(tube: &Tube) -> String {
     tube.spec.session.clone().unwrap_or_else(|| tube.name_any())
 }
 
-/// The tube's session as the API has it now, when the cache may lag: the
-/// session's change that woke this pass came through the controller's own
-/// watch, and the shared cache may not have it yet. `None` when the read
-/// fails (the pass goes on from the cache).
-async fn fresh_session(ctx: &Context, tube: &Tube, namespace: &str) -> Option<SessionSeen> {
+/// The tube's session as the API has it now (`Some(None)`: there is
+/// none), when the cache may lag: the session's change that woke this pass
+/// came through the controller's own watch, and the shared cache may not
+/// have it yet. `None` when the read fails (the pass goes on from the cache).
+async fn fresh_session(ctx: &Context, tube: &Tube, namespace: &str) -> Option<Option<Arc<TestSession>>> {
     let api: Api<TestSession> = Api::namespaced(ctx.client.clone(), namespace);
     match api.get_opt(&session_name(tube)).await {
-        Ok(session) => Some(session_seen(ctx, tube, namespace, session.map(Arc::new))),
+        Ok(session) => Some(session.map(Arc::new)),
         Err(e) => {
             tracing::debug!(tube = %tube.name_any(), error = %e, "cannot read the tube's session; the cache decides");
             None
@@ -249,7 +251,7 @@ async fn fresh_session(ctx: &Context, tube: &Tube, namespace: &str) -> Option<Se
     }
 }
 
-fn session_seen(ctx: &Context, tube: &Tube, namespace: &str, session: Option<Arc<TestSession>>) -> SessionSeen {
+fn session_seen(ctx: &Context, tube: &Tube, namespace: &str, session: Option<&TestSession>) -> SessionSeen {
     let owns_session = tube.spec.session.is_none();
     let uid = tube.uid().unwrap_or_default();
     // A session of that name the tube did not make is not the tube's.
@@ -271,10 +273,17 @@ fn session_seen(ctx: &Context, tube: &Tube, namespace: &str, session: Option<Arc
     }
 }
 
-fn observe(ctx: &Context, tube: &Tube, namespace: &str, status: &TubeStatus) -> Observed {
+/// What a pass knows, from the caches and `session` (the tube's, from the
+/// cache or read afresh).
+fn observe(
+    ctx: &Context,
+    tube: &Tube,
+    namespace: &str,
+    status: &TubeStatus,
+    session: Option<Arc<TestSession>>,
+) -> Observed {
     let owns_session = tube.spec.session.is_none();
-    let session = ctx.sessions.get(&ObjectRef::new(&session_name(tube)).within(namespace));
-    let seen = session_seen(ctx, tube, namespace, session.clone());
+    let seen = session_seen(ctx, tube, namespace, session.as_deref());
     let pool = tube.spec.pool.clone().or_else(|| session.as_ref().map(|s| s.spec.pool.clone()));
     let found = pool.as_deref().map(|name| (name, ctx.pools.get(&ObjectRef::new(name).within(namespace))));
     let (refused_by_pool, pool_unseen) = match &found {
@@ -528,12 +537,14 @@ async fn delete_session(ctx: &Context, namespace: &str, name: &str) -> Result<()
 }
 
 /// Where the tube's pod is reached, and a ticket for one call to it.
-async fn pod_call(ctx: &Context, tube: &Tube, namespace: &str, pod: &str) -> Result<(String, String), PodError> {
-    let name = session_name(tube);
-    let session = ctx
-        .sessions
-        .get(&ObjectRef::new(&name).within(namespace))
-        .ok_or_else(|| PodError::Unreachable("the tube's session is not seen".into()))?;
+async fn pod_call(
+    ctx: &Context,
+    tube: &Tube,
+    namespace: &str,
+    pod: &str,
+    session: Option<&TestSession>,
+) -> Result<(String, String), PodError> {
+    let session = session.ok_or_else(|| PodError::Unreachable("the tube's session is not seen".into()))?;
     let session_status = session.status.clone().unwrap_or_default();
     let endpoint = session_status.endpoint.ok_or_else(|| PodError::Unreachable("the pod has no endpoint".into()))?;
     let pool_name = &session.spec.pool;
@@ -582,11 +593,17 @@ enum OfferFailed {
     End(EndReason, String),
 }
 
-async fn offer(ctx: &Context, tube: &Tube, namespace: &str, pod: &str) -> Result<String, OfferFailed> {
+async fn offer(
+    ctx: &Context,
+    tube: &Tube,
+    namespace: &str,
+    pod: &str,
+    session: Option<&TestSession>,
+) -> Result<String, OfferFailed> {
     // A warm pod that does not answer yet is most often one whose server is
     // still starting: look again soon (the answer deadline bounds it).
     let retry = |why: String| OfferFailed::Retry { after: UNREACHABLE_RETRY, why, busy: false };
-    let (endpoint, ticket) = pod_call(ctx, tube, namespace, pod).await.map_err(|e| match e {
+    let (endpoint, ticket) = pod_call(ctx, tube, namespace, pod, session).await.map_err(|e| match e {
         PodError::Refused(why) => OfferFailed::End(EndReason::Refused, why),
         other => retry(other.to_string()),
     })?;
@@ -600,15 +617,21 @@ async fn offer(ctx: &Context, tube: &Tube, namespace: &str, pod: &str) -> Result
     })
 }
 
-async fn poll(ctx: &Context, tube: &Tube, namespace: &str, pod: &str) -> Result<TubeReport, PodError> {
-    let (endpoint, ticket) = pod_call(ctx, tube, namespace, pod).await?;
+async fn poll(
+    ctx: &Context,
+    tube: &Tube,
+    namespace: &str,
+    pod: &str,
+    session: Option<&TestSession>,
+) -> Result<TubeReport, PodError> {
+    let (endpoint, ticket) = pod_call(ctx, tube, namespace, pod, session).await?;
     pod::report(&ctx.monitor_http, &endpoint, &ticket, &tube.uid().unwrap_or_default()).await
 }
 
 /// Closes the tube on its pod; a pod that cannot be reached has nothing
 /// left open (its tubes go with it), so a failure is only logged.
-async fn close_on(ctx: &Context, tube: &Tube, namespace: &str, pod: &str) {
-    let closed = match pod_call(ctx, tube, namespace, pod).await {
+async fn close_on(ctx: &Context, tube: &Tube, namespace: &str, pod: &str, session: Option<&TestSession>) {
+    let closed = match pod_call(ctx, tube, namespace, pod, session).await {
         Ok((endpoint, ticket)) => {
             pod::close(&ctx.monitor_http, &endpoint, &ticket, &tube.uid().unwrap_or_default()).await
         }
