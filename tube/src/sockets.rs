@@ -3,14 +3,13 @@
 //!
 //! The webrtc driver (0.21) sends a run of same-sized datagrams (the last
 //! may be shorter) as one GSO send of up to `min(max_gso_segments, 64)`
-//! datagrams and 65,535 bytes.
-//! One UDP send over IPv4 carries at most 65,507 bytes, so a run that
-//! comes to between the two fails with `EMSGSIZE`, and every datagram in it
-//! is lost. When SCTP's retransmission timer resends the lost chunks it can
-//! pack them the same way, into the same failing send, every time: that
-//! direction of the tube stops for good, with no drop in the system's
-//! counters. The sockets here
-//! report a GSO limit under which no run can reach 65,507 bytes.
+//! datagrams and 65,535 bytes. One UDP send over IPv4 carries at most
+//! 65,507 bytes, so a run that comes to between the two fails with
+//! `EMSGSIZE`, and every datagram in it is lost. When SCTP's retransmission
+//! timer resends the lost chunks it can pack them the same way, into the
+//! same failing send, every time: that direction of the tube stops for
+//! good, with no drop in the system's counters. The sockets here report a
+//! GSO limit under which no run can reach 65,507 bytes.
 
 use std::future::Future;
 use std::io::{self, IoSliceMut};
