@@ -19,7 +19,7 @@ pub mod forward;
 pub mod link;
 pub mod mux;
 pub mod peer;
-pub mod sockets;
+mod sockets;
 pub mod socks5;
 pub mod udp;
 

@@ -26,7 +26,7 @@ use webrtc::runtime::{
 
 /// The most one UDP send may carry over IPv4: 65,535 bytes less the IP
 /// header (20) and the UDP header (8). IPv6 allows 20 more.
-pub const MAX_UDP_PAYLOAD: usize = 65_507;
+const MAX_UDP_PAYLOAD: usize = 65_507;
 
 /// What DTLS adds to an SCTP packet, at most: its 13-byte record header
 /// and the cipher's nonce and tag (AES-GCM: 24) or IV, MAC and padding
@@ -34,7 +34,7 @@ pub const MAX_UDP_PAYLOAD: usize = 65_507;
 const DTLS_OVERHEAD: usize = 100;
 
 /// The most datagrams of up to `largest` bytes one GSO send can hold.
-pub fn gso_segments(largest: usize) -> usize {
+fn gso_segments(largest: usize) -> usize {
     (MAX_UDP_PAYLOAD / largest.max(1)).max(1)
 }
 
